@@ -1,0 +1,88 @@
+#pragma once
+// The poll agreement (semantics.md section 3) as pure data structures: a node of the merge tree
+// collects its children's states for a round and MIN-merges them; the root keeps the agreed
+// state monotone (only rises, except to Failed). No actors: the supervisors drive these.
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "actors/kv_poll.hpp"
+
+namespace kvflow {
+
+struct room_state {
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::uint8_t state = 0;  // kv_poll
+  bool operator==(const room_state& o) const {
+    return room == o.room && incarnation == o.incarnation && state == o.state;
+  }
+};
+
+// Sorted by (room, incarnation), each key once.
+using step_states = std::vector<room_state>;
+
+inline bool key_less(const room_state& a, const room_state& b) {
+  return a.room != b.room ? a.room < b.room : a.incarnation < b.incarnation;
+}
+
+// MIN-merge of sorted lists. A key missing from one input counts as Bootstrapping there: that
+// child has not created the room yet (or cleared it; the root keeps terminal states monotone).
+step_states merge_min(const std::vector<const step_states*>& inputs);
+
+// Collects one round from `children` children; children may be declared dead, after which they
+// count as Failed for every room of every round and are no longer waited for.
+class round_collector {
+ public:
+  explicit round_collector(int children);
+
+  // Records child's states for `round`. Returns true if this completed the round (then take()).
+  bool add(int child, std::uint64_t round, step_states states);
+  // Marks a child dead. Returns the rounds this completed, in order.
+  std::vector<std::uint64_t> child_down(int child);
+  // Merged result of a complete round; removes it.
+  step_states take(std::uint64_t round);
+  bool complete(std::uint64_t round) const;
+  int live_children() const { return live_; }
+  bool is_dead(int child) const { return dead_[child]; }
+
+ private:
+  struct pending {
+    std::vector<bool> got;
+    int count = 0;
+    std::vector<step_states> parts;
+  };
+  int children_;
+  int live_;
+  std::vector<bool> dead_;
+  std::vector<step_states> last_;  // each child's last report (its rooms fail when it dies)
+  std::map<std::uint64_t, pending> rounds_;
+};
+
+// The root's memory: agreed states only rise, except to Failed; a key disappears once no child
+// reports it any more, and is then remembered for a while as a tombstone so that a late rank
+// that creates it again cannot restart it from Bootstrapping.
+class agreed_table {
+ public:
+  explicit agreed_table(std::size_t tombstones = 65536) : max_tombstones_(tombstones) {}
+  // Applies a round's merged states; returns the agreed states of the round (sorted).
+  step_states apply(const step_states& merged);
+  std::size_t size() const { return agreed_.size(); }
+
+ private:
+  struct key_hash {
+    std::size_t operator()(const std::pair<std::uint64_t, std::uint64_t>& k) const {
+      return std::hash<std::uint64_t>()(k.first * 0x9E3779B97F4A7C15ULL ^ k.second);
+    }
+  };
+  using key = std::pair<std::uint64_t, std::uint64_t>;
+  std::unordered_map<key, std::uint8_t, key_hash> agreed_;
+  std::unordered_map<key, std::uint8_t, key_hash> tombstones_;
+  std::deque<key> tombstone_order_;
+  std::size_t max_tombstones_;
+};
+
+}  // namespace kvflow

@@ -1,0 +1,135 @@
+#include "actors/bootstrap_registry.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include "actors/messages.hpp"
+
+namespace kvflow {
+
+std::string to_string(const registry_key& k) {
+  return "(dp_group=" + std::to_string(k.dp_group) + ", cp=" + std::to_string(k.cp) +
+         ", tp=" + std::to_string(k.tp) + ", pp=" + std::to_string(k.pp) + ")";
+}
+
+status registry_table::check_key(const registry_key& k) const {
+  const auto& t = topology_;
+  if (k.dp_group < 0 || k.dp_group >= t.dp || k.cp < 0 || k.cp >= t.cp || k.tp < 0 ||
+      k.tp >= t.tp || k.pp < 0 || k.pp >= t.pp)
+    return status::error("registration key " + to_string(k) + " outside the prefill topology");
+  return {};
+}
+
+result<std::uint64_t> registry_table::add(const registry_key& key, std::uint64_t id,
+                                          const std::string& name) {
+  if (auto s = check_key(key); !s) return s;
+  auto it = entries_.find(key);
+  if (it == entries_.end()) {
+    entries_.emplace(key, owner{id, name, true, 1});
+    return std::uint64_t{1};
+  }
+  auto& o = it->second;
+  if (o.live && o.id == id) return o.generation;
+  if (o.live)
+    return status::error("registration of " + to_string(key) + " by " + name +
+                         " refused: owned by live " + o.name);
+  o = owner{id, name, true, o.generation + 1};
+  return o.generation;
+}
+
+void registry_table::owner_down(std::uint64_t id) {
+  for (auto& [k, o] : entries_)
+    if (o.id == id) o.live = false;
+}
+
+bool registry_table::ready() const {
+  auto n = static_cast<std::size_t>(topology_.ranks());
+  if (entries_.size() != n) return false;
+  for (const auto& [k, o] : entries_)
+    if (!o.live) return false;
+  return true;
+}
+
+namespace {
+
+struct registry_state {
+  registry_table table{config::prefill_topology{}};
+  config::cluster_config config;
+  std::map<std::uint64_t, caf::actor> actors;  // live owners by actor id
+  std::vector<caf::response_promise> waiting;  // topology queries parked until ready
+  static inline const char* name = "kvflow.bootstrap_registry";
+};
+using registry_actor = caf::stateful_actor<registry_state>;
+
+msg::topology_reply make_reply(registry_actor* self) {
+  auto& st = self->state;
+  const auto& c = st.config;
+  msg::topology_reply r;
+  r.tp = c.prefill.tp;
+  r.cp = c.prefill.cp;
+  r.pp = c.prefill.pp;
+  r.dp = c.prefill.dp;
+  r.page_size = c.page_size;
+  r.dtype = config::to_string(c.dtype);
+  r.layout = config::describe(c.model);
+  for (const auto& [k, o] : st.table.entries()) {
+    msg::registry_entry e;
+    e.key = {k.dp_group, k.cp, k.tp, k.pp};
+    e.name = o.name;
+    e.generation = o.generation;
+    if (auto it = st.actors.find(o.id); it != st.actors.end()) e.rank = it->second;
+    r.entries.push_back(std::move(e));
+  }
+  return r;
+}
+
+caf::behavior registry(registry_actor* self, config::cluster_config c) {
+  self->state.config = c;
+  self->state.table = registry_table(c.prefill);
+  self->set_down_handler([self](const caf::down_msg& dm) {
+    auto& st = self->state;
+    auto id = dm.source.id();
+    st.table.owner_down(id);
+    st.actors.erase(id);
+  });
+  return {
+      [self](msg::register_rank& r) -> msg::registration_reply {
+        auto& st = self->state;
+        if (r.version != msg::wire_version)
+          return {false, 0, "wire version " + std::to_string(r.version) + " != registry's " +
+                                std::to_string(msg::wire_version)};
+        registry_key k{r.key.dp_group, r.key.cp, r.key.tp, r.key.pp};
+        auto res = st.table.add(k, r.rank.id(), r.name);
+        if (!res) {
+          spdlog::error("bootstrap: {}", res.error().reason());
+          return {false, 0, res.error().reason()};
+        }
+        if (st.actors.emplace(r.rank.id(), r.rank).second) self->monitor(r.rank);
+        if (st.table.ready()) {
+          auto reply = make_reply(self);
+          for (auto& p : st.waiting) p.deliver(reply);
+          st.waiting.clear();
+        }
+        return {true, res.value(), {}};
+      },
+      [self](msg::topology_query& q) -> caf::result<msg::topology_reply> {
+        auto& st = self->state;
+        if (q.version != msg::wire_version) {
+          auto r = msg::topology_reply{};
+          r.version = msg::wire_version;
+          return r;  // the asker sees the version differs and reports it
+        }
+        if (st.table.ready()) return make_reply(self);
+        auto p = self->make_response_promise<msg::topology_reply>();
+        st.waiting.push_back(p);
+        return p;
+      },
+  };
+}
+
+}  // namespace
+
+caf::actor spawn_bootstrap_registry(caf::actor_system& sys, const config::cluster_config& c) {
+  return sys.spawn(registry, c);
+}
+
+}  // namespace kvflow

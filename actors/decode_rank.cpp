@@ -1,0 +1,315 @@
+// The decode (receiver) rank actor: semantics.md section 2 "Receiver" and section 5.
+#include <spdlog/spdlog.h>
+
+#include <map>
+#include <set>
+
+#include "actors/block_plan.hpp"
+#include "actors/rank.hpp"
+#include "actors/rank_common.hpp"
+
+namespace kvflow {
+namespace {
+
+struct prefill_peer {
+  caf::actor handle;
+  bool down = false;
+};
+
+struct decode_room {
+  request_view req;
+  std::vector<std::int32_t> pages;
+  std::int32_t aux_slot = -1;
+  std::vector<int> peers;   // global prefill ranks this request reads
+  std::set<int> responded;  // distinct prefill ranks that reported Success
+  std::uint8_t fault = 0;
+  bool dst_sent = false;
+};
+
+struct decode_state {
+  rank_args args;
+  const config::decode_rank_plan* me = nullptr;
+  std::unique_ptr<kv_pool> pool;
+  state_store store;
+  std::map<std::uint64_t, decode_room> rooms;
+  std::map<int, prefill_peer> peers;  // by global prefill rank
+  bool connected = false;
+  std::string fatal;  // set when the prefill side is incompatible: every room fails with it
+  std::vector<std::uint64_t> waiting_connect;
+  remote_pool described;
+  std::uint64_t round = 0;
+  std::uint64_t abort_acks = 0;
+  std::string name;
+};
+using decode_actor = caf::stateful_actor<decode_state>;
+
+void abort_peers(decode_actor* self, decode_room& r, const std::string& reason) {
+  auto& st = self->state;
+  for (int p : r.peers)
+    if (auto it = st.peers.find(p); it != st.peers.end() && !it->second.down)
+      self->send(it->second.handle, msg::abort_room{r.req.room, r.req.incarnation, st.args.rank, reason});
+}
+
+void fail_room(decode_actor* self, std::uint64_t room, const std::string& reason) {
+  auto& st = self->state;
+  auto it = st.rooms.find(room);
+  if (it == st.rooms.end()) return;
+  if (!st.store.fail(room, reason)) return;
+  spdlog::debug("{}: room {} failed: {}", st.name, room, reason);
+  // Tell every prefill peer: they stop sending and release (no transfer after an abort).
+  abort_peers(self, it->second, reason);
+}
+
+bool aux_landed(const decode_state& st, const decode_room& r) {
+  if (!st.me->expects_aux) return true;
+  aux_record rec;
+  std::memcpy(&rec, st.pool->aux_base() + st.pool->aux_offset(r.aux_slot), sizeof rec);
+  return rec.room == r.req.room && rec.incarnation == r.req.incarnation && rec.check == aux_checksum(rec);
+}
+
+void check_done(decode_actor* self, decode_room& r) {
+  auto& st = self->state;
+  if (static_cast<int>(r.responded.size()) < st.me->required_prefill_response_num) return;
+  if (!aux_landed(st, r)) {
+    fail_room(self, r.req.room, "every prefill rank reported Success but the aux slot did not land");
+    return;
+  }
+  st.store.update(r.req.room, kv_poll::success);
+}
+
+void send_destinations(decode_actor* self, decode_room& r) {
+  auto& st = self->state;
+  const auto room = r.req.room;
+  if (!st.fatal.empty()) {
+    fail_room(self, room, st.fatal);
+    return;
+  }
+  for (int p : r.peers)
+    if (st.peers.at(p).down) {
+      fail_room(self, room, "prefill rank " + std::to_string(p) + " down");
+      return;
+    }
+  st.store.update(room, kv_poll::waiting_for_input);
+  r.dst_sent = true;
+  bool drop = (r.fault & fault_drop_dst_info) != 0;
+  for (int p : r.peers) {
+    msg::dst_info d;
+    d.room = room;
+    d.incarnation = r.req.incarnation;
+    d.decode_rank = st.args.rank;
+    d.dst_pages = r.pages;
+    d.aux_slot = r.aux_slot < 0 ? 0 : r.aux_slot;
+    d.prefix_pages = r.req.prefix_pages;
+    if (drop) {
+      drop = false;  // the fault loses exactly one destination message
+      continue;
+    }
+    self->send(st.peers.at(p).handle, std::move(d));
+  }
+  self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.waiting_timeout_ms),
+                     msg::room_timeout{room, r.req.incarnation});
+}
+
+void release(decode_actor* self, std::uint64_t room, std::uint64_t round, kv_poll agreed) {
+  auto& st = self->state;
+  auto it = st.rooms.find(room);
+  auto& r = it->second;
+  const auto* e = st.store.find(room);
+  msg::rank_released ev;
+  ev.prefill = false;
+  ev.rank = st.args.rank;
+  ev.room = room;
+  ev.incarnation = r.req.incarnation;
+  ev.round = round;
+  ev.state = static_cast<std::uint8_t>(agreed);
+  ev.reason = e != nullptr ? e->reason : std::string{};
+  if (agreed == kv_poll::success && st.args.hooks.verify) {
+    auto v = st.args.hooks.verify(*st.pool, r.req, r.pages, r.aux_slot);
+    ev.bytes_expected = v.bytes_expected;
+    ev.bytes_verified = v.bytes_verified;
+    ev.mismatched_pages = v.mismatched_pages;
+  }
+  st.pool->free_pages(r.pages);
+  if (r.aux_slot >= 0) st.pool->free_aux(r.aux_slot);
+  st.rooms.erase(it);
+  st.store.clear(room);
+  if (st.args.observer) self->send(st.args.observer, std::move(ev));
+}
+
+void on_topology(decode_actor* self, const msg::topology_reply& t) {
+  auto& st = self->state;
+  const auto& cfg = st.args.plan->config();
+  if (t.version != msg::wire_version)
+    st.fatal = "bootstrap registry speaks wire version " + std::to_string(t.version);
+  else if (t.page_size != cfg.page_size)
+    st.fatal = "prefill page size " + std::to_string(t.page_size) + " != decode page size " +
+               std::to_string(cfg.page_size);
+  else if (t.dtype != config::to_string(cfg.dtype))
+    st.fatal = "prefill KV dtype " + t.dtype + " != decode KV dtype " + config::to_string(cfg.dtype);
+  else if (t.layout != config::describe(cfg.model))
+    st.fatal = "prefill KV layout " + t.layout + " != decode KV layout " + config::describe(cfg.model);
+  else if (t.tp != cfg.prefill.tp || t.cp != cfg.prefill.cp || t.pp != cfg.prefill.pp || t.dp != cfg.prefill.dp)
+    st.fatal = "prefill topology differs from the one this decode rank was configured for";
+  if (st.fatal.empty()) {
+    std::map<msg::rank_key, caf::actor> table;
+    for (const auto& e : t.entries) table[e.key] = e.rank;
+    msg::kv_registration reg;
+    reg.decode_rank = st.args.rank;
+    reg.dp = st.me->coord.dp;
+    reg.pp = st.me->coord.pp;
+    reg.tp = st.me->coord.tp;
+    reg.tp_size = cfg.decode.tp;
+    reg.pool = st.described;
+    reg.decode = caf::actor_cast<caf::actor>(self);
+    for (int g = 0; g < cfg.prefill.dp; ++g)
+      for (const auto& pe : st.me->peers) {
+        int p = config::prefill_rank_of(cfg.prefill, {g, pe.pp, pe.cp, pe.tp});
+        auto h = table[msg::rank_key{g, pe.cp, pe.tp, pe.pp}];
+        auto& peer = st.peers[p];
+        peer.handle = h;
+        peer.down = !h;
+        if (h) {
+          self->send(h, reg);  // once per connection
+          self->monitor(h);
+        }
+      }
+  } else {
+    spdlog::error("{}: {}", st.name, st.fatal);
+  }
+  st.connected = true;
+  auto waiting = std::move(st.waiting_connect);
+  for (auto room : waiting)
+    if (auto it = st.rooms.find(room); it != st.rooms.end()) send_destinations(self, it->second);
+}
+
+caf::behavior decode_rank(decode_actor* self, rank_args args) {
+  auto& st = self->state;
+  st.args = std::move(args);
+  st.me = &st.args.plan->decode(st.args.rank);
+  st.pool = std::make_unique<kv_pool>(st.args.shape);
+  st.store = state_store(static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank));
+  st.name = "decode rank " + std::to_string(st.args.rank);
+  auto kv = st.args.transport->register_memory(st.args.rank, st.pool->kv_base(), st.pool->kv_bytes());
+  auto aux = st.args.transport->register_memory(st.args.rank, st.pool->aux_base(), st.pool->aux_bytes());
+  if (!kv || !aux) {
+    st.fatal = "cannot register KV memory: " + (!kv ? kv.error().reason() : aux.error().reason());
+    spdlog::error("{}: {}", st.name, st.fatal);
+  } else {
+    st.described = describe(*st.pool, kv->id, aux->id);
+  }
+  self->send(st.args.parent, msg::attach_child{st.args.child_index, caf::actor_cast<caf::actor>(self)});
+  self->request(st.args.registry, caf::infinite, msg::topology_query{})
+      .then([self](msg::topology_reply& t) { on_topology(self, t); });
+  self->delayed_send(self, detail::step_pause(st.args.tunables, true), msg::step_tick{});
+
+  self->set_down_handler([self](const caf::down_msg& dm) {
+    auto& st = self->state;
+    for (auto& [p, peer] : st.peers)
+      if (peer.handle && peer.handle.address() == dm.source && !peer.down) {
+        peer.down = true;
+        for (auto& [room, r] : st.rooms) {
+          const auto* e = st.store.find(room);
+          if (e == nullptr || is_terminal(e->state)) continue;
+          if (std::find(r.peers.begin(), r.peers.end(), p) != r.peers.end())
+            fail_room(self, room, "prefill rank " + std::to_string(p) + " down");
+        }
+      }
+  });
+
+  return {
+      [self](msg::new_request& q) {
+        auto& st = self->state;
+        const auto& cfg = st.args.plan->config();
+        decode_room r;
+        r.req = {q.room, q.incarnation, q.prompt_tokens,
+                 (q.prompt_tokens + cfg.page_size - 1) / cfg.page_size, q.prefill_dp, q.decode_dp,
+                 q.prefix_pages};
+        r.fault = q.fault;
+        for (const auto& pe : st.me->peers)
+          r.peers.push_back(config::prefill_rank_of(cfg.prefill, {q.prefill_dp, pe.pp, pe.cp, pe.tp}));
+        if (auto s = st.store.create(q.room, q.incarnation, kv_poll::bootstrapping); !s) {
+          spdlog::error("{}: {}", st.name, s.reason());
+          return;
+        }
+        auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
+        auto pages = st.pool->alloc_pages(room.req.n_pages);
+        if (!pages) {
+          fail_room(self, q.room, "out of KV pages");
+          return;
+        }
+        room.pages = std::move(*pages);
+        if (st.me->expects_aux) {
+          auto slot = st.pool->alloc_aux();
+          if (!slot) {
+            fail_room(self, q.room, "out of aux slots");
+            return;
+          }
+          room.aux_slot = *slot;
+        }
+        if (st.connected)
+          send_destinations(self, room);
+        else
+          st.waiting_connect.push_back(q.room);
+      },
+      [self](msg::kv_status& s) {
+        auto& st = self->state;
+        auto it = st.rooms.find(s.room);
+        if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) return;
+        auto& r = it->second;
+        if (std::find(r.peers.begin(), r.peers.end(), s.prefill_rank) == r.peers.end()) {
+          spdlog::warn("{}: status for room {} from prefill rank {}, not a peer", st.name, s.room, s.prefill_rank);
+          return;
+        }
+        auto state = static_cast<kv_poll>(s.state);
+        if (state == kv_poll::failed) {
+          fail_room(self, s.room, "prefill rank " + std::to_string(s.prefill_rank) + ": " + s.reason);
+        } else if (state == kv_poll::success) {
+          r.responded.insert(s.prefill_rank);
+          check_done(self, r);
+        } else if (state == kv_poll::transferring) {
+          st.store.update(s.room, kv_poll::transferring);
+        }
+      },
+      [self](msg::abort_ack&) { ++self->state.abort_acks; },
+      [self](msg::abort_request& a) {
+        fail_room(self, a.room, "aborted: " + a.reason);
+      },
+      [self](msg::room_timeout& t) {
+        auto& st = self->state;
+        auto it = st.rooms.find(t.room);
+        if (it == st.rooms.end() || it->second.req.incarnation != t.incarnation) return;
+        const auto* e = st.store.find(t.room);
+        if (e != nullptr && !is_terminal(e->state))
+          fail_room(self, t.room, "waiting timeout: " + std::to_string(it->second.responded.size()) +
+                                      " of " + std::to_string(st.me->required_prefill_response_num) +
+                                      " prefill ranks responded");
+      },
+      [self](msg::step_tick) {
+        auto& st = self->state;
+        self->send(st.args.parent, msg::step_report{++st.round, st.args.child_index, detail::snapshot(st.store)});
+      },
+      [self](const msg::agreed_round& a) {
+        auto& st = self->state;
+        for (const auto& s : a.states) {
+          auto it = st.rooms.find(s.room);
+          if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) continue;
+          auto agreed = static_cast<kv_poll>(s.state);
+          if (agreed == kv_poll::failed) {
+            const auto* e = st.store.find(s.room);
+            if (e != nullptr && e->state != kv_poll::failed)
+              fail_room(self, s.room, "another rank of the decode group failed the room");
+          }
+          if (is_terminal(agreed)) release(self, s.room, a.round, agreed);
+        }
+        self->delayed_send(self, detail::step_pause(st.args.tunables, st.rooms.empty()), msg::step_tick{});
+      },
+  };
+}
+
+}  // namespace
+
+caf::actor spawn_decode_rank(caf::actor_system& sys, rank_args args) {
+  return sys.spawn(decode_rank, std::move(args));
+}
+
+}  // namespace kvflow

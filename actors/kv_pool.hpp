@@ -1,0 +1,68 @@
+#pragma once
+// A rank's KV memory: pages of every layer buffer it holds, plus aux metadata slots, with the
+// page/slot allocators the scheduler uses. Pure (no actors); the rank actor owns one.
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "config/routing.hpp"
+#include "cuda/host_memory.hpp"
+
+namespace kvflow {
+
+// What the aux slot of a request holds once the prefill side finished (first output token,
+// its logprob, and the room so decode can tell the slot really landed).
+struct aux_record {
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t first_token = 0;
+  float first_logprob = 0.f;
+  std::uint64_t check = 0;  // hash of the fields above: a torn or stale slot is not "landed"
+};
+
+struct pool_shape {
+  config::range layers;        // global layer indices held
+  int buffers_per_layer = 1;   // 1 for MLA, 2 (K, V) for MHA
+  std::int64_t item_bytes = 0; // one page of one layer buffer
+  int pages = 0;
+  int aux_slots = 0;
+  int page_size = 0;
+  int local_heads = 0;         // MHA: heads per page, head-major within a page
+  std::int64_t head_bytes = 0; // MHA: bytes of one head of one token
+};
+
+class kv_pool {
+ public:
+  explicit kv_pool(const pool_shape& shape);
+
+  const pool_shape& shape() const { return shape_; }
+  std::byte* kv_base() const { return kv_.data(); }
+  std::uint64_t kv_bytes() const { return kv_.size(); }
+  std::byte* aux_base() const { return aux_.data(); }
+  std::uint64_t aux_bytes() const { return aux_.size(); }
+
+  // Byte offset of page `page` of buffer `buffer` of global layer `layer` in the KV region.
+  std::uint64_t offset(int layer, int buffer, int page) const;
+  std::byte* item(int layer, int buffer, int page) const { return kv_base() + offset(layer, buffer, page); }
+  std::uint64_t aux_offset(int slot) const { return std::uint64_t(slot) * sizeof(aux_record); }
+
+  // LIFO allocators: recently freed pages come back first (keeps resident memory small and
+  // makes page lists non-consecutive after churn, as in a real pool).
+  std::optional<std::vector<std::int32_t>> alloc_pages(int n);
+  void free_pages(const std::vector<std::int32_t>& pages);
+  std::optional<std::int32_t> alloc_aux();
+  void free_aux(std::int32_t slot);
+  int used_pages() const { return shape_.pages - static_cast<int>(free_pages_.size()); }
+  int used_aux() const { return shape_.aux_slots - static_cast<int>(free_aux_.size()); }
+
+ private:
+  pool_shape shape_;
+  cuda::host_memory kv_;
+  cuda::host_memory aux_;
+  std::vector<std::int32_t> free_pages_;
+  std::vector<std::int32_t> free_aux_;
+};
+
+std::uint64_t aux_checksum(const aux_record& r);
+
+}  // namespace kvflow

@@ -1,0 +1,28 @@
+#include "actors/messages.hpp"
+
+namespace kvflow::msg {
+
+void add_message_types(caf::actor_system_config& cfg) {
+  cfg.add_message_type<step_report>("kvflow.step_report");
+  cfg.add_message_type<agreed_round>("kvflow.agreed_round");
+  cfg.add_message_type<attach_child>("kvflow.attach_child");
+  cfg.add_message_type<attach_rank>("kvflow.attach_rank");
+  cfg.add_message_type<step_tick>("kvflow.step_tick");
+  cfg.add_message_type<room_timeout>("kvflow.room_timeout");
+  cfg.add_message_type<push_done>("kvflow.push_done");
+  cfg.add_message_type<register_rank>("kvflow.register_rank");
+  cfg.add_message_type<registration_reply>("kvflow.registration_reply");
+  cfg.add_message_type<topology_query>("kvflow.topology_query");
+  cfg.add_message_type<topology_reply>("kvflow.topology_reply");
+  cfg.add_message_type<kv_registration>("kvflow.kv_registration");
+  cfg.add_message_type<dst_info>("kvflow.dst_info");
+  cfg.add_message_type<abort_room>("kvflow.abort_room");
+  cfg.add_message_type<kv_status>("kvflow.kv_status");
+  cfg.add_message_type<abort_ack>("kvflow.abort_ack");
+  cfg.add_message_type<new_request>("kvflow.new_request");
+  cfg.add_message_type<kv_chunk>("kvflow.kv_chunk");
+  cfg.add_message_type<abort_request>("kvflow.abort_request");
+  cfg.add_message_type<rank_released>("kvflow.rank_released");
+}
+
+}  // namespace kvflow::msg

@@ -1,0 +1,275 @@
+#pragma once
+// The typed messages between ranks, supervisors, the bootstrap registry and the scheduler.
+// Small records; every wire message carries `version` so two builds can tell they disagree.
+#include <caf/all.hpp>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "actors/agreement.hpp"
+#include "actors/block_plan.hpp"
+
+namespace kvflow::msg {
+
+constexpr std::uint32_t wire_version = 1;
+
+// ---- agreement ---------------------------------------------------------------------------
+struct step_report {
+  std::uint64_t round = 0;
+  std::int32_t child = 0;  // index of the sender among its parent's children
+  step_states states;
+};
+struct agreed_round {
+  std::uint64_t round = 0;
+  std::int32_t group = 0;
+  step_states states;
+};
+struct attach_child {  // parent learns (and monitors) child `index`
+  std::int32_t index = 0;
+  caf::actor child;
+};
+struct attach_rank {  // root learns a rank it hands agreed rounds back to
+  caf::actor rank;
+};
+struct step_tick {};
+struct room_timeout {  // bootstrap (prefill) or waiting (decode) timer of one request
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+};
+struct push_done {  // a transport push of a room's chunk finished
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t decode_rank = 0;
+  bool ok = true;
+  std::string reason;
+};
+
+// ---- bootstrap registry ------------------------------------------------------------------
+struct rank_key {
+  std::int32_t dp_group = 0, cp = 0, tp = 0, pp = 0;
+  bool operator<(const rank_key& o) const {
+    return std::tie(dp_group, cp, tp, pp) < std::tie(o.dp_group, o.cp, o.tp, o.pp);
+  }
+  bool operator==(const rank_key& o) const {
+    return dp_group == o.dp_group && cp == o.cp && tp == o.tp && pp == o.pp;
+  }
+};
+struct register_rank {
+  std::uint32_t version = wire_version;
+  rank_key key;
+  std::string name;  // who registers ("prefill rank 3"), named in collision errors
+  caf::actor rank;
+};
+struct registration_reply {
+  bool ok = false;
+  std::uint64_t generation = 0;
+  std::string reason;
+};
+struct topology_query {
+  std::uint32_t version = wire_version;
+};
+struct registry_entry {
+  rank_key key;
+  std::string name;
+  caf::actor rank;
+  std::uint64_t generation = 0;
+};
+struct topology_reply {
+  std::uint32_t version = wire_version;
+  std::int32_t tp = 0, cp = 0, pp = 0, dp = 0;
+  std::int32_t page_size = 0;
+  std::string dtype;
+  std::string layout;  // model name / layout, e.g. "dsv32" or "mha:32:8:128"
+  std::vector<registry_entry> entries;
+};
+
+// ---- decode -> prefill ----------------------------------------------------------------------
+struct kv_registration {  // once per connection
+  std::uint32_t version = wire_version;
+  std::int32_t decode_rank = 0;
+  std::int32_t dp = 0, pp = 0, tp = 0, tp_size = 0;
+  remote_pool pool;
+  caf::actor decode;
+};
+struct dst_info {
+  std::uint32_t version = wire_version;
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t decode_rank = 0;
+  std::vector<std::int32_t> dst_pages;
+  std::int32_t aux_slot = 0;
+  std::vector<std::int32_t> state_indices;  // e.g. DSv3.2 indexer-cache pages
+  std::int32_t prefix_pages = 0;           // already cached on decode: not sent
+};
+struct abort_room {
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t decode_rank = 0;
+  std::string reason;
+};
+
+// ---- prefill -> decode ----------------------------------------------------------------------
+struct kv_status {
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t prefill_rank = 0;
+  std::uint8_t state = 0;
+  std::string reason;
+};
+struct abort_ack {
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t prefill_rank = 0;
+};
+
+// ---- scheduler -> rank ----------------------------------------------------------------------
+struct new_request {
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t prompt_tokens = 0;
+  std::int32_t prefill_dp = 0;
+  std::int32_t decode_dp = 0;
+  std::int32_t prefix_pages = 0;
+  std::uint8_t fault = 0;  // request_fault flags (fault injection)
+};
+struct kv_chunk {  // prefill progressed: pages [page_begin, page_end) of the request are ready
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t page_begin = 0;
+  std::int32_t page_end = 0;
+  bool is_last = false;
+};
+struct abort_request {  // the scheduler aborts a request on this rank
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::string reason;
+};
+
+// ---- rank -> observer (scheduler's bookkeeping) ---------------------------------------------
+struct rank_released {  // the rank acted on an agreed terminal state and freed the room
+  bool prefill = true;
+  std::int32_t rank = 0;
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::uint64_t round = 0;
+  std::uint8_t state = 0;
+  std::string reason;
+  std::uint64_t bytes_expected = 0;
+  std::uint64_t bytes_verified = 0;
+  std::uint64_t mismatched_pages = 0;
+};
+
+// ---- inspectors (serialization, to_string) ------------------------------------------------
+template <class I>
+typename I::result_type inspect(I& f, step_report& x) {
+  return f(caf::meta::type_name("step_report"), x.round, x.child, x.states);
+}
+template <class I>
+typename I::result_type inspect(I& f, agreed_round& x) {
+  return f(caf::meta::type_name("agreed_round"), x.round, x.group, x.states);
+}
+template <class I>
+typename I::result_type inspect(I& f, attach_child& x) {
+  return f(caf::meta::type_name("attach_child"), x.index, x.child);
+}
+template <class I>
+typename I::result_type inspect(I& f, attach_rank& x) {
+  return f(caf::meta::type_name("attach_rank"), x.rank);
+}
+template <class I>
+typename I::result_type inspect(I& f, step_tick&) {
+  return f(caf::meta::type_name("step_tick"));
+}
+template <class I>
+typename I::result_type inspect(I& f, room_timeout& x) {
+  return f(caf::meta::type_name("room_timeout"), x.room, x.incarnation);
+}
+template <class I>
+typename I::result_type inspect(I& f, push_done& x) {
+  return f(caf::meta::type_name("push_done"), x.room, x.incarnation, x.decode_rank, x.ok, x.reason);
+}
+template <class I>
+typename I::result_type inspect(I& f, rank_key& x) {
+  return f(caf::meta::type_name("rank_key"), x.dp_group, x.cp, x.tp, x.pp);
+}
+template <class I>
+typename I::result_type inspect(I& f, register_rank& x) {
+  return f(caf::meta::type_name("register_rank"), x.version, x.key, x.name, x.rank);
+}
+template <class I>
+typename I::result_type inspect(I& f, registration_reply& x) {
+  return f(caf::meta::type_name("registration_reply"), x.ok, x.generation, x.reason);
+}
+template <class I>
+typename I::result_type inspect(I& f, topology_query& x) {
+  return f(caf::meta::type_name("topology_query"), x.version);
+}
+template <class I>
+typename I::result_type inspect(I& f, registry_entry& x) {
+  return f(caf::meta::type_name("registry_entry"), x.key, x.name, x.rank, x.generation);
+}
+template <class I>
+typename I::result_type inspect(I& f, topology_reply& x) {
+  return f(caf::meta::type_name("topology_reply"), x.version, x.tp, x.cp, x.pp, x.dp,
+           x.page_size, x.dtype, x.layout, x.entries);
+}
+template <class I>
+typename I::result_type inspect(I& f, kv_registration& x) {
+  return f(caf::meta::type_name("kv_registration"), x.version, x.decode_rank, x.dp, x.pp, x.tp,
+           x.tp_size, x.pool, x.decode);
+}
+template <class I>
+typename I::result_type inspect(I& f, dst_info& x) {
+  return f(caf::meta::type_name("dst_info"), x.version, x.room, x.incarnation, x.decode_rank,
+           x.dst_pages, x.aux_slot, x.state_indices, x.prefix_pages);
+}
+template <class I>
+typename I::result_type inspect(I& f, abort_room& x) {
+  return f(caf::meta::type_name("abort_room"), x.room, x.incarnation, x.decode_rank, x.reason);
+}
+template <class I>
+typename I::result_type inspect(I& f, kv_status& x) {
+  return f(caf::meta::type_name("kv_status"), x.room, x.incarnation, x.prefill_rank, x.state,
+           x.reason);
+}
+template <class I>
+typename I::result_type inspect(I& f, abort_ack& x) {
+  return f(caf::meta::type_name("abort_ack"), x.room, x.incarnation, x.prefill_rank);
+}
+template <class I>
+typename I::result_type inspect(I& f, new_request& x) {
+  return f(caf::meta::type_name("new_request"), x.room, x.incarnation, x.prompt_tokens,
+           x.prefill_dp, x.decode_dp, x.prefix_pages, x.fault);
+}
+template <class I>
+typename I::result_type inspect(I& f, kv_chunk& x) {
+  return f(caf::meta::type_name("kv_chunk"), x.room, x.incarnation, x.page_begin, x.page_end,
+           x.is_last);
+}
+template <class I>
+typename I::result_type inspect(I& f, abort_request& x) {
+  return f(caf::meta::type_name("abort_request"), x.room, x.incarnation, x.reason);
+}
+template <class I>
+typename I::result_type inspect(I& f, rank_released& x) {
+  return f(caf::meta::type_name("rank_released"), x.prefill, x.rank, x.room, x.incarnation,
+           x.round, x.state, x.reason, x.bytes_expected, x.bytes_verified, x.mismatched_pages);
+}
+
+// Registers every message type with an actor system config (needed across processes).
+void add_message_types(caf::actor_system_config& cfg);
+
+}  // namespace kvflow::msg
+
+namespace kvflow {
+template <class I>
+typename I::result_type inspect(I& f, room_state& x) {
+  return f(caf::meta::type_name("room_state"), x.room, x.incarnation, x.state);
+}
+template <class I>
+typename I::result_type inspect(I& f, remote_pool& x) {
+  return f(caf::meta::type_name("remote_pool"), x.kv_region, x.kv_bytes, x.layer_begin,
+           x.layer_count, x.buffers_per_layer, x.pages, x.item_bytes, x.aux_region, x.aux_slots,
+           x.page_size, x.local_heads, x.head_bytes);
+}
+}  // namespace kvflow

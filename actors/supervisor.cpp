@@ -1,0 +1,79 @@
+#include "actors/supervisor.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include "actors/messages.hpp"
+
+namespace kvflow {
+namespace {
+
+struct supervisor_state {
+  supervisor_args args;
+  caf::actor parent;
+  round_collector collector{1};
+  agreed_table table;
+  std::vector<caf::actor> ranks;  // root: every rank of the group
+  std::vector<caf::actor_addr> children;
+  static inline const char* name = "kvflow.supervisor";
+};
+
+using supervisor_actor = caf::stateful_actor<supervisor_state>;
+
+void finish_round(supervisor_actor* self, std::uint64_t round) {
+  auto& st = self->state;
+  step_states merged = st.collector.take(round);
+  if (!st.args.root) {
+    self->send(st.parent, msg::step_report{round, st.args.index_in_parent, std::move(merged)});
+    return;
+  }
+  // One message object shared by every rank: CAF messages are copy-on-write, so the agreed
+  // states are built once and every rank reads the identical record.
+  auto m = caf::make_message(msg::agreed_round{round, st.args.group, st.table.apply(merged)});
+  for (const auto& r : st.ranks) self->send(r, m);
+}
+
+caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::actor parent) {
+  auto& st = self->state;
+  st.args = args;
+  st.parent = std::move(parent);
+  st.collector = round_collector(args.children);
+  st.children.resize(args.children);
+  self->set_down_handler([self](const caf::down_msg& dm) {
+    auto& st = self->state;
+    for (int i = 0; i < static_cast<int>(st.children.size()); ++i)
+      if (st.children[i] == dm.source) {
+        spdlog::warn("agreement group {}: child {} down; its group fails every room", st.args.group, i);
+        for (auto round : st.collector.child_down(i)) finish_round(self, round);
+      }
+    st.ranks.erase(std::remove_if(st.ranks.begin(), st.ranks.end(),
+                                  [&](const caf::actor& a) { return a.address() == dm.source; }),
+                   st.ranks.end());
+    // A node with no live child can no longer report: leaving makes its parent fail its rooms.
+    if (st.collector.live_children() == 0) self->quit(caf::exit_reason::user_shutdown);
+  });
+  return {
+      [self](msg::attach_child& a) {
+        auto& st = self->state;
+        if (a.index < 0 || a.index >= static_cast<int>(st.children.size())) return;
+        st.children[a.index] = a.child.address();
+        self->monitor(a.child);
+      },
+      [self](msg::attach_rank& a) {
+        self->state.ranks.push_back(a.rank);
+        self->monitor(a.rank);
+      },
+      [self](msg::step_report& r) {
+        auto& st = self->state;
+        if (st.collector.add(r.child, r.round, std::move(r.states))) finish_round(self, r.round);
+      },
+  };
+}
+
+}  // namespace
+
+caf::actor spawn_supervisor(caf::actor_system& sys, const supervisor_args& args,
+                            const caf::actor& parent) {
+  return sys.spawn(supervisor, args, parent);
+}
+
+}  // namespace kvflow

@@ -1,0 +1,41 @@
+#pragma once
+// Every runtime tunable, declared once: name, environment variable, default, doc.
+#include <cstdint>
+#include <functional>
+#include <string>
+
+namespace kvflow::config {
+
+// X(member, env var, default, doc)
+#define KVFLOW_TUNABLES(X)                                                                       \
+  X(bootstrap_timeout_ms, "KVFLOW_BOOTSTRAP_TIMEOUT_MS", 300000,                                 \
+    "prefill: fail a room whose destinations did not all arrive in this time (SGLang: 300 s)")   \
+  X(waiting_timeout_ms, "KVFLOW_WAITING_TIMEOUT_MS", 300000,                                     \
+    "decode: fail (and abort on every prefill peer) a room not done this long after sending "    \
+    "its destinations (SGLang: 300 s)")                                                          \
+  X(heartbeat_interval_ms, "KVFLOW_HEARTBEAT_INTERVAL_MS", 5000,                                 \
+    "interval of peer health checks and of the actor system's node heartbeats")                  \
+  X(heartbeat_misses, "KVFLOW_HEARTBEAT_MISSES", 2,                                              \
+    "missed heartbeats after which a peer counts as down")                                       \
+  X(step_interval_us, "KVFLOW_STEP_INTERVAL_US", 200,                                            \
+    "simulated scheduler: pause between agreement rounds while rooms are in flight")             \
+  X(max_rooms_per_rank, "KVFLOW_MAX_ROOMS_PER_RANK", 65536,                                      \
+    "live rooms one rank accepts; more are refused with an error (bounds the state store)")      \
+  X(max_pages_per_request, "KVFLOW_MAX_PAGES_PER_REQUEST", 1 << 20,                              \
+    "largest page list a destination or chunk message may carry; longer ones fail the room")
+
+struct tunables {
+#define KVFLOW_TUNABLE_MEMBER(name, env, def, doc) std::int64_t name = def;
+  KVFLOW_TUNABLES(KVFLOW_TUNABLE_MEMBER)
+#undef KVFLOW_TUNABLE_MEMBER
+};
+
+// Reads every KVFLOW_* variable through `getenv` (defaults to ::getenv). A malformed or
+// non-positive value throws config_error naming the variable.
+using env_lookup = std::function<const char*(const char*)>;
+tunables load_tunables(const env_lookup& getenv = {});
+
+// One line per tunable: variable, default, doc.
+std::string tunables_help();
+
+}  // namespace kvflow::config

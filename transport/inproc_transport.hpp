@@ -1,0 +1,42 @@
+#pragma once
+// In-process transport: every simulated rank shares one fabric; a push is a bounds-checked memcpy.
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+
+#include "transport/transport.hpp"
+
+namespace kvflow::transport {
+
+// The registry of regions all in-process endpoints write through (thread-safe).
+class inproc_fabric {
+ public:
+  struct region {
+    std::uint64_t owner;
+    std::byte* base;
+    std::uint64_t len;
+  };
+  std::uint64_t add(std::uint64_t owner, std::byte* base, std::uint64_t len);
+  void remove(std::uint64_t id);
+  // Resolves and checks one block; returns the destination pointer or the reason it is refused.
+  result<std::byte*> resolve(std::uint64_t peer, const block& b) const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::uint64_t next_id_ = 1;
+  std::unordered_map<std::uint64_t, region> regions_;
+};
+
+class inproc_transport final : public transport {
+ public:
+  explicit inproc_transport(std::shared_ptr<inproc_fabric> fabric) : fabric_(std::move(fabric)) {}
+  const char* name() const override { return "inproc"; }
+  result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override;
+  void deregister_memory(std::uint64_t region) override;
+  void push(std::uint64_t peer, const std::vector<block>& blocks, completion done) override;
+
+ private:
+  std::shared_ptr<inproc_fabric> fabric_;
+};
+
+}  // namespace kvflow::transport

@@ -228,7 +228,16 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
         for (const auto& pe : st.me->peers)
           r.peers.push_back(config::prefill_rank_of(cfg.prefill, {q.prefill_dp, pe.pp, pe.cp, pe.tp}));
         if (auto s = st.store.create(q.room, q.incarnation, kv_poll::bootstrapping); !s) {
+          // The live request keeps its room; the new one is refused, and its scheduler told.
           spdlog::error("{}: {}", st.name, s.reason());
+          msg::rank_released ev;
+          ev.prefill = false;
+          ev.rank = st.args.rank;
+          ev.room = q.room;
+          ev.incarnation = q.incarnation;
+          ev.state = static_cast<std::uint8_t>(kv_poll::failed);
+          ev.reason = s.reason();
+          if (st.args.observer) self->send(st.args.observer, std::move(ev));
           return;
         }
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
@@ -283,6 +292,11 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
           fail_room(self, t.room, "waiting timeout: " + std::to_string(it->second.responded.size()) +
                                       " of " + std::to_string(st.me->required_prefill_response_num) +
                                       " prefill ranks responded");
+      },
+      [self](msg::pool_usage_query) {
+        auto& st = self->state;
+        return msg::pool_usage{false, st.args.rank, st.pool->used_pages(), st.pool->used_aux(),
+                               static_cast<std::int64_t>(st.store.size())};
       },
       [self](msg::step_tick) {
         auto& st = self->state;

@@ -13,6 +13,8 @@ namespace kvflow::msg {
 
 constexpr std::uint32_t wire_version = 1;
 
+using start_atom = caf::atom_constant<caf::atom("start")>;
+
 // ---- agreement ---------------------------------------------------------------------------
 struct step_report {
   std::uint64_t round = 0;
@@ -159,6 +161,15 @@ struct rank_released {  // the rank acted on an agreed terminal state and freed 
   std::uint64_t mismatched_pages = 0;
 };
 
+struct pool_usage_query {};
+struct pool_usage {
+  bool prefill = true;
+  std::int32_t rank = 0;
+  std::int64_t used_pages = 0;
+  std::int64_t used_aux = 0;
+  std::int64_t live_rooms = 0;
+};
+
 // ---- inspectors (serialization, to_string) ------------------------------------------------
 template <class I>
 typename I::result_type inspect(I& f, step_report& x) {
@@ -254,6 +265,16 @@ template <class I>
 typename I::result_type inspect(I& f, rank_released& x) {
   return f(caf::meta::type_name("rank_released"), x.prefill, x.rank, x.room, x.incarnation,
            x.round, x.state, x.reason, x.bytes_expected, x.bytes_verified, x.mismatched_pages);
+}
+
+template <class I>
+typename I::result_type inspect(I& f, pool_usage_query&) {
+  return f(caf::meta::type_name("pool_usage_query"));
+}
+template <class I>
+typename I::result_type inspect(I& f, pool_usage& x) {
+  return f(caf::meta::type_name("pool_usage"), x.prefill, x.rank, x.used_pages, x.used_aux,
+           x.live_rooms);
 }
 
 // Registers every message type with an actor system config (needed across processes).

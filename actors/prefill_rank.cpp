@@ -250,7 +250,16 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           r.expected.push_back(config::decode_rank_of(cfg.decode, {q.decode_dp, rd.pp, rd.tp}));
         auto initial = st.me->authoritative ? kv_poll::bootstrapping : kv_poll::waiting_for_input;
         if (auto s = st.store.create(q.room, q.incarnation, initial); !s) {
+          // The live request keeps its room; the new one is refused, and its scheduler told.
           spdlog::error("{}: {}", st.name, s.reason());
+          msg::rank_released ev;
+          ev.prefill = true;
+          ev.rank = st.args.rank;
+          ev.room = q.room;
+          ev.incarnation = q.incarnation;
+          ev.state = static_cast<std::uint8_t>(kv_poll::failed);
+          ev.reason = s.reason();
+          if (st.args.observer) self->send(st.args.observer, std::move(ev));
           return;  // the live request keeps its room; the new one is refused
         }
         auto pages = st.pool->alloc_pages(r.req.n_pages);
@@ -360,6 +369,11 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           fail_room(self, t.room, "bootstrap timeout: destinations from " +
                                       std::to_string(it->second.dsts.size()) + " of " +
                                       std::to_string(it->second.expected.size()) + " decode ranks");
+      },
+      [self](msg::pool_usage_query) {
+        auto& st = self->state;
+        return msg::pool_usage{true, st.args.rank, st.pool->used_pages(), st.pool->used_aux(),
+                               static_cast<std::int64_t>(st.store.size())};
       },
       [self](msg::step_tick) {
         auto& st = self->state;

@@ -14,6 +14,8 @@ struct supervisor_state {
   agreed_table table;
   std::vector<caf::actor> ranks;  // root: every rank of the group
   std::vector<caf::actor_addr> children;
+  int ranks_gone = 0;                      // attached ranks that died
+  std::vector<caf::message> held;          // rounds agreed before every rank attached
   static inline const char* name = "kvflow.supervisor";
 };
 
@@ -29,7 +31,19 @@ void finish_round(supervisor_actor* self, std::uint64_t round) {
   // One message object shared by every rank: CAF messages are copy-on-write, so the agreed
   // states are built once and every rank reads the identical record.
   auto m = caf::make_message(msg::agreed_round{round, st.args.group, st.table.apply(merged)});
+  if (static_cast<int>(st.ranks.size()) + st.ranks_gone < st.args.ranks) {
+    st.held.push_back(std::move(m));  // a rank not attached yet must not miss a round
+    return;
+  }
   for (const auto& r : st.ranks) self->send(r, m);
+}
+
+void flush_held(supervisor_actor* self) {
+  auto& st = self->state;
+  if (static_cast<int>(st.ranks.size()) + st.ranks_gone < st.args.ranks) return;
+  for (auto& m : st.held)
+    for (const auto& r : st.ranks) self->send(r, m);
+  st.held.clear();
 }
 
 caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::actor parent) {
@@ -45,9 +59,11 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
         spdlog::warn("agreement group {}: child {} down; its group fails every room", st.args.group, i);
         for (auto round : st.collector.child_down(i)) finish_round(self, round);
       }
+    auto before = st.ranks.size();
     st.ranks.erase(std::remove_if(st.ranks.begin(), st.ranks.end(),
                                   [&](const caf::actor& a) { return a.address() == dm.source; }),
                    st.ranks.end());
+    st.ranks_gone += static_cast<int>(before - st.ranks.size());
     // A node with no live child can no longer report: leaving makes its parent fail its rooms.
     if (st.collector.live_children() == 0) self->quit(caf::exit_reason::user_shutdown);
   });
@@ -61,6 +77,7 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
       [self](msg::attach_rank& a) {
         self->state.ranks.push_back(a.rank);
         self->monitor(a.rank);
+        flush_held(self);
       },
       [self](msg::step_report& r) {
         auto& st = self->state;

@@ -13,6 +13,7 @@ struct supervisor_args {
   int group = 0;        // id of the agreement group, echoed in agreed rounds
   bool root = false;    // TP supervisor: hands rounds back; else forwards to the parent
   int index_in_parent = 0;
+  int ranks = 0;        // root: ranks that attach; rounds are handed back once all attached
 };
 
 // Spawns a supervisor. `parent` is the TP supervisor for a shard supervisor, unused for a root.

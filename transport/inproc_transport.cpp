@@ -55,7 +55,12 @@ void inproc_transport::push(std::uint64_t peer, const std::vector<block>& blocks
     }
     dst.push_back(r.value());
   }
-  for (size_t i = 0; i < blocks.size(); ++i) std::memcpy(dst[i], blocks[i].src, blocks[i].len);
+  std::uint64_t moved = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    std::memcpy(dst[i], blocks[i].src, blocks[i].len);
+    moved += blocks[i].len;
+  }
+  bytes_.fetch_add(moved, std::memory_order_relaxed);
   done(status{});
 }
 

@@ -1,5 +1,6 @@
 #pragma once
 // In-process transport: every simulated rank shares one fabric; a push is a bounds-checked memcpy.
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -34,9 +35,11 @@ class inproc_transport final : public transport {
   result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override;
   void deregister_memory(std::uint64_t region) override;
   void push(std::uint64_t peer, const std::vector<block>& blocks, completion done) override;
+  std::uint64_t bytes_moved() const { return bytes_.load(std::memory_order_relaxed); }
 
  private:
   std::shared_ptr<inproc_fabric> fabric_;
+  std::atomic<std::uint64_t> bytes_{0};
 };
 
 }  // namespace kvflow::transport

@@ -1,0 +1,17 @@
+#pragma once
+// `kvflow bench ...`: benchmarks that print their figure beside an anchor measured in the same run.
+#include <cstdint>
+#include <vector>
+
+namespace kvflow::runtime {
+
+struct bench_flags {
+  int tp = 8;
+  int cp = 8;
+  std::vector<int> rooms;  // empty: 1, 64, 1024
+  int rounds = 2000;
+};
+
+int run_bench_control(const bench_flags& f);
+
+}  // namespace kvflow::runtime

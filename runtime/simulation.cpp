@@ -1,0 +1,568 @@
+// The simulated cluster: spawns the registry, the agreement trees and every rank, drives the
+// synthetic workload as the router and schedulers would, and checks what came out.
+#include "runtime/simulation.hpp"
+
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+
+#include "actors/bootstrap_registry.hpp"
+#include "actors/messages.hpp"
+#include "actors/rank.hpp"
+#include "actors/supervisor.hpp"
+#include "runtime/pattern.hpp"
+#include "transport/inproc_transport.hpp"
+
+namespace kvflow::runtime {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+struct deadline_reached {};
+struct fire_abort {
+  int index = 0;
+};
+template <class I>
+typename I::result_type inspect(I& f, deadline_reached&) {
+  return f(caf::meta::type_name("deadline_reached"));
+}
+template <class I>
+typename I::result_type inspect(I& f, fire_abort& x) {
+  return f(caf::meta::type_name("fire_abort"), x.index);
+}
+
+struct sim_request {
+  int index = 0;
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  int tokens = 0;
+  int prefill_dp = 0, decode_dp = 0;
+  std::uint8_t fault = 0;
+  bool started = false, finished = false;
+  clock_type::time_point start, end;
+  std::vector<int> prefill_ranks, decode_ranks;  // participants
+  std::set<std::pair<bool, int>> released;       // (prefill?, rank)
+  bool decode_failed = false, any_failed = false;
+  int decode_success = 0;
+  std::string reason;
+  // (prefill?, group) -> (round, state) of the first rank that acted: the others must match
+  std::map<std::pair<bool, int>, std::pair<std::uint64_t, std::uint8_t>> group_action;
+};
+
+struct cluster_handles {
+  caf::actor registry;
+  std::vector<caf::actor> prefill, decode, supervisors;
+};
+
+struct driver_state {
+  simulation_options opt;
+  std::shared_ptr<const config::routing_plan> plan;
+  std::shared_ptr<transport::inproc_transport> transport;
+  std::shared_ptr<simulation_report> report;
+  cluster_handles h;
+  std::vector<sim_request> requests;
+  std::map<std::pair<std::uint64_t, std::uint64_t>, int> by_key;  // (room, incarnation) -> index
+  std::multiset<std::uint64_t> live_rooms;
+  std::set<std::pair<bool, int>> dead;
+  int next = 0, running = 0, started = 0, finished = 0;
+  std::mt19937_64 rng;
+  clock_type::time_point first_start, last_end;
+  bool finalizing = false;
+  caf::response_promise done;
+};
+using driver_actor = caf::stateful_actor<driver_state>;
+
+int pages_of(const config::cluster_config& c, int tokens) {
+  return (tokens + c.page_size - 1) / c.page_size;
+}
+
+// Prefill: fill the pages this rank will send with the pattern.
+void fill_pages(const config::routing_plan& plan, int rank, kv_pool& pool, const request_view& req,
+                const std::vector<std::int32_t>& pages, config::range fill) {
+  const auto& me = plan.prefill(rank);
+  const auto& s = pool.shape();
+  const auto& m = plan.config().model;
+  for (int i = fill.begin; i < fill.end; ++i)
+    for (int l = me.layers.begin; l < me.layers.end; ++l)
+      for (int b = 0; b < s.buffers_per_layer; ++b) {
+        auto* item = pool.item(l, b, pages[i]);
+        if (m.kind == config::model_kind::mla) {
+          pattern::fill(item, s.item_bytes, pattern::seed_of({req.room, req.incarnation, l, b, i, 0, rank}));
+          continue;
+        }
+        const std::int64_t slab = std::int64_t(s.page_size) * s.head_bytes;
+        for (int h = 0; h < s.local_heads; ++h) {
+          int global = me.coord.tp * s.local_heads + h;
+          pattern::fill(item + h * slab, slab,
+                        pattern::seed_of({req.room, req.incarnation, l, b, i, global, rank}));
+        }
+      }
+}
+
+// Decode: check every slab each peer should have written, and the aux slot.
+verify_counts verify_pages(const config::routing_plan& plan, int rank, const kv_pool& pool,
+                           const request_view& req, const std::vector<std::int32_t>& pages,
+                           std::int32_t aux_slot) {
+  verify_counts v;
+  const auto& me = plan.decode(rank);
+  const auto& c = plan.config();
+  const auto& s = pool.shape();
+  const bool mla = c.model.kind == config::model_kind::mla;
+  const int prefill_heads = mla ? 0 : c.model.kv_heads / c.prefill.tp;
+  const std::int64_t slab = mla ? s.item_bytes : std::int64_t(s.page_size) * s.head_bytes;
+  for (const auto& pe : me.peers) {
+    int src = config::prefill_rank_of(c.prefill, {req.prefill_dp, pe.pp, pe.cp, pe.tp});
+    config::range range{req.prefix_pages, req.n_pages};
+    if (pe.cp_share) {
+      auto share = config::cp_share(req.n_pages, c.prefill.cp, pe.cp);
+      range = {std::max(range.begin, share.begin), std::min(range.end, share.end)};
+    }
+    for (int i = range.begin; i < range.end; ++i)
+      for (int l = pe.layers.begin; l < pe.layers.end; ++l)
+        for (int b = 0; b < s.buffers_per_layer; ++b) {
+          const auto* item = pool.item(l, b, pages[i]);
+          int heads = mla ? 1 : pe.heads.count;
+          for (int k = 0; k < heads; ++k) {
+            int global = mla ? 0 : pe.tp * prefill_heads + pe.heads.src_begin + k;
+            const auto* at = mla ? item : item + (pe.heads.dst_begin + k) * slab;
+            v.bytes_expected += slab;
+            if (pattern::check(at, slab, pattern::seed_of({req.room, req.incarnation, l, b, i, global, src})))
+              v.bytes_verified += slab;
+            else
+              ++v.mismatched_pages;
+          }
+        }
+  }
+  if (me.expects_aux) {
+    aux_record rec;
+    std::memcpy(&rec, pool.aux_base() + pool.aux_offset(aux_slot), sizeof rec);
+    if (rec.room != req.room || rec.incarnation != req.incarnation || rec.check != aux_checksum(rec) ||
+        rec.first_token != static_cast<std::int32_t>(req.room % 32000))
+      ++v.mismatched_pages;
+  }
+  return v;
+}
+
+cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
+                              const std::shared_ptr<const config::routing_plan>& plan,
+                              const std::shared_ptr<transport::transport>& transport) {
+  auto& sys = self->system();
+  const auto& c = o.cluster;
+  cluster_handles h;
+  h.registry = spawn_bootstrap_registry(sys, c);
+  const int max_pages = pages_of(c, o.prompt_max);
+  const int pages = o.concurrency * max_pages;
+  const bool mha = c.model.kind == config::model_kind::mha;
+  auto base_args = [&](int rank) {
+    rank_args a;
+    a.plan = plan;
+    a.rank = rank;
+    a.tunables = o.tunables;
+    a.transport = transport;
+    a.registry = h.registry;
+    a.observer = caf::actor_cast<caf::actor>(self);
+    return a;
+  };
+  // Prefill: per (dp, pp) a TP supervisor over shard supervisors over CP ranks.
+  h.prefill.resize(c.prefill.ranks());
+  for (int dp = 0; dp < c.prefill.dp; ++dp)
+    for (int pp = 0; pp < c.prefill.pp; ++pp) {
+      int group = dp * c.prefill.pp + pp;
+      auto root = spawn_supervisor(sys, {c.prefill.tp, group, true, 0, c.prefill.tp * c.prefill.cp}, {});
+      h.supervisors.push_back(root);
+      for (int tp = 0; tp < c.prefill.tp; ++tp) {
+        auto shard = spawn_supervisor(sys, {c.prefill.cp, group, false, tp, 0}, root);
+        h.supervisors.push_back(shard);
+        self->send(root, msg::attach_child{tp, shard});
+        for (int cp = 0; cp < c.prefill.cp; ++cp) {
+          int r = config::prefill_rank_of(c.prefill, {dp, pp, cp, tp});
+          const auto& me = plan->prefill(r);
+          auto a = base_args(r);
+          a.shape = {me.layers, plan->buffers_per_layer(), plan->prefill_item_bytes(), pages, 0,
+                     c.page_size, me.local_heads, mha ? c.model.head_bytes() : 0};
+          a.parent = shard;
+          a.child_index = cp;
+          a.hooks.fill = [plan, r](kv_pool& pool, const request_view& req,
+                                   const std::vector<std::int32_t>& pg, config::range fill) {
+            fill_pages(*plan, r, pool, req, pg, fill);
+          };
+          h.prefill[r] = spawn_prefill_rank(sys, std::move(a));
+          self->send(root, msg::attach_rank{h.prefill[r]});
+        }
+      }
+    }
+  // Decode: per (dp, pp) a TP supervisor over the TP ranks.
+  h.decode.resize(c.decode.ranks());
+  for (int dp = 0; dp < c.decode.dp; ++dp)
+    for (int pp = 0; pp < c.decode.pp; ++pp) {
+      int group = 100000 + dp * c.decode.pp + pp;
+      auto root = spawn_supervisor(sys, {c.decode.tp, group, true, 0, c.decode.tp}, {});
+      h.supervisors.push_back(root);
+      for (int tp = 0; tp < c.decode.tp; ++tp) {
+        int r = config::decode_rank_of(c.decode, {dp, pp, tp});
+        const auto& me = plan->decode(r);
+        auto a = base_args(r);
+        a.shape = {me.layers, plan->buffers_per_layer(), plan->decode_item_bytes(), pages,
+                   o.concurrency + 1, c.page_size, me.local_heads, mha ? c.model.head_bytes() : 0};
+        a.parent = root;
+        a.child_index = tp;
+        a.hooks.verify = [plan, r](const kv_pool& pool, const request_view& req,
+                                   const std::vector<std::int32_t>& pg, std::int32_t aux) {
+          return verify_pages(*plan, r, pool, req, pg, aux);
+        };
+        h.decode[r] = spawn_decode_rank(sys, std::move(a));
+        self->send(root, msg::attach_rank{h.decode[r]});
+      }
+    }
+  for (auto& a : h.prefill) self->monitor(a);
+  for (auto& a : h.decode) self->monitor(a);
+  return h;
+}
+
+bool touched(const simulation_options& o, const sim_request& r) {
+  for (const auto& f : o.faults) {
+    switch (f.what) {
+      case fault_spec::kind::kill_prefill:
+        if (std::find(r.prefill_ranks.begin(), r.prefill_ranks.end(), f.rank) != r.prefill_ranks.end()) return true;
+        break;
+      case fault_spec::kind::kill_decode:
+        if (std::find(r.decode_ranks.begin(), r.decode_ranks.end(), f.rank) != r.decode_ranks.end()) return true;
+        break;
+      default:
+        if (f.at == r.index + 1) return true;
+    }
+  }
+  return false;
+}
+
+void start_more(driver_actor* self);
+
+void check_finished(driver_actor* self, sim_request& r) {
+  auto& st = self->state;
+  if (!r.started || r.finished) return;
+  for (int p : r.prefill_ranks)
+    if (!r.released.count({true, p}) && !st.dead.count({true, p})) return;
+  for (int d : r.decode_ranks)
+    if (!r.released.count({false, d}) && !st.dead.count({false, d})) return;
+  r.finished = true;
+  r.end = clock_type::now();
+  st.last_end = r.end;
+  ++st.finished;
+  --st.running;
+  st.live_rooms.erase(st.live_rooms.find(r.room));
+  st.by_key.erase({r.room, r.incarnation});
+  start_more(self);
+}
+
+void start_request(driver_actor* self, sim_request& r) {
+  auto& st = self->state;
+  const auto& c = st.opt.cluster;
+  ++st.started;
+  // dup-room: the router hands out the room of a live request (n>1 sampling, client reuse).
+  for (const auto& f : st.opt.faults)
+    if (f.what == fault_spec::kind::duplicate_room && f.at == st.started && !st.live_rooms.empty()) {
+      r.room = *st.live_rooms.rbegin();
+      r.prefill_dp = static_cast<int>(r.room % c.prefill.dp);
+      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
+    }
+  r.started = true;
+  r.start = clock_type::now();
+  if (st.started == 1) st.first_start = r.start;
+  for (const auto& f : st.opt.faults) {
+    if (f.at != st.started) continue;
+    if (f.what == fault_spec::kind::drop_dst_info) r.fault |= fault_drop_dst_info;
+    if (f.what == fault_spec::kind::corrupt) r.fault |= fault_corrupt;
+  }
+  for (int p = 0; p < c.prefill.ranks(); ++p)
+    if (config::prefill_coord_of(c.prefill, p).dp == r.prefill_dp) r.prefill_ranks.push_back(p);
+  for (int d = 0; d < c.decode.ranks(); ++d)
+    if (config::decode_coord_of(c.decode, d).dp == r.decode_dp) r.decode_ranks.push_back(d);
+  ++st.running;
+  st.live_rooms.insert(r.room);
+  st.by_key[{r.room, r.incarnation}] = r.index;
+
+  msg::new_request q{r.room, r.incarnation, r.tokens, r.prefill_dp, r.decode_dp, 0, r.fault};
+  for (int d : r.decode_ranks) self->send(st.h.decode[d], q);
+  const int n = pages_of(c, r.tokens);
+  const int per_chunk = std::max(1, st.opt.chunk_tokens / c.page_size);
+  for (int p : r.prefill_ranks) {
+    self->send(st.h.prefill[p], q);
+    int b = 0;
+    for (; b + per_chunk <= n; b += per_chunk)
+      self->send(st.h.prefill[p], msg::kv_chunk{r.room, r.incarnation, b, b + per_chunk, false});
+    // The last chunk carries what is left, possibly nothing (an empty last chunk).
+    self->send(st.h.prefill[p], msg::kv_chunk{r.room, r.incarnation, b, n, true});
+  }
+  for (const auto& f : st.opt.faults) {
+    if (f.at != st.started) continue;
+    if (f.what == fault_spec::kind::abort_decode) {
+      self->delayed_send(self, std::chrono::milliseconds(1), fire_abort{r.index});
+      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
+    } else if (f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::kill_decode) {
+      bool pre = f.what == fault_spec::kind::kill_prefill;
+      auto& target = pre ? st.h.prefill[f.rank] : st.h.decode[f.rank];
+      self->send_exit(target, caf::exit_reason::kill);
+      st.report->faults_applied.push_back(f.text);
+    } else if (f.what == fault_spec::kind::drop_dst_info || f.what == fault_spec::kind::corrupt) {
+      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
+    }
+  }
+}
+
+void finalize(driver_actor* self);
+
+void start_more(driver_actor* self) {
+  auto& st = self->state;
+  if (st.finalizing) return;
+  while (st.running < st.opt.concurrency && st.next < static_cast<int>(st.requests.size())) {
+    auto& r = st.requests[st.next++];
+    // With a room pool, a room is reused only once every rank cleared it.
+    if (st.opt.room_pool > 0 && st.live_rooms.count(r.room) != 0) {
+      --st.next;
+      break;
+    }
+    start_request(self, r);
+  }
+  if (st.finished == static_cast<int>(st.requests.size())) finalize(self);
+}
+
+void on_released(driver_actor* self, const msg::rank_released& ev) {
+  auto& st = self->state;
+  auto it = st.by_key.find({ev.room, ev.incarnation});
+  if (it == st.by_key.end()) return;
+  auto& r = st.requests[it->second];
+  if (!r.released.insert({ev.prefill, ev.rank}).second) return;
+  auto state = static_cast<kv_poll>(ev.state);
+  if (state == kv_poll::failed) {
+    r.any_failed = true;
+    if (!ev.prefill) r.decode_failed = true;
+    if (r.reason.empty() || (!ev.prefill && ev.reason.find("another rank") == std::string::npos))
+      if (!ev.reason.empty()) r.reason = (ev.prefill ? "prefill rank " : "decode rank ") + std::to_string(ev.rank) + ": " + ev.reason;
+  } else if (!ev.prefill) {
+    ++r.decode_success;
+  }
+  auto& rep = *st.report;
+  rep.bytes_expected += ev.bytes_expected;
+  rep.bytes_verified += ev.bytes_verified;
+  rep.mismatched_pages += ev.mismatched_pages;
+  // Agreement: every rank of one group acts on a room at the same round with the same state.
+  if (ev.round > 0) {
+    const auto& c = st.opt.cluster;
+    int group = ev.prefill ? config::prefill_coord_of(c.prefill, ev.rank).pp
+                           : config::decode_coord_of(c.decode, ev.rank).pp;
+    auto [g, fresh] = r.group_action.emplace(std::make_pair(ev.prefill, group), std::make_pair(ev.round, ev.state));
+    if (!fresh && g->second != std::make_pair(ev.round, ev.state)) {
+      ++rep.agreement_violations;
+      rep.problems.push_back("room " + std::to_string(r.room) + ": " + (ev.prefill ? "prefill" : "decode") +
+                             " rank " + std::to_string(ev.rank) + " acted at round " + std::to_string(ev.round) +
+                             " with " + to_string(state) + ", its group at round " +
+                             std::to_string(g->second.first) + " with " +
+                             to_string(static_cast<kv_poll>(g->second.second)));
+    }
+  }
+  check_finished(self, r);
+}
+
+void on_rank_down(driver_actor* self, const caf::down_msg& dm) {
+  auto& st = self->state;
+  for (int i = 0; i < static_cast<int>(st.h.prefill.size()); ++i)
+    if (st.h.prefill[i].address() == dm.source) st.dead.insert({true, i});
+  for (int i = 0; i < static_cast<int>(st.h.decode.size()); ++i)
+    if (st.h.decode[i].address() == dm.source) st.dead.insert({false, i});
+  for (auto& r : st.requests) check_finished(self, r);
+}
+
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  auto idx = static_cast<std::size_t>(q * (v.size() - 1) + 0.5);
+  return v[std::min(idx, v.size() - 1)];
+}
+
+void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage) {
+  auto& st = self->state;
+  auto& rep = *st.report;
+  rep.requests = static_cast<int>(st.requests.size());
+  std::vector<double> lat;
+  for (const auto& r : st.requests) {
+    request_outcome o;
+    o.room = r.room;
+    o.index = r.index;
+    o.prefill_dp = r.prefill_dp;
+    o.decode_dp = r.decode_dp;
+    o.touched = touched(st.opt, r);
+    if (!r.finished) {
+      o.state = "Stalled";
+      o.reason = r.started ? "not terminal at the deadline" : "never started before the deadline";
+      ++rep.stalled;
+    } else if (!r.any_failed && r.decode_success > 0) {
+      o.state = "Success";
+      ++rep.succeeded;
+    } else {
+      o.state = "Failed";
+      o.reason = r.reason.empty() ? "every decode rank of the request died" : r.reason;
+      ++rep.failed;
+      if (!o.touched) ++rep.unexpected_failures;
+    }
+    if (r.finished) {
+      o.latency_ms = std::chrono::duration<double, std::milli>(r.end - r.start).count();
+      lat.push_back(o.latency_ms);
+    }
+    rep.outcomes.push_back(std::move(o));
+  }
+  rep.latency_p50_ms = percentile(lat, 0.5);
+  rep.latency_p99_ms = percentile(lat, 0.99);
+  rep.latency_max_ms = lat.empty() ? 0 : *std::max_element(lat.begin(), lat.end());
+  for (const auto& u : usage) {
+    rep.leaked_pages += u.used_pages;
+    rep.leaked_aux_slots += u.used_aux;
+    rep.leaked_rooms += u.live_rooms;
+  }
+  rep.transfer_bytes = st.transport->bytes_moved();
+  if (st.started > 0)
+    rep.transfer_seconds = std::chrono::duration<double>(st.last_end - st.first_start).count();
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  rep.peak_rss_bytes = std::uint64_t(ru.ru_maxrss) * 1024;
+
+  auto problem = [&](bool bad, const std::string& what) {
+    if (bad) rep.problems.push_back(what);
+  };
+  problem(rep.stalled > 0, std::to_string(rep.stalled) + " requests stalled");
+  problem(rep.unexpected_failures > 0,
+          std::to_string(rep.unexpected_failures) + " requests no fault touched failed");
+  problem(rep.mismatched_pages > 0, std::to_string(rep.mismatched_pages) + " pages mismatched");
+  problem(rep.bytes_verified != rep.bytes_expected,
+          std::to_string(rep.bytes_expected - rep.bytes_verified) + " bytes not verified");
+  problem(rep.leaked_pages > 0, std::to_string(rep.leaked_pages) + " KV pages leaked");
+  problem(rep.leaked_aux_slots > 0, std::to_string(rep.leaked_aux_slots) + " aux slots leaked");
+  problem(rep.leaked_rooms > 0, std::to_string(rep.leaked_rooms) + " rooms left in state stores");
+}
+
+void shutdown(driver_actor* self) {
+  auto& st = self->state;
+  auto bye = [&](caf::actor& a) {
+    if (a) self->send_exit(a, caf::exit_reason::user_shutdown);
+  };
+  for (auto& a : st.h.prefill) bye(a);
+  for (auto& a : st.h.decode) bye(a);
+  for (auto& a : st.h.supervisors) bye(a);
+  bye(st.h.registry);
+  st.done.deliver(true);
+  self->quit();
+}
+
+void finalize(driver_actor* self) {
+  auto& st = self->state;
+  if (st.finalizing) return;
+  st.finalizing = true;
+  // Leak accounting: ask every live rank what it still holds (a dead rank's memory went with it).
+  auto usage = std::make_shared<std::vector<msg::pool_usage>>();
+  auto pending = std::make_shared<int>(0);
+  std::vector<caf::actor> live;
+  for (int i = 0; i < static_cast<int>(st.h.prefill.size()); ++i)
+    if (!st.dead.count({true, i})) live.push_back(st.h.prefill[i]);
+  for (int i = 0; i < static_cast<int>(st.h.decode.size()); ++i)
+    if (!st.dead.count({false, i})) live.push_back(st.h.decode[i]);
+  *pending = static_cast<int>(live.size());
+  if (live.empty()) {
+    write_report(self, *usage);
+    shutdown(self);
+    return;
+  }
+  for (auto& a : live)
+    self->request(a, std::chrono::seconds(10), msg::pool_usage_query{})
+        .then(
+            [self, usage, pending](msg::pool_usage& u) {
+              usage->push_back(u);
+              if (--*pending == 0) {
+                write_report(self, *usage);
+                shutdown(self);
+              }
+            },
+            [self, usage, pending](caf::error&) {
+              if (--*pending == 0) {
+                write_report(self, *usage);
+                shutdown(self);
+              }
+            });
+}
+
+caf::behavior driver(driver_actor* self, simulation_options opt,
+                     std::shared_ptr<simulation_report> report) {
+  auto& st = self->state;
+  st.opt = std::move(opt);
+  st.report = std::move(report);
+  st.report->options = st.opt;
+  st.plan = std::make_shared<const config::routing_plan>(st.opt.cluster);
+  st.transport = std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
+  st.rng.seed(st.opt.seed);
+  // The router: rooms are random 64-bit ids (or drawn from a small pool to exercise reuse).
+  std::uniform_int_distribution<int> tokens(st.opt.prompt_min, st.opt.prompt_max);
+  std::set<std::uint64_t> used;
+  for (int i = 0; i < st.opt.requests; ++i) {
+    sim_request r;
+    r.index = i;
+    r.incarnation = static_cast<std::uint64_t>(i) + 1;
+    if (st.opt.room_pool > 0) {
+      r.room = 1 + st.rng() % static_cast<std::uint64_t>(st.opt.room_pool);
+    } else {
+      do r.room = st.rng() >> 1; while (r.room == 0 || !used.insert(r.room).second);
+    }
+    r.tokens = tokens(st.rng);
+    r.prefill_dp = static_cast<int>(r.room % st.opt.cluster.prefill.dp);
+    r.decode_dp = i % st.opt.cluster.decode.dp;
+    st.requests.push_back(std::move(r));
+  }
+  st.h = spawn_cluster(self, st.opt, st.plan, st.transport);
+  self->set_down_handler([self](caf::down_msg& dm) { on_rank_down(self, dm); });
+  self->delayed_send(self, std::chrono::milliseconds(static_cast<std::int64_t>(st.opt.deadline_s * 1000)), deadline_reached{});
+  return {
+      [self](msg::start_atom) -> caf::result<bool> {
+        auto& st = self->state;
+        st.done = self->make_response_promise();
+        start_more(self);
+        return st.done;
+      },
+      [self](const msg::rank_released& ev) { on_released(self, ev); },
+      [self](fire_abort& a) {
+        auto& st = self->state;
+        auto& r = st.requests[a.index];
+        if (r.finished) return;
+        for (int d : r.decode_ranks)
+          self->send(st.h.decode[d], msg::abort_request{r.room, r.incarnation, "abort:decode fault"});
+      },
+      [self](deadline_reached) {
+        spdlog::warn("simulate: deadline reached with {} of {} requests finished",
+                     self->state.finished, self->state.requests.size());
+        finalize(self);
+      },
+  };
+}
+
+}  // namespace
+
+simulation_report run_simulation(const simulation_options& options) {
+  validate(options);
+  auto report = std::make_shared<simulation_report>();
+  {
+    caf::actor_system_config cfg;
+    msg::add_message_types(cfg);
+    cfg.set("logger.verbosity", caf::atom("quiet"));
+    caf::actor_system sys{cfg};
+    auto d = sys.spawn(driver, options, report);
+    caf::scoped_actor self{sys};
+    self->request(d, caf::infinite, msg::start_atom::value)
+        .receive([](bool) {},
+                 [&](caf::error& e) { report->problems.push_back("driver: " + sys.render(e)); });
+  }
+  return *report;
+}
+
+}  // namespace kvflow::runtime

@@ -1,0 +1,77 @@
+#include "runtime/simulation.hpp"
+
+#include <stdexcept>
+
+namespace kvflow::runtime {
+
+fault_spec parse_fault(const std::string& text) {
+  auto bad = [&](const std::string& why) -> config::config_error { return config::config_error("fault: '" + text + "' " + why); };
+  fault_spec f;
+  f.text = text;
+  auto at = text.rfind('@');
+  if (at == std::string::npos) throw bad("has no @N");
+  std::string head = text.substr(0, at), n = text.substr(at + 1);
+  try {
+    std::size_t used = 0;
+    f.at = std::stoi(n, &used);
+    if (used != n.size() || f.at < 1) throw bad("needs @N with N >= 1");
+  } catch (const std::logic_error&) {
+    throw bad("needs @N with N >= 1");
+  }
+  auto rank_after = [&](const std::string& prefix) {
+    std::string r = head.substr(prefix.size());
+    try {
+      std::size_t used = 0;
+      f.rank = std::stoi(r, &used);
+      if (used != r.size() || f.rank < 0) throw bad("needs a rank >= 0");
+    } catch (const std::logic_error&) {
+      throw bad("needs a rank >= 0");
+    }
+  };
+  if (head.rfind("kill:prefill:", 0) == 0) {
+    f.what = fault_spec::kind::kill_prefill;
+    rank_after("kill:prefill:");
+  } else if (head.rfind("kill:decode:", 0) == 0) {
+    f.what = fault_spec::kind::kill_decode;
+    rank_after("kill:decode:");
+  } else if (head == "abort:decode") {
+    f.what = fault_spec::kind::abort_decode;
+  } else if (head == "drop-dst-info") {
+    f.what = fault_spec::kind::drop_dst_info;
+  } else if (head == "corrupt") {
+    f.what = fault_spec::kind::corrupt;
+  } else if (head == "dup-room") {
+    f.what = fault_spec::kind::duplicate_room;
+  } else {
+    throw bad("is not kill:prefill:R@N, kill:decode:R@N, abort:decode@N, drop-dst-info@N, "
+              "corrupt@N or dup-room@N");
+  }
+  return f;
+}
+
+void validate(const simulation_options& o) {
+  config::validate(o.cluster);
+  auto need = [](bool ok, const std::string& field, const std::string& why) {
+    if (!ok) throw config::config_error(field + ": " + why);
+  };
+  need(o.requests >= 1, "requests", "must be >= 1");
+  need(o.prompt_min >= 1 && o.prompt_max >= o.prompt_min, "prompt-tokens",
+       "needs 1 <= N <= M");
+  need(o.chunk_tokens >= 1, "chunk-tokens", "must be >= 1");
+  need(o.concurrency >= 1, "concurrency", "must be >= 1");
+  need(o.deadline_s > 0, "deadline", "must be > 0");
+  need(o.transport == "inproc", "transport",
+       "'" + o.transport + "' is not available in this build (inproc)");
+  for (const auto& f : o.faults) {
+    if (f.what == fault_spec::kind::kill_prefill)
+      need(f.rank < o.cluster.prefill.ranks(), "fault", "'" + f.text + "' names prefill rank " +
+                                                           std::to_string(f.rank) + " of " +
+                                                           std::to_string(o.cluster.prefill.ranks()));
+    if (f.what == fault_spec::kind::kill_decode)
+      need(f.rank < o.cluster.decode.ranks(), "fault", "'" + f.text + "' names decode rank " +
+                                                          std::to_string(f.rank) + " of " +
+                                                          std::to_string(o.cluster.decode.ranks()));
+  }
+}
+
+}  // namespace kvflow::runtime

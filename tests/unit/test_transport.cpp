@@ -1,0 +1,158 @@
+// transport/inproc_transport.hpp: ownership and bounds checks before any byte is written.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "transport/inproc_transport.hpp"
+
+using namespace kvflow;
+using namespace kvflow::transport;
+
+namespace {
+
+constexpr std::uint64_t alice = 1;  // owns the destination region
+constexpr std::uint64_t bob = 2;    // owns another region
+
+struct fixture {
+  std::shared_ptr<inproc_fabric> fabric = std::make_shared<inproc_fabric>();
+  inproc_transport t{fabric};
+  std::vector<std::byte> dst = std::vector<std::byte>(256, std::byte{0});
+  std::vector<std::byte> other = std::vector<std::byte>(64, std::byte{0});
+  std::vector<std::byte> src = std::vector<std::byte>(256, std::byte{0xAB});
+  std::uint64_t region = 0;
+  std::uint64_t other_region = 0;
+
+  fixture() {
+    auto r = t.register_memory(alice, dst.data(), dst.size());
+    auto o = t.register_memory(bob, other.data(), other.size());
+    REQUIRE(r.ok());
+    REQUIRE(o.ok());
+    region = r.value().id;
+    other_region = o.value().id;
+  }
+
+  // Returns the status and the number of completion calls.
+  std::pair<status, int> push(std::uint64_t peer, const std::vector<block>& blocks) {
+    status out = status::error("completion not called");
+    int calls = 0;
+    t.push(peer, blocks, [&](status s) {
+      ++calls;
+      out = std::move(s);
+    });
+    return {out, calls};
+  }
+
+  bool dst_zero() const {
+    return std::all_of(dst.begin(), dst.end(), [](std::byte b) { return b == std::byte{0}; });
+  }
+};
+
+}  // namespace
+
+TEST_CASE("transport: register_memory describes the region") {
+  fixture f;
+  CHECK(f.region != f.other_region);
+  std::vector<std::byte> more(8);
+  auto d = f.t.register_memory(alice, more.data(), more.size());
+  REQUIRE(d.ok());
+  CHECK(d.value().size == 8);
+  CHECK(d.value().remote_key.empty());
+  CHECK(d.value().id != f.region);
+  CHECK(std::string(f.t.name()) == "inproc");
+  // A null base with a non-zero length is refused.
+  CHECK_FALSE(f.t.register_memory(alice, nullptr, 16).ok());
+}
+
+TEST_CASE("transport: a valid push copies the bytes and calls the completion once with ok") {
+  fixture f;
+  std::vector<std::byte> a(16, std::byte{1}), b(8, std::byte{2});
+  auto [st, calls] = f.push(alice, {{a.data(), f.region, 0, 16}, {b.data(), f.region, 248, 8}});
+  CHECK(st.ok());
+  CHECK(calls == 1);
+  CHECK(f.dst[0] == std::byte{1});
+  CHECK(f.dst[15] == std::byte{1});
+  CHECK(f.dst[16] == std::byte{0});
+  CHECK(f.dst[247] == std::byte{0});
+  CHECK(f.dst[248] == std::byte{2});
+  CHECK(f.dst[255] == std::byte{2});
+  // The whole region at once is in bounds too; an empty push succeeds.
+  CHECK(f.push(alice, {{f.src.data(), f.region, 0, 256}}).first.ok());
+  CHECK(f.dst[100] == std::byte{0xAB});
+  auto [empty_st, empty_calls] = f.push(alice, {});
+  CHECK(empty_st.ok());
+  CHECK(empty_calls == 1);
+}
+
+TEST_CASE("transport: a push into a region owned by another endpoint is refused") {
+  fixture f;
+  // bob's region, pushed as if to alice: refused, and bob's memory untouched.
+  auto [st, calls] = f.push(alice, {{f.src.data(), f.other_region, 0, 8}});
+  CHECK_FALSE(st.ok());
+  CHECK_FALSE(st.reason().empty());
+  CHECK(calls == 1);
+  CHECK(std::all_of(f.other.begin(), f.other.end(), [](std::byte b) { return b == std::byte{0}; }));
+  // alice's region pushed to bob: refused as well.
+  CHECK_FALSE(f.push(bob, {{f.src.data(), f.region, 0, 8}}).first.ok());
+  CHECK(f.dst_zero());
+}
+
+TEST_CASE("transport: out-of-bounds blocks are refused and nothing is written") {
+  fixture f;
+  const auto max = std::numeric_limits<std::uint64_t>::max();
+  struct bad {
+    std::uint64_t offset, len;
+  };
+  for (auto b : {bad{250, 7}, bad{256, 1}, bad{257, 0}, bad{0, 257}, bad{max - 1, 8},
+                 bad{8, max - 1}, bad{max, max}}) {
+    CAPTURE(b.offset);
+    CAPTURE(b.len);
+    // An earlier valid block in the same push must not be written either.
+    auto [st, calls] =
+        f.push(alice, {{f.src.data(), f.region, 0, 16}, {f.src.data(), f.region, b.offset, b.len}});
+    CHECK_FALSE(st.ok());
+    CHECK(st.reason().find("exceeds") != std::string::npos);
+    CHECK(calls == 1);
+    CHECK(f.dst_zero());
+  }
+  // Exactly at the end with length 0 is fine.
+  CHECK(f.push(alice, {{f.src.data(), f.region, 256, 0}}).first.ok());
+}
+
+TEST_CASE("transport: an unknown or deregistered region is refused") {
+  fixture f;
+  auto [st, calls] = f.push(alice, {{f.src.data(), f.region, 0, 8}, {f.src.data(), 9999, 0, 8}});
+  CHECK_FALSE(st.ok());
+  CHECK(st.reason().find("9999") != std::string::npos);
+  CHECK(calls == 1);
+  CHECK(f.dst_zero());
+
+  f.t.deregister_memory(f.region);
+  CHECK_FALSE(f.push(alice, {{f.src.data(), f.region, 0, 8}}).first.ok());
+  CHECK(f.dst_zero());
+  // Deregistering one region leaves the others usable.
+  CHECK(f.push(bob, {{f.src.data(), f.other_region, 0, 8}}).first.ok());
+  CHECK(f.other[0] == std::byte{0xAB});
+}
+
+TEST_CASE("transport: endpoints sharing one fabric see each other's regions") {
+  auto fabric = std::make_shared<inproc_fabric>();
+  inproc_transport a(fabric), b(fabric);
+  std::vector<std::byte> mem(32, std::byte{0}), data(32, std::byte{7});
+  auto r = b.register_memory(bob, mem.data(), mem.size());
+  REQUIRE(r.ok());
+  status st = status::error("not called");
+  a.push(bob, {{data.data(), r.value().id, 4, 4}}, [&](status s) { st = std::move(s); });
+  CHECK(st.ok());
+  CHECK(mem[3] == std::byte{0});
+  CHECK(mem[4] == std::byte{7});
+  CHECK(mem[7] == std::byte{7});
+  CHECK(mem[8] == std::byte{0});
+  // A different fabric does not know the region.
+  inproc_transport c(std::make_shared<inproc_fabric>());
+  c.push(bob, {{data.data(), r.value().id, 4, 4}}, [&](status s) { st = std::move(s); });
+  CHECK_FALSE(st.ok());
+}

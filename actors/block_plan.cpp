@@ -26,16 +26,18 @@ remote_pool describe(const kv_pool& pool, std::uint64_t kv_region, std::uint64_t
 status check_remote_pool(const remote_pool& r) {
   if (r.layer_begin < 0 || r.layer_count < 0 || r.pages < 0 || r.item_bytes < 0 ||
       r.aux_slots < 0 || r.buffers_per_layer < 1 || r.buffers_per_layer > 2 || r.local_heads < 0 ||
-      r.head_bytes < 0)
+      r.head_bytes < 0 || r.page_size < 0)
     return status::error("registration has a negative or out-of-range size field");
+  if (std::int64_t{r.layer_begin} + r.layer_count > std::numeric_limits<std::int32_t>::max())
+    return status::error("registration's layer range overflows");
   // layers * buffers * pages * item must fit in the region it claims (and not overflow).
   unsigned __int128 need = static_cast<unsigned __int128>(r.layer_count) * r.buffers_per_layer *
                            static_cast<unsigned __int128>(r.pages) * r.item_bytes;
   if (need > r.kv_bytes)
     return status::error("registration describes " + std::to_string(static_cast<std::uint64_t>(need)) +
                          " KV bytes in a region of " + std::to_string(r.kv_bytes));
-  if (r.local_heads > 0 &&
-      static_cast<std::int64_t>(r.local_heads) * r.page_size * r.head_bytes != r.item_bytes)
+  if (r.local_heads > 0 && static_cast<__int128>(r.local_heads) * r.page_size * r.head_bytes !=
+                               static_cast<__int128>(r.item_bytes))
     return status::error("registration: heads x page size x head bytes != item bytes");
   return {};
 }

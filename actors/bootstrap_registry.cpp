@@ -56,6 +56,8 @@ struct registry_state {
   config::cluster_config config;
   std::map<std::uint64_t, caf::actor> actors;  // live owners by actor id
   std::vector<caf::response_promise> waiting;  // topology queries parked until ready
+  std::map<std::int32_t, caf::actor> decode;    // decode ranks (kept after they die: watchers
+                                                // that monitor a dead handle learn it at once)
   static inline const char* name = "kvflow.bootstrap_registry";
 };
 using registry_actor = caf::stateful_actor<registry_state>;
@@ -110,6 +112,14 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
           st.waiting.clear();
         }
         return {true, res.value(), {}};
+      },
+      [self](msg::register_decode& r) {
+        if (r.handle) self->state.decode[r.rank] = r.handle;
+      },
+      [self](msg::lookup_decode& l) -> msg::decode_entry {
+        auto& d = self->state.decode;
+        auto it = d.find(l.rank);
+        return {l.rank, it == d.end() ? caf::actor{} : it->second};
       },
       [self](msg::topology_query& q) -> caf::result<msg::topology_reply> {
         auto& st = self->state;

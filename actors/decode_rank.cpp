@@ -37,9 +37,19 @@ struct decode_state {
   std::string fatal;  // set when the prefill side is incompatible: every room fails with it
   std::vector<std::uint64_t> waiting_connect;
   remote_pool described;
+  std::vector<std::uint64_t> regions;  // registered with the transport; removed before the pool
   std::uint64_t round = 0;
   std::uint64_t abort_acks = 0;
   std::string name;
+
+  decode_state() = default;
+  decode_state(const decode_state&) = delete;
+  decode_state& operator=(const decode_state&) = delete;
+  ~decode_state() {
+    // Peers may still push: the transport must forget this memory before it is unmapped.
+    if (args.transport)
+      for (auto id : regions) args.transport->deregister_memory(id);
+  }
 };
 using decode_actor = caf::stateful_actor<decode_state>;
 
@@ -196,8 +206,10 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
     spdlog::error("{}: {}", st.name, st.fatal);
   } else {
     st.described = describe(*st.pool, kv->id, aux->id);
+    st.regions = {kv->id, aux->id};
   }
   self->send(st.args.parent, msg::attach_child{st.args.child_index, caf::actor_cast<caf::actor>(self)});
+  self->send(st.args.registry, msg::register_decode{st.args.rank, caf::actor_cast<caf::actor>(self)});
   self->request(st.args.registry, caf::infinite, msg::topology_query{})
       .then([self](msg::topology_reply& t) { on_topology(self, t); });
   self->delayed_send(self, detail::step_pause(st.args.tunables, true), msg::step_tick{});
@@ -304,6 +316,7 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
       },
       [self](const msg::agreed_round& a) {
         auto& st = self->state;
+        if (st.args.hooks.agreed) st.args.hooks.agreed(a.group, a.round, a.states);
         for (const auto& s : a.states) {
           auto it = st.rooms.find(s.room);
           if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) continue;

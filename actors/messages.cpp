@@ -12,6 +12,9 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<push_done>("kvflow.push_done");
   cfg.add_message_type<register_rank>("kvflow.register_rank");
   cfg.add_message_type<registration_reply>("kvflow.registration_reply");
+  cfg.add_message_type<register_decode>("kvflow.register_decode");
+  cfg.add_message_type<lookup_decode>("kvflow.lookup_decode");
+  cfg.add_message_type<decode_entry>("kvflow.decode_entry");
   cfg.add_message_type<topology_query>("kvflow.topology_query");
   cfg.add_message_type<topology_reply>("kvflow.topology_reply");
   cfg.add_message_type<kv_registration>("kvflow.kv_registration");

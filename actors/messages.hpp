@@ -67,6 +67,17 @@ struct registration_reply {
   std::uint64_t generation = 0;
   std::string reason;
 };
+struct register_decode {  // decode ranks are known to the registry so prefill can watch them
+  std::int32_t rank = 0;
+  caf::actor handle;
+};
+struct lookup_decode {
+  std::int32_t rank = 0;
+};
+struct decode_entry {
+  std::int32_t rank = 0;
+  caf::actor handle;  // invalid when that rank never registered
+};
 struct topology_query {
   std::uint32_t version = wire_version;
 };
@@ -210,6 +221,18 @@ typename I::result_type inspect(I& f, register_rank& x) {
 template <class I>
 typename I::result_type inspect(I& f, registration_reply& x) {
   return f(caf::meta::type_name("registration_reply"), x.ok, x.generation, x.reason);
+}
+template <class I>
+typename I::result_type inspect(I& f, register_decode& x) {
+  return f(caf::meta::type_name("register_decode"), x.rank, x.handle);
+}
+template <class I>
+typename I::result_type inspect(I& f, lookup_decode& x) {
+  return f(caf::meta::type_name("lookup_decode"), x.rank);
+}
+template <class I>
+typename I::result_type inspect(I& f, decode_entry& x) {
+  return f(caf::meta::type_name("decode_entry"), x.rank, x.handle);
 }
 template <class I>
 typename I::result_type inspect(I& f, topology_query& x) {

@@ -14,6 +14,7 @@ namespace {
 struct decode_peer {
   caf::actor handle;
   remote_pool pool;
+  bool registered = false;  // its kv_registration arrived (else only watched for liveness)
   bool down = false;
 };
 
@@ -55,7 +56,7 @@ void notify_readers(prefill_actor* self, prefill_room& r, kv_poll state, const s
   auto& st = self->state;
   for (int d : r.expected) {
     auto it = st.peers.find(d);
-    if (it == st.peers.end() || it->second.down) continue;
+    if (it == st.peers.end() || it->second.down || !it->second.handle) continue;
     self->send(it->second.handle, msg::kv_status{r.req.room, r.req.incarnation, st.args.rank,
                                                  static_cast<std::uint8_t>(state), reason});
   }
@@ -141,12 +142,19 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
   auto peer = st.peers.find(d.decode_rank);
   const bool expected =
       std::find(r.expected.begin(), r.expected.end(), d.decode_rank) != r.expected.end();
+  if (d.incarnation != r.req.incarnation) {
+    // Another request claims this live room (a duplicate room): refuse that request only.
+    if (peer != st.peers.end() && peer->second.handle)
+      self->send(peer->second.handle,
+                 msg::kv_status{room, d.incarnation, st.args.rank, static_cast<std::uint8_t>(kv_poll::failed),
+                                "duplicate room " + std::to_string(room) + ": live request " +
+                                    std::to_string(r.req.incarnation) + " holds it"});
+    return;
+  }
   std::string bad;
-  if (d.incarnation != r.req.incarnation)
-    bad = "destinations for request " + std::to_string(d.incarnation) + " of this room";
-  else if (!expected)
+  if (!expected)
     bad = "decode rank " + std::to_string(d.decode_rank) + " does not read from this rank";
-  else if (peer == st.peers.end())
+  else if (peer == st.peers.end() || !peer->second.registered)
     bad = "decode rank " + std::to_string(d.decode_rank) + " sent destinations before registering";
   else if (static_cast<int>(d.dst_pages.size()) != r.req.n_pages)
     bad = std::to_string(d.dst_pages.size()) + " destination pages for a " +
@@ -206,7 +214,7 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
     for (auto& [d, peer] : st.peers)
-      if (peer.handle.address() == dm.source && !peer.down) {
+      if (peer.handle && peer.handle.address() == dm.source && !peer.down) {
         peer.down = true;
         for (auto& [room, r] : st.rooms) {
           const auto* e = st.store.find(room);
@@ -236,6 +244,7 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         auto& peer = st.peers[reg.decode_rank];
         peer.handle = reg.decode;
         peer.pool = reg.pool;
+        peer.registered = true;
         peer.down = false;
         self->monitor(reg.decode);
       },
@@ -279,11 +288,26 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           }
         }
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
-        for (int d : room.expected)
-          if (auto it = st.peers.find(d); it != st.peers.end() && it->second.down) {
+        for (int d : room.expected) {
+          auto it = st.peers.find(d);
+          if (it != st.peers.end() && it->second.down) {
             fail_room(self, q.room, "decode rank " + std::to_string(d) + " down");
             return;
           }
+          if (it == st.peers.end()) {
+            // Not connected yet: watch it through the registry, so its death fails the room
+            // now instead of at the bootstrap timeout.
+            st.peers[d];
+            self->request(st.args.registry, caf::infinite, msg::lookup_decode{d})
+                .then([self](msg::decode_entry& e) {
+                  auto& peer = self->state.peers[e.rank];
+                  if (e.handle && !peer.handle) {
+                    peer.handle = e.handle;
+                    self->monitor(e.handle);
+                  }
+                });
+          }
+        }
         if (st.me->authoritative)
           self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms),
                              msg::room_timeout{q.room, q.incarnation});
@@ -381,6 +405,7 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
       },
       [self](const msg::agreed_round& a) {
         auto& st = self->state;
+        if (st.args.hooks.agreed) st.args.hooks.agreed(a.group, a.round, a.states);
         for (const auto& s : a.states) {
           auto it = st.rooms.find(s.room);
           if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) continue;

@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "actors/agreement.hpp"
 #include "actors/kv_pool.hpp"
 #include "config/routing.hpp"
 #include "config/tunables.hpp"
@@ -41,6 +42,8 @@ struct rank_hooks {
   std::function<verify_counts(const kv_pool&, const request_view&,
                               const std::vector<std::int32_t>& pages, std::int32_t aux_slot)>
       verify;
+  // Every agreed round this rank received (tests and the simulator check agreement with it).
+  std::function<void(int group, std::uint64_t round, const step_states&)> agreed;
 };
 
 // Fault flags a scheduler may attach to a request (tests and `kvflow simulate --fault`).

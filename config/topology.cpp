@@ -7,6 +7,23 @@
 #include <vector>
 
 namespace kvflow::config {
+
+std::string config_error::one_line(const std::string& s) {
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  out.reserve(s.size());
+  for (unsigned char c : s) {
+    if (c < 0x20 || c == 0x7f) {
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
 namespace {
 
 [[noreturn]] void fail(const std::string& field, const std::string& why) {
@@ -123,6 +140,15 @@ void validate(const cluster_config& c) {
   positive("decode.pp", d.pp);
   positive("page_size", c.page_size);
   positive("model.layers", c.model.layers);
+  auto ranks = [](std::initializer_list<int> sizes) {
+    std::int64_t n = 1;
+    for (int v : sizes) n *= v;
+    return n;
+  };
+  if (ranks({p.tp, p.cp, p.pp, p.dp}) > max_ranks)
+    fail("prefill", "tp*cp*pp*dp exceeds " + std::to_string(max_ranks) + " ranks");
+  if (ranks({d.tp, d.pp, d.dp}) > max_ranks)
+    fail("decode", "tp*pp*dp exceeds " + std::to_string(max_ranks) + " ranks");
   if (d.tp % p.tp != 0 && p.tp % d.tp != 0)
     fail("decode.tp", std::to_string(d.tp) + " neither divides nor is divisible by prefill.tp " +
                           std::to_string(p.tp));

@@ -7,11 +7,18 @@
 
 namespace kvflow::config {
 
-// Thrown for any invalid user input; what() is one line naming the field and why.
+// Thrown for any invalid user input; what() is one line naming the field and why. Control
+// characters echoed from the input are escaped, so the message stays one line.
 class config_error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit config_error(const std::string& what) : std::runtime_error(one_line(what)) {}
+
+ private:
+  static std::string one_line(const std::string& s);
 };
+
+// Most ranks one side may have (bounds every per-rank table).
+constexpr std::int64_t max_ranks = 1 << 16;
 
 enum class model_kind { mla, mha };
 enum class kv_dtype { bf16, fp8 };

@@ -33,7 +33,7 @@ struct simulate_flags {
   std::string prompt_tokens = "512:2048", transport = "inproc", cp_send = "rank0", report;
   std::vector<std::string> faults;
   double deadline = 60;
-  std::uint64_t seed = 1;
+  std::uint64_t seed = 1, interleave = 0;
 };
 
 runtime::simulation_options to_options(const simulate_flags& f) {
@@ -62,6 +62,7 @@ runtime::simulation_options to_options(const simulate_flags& f) {
   o.deadline_s = f.deadline;
   o.seed = f.seed;
   o.room_pool = f.rooms;
+  o.interleave_seed = f.interleave;
   o.tunables = config::load_tunables();
   // Unless set explicitly, the SGLang-sized 300 s timeouts shrink to fit the run's deadline, so
   // a lost message fails its request (and is counted) instead of stalling past the deadline.
@@ -133,6 +134,8 @@ int main(int argc, char** argv) {
   sim->add_option("--seed", sf.seed, "workload seed")->capture_default_str();
   sim->add_option("--rooms", sf.rooms, "draw rooms from N values, reused once cleared (0: unique)")->capture_default_str();
   sim->add_option("--report", sf.report, "write the JSON report here");
+  sim->add_option("--interleave", sf.interleave,
+                  "run every message on CAF's deterministic scheduler in a random order from this seed");
 
   runtime::bench_flags bf;
   auto* bench = app.add_subcommand("bench", "benchmarks: figures beside their anchors");

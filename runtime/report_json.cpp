@@ -29,6 +29,8 @@ std::string simulation_report::to_json() const {
   j["leaked_aux_slots"] = leaked_aux_slots;
   j["leaked_rooms"] = leaked_rooms;
   j["agreement_violations"] = agreement_violations;
+  j["agreement_rounds_checked"] = agreement_rounds_checked;
+  if (options.interleave_seed != 0) j["scheduled_events"] = scheduled_events;
   double gbps = transfer_seconds > 0 ? double(transfer_bytes) / 1e9 / transfer_seconds : 0;
   j["transfer"] = {{"bytes", transfer_bytes}, {"seconds", transfer_seconds}, {"gbps", gbps}};
   j["latency_ms"] = {{"p50", latency_p50_ms}, {"p99", latency_p99_ms}, {"max", latency_max_ms}};

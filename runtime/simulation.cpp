@@ -10,7 +10,9 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <mutex>
 #include <set>
+#include <tuple>
 
 #include "actors/bootstrap_registry.hpp"
 #include "actors/messages.hpp"
@@ -55,6 +57,57 @@ struct sim_request {
   std::map<std::pair<bool, int>, std::pair<std::uint64_t, std::uint8_t>> group_action;
 };
 
+// Checks, across threads, that every rank of a group received the identical agreed states for
+// each round, and that a room's agreed state only rises (or drops to Failed) and stays terminal.
+class agreement_checker {
+ public:
+  void on_round(int group, std::uint64_t round, const step_states& states) {
+    std::uint64_t h = 1469598103934665603ULL;
+    for (const auto& s : states) h = (h ^ (s.room * 31 + s.incarnation * 7 + s.state)) * 1099511628211ULL;
+    std::lock_guard<std::mutex> g(mutex_);
+    auto [it, fresh] = rounds_.emplace(std::make_pair(group, round), h);
+    if (!fresh) {
+      if (it->second != h) problem("group " + std::to_string(group) + " round " + std::to_string(round) +
+                                   ": ranks received different agreed states");
+      return;
+    }
+    ++checked_;
+    for (const auto& s : states) {
+      auto [prev, first] = last_.emplace(std::make_tuple(group, s.room, s.incarnation), s.state);
+      if (first) continue;
+      auto old = static_cast<kv_poll>(prev->second), now = static_cast<kv_poll>(s.state);
+      bool ok = is_terminal(old) ? now == old : (now == kv_poll::failed || now >= old);
+      if (!ok)
+        problem("group " + std::to_string(group) + " room " + std::to_string(s.room) + ": agreed " +
+                to_string(old) + " then " + to_string(now) + " at round " + std::to_string(round));
+      prev->second = s.state;
+    }
+  }
+  std::vector<std::string> problems() const {
+    std::lock_guard<std::mutex> g(mutex_);
+    return problems_;
+  }
+  std::uint64_t violations() const {
+    std::lock_guard<std::mutex> g(mutex_);
+    return violations_;
+  }
+  std::uint64_t rounds_checked() const {
+    std::lock_guard<std::mutex> g(mutex_);
+    return checked_;
+  }
+
+ private:
+  void problem(std::string p) {
+    ++violations_;
+    if (problems_.size() < 10) problems_.push_back(std::move(p));
+  }
+  mutable std::mutex mutex_;
+  std::map<std::pair<int, std::uint64_t>, std::uint64_t> rounds_;
+  std::map<std::tuple<int, std::uint64_t, std::uint64_t>, std::uint8_t> last_;
+  std::vector<std::string> problems_;
+  std::uint64_t violations_ = 0, checked_ = 0;
+};
+
 struct cluster_handles {
   caf::actor registry;
   std::vector<caf::actor> prefill, decode, supervisors;
@@ -65,6 +118,7 @@ struct driver_state {
   std::shared_ptr<const config::routing_plan> plan;
   std::shared_ptr<transport::inproc_transport> transport;
   std::shared_ptr<simulation_report> report;
+  std::shared_ptr<agreement_checker> checker = std::make_shared<agreement_checker>();
   cluster_handles h;
   std::vector<sim_request> requests;
   std::map<std::pair<std::uint64_t, std::uint64_t>, int> by_key;  // (room, incarnation) -> index
@@ -151,7 +205,8 @@ verify_counts verify_pages(const config::routing_plan& plan, int rank, const kv_
 
 cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
                               const std::shared_ptr<const config::routing_plan>& plan,
-                              const std::shared_ptr<transport::transport>& transport) {
+                              const std::shared_ptr<transport::transport>& transport,
+                              const std::shared_ptr<agreement_checker>& checker) {
   auto& sys = self->system();
   const auto& c = o.cluster;
   cluster_handles h;
@@ -167,6 +222,9 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
     a.transport = transport;
     a.registry = h.registry;
     a.observer = caf::actor_cast<caf::actor>(self);
+    a.hooks.agreed = [checker](int group, std::uint64_t round, const step_states& s) {
+      checker->on_round(group, round, s);
+    };
     return a;
   };
   // Prefill: per (dp, pp) a TP supervisor over shard supervisors over CP ranks.
@@ -217,6 +275,8 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
           return verify_pages(*plan, r, pool, req, pg, aux);
         };
         h.decode[r] = spawn_decode_rank(sys, std::move(a));
+        // The launcher registers what it started, so a rank that dies before it runs is known.
+        self->send(h.registry, msg::register_decode{r, h.decode[r]});
         self->send(root, msg::attach_rank{h.decode[r]});
       }
     }
@@ -424,6 +484,9 @@ void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage)
     rep.leaked_aux_slots += u.used_aux;
     rep.leaked_rooms += u.live_rooms;
   }
+  rep.agreement_violations += st.checker->violations();
+  rep.agreement_rounds_checked = st.checker->rounds_checked();
+  for (auto& p : st.checker->problems()) rep.problems.push_back(p);
   rep.transfer_bytes = st.transport->bytes_moved();
   if (st.started > 0)
     rep.transfer_seconds = std::chrono::duration<double>(st.last_end - st.first_start).count();
@@ -454,6 +517,7 @@ void shutdown(driver_actor* self) {
   for (auto& a : st.h.decode) bye(a);
   for (auto& a : st.h.supervisors) bye(a);
   bye(st.h.registry);
+  st.report->complete = true;
   st.done.deliver(true);
   self->quit();
 }
@@ -520,7 +584,7 @@ caf::behavior driver(driver_actor* self, simulation_options opt,
     r.decode_dp = i % st.opt.cluster.decode.dp;
     st.requests.push_back(std::move(r));
   }
-  st.h = spawn_cluster(self, st.opt, st.plan, st.transport);
+  st.h = spawn_cluster(self, st.opt, st.plan, st.transport, st.checker);
   self->set_down_handler([self](caf::down_msg& dm) { on_rank_down(self, dm); });
   self->delayed_send(self, std::chrono::milliseconds(static_cast<std::int64_t>(st.opt.deadline_s * 1000)), deadline_reached{});
   return {
@@ -548,9 +612,50 @@ caf::behavior driver(driver_actor* self, simulation_options opt,
 
 }  // namespace
 
+namespace {
+
+void run_interleaved(const simulation_options& options, const std::shared_ptr<simulation_report>& report) {
+  caf::actor_system_config cfg;
+  msg::add_message_types(cfg);
+  cfg.set("logger.verbosity", caf::atom("quiet"));
+  cfg.set("scheduler.policy", caf::atom("testing"));
+  caf::actor_system sys{cfg};
+  auto& sched = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
+  std::mt19937_64 pick(options.interleave_seed);
+  auto d = sys.spawn(driver, options, report);
+  caf::anon_send(d, msg::start_atom::value);
+  std::uint64_t events = 0;
+  while (!report->complete) {
+    if (sched.jobs.empty()) {
+      if (!sched.trigger_timeout()) break;
+      continue;
+    }
+    // Time also passes between messages (up to one scheduler step), so timers that fall due
+    // then (steps, not the long timeouts) interleave with the messages in flight.
+    if (pick() % 8 == 0) {
+      sched.advance_time(std::chrono::microseconds(pick() % (options.tunables.step_interval_us + 1)));
+      continue;
+    }
+    auto i = pick() % sched.jobs.size();
+    std::rotate(sched.jobs.begin(), sched.jobs.begin() + static_cast<long>(i),
+                sched.jobs.begin() + static_cast<long>(i) + 1);
+    sched.run_once();
+    ++events;
+  }
+  sched.run();  // let every actor see its exit message
+  report->scheduled_events = events;
+  if (!report->complete) report->problems.push_back("interleaved run stopped: nothing left to run");
+}
+
+}  // namespace
+
 simulation_report run_simulation(const simulation_options& options) {
   validate(options);
   auto report = std::make_shared<simulation_report>();
+  if (options.interleave_seed != 0) {
+    run_interleaved(options, report);
+    return *report;
+  }
   {
     caf::actor_system_config cfg;
     msg::add_message_types(cfg);

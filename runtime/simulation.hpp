@@ -33,6 +33,10 @@ struct simulation_options {
   double deadline_s = 60;
   std::uint64_t seed = 1;
   int room_pool = 0;  // >0: draw rooms from this many values, reused once cleared
+  // 0: real threads. Else every message of the cluster runs on CAF's deterministic test
+  // scheduler, one at a time, the next one picked at random from this seed: a reproducible
+  // random interleaving of every rank's events (the property tests use it).
+  std::uint64_t interleave_seed = 0;
   config::tunables tunables;
 };
 
@@ -56,6 +60,7 @@ struct simulation_report {
   std::uint64_t bytes_expected = 0, bytes_verified = 0, mismatched_pages = 0;
   std::uint64_t leaked_pages = 0, leaked_aux_slots = 0, leaked_rooms = 0;
   std::uint64_t agreement_violations = 0;  // ranks of one group acting at different rounds/states
+  std::uint64_t agreement_rounds_checked = 0;
   std::uint64_t transfer_bytes = 0;
   double transfer_seconds = 0;
   double latency_p50_ms = 0, latency_p99_ms = 0, latency_max_ms = 0;
@@ -63,6 +68,8 @@ struct simulation_report {
   std::vector<std::string> faults_applied;
   std::vector<request_outcome> outcomes;
   std::vector<std::string> problems;  // why the exit code is 1, one line each
+  bool complete = false;              // the driver finished (set by the simulation)
+  std::uint64_t scheduled_events = 0; // interleaved mode: messages run
 
   int exit_code() const { return problems.empty() ? 0 : 1; }
   std::string to_json() const;

@@ -5,19 +5,18 @@
 namespace kvflow::transport {
 
 std::uint64_t inproc_fabric::add(std::uint64_t owner, std::byte* base, std::uint64_t len) {
-  std::lock_guard<std::mutex> guard(mutex_);
+  std::unique_lock guard(mutex_);
   auto id = next_id_++;
   regions_.emplace(id, region{owner, base, len});
   return id;
 }
 
 void inproc_fabric::remove(std::uint64_t id) {
-  std::lock_guard<std::mutex> guard(mutex_);
+  std::unique_lock guard(mutex_);
   regions_.erase(id);
 }
 
 result<std::byte*> inproc_fabric::resolve(std::uint64_t peer, const block& b) const {
-  std::lock_guard<std::mutex> guard(mutex_);
   auto it = regions_.find(b.region);
   if (it == regions_.end())
     return status::error("region " + std::to_string(b.region) + " is not registered");
@@ -45,11 +44,14 @@ void inproc_transport::deregister_memory(std::uint64_t region) { fabric_->remove
 
 void inproc_transport::push(std::uint64_t peer, const std::vector<block>& blocks, completion done) {
   // Check every block before writing any byte: a bad block must not leave a partial write.
+  // The read lock keeps the peer's regions registered (and so mapped) until the copy is done.
+  auto lock = fabric_->read_lock();
   std::vector<std::byte*> dst;
   dst.reserve(blocks.size());
   for (const auto& b : blocks) {
     auto r = fabric_->resolve(peer, b);
     if (!r) {
+      lock.unlock();
       done(r.error());
       return;
     }
@@ -61,6 +63,7 @@ void inproc_transport::push(std::uint64_t peer, const std::vector<block>& blocks
     moved += blocks[i].len;
   }
   bytes_.fetch_add(moved, std::memory_order_relaxed);
+  lock.unlock();
   done(status{});
 }
 

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <unordered_map>
 
 #include "transport/transport.hpp"
@@ -18,12 +19,15 @@ class inproc_fabric {
     std::uint64_t len;
   };
   std::uint64_t add(std::uint64_t owner, std::byte* base, std::uint64_t len);
+  // Waits for pushes in progress, so the memory may be freed once it returns.
   void remove(std::uint64_t id);
-  // Resolves and checks one block; returns the destination pointer or the reason it is refused.
+  // Holds regions in place while a push resolves and copies (pushes run side by side).
+  std::shared_lock<std::shared_mutex> read_lock() const { return std::shared_lock(mutex_); }
+  // Resolves and checks one block under read_lock(): the destination pointer or why refused.
   result<std::byte*> resolve(std::uint64_t peer, const block& b) const;
 
  private:
-  mutable std::mutex mutex_;
+  mutable std::shared_mutex mutex_;
   std::uint64_t next_id_ = 1;
   std::unordered_map<std::uint64_t, region> regions_;
 };

@@ -34,7 +34,7 @@ std::optional<std::uint8_t> state_of(const step_states& s, std::uint64_t room, s
 
 }  // namespace
 
-TEST_CASE("agreement: merge_min takes the MIN per key; missing counts as Bootstrapping") {
+TEST_CASE("agreement: merge_min takes the MIN per key, missing counts as Bootstrapping") {
   step_states a{{1, 1, T}, {2, 1, S}, {4, 1, S}};
   step_states b{{1, 1, S}, {3, 1, W}, {4, 1, S}};
   auto m = merge_min({&a, &b});

@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <limits>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -222,53 +223,68 @@ TEST_CASE("block_plan: invalid requests are returned as a status with a reason, 
   kv_pool src(mla_shape({0, 3}, 8));
   kv_pool dst(mla_shape({0, 3}, 8));
   auto remote = describe(dst, 1, 2);
-  auto refused = [&](const kv_pool& s, const remote_pool& r, const block_request& req) {
-    bool threw = false;
-    bool failed = false;
+  // The reason of a refused plan ("" when planned, "threw" when it threw instead).
+  auto reason = [&](const kv_pool& s, const remote_pool& r, const block_request& req) {
     try {
       auto plan = plan_blocks(s, r, req);
-      failed = !plan.ok() && !plan.error().reason().empty();
-      if (!plan.ok()) MESSAGE("reason: " << plan.error().reason());
+      return plan.ok() ? std::string{} : plan.error().reason();
     } catch (...) {
-      threw = true;
+      return std::string("threw");
     }
-    CHECK_FALSE(threw);
-    return failed;
+  };
+  auto refused = [&](const kv_pool& s, const remote_pool& r, const block_request& req,
+                     const char* says) {
+    auto why = reason(s, r, req);
+    INFO("reason: " << why);
+    return !why.empty() && why != "threw" && why.find(says) != std::string::npos;
   };
   pages_t ok1{1}, neg{-1}, big{8}, two{1, 2};
-  CHECK(refused(src, remote, mla_req(neg, ok1, {0, 3})));   // source page < 0
-  CHECK(refused(src, remote, mla_req(big, ok1, {0, 3})));   // source page >= pages
-  CHECK(refused(src, remote, mla_req(ok1, neg, {0, 3})));   // destination page < 0
-  CHECK(refused(src, remote, mla_req(ok1, big, {0, 3})));   // destination page >= pages
-  CHECK(refused(src, remote, mla_req(two, ok1, {0, 3})));   // list sizes differ
-  CHECK(refused(src, remote, mla_req(ok1, two, {0, 3})));
+  CHECK(reason(src, remote, mla_req(ok1, ok1, {0, 3})).empty());  // the valid request
+  CHECK(refused(src, remote, mla_req(neg, ok1, {0, 3}), "source page -1"));
+  CHECK(refused(src, remote, mla_req(big, ok1, {0, 3}), "source page 8"));
+  CHECK(refused(src, remote, mla_req(ok1, neg, {0, 3}), "destination page -1"));
+  CHECK(refused(src, remote, mla_req(ok1, big, {0, 3}), "destination page 8"));
+  CHECK(refused(src, remote, mla_req(two, ok1, {0, 3}), "2 source pages but 1"));
+  CHECK(refused(src, remote, mla_req(ok1, two, {0, 3}), "1 source pages but 2"));
   {
     // The destination registered fewer pages than the source has.
     kv_pool small(mla_shape({0, 3}, 4));
     pages_t p5{5};
-    CHECK(refused(src, describe(small, 1, 2), mla_req(ok1, p5, {0, 3})));
+    CHECK(refused(src, describe(small, 1, 2), mla_req(ok1, p5, {0, 3}), "destination page 5"));
   }
   {
     // Layers outside the destination's registered layers (a decode stage owning 0..1 only).
     kv_pool stage(mla_shape({0, 2}, 8));
-    CHECK(refused(src, describe(stage, 1, 2), mla_req(ok1, ok1, {0, 3})));
+    CHECK(refused(src, describe(stage, 1, 2), mla_req(ok1, ok1, {0, 3}), "outside the destination"));
     kv_pool later(mla_shape({1, 3}, 8));
-    CHECK(refused(src, describe(later, 1, 2), mla_req(ok1, ok1, {0, 3})));
+    CHECK(refused(src, describe(later, 1, 2), mla_req(ok1, ok1, {0, 3}), "outside the destination"));
+    // A region larger than its layers need (allowed) must not let layer 2 in either.
+    auto roomy = describe(dst, 1, 2);
+    roomy.layer_count = 2;
+    REQUIRE(check_remote_pool(roomy).ok());
+    CHECK(refused(src, roomy, mla_req(ok1, ok1, {0, 3}), "outside the destination"));
+  }
+  {
+    // Even an unchecked registration cannot make a block leave its region.
+    auto shrunk = remote;
+    shrunk.kv_bytes -= 1;
+    pages_t last{7};
+    CHECK(refused(src, shrunk, mla_req(ok1, last, {0, 3}), "exceeds"));
   }
   // Layers outside the source's own layers.
-  CHECK(refused(src, remote, mla_req(ok1, ok1, {0, 4})));
+  CHECK(refused(src, remote, mla_req(ok1, ok1, {0, 4}), "layers"));
   {
     // MLA item size mismatch (page size or dtype differ).
     auto other = mla_shape({0, 3}, 8);
     other.item_bytes = 4 * 41;
     kv_pool odd(other);
-    CHECK(refused(src, describe(odd, 1, 2), mla_req(ok1, ok1, {0, 3})));
+    CHECK(refused(src, describe(odd, 1, 2), mla_req(ok1, ok1, {0, 3}), "164"));
   }
   {
     // Buffers per layer differ (MHA source, MLA-shaped destination).
     kv_pool msrc(mha_shape(2, 8));
     auto r = describe(dst, 1, 2);
-    CHECK(refused(msrc, r, mha_req(ok1, ok1, {0, 0, 2})));
+    CHECK(refused(msrc, r, mha_req(ok1, ok1, {0, 0, 2}), "buffers per layer"));
   }
 }
 
@@ -429,11 +445,11 @@ TEST_CASE("block_plan: planned MHA head slices copied through the transport land
   CHECK(zero);
 }
 
-// ---- Bugs found in the code under test: these cases fail until the code is fixed. ----------
+// ---- Regressions: each failed before its fix (registrations are remote input). -------------
 
 // check_remote_pool checks every size field for sign except page_size: an MLA registration with
 // a negative page size is accepted.
-TEST_CASE("BUG: check_remote_pool accepts a negative page_size") {
+TEST_CASE("regression: check_remote_pool refuses a negative page_size") {
   kv_pool mla(mla_shape({0, 3}, 8));
   auto r = describe(mla, 1, 2);
   r.page_size = -64;
@@ -443,7 +459,7 @@ TEST_CASE("BUG: check_remote_pool accepts a negative page_size") {
 // The heads check multiplies remote-provided int64 values without overflow protection (signed
 // overflow, UB): 4 heads x 1 token x 2^62 bytes wraps to 0 and "equals" item_bytes 0, so a
 // registration claiming 4 heads of 2^62 bytes in 0-byte items is accepted.
-TEST_CASE("BUG: check_remote_pool heads x page_size x head_bytes overflows") {
+TEST_CASE("regression: check_remote_pool heads x page_size x head_bytes does not overflow") {
   kv_pool mha(mha_shape(2, 8));
   auto r = describe(mha, 1, 2);
   r.local_heads = 4;
@@ -455,7 +471,7 @@ TEST_CASE("BUG: check_remote_pool heads x page_size x head_bytes overflows") {
 
 // layer_begin + layer_count is not checked against overflow; plan_blocks then computes
 // dst.layer_begin + dst.layer_count in int32 (signed overflow, UB) to range-check layers.
-TEST_CASE("BUG: check_remote_pool accepts layer_begin + layer_count beyond int32") {
+TEST_CASE("regression: check_remote_pool refuses layer_begin + layer_count beyond int32") {
   kv_pool mla(mla_shape({0, 3}, 8));
   auto r = describe(mla, 1, 2);
   r.layer_begin = std::numeric_limits<std::int32_t>::max();

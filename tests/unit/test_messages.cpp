@@ -7,6 +7,7 @@
 #include <caf/binary_serializer.hpp>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "actors/messages.hpp"
@@ -43,7 +44,7 @@ struct sys_fixture {
     caf::binary_serializer sink{sys, buf};
     auto err = sink(x);
     REQUIRE_MESSAGE(!err, sys.render(err));
-    CHECK_FALSE(buf.empty());
+    if (!std::is_empty<T>::value) CHECK_FALSE(buf.empty());
     T y;
     caf::binary_deserializer source{sys, buf};
     err = source(y);
@@ -144,7 +145,8 @@ TEST_CASE("messages: actor handles round-trip (null and live)") {
 
 TEST_CASE("messages: bootstrap registry messages round-trip") {
   sys_fixture f;
-  f.round_trip(rank_key{1, 2, 3, 4}, [](const auto& a, const auto& b) { CHECK(b == a); });
+  // rank_key only travels inside other messages: its inspector, not the types list.
+  CHECK(f.direct(rank_key{1, 2, 3, 4}) == rank_key{1, 2, 3, 4});
   f.round_trip(register_rank{7, {1, 7, 3, 1}, "prefill rank 59", f.dummy},
                [](const auto& a, const auto& b) {
                  CHECK(b.version == a.version);  // a foreign version survives, not defaulted
@@ -162,6 +164,19 @@ TEST_CASE("messages: bootstrap registry messages round-trip") {
                  CHECK_FALSE(b.ok);
                  CHECK(b.reason == a.reason);
                });
+  f.round_trip(register_decode{12, f.dummy}, [](const auto& a, const auto& b) {
+    CHECK(b.rank == a.rank);
+    CHECK(b.handle == a.handle);
+  });
+  f.round_trip(lookup_decode{-4}, [](const auto& a, const auto& b) { CHECK(b.rank == a.rank); });
+  f.round_trip(decode_entry{5, f.dummy}, [](const auto& a, const auto& b) {
+    CHECK(b.rank == a.rank);
+    CHECK(b.handle == a.handle);
+  });
+  f.round_trip(decode_entry{6, caf::actor{}}, [](const auto&, const auto& b) {
+    CHECK(b.rank == 6);
+    CHECK_FALSE(b.handle);  // "never registered" survives the trip
+  });
   f.round_trip(topology_query{3}, [](const auto& a, const auto& b) { CHECK(b.version == a.version); });
 
   topology_reply t;

@@ -93,7 +93,7 @@ TEST_CASE("routing: decode rank numbering round-trips (tp fastest, then pp, dp)"
       }
 }
 
-TEST_CASE("routing: stage_layers tiles [0, L) with sizes differing by at most 1") {
+TEST_CASE("routing: stage_layers tiles layers 0..L-1 with sizes differing by at most 1") {
   for (int layers = 1; layers <= 80; ++layers)
     for (int pp = 1; pp <= std::min(layers, 16); ++pp) {
       CAPTURE(layers);
@@ -116,7 +116,7 @@ TEST_CASE("routing: stage_layers tiles [0, L) with sizes differing by at most 1"
   CHECK(stage_layers(61, 2, 1) == range{31, 61});
 }
 
-TEST_CASE("routing: cp_share partitions [0, n) into contiguous disjoint shares") {
+TEST_CASE("routing: cp_share partitions pages 0..n-1 into contiguous disjoint shares") {
   for (int cp = 1; cp <= 9; ++cp)
     for (int n = 0; n <= 120; ++n) {
       CAPTURE(cp);
@@ -171,7 +171,7 @@ TEST_CASE("routing: D == P (tp 2 / 2) reads the same tp rank") {
   CHECK(plan.decode_item_bytes() == 64 * 656);
 }
 
-TEST_CASE("routing: D > P (P tp2, D tp4): decode rank r reads r/2; MHA takes its head slice") {
+TEST_CASE("routing: D > P (P tp2, D tp4): decode rank r reads r/2, MHA takes its head slice") {
   for (bool mha : {false, true}) {
     CAPTURE(mha);
     routing_plan plan(make_config(2, 4, mha, 8));
@@ -469,7 +469,11 @@ TEST_CASE("routing: property: random valid topologies route every byte exactly o
         if (mha) {
           CHECK(pe.heads.count > 0);
           CHECK(pe.heads.src_begin >= 0);
-          CHECK(pe.heads.src_begin + pe.heads.count <= plan.prefill(rank_of_peer(plan, pe)).local_heads);
+          const int p_heads = plan.prefill(rank_of_peer(plan, pe)).local_heads;
+          CHECK(pe.heads.src_begin + pe.heads.count <= p_heads);
+          // The slice moves the same global heads: prefill tp p holds [p*Hp, (p+1)*Hp),
+          // decode tp t holds [t*Hd, (t+1)*Hd).
+          CHECK(pe.tp * p_heads + pe.heads.src_begin == d.coord.tp * d.local_heads + pe.heads.dst_begin);
         }
       }
       CHECK(aux == (holds_last ? 1 : 0));

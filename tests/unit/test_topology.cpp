@@ -248,19 +248,19 @@ TEST_CASE("topology: validate rejects every broken rule with a one-line error na
   }
 }
 
-// ---- Bugs found in the code under test: these cases fail until the code is fixed. ----------
+// ---- Regressions: each failed before its fix. -----------------------------------------------
 
-// topology.hpp promises a ONE-line what(); the parsers echo the offending text verbatim, so a
-// value or key carrying a newline (e.g. pasted from a file) yields a multi-line message.
-TEST_CASE("BUG: config_error echoes raw input and can span several lines") {
+// topology.hpp promises a ONE-line what(); input echoed with a newline (e.g. pasted from a
+// file) must not break it: control characters come out escaped.
+TEST_CASE("config_error escapes echoed control characters to stay one line") {
   KVFLOW_CHECK_CONFIG_ERROR(parse_prefill("tp=2\n"), "prefill.tp");
-  KVFLOW_CHECK_CONFIG_ERROR(parse_decode("tp=2,\ncp=1"), "decode.\ncp");
+  KVFLOW_CHECK_CONFIG_ERROR(parse_decode("tp=2,\ncp=1"), "decode.\\x0acp");
   KVFLOW_CHECK_CONFIG_ERROR(parse_model("mla:61:656\n", kv_dtype::fp8), "model.bytes");
 }
 
-// validate() accepts sizes whose product overflows int: ranks() (an int product) is then
+// validate() must refuse sizes whose product overflows int: ranks() (an int product) is then
 // undefined behaviour, and routing_plan sizes its vectors with it.
-TEST_CASE("BUG: validate accepts a topology whose rank count overflows int") {
+TEST_CASE("validate refuses a topology whose rank count overflows int") {
   cluster_config c;
   c.prefill = parse_prefill("tp=4096,cp=4096,dp=4096");  // 2^36 ranks
   c.decode = parse_decode("tp=4096");

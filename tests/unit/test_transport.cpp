@@ -156,3 +156,37 @@ TEST_CASE("transport: endpoints sharing one fabric see each other's regions") {
   c.push(bob, {{data.data(), r.value().id, 4, 4}}, [&](status s) { st = std::move(s); });
   CHECK_FALSE(st.ok());
 }
+
+TEST_CASE("transport: bytes_moved counts only the bytes of successful pushes") {
+  fixture f;
+  CHECK(f.t.bytes_moved() == 0);
+  REQUIRE(f.push(alice, {{f.src.data(), f.region, 0, 16}, {f.src.data(), f.region, 100, 4}}).first.ok());
+  CHECK(f.t.bytes_moved() == 20);
+  // A refused push moves nothing, not even its valid blocks.
+  REQUIRE_FALSE(f.push(alice, {{f.src.data(), f.region, 0, 16}, {f.src.data(), f.region, 255, 2}}).first.ok());
+  CHECK(f.t.bytes_moved() == 20);
+}
+
+// Completions run actor sends and may touch the transport again: they must not be called with
+// a fabric lock held (that would deadlock on register/deregister).
+TEST_CASE("transport: the completion may re-enter the transport") {
+  fixture f;
+  std::vector<std::byte> extra(8);
+  int ok_calls = 0, err_calls = 0;
+  f.t.push(alice, {{f.src.data(), f.region, 0, 8}}, [&](status s) {
+    CHECK(s.ok());
+    ++ok_calls;
+    auto d = f.t.register_memory(alice, extra.data(), extra.size());
+    REQUIRE(d.ok());
+    f.t.deregister_memory(d.value().id);
+  });
+  f.t.push(alice, {{f.src.data(), 424242, 0, 8}}, [&](status s) {
+    CHECK_FALSE(s.ok());
+    ++err_calls;
+    auto d = f.t.register_memory(alice, extra.data(), extra.size());
+    REQUIRE(d.ok());
+    f.t.deregister_memory(d.value().id);
+  });
+  CHECK(ok_calls == 1);
+  CHECK(err_calls == 1);
+}

@@ -71,7 +71,7 @@ TEST_CASE("tunables: every variable overrides its member through env_lookup") {
   CHECK(t.max_pages_per_request == 9999999999LL);  // int64, not int
 }
 
-TEST_CASE("tunables: an override touches only its own member; empty means default") {
+TEST_CASE("tunables: an override touches only its own member, empty means default") {
   auto t = load_tunables(fake_env({{"KVFLOW_WAITING_TIMEOUT_MS", "42"},
                                    {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", ""}}));
   CHECK(t.waiting_timeout_ms == 42);

@@ -38,7 +38,7 @@ class registry_table {
   result<std::uint64_t> add(const registry_key& key, std::uint64_t id, const std::string& name);
   // The owner `id` went down: its keys stay (for the generation) but count as not live.
   void owner_down(std::uint64_t id);
-  bool ready() const;  // every (dp, cp, tp, pp) has a live owner
+  bool ready() const;  // every (dp, cp, tp, pp) was registered (its owner may have died since)
   const std::map<registry_key, owner>& entries() const { return entries_; }
 
  private:

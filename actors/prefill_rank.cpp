@@ -134,6 +134,9 @@ void maybe_ready(prefill_actor* self, prefill_room& r) {
   auto queued = std::move(r.queued);
   r.queued.clear();
   for (const auto& c : queued) send_chunk(self, r, c);
+  // Chunks with nothing for this rank to send (an empty CP share) push nothing, so no push
+  // completion will come to finish the room: check here.
+  finish_if_done(self, r);
 }
 
 void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {

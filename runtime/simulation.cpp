@@ -251,6 +251,10 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
             fill_pages(*plan, r, pool, req, pg, fill);
           };
           h.prefill[r] = spawn_prefill_rank(sys, std::move(a));
+          // The launcher registers what it started (the rank repeats it: idempotent), so a rank
+          // that dies before it ever runs still completes the table, as down.
+          self->send(h.registry, msg::register_rank{msg::wire_version, {dp, cp, tp, pp},
+                                                    "prefill rank " + std::to_string(r), h.prefill[r]});
           self->send(root, msg::attach_rank{h.prefill[r]});
         }
       }
@@ -595,6 +599,9 @@ caf::behavior driver(driver_actor* self, simulation_options opt,
         return st.done;
       },
       [self](const msg::rank_released& ev) { on_released(self, ev); },
+      [self](const msg::registration_reply& r) {
+        if (!r.ok) self->state.report->problems.push_back("bootstrap registration refused: " + r.reason);
+      },
       [self](fire_abort& a) {
         auto& st = self->state;
         auto& r = st.requests[a.index];

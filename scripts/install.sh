@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs every Debian package kvflow's build and tests need. Idempotent: installs only what is
+# missing, and runs apt-get update only then. CUDA is optional (found at /usr/local/cuda).
+set -euo pipefail
+packages=(g++ make cmake python3 libcaf-dev libucx-dev ucx-utils libspdlog-dev libfmt-dev
+          doctest-dev libcli11-dev nlohmann-json3-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "install.sh: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -4,10 +4,35 @@
 
 namespace kvflow {
 
+namespace {
+
+// The common case: every rank of a group holds the same rooms, so the inputs have identical
+// keys in the same order and the merge is an element-wise MIN.
+bool same_keys(const std::vector<const step_states*>& inputs) {
+  const auto& first = *inputs[0];
+  for (std::size_t i = 1; i < inputs.size(); ++i) {
+    const auto& in = *inputs[i];
+    if (in.size() != first.size()) return false;
+    for (std::size_t k = 0; k < in.size(); ++k)
+      if (in[k].room != first[k].room || in[k].incarnation != first[k].incarnation) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 step_states merge_min(const std::vector<const step_states*>& inputs) {
   step_states out;
   if (inputs.empty()) return out;
   if (inputs.size() == 1) return *inputs[0];
+  if (same_keys(inputs)) {
+    out = *inputs[0];
+    for (std::size_t i = 1; i < inputs.size(); ++i) {
+      const auto& in = *inputs[i];
+      for (std::size_t k = 0; k < out.size(); ++k) out[k].state = std::min(out[k].state, in[k].state);
+    }
+    return out;
+  }
   // k-way merge by cursor: inputs are short sorted vectors (one entry per live room).
   std::vector<std::size_t> pos(inputs.size(), 0);
   std::size_t total = 0;
@@ -55,7 +80,6 @@ bool round_collector::add(int child, std::uint64_t round, step_states states) {
   if (p.got[child]) return false;  // a duplicate report for a round is ignored
   p.got[child] = true;
   ++p.count;
-  last_[child] = states;
   p.parts[child] = std::move(states);
   return p.count >= live_;
 }
@@ -70,6 +94,7 @@ std::vector<std::uint64_t> round_collector::child_down(int child) {
     if (p.got[child]) {
       p.got[child] = false;
       --p.count;
+      last_[child] = std::move(p.parts[child]);  // its rooms fail with it (latest round last)
     }
     if (p.count >= live_) done.push_back(round);
   }
@@ -107,48 +132,49 @@ step_states round_collector::take(std::uint64_t round) {
     for (auto& s : all) s.state = static_cast<std::uint8_t>(kv_poll::failed);
     merged = std::move(all);
   }
+  // Each child's latest report stays, so its rooms can be failed if it dies later.
+  for (int c = 0; c < children_; ++c)
+    if (!dead_[c] && p.got[c]) last_[c] = std::move(p.parts[c]);
   rounds_.erase(it);
   return merged;
 }
 
 step_states agreed_table::apply(const step_states& merged) {
+  const auto failed = static_cast<std::uint8_t>(kv_poll::failed);
+  // The agreed state given the previous one (0xff: none) and this round's merge.
+  auto rule = [&](std::uint8_t prev, std::uint8_t now) -> std::uint8_t {
+    if (prev == 0xff) return now;
+    if (is_terminal(static_cast<kv_poll>(prev))) return prev;  // final: every rank acted on it
+    if (now == failed) return failed;
+    return std::max(prev, now);
+  };
   step_states out;
   out.reserve(merged.size());
-  std::unordered_map<key, std::uint8_t, key_hash> next;
-  next.reserve(merged.size());
-  const auto failed = static_cast<std::uint8_t>(kv_poll::failed);
-  for (const auto& m : merged) {
-    key k{m.room, m.incarnation};
-    std::uint8_t s = m.state;
-    auto old = agreed_.find(k);
-    std::uint8_t prev = 0xff;
-    if (old != agreed_.end()) {
-      prev = old->second;
-    } else if (auto t = tombstones_.find(k); t != tombstones_.end()) {
-      prev = t->second;
-    }
-    if (prev != 0xff) {
-      // A terminal agreement is final: every rank acted on it (released, reported).
-      if (is_terminal(static_cast<kv_poll>(prev)))
-        s = prev;
-      else if (s == failed)
-        s = failed;
-      else
-        s = std::max(prev, s);
-    }
-    next.emplace(k, s);
-    out.push_back({m.room, m.incarnation, s});
-  }
-  // Keys no child reports any more: everyone cleared them. Remember terminal ones a while.
-  for (const auto& [k, s] : agreed_)
-    if (next.find(k) == next.end() && is_terminal(static_cast<kv_poll>(s))) {
-      if (tombstones_.emplace(k, s).second) tombstone_order_.push_back(k);
-      while (tombstone_order_.size() > max_tombstones_) {
-        tombstones_.erase(tombstone_order_.front());
-        tombstone_order_.pop_front();
+  // Both lists are sorted by key: one linear walk, no hashing unless a key comes or goes.
+  std::size_t i = 0, j = 0;
+  while (i < merged.size() || j < agreed_.size()) {
+    if (j == agreed_.size() || (i < merged.size() && key_less(merged[i], agreed_[j]))) {
+      const auto& m = merged[i++];
+      std::uint8_t prev = 0xff;
+      if (auto t = tombstones_.find({m.room, m.incarnation}); t != tombstones_.end()) prev = t->second;
+      out.push_back({m.room, m.incarnation, rule(prev, m.state)});
+    } else if (i == merged.size() || key_less(agreed_[j], merged[i])) {
+      // No child reports it any more: everyone cleared it. Remember terminal ones a while.
+      const auto& g = agreed_[j++];
+      if (is_terminal(static_cast<kv_poll>(g.state))) {
+        key k{g.room, g.incarnation};
+        if (tombstones_.emplace(k, g.state).second) tombstone_order_.push_back(k);
+        while (tombstone_order_.size() > max_tombstones_) {
+          tombstones_.erase(tombstone_order_.front());
+          tombstone_order_.pop_front();
+        }
       }
+    } else {
+      const auto& m = merged[i++];
+      out.push_back({m.room, m.incarnation, rule(agreed_[j++].state, m.state)});
     }
-  agreed_ = std::move(next);
+  }
+  agreed_ = out;
   return out;
 }
 

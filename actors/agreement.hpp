@@ -73,13 +73,13 @@ class agreed_table {
   std::size_t size() const { return agreed_.size(); }
 
  private:
+  using key = std::pair<std::uint64_t, std::uint64_t>;
   struct key_hash {
     std::size_t operator()(const std::pair<std::uint64_t, std::uint64_t>& k) const {
       return std::hash<std::uint64_t>()(k.first * 0x9E3779B97F4A7C15ULL ^ k.second);
     }
   };
-  using key = std::pair<std::uint64_t, std::uint64_t>;
-  std::unordered_map<key, std::uint8_t, key_hash> agreed_;
+  step_states agreed_;  // sorted, like every round's merge
   std::unordered_map<key, std::uint8_t, key_hash> tombstones_;
   std::deque<key> tombstone_order_;
   std::size_t max_tombstones_;

@@ -38,7 +38,8 @@ struct decode_state {
   std::vector<std::uint64_t> waiting_connect;
   remote_pool described;
   std::vector<std::uint64_t> regions;  // registered with the transport; removed before the pool
-  std::uint64_t round = 0;
+  std::uint64_t posted = 0;   // last step this rank reported
+  std::uint64_t applied = 0;  // last agreed round it acted on
   std::uint64_t abort_acks = 0;
   std::string name;
 
@@ -192,6 +193,23 @@ void on_topology(decode_actor* self, const msg::topology_reply& t) {
     if (auto it = st.rooms.find(room); it != st.rooms.end()) send_destinations(self, it->second);
 }
 
+// Acts on an agreed round: an agreed Failed fails the room here too (and tells the peers); an
+// agreed terminal state releases the room's memory, the same round on every rank of the group.
+void apply_agreed(decode_actor* self, std::uint64_t round, const step_states& states) {
+  auto& st = self->state;
+  for (const auto& s : states) {
+    auto it = st.rooms.find(s.room);
+    if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) continue;
+    auto agreed = static_cast<kv_poll>(s.state);
+    if (agreed == kv_poll::failed) {
+      const auto* e = st.store.find(s.room);
+      if (e != nullptr && e->state != kv_poll::failed)
+        fail_room(self, s.room, "another rank of the decode group failed the room");
+    }
+    if (is_terminal(agreed)) release(self, s.room, round, agreed);
+  }
+}
+
 caf::behavior decode_rank(decode_actor* self, rank_args args) {
   auto& st = self->state;
   st.args = std::move(args);
@@ -311,24 +329,14 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
                                static_cast<std::int64_t>(st.store.size())};
       },
       [self](msg::step_tick) {
-        auto& st = self->state;
-        self->send(st.args.parent, msg::step_report{++st.round, st.args.child_index, detail::snapshot(st.store)});
+        detail::on_step(self, [self](std::uint64_t round, const step_states& states) {
+          apply_agreed(self, round, states);
+        });
       },
       [self](const msg::agreed_round& a) {
-        auto& st = self->state;
-        if (st.args.hooks.agreed) st.args.hooks.agreed(a.group, a.round, a.states);
-        for (const auto& s : a.states) {
-          auto it = st.rooms.find(s.room);
-          if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) continue;
-          auto agreed = static_cast<kv_poll>(s.state);
-          if (agreed == kv_poll::failed) {
-            const auto* e = st.store.find(s.room);
-            if (e != nullptr && e->state != kv_poll::failed)
-              fail_room(self, s.room, "another rank of the decode group failed the room");
-          }
-          if (is_terminal(agreed)) release(self, s.room, a.round, agreed);
-        }
-        self->delayed_send(self, detail::step_pause(st.args.tunables, st.rooms.empty()), msg::step_tick{});
+        detail::on_agreed_message(self, a, [self](std::uint64_t round, const step_states& states) {
+          apply_agreed(self, round, states);
+        });
       },
   };
 }

@@ -7,6 +7,7 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<agreed_round>("kvflow.agreed_round");
   cfg.add_message_type<attach_child>("kvflow.attach_child");
   cfg.add_message_type<attach_rank>("kvflow.attach_rank");
+  cfg.add_message_type<board_round>("kvflow.board_round");
   cfg.add_message_type<step_tick>("kvflow.step_tick");
   cfg.add_message_type<room_timeout>("kvflow.room_timeout");
   cfg.add_message_type<push_done>("kvflow.push_done");

@@ -33,6 +33,9 @@ struct attach_child {  // parent learns (and monitors) child `index`
 struct attach_rank {  // root learns a rank it hands agreed rounds back to
   caf::actor rank;
 };
+struct board_round {  // the post that completed `round` on a supervisor's step_board
+  std::uint64_t round = 0;
+};
 struct step_tick {};
 struct room_timeout {  // bootstrap (prefill) or waiting (decode) timer of one request
   std::uint64_t room = 0;
@@ -197,6 +200,10 @@ typename I::result_type inspect(I& f, attach_child& x) {
 template <class I>
 typename I::result_type inspect(I& f, attach_rank& x) {
   return f(caf::meta::type_name("attach_rank"), x.rank);
+}
+template <class I>
+typename I::result_type inspect(I& f, board_round& x) {
+  return f(caf::meta::type_name("board_round"), x.round);
 }
 template <class I>
 typename I::result_type inspect(I& f, step_tick&) {

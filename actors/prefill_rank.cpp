@@ -37,7 +37,8 @@ struct prefill_state {
   std::map<std::uint64_t, prefill_room> rooms;
   std::map<std::uint64_t, std::vector<msg::dst_info>> early;  // destinations before the request
   std::map<int, decode_peer> peers;                             // by global decode rank
-  std::uint64_t round = 0;
+  std::uint64_t posted = 0;   // last step this rank reported
+  std::uint64_t applied = 0;  // last agreed round it acted on
   std::string name;
 };
 using prefill_actor = caf::stateful_actor<prefill_state>;
@@ -198,6 +199,23 @@ void release(prefill_actor* self, std::uint64_t room, std::uint64_t round, kv_po
   st.rooms.erase(it);
   st.store.clear(room);
   if (st.args.observer) self->send(st.args.observer, std::move(ev));
+}
+
+// Acts on an agreed round: an agreed Failed fails the room here too (and tells the peers); an
+// agreed terminal state releases the room's memory, the same round on every rank of the group.
+void apply_agreed(prefill_actor* self, std::uint64_t round, const step_states& states) {
+  auto& st = self->state;
+  for (const auto& s : states) {
+    auto it = st.rooms.find(s.room);
+    if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) continue;
+    auto agreed = static_cast<kv_poll>(s.state);
+    if (agreed == kv_poll::failed) {
+      const auto* e = st.store.find(s.room);
+      if (e != nullptr && e->state != kv_poll::failed)
+        fail_room(self, s.room, "another rank of the prefill group failed the room");
+    }
+    if (is_terminal(agreed)) release(self, s.room, round, agreed);
+  }
 }
 
 caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
@@ -403,24 +421,14 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
                                static_cast<std::int64_t>(st.store.size())};
       },
       [self](msg::step_tick) {
-        auto& st = self->state;
-        self->send(st.args.parent, msg::step_report{++st.round, st.args.child_index, detail::snapshot(st.store)});
+        detail::on_step(self, [self](std::uint64_t round, const step_states& states) {
+          apply_agreed(self, round, states);
+        });
       },
       [self](const msg::agreed_round& a) {
-        auto& st = self->state;
-        if (st.args.hooks.agreed) st.args.hooks.agreed(a.group, a.round, a.states);
-        for (const auto& s : a.states) {
-          auto it = st.rooms.find(s.room);
-          if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) continue;
-          auto agreed = static_cast<kv_poll>(s.state);
-          if (agreed == kv_poll::failed) {
-            const auto* e = st.store.find(s.room);
-            if (e != nullptr && e->state != kv_poll::failed)
-              fail_room(self, s.room, "another rank of the prefill group failed the room");
-          }
-          if (is_terminal(agreed)) release(self, s.room, a.round, agreed);
-        }
-        self->delayed_send(self, detail::step_pause(st.args.tunables, st.rooms.empty()), msg::step_tick{});
+        detail::on_agreed_message(self, a, [self](std::uint64_t round, const step_states& states) {
+          apply_agreed(self, round, states);
+        });
       },
   };
 }

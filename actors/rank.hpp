@@ -16,6 +16,9 @@
 
 namespace kvflow {
 
+class step_board;
+class agreed_board;
+
 // What a rank knows of one request.
 struct request_view {
   std::uint64_t room = 0;
@@ -61,6 +64,10 @@ struct rank_args {
   pool_shape shape;
   caf::actor parent;    // shard supervisor (prefill) or TP supervisor (decode)
   int child_index = 0;  // index among the parent's children
+  // In-process agreement: post steps on the parent's board, read agreed rounds from the group's
+  // board. Both null: report and receive by message (the parent in another process).
+  std::shared_ptr<step_board> board;
+  std::shared_ptr<agreed_board> agreed;
   caf::actor registry;
   caf::actor observer;  // receives msg::rank_released
   rank_hooks hooks;

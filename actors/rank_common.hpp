@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <chrono>
 
+#include "actors/agreed_board.hpp"
 #include "actors/agreement.hpp"
+#include "actors/step_board.hpp"
 #include "actors/messages.hpp"
 #include "actors/state_store.hpp"
 
@@ -23,6 +25,45 @@ inline step_states snapshot(const state_store& store) {
 // Pacing of the simulated scheduler's steps: fast while rooms are live, slow when idle.
 inline std::chrono::microseconds step_pause(const config::tunables& t, bool idle) {
   return std::chrono::microseconds(idle ? t.step_interval_us * 20 : t.step_interval_us);
+}
+
+// The agreement client of a rank, called on each scheduler step (`msg::step_tick`). In-process
+// (a step board is set): act on the group's latest agreed round once, then post this step's
+// states; the next step comes after the step pause. Remote: send a msg::step_report; the
+// agreed round comes back as a message (on_agreed_message) and schedules the next step.
+// `apply(round, states)` acts on an agreed round; every round is applied once, in order.
+template <class Self, class Apply>
+void on_step(Self* self, Apply apply) {
+  auto& st = self->state;
+  const auto& a = st.args;
+  if (!a.board) {
+    self->send(a.parent, msg::step_report{++st.posted, a.child_index, snapshot(st.store)});
+    return;
+  }
+  auto v = a.agreed->poll();
+  const bool agreed = st.posted == 0 || (v && v->round >= st.posted);
+  if (agreed) {
+    if (v && v->round > st.applied) {
+      st.applied = v->round;
+      if (a.hooks.agreed) a.hooks.agreed(v->group, v->round, v->states);
+      apply(v->round, v->states);
+    }
+    st.posted = std::max(st.posted, v ? v->round : 0) + 1;
+    if (a.board->post(a.child_index, st.posted, snapshot(st.store)))
+      self->send(a.parent, msg::board_round{st.posted});
+  }
+  self->delayed_send(self, step_pause(a.tunables, st.rooms.empty()), msg::step_tick{});
+}
+
+template <class Self, class Apply>
+void on_agreed_message(Self* self, const msg::agreed_round& m, Apply apply) {
+  auto& st = self->state;
+  if (m.round > st.applied) {
+    st.applied = m.round;
+    if (st.args.hooks.agreed) st.args.hooks.agreed(m.group, m.round, m.states);
+    apply(m.round, m.states);
+  }
+  self->delayed_send(self, step_pause(st.args.tunables, st.rooms.empty()), msg::step_tick{});
 }
 
 }  // namespace kvflow::detail

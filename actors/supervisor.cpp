@@ -2,7 +2,9 @@
 
 #include <spdlog/spdlog.h>
 
+#include "actors/agreed_board.hpp"
 #include "actors/messages.hpp"
+#include "actors/step_board.hpp"
 
 namespace kvflow {
 namespace {
@@ -12,7 +14,7 @@ struct supervisor_state {
   caf::actor parent;
   round_collector collector{1};
   agreed_table table;
-  std::vector<caf::actor> ranks;  // root: every rank of the group
+  std::vector<caf::actor> ranks;  // root: ranks in other processes, sent every agreed round
   std::vector<caf::actor_addr> children;
   int ranks_gone = 0;                      // attached ranks that died
   std::vector<caf::message> held;          // rounds agreed before every rank attached
@@ -28,9 +30,11 @@ void finish_round(supervisor_actor* self, std::uint64_t round) {
     self->send(st.parent, msg::step_report{round, st.args.index_in_parent, std::move(merged)});
     return;
   }
-  // One message object shared by every rank: CAF messages are copy-on-write, so the agreed
-  // states are built once and every rank reads the identical record.
-  auto m = caf::make_message(msg::agreed_round{round, st.args.group, st.table.apply(merged)});
+  auto agreed = std::make_shared<agreed_view>(agreed_view{round, st.args.group, st.table.apply(merged)});
+  if (st.args.publish) st.args.publish->publish(agreed);
+  if (st.args.ranks == 0) return;
+  // One message object shared by every attached rank: CAF messages are copy-on-write.
+  auto m = caf::make_message(msg::agreed_round{round, st.args.group, agreed->states});
   if (static_cast<int>(st.ranks.size()) + st.ranks_gone < st.args.ranks) {
     st.held.push_back(std::move(m));  // a rank not attached yet must not miss a round
     return;
@@ -46,24 +50,37 @@ void flush_held(supervisor_actor* self) {
   st.held.clear();
 }
 
+// Moves a completed round's board posts into the collector.
+void drain_board(supervisor_actor* self, std::uint64_t round) {
+  auto& st = self->state;
+  bool done = false;
+  for (auto& [child, states] : st.args.board->take(round))
+    done = st.collector.add(child, round, std::move(states)) || done;
+  if (done || st.collector.complete(round)) finish_round(self, round);
+}
+
 caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::actor parent) {
   auto& st = self->state;
-  st.args = args;
+  st.args = std::move(args);
   st.parent = std::move(parent);
-  st.collector = round_collector(args.children);
-  st.children.resize(args.children);
+  st.collector = round_collector(st.args.children);
+  st.children.resize(st.args.children);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
     for (int i = 0; i < static_cast<int>(st.children.size()); ++i)
       if (st.children[i] == dm.source) {
         spdlog::warn("agreement group {}: child {} down; its group fails every room", st.args.group, i);
+        std::vector<std::uint64_t> rounds;
+        if (st.args.board) rounds = st.args.board->child_down(i);
         for (auto round : st.collector.child_down(i)) finish_round(self, round);
+        for (auto round : rounds) drain_board(self, round);
       }
     auto before = st.ranks.size();
     st.ranks.erase(std::remove_if(st.ranks.begin(), st.ranks.end(),
                                   [&](const caf::actor& a) { return a.address() == dm.source; }),
                    st.ranks.end());
     st.ranks_gone += static_cast<int>(before - st.ranks.size());
+    flush_held(self);
     // A node with no live child can no longer report: leaving makes its parent fail its rooms.
     if (st.collector.live_children() == 0) self->quit(caf::exit_reason::user_shutdown);
   });
@@ -82,6 +99,9 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
       [self](msg::step_report& r) {
         auto& st = self->state;
         if (st.collector.add(r.child, r.round, std::move(r.states))) finish_round(self, r.round);
+      },
+      [self](msg::board_round& b) {
+        if (self->state.args.board) drain_board(self, b.round);
       },
   };
 }

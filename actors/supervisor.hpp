@@ -1,19 +1,30 @@
 #pragma once
 // Shard and TP supervisors: nodes of the per-step agreement tree (semantics.md section 3).
 // A shard supervisor's children are the CP ranks of one attention-TP shard; a TP supervisor's
-// children are shard supervisors (prefill) or ranks (decode), and it hands the agreed round back
-// to every rank of the group.
+// children are shard supervisors (prefill) or ranks (decode). The TP supervisor publishes each
+// agreed round on the group's agreed_board (in-process ranks and schedulers read it there) and
+// sends it to ranks attached from other processes.
+//
+// Children report a step either by posting on the supervisor's step_board (in-process: the
+// post that completes a round wakes the supervisor with one msg::board_round) or with a
+// msg::step_report each (remote). A dead child fails every room of its group from then on.
 #include <caf/fwd.hpp>
 #include <cstdint>
+#include <memory>
 
 namespace kvflow {
+
+class step_board;
+class agreed_board;
 
 struct supervisor_args {
   int children = 1;
   int group = 0;        // id of the agreement group, echoed in agreed rounds
-  bool root = false;    // TP supervisor: hands rounds back; else forwards to the parent
+  bool root = false;    // TP supervisor: publishes rounds; else forwards to the parent
   int index_in_parent = 0;
-  int ranks = 0;        // root: ranks that attach; rounds are handed back once all attached
+  int ranks = 0;        // root: ranks attached by message; rounds are held until all attached
+  std::shared_ptr<step_board> board;      // where in-process children post (may be null)
+  std::shared_ptr<agreed_board> publish;  // root: where agreed rounds go (may be null)
 };
 
 // Spawns a supervisor. `parent` is the TP supervisor for a shard supervisor, unused for a root.

@@ -1,7 +1,7 @@
 // `kvflow bench control`: the per-step poll agreement of one prefill attention group (TP x CP
-// rank actors, a shard supervisor per TP rank, a TP supervisor) in one process, closed loop:
-// every rank reports its rooms for a step as soon as it holds the previous agreed round.
-// Anchor, same run: the same actor tree passing empty messages (CAF's own floor for this shape).
+// ranks, a shard supervisor per TP rank, a TP supervisor) in one process, hand-back included.
+// Anchor, same run: the naive design of performance.md -- one message per rank per step up the
+// same tree and one back to each rank -- with empty messages and no merging at all.
 #include <caf/all.hpp>
 
 #include <algorithm>
@@ -12,6 +12,7 @@
 
 #include "actors/agreed_board.hpp"
 #include "actors/messages.hpp"
+#include "actors/step_board.hpp"
 #include "actors/supervisor.hpp"
 #include "runtime/bench.hpp"
 
@@ -23,92 +24,99 @@ using clock_type = std::chrono::steady_clock;
 struct bench_shared {
   int rounds = 0;
   std::vector<clock_type::time_point> seen;  // rank 0's receipt of each round
-  agreed_board board;
   std::atomic<bool> done{false};
 };
 
-// A rank that reports the same `rooms` rooms every step (states rising as rounds go by).
-caf::behavior bench_rank(caf::event_based_actor* self, caf::actor parent, int child, int rooms,
-                         bool first, std::shared_ptr<bench_shared> sh) {
-  auto report = [=](std::uint64_t round) {
-    step_states s(rooms);
-    for (int i = 0; i < rooms; ++i)
-      s[i] = {std::uint64_t(i + 1), 1, static_cast<std::uint8_t>(1 + (round + child + i) % 3)};
-    self->send(parent, msg::step_report{round, child, std::move(s)});
-  };
-  self->send(parent, msg::attach_child{child, caf::actor_cast<caf::actor>(self)});
-  return {
-      [=](msg::start_atom) { report(1); },
-      [=](const msg::agreed_round& a) {
-        if (first) {
-          sh->seen[a.round - 1] = clock_type::now();
-          sh->board.publish(std::make_shared<const agreed_view>(agreed_view{a.round, a.states}));
-          if (static_cast<int>(a.round) == sh->rounds) sh->done = true;
-        }
-        if (static_cast<int>(a.round) < sh->rounds) report(a.round + 1);
-      },
-  };
-}
-
 struct figures {
   double p50_us = 0, p99_us = 0, rounds_per_s = 0;
+  double post_p50_us = 0;   // the scheduler threads' share: posting every rank's states
+  double agree_p50_us = 0, agree_p99_us = 0;  // from the last post to publication
 };
+
+double pct(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<std::size_t>(q * double(v.size())))];
+}
 
 figures summarize(const bench_shared& sh) {
   std::vector<double> d;
   // Skip the first 10% (warm-up: allocation of mailboxes and maps).
   for (int r = std::max(1, sh.rounds / 10); r < sh.rounds; ++r)
     d.push_back(std::chrono::duration<double, std::micro>(sh.seen[r] - sh.seen[r - 1]).count());
-  std::sort(d.begin(), d.end());
   figures f;
-  f.p50_us = d[d.size() / 2];
-  f.p99_us = d[std::min(d.size() - 1, d.size() * 99 / 100)];
+  f.p50_us = pct(d, 0.5);
+  f.p99_us = pct(d, 0.99);
   double total = std::chrono::duration<double>(sh.seen.back() - sh.seen[std::max(1, sh.rounds / 10) - 1]).count();
   f.rounds_per_s = (sh.rounds - std::max(1, sh.rounds / 10)) / total;
   return f;
 }
 
-struct poll_cost {
-  double ns = 0;
-  std::uint64_t calls = 0;
-};
+// The rooms a rank reports at a step (states vary with the round and the rank).
+step_states rank_states(int rooms, std::uint64_t round, int rank) {
+  step_states s(rooms);
+  for (int i = 0; i < rooms; ++i)
+    s[i] = {std::uint64_t(i + 1), 1, static_cast<std::uint8_t>(1 + (round + rank + i) % 3)};
+  return s;
+}
 
-// kvflow: the real supervisors and merges. The calling thread plays the scheduler: it polls
-// the agreed board while the rounds run and measures one poll call.
-figures run_kvflow(caf::actor_system& sys, int tp, int cp, int rooms, int rounds, poll_cost& pc) {
-  auto sh = std::make_shared<bench_shared>();
-  sh->rounds = rounds;
-  sh->seen.resize(rounds);
-  auto root = spawn_supervisor(sys, {tp, 0, true, 0, tp * cp}, {});
-  std::vector<caf::actor> all{root}, ranks;
+// kvflow: the real step boards, shard and TP supervisors and agreed board. The calling thread
+// plays the ranks' scheduler threads: each step it posts every rank's states (what poll() does
+// on each rank) and waits until the agreed round is published to every rank.
+figures run_kvflow(caf::actor_system& sys, int tp, int cp, int rooms, int rounds, double& poll_ns) {
+  auto agreed = std::make_shared<agreed_board>();
+  supervisor_args ra;
+  ra.children = tp;
+  ra.root = true;
+  ra.publish = agreed;
+  auto root = spawn_supervisor(sys, ra, {});
+  std::vector<caf::actor> all{root}, shards;
+  std::vector<std::shared_ptr<step_board>> boards;
   for (int t = 0; t < tp; ++t) {
-    auto shard = spawn_supervisor(sys, {cp, 0, false, t, 0}, root);
+    supervisor_args sa;
+    sa.children = cp;
+    sa.index_in_parent = t;
+    sa.board = std::make_shared<step_board>(cp);
+    auto shard = spawn_supervisor(sys, sa, root);
     caf::anon_send(root, msg::attach_child{t, shard});
+    boards.push_back(sa.board);
+    shards.push_back(shard);
     all.push_back(shard);
-    for (int c = 0; c < cp; ++c) {
-      auto r = sys.spawn(bench_rank, shard, c, rooms, t == 0 && c == 0, sh);
-      caf::anon_send(root, msg::attach_rank{r});
-      ranks.push_back(r);
+  }
+  std::vector<double> lat, post, agree;
+  for (int r = 1; r <= rounds; ++r) {
+    auto t0 = clock_type::now();
+    for (int t = 0; t < tp; ++t)
+      for (int c = 0; c < cp; ++c)
+        if (boards[t]->post(c, r, rank_states(rooms, r, t * cp + c)))
+          caf::anon_send(shards[t], msg::board_round{std::uint64_t(r)});
+    auto t1 = clock_type::now();
+    if (!agreed->wait_for(r, std::chrono::seconds(10))) break;
+    auto t2 = clock_type::now();
+    if (r > rounds / 10) {
+      lat.push_back(std::chrono::duration<double, std::micro>(t2 - t0).count());
+      post.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+      agree.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
     }
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  for (auto& r : ranks) caf::anon_send(r, msg::start_atom::value);
-  std::uint64_t calls = 0, sink = 0;
-  auto t0 = clock_type::now();
-  while (!sh->done.load(std::memory_order_relaxed)) {
-    for (int i = 0; i < 1000; ++i) {
-      auto v = sh->board.poll();
-      sink += v ? v->round : 0;
-    }
-    calls += 1000;
-    std::this_thread::yield();  // the scheduler thread has other work; leave the cores to CAF
-  }
-  auto t1 = clock_type::now();
-  pc.calls = calls + (sink & 0);
-  pc.ns = std::chrono::duration<double, std::nano>(t1 - t0).count() / double(std::max<std::uint64_t>(calls, 1));
-  for (auto& a : ranks) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+  // One poll() as a scheduler thread calls it: read the latest agreed round.
+  const int polls = 1000000;
+  std::uint64_t sink = 0;
+  auto p0 = clock_type::now();
+  for (int i = 0; i < polls; ++i) sink += agreed->poll()->round;
+  poll_ns = std::chrono::duration<double, std::nano>(clock_type::now() - p0).count() / polls;
+  if (sink == 0) poll_ns = -1;
   for (auto& a : all) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
-  return summarize(*sh);
+  figures f;
+  if (lat.empty()) return f;
+  f.p50_us = pct(lat, 0.5);
+  f.p99_us = pct(lat, 0.99);
+  f.post_p50_us = pct(post, 0.5);
+  f.agree_p50_us = pct(agree, 0.5);
+  f.agree_p99_us = pct(agree, 0.99);
+  double sum = 0;
+  for (double x : lat) sum += x;
+  f.rounds_per_s = 1e6 * double(lat.size()) / sum;
+  return f;
 }
 
 // Anchor: the same tree shape with empty messages and no merging.
@@ -185,18 +193,24 @@ int run_bench_control(const bench_flags& f) {
               "1 TP supervisor), one process, %u hardware threads, %d rounds each\n",
               f.tp, f.cp, f.tp * f.cp, f.tp, std::thread::hardware_concurrency(), f.rounds);
   auto anchor = run_anchor(sys, f.tp, f.cp, f.rounds);
-  std::printf("anchor (same tree, empty messages, no merge): p50 %.1f us  p99 %.1f us per round\n",
+  std::printf("anchor: one message per rank per step + one back per rank, empty, no merge: "
+              "p50 %.1f us  p99 %.1f us per step\n",
               anchor.p50_us, anchor.p99_us);
-  std::printf("%7s %10s %10s %12s %16s %12s %10s\n", "rooms", "p50_us", "p99_us", "rounds/s",
-              "merges/s", "p50/anchor", "poll_ns");
+  std::printf("%7s %10s %10s %10s %10s %10s %12s %14s %11s %8s\n", "rooms", "agree_p50", "agree_p99",
+              "step_p50", "step_p99", "post_us", "steps/s", "merges/s", "agree/anchor", "poll_ns");
   for (int n : rooms) {
     int rounds = n >= 1024 ? std::max(50, f.rounds / 10) : f.rounds;
-    poll_cost pc;
-    auto k = run_kvflow(sys, f.tp, f.cp, n, rounds, pc);
+    double poll_ns = 0;
+    auto k = run_kvflow(sys, f.tp, f.cp, n, rounds, poll_ns);
     double merges = k.rounds_per_s * double(n) * f.tp * f.cp;
-    std::printf("%7d %10.1f %10.1f %12.0f %16.0f %12.2f %10.1f\n", n, k.p50_us, k.p99_us,
-                k.rounds_per_s, merges, k.p50_us / anchor.p50_us, pc.ns);
+    std::printf("%7d %10.1f %10.1f %10.1f %10.1f %10.1f %12.0f %14.0f %11.2f %8.1f\n", n,
+                k.agree_p50_us, k.agree_p99_us, k.p50_us, k.p99_us, k.post_p50_us, k.rounds_per_s,
+                merges, k.agree_p50_us / anchor.p50_us, poll_ns);
   }
+  std::printf("us per step. agree: from the last rank's post of a step until the agreed step is "
+              "published to every rank; step: from the first post (this one thread posts for all "
+              "%d ranks in turn); post_us: those %d posts; poll_ns: one scheduler-thread poll\n",
+              f.tp * f.cp, f.tp * f.cp);
   std::printf("reference, not measured here: SGLang gloo all_reduce MIN on this 2-core kind, TP8: "
               "2304 us p50 (1 room), 16578 us p50 (64 rooms) (performance.md)\n");
   return 0;

@@ -14,9 +14,11 @@
 #include <set>
 #include <tuple>
 
+#include "actors/agreed_board.hpp"
 #include "actors/bootstrap_registry.hpp"
 #include "actors/messages.hpp"
 #include "actors/rank.hpp"
+#include "actors/step_board.hpp"
 #include "actors/supervisor.hpp"
 #include "runtime/pattern.hpp"
 #include "transport/inproc_transport.hpp"
@@ -227,15 +229,27 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
     };
     return a;
   };
-  // Prefill: per (dp, pp) a TP supervisor over shard supervisors over CP ranks.
+  // Prefill: per (dp, pp) a TP supervisor over shard supervisors over CP ranks. Ranks post
+  // their steps on their shard's board and read agreed rounds from their group's board.
   h.prefill.resize(c.prefill.ranks());
   for (int dp = 0; dp < c.prefill.dp; ++dp)
     for (int pp = 0; pp < c.prefill.pp; ++pp) {
       int group = dp * c.prefill.pp + pp;
-      auto root = spawn_supervisor(sys, {c.prefill.tp, group, true, 0, c.prefill.tp * c.prefill.cp}, {});
+      auto agreed = std::make_shared<agreed_board>();
+      supervisor_args ra;
+      ra.children = c.prefill.tp;
+      ra.group = group;
+      ra.root = true;
+      ra.publish = agreed;
+      auto root = spawn_supervisor(sys, ra, {});
       h.supervisors.push_back(root);
       for (int tp = 0; tp < c.prefill.tp; ++tp) {
-        auto shard = spawn_supervisor(sys, {c.prefill.cp, group, false, tp, 0}, root);
+        supervisor_args sa;
+        sa.children = c.prefill.cp;
+        sa.group = group;
+        sa.index_in_parent = tp;
+        sa.board = std::make_shared<step_board>(c.prefill.cp);
+        auto shard = spawn_supervisor(sys, sa, root);
         h.supervisors.push_back(shard);
         self->send(root, msg::attach_child{tp, shard});
         for (int cp = 0; cp < c.prefill.cp; ++cp) {
@@ -246,6 +260,8 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
                      c.page_size, me.local_heads, mha ? c.model.head_bytes() : 0};
           a.parent = shard;
           a.child_index = cp;
+          a.board = sa.board;
+          a.agreed = agreed;
           a.hooks.fill = [plan, r](kv_pool& pool, const request_view& req,
                                    const std::vector<std::int32_t>& pg, config::range fill) {
             fill_pages(*plan, r, pool, req, pg, fill);
@@ -255,16 +271,20 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
           // that dies before it ever runs still completes the table, as down.
           self->send(h.registry, msg::register_rank{msg::wire_version, {dp, cp, tp, pp},
                                                     "prefill rank " + std::to_string(r), h.prefill[r]});
-          self->send(root, msg::attach_rank{h.prefill[r]});
         }
       }
     }
-  // Decode: per (dp, pp) a TP supervisor over the TP ranks.
+  // Decode: per (dp, pp) a TP supervisor over the TP ranks, which post on its board.
   h.decode.resize(c.decode.ranks());
   for (int dp = 0; dp < c.decode.dp; ++dp)
     for (int pp = 0; pp < c.decode.pp; ++pp) {
-      int group = 100000 + dp * c.decode.pp + pp;
-      auto root = spawn_supervisor(sys, {c.decode.tp, group, true, 0, c.decode.tp}, {});
+      supervisor_args ra;
+      ra.children = c.decode.tp;
+      ra.group = 100000 + dp * c.decode.pp + pp;
+      ra.root = true;
+      ra.board = std::make_shared<step_board>(c.decode.tp);
+      ra.publish = std::make_shared<agreed_board>();
+      auto root = spawn_supervisor(sys, ra, {});
       h.supervisors.push_back(root);
       for (int tp = 0; tp < c.decode.tp; ++tp) {
         int r = config::decode_rank_of(c.decode, {dp, pp, tp});
@@ -274,6 +294,8 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
                    o.concurrency + 1, c.page_size, me.local_heads, mha ? c.model.head_bytes() : 0};
         a.parent = root;
         a.child_index = tp;
+        a.board = ra.board;
+        a.agreed = ra.publish;
         a.hooks.verify = [plan, r](const kv_pool& pool, const request_view& req,
                                    const std::vector<std::int32_t>& pg, std::int32_t aux) {
           return verify_pages(*plan, r, pool, req, pg, aux);
@@ -281,7 +303,6 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
         h.decode[r] = spawn_decode_rank(sys, std::move(a));
         // The launcher registers what it started, so a rank that dies before it runs is known.
         self->send(h.registry, msg::register_decode{r, h.decode[r]});
-        self->send(root, msg::attach_rank{h.decode[r]});
       }
     }
   for (auto& a : h.prefill) self->monitor(a);

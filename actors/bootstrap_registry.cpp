@@ -97,6 +97,7 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
         if (r.version != msg::wire_version)
           return {false, 0, "wire version " + std::to_string(r.version) + " != registry's " +
                                 std::to_string(msg::wire_version)};
+        if (!r.rank) return {false, 0, "registration of " + r.name + " without an actor handle"};
         registry_key k{r.key.dp_group, r.key.cp, r.key.tp, r.key.pp};
         auto res = st.table.add(k, r.rank.id(), r.name);
         if (!res) {

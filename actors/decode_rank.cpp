@@ -311,6 +311,10 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
       },
       [self](msg::abort_ack&) { ++self->state.abort_acks; },
       [self](msg::abort_request& a) {
+        auto& st = self->state;
+        auto it = st.rooms.find(a.room);
+        // A late abort of an earlier request must not touch the request reusing its room.
+        if (it == st.rooms.end() || it->second.req.incarnation != a.incarnation) return;
         fail_room(self, a.room, "aborted: " + a.reason);
       },
       [self](msg::room_timeout& t) {

@@ -63,6 +63,18 @@ void notify_readers(prefill_actor* self, prefill_room& r, kv_poll state, const s
   }
 }
 
+// Refuses one decode rank's message about a request without touching the live room (if any):
+// the sender's request fails with the reason, nobody else's.
+void refuse(prefill_actor* self, int decode_rank, std::uint64_t room, std::uint64_t incarnation,
+            const std::string& reason) {
+  auto& st = self->state;
+  spdlog::warn("{}: refused decode rank {} for room {}: {}", st.name, decode_rank, room, reason);
+  auto it = st.peers.find(decode_rank);
+  if (it == st.peers.end() || !it->second.handle || it->second.down) return;
+  self->send(it->second.handle, msg::kv_status{room, incarnation, st.args.rank,
+                                               static_cast<std::uint8_t>(kv_poll::failed), reason});
+}
+
 void fail_room(prefill_actor* self, std::uint64_t room, const std::string& reason) {
   auto& st = self->state;
   auto it = st.rooms.find(room);
@@ -148,11 +160,9 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
       std::find(r.expected.begin(), r.expected.end(), d.decode_rank) != r.expected.end();
   if (d.incarnation != r.req.incarnation) {
     // Another request claims this live room (a duplicate room): refuse that request only.
-    if (peer != st.peers.end() && peer->second.handle)
-      self->send(peer->second.handle,
-                 msg::kv_status{room, d.incarnation, st.args.rank, static_cast<std::uint8_t>(kv_poll::failed),
-                                "duplicate room " + std::to_string(room) + ": live request " +
-                                    std::to_string(r.req.incarnation) + " holds it"});
+    refuse(self, d.decode_rank, room, d.incarnation,
+           "duplicate room " + std::to_string(room) + ": live request " +
+               std::to_string(r.req.incarnation) + " holds it");
     return;
   }
   std::string bad;
@@ -341,22 +351,29 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
       [self](msg::dst_info& d) {
         auto& st = self->state;
         if (d.version != msg::wire_version) {
-          spdlog::error("{}: destination info of wire version {} (expected {})", st.name,
-                        d.version, msg::wire_version);
-          return;
-        }
-        if (static_cast<std::int64_t>(d.dst_pages.size()) > st.args.tunables.max_pages_per_request) {
-          fail_room(self, d.room, "destination info with " + std::to_string(d.dst_pages.size()) + " pages");
+          refuse(self, d.decode_rank, d.room, d.incarnation,
+                 "destination info of wire version " + std::to_string(d.version) +
+                     ", this prefill rank speaks " + std::to_string(msg::wire_version));
           return;
         }
         auto it = st.rooms.find(d.room);
-        if (it == st.rooms.end()) {
-          // The decode side can be faster than this rank's scheduler: keep it for the request.
-          if (st.early.size() < static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank))
-            st.early[d.room].push_back(std::move(d));
+        if (it != st.rooms.end()) {
+          accept_dst(self, it->second, std::move(d));  // checks it against the live request
           return;
         }
-        accept_dst(self, it->second, std::move(d));
+        // The decode side can be faster than this rank's scheduler: keep it for the request,
+        // within bounds (remote input must not grow this rank's memory without limit).
+        if (static_cast<std::int64_t>(d.dst_pages.size()) > st.args.tunables.max_pages_per_request) {
+          refuse(self, d.decode_rank, d.room, d.incarnation,
+                 "destination info with " + std::to_string(d.dst_pages.size()) + " pages (max " +
+                     std::to_string(st.args.tunables.max_pages_per_request) + ")");
+          return;
+        }
+        if (st.early.size() >= static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank)) {
+          refuse(self, d.decode_rank, d.room, d.incarnation, "too many destinations for unknown rooms");
+          return;
+        }
+        st.early[d.room].push_back(std::move(d));
       },
       [self](msg::kv_chunk& c) {
         auto& st = self->state;
@@ -404,6 +421,14 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         }
         if (auto p = st.peers.find(a.decode_rank); p != st.peers.end() && !p->second.down)
           self->send(p->second.handle, msg::abort_ack{a.room, a.incarnation, st.args.rank});
+      },
+      [self](msg::abort_request& a) {
+        // The scheduler aborts: fail unless already done (no transfer after an abort).
+        auto& st = self->state;
+        auto it = st.rooms.find(a.room);
+        if (it == st.rooms.end() || !same(it->second, a.incarnation)) return;
+        const auto* e = st.store.find(a.room);
+        if (e != nullptr && e->state != kv_poll::success) fail_room(self, a.room, "aborted: " + a.reason);
       },
       [self](msg::room_timeout& t) {
         auto& st = self->state;

@@ -14,6 +14,7 @@
 #include "actors/messages.hpp"
 #include "actors/step_board.hpp"
 #include "actors/supervisor.hpp"
+#include "runtime/actor_system_setup.hpp"
 #include "runtime/bench.hpp"
 
 namespace kvflow::runtime {
@@ -184,9 +185,8 @@ figures run_anchor(caf::actor_system& sys, int tp, int cp, int rounds) {
 
 int run_bench_control(const bench_flags& f) {
   caf::actor_system_config cfg;
-  msg::add_message_types(cfg);
+  configure_actor_system(cfg);
   cfg.add_message_type<empty_report>("kvflow.bench.empty_report");
-  cfg.set("logger.verbosity", caf::atom("quiet"));
   caf::actor_system sys{cfg};
   auto rooms = f.rooms.empty() ? std::vector<int>{1, 64, 1024} : f.rooms;
   std::printf("bench control: prefill group TP%d x CP%d (%d rank actors, %d shard supervisors, "

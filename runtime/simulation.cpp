@@ -20,6 +20,7 @@
 #include "actors/rank.hpp"
 #include "actors/step_board.hpp"
 #include "actors/supervisor.hpp"
+#include "runtime/actor_system_setup.hpp"
 #include "runtime/pattern.hpp"
 #include "transport/inproc_transport.hpp"
 
@@ -644,8 +645,7 @@ namespace {
 
 void run_interleaved(const simulation_options& options, const std::shared_ptr<simulation_report>& report) {
   caf::actor_system_config cfg;
-  msg::add_message_types(cfg);
-  cfg.set("logger.verbosity", caf::atom("quiet"));
+  configure_actor_system(cfg);
   cfg.set("scheduler.policy", caf::atom("testing"));
   caf::actor_system sys{cfg};
   auto& sched = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
@@ -686,8 +686,7 @@ simulation_report run_simulation(const simulation_options& options) {
   }
   {
     caf::actor_system_config cfg;
-    msg::add_message_types(cfg);
-    cfg.set("logger.verbosity", caf::atom("quiet"));
+    configure_actor_system(cfg);
     caf::actor_system sys{cfg};
     auto d = sys.spawn(driver, options, report);
     caf::scoped_actor self{sys};

@@ -1,0 +1,425 @@
+// The bootstrap registry (semantics.md section 4) and the agreement supervisors (section 3) as
+// actors, driven by test actors on a real threaded actor system.
+#include <algorithm>
+#include <map>
+#include <set>
+#include <thread>
+
+#include "actor_helpers.hpp"
+#include "actors/bootstrap_registry.hpp"
+#include "actors/supervisor.hpp"
+#include "config/topology.hpp"
+
+namespace kvflow::actor_test {
+namespace {
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+config::cluster_config registry_config() {
+  config::cluster_config c;
+  c.prefill.tp = 2;
+  c.prefill.cp = 2;
+  c.prefill.pp = 1;
+  c.prefill.dp = 1;
+  c.decode.tp = 2;
+  c.dtype = config::kv_dtype::fp8;
+  c.model = config::parse_model("mla:4:16", c.dtype);
+  c.page_size = 4;
+  return c;
+}
+
+// One registration round trip; nullopt when the registry did not answer.
+std::optional<msg::registration_reply> register_as(actor_fixture& f, const caf::actor& registry,
+                                                   msg::rank_key key, const std::string& name,
+                                                   const caf::actor& who,
+                                                   std::uint32_t version = msg::wire_version) {
+  std::optional<msg::registration_reply> out;
+  f.self->request(registry, long_wait, msg::register_rank{version, key, name, who})
+      .receive([&](msg::registration_reply& r) { out = r; },
+               [&](caf::error& e) { FAIL_CHECK("registry did not answer: " << f.sys.render(e)); });
+  return out;
+}
+
+// Asks the registry for the topology as soon as it starts; records the reply in its inbox.
+caf::behavior topology_asker(caf::event_based_actor* self, inbox_ptr box, caf::actor registry) {
+  self->request(registry, long_wait, msg::topology_query{})
+      .then([box](msg::topology_reply& r) { box->push(caf::make_message(r)); },
+            [box](caf::error&) { box->push(caf::make_message(std::string("topology query failed"))); });
+  return {[](poke_atom) {}};
+}
+
+}  // namespace
+
+// ---- bootstrap registry ----------------------------------------------------------------------
+
+TEST_CASE("registry_table: idempotent for the same live owner, refuses another, generation after down") {
+  registry_table t(registry_config().prefill);
+  registry_key k{0, 1, 0, 0};
+  auto a = t.add(k, 11, "prefill rank 2");
+  REQUIRE(a.ok());
+  CHECK(a.value() == 1);
+  // The same live owner again (a repeated registration): accepted, nothing changes.
+  auto again = t.add(k, 11, "prefill rank 2");
+  REQUIRE(again.ok());
+  CHECK(again.value() == 1);
+  REQUIRE(t.entries().size() == 1);
+  CHECK(t.entries().at(k).id == 11);
+  CHECK(t.entries().at(k).generation == 1);
+  // Another live owner of the same key: refused, naming both.
+  auto other = t.add(k, 12, "prefill rank 3");
+  REQUIRE_FALSE(other.ok());
+  CHECK(contains(other.error().reason(), "prefill rank 2"));
+  CHECK(contains(other.error().reason(), "prefill rank 3"));
+  CHECK(t.entries().at(k).id == 11);
+  // Keys that differ only in cp are different keys (SGLang #19119: CP ranks overwrote each other).
+  auto cp0 = t.add({0, 0, 0, 0}, 12, "prefill rank 0");
+  REQUIRE(cp0.ok());
+  CHECK(cp0.value() == 1);
+  CHECK(t.entries().size() == 2);
+  // A key outside the topology is refused.
+  CHECK_FALSE(t.add({0, 2, 0, 0}, 13, "prefill rank 9").ok());
+  CHECK_FALSE(t.add({1, 0, 0, 0}, 13, "prefill rank 9").ok());
+  CHECK_FALSE(t.add({0, 0, 0, -1}, 13, "prefill rank 9").ok());
+  // After the owner went down, a new owner takes the key with the next generation.
+  t.owner_down(11);
+  CHECK_FALSE(t.entries().at(k).live);
+  auto next = t.add(k, 14, "prefill rank 2 (restarted)");
+  REQUIRE(next.ok());
+  CHECK(next.value() == 2);
+  CHECK(t.entries().at(k).id == 14);
+  CHECK(t.entries().at(k).live);
+  // ...and is idempotent for that owner too.
+  auto next_again = t.add(k, 14, "prefill rank 2 (restarted)");
+  REQUIRE(next_again.ok());
+  CHECK(next_again.value() == 2);
+}
+
+TEST_CASE("registry_table: ready once every dp x cp x tp x pp key is registered") {
+  registry_table t(registry_config().prefill);
+  CHECK_FALSE(t.ready());
+  std::uint64_t id = 1;
+  for (int cp = 0; cp < 2; ++cp)
+    for (int tp = 0; tp < 2; ++tp) {
+      CHECK_FALSE(t.ready());
+      REQUIRE(t.add({0, cp, tp, 0}, id, "prefill rank " + std::to_string(id)).ok());
+      ++id;
+    }
+  CHECK(t.ready());
+}
+
+TEST_CASE("registry actor: a second live owner of a key is refused naming both owners") {
+  actor_fixture f;
+  auto registry = f.own(spawn_bootstrap_registry(f.sys, registry_config()));
+  auto a = f.spawn_recorder().first;
+  auto b = f.spawn_recorder().first;
+  const msg::rank_key key{0, 1, 0, 0};
+
+  auto first = register_as(f, registry, key, "prefill rank 2 (cp 1)", a);
+  REQUIRE(first);
+  CHECK(first->ok);
+  CHECK(first->generation == 1);
+
+  auto second = register_as(f, registry, key, "prefill rank 7 (intruder)", b);
+  REQUIRE(second);
+  CHECK_FALSE(second->ok);
+  INFO("reason: " << second->reason);
+  CHECK(contains(second->reason, "prefill rank 2 (cp 1)"));
+  CHECK(contains(second->reason, "prefill rank 7 (intruder)"));
+
+  // The first owner repeating its registration is accepted and keeps its generation.
+  auto repeat = register_as(f, registry, key, "prefill rank 2 (cp 1)", a);
+  REQUIRE(repeat);
+  CHECK(repeat->ok);
+  CHECK(repeat->generation == 1);
+
+  // CP rank 0 of the same (dp, tp, pp) is a different key.
+  auto cp0 = register_as(f, registry, {0, 0, 0, 0}, "prefill rank 0 (cp 0)", b);
+  REQUIRE(cp0);
+  CHECK(cp0->ok);
+  CHECK(cp0->generation == 1);
+}
+
+TEST_CASE("registry actor: after the owner exits its key is taken again with generation 2") {
+  actor_fixture f;
+  auto registry = f.own(spawn_bootstrap_registry(f.sys, registry_config()));
+  auto a = f.spawn_recorder().first;
+  auto a2 = f.spawn_recorder().first;
+  const msg::rank_key key{0, 1, 1, 0};
+
+  auto first = register_as(f, registry, key, "prefill rank 3", a);
+  REQUIRE(first);
+  REQUIRE(first->ok);
+  CHECK(first->generation == 1);
+  auto refused = register_as(f, registry, key, "prefill rank 3 (restarted)", a2);
+  REQUIRE(refused);
+  CHECK_FALSE(refused->ok);
+
+  f.kill(a);
+  // The registry learns of the exit by its own monitor: retry until it did (bounded).
+  std::optional<msg::registration_reply> taken;
+  const auto deadline = std::chrono::steady_clock::now() + long_wait;
+  while (std::chrono::steady_clock::now() < deadline) {
+    taken = register_as(f, registry, key, "prefill rank 3 (restarted)", a2);
+    REQUIRE(taken);
+    if (taken->ok) break;
+    CHECK(contains(taken->reason, "prefill rank 3"));  // still refused for the right reason
+    std::this_thread::sleep_for(ms(5));
+  }
+  REQUIRE(taken);
+  CHECK(taken->ok);
+  CHECK(taken->generation == 2);
+
+  // The new owner is what the table now serves.
+  for (const msg::rank_key k : {msg::rank_key{0, 0, 0, 0}, msg::rank_key{0, 0, 1, 0},
+                                msg::rank_key{0, 1, 0, 0}}) {
+    auto r = register_as(f, registry, k, "filler", f.spawn_recorder().first);
+    REQUIRE(r);
+    REQUIRE(r->ok);
+  }
+  std::optional<msg::topology_reply> topo;
+  f.self->request(registry, long_wait, msg::topology_query{})
+      .receive([&](msg::topology_reply& t) { topo = t; },
+               [&](caf::error& e) { FAIL_CHECK(f.sys.render(e)); });
+  REQUIRE(topo);
+  bool found = false;
+  for (const auto& e : topo->entries)
+    if (e.key == key) {
+      found = true;
+      CHECK(e.generation == 2);
+      CHECK(e.name == "prefill rank 3 (restarted)");
+      CHECK(e.rank == a2);
+    }
+  CHECK(found);
+}
+
+TEST_CASE("registry actor: topology query answered only once every key is registered") {
+  actor_fixture f;
+  const auto c = registry_config();
+  auto registry = f.own(spawn_bootstrap_registry(f.sys, c));
+  auto box = std::make_shared<inbox>();
+  f.own(f.sys.spawn(topology_asker, box, registry));
+
+  std::map<msg::rank_key, caf::actor> owners;
+  std::vector<msg::rank_key> keys{{0, 0, 0, 0}, {0, 0, 1, 0}, {0, 1, 0, 0}, {0, 1, 1, 0}};
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    // Not answered while a key is missing.
+    CHECK_FALSE(box->wait_any<msg::topology_reply>(i == 0 ? short_wait : ms(50)));
+    auto who = f.spawn_recorder().first;
+    owners[keys[i]] = who;
+    auto r = register_as(f, registry, keys[i], "prefill rank " + std::to_string(i), who);
+    REQUIRE(r);
+    REQUIRE(r->ok);
+  }
+  auto reply = box->wait_any<msg::topology_reply>();
+  REQUIRE(reply);
+  CHECK(box->all<std::string>().empty());
+  CHECK(reply->version == msg::wire_version);
+  CHECK(reply->tp == 2);
+  CHECK(reply->cp == 2);
+  CHECK(reply->pp == 1);
+  CHECK(reply->dp == 1);
+  CHECK(reply->page_size == 4);
+  CHECK(reply->dtype == "fp8");
+  CHECK(reply->layout == "mla:4:16");
+  REQUIRE(reply->entries.size() == 4);
+  std::set<msg::rank_key> seen;
+  for (const auto& e : reply->entries) {
+    seen.insert(e.key);
+    REQUIRE(owners.count(e.key) == 1);
+    CHECK(e.rank == owners[e.key]);
+    CHECK(e.generation == 1);
+    CHECK(contains(e.name, "prefill rank"));
+  }
+  CHECK(seen.size() == 4);
+
+  // Once ready, a query is answered at once.
+  std::optional<msg::topology_reply> late;
+  f.self->request(registry, long_wait, msg::topology_query{})
+      .receive([&](msg::topology_reply& t) { late = t; },
+               [&](caf::error& e) { FAIL_CHECK(f.sys.render(e)); });
+  REQUIRE(late);
+  CHECK(late->entries.size() == 4);
+}
+
+TEST_CASE("registry actor: a registration of another wire version is refused with a reason") {
+  actor_fixture f;
+  auto registry = f.own(spawn_bootstrap_registry(f.sys, registry_config()));
+  auto a = f.spawn_recorder().first;
+  auto bad = register_as(f, registry, {0, 0, 0, 0}, "prefill rank 0", a, msg::wire_version + 6);
+  REQUIRE(bad);
+  CHECK_FALSE(bad->ok);
+  INFO("reason: " << bad->reason);
+  CHECK(contains(bad->reason, "wire version"));
+  CHECK(contains(bad->reason, std::to_string(msg::wire_version + 6)));
+  // The refused registration took nothing: the key is still free for a correct one.
+  auto b = f.spawn_recorder().first;
+  auto good = register_as(f, registry, {0, 0, 0, 0}, "prefill rank 0 (current build)", b);
+  REQUIRE(good);
+  CHECK(good->ok);
+  CHECK(good->generation == 1);
+}
+
+// ---- supervisors (agreement tree) ------------------------------------------------------------
+
+namespace {
+
+// A prefill agreement group of tp shards x cp ranks: a root over shard supervisors over test
+// actors standing in for the ranks. Child i = tp * cp_size + cp.
+struct group_tree {
+  int tp = 0, cp = 0, group = 0;
+  caf::actor root;
+  std::vector<caf::actor> shards;
+  std::vector<caf::actor> children;
+  std::vector<inbox_ptr> boxes;
+
+  group_tree(actor_fixture& f, int tp_size, int cp_size, int group_id, int attach)
+      : tp(tp_size), cp(cp_size), group(group_id) {
+    supervisor_args top;
+    top.children = tp;
+    top.group = group;
+    top.root = true;
+    top.ranks = tp * cp;  // every rank attaches by message (no in-process boards)
+    root = f.own(spawn_supervisor(f.sys, top, {}));
+    for (int t = 0; t < tp; ++t) {
+      supervisor_args sa;
+      sa.children = cp;
+      sa.group = group;
+      sa.index_in_parent = t;
+      auto shard = f.own(spawn_supervisor(f.sys, sa, root));
+      shards.push_back(shard);
+      caf::anon_send(root, msg::attach_child{t, shard});
+      for (int k = 0; k < cp; ++k) {
+        auto box = std::make_shared<inbox>();
+        auto child = f.own(f.sys.spawn(child_stub, box, shard));
+        caf::anon_send(shard, msg::attach_child{k, child});
+        children.push_back(child);
+        boxes.push_back(box);
+      }
+    }
+    for (int i = 0; i < attach; ++i) attach_rank(i);
+  }
+
+  void attach_rank(int i) { caf::anon_send(root, msg::attach_rank{children[i]}); }
+
+  void report(int i, std::uint64_t round, step_states states) {
+    std::sort(states.begin(), states.end(), key_less);
+    caf::anon_send(children[i], msg::step_report{round, i % cp, std::move(states)});
+  }
+
+  // The agreed round `round` as child i received it.
+  std::optional<msg::agreed_round> agreed(int i, std::uint64_t round, ms timeout = long_wait) {
+    return boxes[i]->wait_for<msg::agreed_round>(
+        [round](const msg::agreed_round& a) { return a.round == round; }, timeout);
+  }
+};
+
+constexpr std::uint8_t F = 0, B = 1, W = 2, T = 3, S = 4;
+
+room_state rs(std::uint64_t room, std::uint8_t state) { return {room, 1, state}; }
+
+// Every listed child received round `round`, all identical; returns the states.
+step_states agreed_by_all(group_tree& g, const std::vector<int>& who, std::uint64_t round) {
+  std::optional<msg::agreed_round> first;
+  for (int i : who) {
+    auto a = g.agreed(i, round);
+    INFO("child " << i << " round " << round);
+    REQUIRE(a);
+    CHECK(a->group == g.group);
+    if (!first)
+      first = a;
+    else
+      CHECK(a->states == first->states);
+  }
+  return first->states;
+}
+
+}  // namespace
+
+TEST_CASE("supervisors TP2 x CP2: the agreed round is the MIN merge, identical on every rank") {
+  actor_fixture f;
+  group_tree g(f, 2, 2, 17, 4);
+  // Rooms 1..4. Room 4 is missing from child 3: it counts as Bootstrapping there.
+  g.report(0, 1, {rs(1, S), rs(2, S), rs(3, F), rs(4, T)});
+  g.report(1, 1, {rs(1, T), rs(2, S), rs(3, S), rs(4, T)});
+  g.report(2, 1, {rs(1, S), rs(2, S), rs(3, S), rs(4, T)});
+  g.report(3, 1, {rs(1, W), rs(2, S), rs(3, S)});
+  auto states = agreed_by_all(g, {0, 1, 2, 3}, 1);
+  step_states expected{rs(1, W), rs(2, S), rs(3, F), rs(4, B)};
+  CHECK(states == expected);
+
+  // Incarnations are distinct keys: room 5 incarnation 2 is merged apart from incarnation 1.
+  for (int i = 0; i < 4; ++i)
+    g.report(i, 2, {room_state{5, 1, S}, room_state{5, 2, i == 2 ? W : S}});
+  auto two = agreed_by_all(g, {0, 1, 2, 3}, 2);
+  step_states expected_two{room_state{5, 1, S}, room_state{5, 2, W}};
+  CHECK(two == expected_two);
+}
+
+TEST_CASE("supervisors: agreed states never go down except to Failed, and terminal states stay") {
+  actor_fixture f;
+  group_tree g(f, 2, 2, 3, 4);
+  const std::vector<int> all{0, 1, 2, 3};
+  // Round 1: room 1 agreed T, room 2 agreed Success, room 3 agreed W, room 4 agreed Failed.
+  for (int i = 0; i < 4; ++i) g.report(i, 1, {rs(1, T), rs(2, S), rs(3, W), rs(4, i == 1 ? F : S)});
+  CHECK(agreed_by_all(g, all, 1) == step_states{rs(1, T), rs(2, S), rs(3, W), rs(4, F)});
+
+  // Round 2: lower reports do not lower the agreement; a Failed report does not undo Success;
+  // Success reports do not revive Failed; room 3 may still fall to Failed.
+  g.report(0, 2, {rs(1, B), rs(2, F), rs(3, F), rs(4, S)});
+  g.report(1, 2, {rs(1, W), rs(2, S), rs(3, T), rs(4, S)});
+  g.report(2, 2, {rs(1, T), rs(2, S), rs(3, T), rs(4, S)});
+  g.report(3, 2, {rs(1, T), rs(2, S), rs(3, T), rs(4, S)});
+  CHECK(agreed_by_all(g, all, 2) == step_states{rs(1, T), rs(2, S), rs(3, F), rs(4, F)});
+
+  // Round 3: room 1 rises to Success once every rank reports it.
+  for (int i = 0; i < 4; ++i) g.report(i, 3, {rs(1, S)});
+  CHECK(agreed_by_all(g, all, 3) == step_states{rs(1, S)});
+
+  // Round 4: nobody reports room 1 (every rank cleared it). Round 5: a late rank reports it
+  // again from Bootstrapping: the agreement keeps the terminal Success, never Bootstrapping.
+  for (int i = 0; i < 4; ++i) g.report(i, 4, {});
+  CHECK(agreed_by_all(g, all, 4).empty());
+  for (int i = 0; i < 4; ++i) g.report(i, 5, i == 3 ? step_states{rs(1, B)} : step_states{});
+  CHECK(agreed_by_all(g, all, 5) == step_states{rs(1, S)});
+}
+
+TEST_CASE("supervisors: a rank that dies fails every room of the pending and later rounds") {
+  actor_fixture f;
+  group_tree g(f, 2, 2, 9, 4);
+  const std::vector<int> survivors{0, 1, 2};
+  for (int i = 0; i < 4; ++i) g.report(i, 1, {rs(7, W)});
+  CHECK(agreed_by_all(g, {0, 1, 2, 3}, 1) == step_states{rs(7, W)});
+
+  // Round 2 is pending on child 3 (shard 1, cp 1), which never reports it.
+  for (int i : survivors) g.report(i, 2, {rs(7, T), rs(8, W)});
+  CHECK_FALSE(g.agreed(0, 2, short_wait));
+  f.kill(g.children[3]);
+  // The pending round completes without it: every room Failed (no stall until a timeout).
+  CHECK(agreed_by_all(g, survivors, 2) == step_states{rs(7, F), rs(8, F)});
+
+  // Every later round completes with the survivors only, and every room is Failed.
+  for (int i : survivors) g.report(i, 3, {rs(7, S), rs(9, W)});
+  CHECK(agreed_by_all(g, survivors, 3) == step_states{rs(7, F), rs(9, F)});
+  // (The dead rank's last rooms may stay listed, Failed: ranks ignore rooms they cleared.)
+  for (int i : survivors) g.report(i, 4, {rs(10, S)});
+  auto four = agreed_by_all(g, survivors, 4);
+  CHECK(state_of(four, 10) == F);
+  for (const auto& s : four) CHECK(s.state == F);
+}
+
+TEST_CASE("supervisors: the root holds agreed rounds until every rank attached") {
+  actor_fixture f;
+  group_tree g(f, 2, 2, 5, 3);  // child 3 not attached to the root yet
+  for (int i = 0; i < 4; ++i) g.report(i, 1, {rs(1, W)});
+  for (int i = 0; i < 4; ++i) CHECK_FALSE(g.agreed(i, 1, i == 0 ? short_wait : ms(20)));
+  g.attach_rank(3);
+  // The held round reaches every rank, the late one included.
+  CHECK(agreed_by_all(g, {0, 1, 2, 3}, 1) == step_states{rs(1, W)});
+  for (int i = 0; i < 4; ++i) g.report(i, 2, {rs(1, T)});
+  CHECK(agreed_by_all(g, {0, 1, 2, 3}, 2) == step_states{rs(1, T)});
+  for (int i = 0; i < 4; ++i) CHECK(g.boxes[i]->all<msg::agreed_round>().size() == 2);
+}
+
+}  // namespace kvflow::actor_test

@@ -187,11 +187,13 @@ int run_bench_control(const bench_flags& f) {
   caf::actor_system_config cfg;
   configure_actor_system(cfg);
   cfg.add_message_type<empty_report>("kvflow.bench.empty_report");
+  if (f.workers > 0) cfg.set("scheduler.max-threads", f.workers);
   caf::actor_system sys{cfg};
   auto rooms = f.rooms.empty() ? std::vector<int>{1, 64, 1024} : f.rooms;
-  std::printf("bench control: prefill group TP%d x CP%d (%d rank actors, %d shard supervisors, "
-              "1 TP supervisor), one process, %u hardware threads, %d rounds each\n",
-              f.tp, f.cp, f.tp * f.cp, f.tp, std::thread::hardware_concurrency(), f.rounds);
+  std::printf("bench control: prefill group TP%d x CP%d (%d ranks, %d shard supervisors, 1 TP "
+              "supervisor), one process, %u hardware threads, %zu actor worker threads, %d rounds each\n",
+              f.tp, f.cp, f.tp * f.cp, f.tp, std::thread::hardware_concurrency(),
+              sys.scheduler().num_workers(), f.rounds);
   auto anchor = run_anchor(sys, f.tp, f.cp, f.rounds);
   std::printf("anchor: one message per rank per step + one back per rank, empty, no merge: "
               "p50 %.1f us  p99 %.1f us per step\n",

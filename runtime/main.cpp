@@ -145,6 +145,7 @@ int main(int argc, char** argv) {
   control->add_option("--cp", bf.cp, "CP size")->capture_default_str();
   control->add_option("--rooms", bf.rooms, "in-flight rooms (repeatable)");
   control->add_option("--rounds", bf.rounds, "rounds per measurement")->capture_default_str();
+  control->add_option("--workers", bf.workers, "actor worker threads (0: one per core)")->capture_default_str();
 
   try {
     app.parse(argc, argv);

@@ -37,6 +37,13 @@ struct prefill_state {
   std::map<std::uint64_t, prefill_room> rooms;
   std::map<std::uint64_t, std::vector<msg::dst_info>> early;  // destinations before the request
   std::map<int, decode_peer> peers;                             // by global decode rank
+  // Released rooms whose pushes are still in flight: their pages return to the pool only once
+  // the transport is done reading them. Key: (room, incarnation).
+  struct draining_pages {
+    std::vector<std::int32_t> pages;
+    int pending = 0;
+  };
+  std::map<std::pair<std::uint64_t, std::uint64_t>, draining_pages> draining;
   std::uint64_t posted = 0;   // last step this rank reported
   std::uint64_t applied = 0;  // last agreed round it acted on
   std::string name;
@@ -205,7 +212,10 @@ void release(prefill_actor* self, std::uint64_t room, std::uint64_t round, kv_po
   ev.round = round;
   ev.state = static_cast<std::uint8_t>(agreed);
   ev.reason = e != nullptr ? e->reason : std::string{};
-  st.pool->free_pages(it->second.pages);
+  if (it->second.pending_pushes > 0)
+    st.draining[{room, ev.incarnation}] = {std::move(it->second.pages), it->second.pending_pushes};
+  else
+    st.pool->free_pages(it->second.pages);
   st.rooms.erase(it);
   st.store.clear(room);
   if (st.args.observer) self->send(st.args.observer, std::move(ev));
@@ -401,7 +411,14 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
       [self](msg::push_done& p) {
         auto& st = self->state;
         auto it = st.rooms.find(p.room);
-        if (it == st.rooms.end() || !same(it->second, p.incarnation)) return;
+        if (it == st.rooms.end() || !same(it->second, p.incarnation)) {
+          auto d = st.draining.find({p.room, p.incarnation});
+          if (d != st.draining.end() && --d->second.pending == 0) {
+            st.pool->free_pages(d->second.pages);
+            st.draining.erase(d);
+          }
+          return;
+        }
         auto& r = it->second;
         --r.pending_pushes;
         if (!p.ok) {

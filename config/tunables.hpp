@@ -14,9 +14,10 @@ namespace kvflow::config {
     "decode: fail (and abort on every prefill peer) a room not done this long after sending "    \
     "its destinations (SGLang: 300 s)")                                                          \
   X(heartbeat_interval_ms, "KVFLOW_HEARTBEAT_INTERVAL_MS", 5000,                                 \
-    "interval of peer health checks and of the actor system's node heartbeats")                  \
+    "peer health checks across processes (multi-process runs are not built yet; in one "       \
+    "process ranks monitor each other's actors and see a death at once)")                        \
   X(heartbeat_misses, "KVFLOW_HEARTBEAT_MISSES", 2,                                              \
-    "missed heartbeats after which a peer counts as down")                                       \
+    "peer health checks across processes: misses after which a peer counts as down")             \
   X(step_interval_us, "KVFLOW_STEP_INTERVAL_US", 200,                                            \
     "simulated scheduler: pause between agreement rounds while rooms are in flight")             \
   X(max_rooms_per_rank, "KVFLOW_MAX_ROOMS_PER_RANK", 65536,                                      \

@@ -428,8 +428,10 @@ void on_released(driver_actor* self, const msg::rank_released& ev) {
   if (state == kv_poll::failed) {
     r.any_failed = true;
     if (!ev.prefill) r.decode_failed = true;
-    if (r.reason.empty() || (!ev.prefill && ev.reason.find("another rank") == std::string::npos))
-      if (!ev.reason.empty()) r.reason = (ev.prefill ? "prefill rank " : "decode rank ") + std::to_string(ev.rank) + ": " + ev.reason;
+    // Keep the most telling reason: a rank's own, decode's first, not a group echo.
+    auto echo = [](const std::string& why) { return why.find("another rank of the") != std::string::npos; };
+    std::string why = (ev.prefill ? "prefill rank " : "decode rank ") + std::to_string(ev.rank) + ": " + ev.reason;
+    if (!ev.reason.empty() && (r.reason.empty() || (echo(r.reason) && !echo(why)))) r.reason = why;
   } else if (!ev.prefill) {
     ++r.decode_success;
   }

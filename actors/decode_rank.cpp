@@ -246,7 +246,7 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
       }
   });
 
-  return {
+  return caf::message_handler{
       [self](msg::new_request& q) {
         auto& st = self->state;
         const auto& cfg = st.args.plan->config();
@@ -327,22 +327,9 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
                                       " of " + std::to_string(st.me->required_prefill_response_num) +
                                       " prefill ranks responded");
       },
-      [self](msg::pool_usage_query) {
-        auto& st = self->state;
-        return msg::pool_usage{false, st.args.rank, st.pool->used_pages(), st.pool->used_aux(),
-                               static_cast<std::int64_t>(st.store.size())};
-      },
-      [self](msg::step_tick) {
-        detail::on_step(self, [self](std::uint64_t round, const step_states& states) {
-          apply_agreed(self, round, states);
-        });
-      },
-      [self](const msg::agreed_round& a) {
-        detail::on_agreed_message(self, a, [self](std::uint64_t round, const step_states& states) {
-          apply_agreed(self, round, states);
-        });
-      },
-  };
+  }.or_else(detail::rank_handlers(self, false, [self](std::uint64_t round, const step_states& states) {
+    apply_agreed(self, round, states);
+  }));
 }
 
 }  // namespace

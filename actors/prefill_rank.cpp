@@ -26,7 +26,7 @@ struct prefill_room {
   std::vector<msg::kv_chunk> queued;      // chunks that arrived before all destinations
   int pending_pushes = 0;
   bool last_seen = false;                 // the last chunk was handed to the transport
-  aux_record aux;                         // source of the aux push; lives as long as the room
+  std::shared_ptr<aux_record> aux;        // source of the aux push; kept alive by the push
 };
 
 struct prefill_state {
@@ -129,18 +129,25 @@ void send_chunk(prefill_actor* self, prefill_room& r, const msg::kv_chunk& c) {
       }
       blocks = std::move(planned.value());
     }
+    std::shared_ptr<aux_record> aux;
     if (c.is_last && pe->writes_aux) {
-      // Aux metadata goes after the KV of the last chunk, so it lands last.
-      r.aux = aux_record{room, r.req.incarnation, static_cast<std::int32_t>(room % 32000), -0.5f, 0};
-      r.aux.check = aux_checksum(r.aux);
-      blocks.push_back({reinterpret_cast<const std::byte*>(&r.aux), peer.pool.aux_region,
+      // Aux metadata goes after the KV of the last chunk, so it lands last. The room id and a
+      // checksum in it let decode tell a landed slot from a stale one.
+      if (!r.aux) {
+        r.aux = std::make_shared<aux_record>(st.args.hooks.aux ? st.args.hooks.aux(r.req) : aux_record{});
+        r.aux->room = room;
+        r.aux->incarnation = r.req.incarnation;
+        r.aux->check = aux_checksum(*r.aux);
+      }
+      aux = r.aux;
+      blocks.push_back({reinterpret_cast<const std::byte*>(aux.get()), peer.pool.aux_region,
                         std::uint64_t(info.aux_slot) * sizeof(aux_record), sizeof(aux_record)});
     }
     if (blocks.empty()) continue;
     ++r.pending_pushes;
     auto me = caf::actor_cast<caf::actor>(self);
     auto inc = r.req.incarnation;
-    st.args.transport->push(d, blocks, [me, room, inc, d](status s) {
+    st.args.transport->push(d, blocks, [me, room, inc, d, aux](status s) {
       caf::anon_send(me, msg::push_done{room, inc, d, s.ok(), s.reason()});
     });
   }
@@ -266,7 +273,7 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
       }
   });
 
-  return {
+  return caf::message_handler{
       [self](msg::registration_reply& r) {
         if (!r.ok) spdlog::error("{}: registration refused: {}", self->state.name, r.reason);
       },
@@ -457,22 +464,9 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
                                       std::to_string(it->second.dsts.size()) + " of " +
                                       std::to_string(it->second.expected.size()) + " decode ranks");
       },
-      [self](msg::pool_usage_query) {
-        auto& st = self->state;
-        return msg::pool_usage{true, st.args.rank, st.pool->used_pages(), st.pool->used_aux(),
-                               static_cast<std::int64_t>(st.store.size())};
-      },
-      [self](msg::step_tick) {
-        detail::on_step(self, [self](std::uint64_t round, const step_states& states) {
-          apply_agreed(self, round, states);
-        });
-      },
-      [self](const msg::agreed_round& a) {
-        detail::on_agreed_message(self, a, [self](std::uint64_t round, const step_states& states) {
-          apply_agreed(self, round, states);
-        });
-      },
-  };
+  }.or_else(detail::rank_handlers(self, true, [self](std::uint64_t round, const step_states& states) {
+    apply_agreed(self, round, states);
+  }));
 }
 
 }  // namespace

@@ -41,6 +41,9 @@ struct rank_hooks {
   std::function<void(kv_pool&, const request_view&, const std::vector<std::int32_t>& pages,
                      config::range fill)>
       fill;
+  // Prefill: the request's first output (token, logprob) for its aux slot; room, incarnation
+  // and checksum are filled in by the rank.
+  std::function<aux_record(const request_view&)> aux;
   // Decode: after an agreed Success, check what landed in `pages` and the aux slot.
   std::function<verify_counts(const kv_pool&, const request_view&,
                               const std::vector<std::int32_t>& pages, std::int32_t aux_slot)>

@@ -66,4 +66,18 @@ void on_agreed_message(Self* self, const msg::agreed_round& m, Apply apply) {
   self->delayed_send(self, step_pause(st.args.tunables, st.rooms.empty()), msg::step_tick{});
 }
 
+// The handlers every rank has: leak accounting, the scheduler step, agreed rounds by message.
+template <class Self, class Apply>
+caf::message_handler rank_handlers(Self* self, bool prefill, Apply apply) {
+  return {
+      [self, prefill](msg::pool_usage_query) {
+        auto& st = self->state;
+        return msg::pool_usage{prefill, st.args.rank, st.pool->used_pages(), st.pool->used_aux(),
+                               static_cast<std::int64_t>(st.store.size())};
+      },
+      [self, apply](msg::step_tick) { on_step(self, apply); },
+      [self, apply](const msg::agreed_round& a) { on_agreed_message(self, a, apply); },
+  };
+}
+
 }  // namespace kvflow::detail

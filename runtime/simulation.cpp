@@ -162,6 +162,14 @@ void fill_pages(const config::routing_plan& plan, int rank, kv_pool& pool, const
       }
 }
 
+// The simulated model's first output token of a request, which decode checks in the aux slot.
+aux_record simulated_first_output(const request_view& req) {
+  aux_record a;
+  a.first_token = static_cast<std::int32_t>(req.room % 32000);
+  a.first_logprob = -0.5f;
+  return a;
+}
+
 // Decode: check every slab each peer should have written, and the aux slot.
 verify_counts verify_pages(const config::routing_plan& plan, int rank, const kv_pool& pool,
                            const request_view& req, const std::vector<std::int32_t>& pages,
@@ -200,7 +208,7 @@ verify_counts verify_pages(const config::routing_plan& plan, int rank, const kv_
     aux_record rec;
     std::memcpy(&rec, pool.aux_base() + pool.aux_offset(aux_slot), sizeof rec);
     if (rec.room != req.room || rec.incarnation != req.incarnation || rec.check != aux_checksum(rec) ||
-        rec.first_token != static_cast<std::int32_t>(req.room % 32000))
+        rec.first_token != simulated_first_output(req).first_token)
       ++v.mismatched_pages;
   }
   return v;
@@ -267,6 +275,7 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
                                    const std::vector<std::int32_t>& pg, config::range fill) {
             fill_pages(*plan, r, pool, req, pg, fill);
           };
+          a.hooks.aux = [](const request_view& req) { return simulated_first_output(req); };
           h.prefill[r] = spawn_prefill_rank(sys, std::move(a));
           // The launcher registers what it started (the rank repeats it: idempotent), so a rank
           // that dies before it ever runs still completes the table, as down.

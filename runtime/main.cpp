@@ -91,7 +91,8 @@ int run_simulate(const simulate_flags& f) {
       "simulate: prefill tp=%d cp=%d pp=%d dp=%d, decode tp=%d dp=%d pp=%d, %s %s, page %d\n"
       "  requests %d: succeeded %d, failed %d (unexpected %d), stalled %d\n"
       "  verified %.3f GB of %.3f GB, mismatched pages %llu, leaked pages %llu, aux %llu\n"
-      "  transfer %.3f GB in %.2f s (%.2f GB/s), latency p50 %.1f ms p99 %.1f ms, peak RSS %.0f MiB\n",
+      "  transfer %.3f GB in %.2f s (%.2f GB/s; copying %.2f GB/s), latency p50 %.1f ms p99 %.1f ms, "
+      "peak RSS %.0f MiB\n",
       o.cluster.prefill.tp, o.cluster.prefill.cp, o.cluster.prefill.pp, o.cluster.prefill.dp,
       o.cluster.decode.tp, o.cluster.decode.dp, o.cluster.decode.pp,
       config::describe(o.cluster.model).c_str(), config::to_string(o.cluster.dtype), o.cluster.page_size,
@@ -101,7 +102,7 @@ int run_simulate(const simulate_flags& f) {
       static_cast<unsigned long long>(rep.leaked_aux_slots), double(rep.transfer_bytes) / 1e9,
       rep.transfer_seconds,
       rep.transfer_seconds > 0 ? double(rep.transfer_bytes) / 1e9 / rep.transfer_seconds : 0.0,
-      rep.latency_p50_ms, rep.latency_p99_ms, double(rep.peak_rss_bytes) / (1 << 20));
+      rep.copy_seconds > 0 ? double(rep.transfer_bytes) / 1e9 / rep.copy_seconds : 0.0, rep.latency_p50_ms, rep.latency_p99_ms, double(rep.peak_rss_bytes) / (1 << 20));
   for (const auto& p : rep.problems) std::fprintf(stderr, "kvflow: FAIL: %s\n", p.c_str());
   return rep.exit_code();
 }

@@ -525,6 +525,7 @@ void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage)
   rep.agreement_rounds_checked = st.checker->rounds_checked();
   for (auto& p : st.checker->problems()) rep.problems.push_back(p);
   rep.transfer_bytes = st.transport->bytes_moved();
+  rep.copy_seconds = st.transport->copy_seconds();
   if (st.started > 0)
     rep.transfer_seconds = std::chrono::duration<double>(st.last_end - st.first_start).count();
   rusage ru{};

@@ -62,7 +62,8 @@ struct simulation_report {
   std::uint64_t agreement_violations = 0;  // ranks of one group acting at different rounds/states
   std::uint64_t agreement_rounds_checked = 0;
   std::uint64_t transfer_bytes = 0;
-  double transfer_seconds = 0;
+  double transfer_seconds = 0;  // the workload's wall time: first request start to last finish
+  double copy_seconds = 0;      // time the transport spent copying, summed over threads
   double latency_p50_ms = 0, latency_p99_ms = 0, latency_max_ms = 0;
   std::uint64_t peak_rss_bytes = 0;
   std::vector<std::string> faults_applied;

@@ -1,5 +1,6 @@
 #include "transport/inproc_transport.hpp"
 
+#include <chrono>
 #include <cstring>
 
 namespace kvflow::transport {
@@ -58,11 +59,14 @@ void inproc_transport::push(std::uint64_t peer, const std::vector<block>& blocks
     dst.push_back(r.value());
   }
   std::uint64_t moved = 0;
+  auto t0 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < blocks.size(); ++i) {
     std::memcpy(dst[i], blocks[i].src, blocks[i].len);
     moved += blocks[i].len;
   }
+  auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
   bytes_.fetch_add(moved, std::memory_order_relaxed);
+  copy_ns_.fetch_add(static_cast<std::uint64_t>(ns.count()), std::memory_order_relaxed);
   lock.unlock();
   done(status{});
 }

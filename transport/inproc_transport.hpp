@@ -40,10 +40,13 @@ class inproc_transport final : public transport {
   void deregister_memory(std::uint64_t region) override;
   void push(std::uint64_t peer, const std::vector<block>& blocks, completion done) override;
   std::uint64_t bytes_moved() const { return bytes_.load(std::memory_order_relaxed); }
+  // Time spent copying, summed over the threads that pushed.
+  double copy_seconds() const { return copy_ns_.load(std::memory_order_relaxed) * 1e-9; }
 
  private:
   std::shared_ptr<inproc_fabric> fabric_;
   std::atomic<std::uint64_t> bytes_{0};
+  std::atomic<std::uint64_t> copy_ns_{0};
 };
 
 }  // namespace kvflow::transport

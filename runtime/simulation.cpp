@@ -21,7 +21,8 @@
 #include "actors/step_board.hpp"
 #include "actors/supervisor.hpp"
 #include "runtime/actor_system_setup.hpp"
-#include "runtime/pattern.hpp"
+#include "runtime/agreement_checker.hpp"
+#include "runtime/sim_kv_content.hpp"
 #include "transport/inproc_transport.hpp"
 
 namespace kvflow::runtime {
@@ -60,57 +61,6 @@ struct sim_request {
   std::map<std::pair<bool, int>, std::pair<std::uint64_t, std::uint8_t>> group_action;
 };
 
-// Checks, across threads, that every rank of a group received the identical agreed states for
-// each round, and that a room's agreed state only rises (or drops to Failed) and stays terminal.
-class agreement_checker {
- public:
-  void on_round(int group, std::uint64_t round, const step_states& states) {
-    std::uint64_t h = 1469598103934665603ULL;
-    for (const auto& s : states) h = (h ^ (s.room * 31 + s.incarnation * 7 + s.state)) * 1099511628211ULL;
-    std::lock_guard<std::mutex> g(mutex_);
-    auto [it, fresh] = rounds_.emplace(std::make_pair(group, round), h);
-    if (!fresh) {
-      if (it->second != h) problem("group " + std::to_string(group) + " round " + std::to_string(round) +
-                                   ": ranks received different agreed states");
-      return;
-    }
-    ++checked_;
-    for (const auto& s : states) {
-      auto [prev, first] = last_.emplace(std::make_tuple(group, s.room, s.incarnation), s.state);
-      if (first) continue;
-      auto old = static_cast<kv_poll>(prev->second), now = static_cast<kv_poll>(s.state);
-      bool ok = is_terminal(old) ? now == old : (now == kv_poll::failed || now >= old);
-      if (!ok)
-        problem("group " + std::to_string(group) + " room " + std::to_string(s.room) + ": agreed " +
-                to_string(old) + " then " + to_string(now) + " at round " + std::to_string(round));
-      prev->second = s.state;
-    }
-  }
-  std::vector<std::string> problems() const {
-    std::lock_guard<std::mutex> g(mutex_);
-    return problems_;
-  }
-  std::uint64_t violations() const {
-    std::lock_guard<std::mutex> g(mutex_);
-    return violations_;
-  }
-  std::uint64_t rounds_checked() const {
-    std::lock_guard<std::mutex> g(mutex_);
-    return checked_;
-  }
-
- private:
-  void problem(std::string p) {
-    ++violations_;
-    if (problems_.size() < 10) problems_.push_back(std::move(p));
-  }
-  mutable std::mutex mutex_;
-  std::map<std::pair<int, std::uint64_t>, std::uint64_t> rounds_;
-  std::map<std::tuple<int, std::uint64_t, std::uint64_t>, std::uint8_t> last_;
-  std::vector<std::string> problems_;
-  std::uint64_t violations_ = 0, checked_ = 0;
-};
-
 struct cluster_handles {
   caf::actor registry;
   std::vector<caf::actor> prefill, decode, supervisors;
@@ -137,81 +87,6 @@ using driver_actor = caf::stateful_actor<driver_state>;
 
 int pages_of(const config::cluster_config& c, int tokens) {
   return (tokens + c.page_size - 1) / c.page_size;
-}
-
-// Prefill: fill the pages this rank will send with the pattern.
-void fill_pages(const config::routing_plan& plan, int rank, kv_pool& pool, const request_view& req,
-                const std::vector<std::int32_t>& pages, config::range fill) {
-  const auto& me = plan.prefill(rank);
-  const auto& s = pool.shape();
-  const auto& m = plan.config().model;
-  for (int i = fill.begin; i < fill.end; ++i)
-    for (int l = me.layers.begin; l < me.layers.end; ++l)
-      for (int b = 0; b < s.buffers_per_layer; ++b) {
-        auto* item = pool.item(l, b, pages[i]);
-        if (m.kind == config::model_kind::mla) {
-          pattern::fill(item, s.item_bytes, pattern::seed_of({req.room, req.incarnation, l, b, i, 0, rank}));
-          continue;
-        }
-        const std::int64_t slab = std::int64_t(s.page_size) * s.head_bytes;
-        for (int h = 0; h < s.local_heads; ++h) {
-          int global = me.coord.tp * s.local_heads + h;
-          pattern::fill(item + h * slab, slab,
-                        pattern::seed_of({req.room, req.incarnation, l, b, i, global, rank}));
-        }
-      }
-}
-
-// The simulated model's first output token of a request, which decode checks in the aux slot.
-aux_record simulated_first_output(const request_view& req) {
-  aux_record a;
-  a.first_token = static_cast<std::int32_t>(req.room % 32000);
-  a.first_logprob = -0.5f;
-  return a;
-}
-
-// Decode: check every slab each peer should have written, and the aux slot.
-verify_counts verify_pages(const config::routing_plan& plan, int rank, const kv_pool& pool,
-                           const request_view& req, const std::vector<std::int32_t>& pages,
-                           std::int32_t aux_slot) {
-  verify_counts v;
-  const auto& me = plan.decode(rank);
-  const auto& c = plan.config();
-  const auto& s = pool.shape();
-  const bool mla = c.model.kind == config::model_kind::mla;
-  const int prefill_heads = mla ? 0 : c.model.kv_heads / c.prefill.tp;
-  const std::int64_t slab = mla ? s.item_bytes : std::int64_t(s.page_size) * s.head_bytes;
-  for (const auto& pe : me.peers) {
-    int src = config::prefill_rank_of(c.prefill, {req.prefill_dp, pe.pp, pe.cp, pe.tp});
-    config::range range{req.prefix_pages, req.n_pages};
-    if (pe.cp_share) {
-      auto share = config::cp_share(req.n_pages, c.prefill.cp, pe.cp);
-      range = {std::max(range.begin, share.begin), std::min(range.end, share.end)};
-    }
-    for (int i = range.begin; i < range.end; ++i)
-      for (int l = pe.layers.begin; l < pe.layers.end; ++l)
-        for (int b = 0; b < s.buffers_per_layer; ++b) {
-          const auto* item = pool.item(l, b, pages[i]);
-          int heads = mla ? 1 : pe.heads.count;
-          for (int k = 0; k < heads; ++k) {
-            int global = mla ? 0 : pe.tp * prefill_heads + pe.heads.src_begin + k;
-            const auto* at = mla ? item : item + (pe.heads.dst_begin + k) * slab;
-            v.bytes_expected += slab;
-            if (pattern::check(at, slab, pattern::seed_of({req.room, req.incarnation, l, b, i, global, src})))
-              v.bytes_verified += slab;
-            else
-              ++v.mismatched_pages;
-          }
-        }
-  }
-  if (me.expects_aux) {
-    aux_record rec;
-    std::memcpy(&rec, pool.aux_base() + pool.aux_offset(aux_slot), sizeof rec);
-    if (rec.room != req.room || rec.incarnation != req.incarnation || rec.check != aux_checksum(rec) ||
-        rec.first_token != simulated_first_output(req).first_token)
-      ++v.mismatched_pages;
-  }
-  return v;
 }
 
 cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,

@@ -1,0 +1,49 @@
+#include "runtime/agreement_checker.hpp"
+
+namespace kvflow::runtime {
+
+void agreement_checker::on_round(int group, std::uint64_t round, const step_states& states) {
+  std::uint64_t h = 1469598103934665603ULL;
+  for (const auto& s : states) h = (h ^ (s.room * 31 + s.incarnation * 7 + s.state)) * 1099511628211ULL;
+  std::lock_guard<std::mutex> g(mutex_);
+  auto [it, fresh] = rounds_.emplace(std::make_pair(group, round), h);
+  if (!fresh) {
+    if (it->second != h)
+      problem("group " + std::to_string(group) + " round " + std::to_string(round) +
+              ": ranks received different agreed states");
+    return;
+  }
+  ++checked_;
+  for (const auto& s : states) {
+    auto [prev, first] = last_.emplace(std::make_tuple(group, s.room, s.incarnation), s.state);
+    if (first) continue;
+    auto old = static_cast<kv_poll>(prev->second), now = static_cast<kv_poll>(s.state);
+    bool ok = is_terminal(old) ? now == old : (now == kv_poll::failed || now >= old);
+    if (!ok)
+      problem("group " + std::to_string(group) + " room " + std::to_string(s.room) + ": agreed " +
+              to_string(old) + " then " + to_string(now) + " at round " + std::to_string(round));
+    prev->second = s.state;
+  }
+}
+
+std::vector<std::string> agreement_checker::problems() const {
+  std::lock_guard<std::mutex> g(mutex_);
+  return problems_;
+}
+
+std::uint64_t agreement_checker::violations() const {
+  std::lock_guard<std::mutex> g(mutex_);
+  return violations_;
+}
+
+std::uint64_t agreement_checker::rounds_checked() const {
+  std::lock_guard<std::mutex> g(mutex_);
+  return checked_;
+}
+
+void agreement_checker::problem(std::string p) {
+  ++violations_;
+  if (problems_.size() < 10) problems_.push_back(std::move(p));
+}
+
+}  // namespace kvflow::runtime

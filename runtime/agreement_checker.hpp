@@ -1,0 +1,33 @@
+#pragma once
+// Checks, across threads, what the agreement promises (semantics.md section 3): every rank of a
+// group receives the identical agreed states for each round, and a room's agreed state only
+// rises (or drops to Failed) and stays once terminal. The simulator feeds it every agreed round
+// every rank receives.
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "actors/agreement.hpp"
+
+namespace kvflow::runtime {
+
+class agreement_checker {
+ public:
+  void on_round(int group, std::uint64_t round, const step_states& states);
+  std::vector<std::string> problems() const;  // the first few, one line each
+  std::uint64_t violations() const;
+  std::uint64_t rounds_checked() const;
+
+ private:
+  void problem(std::string p);
+  mutable std::mutex mutex_;
+  std::map<std::pair<int, std::uint64_t>, std::uint64_t> rounds_;  // (group, round) -> digest
+  std::map<std::tuple<int, std::uint64_t, std::uint64_t>, std::uint8_t> last_;
+  std::vector<std::string> problems_;
+  std::uint64_t violations_ = 0, checked_ = 0;
+};
+
+}  // namespace kvflow::runtime

@@ -1,0 +1,82 @@
+#include "runtime/sim_kv_content.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "runtime/pattern.hpp"
+
+namespace kvflow::runtime {
+
+void fill_pages(const config::routing_plan& plan, int rank, kv_pool& pool, const request_view& req,
+                const std::vector<std::int32_t>& pages, config::range fill) {
+  const auto& me = plan.prefill(rank);
+  const auto& s = pool.shape();
+  const auto& m = plan.config().model;
+  for (int i = fill.begin; i < fill.end; ++i)
+    for (int l = me.layers.begin; l < me.layers.end; ++l)
+      for (int b = 0; b < s.buffers_per_layer; ++b) {
+        auto* item = pool.item(l, b, pages[i]);
+        if (m.kind == config::model_kind::mla) {
+          pattern::fill(item, s.item_bytes, pattern::seed_of({req.room, req.incarnation, l, b, i, 0, rank}));
+          continue;
+        }
+        const std::int64_t slab = std::int64_t(s.page_size) * s.head_bytes;
+        for (int h = 0; h < s.local_heads; ++h) {
+          int global = me.coord.tp * s.local_heads + h;
+          pattern::fill(item + h * slab, slab,
+                        pattern::seed_of({req.room, req.incarnation, l, b, i, global, rank}));
+        }
+      }
+}
+
+aux_record simulated_first_output(const request_view& req) {
+  aux_record a;
+  a.first_token = static_cast<std::int32_t>(req.room % 32000);
+  a.first_logprob = -0.5f;
+  return a;
+}
+
+verify_counts verify_pages(const config::routing_plan& plan, int rank, const kv_pool& pool,
+                           const request_view& req, const std::vector<std::int32_t>& pages,
+                           std::int32_t aux_slot) {
+  verify_counts v;
+  const auto& me = plan.decode(rank);
+  const auto& c = plan.config();
+  const auto& s = pool.shape();
+  const bool mla = c.model.kind == config::model_kind::mla;
+  const int prefill_heads = mla ? 0 : c.model.kv_heads / c.prefill.tp;
+  const std::int64_t slab = mla ? s.item_bytes : std::int64_t(s.page_size) * s.head_bytes;
+  for (const auto& pe : me.peers) {
+    int src = config::prefill_rank_of(c.prefill, {req.prefill_dp, pe.pp, pe.cp, pe.tp});
+    config::range range{req.prefix_pages, req.n_pages};
+    if (pe.cp_share) {
+      auto share = config::cp_share(req.n_pages, c.prefill.cp, pe.cp);
+      range = {std::max(range.begin, share.begin), std::min(range.end, share.end)};
+    }
+    for (int i = range.begin; i < range.end; ++i)
+      for (int l = pe.layers.begin; l < pe.layers.end; ++l)
+        for (int b = 0; b < s.buffers_per_layer; ++b) {
+          const auto* item = pool.item(l, b, pages[i]);
+          int heads = mla ? 1 : pe.heads.count;
+          for (int k = 0; k < heads; ++k) {
+            int global = mla ? 0 : pe.tp * prefill_heads + pe.heads.src_begin + k;
+            const auto* at = mla ? item : item + (pe.heads.dst_begin + k) * slab;
+            v.bytes_expected += slab;
+            if (pattern::check(at, slab, pattern::seed_of({req.room, req.incarnation, l, b, i, global, src})))
+              v.bytes_verified += slab;
+            else
+              ++v.mismatched_pages;
+          }
+        }
+  }
+  if (me.expects_aux) {
+    aux_record rec;
+    std::memcpy(&rec, pool.aux_base() + pool.aux_offset(aux_slot), sizeof rec);
+    if (rec.room != req.room || rec.incarnation != req.incarnation || rec.check != aux_checksum(rec) ||
+        rec.first_token != simulated_first_output(req).first_token)
+      ++v.mismatched_pages;
+  }
+  return v;
+}
+
+}  // namespace kvflow::runtime

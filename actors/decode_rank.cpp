@@ -193,23 +193,6 @@ void on_topology(decode_actor* self, const msg::topology_reply& t) {
     if (auto it = st.rooms.find(room); it != st.rooms.end()) send_destinations(self, it->second);
 }
 
-// Acts on an agreed round: an agreed Failed fails the room here too (and tells the peers); an
-// agreed terminal state releases the room's memory, the same round on every rank of the group.
-void apply_agreed(decode_actor* self, std::uint64_t round, const step_states& states) {
-  auto& st = self->state;
-  for (const auto& s : states) {
-    auto it = st.rooms.find(s.room);
-    if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) continue;
-    auto agreed = static_cast<kv_poll>(s.state);
-    if (agreed == kv_poll::failed) {
-      const auto* e = st.store.find(s.room);
-      if (e != nullptr && e->state != kv_poll::failed)
-        fail_room(self, s.room, "another rank of the decode group failed the room");
-    }
-    if (is_terminal(agreed)) release(self, s.room, round, agreed);
-  }
-}
-
 caf::behavior decode_rank(decode_actor* self, rank_args args) {
   auto& st = self->state;
   st.args = std::move(args);
@@ -327,9 +310,10 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
                                       " of " + std::to_string(st.me->required_prefill_response_num) +
                                       " prefill ranks responded");
       },
-  }.or_else(detail::rank_handlers(self, false, [self](std::uint64_t round, const step_states& states) {
-    apply_agreed(self, round, states);
-  }));
+  }.or_else(detail::rank_handlers(
+      self, false,
+      [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); },
+      [self](std::uint64_t room, std::uint64_t round, kv_poll s) { release(self, room, round, s); }));
 }
 
 }  // namespace

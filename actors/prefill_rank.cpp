@@ -228,23 +228,6 @@ void release(prefill_actor* self, std::uint64_t room, std::uint64_t round, kv_po
   if (st.args.observer) self->send(st.args.observer, std::move(ev));
 }
 
-// Acts on an agreed round: an agreed Failed fails the room here too (and tells the peers); an
-// agreed terminal state releases the room's memory, the same round on every rank of the group.
-void apply_agreed(prefill_actor* self, std::uint64_t round, const step_states& states) {
-  auto& st = self->state;
-  for (const auto& s : states) {
-    auto it = st.rooms.find(s.room);
-    if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) continue;
-    auto agreed = static_cast<kv_poll>(s.state);
-    if (agreed == kv_poll::failed) {
-      const auto* e = st.store.find(s.room);
-      if (e != nullptr && e->state != kv_poll::failed)
-        fail_room(self, s.room, "another rank of the prefill group failed the room");
-    }
-    if (is_terminal(agreed)) release(self, s.room, round, agreed);
-  }
-}
-
 caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
   auto& st = self->state;
   st.args = std::move(args);
@@ -464,9 +447,10 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
                                       std::to_string(it->second.dsts.size()) + " of " +
                                       std::to_string(it->second.expected.size()) + " decode ranks");
       },
-  }.or_else(detail::rank_handlers(self, true, [self](std::uint64_t round, const step_states& states) {
-    apply_agreed(self, round, states);
-  }));
+  }.or_else(detail::rank_handlers(
+      self, true,
+      [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); },
+      [self](std::uint64_t room, std::uint64_t round, kv_poll s) { release(self, room, round, s); }));
 }
 
 }  // namespace

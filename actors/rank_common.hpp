@@ -66,9 +66,33 @@ void on_agreed_message(Self* self, const msg::agreed_round& m, Apply apply) {
   self->delayed_send(self, step_pause(st.args.tunables, st.rooms.empty()), msg::step_tick{});
 }
 
+// Acts on an agreed round: an agreed Failed fails the room here too (`fail` tells the peers);
+// an agreed terminal state releases the room (`release`), at the same round on every rank of the
+// group. Rooms this rank does not hold (cleared, or another incarnation) are left alone.
+template <class Self, class Fail, class Release>
+void apply_agreed(Self* self, std::uint64_t round, const step_states& states, const char* side,
+                  Fail fail, Release release) {
+  auto& st = self->state;
+  for (const auto& s : states) {
+    auto it = st.rooms.find(s.room);
+    if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) continue;
+    auto agreed = static_cast<kv_poll>(s.state);
+    if (agreed == kv_poll::failed) {
+      const auto* e = st.store.find(s.room);
+      if (e != nullptr && e->state != kv_poll::failed)
+        fail(s.room, std::string("another rank of the ") + side + " group failed the room");
+    }
+    if (is_terminal(agreed)) release(s.room, round, agreed);
+  }
+}
+
 // The handlers every rank has: leak accounting, the scheduler step, agreed rounds by message.
-template <class Self, class Apply>
-caf::message_handler rank_handlers(Self* self, bool prefill, Apply apply) {
+// `fail(room, reason)` and `release(room, round, state)` are the rank's own.
+template <class Self, class Fail, class Release>
+caf::message_handler rank_handlers(Self* self, bool prefill, Fail fail, Release release) {
+  auto apply = [self, prefill, fail, release](std::uint64_t round, const step_states& states) {
+    apply_agreed(self, round, states, prefill ? "prefill" : "decode", fail, release);
+  };
   return {
       [self, prefill](msg::pool_usage_query) {
         auto& st = self->state;

@@ -2,6 +2,9 @@
 // transport, a real bootstrap registry and test actors as peers and parents.
 #include <algorithm>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 
 #include "actor_helpers.hpp"
 #include "actors/block_plan.hpp"
@@ -87,6 +90,7 @@ struct rank_fixture : actor_fixture {
   inbox_ptr observer_box;
   config::tunables tunables;
   caf::actor rank;
+  std::shared_ptr<transport::transport> rank_transport;  // what ranks push through (default: transport)
   std::vector<std::unique_ptr<kv_pool>> pools;  // fake decode pools: outlive every pusher
   std::vector<std::uint64_t> regions;
 
@@ -108,7 +112,7 @@ struct rank_fixture : actor_fixture {
     a.plan = plan;
     a.rank = r;
     a.tunables = tunables;
-    a.transport = transport;
+    a.transport = rank_transport ? rank_transport : transport;
     a.parent = parent;
     a.registry = registry;
     a.observer = observer;
@@ -230,9 +234,75 @@ std::optional<msg::kv_status> status_of(const fake_peer& p, std::uint64_t room, 
       timeout);
 }
 
+// A transport whose pushes complete only when the test says so, as UCX's do when the network
+// is slow: the bytes are copied at once, the completion callback is held back.
+class deferred_transport final : public kvflow::transport::transport {
+ public:
+  explicit deferred_transport(std::shared_ptr<kvflow::transport::inproc_transport> inner) : inner_(std::move(inner)) {}
+  const char* name() const override { return "deferred"; }
+  result<kvflow::transport::region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override {
+    return inner_->register_memory(owner, base, len);
+  }
+  void deregister_memory(std::uint64_t region) override { inner_->deregister_memory(region); }
+  void push(std::uint64_t peer, const std::vector<kvflow::transport::block>& blocks, kvflow::transport::completion done) override {
+    status result;
+    inner_->push(peer, blocks, [&result](status s) { result = std::move(s); });
+    std::lock_guard<std::mutex> g(mutex_);
+    held_.push_back([done = std::move(done), result] { done(result); });
+  }
+  std::size_t held() {
+    std::lock_guard<std::mutex> g(mutex_);
+    return held_.size();
+  }
+  void complete_all() {
+    std::vector<std::function<void()>> now;
+    {
+      std::lock_guard<std::mutex> g(mutex_);
+      now.swap(held_);
+    }
+    for (auto& f : now) f();
+  }
+
+ private:
+  std::shared_ptr<kvflow::transport::inproc_transport> inner_;
+  std::mutex mutex_;
+  std::vector<std::function<void()>> held_;
+};
+
 }  // namespace
 
 // ---- prefill ---------------------------------------------------------------------------------
+
+TEST_CASE("prefill keeps a released room's pages until its pushes complete") {
+  // An aborted room is agreed Failed and released while its push is still in flight: the pages
+  // the transport reads from must not go back to the pool (and to the next request) before the
+  // push completes.
+  rank_fixture f(mla_config(1, 1, 1));
+  auto deferred = std::make_shared<deferred_transport>(f.transport);
+  f.rank_transport = deferred;
+  auto d = f.fake_decode(0);
+  f.spawn_prefill(0);
+  f.connect(d, 0);
+  const std::uint64_t room = 71;
+  caf::anon_send(f.rank, request(room, 1, 8));  // 2 pages
+  f.send_dst(room, 1, 0, {4, 5}, 0);
+  caf::anon_send(f.rank, chunk(room, 0, 2, true));
+  CHECK(f.sync().used_pages == 2);
+  REQUIRE(deferred->held() == 1);
+  caf::anon_send(f.rank, msg::abort_room{room, 1, 0, "decode gave up"});
+  f.echo->store(true);
+  auto ev = f.released(room);
+  REQUIRE(ev);
+  CHECK(ev->state == static_cast<std::uint8_t>(kv_poll::failed));
+  CHECK(f.sync().used_pages == 2);  // released, but the push still reads its pages
+  deferred->complete_all();
+  bool freed = false;
+  for (int i = 0; i < 200 && !freed; ++i) {
+    freed = f.sync().used_pages == 0;
+    if (!freed) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  CHECK(freed);
+}
 
 TEST_CASE("prefill CP rank 1 is non-authoritative: starts WaitingForInput, Success on an empty last chunk") {
   rank_fixture f(mla_config(1, 2, 1));

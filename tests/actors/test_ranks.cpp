@@ -269,9 +269,54 @@ class deferred_transport final : public kvflow::transport::transport {
   std::vector<std::function<void()>> held_;
 };
 
+// A transport whose first `failures` pushes fail (a transient network error), then works.
+class flaky_transport final : public kvflow::transport::transport {
+ public:
+  flaky_transport(std::shared_ptr<kvflow::transport::inproc_transport> inner, int failures)
+      : inner_(std::move(inner)), failures_(failures) {}
+  const char* name() const override { return "flaky"; }
+  result<kvflow::transport::region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override {
+    return inner_->register_memory(owner, base, len);
+  }
+  void deregister_memory(std::uint64_t region) override { inner_->deregister_memory(region); }
+  void push(std::uint64_t peer, const std::vector<kvflow::transport::block>& blocks,
+            kvflow::transport::completion done) override {
+    if (failures_.fetch_sub(1) > 0) {
+      done(status::error("connection reset by peer"));
+      return;
+    }
+    inner_->push(peer, blocks, std::move(done));
+  }
+
+ private:
+  std::shared_ptr<kvflow::transport::inproc_transport> inner_;
+  std::atomic<int> failures_;
+};
+
 }  // namespace
 
 // ---- prefill ---------------------------------------------------------------------------------
+
+TEST_CASE("regression #13054: a transient transport error fails that room only; the peer keeps serving") {
+  // SGLang marked the peer session bad until decode re-registered: one error, then every later
+  // request to that peer failed. Here the error fails the room it hit and nothing else.
+  rank_fixture f(mla_config(1, 1, 1));
+  f.rank_transport = std::make_shared<flaky_transport>(f.transport, 1);
+  auto d = f.fake_decode(0);
+  f.spawn_prefill(0);
+  f.connect(d, 0);
+  caf::anon_send(f.rank, request(81, 1, 8));
+  f.send_dst(81, 1, 0, {1, 2}, 0);
+  caf::anon_send(f.rank, chunk(81, 0, 2, true));
+  auto failed = status_of(d, 81, kv_poll::failed);
+  REQUIRE(failed);
+  CHECK(contains(failed->reason, "connection reset"));
+  caf::anon_send(f.rank, request(82, 2, 8));
+  f.send_dst(82, 2, 0, {3, 4}, 1);
+  caf::anon_send(f.rank, msg::kv_chunk{82, 2, 0, 2, true});
+  CHECK(status_of(d, 82, kv_poll::success, 2));
+  CHECK(f.transport->bytes_moved() > 0);
+}
 
 TEST_CASE("prefill keeps a released room's pages until its pushes complete") {
   // An aborted room is agreed Failed and released while its push is still in flight: the pages
@@ -854,6 +899,31 @@ TEST_CASE("regression: a decode abort_request for a stale incarnation leaves the
   caf::anon_send(f.rank, msg::abort_request{room, 1, "late abort of the previous request"});
   CHECK(f.state_now(room) == as_int(kv_poll::waiting_for_input));
   for (const auto& p : f.prefill) CHECK(p.box->all<msg::abort_room>().empty());
+}
+
+TEST_CASE("decode rank: a prefill side with another page size fails every request with a clear reason") {
+  // semantics.md section 4: a page-size or dtype mismatch is a clear error, not corrupt data.
+  decode_fixture f;  // registry and fake prefill ranks: page size 4
+  auto other = f.config;
+  other.page_size = 8;
+  auto plan = std::make_shared<const config::routing_plan>(other);
+  const auto& me = plan->decode(0);
+  auto a = f.base_args(0);
+  a.plan = plan;
+  a.shape = {me.layers, plan->buffers_per_layer(), plan->decode_item_bytes(), 16, 4, 8,
+             me.local_heads, other.model.head_bytes()};
+  f.rank = f.own(spawn_decode_rank(f.sys, std::move(a)));
+  caf::anon_send(f.rank, request(91, 1, 16));
+  f.echo->store(true);
+  auto ev = f.released(91);
+  REQUIRE(ev);
+  CHECK(ev->state == static_cast<std::uint8_t>(kv_poll::failed));
+  CHECK(contains(ev->reason, "page size 4 != decode page size 8"));
+  // It never registered memory with, nor sent destinations to, an incompatible prefill side.
+  for (const auto& p : f.prefill) {
+    CHECK(p.box->all<msg::kv_registration>().empty());
+    CHECK(p.box->all<msg::dst_info>().empty());
+  }
 }
 
 }  // namespace kvflow::actor_test

@@ -9,7 +9,10 @@ namespace kvflow::cuda {
 
 host_memory::host_memory(std::uint64_t bytes) : size_(bytes) {
   if (bytes == 0) return;
-  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  // KV pools are sized for the worst case and touched sparsely: reserve no swap for them, so a
+  // large pool costs address space, and memory only where it is written.
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
   data_ = static_cast<std::byte*>(p);
 }

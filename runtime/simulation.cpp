@@ -77,6 +77,7 @@ struct driver_state {
   std::map<std::pair<std::uint64_t, std::uint64_t>, int> by_key;  // (room, incarnation) -> index
   std::multiset<std::uint64_t> live_rooms;
   std::set<std::pair<bool, int>> dead;
+  std::set<std::pair<bool, int>> killed;  // by a fault: their death is expected
   int next = 0, running = 0, started = 0, finished = 0;
   std::mt19937_64 rng;
   clock_type::time_point first_start, last_end;
@@ -97,8 +98,10 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
   const auto& c = o.cluster;
   cluster_handles h;
   h.registry = spawn_bootstrap_registry(sys, c);
+  // Pools hold the pages in flight: at most min(concurrency, requests) requests at once.
   const int max_pages = pages_of(c, o.prompt_max);
-  const int pages = o.concurrency * max_pages;
+  const int in_flight = std::min(o.concurrency, o.requests);
+  const int pages = in_flight * max_pages;
   const bool mha = c.model.kind == config::model_kind::mha;
   auto base_args = [&](int rank) {
     rank_args a;
@@ -176,7 +179,7 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
         const auto& me = plan->decode(r);
         auto a = base_args(r);
         a.shape = {me.layers, plan->buffers_per_layer(), plan->decode_item_bytes(), pages,
-                   o.concurrency + 1, c.page_size, me.local_heads, mha ? c.model.head_bytes() : 0};
+                   in_flight + 1, c.page_size, me.local_heads, mha ? c.model.head_bytes() : 0};
         a.parent = root;
         a.child_index = tp;
         a.board = ra.board;
@@ -277,6 +280,7 @@ void start_request(driver_actor* self, sim_request& r) {
     } else if (f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::kill_decode) {
       bool pre = f.what == fault_spec::kind::kill_prefill;
       auto& target = pre ? st.h.prefill[f.rank] : st.h.decode[f.rank];
+      st.killed.insert({pre, f.rank});
       self->send_exit(target, caf::exit_reason::kill);
       st.report->faults_applied.push_back(f.text);
     } else if (f.what == fault_spec::kind::drop_dst_info || f.what == fault_spec::kind::corrupt) {
@@ -343,10 +347,16 @@ void on_released(driver_actor* self, const msg::rank_released& ev) {
 
 void on_rank_down(driver_actor* self, const caf::down_msg& dm) {
   auto& st = self->state;
+  auto died = [&](bool prefill, int i) {
+    st.dead.insert({prefill, i});
+    if (!st.killed.count({prefill, i}) && !st.finalizing)
+      st.report->problems.push_back((prefill ? "prefill rank " : "decode rank ") + std::to_string(i) +
+                                    " stopped with no fault: " + self->system().render(dm.reason));
+  };
   for (int i = 0; i < static_cast<int>(st.h.prefill.size()); ++i)
-    if (st.h.prefill[i].address() == dm.source) st.dead.insert({true, i});
+    if (st.h.prefill[i].address() == dm.source) died(true, i);
   for (int i = 0; i < static_cast<int>(st.h.decode.size()); ++i)
-    if (st.h.decode[i].address() == dm.source) st.dead.insert({false, i});
+    if (st.h.decode[i].address() == dm.source) died(false, i);
   for (auto& r : st.requests) check_finished(self, r);
 }
 

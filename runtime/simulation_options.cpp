@@ -1,5 +1,6 @@
 #include "runtime/simulation.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace kvflow::runtime {
@@ -62,6 +63,21 @@ void validate(const simulation_options& o) {
   need(o.deadline_s > 0, "deadline", "must be > 0");
   need(o.transport == "inproc", "transport",
        "'" + o.transport + "' is not available in this build (inproc)");
+  // Each rank's pool holds the pages of the requests in flight; refuse what cannot be mapped.
+  {
+    const auto& c = o.cluster;
+    const auto& m = c.model;
+    const double item = m.kind == config::model_kind::mla
+                            ? double(c.page_size) * double(m.mla_bytes_per_token)
+                            : double(c.page_size) * double(m.kv_heads) * double(m.head_bytes()) * 2;
+    const double pages = double(std::min(o.concurrency, o.requests)) *
+                         ((double(o.prompt_max) + c.page_size - 1) / c.page_size);
+    const double bytes = pages * item * double(m.layers);
+    need(bytes <= double(std::uint64_t{1} << 40), "concurrency",
+         "pools for " + std::to_string(std::min(o.concurrency, o.requests)) + " requests of " +
+             std::to_string(o.prompt_max) + " tokens need " + std::to_string(bytes / double(1ULL << 30)) +
+             " GiB per rank (limit 1 TiB)");
+  }
   for (const auto& f : o.faults) {
     if (f.what == fault_spec::kind::kill_prefill)
       need(f.rank < o.cluster.prefill.ranks(), "fault", "'" + f.text + "' names prefill rank " +

@@ -36,6 +36,7 @@ case "$case_" in
     expect_usage_error "fault" simulate --fault kill:prefill:99@1
     expect_usage_error "prompt-tokens" simulate --prompt-tokens 9:3
     expect_usage_error "transport" simulate --transport carrier-pigeon
+    expect_usage_error "concurrency" simulate --concurrency 100000 --requests 100000 --prompt-tokens 1000000
     expect_usage_error "unknown\|extra\|not expected\|requires\|--bogus" simulate --bogus
     ;;
   seed_default)

@@ -26,9 +26,14 @@ struct remote_pool {
   std::int32_t page_size = 0;
   std::int32_t local_heads = 0;
   std::int64_t head_bytes = 0;
+  std::uint64_t state_region = 0;  // state pages (e.g. the DSv3.2 indexer cache); 0 pages: none
+  std::uint64_t state_bytes = 0;
+  std::int32_t state_pages = 0;
+  std::int64_t state_item_bytes = 0;
 };
 
-remote_pool describe(const kv_pool& pool, std::uint64_t kv_region, std::uint64_t aux_region);
+remote_pool describe(const kv_pool& pool, std::uint64_t kv_region, std::uint64_t aux_region,
+                     std::uint64_t state_region = 0);
 
 // Checks a registration's internal consistency (its sizes add up, nothing overflows).
 status check_remote_pool(const remote_pool& r);
@@ -40,6 +45,10 @@ struct block_request {
   config::head_slice heads;  // MHA slice; ignored for MLA
   bool mla = true;
   bool coalesce = true;      // false: one block per page (for benchmarks)
+  // State pages moving with the KV pages (same request pages, MLA): source and destination
+  // state indices, or null when the model has no state.
+  const std::vector<std::int32_t>* src_state = nullptr;
+  const std::vector<std::int32_t>* dst_state = nullptr;
 };
 
 // Blocks for `req`, or why the request is invalid (bad index, layer or head range).

@@ -20,6 +20,7 @@ struct decode_room {
   request_view req;
   std::vector<std::int32_t> pages;
   std::int32_t aux_slot = -1;
+  std::vector<std::int32_t> state_pages;  // destinations of the request's state (if any)
   std::vector<int> peers;   // global prefill ranks this request reads
   std::set<int> responded;  // distinct prefill ranks that reported Success
   std::uint8_t fault = 0;
@@ -111,6 +112,7 @@ void send_destinations(decode_actor* self, decode_room& r) {
     d.dst_pages = r.pages;
     d.aux_slot = r.aux_slot < 0 ? 0 : r.aux_slot;
     d.prefix_pages = r.req.prefix_pages;
+    d.state_indices = r.state_pages;
     if (drop) {
       drop = false;  // the fault loses exactly one destination message
       continue;
@@ -135,12 +137,13 @@ void release(decode_actor* self, std::uint64_t room, std::uint64_t round, kv_pol
   ev.state = static_cast<std::uint8_t>(agreed);
   ev.reason = e != nullptr ? e->reason : std::string{};
   if (agreed == kv_poll::success && st.args.hooks.verify) {
-    auto v = st.args.hooks.verify(*st.pool, r.req, r.pages, r.aux_slot);
+    auto v = st.args.hooks.verify(*st.pool, r.req, r.pages, r.state_pages, r.aux_slot);
     ev.bytes_expected = v.bytes_expected;
     ev.bytes_verified = v.bytes_verified;
     ev.mismatched_pages = v.mismatched_pages;
   }
   st.pool->free_pages(r.pages);
+  st.pool->free_state(r.state_pages);
   if (r.aux_slot >= 0) st.pool->free_aux(r.aux_slot);
   st.rooms.erase(it);
   st.store.clear(room);
@@ -200,15 +203,21 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
   st.pool = std::make_unique<kv_pool>(st.args.shape);
   st.store = state_store(static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank));
   st.name = "decode rank " + std::to_string(st.args.rank);
-  auto kv = st.args.transport->register_memory(st.args.rank, st.pool->kv_base(), st.pool->kv_bytes());
-  auto aux = st.args.transport->register_memory(st.args.rank, st.pool->aux_base(), st.pool->aux_bytes());
-  if (!kv || !aux) {
-    st.fatal = "cannot register KV memory: " + (!kv ? kv.error().reason() : aux.error().reason());
-    spdlog::error("{}: {}", st.name, st.fatal);
-  } else {
-    st.described = describe(*st.pool, kv->id, aux->id);
-    st.regions = {kv->id, aux->id};
+  // Peers may write into the KV pages, the aux slots and the state pages: register all three.
+  std::vector<std::uint64_t> ids;
+  for (auto [base, bytes] : {std::make_pair(st.pool->kv_base(), st.pool->kv_bytes()),
+                             std::make_pair(st.pool->aux_base(), st.pool->aux_bytes()),
+                             std::make_pair(st.pool->state_base(), st.pool->state_bytes())}) {
+    auto reg = st.args.transport->register_memory(st.args.rank, base, bytes);
+    if (!reg) {
+      st.fatal = "cannot register KV memory: " + reg.error().reason();
+      spdlog::error("{}: {}", st.name, st.fatal);
+      break;
+    }
+    ids.push_back(reg->id);
   }
+  st.regions = ids;
+  if (st.fatal.empty()) st.described = describe(*st.pool, ids[0], ids[1], ids[2]);
   self->send(st.args.parent, msg::attach_child{st.args.child_index, caf::actor_cast<caf::actor>(self)});
   self->send(st.args.registry, msg::register_decode{st.args.rank, caf::actor_cast<caf::actor>(self)});
   self->request(st.args.registry, caf::infinite, msg::topology_query{})
@@ -260,6 +269,14 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
           return;
         }
         room.pages = std::move(*pages);
+        if (st.pool->shape().state_pages > 0) {
+          auto state = st.pool->alloc_state(room.req.n_pages);
+          if (!state) {
+            fail_room(self, q.room, "out of state pages");
+            return;
+          }
+          room.state_pages = std::move(*state);
+        }
         if (st.me->expects_aux) {
           auto slot = st.pool->alloc_aux();
           if (!slot) {

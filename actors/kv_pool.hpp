@@ -29,7 +29,14 @@ struct pool_shape {
   int page_size = 0;
   int local_heads = 0;         // MHA: heads per page, head-major within a page
   std::int64_t head_bytes = 0; // MHA: bytes of one head of one token
+  std::int64_t state_item_bytes = 0;  // one state page of one layer (0: the model has no state)
+  int state_pages = 0;
 };
+
+// The pool of a prefill / decode rank of `plan` holding `pages` KV pages (and as many state
+// pages when the model carries state).
+pool_shape prefill_pool_shape(const config::routing_plan& plan, int rank, int pages);
+pool_shape decode_pool_shape(const config::routing_plan& plan, int rank, int pages, int aux_slots);
 
 class kv_pool {
  public:
@@ -40,11 +47,16 @@ class kv_pool {
   std::uint64_t kv_bytes() const { return kv_.size(); }
   std::byte* aux_base() const { return aux_.data(); }
   std::uint64_t aux_bytes() const { return aux_.size(); }
+  std::byte* state_base() const { return state_.data(); }
+  std::uint64_t state_bytes() const { return state_.size(); }
 
   // Byte offset of page `page` of buffer `buffer` of global layer `layer` in the KV region.
   std::uint64_t offset(int layer, int buffer, int page) const;
   std::byte* item(int layer, int buffer, int page) const { return kv_base() + offset(layer, buffer, page); }
   std::uint64_t aux_offset(int slot) const { return std::uint64_t(slot) * sizeof(aux_record); }
+  // Byte offset of state page `page` of global layer `layer` in the state region.
+  std::uint64_t state_offset(int layer, int page) const;
+  std::byte* state_item(int layer, int page) const { return state_base() + state_offset(layer, page); }
 
   // LIFO allocators: recently freed pages come back first (keeps resident memory small and
   // makes page lists non-consecutive after churn, as in a real pool).
@@ -52,15 +64,20 @@ class kv_pool {
   void free_pages(const std::vector<std::int32_t>& pages);
   std::optional<std::int32_t> alloc_aux();
   void free_aux(std::int32_t slot);
+  std::optional<std::vector<std::int32_t>> alloc_state(int n);
+  void free_state(const std::vector<std::int32_t>& pages);
   int used_pages() const { return shape_.pages - static_cast<int>(free_pages_.size()); }
   int used_aux() const { return shape_.aux_slots - static_cast<int>(free_aux_.size()); }
+  int used_state_pages() const { return shape_.state_pages - static_cast<int>(free_state_.size()); }
 
  private:
   pool_shape shape_;
   cuda::host_memory kv_;
   cuda::host_memory aux_;
+  cuda::host_memory state_;
   std::vector<std::int32_t> free_pages_;
   std::vector<std::int32_t> free_aux_;
+  std::vector<std::int32_t> free_state_;
 };
 
 std::uint64_t aux_checksum(const aux_record& r);

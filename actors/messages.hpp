@@ -321,6 +321,7 @@ template <class I>
 typename I::result_type inspect(I& f, remote_pool& x) {
   return f(caf::meta::type_name("remote_pool"), x.kv_region, x.kv_bytes, x.layer_begin,
            x.layer_count, x.buffers_per_layer, x.pages, x.item_bytes, x.aux_region, x.aux_slots,
-           x.page_size, x.local_heads, x.head_bytes);
+           x.page_size, x.local_heads, x.head_bytes, x.state_region, x.state_bytes, x.state_pages,
+           x.state_item_bytes);
 }
 }  // namespace kvflow

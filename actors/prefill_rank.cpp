@@ -21,6 +21,7 @@ struct decode_peer {
 struct prefill_room {
   request_view req;
   std::vector<std::int32_t> pages;        // this rank's pages holding the request's KV
+  std::vector<std::int32_t> state_pages;  // and its state pages (none when the model has none)
   std::vector<int> expected;              // global decode ranks that send destinations
   std::map<int, msg::dst_info> dsts;      // by decode rank
   std::vector<msg::kv_chunk> queued;      // chunks that arrived before all destinations
@@ -40,7 +41,7 @@ struct prefill_state {
   // Released rooms whose pushes are still in flight: their pages return to the pool only once
   // the transport is done reading them. Key: (room, incarnation).
   struct draining_pages {
-    std::vector<std::int32_t> pages;
+    std::vector<std::int32_t> pages, state_pages;
     int pending = 0;
   };
   std::map<std::pair<std::uint64_t, std::uint64_t>, draining_pages> draining;
@@ -121,7 +122,14 @@ void send_chunk(prefill_actor* self, prefill_room& r, const msg::kv_chunk& c) {
       std::vector<std::int32_t> dst(info.dst_pages.begin() + pages.begin,
                                     info.dst_pages.begin() + pages.end);
       block_request br{&src, &dst, pe->layers, pe->heads,
-                       cfg.model.kind == config::model_kind::mla, true};
+                       cfg.model.kind == config::model_kind::mla, true, nullptr, nullptr};
+      std::vector<std::int32_t> src_state, dst_state;
+      if (!r.state_pages.empty()) {
+        src_state.assign(r.state_pages.begin() + pages.begin, r.state_pages.begin() + pages.end);
+        dst_state.assign(info.state_indices.begin() + pages.begin, info.state_indices.begin() + pages.end);
+        br.src_state = &src_state;
+        br.dst_state = &dst_state;
+      }
       auto planned = plan_blocks(*st.pool, peer.pool, br);
       if (!planned) {
         fail_room(self, room, "decode rank " + std::to_string(d) + ": " + planned.error().reason());
@@ -191,6 +199,16 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
     bad = "prefix of " + std::to_string(d.prefix_pages) + " pages out of range";
   else if (d.aux_slot < 0 || d.aux_slot >= peer->second.pool.aux_slots)
     bad = "aux slot " + std::to_string(d.aux_slot) + " out of range";
+  else if (d.state_indices.size() != (r.state_pages.empty() ? 0u : static_cast<std::size_t>(r.req.n_pages)))
+    bad = std::to_string(d.state_indices.size()) + " state indices for a " + std::to_string(r.req.n_pages) +
+          "-page request" + (r.state_pages.empty() ? " of a model without state" : "");
+  if (bad.empty())
+    for (auto p : d.state_indices)
+      if (p < 0 || p >= peer->second.pool.state_pages) {
+        bad = "state index " + std::to_string(p) + " outside the registered " +
+              std::to_string(peer->second.pool.state_pages) + " state pages";
+        break;
+      }
   if (bad.empty())
     for (auto p : d.dst_pages)
       if (p < 0 || p >= peer->second.pool.pages) {
@@ -219,10 +237,13 @@ void release(prefill_actor* self, std::uint64_t room, std::uint64_t round, kv_po
   ev.round = round;
   ev.state = static_cast<std::uint8_t>(agreed);
   ev.reason = e != nullptr ? e->reason : std::string{};
-  if (it->second.pending_pushes > 0)
-    st.draining[{room, ev.incarnation}] = {std::move(it->second.pages), it->second.pending_pushes};
-  else
+  if (it->second.pending_pushes > 0) {
+    st.draining[{room, ev.incarnation}] = {std::move(it->second.pages), std::move(it->second.state_pages),
+                                           it->second.pending_pushes};
+  } else {
     st.pool->free_pages(it->second.pages);
+    st.pool->free_state(it->second.state_pages);
+  }
   st.rooms.erase(it);
   st.store.clear(room);
   if (st.args.observer) self->send(st.args.observer, std::move(ev));
@@ -309,10 +330,21 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           return;
         }
         r.pages = std::move(*pages);
+        if (st.pool->shape().state_pages > 0) {
+          auto state = st.pool->alloc_state(r.req.n_pages);
+          if (!state) {
+            st.pool->free_pages(r.pages);
+            r.pages.clear();
+            st.rooms.emplace(q.room, std::move(r));
+            fail_room(self, q.room, "out of state pages");
+            return;
+          }
+          r.state_pages = std::move(*state);
+        }
         if (st.me->authoritative && st.args.hooks.fill) {
           config::range fill{0, r.req.n_pages};
           if (cfg.cp_send_all && cfg.prefill.cp > 1) fill = config::cp_share(r.req.n_pages, cfg.prefill.cp, st.me->coord.cp);
-          st.args.hooks.fill(*st.pool, r.req, r.pages, fill);
+          st.args.hooks.fill(*st.pool, r.req, r.pages, r.state_pages, fill);
           if ((q.fault & fault_corrupt) != 0 && !fill.empty()) {
             auto* p = st.pool->item(st.me->layers.begin, 0, r.pages[fill.begin]);
             *p = static_cast<std::byte>(~std::to_integer<unsigned>(*p));
@@ -405,6 +437,7 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           auto d = st.draining.find({p.room, p.incarnation});
           if (d != st.draining.end() && --d->second.pending == 0) {
             st.pool->free_pages(d->second.pages);
+            st.pool->free_state(d->second.state_pages);
             st.draining.erase(d);
           }
           return;

@@ -37,16 +37,18 @@ struct verify_counts {
 };
 
 struct rank_hooks {
-  // Prefill: the request's KV was computed into `pages`; fill pages [fill.begin, fill.end).
+  // Prefill: the request's KV was computed into `pages` (and its state into `state_pages`,
+  // empty when the model has none); fill request pages [fill.begin, fill.end).
   std::function<void(kv_pool&, const request_view&, const std::vector<std::int32_t>& pages,
-                     config::range fill)>
+                     const std::vector<std::int32_t>& state_pages, config::range fill)>
       fill;
   // Prefill: the request's first output (token, logprob) for its aux slot; room, incarnation
   // and checksum are filled in by the rank.
   std::function<aux_record(const request_view&)> aux;
   // Decode: after an agreed Success, check what landed in `pages` and the aux slot.
   std::function<verify_counts(const kv_pool&, const request_view&,
-                              const std::vector<std::int32_t>& pages, std::int32_t aux_slot)>
+                              const std::vector<std::int32_t>& pages,
+                              const std::vector<std::int32_t>& state_pages, std::int32_t aux_slot)>
       verify;
   // Every agreed round this rank received (tests and the simulator check agreement with it).
   std::function<void(int group, std::uint64_t round, const step_states&)> agreed;

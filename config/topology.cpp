@@ -100,27 +100,31 @@ model_layout parse_model(const std::string& text, kv_dtype dtype) {
     m.name = "dsv32";
     m.layers = 61;
     m.mla_bytes_per_token = dtype == kv_dtype::bf16 ? 1152 : 656;
+    m.state_bytes_per_token = 132;  // the indexer cache is fp8 with scales in either KV dtype
     return m;
   }
   if (!parts.empty() && parts[0] == "mla") {
-    if (parts.size() != 3) fail("model", "expected mla:LAYERS:BYTES, got '" + text + "'");
+    if (parts.size() != 3 && parts.size() != 4)
+      fail("model", "expected mla:LAYERS:BYTES[:STATE_BYTES], got '" + text + "'");
     m.kind = model_kind::mla;
     m.name = text;
     m.layers = static_cast<int>(parse_int("model.layers", parts[1], 1024));
     m.mla_bytes_per_token = parse_int("model.bytes", parts[2], 1 << 20);
+    m.state_bytes_per_token = parts.size() == 4 ? parse_int("model.state_bytes", parts[3], 1 << 20) : 0;
     return m;
   }
   if (!parts.empty() && parts[0] == "mha") {
     if (parts.size() != 4) fail("model", "expected mha:LAYERS:KV_HEADS:HEAD_DIM, got '" + text + "'");
     m.kind = model_kind::mha;
     m.name = text;
+    m.state_bytes_per_token = 0;
     m.layers = static_cast<int>(parse_int("model.layers", parts[1], 1024));
     m.kv_heads = static_cast<int>(parse_int("model.kv_heads", parts[2], 4096));
     m.head_dim = static_cast<int>(parse_int("model.head_dim", parts[3], 65536));
     m.elem_size = dtype == kv_dtype::bf16 ? 2 : 1;
     return m;
   }
-  fail("model", "'" + text + "' is not dsv32, mla:L:BYTES or mha:L:KV_HEADS:HEAD_DIM");
+  fail("model", "'" + text + "' is not dsv32, mla:L:BYTES[:STATE_BYTES] or mha:L:KV_HEADS:HEAD_DIM");
 }
 
 std::string describe(const model_layout& m) { return m.name; }

@@ -44,6 +44,10 @@ struct model_layout {
   int layers = 61;
   // MLA: bytes of the latent KV per token per layer (one buffer per layer).
   std::int64_t mla_bytes_per_token = 656;
+  // Per-token state that moves with the KV in pages of its own, addressed by the destination's
+  // state indices (DeepSeek-V3.2: the lightning indexer's keys, 128 fp8 values + an fp32 scale
+  // per token per layer = 132 B). 0: none.
+  std::int64_t state_bytes_per_token = 132;
   // MHA/GQA: kv heads and head dim; element size from the dtype; K and V buffers per layer.
   int kv_heads = 0;
   int head_dim = 0;

@@ -8,10 +8,15 @@
 namespace kvflow::runtime {
 
 void fill_pages(const config::routing_plan& plan, int rank, kv_pool& pool, const request_view& req,
-                const std::vector<std::int32_t>& pages, config::range fill) {
+                const std::vector<std::int32_t>& pages, const std::vector<std::int32_t>& state_pages,
+                config::range fill) {
   const auto& me = plan.prefill(rank);
   const auto& s = pool.shape();
   const auto& m = plan.config().model;
+  for (int i = fill.begin; i < fill.end && !state_pages.empty(); ++i)
+    for (int l = me.layers.begin; l < me.layers.end; ++l)
+      pattern::fill(pool.state_item(l, state_pages[i]), s.state_item_bytes,
+                    pattern::seed_of({req.room, req.incarnation, l, state_buffer, i, 0, rank}));
   for (int i = fill.begin; i < fill.end; ++i)
     for (int l = me.layers.begin; l < me.layers.end; ++l)
       for (int b = 0; b < s.buffers_per_layer; ++b) {
@@ -38,7 +43,7 @@ aux_record simulated_first_output(const request_view& req) {
 
 verify_counts verify_pages(const config::routing_plan& plan, int rank, const kv_pool& pool,
                            const request_view& req, const std::vector<std::int32_t>& pages,
-                           std::int32_t aux_slot) {
+                           const std::vector<std::int32_t>& state_pages, std::int32_t aux_slot) {
   verify_counts v;
   const auto& me = plan.decode(rank);
   const auto& c = plan.config();
@@ -53,6 +58,15 @@ verify_counts verify_pages(const config::routing_plan& plan, int rank, const kv_
       auto share = config::cp_share(req.n_pages, c.prefill.cp, pe.cp);
       range = {std::max(range.begin, share.begin), std::min(range.end, share.end)};
     }
+    for (int i = range.begin; i < range.end && !state_pages.empty(); ++i)
+      for (int l = pe.layers.begin; l < pe.layers.end; ++l) {
+        v.bytes_expected += s.state_item_bytes;
+        if (pattern::check(pool.state_item(l, state_pages[i]), s.state_item_bytes,
+                           pattern::seed_of({req.room, req.incarnation, l, state_buffer, i, 0, src})))
+          v.bytes_verified += s.state_item_bytes;
+        else
+          ++v.mismatched_pages;
+      }
     for (int i = range.begin; i < range.end; ++i)
       for (int l = pe.layers.begin; l < pe.layers.end; ++l)
         for (int b = 0; b < s.buffers_per_layer; ++b) {

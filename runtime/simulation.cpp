@@ -102,7 +102,6 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
   const int max_pages = pages_of(c, o.prompt_max);
   const int in_flight = std::min(o.concurrency, o.requests);
   const int pages = in_flight * max_pages;
-  const bool mha = c.model.kind == config::model_kind::mha;
   auto base_args = [&](int rank) {
     rank_args a;
     a.plan = plan;
@@ -141,17 +140,15 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
         self->send(root, msg::attach_child{tp, shard});
         for (int cp = 0; cp < c.prefill.cp; ++cp) {
           int r = config::prefill_rank_of(c.prefill, {dp, pp, cp, tp});
-          const auto& me = plan->prefill(r);
           auto a = base_args(r);
-          a.shape = {me.layers, plan->buffers_per_layer(), plan->prefill_item_bytes(), pages, 0,
-                     c.page_size, me.local_heads, mha ? c.model.head_bytes() : 0};
+          a.shape = prefill_pool_shape(*plan, r, pages);
           a.parent = shard;
           a.child_index = cp;
           a.board = sa.board;
           a.agreed = agreed;
-          a.hooks.fill = [plan, r](kv_pool& pool, const request_view& req,
-                                   const std::vector<std::int32_t>& pg, config::range fill) {
-            fill_pages(*plan, r, pool, req, pg, fill);
+          a.hooks.fill = [plan, r](kv_pool& pool, const request_view& req, const std::vector<std::int32_t>& pg,
+                                   const std::vector<std::int32_t>& state, config::range fill) {
+            fill_pages(*plan, r, pool, req, pg, state, fill);
           };
           a.hooks.aux = [](const request_view& req) { return simulated_first_output(req); };
           h.prefill[r] = spawn_prefill_rank(sys, std::move(a));
@@ -176,17 +173,15 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
       h.supervisors.push_back(root);
       for (int tp = 0; tp < c.decode.tp; ++tp) {
         int r = config::decode_rank_of(c.decode, {dp, pp, tp});
-        const auto& me = plan->decode(r);
         auto a = base_args(r);
-        a.shape = {me.layers, plan->buffers_per_layer(), plan->decode_item_bytes(), pages,
-                   in_flight + 1, c.page_size, me.local_heads, mha ? c.model.head_bytes() : 0};
+        a.shape = decode_pool_shape(*plan, r, pages, in_flight + 1);
         a.parent = root;
         a.child_index = tp;
         a.board = ra.board;
         a.agreed = ra.publish;
-        a.hooks.verify = [plan, r](const kv_pool& pool, const request_view& req,
-                                   const std::vector<std::int32_t>& pg, std::int32_t aux) {
-          return verify_pages(*plan, r, pool, req, pg, aux);
+        a.hooks.verify = [plan, r](const kv_pool& pool, const request_view& req, const std::vector<std::int32_t>& pg,
+                                   const std::vector<std::int32_t>& state, std::int32_t aux) {
+          return verify_pages(*plan, r, pool, req, pg, state, aux);
         };
         h.decode[r] = spawn_decode_rank(sys, std::move(a));
         // The launcher registers what it started, so a rank that dies before it runs is known.

@@ -44,7 +44,7 @@ std::byte pattern_byte(std::uint64_t room, int layer, int page_index, std::int64
 }
 
 void fill_pattern(kv_pool& pool, const request_view& req, const std::vector<std::int32_t>& pages,
-                  config::range fill) {
+                  const std::vector<std::int32_t>& /*state_pages: mla:4:16 has none*/, config::range fill) {
   const auto& s = pool.shape();
   for (int i = fill.begin; i < fill.end; ++i)
     for (int l = s.layers.begin; l < s.layers.end; ++l)
@@ -122,8 +122,7 @@ struct rank_fixture : actor_fixture {
   caf::actor spawn_prefill(int r) {
     const auto& me = plan->prefill(r);
     auto a = base_args(r);
-    a.shape = {me.layers, plan->buffers_per_layer(), plan->prefill_item_bytes(), 32, 0, page_size,
-               me.local_heads, 0};
+    a.shape = prefill_pool_shape(*plan, r, 32);
     a.child_index = me.coord.cp;
     a.hooks.fill = fill_pattern;
     rank = own(spawn_prefill_rank(sys, std::move(a)));
@@ -132,19 +131,20 @@ struct rank_fixture : actor_fixture {
 
   // A decode rank's memory registered with the transport, behind a recorder actor.
   fake_peer fake_decode(int decode_rank, int pages = 16, int aux_slots = 4) {
-    const auto& me = plan->decode(decode_rank);
-    pool_shape shape{me.layers, plan->buffers_per_layer(), plan->decode_item_bytes(), pages, aux_slots,
-                     page_size, me.local_heads, 0};
+    pool_shape shape = decode_pool_shape(*plan, decode_rank, pages, aux_slots);
     pools.push_back(std::make_unique<kv_pool>(shape));
     fake_peer p;
     p.pool = pools.back().get();
     auto kv = transport->register_memory(decode_rank, p.pool->kv_base(), p.pool->kv_bytes());
     auto aux = transport->register_memory(decode_rank, p.pool->aux_base(), p.pool->aux_bytes());
+    auto state = transport->register_memory(decode_rank, p.pool->state_base(), p.pool->state_bytes());
     REQUIRE(kv.ok());
     REQUIRE(aux.ok());
+    REQUIRE(state.ok());
     regions.push_back(kv.value().id);
     regions.push_back(aux.value().id);
-    p.remote = describe(*p.pool, kv.value().id, aux.value().id);
+    regions.push_back(state.value().id);
+    p.remote = describe(*p.pool, kv.value().id, aux.value().id, state.value().id);
     std::tie(p.handle, p.box) = spawn_recorder();
     return p;
   }
@@ -316,6 +316,48 @@ TEST_CASE("regression #13054: a transient transport error fails that room only; 
   caf::anon_send(f.rank, msg::kv_chunk{82, 2, 0, 2, true});
   CHECK(status_of(d, 82, kv_poll::success, 2));
   CHECK(f.transport->bytes_moved() > 0);
+}
+
+TEST_CASE("prefill: state pages land at the destination's state indices; a bad state index fails only its room") {
+  // mla:4:16:8: 4 layers, 16 latent bytes and 8 state bytes (an indexer cache) per token.
+  auto c = mla_config(1, 1, 1);
+  c.model = config::parse_model("mla:4:16:8", c.dtype);
+  rank_fixture f(c);
+  auto d = f.fake_decode(0);
+  REQUIRE(d.remote.state_pages == 16);
+  f.spawn_prefill(0);
+  f.connect(d, 0);
+  caf::anon_send(f.rank, request(101, 1, 8));  // 2 pages
+  msg::dst_info good;
+  good.room = 101;
+  good.incarnation = 1;
+  good.dst_pages = {5, 6};
+  good.state_indices = {9, 3};
+  caf::anon_send(f.rank, good);
+  caf::anon_send(f.rank, chunk(101, 0, 2, true));
+  REQUIRE(status_of(d, 101, kv_poll::success));
+  // 2 pages x 4 layers x (64 B of KV + 32 B of state) + the aux record.
+  CHECK(f.transport->bytes_moved() == 2u * 4 * (64 + 32) + sizeof(aux_record));
+  // A hostile state index fails only its own room; the next room on the same rank succeeds.
+  caf::anon_send(f.rank, request(102, 2, 8));
+  caf::anon_send(f.rank, request(103, 3, 8));
+  auto bad = good;
+  bad.room = 102;
+  bad.incarnation = 2;
+  bad.state_indices = {1, 16};  // 16 is past the registered 16 state pages
+  caf::anon_send(f.rank, bad);
+  auto fine = good;
+  fine.room = 103;
+  fine.incarnation = 3;
+  fine.dst_pages = {7, 8};
+  fine.state_indices = {0, 1};
+  caf::anon_send(f.rank, fine);
+  caf::anon_send(f.rank, chunk(102, 0, 2, true, 2));
+  caf::anon_send(f.rank, chunk(103, 0, 2, true, 3));
+  auto failed = status_of(d, 102, kv_poll::failed, 2);
+  REQUIRE(failed);
+  CHECK(contains(failed->reason, "state index 16"));
+  CHECK(status_of(d, 103, kv_poll::success, 3));
 }
 
 TEST_CASE("prefill keeps a released room's pages until its pushes complete") {
@@ -682,7 +724,7 @@ struct decode_fixture : rank_fixture {
     auto m = verify_mutex;
     auto calls = verify_calls;
     a.hooks.verify = [m, calls](const kv_pool&, const request_view&, const std::vector<std::int32_t>& pages,
-                                std::int32_t aux_slot) {
+                                const std::vector<std::int32_t>&, std::int32_t aux_slot) {
       std::lock_guard<std::mutex> g(*m);
       calls->push_back({pages, aux_slot});
       return verify_counts{100, 100, 0};

@@ -71,3 +71,16 @@ TEST_CASE("matrix: same runs on the deterministic random interleaving") {
     check_clean(run_simulation(o));
   }
 }
+
+TEST_CASE("matrix: state pages (an indexer cache) move with the KV and are verified byte for byte") {
+  auto with_state = small_run("tp=2,cp=2", "tp=4", "mla:4:64:16");
+  with_state.cluster.cp_send_all = true;
+  auto without = with_state;
+  without.cluster.model = kvflow::config::parse_model("mla:4:64", without.cluster.dtype);
+  auto a = run_simulation(with_state);
+  auto b = run_simulation(without);
+  check_clean(a);
+  check_clean(b);
+  // Same workload: the state adds 16 bytes per token per layer to the 64 of the KV.
+  CHECK(a.bytes_expected * 64 == b.bytes_expected * 80);
+}

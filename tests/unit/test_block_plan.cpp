@@ -478,3 +478,87 @@ TEST_CASE("regression: check_remote_pool refuses layer_begin + layer_count beyon
   r.layer_count = 3;
   CHECK_FALSE(check_remote_pool(r).ok());
 }
+
+// ---- state pages (e.g. the DSv3.2 indexer cache) -------------------------------------------
+
+namespace {
+
+pool_shape state_shape(int pages) {
+  auto s = mla_shape({0, 2}, pages);
+  s.state_item_bytes = 4 * 12;  // page_size x 12 state bytes per token
+  s.state_pages = pages;
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("block_plan: state pages move as runs of their own, after the KV") {
+  kv_pool src(state_shape(8)), dst(state_shape(8));
+  for (std::uint64_t i = 0; i < src.state_bytes(); ++i) src.state_base()[i] = pattern(i);
+  auto remote = describe(dst, 1, 2, 3);
+  CHECK(remote.state_pages == 8);
+  CHECK(remote.state_bytes == dst.state_bytes());
+  CHECK(check_remote_pool(remote).ok());
+  const pages_t sp{0, 1}, dp{2, 3}, ss{4, 5, 6}, ds{1, 2, 5};
+  const pages_t kv_src{0, 1, 2}, kv_dst{3, 4, 5};
+  auto req = mla_req(kv_src, kv_dst, {0, 2});
+  req.src_state = &ss;
+  req.dst_state = &ds;
+  auto planned = plan_blocks(src, remote, req);
+  REQUIRE(planned.ok());
+  // KV: one run of 3 pages per layer (2 blocks); state: runs {4,5}->{1,2} and {6}->{5} per layer.
+  REQUIRE(planned.value().size() == 2 + 4);
+  const auto& b = planned.value();
+  CHECK(b[2].region == 3);
+  CHECK(b[2].src == src.state_item(0, 4));
+  CHECK(b[2].offset == dst.state_offset(0, 1));
+  CHECK(b[2].len == 2u * 48);
+  CHECK(b[3].src == src.state_item(1, 4));
+  CHECK(b[3].offset == dst.state_offset(1, 1));
+  CHECK(b[4].offset == dst.state_offset(0, 5));
+  CHECK(b[4].len == 48u);
+  // Copied through the transport, every state byte lands where the planner said.
+  auto fabric = std::make_shared<transport::inproc_fabric>();
+  transport::inproc_transport t(fabric);
+  auto kv = t.register_memory(9, dst.kv_base(), dst.kv_bytes());
+  auto aux = t.register_memory(9, dst.aux_base(), dst.aux_bytes());
+  auto state = t.register_memory(9, dst.state_base(), dst.state_bytes());
+  REQUIRE((kv.ok() && aux.ok() && state.ok()));
+  auto real = describe(dst, kv->id, aux->id, state->id);
+  auto again = plan_blocks(src, real, req);
+  REQUIRE(again.ok());
+  bool ok = false;
+  t.push(9, again.value(), [&](status s) { ok = s.ok(); });
+  REQUIRE(ok);
+  for (int l = 0; l < 2; ++l)
+    for (std::size_t k = 0; k < ss.size(); ++k)
+      CHECK(std::memcmp(dst.state_item(l, ds[k]), src.state_item(l, ss[k]), 48) == 0);
+}
+
+TEST_CASE("block_plan: remote state indices are checked before any block is planned") {
+  kv_pool src(state_shape(8)), dst(state_shape(8));
+  auto remote = describe(dst, 1, 2, 3);
+  const pages_t kv_src{0, 1}, kv_dst{3, 4};
+  auto req = mla_req(kv_src, kv_dst, {0, 2});
+  const pages_t ok_src{0, 1};
+  for (const pages_t& bad : {pages_t{0, 8}, pages_t{-1, 0}, pages_t{0}}) {
+    req.src_state = &ok_src;
+    req.dst_state = &bad;
+    auto planned = plan_blocks(src, remote, req);
+    CHECK_FALSE(planned.ok());
+    CHECK(planned.error().reason().find("state") != std::string::npos);
+  }
+  // A registration whose state pages do not fit its state region is refused.
+  auto lying = remote;
+  lying.state_pages = 9;
+  CHECK_FALSE(check_remote_pool(lying).ok());
+  lying = remote;
+  lying.state_item_bytes = -1;
+  CHECK_FALSE(check_remote_pool(lying).ok());
+  // A destination whose state pages are another size (another model) is refused.
+  auto other = remote;
+  other.state_item_bytes = 4 * 13;
+  other.state_bytes = std::uint64_t(2) * 8 * 52;
+  req.dst_state = &kv_dst;
+  CHECK_FALSE(plan_blocks(src, other, req).ok());
+}

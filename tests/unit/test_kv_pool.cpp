@@ -213,3 +213,40 @@ TEST_CASE("kv_pool: aux_checksum is never 0 and changes with every field") {
     }
   CHECK(seen.size() == 1000);
 }
+
+TEST_CASE("kv_pool: state pages are allocated, laid out and accounted apart from KV pages") {
+  pool_shape s;
+  s.layers = {2, 5};
+  s.buffers_per_layer = 1;
+  s.page_size = 4;
+  s.item_bytes = 64;
+  s.pages = 6;
+  s.state_item_bytes = 16;
+  s.state_pages = 6;
+  kv_pool p(s);
+  CHECK(p.state_bytes() == 3u * 6 * 16);
+  // Offsets of every (layer, page) are disjoint and inside the state region.
+  std::vector<std::uint64_t> seen;
+  for (int l = 2; l < 5; ++l)
+    for (int pg = 0; pg < 6; ++pg) {
+      auto off = p.state_offset(l, pg);
+      CHECK(off + 16 <= p.state_bytes());
+      CHECK(std::find(seen.begin(), seen.end(), off) == seen.end());
+      seen.push_back(off);
+    }
+  auto st = p.alloc_state(4);
+  REQUIRE(st);
+  CHECK(p.used_state_pages() == 4);
+  CHECK(p.used_pages() == 0);  // KV pages are a separate pool
+  CHECK_FALSE(p.alloc_state(3));
+  p.free_state(*st);
+  CHECK(p.used_state_pages() == 0);
+  // A model without state has no state region and no state pages to give.
+  pool_shape none = s;
+  none.state_item_bytes = 0;
+  none.state_pages = 0;
+  kv_pool q(none);
+  CHECK(q.state_bytes() == 0);
+  CHECK_FALSE(q.alloc_state(1));
+  CHECK(q.alloc_state(0));
+}

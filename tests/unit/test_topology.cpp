@@ -135,7 +135,8 @@ TEST_CASE("topology: parse_model rejects malformed layouts") {
   KVFLOW_CHECK_CONFIG_ERROR(parse_model("llama", kv_dtype::fp8), "model");
   KVFLOW_CHECK_CONFIG_ERROR(parse_model("", kv_dtype::fp8), "model");
   KVFLOW_CHECK_CONFIG_ERROR(parse_model("mla:61", kv_dtype::fp8), "model");
-  KVFLOW_CHECK_CONFIG_ERROR(parse_model("mla:61:656:1", kv_dtype::fp8), "model");
+  KVFLOW_CHECK_CONFIG_ERROR(parse_model("mla:61:656:1:2", kv_dtype::fp8), "model");
+  KVFLOW_CHECK_CONFIG_ERROR(parse_model("mla:61:656:0", kv_dtype::fp8), "model.state_bytes");
   KVFLOW_CHECK_CONFIG_ERROR(parse_model("mla:x:656", kv_dtype::fp8), "model.layers");
   KVFLOW_CHECK_CONFIG_ERROR(parse_model("mla:0:656", kv_dtype::fp8), "model.layers");
   KVFLOW_CHECK_CONFIG_ERROR(parse_model("mla:61:-656", kv_dtype::fp8), "model.bytes");
@@ -144,6 +145,14 @@ TEST_CASE("topology: parse_model rejects malformed layouts") {
   KVFLOW_CHECK_CONFIG_ERROR(parse_model("mha:32:0:128", kv_dtype::fp8), "model.kv_heads");
   KVFLOW_CHECK_CONFIG_ERROR(parse_model("mha:32:8:", kv_dtype::fp8), "model.head_dim");
   KVFLOW_CHECK_CONFIG_ERROR(parse_model("mha:-1:8:128", kv_dtype::fp8), "model.layers");
+}
+
+TEST_CASE("topology: MLA state bytes: dsv32 carries its indexer cache, mla:L:B:S sets it, MHA has none") {
+  CHECK(parse_model("dsv32", kv_dtype::fp8).state_bytes_per_token == 132);
+  CHECK(parse_model("dsv32", kv_dtype::bf16).state_bytes_per_token == 132);
+  CHECK(parse_model("mla:61:656", kv_dtype::fp8).state_bytes_per_token == 0);
+  CHECK(parse_model("mla:61:656:132", kv_dtype::fp8).state_bytes_per_token == 132);
+  CHECK(parse_model("mha:32:8:128", kv_dtype::fp8).state_bytes_per_token == 0);
 }
 
 TEST_CASE("topology: validate accepts valid configurations") {

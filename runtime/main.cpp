@@ -121,7 +121,7 @@ int main(int argc, char** argv) {
   sim->add_option("--log-level", log_level, "trace|debug|info|warn|error|off");
   sim->add_option("--prefill", sf.prefill, "tp=N,cp=N,pp=N,dp=N")->capture_default_str();
   sim->add_option("--decode", sf.decode, "tp=N,dp=N,pp=N")->capture_default_str();
-  sim->add_option("--model", sf.model, "dsv32 | mla:L:BYTES | mha:L:KV_HEADS:HEAD_DIM")->capture_default_str();
+  sim->add_option("--model", sf.model, "dsv32 | mla:L:BYTES[:STATE_BYTES] | mha:L:KV_HEADS:HEAD_DIM")->capture_default_str();
   sim->add_option("--dtype", sf.dtype, "bf16 | fp8")->capture_default_str();
   sim->add_option("--page-size", sf.page_size, "tokens per KV page")->capture_default_str();
   sim->add_option("--requests", sf.requests, "requests to run")->capture_default_str();

@@ -41,6 +41,9 @@ struct room_timeout {  // bootstrap (prefill) or waiting (decode) timer of one r
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
 };
+struct early_expiry {  // destinations buffered for a room this rank never saw: give up on them
+  std::uint64_t room = 0;
+};
 struct push_done {  // a transport push of a room's chunk finished
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
@@ -212,6 +215,10 @@ typename I::result_type inspect(I& f, step_tick&) {
 template <class I>
 typename I::result_type inspect(I& f, room_timeout& x) {
   return f(caf::meta::type_name("room_timeout"), x.room, x.incarnation);
+}
+template <class I>
+typename I::result_type inspect(I& f, early_expiry& x) {
+  return f(caf::meta::type_name("early_expiry"), x.room);
 }
 template <class I>
 typename I::result_type inspect(I& f, push_done& x) {

@@ -405,7 +405,13 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           refuse(self, d.decode_rank, d.room, d.incarnation, "too many destinations for unknown rooms");
           return;
         }
-        st.early[d.room].push_back(std::move(d));
+        auto& waiting = st.early[d.room];
+        // The request may never come here (lost, or routed elsewhere): after the bootstrap
+        // timeout the buffered destinations are refused, so their decode ranks fail now.
+        if (waiting.empty())
+          self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms),
+                             msg::early_expiry{d.room});
+        waiting.push_back(std::move(d));
       },
       [self](msg::kv_chunk& c) {
         auto& st = self->state;
@@ -469,6 +475,17 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         if (it == st.rooms.end() || !same(it->second, a.incarnation)) return;
         const auto* e = st.store.find(a.room);
         if (e != nullptr && e->state != kv_poll::success) fail_room(self, a.room, "aborted: " + a.reason);
+      },
+      [self](msg::early_expiry& x) {
+        auto& st = self->state;
+        auto e = st.early.find(x.room);
+        if (e == st.early.end()) return;
+        auto stale = std::move(e->second);
+        st.early.erase(e);
+        for (const auto& d : stale)
+          refuse(self, d.decode_rank, d.room, d.incarnation,
+                 "no request for this room reached prefill rank " + std::to_string(st.args.rank) +
+                     " within the bootstrap timeout");
       },
       [self](msg::room_timeout& t) {
         auto& st = self->state;

@@ -360,6 +360,25 @@ TEST_CASE("prefill: state pages land at the destination's state indices; a bad s
   CHECK(status_of(d, 103, kv_poll::success, 3));
 }
 
+TEST_CASE("prefill: destinations for a request that never arrives are refused at the bootstrap timeout") {
+  // Buffered early destinations must not stay forever (memory) nor leave decode waiting for its
+  // own, longer timeout.
+  rank_fixture f(mla_config(1, 1, 1));
+  f.tunables.bootstrap_timeout_ms = 50;
+  auto d = f.fake_decode(0);
+  f.spawn_prefill(0);
+  f.connect(d, 0);
+  f.send_dst(111, 1, 0, {1, 2}, 0);  // no new_request for room 111 ever comes
+  auto refused = status_of(d, 111, kv_poll::failed);
+  REQUIRE(refused);
+  CHECK(contains(refused->reason, "no request for this room"));
+  // A request that does come in time uses its early destinations as before.
+  f.send_dst(112, 1, 0, {3, 4}, 1);
+  caf::anon_send(f.rank, request(112, 1, 8));
+  caf::anon_send(f.rank, chunk(112, 0, 2, true));
+  CHECK(status_of(d, 112, kv_poll::success));
+}
+
 TEST_CASE("prefill keeps a released room's pages until its pushes complete") {
   // An aborted room is agreed Failed and released while its push is still in flight: the pages
   // the transport reads from must not go back to the pool (and to the next request) before the

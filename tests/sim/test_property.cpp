@@ -2,6 +2,7 @@
 // of every rank's events, all ranks of a group receive identical agreed states each round, a
 // room's agreed state only rises (or drops to Failed), nothing stalls, nothing leaks, and
 // every request no fault touched succeeds with its bytes verified.
+#include <cstdlib>
 #include <random>
 
 #include "sim_helpers.hpp"
@@ -18,8 +19,11 @@ std::string pick(std::mt19937_64& g, std::initializer_list<const char*> xs) {
 }  // namespace
 
 TEST_CASE("property: agreement and delivery over random topologies and interleavings") {
-  std::mt19937_64 g(20261128);
-  const int cases = 40;
+  // KVFLOW_PROPERTY_CASES / KVFLOW_PROPERTY_SEED widen a run by hand (a soak); CI runs the default.
+  const char* n = std::getenv("KVFLOW_PROPERTY_CASES");
+  const char* seed = std::getenv("KVFLOW_PROPERTY_SEED");
+  std::mt19937_64 g(seed ? std::strtoull(seed, nullptr, 10) : 20261128);
+  const int cases = n ? std::atoi(n) : 100;
   for (int k = 0; k < cases; ++k) {
     int ptp = 1 << (g() % 3), cp = 1 << (g() % 3), pp = 1 + g() % 2, pdp = 1 + g() % 2;
     int dtp = ptp;
@@ -30,10 +34,12 @@ TEST_CASE("property: agreement and delivery over random topologies and interleav
     }
     int dpp = (g() % 2) ? pp : 1, ddp = 1 + g() % 2;
     bool mha = g() % 2;
+    bool state = !mha && g() % 2;  // MLA with state pages (an indexer cache) half the time
     std::string prefill = "tp=" + std::to_string(ptp) + ",cp=" + std::to_string(cp) + ",pp=" +
                           std::to_string(pp) + ",dp=" + std::to_string(pdp);
     std::string decode = "tp=" + std::to_string(dtp) + ",pp=" + std::to_string(dpp) + ",dp=" + std::to_string(ddp);
-    auto o = kvflow::test::small_run(prefill, decode, mha ? "mha:3:8:16" : "mla:3:48");
+    const std::string model = mha ? "mha:3:8:16" : state ? "mla:3:48:8" : "mla:3:48";
+    auto o = kvflow::test::small_run(prefill, decode, model);
     o.cluster.cp_send_all = g() % 2;
     o.requests = 6 + static_cast<int>(g() % 8);
     o.concurrency = 1 + static_cast<int>(g() % 4);
@@ -54,7 +60,7 @@ TEST_CASE("property: agreement and delivery over random topologies and interleav
       o.faults.push_back(parse_fault(spec));
     }
     std::string what = "case " + std::to_string(k) + ": --prefill " + prefill + " --decode " + decode +
-                       (mha ? " --model mha:3:8:16" : " --model mla:3:48") +
+                       " --model " + model +
                        (o.cluster.cp_send_all ? " --cp-send all" : "") + " --requests " +
                        std::to_string(o.requests) + " --concurrency " + std::to_string(o.concurrency) +
                        " --seed " + std::to_string(o.seed) + " --interleave " + std::to_string(o.interleave_seed);

@@ -243,23 +243,12 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
         auto& st = self->state;
         const auto& cfg = st.args.plan->config();
         decode_room r;
-        r.req = {q.room, q.incarnation, q.prompt_tokens,
-                 (q.prompt_tokens + cfg.page_size - 1) / cfg.page_size, q.prefill_dp, q.decode_dp,
-                 q.prefix_pages};
+        r.req = detail::view_of(q, cfg.page_size);
         r.fault = q.fault;
         for (const auto& pe : st.me->peers)
           r.peers.push_back(config::prefill_rank_of(cfg.prefill, {q.prefill_dp, pe.pp, pe.cp, pe.tp}));
         if (auto s = st.store.create(q.room, q.incarnation, kv_poll::bootstrapping); !s) {
-          // The live request keeps its room; the new one is refused, and its scheduler told.
-          spdlog::error("{}: {}", st.name, s.reason());
-          msg::rank_released ev;
-          ev.prefill = false;
-          ev.rank = st.args.rank;
-          ev.room = q.room;
-          ev.incarnation = q.incarnation;
-          ev.state = static_cast<std::uint8_t>(kv_poll::failed);
-          ev.reason = s.reason();
-          if (st.args.observer) self->send(st.args.observer, std::move(ev));
+          detail::refuse_request(self, false, q, s.reason());
           return;
         }
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;

@@ -304,24 +304,13 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         auto& st = self->state;
         const auto& cfg = st.args.plan->config();
         prefill_room r;
-        r.req = {q.room, q.incarnation, q.prompt_tokens,
-                 (q.prompt_tokens + cfg.page_size - 1) / cfg.page_size, q.prefill_dp, q.decode_dp,
-                 q.prefix_pages};
+        r.req = detail::view_of(q, cfg.page_size);
         for (const auto& rd : st.me->readers)
           r.expected.push_back(config::decode_rank_of(cfg.decode, {q.decode_dp, rd.pp, rd.tp}));
         auto initial = st.me->authoritative ? kv_poll::bootstrapping : kv_poll::waiting_for_input;
         if (auto s = st.store.create(q.room, q.incarnation, initial); !s) {
-          // The live request keeps its room; the new one is refused, and its scheduler told.
-          spdlog::error("{}: {}", st.name, s.reason());
-          msg::rank_released ev;
-          ev.prefill = true;
-          ev.rank = st.args.rank;
-          ev.room = q.room;
-          ev.incarnation = q.incarnation;
-          ev.state = static_cast<std::uint8_t>(kv_poll::failed);
-          ev.reason = s.reason();
-          if (st.args.observer) self->send(st.args.observer, std::move(ev));
-          return;  // the live request keeps its room; the new one is refused
+          detail::refuse_request(self, true, q, s.reason());
+          return;
         }
         auto pages = st.pool->alloc_pages(r.req.n_pages);
         if (!pages) {

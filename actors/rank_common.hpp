@@ -2,6 +2,8 @@
 // What prefill and decode rank actors share: the agreement client (report a step, receive the
 // agreed round) and the snapshot of a state store as step states. Internal to actors/.
 #include <caf/all.hpp>
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <chrono>
 
@@ -9,6 +11,7 @@
 #include "actors/agreement.hpp"
 #include "actors/step_board.hpp"
 #include "actors/messages.hpp"
+#include "actors/rank.hpp"
 #include "actors/state_store.hpp"
 
 namespace kvflow::detail {
@@ -20,6 +23,28 @@ inline step_states snapshot(const state_store& store) {
     out.push_back({room, e.incarnation, static_cast<std::uint8_t>(e.state)});
   std::sort(out.begin(), out.end(), key_less);
   return out;
+}
+
+// What a rank keeps of a new request (its pages counted from the prompt).
+inline request_view view_of(const msg::new_request& q, int page_size) {
+  return {q.room,       q.incarnation, q.prompt_tokens, (q.prompt_tokens + page_size - 1) / page_size,
+          q.prefill_dp, q.decode_dp,   q.prefix_pages};
+}
+
+// A request this rank refuses at creation (its room is live already): the live request keeps
+// the room; the refused one is reported to the scheduler as released in Failed, with why.
+template <class Self>
+void refuse_request(Self* self, bool prefill, const msg::new_request& q, const std::string& reason) {
+  auto& st = self->state;
+  spdlog::error("{}: {}", st.name, reason);
+  msg::rank_released ev;
+  ev.prefill = prefill;
+  ev.rank = st.args.rank;
+  ev.room = q.room;
+  ev.incarnation = q.incarnation;
+  ev.state = static_cast<std::uint8_t>(kv_poll::failed);
+  ev.reason = reason;
+  if (st.args.observer) self->send(st.args.observer, std::move(ev));
 }
 
 // Pacing of the simulated scheduler's steps: fast while rooms are live, slow when idle.

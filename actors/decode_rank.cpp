@@ -24,7 +24,6 @@ struct decode_room {
   std::vector<int> peers;   // global prefill ranks this request reads
   std::set<int> responded;  // distinct prefill ranks that reported Success
   std::uint8_t fault = 0;
-  bool dst_sent = false;
 };
 
 struct decode_state {
@@ -41,7 +40,6 @@ struct decode_state {
   std::vector<std::uint64_t> regions;  // registered with the transport; removed before the pool
   std::uint64_t posted = 0;   // last step this rank reported
   std::uint64_t applied = 0;  // last agreed round it acted on
-  std::uint64_t abort_acks = 0;
   std::string name;
 
   decode_state() = default;
@@ -102,7 +100,6 @@ void send_destinations(decode_actor* self, decode_room& r) {
       return;
     }
   st.store.update(room, kv_poll::waiting_for_input);
-  r.dst_sent = true;
   bool drop = (r.fault & fault_drop_dst_info) != 0;
   for (int p : r.peers) {
     msg::dst_info d;
@@ -298,7 +295,12 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
           st.store.update(s.room, kv_poll::transferring);
         }
       },
-      [self](msg::abort_ack&) { ++self->state.abort_acks; },
+      [self](msg::abort_ack& a) {
+        // The prefill rank stopped (nothing more will land for the room); memory is released
+        // by the agreed Failed, not by the acknowledgement.
+        spdlog::debug("{}: prefill rank {} acknowledged the abort of room {}", self->state.name,
+                      a.prefill_rank, a.room);
+      },
       [self](msg::abort_request& a) {
         auto& st = self->state;
         auto it = st.rooms.find(a.room);

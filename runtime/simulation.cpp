@@ -54,7 +54,7 @@ struct sim_request {
   clock_type::time_point start, end;
   std::vector<int> prefill_ranks, decode_ranks;  // participants
   std::set<std::pair<bool, int>> released;       // (prefill?, rank)
-  bool decode_failed = false, any_failed = false;
+  bool any_failed = false;
   int decode_success = 0;
   std::string reason;
   // (prefill?, group) -> (round, state) of the first rank that acted: the others must match
@@ -310,7 +310,6 @@ void on_released(driver_actor* self, const msg::rank_released& ev) {
   auto state = static_cast<kv_poll>(ev.state);
   if (state == kv_poll::failed) {
     r.any_failed = true;
-    if (!ev.prefill) r.decode_failed = true;
     // Keep the most telling reason: a rank's own, decode's first, not a group echo.
     auto echo = [](const std::string& why) { return why.find("another rank of the") != std::string::npos; };
     std::string why = (ev.prefill ? "prefill rank " : "decode rank ") + std::to_string(ev.rank) + ": " + ev.reason;

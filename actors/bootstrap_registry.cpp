@@ -73,7 +73,7 @@ msg::topology_reply make_reply(registry_actor* self) {
   r.layout = config::describe(c.model);
   for (const auto& [k, o] : st.table.entries()) {
     msg::registry_entry e;
-    e.key = {k.dp_group, k.cp, k.tp, k.pp};
+    e.key = k;
     e.name = o.name;
     e.generation = o.generation;
     if (auto it = st.actors.find(o.id); it != st.actors.end()) e.rank = it->second;
@@ -98,8 +98,7 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
           return {false, 0, "wire version " + std::to_string(r.version) + " != registry's " +
                                 std::to_string(msg::wire_version)};
         if (!r.rank) return {false, 0, "registration of " + r.name + " without an actor handle"};
-        registry_key k{r.key.dp_group, r.key.cp, r.key.tp, r.key.pp};
-        auto res = st.table.add(k, r.rank.id(), r.name);
+        auto res = st.table.add(r.key, r.rank.id(), r.name);
         if (!res) {
           spdlog::error("bootstrap: {}", res.error().reason());
           return {false, 0, res.error().reason()};

@@ -11,13 +11,17 @@
 
 namespace kvflow {
 
+// The key a prefill rank registers under (semantics.md section 4); also what msg::rank_key is.
 struct registry_key {
-  int dp_group = 0, cp = 0, tp = 0, pp = 0;
+  std::int32_t dp_group = 0, cp = 0, tp = 0, pp = 0;
   bool operator<(const registry_key& o) const {
     if (dp_group != o.dp_group) return dp_group < o.dp_group;
     if (cp != o.cp) return cp < o.cp;
     if (tp != o.tp) return tp < o.tp;
     return pp < o.pp;
+  }
+  bool operator==(const registry_key& o) const {
+    return dp_group == o.dp_group && cp == o.cp && tp == o.tp && pp == o.pp;
   }
 };
 std::string to_string(const registry_key& k);

@@ -8,6 +8,7 @@
 
 #include "actors/agreement.hpp"
 #include "actors/block_plan.hpp"
+#include "actors/bootstrap_registry.hpp"
 
 namespace kvflow::msg {
 
@@ -53,15 +54,7 @@ struct push_done {  // a transport push of a room's chunk finished
 };
 
 // ---- bootstrap registry ------------------------------------------------------------------
-struct rank_key {
-  std::int32_t dp_group = 0, cp = 0, tp = 0, pp = 0;
-  bool operator<(const rank_key& o) const {
-    return std::tie(dp_group, cp, tp, pp) < std::tie(o.dp_group, o.cp, o.tp, o.pp);
-  }
-  bool operator==(const rank_key& o) const {
-    return dp_group == o.dp_group && cp == o.cp && tp == o.tp && pp == o.pp;
-  }
-};
+using rank_key = registry_key;
 struct register_rank {
   std::uint32_t version = wire_version;
   rank_key key;
@@ -225,10 +218,6 @@ typename I::result_type inspect(I& f, push_done& x) {
   return f(caf::meta::type_name("push_done"), x.room, x.incarnation, x.decode_rank, x.ok, x.reason);
 }
 template <class I>
-typename I::result_type inspect(I& f, rank_key& x) {
-  return f(caf::meta::type_name("rank_key"), x.dp_group, x.cp, x.tp, x.pp);
-}
-template <class I>
 typename I::result_type inspect(I& f, register_rank& x) {
   return f(caf::meta::type_name("register_rank"), x.version, x.key, x.name, x.rank);
 }
@@ -320,6 +309,10 @@ void add_message_types(caf::actor_system_config& cfg);
 }  // namespace kvflow::msg
 
 namespace kvflow {
+template <class I>
+typename I::result_type inspect(I& f, registry_key& x) {
+  return f(caf::meta::type_name("rank_key"), x.dp_group, x.cp, x.tp, x.pp);
+}
 template <class I>
 typename I::result_type inspect(I& f, room_state& x) {
   return f(caf::meta::type_name("room_state"), x.room, x.incarnation, x.state);

@@ -16,6 +16,7 @@
 #include "actors/supervisor.hpp"
 #include "runtime/actor_system_setup.hpp"
 #include "runtime/bench.hpp"
+#include "runtime/percentile.hpp"
 
 namespace kvflow::runtime {
 namespace {
@@ -34,19 +35,14 @@ struct figures {
   double agree_p50_us = 0, agree_p99_us = 0;  // from the last post to publication
 };
 
-double pct(std::vector<double> v, double q) {
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<std::size_t>(q * double(v.size())))];
-}
-
 figures summarize(const bench_shared& sh) {
   std::vector<double> d;
   // Skip the first 10% (warm-up: allocation of mailboxes and maps).
   for (int r = std::max(1, sh.rounds / 10); r < sh.rounds; ++r)
     d.push_back(std::chrono::duration<double, std::micro>(sh.seen[r] - sh.seen[r - 1]).count());
   figures f;
-  f.p50_us = pct(d, 0.5);
-  f.p99_us = pct(d, 0.99);
+  f.p50_us = percentile(d, 0.5);
+  f.p99_us = percentile(d, 0.99);
   double total = std::chrono::duration<double>(sh.seen.back() - sh.seen[std::max(1, sh.rounds / 10) - 1]).count();
   f.rounds_per_s = (sh.rounds - std::max(1, sh.rounds / 10)) / total;
   return f;
@@ -109,11 +105,11 @@ figures run_kvflow(caf::actor_system& sys, int tp, int cp, int rooms, int rounds
   for (auto& a : all) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
   figures f;
   if (lat.empty()) return f;
-  f.p50_us = pct(lat, 0.5);
-  f.p99_us = pct(lat, 0.99);
-  f.post_p50_us = pct(post, 0.5);
-  f.agree_p50_us = pct(agree, 0.5);
-  f.agree_p99_us = pct(agree, 0.99);
+  f.p50_us = percentile(lat, 0.5);
+  f.p99_us = percentile(lat, 0.99);
+  f.post_p50_us = percentile(post, 0.5);
+  f.agree_p50_us = percentile(agree, 0.5);
+  f.agree_p99_us = percentile(agree, 0.99);
   double sum = 0;
   for (double x : lat) sum += x;
   f.rounds_per_s = 1e6 * double(lat.size()) / sum;

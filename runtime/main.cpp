@@ -101,8 +101,7 @@ int run_simulate(const simulate_flags& f) {
       static_cast<unsigned long long>(rep.leaked_pages),
       static_cast<unsigned long long>(rep.leaked_aux_slots), double(rep.transfer_bytes) / 1e9,
       rep.transfer_seconds,
-      rep.transfer_seconds > 0 ? double(rep.transfer_bytes) / 1e9 / rep.transfer_seconds : 0.0,
-      rep.copy_seconds > 0 ? double(rep.transfer_bytes) / 1e9 / rep.copy_seconds : 0.0, rep.latency_p50_ms, rep.latency_p99_ms, double(rep.peak_rss_bytes) / (1 << 20));
+      rep.goodput_gbps(), rep.copy_gbps(), rep.latency_p50_ms, rep.latency_p99_ms, double(rep.peak_rss_bytes) / (1 << 20));
   for (const auto& p : rep.problems) std::fprintf(stderr, "kvflow: FAIL: %s\n", p.c_str());
   return rep.exit_code();
 }

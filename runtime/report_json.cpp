@@ -31,12 +31,10 @@ std::string simulation_report::to_json() const {
   j["agreement_violations"] = agreement_violations;
   j["agreement_rounds_checked"] = agreement_rounds_checked;
   if (options.interleave_seed != 0) j["scheduled_events"] = scheduled_events;
-  double gbps = transfer_seconds > 0 ? double(transfer_bytes) / 1e9 / transfer_seconds : 0;
   // gbps: bytes over the workload's wall time (goodput, bounded here by filling and verifying);
   // copy_gbps: bytes over the time the transport spent copying them.
-  double copy_gbps = copy_seconds > 0 ? double(transfer_bytes) / 1e9 / copy_seconds : 0;
-  j["transfer"] = {{"bytes", transfer_bytes}, {"seconds", transfer_seconds}, {"gbps", gbps},
-                   {"copy_seconds", copy_seconds}, {"copy_gbps", copy_gbps}};
+  j["transfer"] = {{"bytes", transfer_bytes}, {"seconds", transfer_seconds}, {"gbps", goodput_gbps()},
+                   {"copy_seconds", copy_seconds}, {"copy_gbps", copy_gbps()}};
   j["latency_ms"] = {{"p50", latency_p50_ms}, {"p99", latency_p99_ms}, {"max", latency_max_ms}};
   j["peak_rss_bytes"] = peak_rss_bytes;
   j["faults"] = faults_applied;

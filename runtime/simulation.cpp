@@ -22,6 +22,7 @@
 #include "actors/supervisor.hpp"
 #include "runtime/actor_system_setup.hpp"
 #include "runtime/agreement_checker.hpp"
+#include "runtime/percentile.hpp"
 #include "runtime/sim_kv_content.hpp"
 #include "transport/inproc_transport.hpp"
 
@@ -352,13 +353,6 @@ void on_rank_down(driver_actor* self, const caf::down_msg& dm) {
   for (int i = 0; i < static_cast<int>(st.h.decode.size()); ++i)
     if (st.h.decode[i].address() == dm.source) died(false, i);
   for (auto& r : st.requests) check_finished(self, r);
-}
-
-double percentile(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  auto idx = static_cast<std::size_t>(q * (v.size() - 1) + 0.5);
-  return v[std::min(idx, v.size() - 1)];
 }
 
 void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage) {

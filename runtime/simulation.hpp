@@ -73,6 +73,9 @@ struct simulation_report {
   std::uint64_t scheduled_events = 0; // interleaved mode: messages run
 
   int exit_code() const { return problems.empty() ? 0 : 1; }
+  // Bytes over the workload's wall time (goodput), and over the time spent copying them.
+  double goodput_gbps() const { return transfer_seconds > 0 ? double(transfer_bytes) / 1e9 / transfer_seconds : 0; }
+  double copy_gbps() const { return copy_seconds > 0 ? double(transfer_bytes) / 1e9 / copy_seconds : 0; }
   std::string to_json() const;
 };
 

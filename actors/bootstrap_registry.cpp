@@ -52,10 +52,15 @@ namespace {
 struct registry_state {
   registry_table table{config::prefill_topology{}};
   config::cluster_config config;
-  std::map<std::uint64_t, caf::actor> actors;  // live owners by actor id
+  // Live owners by registry-assigned id: actor ids are unique only within one process, and
+  // ranks register from many.
+  std::map<std::uint64_t, caf::actor> actors;
+  std::uint64_t next_owner = 1;
   std::vector<caf::response_promise> waiting;  // topology queries parked until ready
   std::map<std::int32_t, caf::actor> decode;    // decode ranks (kept after they die: watchers
                                                 // that monitor a dead handle learn it at once)
+  std::map<std::string, msg::node_entry> nodes;  // rank processes by name: where they listen
+  std::map<std::pair<std::int32_t, std::int32_t>, caf::actor> supervisors;  // (group, index)
   static inline const char* name = "kvflow.bootstrap_registry";
 };
 using registry_actor = caf::stateful_actor<registry_state>;
@@ -87,9 +92,12 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
   self->state.table = registry_table(c.prefill);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
-    auto id = dm.source.id();
-    st.table.owner_down(id);
-    st.actors.erase(id);
+    for (auto it = st.actors.begin(); it != st.actors.end(); ++it)
+      if (it->second.address() == dm.source) {
+        st.table.owner_down(it->first);
+        st.actors.erase(it);
+        break;
+      }
   });
   return {
       [self](msg::register_rank& r) -> msg::registration_reply {
@@ -98,12 +106,20 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
           return {false, 0, "wire version " + std::to_string(r.version) + " != registry's " +
                                 std::to_string(msg::wire_version)};
         if (!r.rank) return {false, 0, "registration of " + r.name + " without an actor handle"};
-        auto res = st.table.add(r.key, r.rank.id(), r.name);
+        std::uint64_t owner = 0;
+        for (const auto& [id, a] : st.actors)
+          if (a == r.rank) owner = id;
+        const bool known = owner != 0;
+        if (!known) owner = st.next_owner++;
+        auto res = st.table.add(r.key, owner, r.name);
         if (!res) {
           spdlog::error("bootstrap: {}", res.error().reason());
           return {false, 0, res.error().reason()};
         }
-        if (st.actors.emplace(r.rank.id(), r.rank).second) self->monitor(r.rank);
+        if (!known) {
+          st.actors.emplace(owner, r.rank);
+          self->monitor(r.rank);
+        }
         if (st.table.ready()) {
           auto reply = make_reply(self);
           for (auto& p : st.waiting) p.deliver(reply);
@@ -113,6 +129,26 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
       },
       [self](msg::register_decode& r) {
         if (r.handle) self->state.decode[r.rank] = r.handle;
+      },
+      [self](msg::register_node& n) -> msg::registration_reply {
+        if (n.version != msg::wire_version)
+          return {false, 0, "wire version " + std::to_string(n.version) + " != registry's " +
+                                std::to_string(msg::wire_version)};
+        self->state.nodes[n.name] = msg::node_entry{n.name, n.host, n.port};
+        return {true, 1, {}};
+      },
+      [self](msg::node_query) -> msg::node_table {
+        msg::node_table t;
+        for (const auto& [name, e] : self->state.nodes) t.nodes.push_back(e);
+        return t;
+      },
+      [self](msg::register_supervisor& r) {
+        if (r.handle) self->state.supervisors[{r.group, r.index}] = r.handle;
+      },
+      [self](msg::lookup_supervisor& l) -> msg::supervisor_entry {
+        auto& s = self->state.supervisors;
+        auto it = s.find({l.group, l.index});
+        return {l.group, l.index, it == s.end() ? caf::actor{} : it->second};
       },
       [self](msg::lookup_decode& l) -> msg::decode_entry {
         auto& d = self->state.decode;

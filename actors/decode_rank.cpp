@@ -37,6 +37,7 @@ struct decode_state {
   std::string fatal;  // set when the prefill side is incompatible: every room fails with it
   std::vector<std::uint64_t> waiting_connect;
   remote_pool described;
+  std::vector<transport::region_desc> described_regions;  // what peers need to write into them
   std::vector<std::uint64_t> regions;  // registered with the transport; removed before the pool
   std::uint64_t posted = 0;   // last step this rank reported
   std::uint64_t applied = 0;  // last agreed round it acted on
@@ -172,6 +173,8 @@ void on_topology(decode_actor* self, const msg::topology_reply& t) {
     reg.tp_size = cfg.decode.tp;
     reg.pool = st.described;
     reg.decode = caf::actor_cast<caf::actor>(self);
+    reg.endpoint = st.args.transport->endpoint();
+    reg.regions = st.described_regions;
     for (int g = 0; g < cfg.prefill.dp; ++g)
       for (const auto& pe : st.me->peers) {
         int p = config::prefill_rank_of(cfg.prefill, {g, pe.pp, pe.cp, pe.tp});
@@ -212,6 +215,7 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
       break;
     }
     ids.push_back(reg->id);
+    st.described_regions.push_back(reg.value());
   }
   st.regions = ids;
   if (st.fatal.empty()) st.described = describe(*st.pool, ids[0], ids[1], ids[2]);

@@ -17,6 +17,15 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<register_decode>("kvflow.register_decode");
   cfg.add_message_type<lookup_decode>("kvflow.lookup_decode");
   cfg.add_message_type<decode_entry>("kvflow.decode_entry");
+  cfg.add_message_type<register_node>("kvflow.register_node");
+  cfg.add_message_type<node_entry>("kvflow.node_entry");
+  cfg.add_message_type<node_query>("kvflow.node_query");
+  cfg.add_message_type<node_table>("kvflow.node_table");
+  cfg.add_message_type<register_supervisor>("kvflow.register_supervisor");
+  cfg.add_message_type<lookup_supervisor>("kvflow.lookup_supervisor");
+  cfg.add_message_type<supervisor_entry>("kvflow.supervisor_entry");
+  cfg.add_message_type<set_registry>("kvflow.set_registry");
+  cfg.add_message_type<transport::region_desc>("kvflow.region_desc");
   cfg.add_message_type<topology_query>("kvflow.topology_query");
   cfg.add_message_type<topology_reply>("kvflow.topology_reply");
   cfg.add_message_type<kv_registration>("kvflow.kv_registration");

@@ -9,10 +9,13 @@
 #include "actors/agreement.hpp"
 #include "actors/block_plan.hpp"
 #include "actors/bootstrap_registry.hpp"
+#include "transport/transport.hpp"
 
 namespace kvflow::msg {
 
-constexpr std::uint32_t wire_version = 1;
+// 2: registrations carry the transport endpoint and regions; the registry knows nodes and
+// supervisors (ranks in their own processes).
+constexpr std::uint32_t wire_version = 2;
 
 using start_atom = caf::atom_constant<caf::atom("start")>;
 
@@ -77,6 +80,40 @@ struct decode_entry {
   std::int32_t rank = 0;
   caf::actor handle;  // invalid when that rank never registered
 };
+// Rank processes: where each node listens (so peers connect directly instead of through the
+// bootstrap node) and where each agreement-tree supervisor lives.
+struct register_node {
+  std::uint32_t version = wire_version;
+  std::string name;  // "prefill 3", "decode 0", "launcher"
+  std::string host;
+  std::uint16_t port = 0;
+};
+struct node_entry {
+  std::string name;
+  std::string host;
+  std::uint16_t port = 0;
+};
+struct node_query {};
+struct node_table {
+  std::vector<node_entry> nodes;
+};
+struct register_supervisor {
+  std::int32_t group = 0;  // agreement group id
+  std::int32_t index = -1; // -1: the group's TP supervisor (root); else the shard's TP index
+  caf::actor handle;
+};
+struct lookup_supervisor {
+  std::int32_t group = 0;
+  std::int32_t index = -1;
+};
+struct supervisor_entry {
+  std::int32_t group = 0;
+  std::int32_t index = -1;
+  caf::actor handle;  // invalid until registered
+};
+struct set_registry {  // the bootstrap registry restarted: ranks use the new one from now on
+  caf::actor registry;
+};
 struct topology_query {
   std::uint32_t version = wire_version;
 };
@@ -102,6 +139,8 @@ struct kv_registration {  // once per connection
   std::int32_t dp = 0, pp = 0, tp = 0, tp_size = 0;
   remote_pool pool;
   caf::actor decode;
+  std::string endpoint;                          // transport endpoint (UCX worker address)
+  std::vector<transport::region_desc> regions;   // KV, aux, state (ids as in `pool`)
 };
 struct dst_info {
   std::uint32_t version = wire_version;
@@ -178,6 +217,7 @@ struct pool_usage {
   std::int64_t used_pages = 0;
   std::int64_t used_aux = 0;
   std::int64_t live_rooms = 0;
+  std::uint64_t bytes_moved = 0;  // through this rank's transport (a process's own transport)
 };
 
 // ---- inspectors (serialization, to_string) ------------------------------------------------
@@ -238,6 +278,38 @@ typename I::result_type inspect(I& f, decode_entry& x) {
   return f(caf::meta::type_name("decode_entry"), x.rank, x.handle);
 }
 template <class I>
+typename I::result_type inspect(I& f, register_node& x) {
+  return f(caf::meta::type_name("register_node"), x.version, x.name, x.host, x.port);
+}
+template <class I>
+typename I::result_type inspect(I& f, node_entry& x) {
+  return f(caf::meta::type_name("node_entry"), x.name, x.host, x.port);
+}
+template <class I>
+typename I::result_type inspect(I& f, node_query&) {
+  return f(caf::meta::type_name("node_query"));
+}
+template <class I>
+typename I::result_type inspect(I& f, node_table& x) {
+  return f(caf::meta::type_name("node_table"), x.nodes);
+}
+template <class I>
+typename I::result_type inspect(I& f, register_supervisor& x) {
+  return f(caf::meta::type_name("register_supervisor"), x.group, x.index, x.handle);
+}
+template <class I>
+typename I::result_type inspect(I& f, lookup_supervisor& x) {
+  return f(caf::meta::type_name("lookup_supervisor"), x.group, x.index);
+}
+template <class I>
+typename I::result_type inspect(I& f, supervisor_entry& x) {
+  return f(caf::meta::type_name("supervisor_entry"), x.group, x.index, x.handle);
+}
+template <class I>
+typename I::result_type inspect(I& f, set_registry& x) {
+  return f(caf::meta::type_name("set_registry"), x.registry);
+}
+template <class I>
 typename I::result_type inspect(I& f, topology_query& x) {
   return f(caf::meta::type_name("topology_query"), x.version);
 }
@@ -253,7 +325,7 @@ typename I::result_type inspect(I& f, topology_reply& x) {
 template <class I>
 typename I::result_type inspect(I& f, kv_registration& x) {
   return f(caf::meta::type_name("kv_registration"), x.version, x.decode_rank, x.dp, x.pp, x.tp,
-           x.tp_size, x.pool, x.decode);
+           x.tp_size, x.pool, x.decode, x.endpoint, x.regions);
 }
 template <class I>
 typename I::result_type inspect(I& f, dst_info& x) {
@@ -300,7 +372,7 @@ typename I::result_type inspect(I& f, pool_usage_query&) {
 template <class I>
 typename I::result_type inspect(I& f, pool_usage& x) {
   return f(caf::meta::type_name("pool_usage"), x.prefill, x.rank, x.used_pages, x.used_aux,
-           x.live_rooms);
+           x.live_rooms, x.bytes_moved);
 }
 
 // Registers every message type with an actor system config (needed across processes).
@@ -325,3 +397,10 @@ typename I::result_type inspect(I& f, remote_pool& x) {
            x.state_item_bytes);
 }
 }  // namespace kvflow
+
+namespace kvflow::transport {
+template <class I>
+typename I::result_type inspect(I& f, region_desc& x) {
+  return f(caf::meta::type_name("region_desc"), x.id, x.size, x.address, x.remote_key);
+}
+}  // namespace kvflow::transport

@@ -16,6 +16,7 @@ struct decode_peer {
   remote_pool pool;
   bool registered = false;  // its kv_registration arrived (else only watched for liveness)
   bool down = false;
+  std::string refused;      // why its registration could not be used (its requests fail with it)
 };
 
 struct prefill_room {
@@ -190,6 +191,8 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
   std::string bad;
   if (!expected)
     bad = "decode rank " + std::to_string(d.decode_rank) + " does not read from this rank";
+  else if (peer != st.peers.end() && !peer->second.refused.empty())
+    bad = peer->second.refused;
   else if (peer == st.peers.end() || !peer->second.registered)
     bad = "decode rank " + std::to_string(d.decode_rank) + " sent destinations before registering";
   else if (static_cast<int>(d.dst_pages.size()) != r.req.n_pages)
@@ -268,6 +271,8 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
     for (auto& [d, peer] : st.peers)
       if (peer.handle && peer.handle.address() == dm.source && !peer.down) {
         peer.down = true;
+        // Pushes in flight to it complete now (with an error) instead of waiting on a dead peer.
+        st.args.transport->disconnect(static_cast<std::uint64_t>(d));
         for (auto& [room, r] : st.rooms) {
           const auto* e = st.store.find(room);
           if (e == nullptr || is_terminal(e->state)) continue;
@@ -296,9 +301,19 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         auto& peer = st.peers[reg.decode_rank];
         peer.handle = reg.decode;
         peer.pool = reg.pool;
-        peer.registered = true;
         peer.down = false;
         self->monitor(reg.decode);
+        // The transport checks every later write against these regions; a description it cannot
+        // use fails that decode rank's requests with the reason, nobody else's.
+        auto connected = st.args.transport->connect(static_cast<std::uint64_t>(reg.decode_rank),
+                                                    reg.endpoint, reg.regions);
+        peer.refused.clear();
+        if (!connected) {
+          peer.refused = "transport cannot reach decode rank " + std::to_string(reg.decode_rank) +
+                         ": " + connected.reason();
+          spdlog::error("{}: {}", st.name, peer.refused);
+        }
+        peer.registered = true;
       },
       [self](msg::new_request& q) {
         auto& st = self->state;
@@ -351,13 +366,20 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
             // now instead of at the bootstrap timeout.
             st.peers[d];
             self->request(st.args.registry, caf::infinite, msg::lookup_decode{d})
-                .then([self](msg::decode_entry& e) {
-                  auto& peer = self->state.peers[e.rank];
-                  if (e.handle && !peer.handle) {
-                    peer.handle = e.handle;
-                    self->monitor(e.handle);
-                  }
-                });
+                .then(
+                    [self](msg::decode_entry& e) {
+                      auto& peer = self->state.peers[e.rank];
+                      if (e.handle && !peer.handle) {
+                        peer.handle = e.handle;
+                        self->monitor(e.handle);
+                      }
+                    },
+                    // The registry may be restarting: the decode rank's registration (or
+                    // the bootstrap timeout) still settles the room.
+                    [self, d](caf::error& e) {
+                      spdlog::warn("{}: lookup of decode rank {} failed: {}", self->state.name, d,
+                                   self->system().render(e));
+                    });
           }
         }
         if (st.me->authoritative)

@@ -122,7 +122,11 @@ caf::message_handler rank_handlers(Self* self, bool prefill, Fail fail, Release 
       [self, prefill](msg::pool_usage_query) {
         auto& st = self->state;
         return msg::pool_usage{prefill, st.args.rank, st.pool->used_pages() + st.pool->used_state_pages(),
-                               st.pool->used_aux(), static_cast<std::int64_t>(st.store.size())};
+                               st.pool->used_aux(), static_cast<std::int64_t>(st.store.size()),
+                               st.args.transport->bytes_moved()};
+      },
+      [self](msg::set_registry& r) {
+        if (r.registry) self->state.args.registry = r.registry;
       },
       [self, apply](msg::step_tick) { on_step(self, apply); },
       [self, apply](const msg::agreed_round& a) { on_agreed_message(self, a, apply); },

@@ -30,6 +30,14 @@ tunables load_tunables(const env_lookup& getenv) {
   return t;
 }
 
+std::vector<std::pair<std::string, std::string>> to_env(const tunables& t) {
+  std::vector<std::pair<std::string, std::string>> out;
+#define KVFLOW_TUNABLE_ENV(name, env, def, doc) out.emplace_back(env, std::to_string(t.name));
+  KVFLOW_TUNABLES(KVFLOW_TUNABLE_ENV)
+#undef KVFLOW_TUNABLE_ENV
+  return out;
+}
+
 std::string tunables_help() {
   std::ostringstream out;
 #define KVFLOW_TUNABLE_HELP(name, env, def, doc) \

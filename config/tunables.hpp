@@ -3,6 +3,8 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace kvflow::config {
 
@@ -13,11 +15,15 @@ namespace kvflow::config {
   X(waiting_timeout_ms, "KVFLOW_WAITING_TIMEOUT_MS", 300000,                                     \
     "decode: fail (and abort on every prefill peer) a room not done this long after sending "    \
     "its destinations (SGLang: 300 s)")                                                          \
-  X(heartbeat_interval_ms, "KVFLOW_HEARTBEAT_INTERVAL_MS", 5000,                                 \
-    "peer health checks across processes (multi-process runs are not built yet; in one "       \
-    "process ranks monitor each other's actors and see a death at once)")                        \
-  X(heartbeat_misses, "KVFLOW_HEARTBEAT_MISSES", 2,                                              \
-    "peer health checks across processes: misses after which a peer counts as down")             \
+  X(heartbeat_interval_ms, "KVFLOW_HEARTBEAT_INTERVAL_MS", 1000,                                 \
+    "rank processes: CAF middleman heartbeat between nodes (in one process ranks monitor "     \
+    "each other's actors and see a death at once)")                                              \
+  X(heartbeat_misses, "KVFLOW_HEARTBEAT_MISSES", 3,                                              \
+    "rank processes: a node silent for this many heartbeat intervals counts as down (a "       \
+    "frozen or unreachable peer is detected within interval x misses)")                          \
+  X(connect_timeout_ms, "KVFLOW_CONNECT_TIMEOUT_MS", 30000,                                      \
+    "rank processes: how long to keep trying to reach the bootstrap and parent supervisors "   \
+    "at start-up before giving up (exit 1)")                                                     \
   X(step_interval_us, "KVFLOW_STEP_INTERVAL_US", 200,                                            \
     "simulated scheduler: pause between agreement rounds while rooms are in flight")             \
   X(max_rooms_per_rank, "KVFLOW_MAX_ROOMS_PER_RANK", 65536,                                      \
@@ -35,6 +41,9 @@ struct tunables {
 // non-positive value throws config_error naming the variable.
 using env_lookup = std::function<const char*(const char*)>;
 tunables load_tunables(const env_lookup& getenv = {});
+
+// Every tunable as (variable, value): what a launcher hands the processes it starts.
+std::vector<std::pair<std::string, std::string>> to_env(const tunables& t);
 
 // One line per tunable: variable, default, doc.
 std::string tunables_help();

@@ -9,6 +9,8 @@
 
 #include "config/tunables.hpp"
 #include "runtime/bench.hpp"
+#include "runtime/launch.hpp"
+#include "runtime/rank_process.hpp"
 #include "runtime/simulation.hpp"
 
 namespace {
@@ -27,18 +29,28 @@ void set_log_level(const std::string& level) {
   spdlog::set_level(l);
 }
 
-struct simulate_flags {
-  std::string prefill = "cp=8", decode = "dp=8", model = "dsv32", dtype = "fp8";
-  int page_size = 64, requests = 64, chunk_tokens = 1024, concurrency = 8, rooms = 0;
-  std::string prompt_tokens = "512:2048", transport = "inproc", cp_send = "rank0", report;
-  std::vector<std::string> faults;
-  double deadline = 60;
-  std::uint64_t seed = 1, interleave = 0;
+// The cluster's shape: the same flags for simulate, launch, bootstrap and rank.
+struct cluster_flags {
+  std::string prefill = "cp=8", decode = "dp=8", model = "dsv32", dtype = "fp8", cp_send = "rank0";
+  int page_size = 64;
+  // As passed on to the processes a launcher starts.
+  std::vector<std::string> args() const {
+    return {"--prefill", prefill, "--decode", decode, "--model", model, "--dtype", dtype,
+            "--page-size", std::to_string(page_size), "--cp-send", cp_send};
+  }
 };
 
-runtime::simulation_options to_options(const simulate_flags& f) {
-  runtime::simulation_options o;
-  auto& c = o.cluster;
+void add_cluster_options(CLI::App* app, cluster_flags& f) {
+  app->add_option("--prefill", f.prefill, "tp=N,cp=N,pp=N,dp=N")->capture_default_str();
+  app->add_option("--decode", f.decode, "tp=N,dp=N,pp=N")->capture_default_str();
+  app->add_option("--model", f.model, "dsv32 | mla:L:BYTES[:STATE_BYTES] | mha:L:KV_HEADS:HEAD_DIM")->capture_default_str();
+  app->add_option("--dtype", f.dtype, "bf16 | fp8")->capture_default_str();
+  app->add_option("--page-size", f.page_size, "tokens per KV page")->capture_default_str();
+  app->add_option("--cp-send", f.cp_send, "rank0 | all (CP-parallel sending)")->capture_default_str();
+}
+
+config::cluster_config to_cluster(const cluster_flags& f) {
+  config::cluster_config c;
   c.prefill = config::parse_prefill(f.prefill);
   c.decode = config::parse_decode(f.decode);
   c.dtype = config::parse_dtype(f.dtype);
@@ -47,6 +59,22 @@ runtime::simulation_options to_options(const simulate_flags& f) {
   if (f.cp_send != "rank0" && f.cp_send != "all")
     throw config::config_error("cp-send: '" + f.cp_send + "' is not rank0 or all");
   c.cp_send_all = f.cp_send == "all";
+  config::validate(c);
+  return c;
+}
+
+struct simulate_flags : cluster_flags {
+  int requests = 64, chunk_tokens = 1024, concurrency = 8, rooms = 0;
+  std::string prompt_tokens = "512:2048", transport = "inproc", report;
+  std::vector<std::string> faults;
+  double deadline = 60;
+  std::uint64_t seed = 1, interleave = 0;
+};
+
+runtime::simulation_options to_options(const simulate_flags& f, bool processes) {
+  runtime::simulation_options o;
+  o.cluster = to_cluster(f);
+  o.processes = processes;
   o.requests = f.requests;
   auto colon = f.prompt_tokens.find(':');
   try {
@@ -57,7 +85,7 @@ runtime::simulation_options to_options(const simulate_flags& f) {
   }
   o.chunk_tokens = f.chunk_tokens;
   o.concurrency = f.concurrency;
-  o.transport = f.transport;
+  o.transport = processes ? "ucx" : f.transport;  // only UCX crosses processes
   for (const auto& s : f.faults) o.faults.push_back(runtime::parse_fault(s));
   o.deadline_s = f.deadline;
   o.seed = f.seed;
@@ -75,9 +103,9 @@ runtime::simulation_options to_options(const simulate_flags& f) {
   return o;
 }
 
-int run_simulate(const simulate_flags& f) {
-  auto o = to_options(f);
-  auto rep = runtime::run_simulation(o);
+int run_simulate(const simulate_flags& f, const runtime::launch_options* launch) {
+  auto o = to_options(f, launch != nullptr);
+  auto rep = launch != nullptr ? runtime::run_launch(o, *launch) : runtime::run_simulation(o);
   if (!f.report.empty()) {
     std::ofstream out(f.report);
     out << rep.to_json() << "\n";
@@ -88,12 +116,12 @@ int run_simulate(const simulate_flags& f) {
   }
   double gb = double(rep.bytes_verified) / 1e9;
   std::printf(
-      "simulate: prefill tp=%d cp=%d pp=%d dp=%d, decode tp=%d dp=%d pp=%d, %s %s, page %d\n"
+      "%s: prefill tp=%d cp=%d pp=%d dp=%d, decode tp=%d dp=%d pp=%d, %s %s, page %d\n"
       "  requests %d: succeeded %d, failed %d (unexpected %d), stalled %d\n"
       "  verified %.3f GB of %.3f GB, mismatched pages %llu, leaked pages %llu, aux %llu\n"
       "  transfer %.3f GB in %.2f s (%.2f GB/s; copying %.2f GB/s), latency p50 %.1f ms p99 %.1f ms, "
       "peak RSS %.0f MiB\n",
-      o.cluster.prefill.tp, o.cluster.prefill.cp, o.cluster.prefill.pp, o.cluster.prefill.dp,
+      launch != nullptr ? "launch" : "simulate", o.cluster.prefill.tp, o.cluster.prefill.cp, o.cluster.prefill.pp, o.cluster.prefill.dp,
       o.cluster.decode.tp, o.cluster.decode.dp, o.cluster.decode.pp,
       config::describe(o.cluster.model).c_str(), config::to_string(o.cluster.dtype), o.cluster.page_size,
       rep.requests, rep.succeeded, rep.failed, rep.unexpected_failures, rep.stalled, gb,
@@ -116,26 +144,59 @@ int main(int argc, char** argv) {
   app.footer("Tunables (environment):\n" + config::tunables_help());
 
   simulate_flags sf;
+  auto add_workload = [&](CLI::App* a, bool one_process) {
+    a->add_option("--log-level", log_level, "trace|debug|info|warn|error|off");
+    add_cluster_options(a, sf);
+    a->add_option("--requests", sf.requests, "requests to run")->capture_default_str();
+    a->add_option("--prompt-tokens", sf.prompt_tokens, "N or N:M (uniform range)")->capture_default_str();
+    a->add_option("--chunk-tokens", sf.chunk_tokens, "tokens per prefill chunk")->capture_default_str();
+    a->add_option("--concurrency", sf.concurrency, "requests in flight")->capture_default_str();
+    a->add_option("--fault", sf.faults,
+                  one_process ? "kill:prefill:R@N kill:decode:R@N abort:decode@N drop-dst-info@N corrupt@N dup-room@N"
+                              : "kill:prefill:R@N kill:decode:R@N freeze:prefill:R@N freeze:decode:R@N "
+                                "restart:bootstrap@N abort:decode@N drop-dst-info@N corrupt@N dup-room@N");
+    a->add_option("--deadline", sf.deadline, "seconds until unfinished requests count as stalled")->capture_default_str();
+    a->add_option("--seed", sf.seed, "workload seed")->capture_default_str();
+    a->add_option("--rooms", sf.rooms, "draw rooms from N values, reused once cleared (0: unique)")->capture_default_str();
+    a->add_option("--report", sf.report, "write the JSON report here");
+  };
   auto* sim = app.add_subcommand("simulate", "run a whole P/D cluster in one process, byte-verified");
-  sim->add_option("--log-level", log_level, "trace|debug|info|warn|error|off");
-  sim->add_option("--prefill", sf.prefill, "tp=N,cp=N,pp=N,dp=N")->capture_default_str();
-  sim->add_option("--decode", sf.decode, "tp=N,dp=N,pp=N")->capture_default_str();
-  sim->add_option("--model", sf.model, "dsv32 | mla:L:BYTES[:STATE_BYTES] | mha:L:KV_HEADS:HEAD_DIM")->capture_default_str();
-  sim->add_option("--dtype", sf.dtype, "bf16 | fp8")->capture_default_str();
-  sim->add_option("--page-size", sf.page_size, "tokens per KV page")->capture_default_str();
-  sim->add_option("--requests", sf.requests, "requests to run")->capture_default_str();
-  sim->add_option("--prompt-tokens", sf.prompt_tokens, "N or N:M (uniform range)")->capture_default_str();
-  sim->add_option("--chunk-tokens", sf.chunk_tokens, "tokens per prefill chunk")->capture_default_str();
-  sim->add_option("--concurrency", sf.concurrency, "requests in flight")->capture_default_str();
-  sim->add_option("--transport", sf.transport, "inproc")->capture_default_str();
-  sim->add_option("--cp-send", sf.cp_send, "rank0 | all (CP-parallel sending)")->capture_default_str();
-  sim->add_option("--fault", sf.faults, "kill:prefill:R@N kill:decode:R@N abort:decode@N drop-dst-info@N corrupt@N dup-room@N");
-  sim->add_option("--deadline", sf.deadline, "seconds until unfinished requests count as stalled")->capture_default_str();
-  sim->add_option("--seed", sf.seed, "workload seed")->capture_default_str();
-  sim->add_option("--rooms", sf.rooms, "draw rooms from N values, reused once cleared (0: unique)")->capture_default_str();
-  sim->add_option("--report", sf.report, "write the JSON report here");
+  add_workload(sim, true);
+  sim->add_option("--transport", sf.transport, "inproc | ucx")->capture_default_str();
   sim->add_option("--interleave", sf.interleave,
                   "run every message on CAF's deterministic scheduler in a random order from this seed");
+
+  runtime::launch_options lo;
+  auto* launch = app.add_subcommand("launch", "run the cluster as one process per rank (bootstrap + ranks), byte-verified");
+  add_workload(launch, false);
+  launch->add_option("--host", lo.host, "where the launcher and the bootstrap listen")->capture_default_str();
+  launch->add_option("--prefill-host", lo.prefill_host, "where prefill ranks listen (default: --host)");
+  launch->add_option("--decode-host", lo.decode_host, "where decode ranks listen (default: --host)");
+  launch->add_option("--prefill-exec", lo.prefill_exec, "command prefix for prefill rank processes (e.g. 'ip netns exec A')");
+  launch->add_option("--decode-exec", lo.decode_exec, "command prefix for decode rank processes");
+
+  cluster_flags bootf;
+  std::string boot_listen = "127.0.0.1:0";
+  auto* boot = app.add_subcommand("bootstrap", "serve the bootstrap registry over TCP");
+  boot->add_option("--log-level", log_level, "trace|debug|info|warn|error|off");
+  boot->add_option("--listen", boot_listen, "HOST:PORT (port 0: any free one, printed)")->capture_default_str();
+  add_cluster_options(boot, bootf);
+
+  cluster_flags rankf;
+  runtime::rank_options ro;
+  std::string role = "prefill";
+  auto* rank = app.add_subcommand("rank", "run one prefill or decode rank as this process");
+  rank->add_option("--log-level", log_level, "trace|debug|info|warn|error|off");
+  rank->add_option("--role", role, "prefill | decode")->required();
+  rank->add_option("--rank", ro.rank, "global prefill or decode rank")->required();
+  rank->add_option("--bootstrap", ro.bootstrap, "HOST:PORT of kvflow bootstrap")->required();
+  rank->add_option("--listen", ro.listen, "HOST:PORT peers connect to (port 0: any)")->capture_default_str();
+  rank->add_option("--report-to", ro.report_to, "HOST:PORT of the launcher that observes this rank");
+  rank->add_option("--transport", ro.transport, "ucx")->capture_default_str();
+  rank->add_option("--pool-pages", ro.pool_pages, "KV pages in this rank's pool")->required();
+  rank->add_option("--aux-slots", ro.aux_slots, "decode: aux slots")->capture_default_str();
+  rank->add_option("--wire-version", ro.wire_version, "speak this wire version (compatibility tests; 0: this build's)");
+  add_cluster_options(rank, rankf);
 
   runtime::bench_flags bf;
   auto* bench = app.add_subcommand("bench", "benchmarks: figures beside their anchors");
@@ -160,7 +221,32 @@ int main(int argc, char** argv) {
   }
   try {
     set_log_level(log_level);
-    if (sim->parsed()) return run_simulate(sf);
+    if (sim->parsed()) return run_simulate(sf, nullptr);
+    if (launch->parsed()) {
+      lo.cluster_flags = sf.args();
+      lo.log_level = log_level;
+      return run_simulate(sf, &lo);
+    }
+    if (boot->parsed()) {
+      runtime::bootstrap_options b;
+      b.cluster = to_cluster(bootf);
+      b.listen = boot_listen;
+      b.tunables = config::load_tunables();
+      return runtime::run_bootstrap(b);
+    }
+    if (rank->parsed()) {
+      if (role != "prefill" && role != "decode") throw config::config_error("role: '" + role + "' is not prefill or decode");
+      ro.prefill = role == "prefill";
+      ro.cluster = to_cluster(rankf);
+      ro.tunables = config::load_tunables();
+      const int ranks = ro.prefill ? ro.cluster.prefill.ranks() : ro.cluster.decode.ranks();
+      if (ro.rank < 0 || ro.rank >= ranks)
+        throw config::config_error("rank: " + std::to_string(ro.rank) + " is not a " + role + " rank (0.." +
+                                   std::to_string(ranks - 1) + ")");
+      if (ro.pool_pages < 1) throw config::config_error("pool-pages: must be >= 1");
+      if (!ro.prefill && ro.aux_slots < 1) throw config::config_error("aux-slots: a decode rank needs >= 1");
+      return runtime::run_rank(ro);
+    }
     if (control->parsed()) return runtime::run_bench_control(bf);
   } catch (const config::config_error& e) {
     return usage_error(e.what());

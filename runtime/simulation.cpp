@@ -22,9 +22,11 @@
 #include "actors/supervisor.hpp"
 #include "runtime/actor_system_setup.hpp"
 #include "runtime/agreement_checker.hpp"
+#include "runtime/driver.hpp"
 #include "runtime/percentile.hpp"
 #include "runtime/sim_kv_content.hpp"
 #include "transport/inproc_transport.hpp"
+#include "transport/ucx_transport.hpp"
 
 namespace kvflow::runtime {
 namespace {
@@ -62,17 +64,12 @@ struct sim_request {
   std::map<std::pair<bool, int>, std::pair<std::uint64_t, std::uint8_t>> group_action;
 };
 
-struct cluster_handles {
-  caf::actor registry;
-  std::vector<caf::actor> prefill, decode, supervisors;
-};
-
 struct driver_state {
   simulation_options opt;
   std::shared_ptr<const config::routing_plan> plan;
-  std::shared_ptr<transport::inproc_transport> transport;
+  std::shared_ptr<cluster_control> control;
   std::shared_ptr<simulation_report> report;
-  std::shared_ptr<agreement_checker> checker = std::make_shared<agreement_checker>();
+  std::shared_ptr<agreement_checker> checker;
   cluster_handles h;
   std::vector<sim_request> requests;
   std::map<std::pair<std::uint64_t, std::uint64_t>, int> by_key;  // (room, incarnation) -> index
@@ -91,7 +88,7 @@ int pages_of(const config::cluster_config& c, int tokens) {
   return (tokens + c.page_size - 1) / c.page_size;
 }
 
-cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
+cluster_handles spawn_cluster(caf::event_based_actor* self, const simulation_options& o,
                               const std::shared_ptr<const config::routing_plan>& plan,
                               const std::shared_ptr<transport::transport>& transport,
                               const std::shared_ptr<agreement_checker>& checker) {
@@ -189,20 +186,63 @@ cluster_handles spawn_cluster(driver_actor* self, const simulation_options& o,
         self->send(h.registry, msg::register_decode{r, h.decode[r]});
       }
     }
-  for (auto& a : h.prefill) self->monitor(a);
-  for (auto& a : h.decode) self->monitor(a);
   return h;
 }
+
+// The cluster as actors in this process, sharing one transport.
+class inproc_cluster final : public cluster_control {
+ public:
+  inproc_cluster(simulation_options opt, std::shared_ptr<const config::routing_plan> plan,
+                 std::shared_ptr<agreement_checker> checker, std::shared_ptr<transport::transport> t)
+      : opt_(std::move(opt)), plan_(std::move(plan)), checker_(std::move(checker)), transport_(std::move(t)) {}
+  cluster_handles start(caf::event_based_actor* self) override {
+    h_ = spawn_cluster(self, opt_, plan_, transport_, checker_);
+    return h_;
+  }
+  status kill(caf::event_based_actor* self, bool prefill, int rank) override {
+    self->send_exit(prefill ? h_.prefill.at(rank) : h_.decode.at(rank), caf::exit_reason::kill);
+    return {};
+  }
+  status freeze(bool, int) override { return status::error("freeze needs rank processes"); }
+  status restart_bootstrap() override { return status::error("restart needs a bootstrap process"); }
+  std::uint64_t transfer_bytes(const std::vector<msg::pool_usage>&) const override {
+    return transport_->bytes_moved();
+  }
+  double copy_seconds() const override {
+    auto* inproc = dynamic_cast<const transport::inproc_transport*>(transport_.get());
+    return inproc != nullptr ? inproc->copy_seconds() : 0;
+  }
+  void stop(caf::event_based_actor* self) override {
+    auto bye = [&](caf::actor& a) {
+      if (a) self->send_exit(a, caf::exit_reason::user_shutdown);
+    };
+    for (auto& a : h_.prefill) bye(a);
+    for (auto& a : h_.decode) bye(a);
+    for (auto& a : h_.supervisors) bye(a);
+    bye(h_.registry);
+  }
+
+ private:
+  simulation_options opt_;
+  std::shared_ptr<const config::routing_plan> plan_;
+  std::shared_ptr<agreement_checker> checker_;
+  std::shared_ptr<transport::transport> transport_;
+  cluster_handles h_;
+};
 
 bool touched(const simulation_options& o, const sim_request& r) {
   for (const auto& f : o.faults) {
     switch (f.what) {
       case fault_spec::kind::kill_prefill:
+      case fault_spec::kind::freeze_prefill:
         if (std::find(r.prefill_ranks.begin(), r.prefill_ranks.end(), f.rank) != r.prefill_ranks.end()) return true;
         break;
       case fault_spec::kind::kill_decode:
+      case fault_spec::kind::freeze_decode:
         if (std::find(r.decode_ranks.begin(), r.decode_ranks.end(), f.rank) != r.decode_ranks.end()) return true;
         break;
+      case fault_spec::kind::restart_bootstrap:
+        break;  // running requests do not need the registry: none may fail for it
       default:
         if (f.at == r.index + 1) return true;
     }
@@ -273,12 +313,22 @@ void start_request(driver_actor* self, sim_request& r) {
     if (f.what == fault_spec::kind::abort_decode) {
       self->delayed_send(self, std::chrono::milliseconds(1), fire_abort{r.index});
       st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
-    } else if (f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::kill_decode) {
-      bool pre = f.what == fault_spec::kind::kill_prefill;
-      auto& target = pre ? st.h.prefill[f.rank] : st.h.decode[f.rank];
+    } else if (f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::kill_decode ||
+               f.what == fault_spec::kind::freeze_prefill || f.what == fault_spec::kind::freeze_decode) {
+      bool pre = f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::freeze_prefill;
+      bool kill = f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::kill_decode;
       st.killed.insert({pre, f.rank});
-      self->send_exit(target, caf::exit_reason::kill);
-      st.report->faults_applied.push_back(f.text);
+      auto done = kill ? st.control->kill(self, pre, f.rank) : st.control->freeze(pre, f.rank);
+      if (done)
+        st.report->faults_applied.push_back(f.text);
+      else
+        st.report->problems.push_back("fault " + f.text + ": " + done.reason());
+    } else if (f.what == fault_spec::kind::restart_bootstrap) {
+      auto done = st.control->restart_bootstrap();
+      if (done)
+        st.report->faults_applied.push_back(f.text);
+      else
+        st.report->problems.push_back("fault " + f.text + ": " + done.reason());
     } else if (f.what == fault_spec::kind::drop_dst_info || f.what == fault_spec::kind::corrupt) {
       st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
     }
@@ -394,11 +444,13 @@ void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage)
     rep.leaked_aux_slots += u.used_aux;
     rep.leaked_rooms += u.live_rooms;
   }
-  rep.agreement_violations += st.checker->violations();
-  rep.agreement_rounds_checked = st.checker->rounds_checked();
-  for (auto& p : st.checker->problems()) rep.problems.push_back(p);
-  rep.transfer_bytes = st.transport->bytes_moved();
-  rep.copy_seconds = st.transport->copy_seconds();
+  if (st.checker) {  // only in one process: ranks elsewhere report their actions, not rounds
+    rep.agreement_violations += st.checker->violations();
+    rep.agreement_rounds_checked = st.checker->rounds_checked();
+    for (auto& p : st.checker->problems()) rep.problems.push_back(p);
+  }
+  rep.transfer_bytes = st.control->transfer_bytes(usage);
+  rep.copy_seconds = st.control->copy_seconds();
   if (st.started > 0)
     rep.transfer_seconds = std::chrono::duration<double>(st.last_end - st.first_start).count();
   rusage ru{};
@@ -421,13 +473,7 @@ void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage)
 
 void shutdown(driver_actor* self) {
   auto& st = self->state;
-  auto bye = [&](caf::actor& a) {
-    if (a) self->send_exit(a, caf::exit_reason::user_shutdown);
-  };
-  for (auto& a : st.h.prefill) bye(a);
-  for (auto& a : st.h.decode) bye(a);
-  for (auto& a : st.h.supervisors) bye(a);
-  bye(st.h.registry);
+  st.control->stop(self);
   st.report->complete = true;
   st.done.deliver(true);
   self->quit();
@@ -469,14 +515,15 @@ void finalize(driver_actor* self) {
             });
 }
 
-caf::behavior driver(driver_actor* self, simulation_options opt,
-                     std::shared_ptr<simulation_report> report) {
+caf::behavior driver(driver_actor* self, simulation_options opt, std::shared_ptr<simulation_report> report,
+                     std::shared_ptr<cluster_control> control, std::shared_ptr<agreement_checker> checker) {
   auto& st = self->state;
   st.opt = std::move(opt);
   st.report = std::move(report);
   st.report->options = st.opt;
   st.plan = std::make_shared<const config::routing_plan>(st.opt.cluster);
-  st.transport = std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
+  st.control = std::move(control);
+  st.checker = std::move(checker);
   st.rng.seed(st.opt.seed);
   // The router: rooms are random 64-bit ids (or drawn from a small pool to exercise reuse).
   std::uniform_int_distribution<int> tokens(st.opt.prompt_min, st.opt.prompt_max);
@@ -495,13 +542,22 @@ caf::behavior driver(driver_actor* self, simulation_options opt,
     r.decode_dp = i % st.opt.cluster.decode.dp;
     st.requests.push_back(std::move(r));
   }
-  st.h = spawn_cluster(self, st.opt, st.plan, st.transport, st.checker);
   self->set_down_handler([self](caf::down_msg& dm) { on_rank_down(self, dm); });
   self->delayed_send(self, std::chrono::milliseconds(static_cast<std::int64_t>(st.opt.deadline_s * 1000)), deadline_reached{});
   return {
       [self](msg::start_atom) -> caf::result<bool> {
         auto& st = self->state;
+        st.h = st.control->start(self);
         st.done = self->make_response_promise();
+        const auto& c = st.opt.cluster;
+        if (static_cast<int>(st.h.prefill.size()) != c.prefill.ranks() ||
+            static_cast<int>(st.h.decode.size()) != c.decode.ranks()) {
+          st.report->problems.push_back("the cluster did not start");
+          finalize(self);
+          return st.done;
+        }
+        for (auto& a : st.h.prefill) self->monitor(a);
+        for (auto& a : st.h.decode) self->monitor(a);
         start_more(self);
         return st.done;
       },
@@ -526,7 +582,33 @@ caf::behavior driver(driver_actor* self, simulation_options opt,
 
 }  // namespace
 
+void drive(caf::actor_system& sys, const simulation_options& options,
+           const std::shared_ptr<simulation_report>& report, std::shared_ptr<cluster_control> control,
+           std::shared_ptr<agreement_checker> checker) {
+  auto d = sys.spawn(driver, options, report, std::move(control), std::move(checker));
+  caf::scoped_actor self{sys};
+  self->request(d, caf::infinite, msg::start_atom::value)
+      .receive([](bool) {}, [&](caf::error& e) { report->problems.push_back("driver: " + sys.render(e)); });
+}
+
 namespace {
+
+std::shared_ptr<cluster_control> make_inproc_cluster(const simulation_options& o, const std::shared_ptr<simulation_report>& report,
+                                                     std::shared_ptr<agreement_checker> checker) {
+  std::shared_ptr<transport::transport> t;
+  if (o.transport == "ucx") {
+    auto made = transport::ucx_transport::create();
+    if (!made) {
+      report->problems.push_back("transport ucx: " + made.error().reason());
+      return nullptr;
+    }
+    t = std::move(made.value());
+  } else {
+    t = std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
+  }
+  return std::make_shared<inproc_cluster>(o, std::make_shared<const config::routing_plan>(o.cluster),
+                                          std::move(checker), std::move(t));
+}
 
 void run_interleaved(const simulation_options& options, const std::shared_ptr<simulation_report>& report) {
   caf::actor_system_config cfg;
@@ -535,7 +617,10 @@ void run_interleaved(const simulation_options& options, const std::shared_ptr<si
   caf::actor_system sys{cfg};
   auto& sched = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
   std::mt19937_64 pick(options.interleave_seed);
-  auto d = sys.spawn(driver, options, report);
+  auto checker = std::make_shared<agreement_checker>();
+  auto control = make_inproc_cluster(options, report, checker);
+  if (!control) return;
+  auto d = sys.spawn(driver, options, report, control, checker);
   caf::anon_send(d, msg::start_atom::value);
   std::uint64_t events = 0;
   while (!report->complete) {
@@ -573,11 +658,10 @@ simulation_report run_simulation(const simulation_options& options) {
     caf::actor_system_config cfg;
     configure_actor_system(cfg);
     caf::actor_system sys{cfg};
-    auto d = sys.spawn(driver, options, report);
-    caf::scoped_actor self{sys};
-    self->request(d, caf::infinite, msg::start_atom::value)
-        .receive([](bool) {},
-                 [&](caf::error& e) { report->problems.push_back("driver: " + sys.render(e)); });
+    auto checker = std::make_shared<agreement_checker>();
+    auto control = make_inproc_cluster(options, report, checker);
+    if (!control) return *report;
+    drive(sys, options, report, control, checker);
   }
   return *report;
 }

@@ -11,7 +11,11 @@
 namespace kvflow::runtime {
 
 struct fault_spec {
-  enum class kind { kill_prefill, kill_decode, abort_decode, drop_dst_info, corrupt, duplicate_room };
+  enum class kind {
+    kill_prefill, kill_decode, abort_decode, drop_dst_info, corrupt, duplicate_room,
+    freeze_prefill, freeze_decode,  // SIGSTOP the rank's process (launch only)
+    restart_bootstrap               // kill the bootstrap process and start it again (launch only)
+  };
   kind what = kind::kill_prefill;
   int rank = -1;  // kill faults
   int at = 0;     // request number (1-based): "after N requests have started" / "request N"
@@ -19,6 +23,7 @@ struct fault_spec {
 };
 
 // kill:prefill:R@N | kill:decode:R@N | abort:decode@N | drop-dst-info@N | corrupt@N | dup-room@N
+// | freeze:prefill:R@N | freeze:decode:R@N | restart:bootstrap@N (the last three: launch only)
 fault_spec parse_fault(const std::string& text);
 
 struct simulation_options {
@@ -37,6 +42,7 @@ struct simulation_options {
   // scheduler, one at a time, the next one picked at random from this seed: a reproducible
   // random interleaving of every rank's events (the property tests use it).
   std::uint64_t interleave_seed = 0;
+  bool processes = false;  // one process per rank (`kvflow launch`), not actors in this one
   config::tunables tunables;
 };
 

@@ -35,6 +35,14 @@ fault_spec parse_fault(const std::string& text) {
   } else if (head.rfind("kill:decode:", 0) == 0) {
     f.what = fault_spec::kind::kill_decode;
     rank_after("kill:decode:");
+  } else if (head.rfind("freeze:prefill:", 0) == 0) {
+    f.what = fault_spec::kind::freeze_prefill;
+    rank_after("freeze:prefill:");
+  } else if (head.rfind("freeze:decode:", 0) == 0) {
+    f.what = fault_spec::kind::freeze_decode;
+    rank_after("freeze:decode:");
+  } else if (head == "restart:bootstrap") {
+    f.what = fault_spec::kind::restart_bootstrap;
   } else if (head == "abort:decode") {
     f.what = fault_spec::kind::abort_decode;
   } else if (head == "drop-dst-info") {
@@ -44,8 +52,8 @@ fault_spec parse_fault(const std::string& text) {
   } else if (head == "dup-room") {
     f.what = fault_spec::kind::duplicate_room;
   } else {
-    throw bad("is not kill:prefill:R@N, kill:decode:R@N, abort:decode@N, drop-dst-info@N, "
-              "corrupt@N or dup-room@N");
+    throw bad("is not kill:prefill:R@N, kill:decode:R@N, freeze:prefill:R@N, freeze:decode:R@N, "
+              "restart:bootstrap@N, abort:decode@N, drop-dst-info@N, corrupt@N or dup-room@N");
   }
   return f;
 }
@@ -61,8 +69,11 @@ void validate(const simulation_options& o) {
   need(o.chunk_tokens >= 1, "chunk-tokens", "must be >= 1");
   need(o.concurrency >= 1, "concurrency", "must be >= 1");
   need(o.deadline_s > 0, "deadline", "must be > 0");
-  need(o.transport == "inproc", "transport",
-       "'" + o.transport + "' is not available in this build (inproc)");
+  need(o.transport == "inproc" || o.transport == "ucx", "transport",
+       "'" + o.transport + "' is not inproc or ucx");
+  need(!o.processes || o.transport == "ucx", "transport",
+       "'" + o.transport + "' cannot cross processes (use ucx)");
+  need(!o.processes || o.interleave_seed == 0, "interleave", "needs one process (kvflow simulate)");
   // Each rank's pool holds the pages of the requests in flight; refuse what cannot be mapped.
   {
     const auto& c = o.cluster;
@@ -79,11 +90,15 @@ void validate(const simulation_options& o) {
              " GiB per rank (limit 1 TiB)");
   }
   for (const auto& f : o.faults) {
-    if (f.what == fault_spec::kind::kill_prefill)
+    using k = fault_spec::kind;
+    const bool process_fault = f.what == k::freeze_prefill || f.what == k::freeze_decode ||
+                               f.what == k::restart_bootstrap;
+    need(!process_fault || o.processes, "fault", "'" + f.text + "' needs rank processes (kvflow launch)");
+    if (f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::freeze_prefill)
       need(f.rank < o.cluster.prefill.ranks(), "fault", "'" + f.text + "' names prefill rank " +
                                                            std::to_string(f.rank) + " of " +
                                                            std::to_string(o.cluster.prefill.ranks()));
-    if (f.what == fault_spec::kind::kill_decode)
+    if (f.what == fault_spec::kind::kill_decode || f.what == fault_spec::kind::freeze_decode)
       need(f.rank < o.cluster.decode.ranks(), "fault", "'" + f.text + "' names decode rank " +
                                                           std::to_string(f.rank) + " of " +
                                                           std::to_string(o.cluster.decode.ranks()));

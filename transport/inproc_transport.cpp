@@ -41,6 +41,15 @@ result<region_desc> inproc_transport::register_memory(std::uint64_t owner, void*
   return d;
 }
 
+status inproc_transport::connect(std::uint64_t peer, const std::string&,
+                                 const std::vector<region_desc>& regions) {
+  // The regions must be the peer's own, as registered: a mismatch is a confused or hostile peer.
+  auto lock = fabric_->read_lock();
+  for (const auto& r : regions)
+    if (auto ok = fabric_->resolve(peer, block{nullptr, r.id, 0, r.size}); !ok) return ok.error();
+  return {};
+}
+
 void inproc_transport::deregister_memory(std::uint64_t region) { fabric_->remove(region); }
 
 void inproc_transport::push(std::uint64_t peer, const std::vector<block>& blocks, completion done) {

@@ -36,10 +36,16 @@ class inproc_transport final : public transport {
  public:
   explicit inproc_transport(std::shared_ptr<inproc_fabric> fabric) : fabric_(std::move(fabric)) {}
   const char* name() const override { return "inproc"; }
+  std::string endpoint() const override { return {}; }
+  std::vector<memory_type> memory_types() const override { return {memory_type::host}; }
+  // The fabric already knows every region: nothing to connect, only the description to check.
+  status connect(std::uint64_t peer, const std::string& endpoint,
+                 const std::vector<region_desc>& regions) override;
+  void disconnect(std::uint64_t) override {}
   result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override;
   void deregister_memory(std::uint64_t region) override;
   void push(std::uint64_t peer, const std::vector<block>& blocks, completion done) override;
-  std::uint64_t bytes_moved() const { return bytes_.load(std::memory_order_relaxed); }
+  std::uint64_t bytes_moved() const override { return bytes_.load(std::memory_order_relaxed); }
   // Time spent copying, summed over the threads that pushed.
   double copy_seconds() const { return copy_ns_.load(std::memory_order_relaxed) * 1e-9; }
 

@@ -1,6 +1,11 @@
 #pragma once
 // The transport interface: how KV bytes move from a prefill rank into a decode rank's registered
 // memory. In-process, UCX, CUDA IPC and NCCL paths implement it; actors own one instance.
+//
+// Lifecycle, the same for every transport: the receiver registers memory and hands its
+// endpoint() and region_descs to the sender (in the registration message); the sender
+// connect()s the peer with them, then push()es blocks into those regions. Nothing here blocks
+// on the network: connect and push report failures through push completions.
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -12,9 +17,10 @@ namespace kvflow::transport {
 
 // A registered region as described to a peer (travels in the registration message).
 struct region_desc {
-  std::uint64_t id = 0;     // transport-scoped id of the region
-  std::uint64_t size = 0;   // bytes
-  std::string remote_key;   // packed access key (UCX rkey); empty in-process
+  std::uint64_t id = 0;       // transport-scoped id of the region
+  std::uint64_t size = 0;     // bytes
+  std::uint64_t address = 0;  // base address in the owner's address space (one-sided puts)
+  std::string remote_key;     // packed access key (UCX rkey); empty in-process
 };
 
 // One contiguous copy: `len` bytes from local `src` to `offset` in the peer's region `region`.
@@ -25,6 +31,11 @@ struct block {
   std::uint64_t len = 0;
 };
 
+// Kinds of memory a transport can read from and write to directly (the GPU path asks before it
+// chooses direct device pointers over staging through host memory).
+enum class memory_type : std::uint8_t { host, cuda, cuda_managed, rocm };
+const char* to_string(memory_type m);
+
 // Called once per push: ok when every byte landed (and is visible to the peer), else the reason.
 using completion = std::function<void(status)>;
 
@@ -32,12 +43,25 @@ class transport {
  public:
   virtual ~transport() = default;
   virtual const char* name() const = 0;
+  // How a peer reaches this endpoint (UCX: the packed worker address); empty in-process.
+  virtual std::string endpoint() const = 0;
+  virtual std::vector<memory_type> memory_types() const = 0;
   // Registers local memory peers may write into; `owner` is this endpoint's id.
   virtual result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) = 0;
+  // Returns once no peer can write into the region any more, so the memory may be freed.
   virtual void deregister_memory(std::uint64_t region) = 0;
+  // Makes `peer` (the owner id it registered with) reachable with what it described. Calling it
+  // again with a different endpoint or regions replaces the old connection (a restarted peer).
+  // An error here is a malformed description; a peer that cannot be reached fails its pushes.
+  virtual status connect(std::uint64_t peer, const std::string& endpoint,
+                         const std::vector<region_desc>& regions) = 0;
+  // Forgets `peer`: pushes in flight to it complete with an error, later ones fail at once.
+  virtual void disconnect(std::uint64_t peer) = 0;
   // Pushes blocks into the regions `peer` registered. Every block is checked against the
   // registered bounds and owner before any byte is written; a violation fails the whole push.
   virtual void push(std::uint64_t peer, const std::vector<block>& blocks, completion done) = 0;
+  // Payload bytes that landed through this endpoint's pushes.
+  virtual std::uint64_t bytes_moved() const = 0;
 };
 
 }  // namespace kvflow::transport

@@ -234,16 +234,34 @@ std::optional<msg::kv_status> status_of(const fake_peer& p, std::uint64_t room, 
       timeout);
 }
 
-// A transport whose pushes complete only when the test says so, as UCX's do when the network
-// is slow: the bytes are copied at once, the completion callback is held back.
-class deferred_transport final : public kvflow::transport::transport {
+// Test transports wrap the in-process one and change only how pushes complete.
+class wrapped_transport : public kvflow::transport::transport {
  public:
-  explicit deferred_transport(std::shared_ptr<kvflow::transport::inproc_transport> inner) : inner_(std::move(inner)) {}
-  const char* name() const override { return "deferred"; }
+  explicit wrapped_transport(std::shared_ptr<kvflow::transport::inproc_transport> inner) : inner_(std::move(inner)) {}
+  std::string endpoint() const override { return inner_->endpoint(); }
+  std::vector<kvflow::transport::memory_type> memory_types() const override { return inner_->memory_types(); }
   result<kvflow::transport::region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override {
     return inner_->register_memory(owner, base, len);
   }
   void deregister_memory(std::uint64_t region) override { inner_->deregister_memory(region); }
+  status connect(std::uint64_t peer, const std::string& endpoint,
+                 const std::vector<kvflow::transport::region_desc>& regions) override {
+    return inner_->connect(peer, endpoint, regions);
+  }
+  void disconnect(std::uint64_t peer) override { inner_->disconnect(peer); }
+  std::uint64_t bytes_moved() const override { return inner_->bytes_moved(); }
+
+ protected:
+  std::shared_ptr<kvflow::transport::inproc_transport> inner_;
+};
+
+// A transport whose pushes complete only when the test says so, as UCX's do when the network
+// is slow: the bytes are copied at once, the completion callback is held back.
+class deferred_transport final : public wrapped_transport {
+ public:
+  explicit deferred_transport(std::shared_ptr<kvflow::transport::inproc_transport> inner)
+      : wrapped_transport(std::move(inner)) {}
+  const char* name() const override { return "deferred"; }
   void push(std::uint64_t peer, const std::vector<kvflow::transport::block>& blocks, kvflow::transport::completion done) override {
     status result;
     inner_->push(peer, blocks, [&result](status s) { result = std::move(s); });
@@ -264,21 +282,16 @@ class deferred_transport final : public kvflow::transport::transport {
   }
 
  private:
-  std::shared_ptr<kvflow::transport::inproc_transport> inner_;
   std::mutex mutex_;
   std::vector<std::function<void()>> held_;
 };
 
 // A transport whose first `failures` pushes fail (a transient network error), then works.
-class flaky_transport final : public kvflow::transport::transport {
+class flaky_transport final : public wrapped_transport {
  public:
   flaky_transport(std::shared_ptr<kvflow::transport::inproc_transport> inner, int failures)
-      : inner_(std::move(inner)), failures_(failures) {}
+      : wrapped_transport(std::move(inner)), failures_(failures) {}
   const char* name() const override { return "flaky"; }
-  result<kvflow::transport::region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override {
-    return inner_->register_memory(owner, base, len);
-  }
-  void deregister_memory(std::uint64_t region) override { inner_->deregister_memory(region); }
   void push(std::uint64_t peer, const std::vector<kvflow::transport::block>& blocks,
             kvflow::transport::completion done) override {
     if (failures_.fetch_sub(1) > 0) {
@@ -289,7 +302,6 @@ class flaky_transport final : public kvflow::transport::transport {
   }
 
  private:
-  std::shared_ptr<kvflow::transport::inproc_transport> inner_;
   std::atomic<int> failures_;
 };
 

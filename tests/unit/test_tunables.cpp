@@ -43,8 +43,9 @@ TEST_CASE("tunables: defaults") {
   auto t = load_tunables(fake_env({}));
   CHECK(t.bootstrap_timeout_ms == 300000);  // SGLang: 300 s
   CHECK(t.waiting_timeout_ms == 300000);
-  CHECK(t.heartbeat_interval_ms == 5000);
-  CHECK(t.heartbeat_misses == 2);
+  CHECK(t.heartbeat_interval_ms == 1000);
+  CHECK(t.heartbeat_misses == 3);
+  CHECK(t.connect_timeout_ms == 30000);
   CHECK(t.step_interval_us == 200);
   CHECK(t.max_rooms_per_rank == 65536);
   CHECK(t.max_pages_per_request == (1 << 20));
@@ -59,6 +60,7 @@ TEST_CASE("tunables: every variable overrides its member through env_lookup") {
                                    {"KVFLOW_WAITING_TIMEOUT_MS", "2500"},
                                    {"KVFLOW_HEARTBEAT_INTERVAL_MS", "100"},
                                    {"KVFLOW_HEARTBEAT_MISSES", "7"},
+                                   {"KVFLOW_CONNECT_TIMEOUT_MS", "333"},
                                    {"KVFLOW_STEP_INTERVAL_US", "50"},
                                    {"KVFLOW_MAX_ROOMS_PER_RANK", "12"},
                                    {"KVFLOW_MAX_PAGES_PER_REQUEST", "9999999999"}}));
@@ -66,6 +68,7 @@ TEST_CASE("tunables: every variable overrides its member through env_lookup") {
   CHECK(t.waiting_timeout_ms == 2500);
   CHECK(t.heartbeat_interval_ms == 100);
   CHECK(t.heartbeat_misses == 7);
+  CHECK(t.connect_timeout_ms == 333);
   CHECK(t.step_interval_us == 50);
   CHECK(t.max_rooms_per_rank == 12);
   CHECK(t.max_pages_per_request == 9999999999LL);  // int64, not int
@@ -76,7 +79,7 @@ TEST_CASE("tunables: an override touches only its own member, empty means defaul
                                    {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", ""}}));
   CHECK(t.waiting_timeout_ms == 42);
   CHECK(t.bootstrap_timeout_ms == 300000);
-  CHECK(t.heartbeat_interval_ms == 5000);
+  CHECK(t.heartbeat_interval_ms == 1000);
 }
 
 TEST_CASE("tunables: the lookup is asked for every variable") {
@@ -117,4 +120,19 @@ TEST_CASE("tunables: tunables_help has one line per tunable, each naming its var
     CHECK(lines[i].find(std::to_string(all[i].def)) != std::string::npos);
   }
   CHECK(help.back() == '\n');
+}
+
+TEST_CASE("tunables: to_env round-trips through load_tunables") {
+  tunables t;
+  t.waiting_timeout_ms = 1234;
+  t.heartbeat_misses = 9;
+  auto env = to_env(t);
+  auto back = load_tunables([&](const char* name) -> const char* {
+    for (const auto& [k, v] : env)
+      if (k == name) return v.c_str();
+    return nullptr;
+  });
+  CHECK(back.waiting_timeout_ms == 1234);
+  CHECK(back.heartbeat_misses == 9);
+  CHECK(back.bootstrap_timeout_ms == t.bootstrap_timeout_ms);
 }

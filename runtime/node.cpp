@@ -1,0 +1,71 @@
+#include "runtime/node.hpp"
+
+#include <atomic>
+#include <csignal>
+#include <thread>
+
+#include "config/topology.hpp"
+#include "runtime/actor_system_setup.hpp"
+
+namespace kvflow::runtime {
+
+host_port parse_host_port(const std::string& text, const std::string& field) {
+  auto colon = text.rfind(':');
+  if (colon == std::string::npos || colon == 0)
+    throw config::config_error(field + ": '" + text + "' is not HOST:PORT");
+  host_port hp;
+  hp.host = text.substr(0, colon);
+  std::string port = text.substr(colon + 1);
+  try {
+    std::size_t used = 0;
+    long p = std::stol(port, &used);
+    if (used != port.size() || p < 0 || p > 65535) throw std::out_of_range("port");
+    hp.port = static_cast<std::uint16_t>(p);
+  } catch (const std::logic_error&) {
+    throw config::config_error(field + ": '" + text + "' needs a port 0..65535");
+  }
+  return hp;
+}
+
+void configure_node(caf::actor_system_config& cfg, const config::tunables& t) {
+  configure_actor_system(cfg);
+  cfg.load<caf::io::middleman>();
+  auto interval = std::chrono::milliseconds(t.heartbeat_interval_ms);
+  cfg.set("middleman.heartbeat-interval", caf::timespan{interval});
+  cfg.set("middleman.connection-timeout", caf::timespan{interval * t.heartbeat_misses});
+}
+
+result<caf::actor> connect_with_retry(caf::actor_system& sys, const host_port& where,
+                                      std::chrono::milliseconds timeout) {
+  auto until = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    auto a = sys.middleman().remote_actor(where.host, where.port);
+    if (a) return *a;
+    if (std::chrono::steady_clock::now() >= until)
+      return status::error("cannot reach " + where.text() + ": " + sys.render(a.error()));
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+result<std::uint16_t> publish_on(caf::actor_system& sys, const caf::actor& a, const host_port& where) {
+  auto port = sys.middleman().publish(a, where.port, where.host.c_str(), true);
+  if (!port) return status::error("cannot listen on " + where.text() + ": " + sys.render(port.error()));
+  return *port;
+}
+
+namespace {
+std::atomic<bool> stop_flag{false};
+extern "C" void on_stop_signal(int) { stop_flag.store(true); }
+}  // namespace
+
+void install_stop_signals() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  for (int s : {SIGTERM, SIGINT, SIGHUP}) sigaction(s, &sa, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+}
+
+bool stop_requested() { return stop_flag.load(); }
+
+}  // namespace kvflow::runtime

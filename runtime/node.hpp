@@ -1,0 +1,41 @@
+#pragma once
+// What every kvflow process on the network shares: addresses, the networked actor system
+// (middleman with heartbeats), connecting with retries, and stopping on SIGTERM/SIGINT.
+// Internal to runtime/.
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include "config/status.hpp"
+#include "config/tunables.hpp"
+
+namespace kvflow::runtime {
+
+struct host_port {
+  std::string host;
+  std::uint16_t port = 0;
+  std::string text() const { return host + ":" + std::to_string(port); }
+};
+
+// "HOST:PORT" (port 0: any free one). Throws config_error naming `field`.
+host_port parse_host_port(const std::string& text, const std::string& field);
+
+// configure_actor_system plus the middleman, with heartbeats every heartbeat_interval_ms and a
+// connection that stays silent for heartbeat_misses intervals closed (its actors go down).
+void configure_node(caf::actor_system_config& cfg, const config::tunables& t);
+
+// remote_actor(host, port), tried again every 100 ms until `timeout`; the last error if never.
+result<caf::actor> connect_with_retry(caf::actor_system& sys, const host_port& where,
+                                      std::chrono::milliseconds timeout);
+
+// Publishes `a` on `where` (port 0: any); the port it got.
+result<std::uint16_t> publish_on(caf::actor_system& sys, const caf::actor& a, const host_port& where);
+
+// SIGTERM, SIGINT and SIGHUP set a flag instead of ending the process, so it can shut down in
+// order (its peers then see a clean departure, not a lost connection).
+void install_stop_signals();
+bool stop_requested();
+
+}  // namespace kvflow::runtime

@@ -1,0 +1,500 @@
+#include "transport/ucx_transport.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
+
+#include "transport/ucx_worker.hpp"
+
+namespace kvflow::transport {
+
+namespace {
+
+using clock = ucx_worker::clock;
+
+std::string peer_name(std::uint64_t peer) { return "peer " + std::to_string(peer); }
+
+bool same_regions(const std::vector<region_desc>& a, const std::vector<region_desc>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (a[i].id != b[i].id || a[i].size != b[i].size || a[i].address != b[i].address ||
+        a[i].remote_key != b[i].remote_key)
+      return false;
+  return true;
+}
+
+}  // namespace
+
+struct ucx_transport::impl {
+  // ---- Shared with callers (mutex_) --------------------------------------------------------
+  // What a peer described at connect: pushes are checked against it on the caller's thread.
+  struct described {
+    std::uint64_t generation = 0;  // which connect() this is; the progress thread's link matches
+    std::string endpoint;
+    std::vector<region_desc> regions;
+    std::unordered_map<std::uint64_t, region_desc> by_id;
+    std::string failure;  // set once the peer is unreachable: pushes fail at once with it
+  };
+
+  // ---- Progress thread only ----------------------------------------------------------------
+  struct remote_region {
+    std::uint64_t address = 0;
+    std::uint64_t size = 0;
+    ucp_rkey_h rkey = nullptr;  // none for an empty region
+  };
+  struct link {
+    std::uint64_t generation = 0;
+    ucp_ep_h ep = nullptr;
+    std::unordered_map<std::uint64_t, remote_region> regions;
+    std::string failure;
+  };
+  struct local_region {
+    std::uint64_t owner = 0;
+    ucp_mem_h memh = nullptr;  // none for an empty region
+  };
+  // One push: its requests (puts, then a flush) complete through on_request_done.
+  struct push_op {
+    impl* self = nullptr;
+    std::uint64_t id = 0;
+    std::uint64_t peer = 0;
+    std::uint64_t generation = 0;
+    std::vector<block> blocks;
+    completion done;
+    std::uint64_t bytes = 0;
+    std::size_t pending = 0;  // requests issued and not completed
+    bool issued = false;      // every request is issued (or issuing stopped at an error)
+    ucs_status_t status = UCS_OK;
+  };
+  struct close_op {
+    impl* self = nullptr;
+    std::vector<ucp_rkey_h> rkeys;  // destroyed once the endpoint is closed
+  };
+
+  ucx_options options;
+  std::atomic<std::uint64_t> bytes{0};
+  std::atomic<std::uint64_t> next_region{1};
+  std::atomic<std::uint64_t> next_push{1};
+
+  mutable std::mutex mutex;
+  std::unordered_map<std::uint64_t, described> peers;
+  std::uint64_t next_generation = 1;
+
+  std::unordered_map<std::uint64_t, link> links;              // thread only
+  std::unordered_map<std::uint64_t, local_region> regions;    // thread only
+  std::unordered_map<std::uint64_t, push_op*> live;           // thread only: issued, not done
+  std::deque<std::pair<clock::time_point, std::uint64_t>> deadlines;  // thread only, in order
+  std::size_t closing = 0;                                    // thread only
+
+  std::unique_ptr<ucx_worker> worker;
+
+  ~impl() {
+    if (!worker) return;
+    worker->call([this] { shut_down(); });
+    worker.reset();
+  }
+
+  // ---- On the progress thread ----------------------------------------------------------------
+
+  static void on_request_done(void* request, ucs_status_t st, void* user_data) {
+    auto* op = static_cast<push_op*>(user_data);
+    ucp_request_free(request);
+    if (st != UCS_OK && op->status == UCS_OK) op->status = st;
+    --op->pending;
+    op->self->maybe_finish(op);
+  }
+
+  static void on_closed(void* request, ucs_status_t, void* user_data) {
+    auto* c = static_cast<close_op*>(user_data);
+    ucp_request_free(request);
+    // Not from inside UCX's callback: destroying rkeys touches the worker's pools.
+    c->self->worker->defer([c] {
+      for (auto* k : c->rkeys) ucp_rkey_destroy(k);
+      --c->self->closing;
+      delete c;
+    });
+  }
+
+  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t st) {
+    auto* self = static_cast<impl*>(arg);
+    for (auto& [peer, l] : self->links) {
+      if (l.ep != ep) continue;
+      self->mark_unreachable(peer, l, peer_name(peer) + " unreachable: " + ucs_status_string(st));
+      // UCX wants a failed endpoint closed, but not from inside its own error callback.
+      self->worker->defer([self, peer = peer, gen = l.generation] {
+        auto it = self->links.find(peer);
+        if (it != self->links.end() && it->second.generation == gen) self->close_ep(it->second);
+      });
+      return;
+    }
+  }
+
+  // Completes `op` (after UCX returns) once every request it issued has completed: only then
+  // are the source buffers free again.
+  void maybe_finish(push_op* op) {
+    if (!op->issued || op->pending > 0) return;
+    live.erase(op->id);
+    status st;
+    if (op->status == UCS_OK) {
+      bytes.fetch_add(op->bytes, std::memory_order_relaxed);
+    } else {
+      st = status::error("push to " + peer_name(op->peer) + " failed: " +
+                         ucs_status_string(op->status));
+    }
+    worker->defer([done = std::move(op->done), st = std::move(st)] { done(st); });
+    delete op;
+  }
+
+  void fail(push_op* op, std::string reason) {
+    worker->defer([done = std::move(op->done), r = std::move(reason)] { done(status::error(r)); });
+    delete op;
+  }
+
+  // The peer's endpoint failed: later pushes fail at once until a new connect().
+  void mark_unreachable(std::uint64_t peer, link& l, std::string reason) {
+    if (!l.failure.empty()) return;
+    spdlog::warn("ucx: {}", reason);
+    l.failure = reason;
+    std::lock_guard guard(mutex);
+    auto it = peers.find(peer);
+    if (it != peers.end() && it->second.generation == l.generation)
+      it->second.failure = std::move(reason);
+  }
+
+  // Force-closes the link's endpoint: UCX completes its requests in flight with an error.
+  void close_ep(link& l) {
+    if (l.ep == nullptr) return;
+    auto* c = new close_op{this, {}};
+    for (auto& [id, r] : l.regions)
+      if (r.rkey != nullptr) c->rkeys.push_back(std::exchange(r.rkey, nullptr));
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    p.cb.send = on_closed;
+    p.user_data = c;
+    ++closing;
+    void* req = ucp_ep_close_nbx(std::exchange(l.ep, nullptr), &p);
+    if (!UCS_PTR_IS_PTR(req)) {
+      // Closed at once (or failed, which for a forced close leaves nothing to wait for).
+      for (auto* k : c->rkeys) ucp_rkey_destroy(k);
+      --closing;
+      delete c;
+    }
+  }
+
+  void run_connect(std::uint64_t peer, std::uint64_t gen, const std::string& endpoint,
+                   const std::vector<region_desc>& descs) {
+    auto& l = links[peer];
+    close_ep(l);
+    l = link{};
+    l.generation = gen;
+
+    // Peer error handling: a dead peer fails its pushes instead of hanging them. In UCX 1.13 it
+    // admits only transports that detect peer failure (here tcp; not self, sysv, posix), and
+    // puts to ucp_mem_map'ed user memory are emulated over active messages on that lane.
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep.address = reinterpret_cast<const ucp_address_t*>(endpoint.data());
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_handler.cb = on_ep_error;
+    ep.err_handler.arg = this;
+    if (auto st = ucp_ep_create(worker->worker(), &ep, &l.ep); st != UCS_OK) {
+      l.ep = nullptr;
+      mark_unreachable(peer, l, peer_name(peer) + " unreachable: ucp_ep_create: " + ucs_status_string(st));
+      return;
+    }
+    for (const auto& d : descs) {
+      remote_region r{d.address, d.size, nullptr};
+      if (d.size > 0) {
+        if (auto st = ucp_ep_rkey_unpack(l.ep, d.remote_key.data(), &r.rkey); st != UCS_OK) {
+          mark_unreachable(peer, l, peer_name(peer) + " unreachable: remote key of region " +
+                                        std::to_string(d.id) + ": " + ucs_status_string(st));
+          close_ep(l);
+          return;
+        }
+      }
+      l.regions.emplace(d.id, r);
+    }
+  }
+
+  void run_disconnect(std::uint64_t peer) {
+    auto it = links.find(peer);
+    if (it == links.end()) return;
+    close_ep(it->second);
+    links.erase(it);
+  }
+
+  void run_push(push_op* op) {
+    auto it = links.find(op->peer);
+    if (it == links.end() || it->second.generation != op->generation)
+      return fail(op, peer_name(op->peer) + " was disconnected or reconnected before the push started");
+    auto& l = it->second;
+    if (!l.failure.empty()) return fail(op, l.failure);
+    if (l.ep == nullptr) return fail(op, peer_name(op->peer) + " not connected");
+
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.send = on_request_done;
+    p.user_data = op;
+    for (const auto& b : op->blocks) {
+      if (b.len == 0) continue;
+      const auto& r = l.regions.at(b.region);  // the caller checked it against this generation
+      void* req = ucp_put_nbx(l.ep, b.src, b.len, r.address + b.offset, r.rkey, &p);
+      if (UCS_PTR_IS_ERR(req)) {
+        op->status = UCS_PTR_STATUS(req);
+        break;
+      }
+      if (req != nullptr) ++op->pending;
+      op->bytes += b.len;
+    }
+    // The flush completes once every put before it is done at the peer (remote completion).
+    if (op->status == UCS_OK) {
+      void* req = ucp_ep_flush_nbx(l.ep, &p);
+      if (UCS_PTR_IS_ERR(req))
+        op->status = UCS_PTR_STATUS(req);
+      else if (req != nullptr)
+        ++op->pending;
+    }
+    op->issued = true;
+    if (op->pending > 0) {
+      live.emplace(op->id, op);
+      deadlines.emplace_back(clock::now() + options.flush_timeout, op->id);
+      if (deadlines.size() == 1) arm_watchdog();
+    }
+    maybe_finish(op);
+  }
+
+  // Wakes the thread at the oldest live push's deadline.
+  void arm_watchdog() {
+    while (!deadlines.empty() && live.count(deadlines.front().second) == 0) deadlines.pop_front();
+    if (deadlines.empty()) {
+      worker->set_deadline(clock::time_point::max(), nullptr);
+      return;
+    }
+    worker->set_deadline(deadlines.front().first, [this] { on_watchdog(); });
+  }
+
+  void on_watchdog() {
+    auto now = clock::now();
+    while (!deadlines.empty() && deadlines.front().first <= now) {
+      auto id = deadlines.front().second;
+      deadlines.pop_front();
+      auto it = live.find(id);
+      if (it == live.end()) continue;
+      auto* op = it->second;
+      auto l = links.find(op->peer);
+      if (l == links.end() || l->second.generation != op->generation || l->second.ep == nullptr)
+        continue;  // already closed: its requests are completing
+      mark_unreachable(op->peer, l->second,
+                       peer_name(op->peer) + " unreachable: a push was not flushed within " +
+                           std::to_string(options.flush_timeout.count()) + " ms");
+      close_ep(l->second);
+    }
+    arm_watchdog();
+  }
+
+  void run_register(std::uint64_t owner, void* base, std::uint64_t len, region_desc& d, status& err) {
+    local_region reg{owner, nullptr};
+    if (len > 0) {
+      ucp_mem_map_params_t mp{};
+      mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+      mp.address = base;
+      mp.length = len;
+      if (auto st = ucp_mem_map(worker->context(), &mp, &reg.memh); st != UCS_OK) {
+        err = status::error("ucx: ucp_mem_map of " + std::to_string(len) + " bytes: " + ucs_status_string(st));
+        spdlog::error("{}", err.reason());
+        return;
+      }
+      void* key = nullptr;
+      std::size_t key_len = 0;
+      if (auto st = ucp_rkey_pack(worker->context(), reg.memh, &key, &key_len); st != UCS_OK) {
+        ucp_mem_unmap(worker->context(), reg.memh);
+        err = status::error(std::string("ucx: ucp_rkey_pack: ") + ucs_status_string(st));
+        spdlog::error("{}", err.reason());
+        return;
+      }
+      d.remote_key.assign(static_cast<const char*>(key), key_len);
+      ucp_rkey_buffer_release(key);
+    }
+    regions.emplace(d.id, reg);
+  }
+
+  void run_deregister(std::uint64_t id) {
+    auto it = regions.find(id);
+    if (it == regions.end()) {
+      spdlog::debug("ucx: deregister_memory: region {} is not registered", id);
+      return;
+    }
+    if (it->second.memh != nullptr) {
+      if (auto st = ucp_mem_unmap(worker->context(), it->second.memh); st != UCS_OK)
+        spdlog::error("ucx: ucp_mem_unmap of region {}: {}", id, ucs_status_string(st));
+    }
+    regions.erase(it);
+  }
+
+  void shut_down() {
+    for (auto& [peer, l] : links) close_ep(l);
+    links.clear();
+    // Forced closes complete the requests in flight (and so their pushes) with an error.
+    bool quiet = worker->progress_until([this] { return closing == 0 && live.empty(); },
+                                        std::chrono::seconds(10));
+    if (!quiet)
+      spdlog::warn("ucx: shutting down with {} endpoint close(s) and {} push(es) still pending",
+                   closing, live.size());
+    for (auto& [id, r] : regions)
+      if (r.memh != nullptr) ucp_mem_unmap(worker->context(), r.memh);
+    regions.clear();
+  }
+};
+
+// ---- Public methods (any thread) -------------------------------------------------------------
+
+ucx_transport::ucx_transport(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+ucx_transport::~ucx_transport() = default;
+
+result<std::unique_ptr<ucx_transport>> ucx_transport::create(ucx_options options) {
+  auto w = ucx_worker::create(UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP);
+  if (!w) return w.error();
+  auto p = std::make_unique<impl>();
+  p->options = options;
+  p->worker = std::move(w.value());
+  return std::unique_ptr<ucx_transport>(new ucx_transport(std::move(p)));
+}
+
+std::string ucx_transport::endpoint() const { return impl_->worker->address(); }
+
+std::vector<memory_type> ucx_transport::memory_types() const {
+  std::vector<memory_type> out;
+  auto bits = impl_->worker->memory_types();
+  auto has = [bits](ucs_memory_type_t t) { return (bits & (std::uint64_t{1} << t)) != 0; };
+  if (has(UCS_MEMORY_TYPE_HOST)) out.push_back(memory_type::host);
+  if (has(UCS_MEMORY_TYPE_CUDA)) out.push_back(memory_type::cuda);
+  if (has(UCS_MEMORY_TYPE_CUDA_MANAGED)) out.push_back(memory_type::cuda_managed);
+  if (has(UCS_MEMORY_TYPE_ROCM)) out.push_back(memory_type::rocm);
+  return out;
+}
+
+std::uint64_t ucx_transport::bytes_moved() const {
+  return impl_->bytes.load(std::memory_order_relaxed);
+}
+
+result<region_desc> ucx_transport::register_memory(std::uint64_t owner, void* base, std::uint64_t len) {
+  if (base == nullptr && len > 0) return status::error("register_memory: null base");
+  region_desc d;
+  d.id = impl_->next_region.fetch_add(1, std::memory_order_relaxed);
+  d.size = len;
+  d.address = reinterpret_cast<std::uintptr_t>(base);
+  status err;
+  impl_->worker->call([&] { impl_->run_register(owner, base, len, d, err); });
+  if (!err) return err;
+  return d;
+}
+
+void ucx_transport::deregister_memory(std::uint64_t region) {
+  impl_->worker->call([&] { impl_->run_deregister(region); });
+}
+
+status ucx_transport::connect(std::uint64_t peer, const std::string& endpoint,
+                              const std::vector<region_desc>& regions) {
+  // A malformed description is refused here, before UCX parses any of it.
+  auto refuse = [&](const std::string& why) {
+    return status::error("connect " + peer_name(peer) + ": " + why);
+  };
+  if (endpoint.empty()) return refuse("empty endpoint");
+  std::unordered_map<std::uint64_t, region_desc> by_id;
+  for (const auto& r : regions) {
+    auto id = std::to_string(r.id);
+    if (r.size > 0 && r.remote_key.empty()) return refuse("region " + id + " has no remote key");
+    if (r.address > std::numeric_limits<std::uint64_t>::max() - r.size) return refuse("region " + id + " wraps the address space");
+    if (!by_id.emplace(r.id, r).second) return refuse("region " + id + " described twice");
+  }
+
+  std::lock_guard guard(impl_->mutex);
+  auto it = impl_->peers.find(peer);
+  if (it != impl_->peers.end() && it->second.endpoint == endpoint &&
+      same_regions(it->second.regions, regions))
+    return {};
+  impl::described d;
+  d.generation = impl_->next_generation++;
+  d.endpoint = endpoint;
+  d.regions = regions;
+  d.by_id = std::move(by_id);
+  // Posted under the lock: a push that sees this generation is queued after the connect.
+  impl_->worker->post([p = impl_.get(), peer, gen = d.generation, endpoint, regions] {
+    p->run_connect(peer, gen, endpoint, regions);
+  });
+  impl_->peers[peer] = std::move(d);
+  return {};
+}
+
+void ucx_transport::disconnect(std::uint64_t peer) {
+  std::lock_guard guard(impl_->mutex);
+  if (impl_->peers.erase(peer) == 0) return;
+  impl_->worker->post([p = impl_.get(), peer] { p->run_disconnect(peer); });
+}
+
+void ucx_transport::push(std::uint64_t peer, const std::vector<block>& blocks, completion done) {
+  // Every block is checked against what the peer described before anything is queued: a bad
+  // block must not leave a partial write.
+  std::unique_lock guard(impl_->mutex);
+  auto it = impl_->peers.find(peer);
+  status refused;
+  if (it == impl_->peers.end()) {
+    refused = status::error(peer_name(peer) + " not connected");
+  } else if (!it->second.failure.empty()) {
+    refused = status::error(it->second.failure);
+  } else {
+    bool any_bytes = false;
+    for (std::size_t i = 0; i < blocks.size() && refused.ok(); ++i) {
+      const auto& b = blocks[i];
+      auto r = it->second.by_id.find(b.region);
+      if (r == it->second.by_id.end()) {
+        refused = status::error("block " + std::to_string(i) + ": region " + std::to_string(b.region) +
+                                " is not registered by " + peer_name(peer));
+      } else if (auto size = r->second.size; b.offset > size || b.len > size - b.offset) {
+        refused = status::error("block " + std::to_string(i) + " [" + std::to_string(b.offset) + ", +" +
+                                std::to_string(b.len) + ") exceeds region " + std::to_string(b.region) +
+                                " of " + std::to_string(size) + " bytes");
+      }
+      any_bytes = any_bytes || b.len > 0;
+    }
+    if (refused.ok() && any_bytes) {
+      auto* op = new impl::push_op;
+      op->self = impl_.get();
+      op->id = impl_->next_push.fetch_add(1, std::memory_order_relaxed);
+      op->peer = peer;
+      op->generation = it->second.generation;
+      op->blocks = blocks;
+      op->done = std::move(done);
+      impl_->worker->post([p = impl_.get(), op] { p->run_push(op); });
+      return;
+    }
+  }
+  guard.unlock();
+  done(std::move(refused));  // refused, or nothing to write
+}
+
+std::string ucx_transport::describe_endpoint(std::uint64_t peer) const {
+  std::string out;
+  impl_->worker->call([&] {
+    auto it = impl_->links.find(peer);
+    if (it == impl_->links.end() || it->second.ep == nullptr) return;
+    char* buf = nullptr;
+    std::size_t size = 0;
+    FILE* f = open_memstream(&buf, &size);
+    if (f == nullptr) return;
+    ucp_ep_print_info(it->second.ep, f);
+    std::fclose(f);
+    out.assign(buf, size);
+    std::free(buf);
+  });
+  return out;
+}
+
+}  // namespace kvflow::transport

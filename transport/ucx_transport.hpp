@@ -1,0 +1,68 @@
+#pragma once
+// UCX transport: one-sided puts (ucp_put_nbx) into memory the peer mapped with ucp_mem_map, made
+// visible with ucp_ep_flush_nbx. One UCX context and worker per instance, driven by a progress
+// thread the instance owns (transport/ucx_worker.hpp); every public method may be called from
+// any thread and only queues work for that thread, except register_memory / deregister_memory,
+// which wait for it (they are rare: rank start and stop).
+//
+// Completions (`done` of push) run on the progress thread, or on the calling thread when a push
+// is refused before anything was queued (bad block, unknown or unreachable peer). They must not
+// block: post a message and return. They may call the transport again.
+//
+// A peer whose endpoint fails (UCX error callback, or a push not flushed within
+// flush_timeout_ms) is unreachable: its pushes in flight complete with an error and later ones
+// fail at once until connect() gives a different description (a restarted peer).
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "transport/transport.hpp"
+
+namespace kvflow::transport {
+
+struct ucx_options {
+  // A push whose puts and flush have not completed in this time fails and marks its peer
+  // unreachable (KVFLOW_UCX_FLUSH_TIMEOUT_MS): UCX notices a dead peer on some transports
+  // only through keepalive, which an event-driven worker that is asleep never runs.
+  std::chrono::milliseconds flush_timeout{30000};
+};
+
+class ucx_transport final : public transport {
+ public:
+  // Initializes UCX (context, worker, progress thread); an error (logged here) instead of a
+  // throw when UCX cannot start.
+  static result<std::unique_ptr<ucx_transport>> create(ucx_options options = {});
+  // Closes every endpoint (force: pushes in flight fail), unmaps every region still
+  // registered, destroys the worker and context and joins the progress thread. Must not run on
+  // the progress thread (not from a completion).
+  ~ucx_transport() override;
+
+  const char* name() const override { return "ucx"; }
+  // The packed UCX worker address (bytes).
+  std::string endpoint() const override;
+  std::vector<memory_type> memory_types() const override;
+  // len == 0 maps nothing: the descriptor has an empty remote_key and only empty blocks fit it.
+  result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override;
+  // Returns once ucp_mem_unmap is done. Peers that still hold the old rkey fail their puts.
+  void deregister_memory(std::uint64_t region) override;
+  // Checks the description here; the endpoint is created (and the rkeys unpacked) on the
+  // progress thread, so this never waits for the network. The same description again is a
+  // no-op; a different one force-closes the old endpoint first.
+  status connect(std::uint64_t peer, const std::string& endpoint,
+                 const std::vector<region_desc>& regions) override;
+  void disconnect(std::uint64_t peer) override;
+  void push(std::uint64_t peer, const std::vector<block>& blocks, completion done) override;
+  std::uint64_t bytes_moved() const override;
+
+  // What UCX chose to reach `peer` (lanes, transports, devices), as ucp_ep_print_info prints
+  // it; empty when the peer has no endpoint. Waits for the progress thread.
+  std::string describe_endpoint(std::uint64_t peer) const;
+
+ private:
+  struct impl;
+  explicit ucx_transport(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace kvflow::transport

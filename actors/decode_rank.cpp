@@ -41,6 +41,7 @@ struct decode_state {
   std::vector<std::uint64_t> regions;  // registered with the transport; removed before the pool
   std::uint64_t posted = 0;   // last step this rank reported
   std::uint64_t applied = 0;  // last agreed round it acted on
+  bool group_lost = false;    // its agreement supervisor went down: rooms cannot be agreed
   std::string name;
 
   decode_state() = default;
@@ -200,22 +201,40 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
   auto& st = self->state;
   st.args = std::move(args);
   st.me = &st.args.plan->decode(st.args.rank);
-  st.pool = std::make_unique<kv_pool>(st.args.shape);
   st.store = state_store(static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank));
   st.name = "decode rank " + std::to_string(st.args.rank);
-  // Peers may write into the KV pages, the aux slots and the state pages: register all three.
+  // Peers write into the KV pages, the aux slots and the state pages: all three are registered,
+  // in memory the transport allocates when it has faster memory to offer (UCX shared memory).
   std::vector<std::uint64_t> ids;
-  for (auto [base, bytes] : {std::make_pair(st.pool->kv_base(), st.pool->kv_bytes()),
-                             std::make_pair(st.pool->aux_base(), st.pool->aux_bytes()),
-                             std::make_pair(st.pool->state_base(), st.pool->state_bytes())}) {
-    auto reg = st.args.transport->register_memory(st.args.rank, base, bytes);
-    if (!reg) {
-      st.fatal = "cannot register KV memory: " + reg.error().reason();
-      spdlog::error("{}: {}", st.name, st.fatal);
-      break;
+  const auto sizes = sizes_of(st.args.shape);
+  const std::uint64_t owner = static_cast<std::uint64_t>(st.args.rank);
+  std::vector<transport::allocation> allocated;
+  for (auto bytes : {sizes.kv, sizes.aux, sizes.state}) {
+    auto a = st.args.transport->allocate_memory(owner, bytes);
+    if (!a) break;
+    allocated.push_back(a.value());
+  }
+  if (allocated.size() == 3) {
+    st.pool = std::make_unique<kv_pool>(st.args.shape, pool_memory{allocated[0].base, allocated[1].base, allocated[2].base});
+    for (const auto& a : allocated) {
+      ids.push_back(a.desc.id);
+      st.described_regions.push_back(a.desc);
     }
-    ids.push_back(reg->id);
-    st.described_regions.push_back(reg.value());
+  } else {
+    for (const auto& a : allocated) st.args.transport->deregister_memory(a.desc.id);
+    st.pool = std::make_unique<kv_pool>(st.args.shape);
+    for (auto [base, bytes] : {std::make_pair(st.pool->kv_base(), st.pool->kv_bytes()),
+                               std::make_pair(st.pool->aux_base(), st.pool->aux_bytes()),
+                               std::make_pair(st.pool->state_base(), st.pool->state_bytes())}) {
+      auto reg = st.args.transport->register_memory(owner, base, bytes);
+      if (!reg) {
+        st.fatal = "cannot register KV memory: " + reg.error().reason();
+        spdlog::error("{}: {}", st.name, st.fatal);
+        break;
+      }
+      ids.push_back(reg->id);
+      st.described_regions.push_back(reg.value());
+    }
   }
   st.regions = ids;
   if (st.fatal.empty()) st.described = describe(*st.pool, ids[0], ids[1], ids[2]);
@@ -225,8 +244,13 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
       .then([self](msg::topology_reply& t) { on_topology(self, t); });
   self->delayed_send(self, detail::step_pause(st.args.tunables, true), msg::step_tick{});
 
+  self->monitor(st.args.parent);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
+    if (detail::on_parent_down(
+            self, dm, [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); },
+            [self](std::uint64_t room, std::uint64_t round, kv_poll s) { release(self, room, round, s); }))
+      return;
     for (auto& [p, peer] : st.peers)
       if (peer.handle && peer.handle.address() == dm.source && !peer.down) {
         peer.down = true;
@@ -242,6 +266,10 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
   return caf::message_handler{
       [self](msg::new_request& q) {
         auto& st = self->state;
+        if (st.group_lost) {
+          detail::refuse_request(self, false, q, "agreement group lost: its supervisor went down");
+          return;
+        }
         const auto& cfg = st.args.plan->config();
         decode_room r;
         r.req = detail::view_of(q, cfg.page_size);

@@ -5,13 +5,27 @@
 
 namespace kvflow {
 
+pool_sizes sizes_of(const pool_shape& shape) {
+  pool_sizes s;
+  s.kv = std::uint64_t(shape.layers.size()) * shape.buffers_per_layer * shape.pages * std::uint64_t(shape.item_bytes);
+  s.aux = std::uint64_t(shape.aux_slots) * sizeof(aux_record);
+  s.state = std::uint64_t(shape.layers.size()) * std::uint64_t(shape.state_pages) * std::uint64_t(shape.state_item_bytes);
+  return s;
+}
+
 kv_pool::kv_pool(const pool_shape& shape)
-    : shape_(shape),
-      kv_(std::uint64_t(shape.layers.size()) * shape.buffers_per_layer * shape.pages *
-          std::uint64_t(shape.item_bytes)),
-      aux_(std::uint64_t(shape.aux_slots) * sizeof(aux_record)),
-      state_(std::uint64_t(shape.layers.size()) * std::uint64_t(shape.state_pages) *
-             std::uint64_t(shape.state_item_bytes)) {
+    : shape_(shape), sizes_(sizes_of(shape)), kv_(sizes_.kv), aux_(sizes_.aux), state_(sizes_.state) {
+  base_ = {kv_.data(), aux_.data(), state_.data()};
+  init_free_lists();
+}
+
+kv_pool::kv_pool(const pool_shape& shape, const pool_memory& memory)
+    : shape_(shape), sizes_(sizes_of(shape)), base_(memory) {
+  init_free_lists();
+}
+
+void kv_pool::init_free_lists() {
+  const auto& shape = shape_;
   free_pages_.reserve(shape.pages);
   for (int p = shape.pages - 1; p >= 0; --p) free_pages_.push_back(p);
   free_state_.reserve(shape.state_pages);

@@ -38,17 +38,33 @@ struct pool_shape {
 pool_shape prefill_pool_shape(const config::routing_plan& plan, int rank, int pages);
 pool_shape decode_pool_shape(const config::routing_plan& plan, int rank, int pages, int aux_slots);
 
+// Bytes of each region of a pool of `shape`.
+struct pool_sizes {
+  std::uint64_t kv = 0, aux = 0, state = 0;
+};
+pool_sizes sizes_of(const pool_shape& shape);
+
+// Memory a pool lives in when it does not map its own (e.g. shared memory the transport
+// allocated so that same-host peers write into it directly). Not owned by the pool.
+struct pool_memory {
+  std::byte* kv = nullptr;
+  std::byte* aux = nullptr;
+  std::byte* state = nullptr;
+};
+
 class kv_pool {
  public:
   explicit kv_pool(const pool_shape& shape);
+  // A pool in `memory`, which must hold sizes_of(shape) bytes per region and outlive the pool.
+  kv_pool(const pool_shape& shape, const pool_memory& memory);
 
   const pool_shape& shape() const { return shape_; }
-  std::byte* kv_base() const { return kv_.data(); }
-  std::uint64_t kv_bytes() const { return kv_.size(); }
-  std::byte* aux_base() const { return aux_.data(); }
-  std::uint64_t aux_bytes() const { return aux_.size(); }
-  std::byte* state_base() const { return state_.data(); }
-  std::uint64_t state_bytes() const { return state_.size(); }
+  std::byte* kv_base() const { return base_.kv; }
+  std::uint64_t kv_bytes() const { return sizes_.kv; }
+  std::byte* aux_base() const { return base_.aux; }
+  std::uint64_t aux_bytes() const { return sizes_.aux; }
+  std::byte* state_base() const { return base_.state; }
+  std::uint64_t state_bytes() const { return sizes_.state; }
 
   // Byte offset of page `page` of buffer `buffer` of global layer `layer` in the KV region.
   std::uint64_t offset(int layer, int buffer, int page) const;
@@ -71,10 +87,11 @@ class kv_pool {
   int used_state_pages() const { return shape_.state_pages - static_cast<int>(free_state_.size()); }
 
  private:
+  void init_free_lists();
   pool_shape shape_;
-  cuda::host_memory kv_;
-  cuda::host_memory aux_;
-  cuda::host_memory state_;
+  pool_sizes sizes_;
+  cuda::host_memory kv_, aux_, state_;  // own mappings (empty when in external memory)
+  pool_memory base_;
   std::vector<std::int32_t> free_pages_;
   std::vector<std::int32_t> free_aux_;
   std::vector<std::int32_t> free_state_;

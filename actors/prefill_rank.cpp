@@ -48,6 +48,7 @@ struct prefill_state {
   std::map<std::pair<std::uint64_t, std::uint64_t>, draining_pages> draining;
   std::uint64_t posted = 0;   // last step this rank reported
   std::uint64_t applied = 0;  // last agreed round it acted on
+  bool group_lost = false;    // its agreement supervisor went down: rooms cannot be agreed
   std::string name;
 };
 using prefill_actor = caf::stateful_actor<prefill_state>;
@@ -266,8 +267,13 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
   self->send(st.args.parent, msg::attach_child{st.args.child_index, caf::actor_cast<caf::actor>(self)});
   self->delayed_send(self, detail::step_pause(st.args.tunables, true), msg::step_tick{});
 
+  self->monitor(st.args.parent);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
+    if (detail::on_parent_down(
+            self, dm, [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); },
+            [self](std::uint64_t room, std::uint64_t round, kv_poll s) { release(self, room, round, s); }))
+      return;
     for (auto& [d, peer] : st.peers)
       if (peer.handle && peer.handle.address() == dm.source && !peer.down) {
         peer.down = true;
@@ -317,6 +323,10 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
       },
       [self](msg::new_request& q) {
         auto& st = self->state;
+        if (st.group_lost) {
+          detail::refuse_request(self, true, q, "agreement group lost: its supervisor went down");
+          return;
+        }
         const auto& cfg = st.args.plan->config();
         prefill_room r;
         r.req = detail::view_of(q, cfg.page_size);

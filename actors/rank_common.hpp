@@ -3,6 +3,7 @@
 // agreed round) and the snapshot of a state store as step states. Internal to actors/.
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -111,6 +112,24 @@ void apply_agreed(Self* self, std::uint64_t round, const step_states& states, co
   }
 }
 
+// The rank's agreement parent went down. Supervisors live in the processes of the ranks that
+// lead their group, so a rank of the group died with it and no round will come again: every room
+// fails for the whole group (semantics.md section 3) and, with nobody left to agree with, is
+// released here at round 0. Requests that come later are refused (`group_lost`).
+template <class Self, class Fail, class Release>
+bool on_parent_down(Self* self, const caf::down_msg& dm, Fail fail, Release release) {
+  auto& st = self->state;
+  if (!st.args.parent || dm.source != st.args.parent.address() || st.group_lost) return false;
+  st.group_lost = true;
+  spdlog::error("{}: agreement supervisor down ({}): failing every room", st.name, self->system().render(dm.reason));
+  std::vector<std::uint64_t> rooms;
+  for (const auto& [room, r] : st.rooms) rooms.push_back(room);
+  for (auto room : rooms) fail(room, "agreement group lost: its supervisor went down");
+  for (auto room : rooms)
+    if (st.rooms.count(room) != 0) release(room, 0, kv_poll::failed);
+  return true;
+}
+
 // The handlers every rank has: leak accounting, the scheduler step, agreed rounds by message.
 // `fail(room, reason)` and `release(room, round, state)` are the rank's own.
 template <class Self, class Fail, class Release>
@@ -121,9 +140,11 @@ caf::message_handler rank_handlers(Self* self, bool prefill, Fail fail, Release 
   return {
       [self, prefill](msg::pool_usage_query) {
         auto& st = self->state;
+        rusage ru{};
+        getrusage(RUSAGE_SELF, &ru);
         return msg::pool_usage{prefill, st.args.rank, st.pool->used_pages() + st.pool->used_state_pages(),
                                st.pool->used_aux(), static_cast<std::int64_t>(st.store.size()),
-                               st.args.transport->bytes_moved()};
+                               st.args.transport->bytes_moved(), std::uint64_t(ru.ru_maxrss) * 1024};
       },
       [self](msg::set_registry& r) {
         if (r.registry) self->state.args.registry = r.registry;

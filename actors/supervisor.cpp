@@ -65,8 +65,16 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
   st.parent = std::move(parent);
   st.collector = round_collector(st.args.children);
   st.children.resize(st.args.children);
+  if (st.parent) self->monitor(st.parent);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
+    if (st.parent && dm.source == st.parent.address()) {
+      // The TP supervisor went (with its rank's process): this shard can no longer agree
+      // anything; leaving tells its children.
+      spdlog::warn("agreement group {}: TP supervisor down; shard {} leaves", st.args.group, st.args.index_in_parent);
+      self->quit(caf::exit_reason::user_shutdown);
+      return;
+    }
     for (int i = 0; i < static_cast<int>(st.children.size()); ++i)
       if (st.children[i] == dm.source) {
         spdlog::warn("agreement group {}: child {} down; its group fails every room", st.args.group, i);

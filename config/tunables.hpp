@@ -24,6 +24,9 @@ namespace kvflow::config {
   X(connect_timeout_ms, "KVFLOW_CONNECT_TIMEOUT_MS", 30000,                                      \
     "rank processes: how long to keep trying to reach the bootstrap and parent supervisors "   \
     "at start-up before giving up (exit 1)")                                                     \
+  X(ucx_flush_timeout_ms, "KVFLOW_UCX_FLUSH_TIMEOUT_MS", 30000,                                  \
+    "ucx transport: a push not flushed in this time fails and its peer counts as unreachable "   \
+    "(UCX alone does not notice a frozen peer; an event-driven worker runs no keepalive)")       \
   X(step_interval_us, "KVFLOW_STEP_INTERVAL_US", 200,                                            \
     "simulated scheduler: pause between agreement rounds while rooms are in flight")             \
   X(max_rooms_per_rank, "KVFLOW_MAX_ROOMS_PER_RANK", 65536,                                      \

@@ -65,14 +65,15 @@ class process_cluster final : public cluster_control {
     return sum;
   }
   void stop(caf::event_based_actor*) override {
-    // Ranks first (they leave the registry cleanly), in parallel: each gets SIGTERM now.
-    for (auto* group : {&prefill_, &decode_})
+    // Prefill before decode (a writer leaves before the memory it writes into goes away), each
+    // side's processes in parallel; the bootstrap last.
+    for (auto* group : {&prefill_, &decode_}) {
       for (auto& c : *group) {
         c.signal(SIGCONT);
         c.signal(SIGTERM);
       }
-    for (auto* group : {&prefill_, &decode_})
       for (auto& c : *group) c.stop(5s);
+    }
     bootstrap_.stop(5s);
   }
   const std::string& problem() const { return problem_; }

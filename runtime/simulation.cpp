@@ -451,11 +451,12 @@ void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage)
   }
   rep.transfer_bytes = st.control->transfer_bytes(usage);
   rep.copy_seconds = st.control->copy_seconds();
-  if (st.started > 0)
+  if (st.finished > 0)
     rep.transfer_seconds = std::chrono::duration<double>(st.last_end - st.first_start).count();
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   rep.peak_rss_bytes = std::uint64_t(ru.ru_maxrss) * 1024;
+  for (const auto& u : usage) rep.peak_rss_bytes = std::max(rep.peak_rss_bytes, u.peak_rss_bytes);  // rank processes
 
   auto problem = [&](bool bad, const std::string& what) {
     if (bad) rep.problems.push_back(what);

@@ -36,6 +36,12 @@ struct block {
 enum class memory_type : std::uint8_t { host, cuda, cuda_managed, rocm };
 const char* to_string(memory_type m);
 
+// Memory a transport allocated and registered (see transport::allocate_memory).
+struct allocation {
+  region_desc desc;
+  std::byte* base = nullptr;
+};
+
 // Called once per push: ok when every byte landed (and is visible to the peer), else the reason.
 using completion = std::function<void(status)>;
 
@@ -48,7 +54,14 @@ class transport {
   virtual std::vector<memory_type> memory_types() const = 0;
   // Registers local memory peers may write into; `owner` is this endpoint's id.
   virtual result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) = 0;
-  // Returns once no peer can write into the region any more, so the memory may be freed.
+  // Allocates and registers `len` bytes where this transport's peers write fastest (UCX: shared
+  // memory its same-host transports map directly); deregister_memory frees it. A transport
+  // without such memory answers an error: the caller maps memory itself and registers it.
+  virtual result<allocation> allocate_memory(std::uint64_t /*owner*/, std::uint64_t /*len*/) {
+    return status::error(std::string(name()) + " allocates no memory");
+  }
+  // Returns once no peer can write into the region any more, so the memory may be freed (and
+  // frees it when allocate_memory made it).
   virtual void deregister_memory(std::uint64_t region) = 0;
   // Makes `peer` (the owner id it registered with) reachable with what it described. Calling it
   // again with a different endpoint or regions replaces the old connection (a restarted peer).

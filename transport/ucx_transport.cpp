@@ -71,9 +71,18 @@ struct ucx_transport::impl {
     bool issued = false;      // every request is issued (or issuing stopped at an error)
     ucs_status_t status = UCS_OK;
   };
-  struct close_op {
+  // An endpoint on its way out. Flushed first when the peer is healthy, so the peer has sent
+  // every put acknowledgement before the connection goes (UCX 1.13 aborts a process whose
+  // acknowledgement of an emulated put fails: ucp_progress_rma_cmpl -> ucs_fatal), then
+  // force-closed, which completes whatever is still outstanding with UCS_ERR_CANCELED.
+  struct retiring {
     impl* self = nullptr;
+    std::uint64_t id = 0;
+    ucp_ep_h ep = nullptr;
     std::vector<ucp_rkey_h> rkeys;  // destroyed once the endpoint is closed
+    bool flushing = false;          // the drain flush has not completed
+    bool close_issued = false;
+    bool closing = false;  // the forced close has not completed
   };
 
   ucx_options options;
@@ -85,11 +94,14 @@ struct ucx_transport::impl {
   std::unordered_map<std::uint64_t, described> peers;
   std::uint64_t next_generation = 1;
 
-  std::unordered_map<std::uint64_t, link> links;              // thread only
-  std::unordered_map<std::uint64_t, local_region> regions;    // thread only
-  std::unordered_map<std::uint64_t, push_op*> live;           // thread only: issued, not done
-  std::deque<std::pair<clock::time_point, std::uint64_t>> deadlines;  // thread only, in order
-  std::size_t closing = 0;                                    // thread only
+  // Progress thread only from here on.
+  std::unordered_map<std::uint64_t, link> links;
+  std::unordered_map<std::uint64_t, local_region> regions;
+  std::unordered_map<std::uint64_t, push_op*> live;  // issued, not completed
+  std::unordered_map<std::uint64_t, std::unique_ptr<retiring>> retiring_eps;
+  std::uint64_t next_retiring = 1;
+  // Deadlines of live pushes and draining endpoints, each in order (one timeout for all).
+  std::deque<std::pair<clock::time_point, std::uint64_t>> push_deadlines, drain_deadlines;
 
   std::unique_ptr<ucx_worker> worker;
 
@@ -107,17 +119,6 @@ struct ucx_transport::impl {
     if (st != UCS_OK && op->status == UCS_OK) op->status = st;
     --op->pending;
     op->self->maybe_finish(op);
-  }
-
-  static void on_closed(void* request, ucs_status_t, void* user_data) {
-    auto* c = static_cast<close_op*>(user_data);
-    ucp_request_free(request);
-    // Not from inside UCX's callback: destroying rkeys touches the worker's pools.
-    c->self->worker->defer([c] {
-      for (auto* k : c->rkeys) ucp_rkey_destroy(k);
-      --c->self->closing;
-      delete c;
-    });
   }
 
   static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t st) {
@@ -140,11 +141,17 @@ struct ucx_transport::impl {
     if (!op->issued || op->pending > 0) return;
     live.erase(op->id);
     status st;
-    if (op->status == UCS_OK) {
-      bytes.fetch_add(op->bytes, std::memory_order_relaxed);
+    auto l = links.find(op->peer);
+    if (op->status != UCS_OK) {
+      st = status::error("push to " + peer_name(op->peer) +
+                         " failed: " + ucs_status_string(op->status));
+    } else if (l == links.end() || l->second.generation != op->generation) {
+      // The interface promises an error to pushes in flight at disconnect, even those the
+      // drain let land.
+      st =
+          status::error("push to " + peer_name(op->peer) + " failed: disconnected while in flight");
     } else {
-      st = status::error("push to " + peer_name(op->peer) + " failed: " +
-                         ucs_status_string(op->status));
+      bytes.fetch_add(op->bytes, std::memory_order_relaxed);
     }
     worker->defer([done = std::move(op->done), st = std::move(st)] { done(st); });
     delete op;
@@ -166,25 +173,79 @@ struct ucx_transport::impl {
       it->second.failure = std::move(reason);
   }
 
-  // Force-closes the link's endpoint: UCX completes its requests in flight with an error.
+  // Takes the link's endpoint out of service: drained first unless the peer has failed.
   void close_ep(link& l) {
     if (l.ep == nullptr) return;
-    auto* c = new close_op{this, {}};
-    for (auto& [id, r] : l.regions)
-      if (r.rkey != nullptr) c->rkeys.push_back(std::exchange(r.rkey, nullptr));
+    auto r = std::make_unique<retiring>();
+    r->self = this;
+    r->id = next_retiring++;
+    r->ep = std::exchange(l.ep, nullptr);
+    for (auto& [id, reg] : l.regions)
+      if (reg.rkey != nullptr) r->rkeys.push_back(std::exchange(reg.rkey, nullptr));
+    auto* raw = r.get();
+    retiring_eps.emplace(raw->id, std::move(r));
+    if (l.failure.empty()) {
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      p.cb.send = on_drained;
+      p.user_data = raw;
+      void* req = ucp_ep_flush_nbx(raw->ep, &p);
+      if (UCS_PTR_IS_PTR(req)) {
+        raw->flushing = true;
+        drain_deadlines.emplace_back(clock::now() + options.flush_timeout, raw->id);
+        if (drain_deadlines.size() == 1) arm_watchdog();
+        return;
+      }
+    }
+    force_close(raw);
+  }
+
+  // `r` lives while its flush or close is outstanding; the deferred work looks it up again,
+  // since a forced close may complete the flush (and release `r`) first.
+  static void on_drained(void* request, ucs_status_t, void* user_data) {
+    auto* r = static_cast<retiring*>(user_data);
+    ucp_request_free(request);
+    r->flushing = false;
+    r->self->worker->defer([self = r->self, id = r->id] {
+      auto it = self->retiring_eps.find(id);
+      if (it == self->retiring_eps.end()) return;
+      if (!it->second->close_issued)
+        self->force_close(it->second.get());
+      else
+        self->maybe_release(it->second.get());
+    });
+  }
+
+  static void on_closed(void* request, ucs_status_t, void* user_data) {
+    auto* r = static_cast<retiring*>(user_data);
+    ucp_request_free(request);
+    r->closing = false;
+    // Not from inside UCX's callback: destroying rkeys touches the worker's pools.
+    r->self->worker->defer([self = r->self, id = r->id] {
+      auto it = self->retiring_eps.find(id);
+      if (it != self->retiring_eps.end()) self->maybe_release(it->second.get());
+    });
+  }
+
+  void force_close(retiring* r) {
     ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.op_attr_mask =
+        UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     p.flags = UCP_EP_CLOSE_FLAG_FORCE;
     p.cb.send = on_closed;
-    p.user_data = c;
-    ++closing;
-    void* req = ucp_ep_close_nbx(std::exchange(l.ep, nullptr), &p);
-    if (!UCS_PTR_IS_PTR(req)) {
-      // Closed at once (or failed, which for a forced close leaves nothing to wait for).
-      for (auto* k : c->rkeys) ucp_rkey_destroy(k);
-      --closing;
-      delete c;
-    }
+    p.user_data = r;
+    r->close_issued = true;
+    r->closing = true;
+    void* req = ucp_ep_close_nbx(r->ep, &p);
+    // Closed at once (or failed, which for a forced close leaves nothing to wait for).
+    if (!UCS_PTR_IS_PTR(req)) r->closing = false;
+    maybe_release(r);
+  }
+
+  void maybe_release(retiring* r) {
+    if (r->flushing || r->closing || !r->close_issued) return;
+    for (auto* k : r->rkeys) ucp_rkey_destroy(k);
+    retiring_eps.erase(r->id);  // deletes r
   }
 
   void run_connect(std::uint64_t peer, std::uint64_t gen, const std::string& endpoint,
@@ -206,15 +267,17 @@ struct ucx_transport::impl {
     ep.err_handler.arg = this;
     if (auto st = ucp_ep_create(worker->worker(), &ep, &l.ep); st != UCS_OK) {
       l.ep = nullptr;
-      mark_unreachable(peer, l, peer_name(peer) + " unreachable: ucp_ep_create: " + ucs_status_string(st));
+      mark_unreachable(peer, l,
+                       peer_name(peer) + " unreachable: ucp_ep_create: " + ucs_status_string(st));
       return;
     }
     for (const auto& d : descs) {
       remote_region r{d.address, d.size, nullptr};
       if (d.size > 0) {
         if (auto st = ucp_ep_rkey_unpack(l.ep, d.remote_key.data(), &r.rkey); st != UCS_OK) {
-          mark_unreachable(peer, l, peer_name(peer) + " unreachable: remote key of region " +
-                                        std::to_string(d.id) + ": " + ucs_status_string(st));
+          mark_unreachable(peer, l,
+                           peer_name(peer) + " unreachable: remote key of region " +
+                               std::to_string(d.id) + ": " + ucs_status_string(st));
           close_ep(l);
           return;
         }
@@ -233,7 +296,8 @@ struct ucx_transport::impl {
   void run_push(push_op* op) {
     auto it = links.find(op->peer);
     if (it == links.end() || it->second.generation != op->generation)
-      return fail(op, peer_name(op->peer) + " was disconnected or reconnected before the push started");
+      return fail(op,
+                  peer_name(op->peer) + " was disconnected or reconnected before the push started");
     auto& l = it->second;
     if (!l.failure.empty()) return fail(op, l.failure);
     if (l.ep == nullptr) return fail(op, peer_name(op->peer) + " not connected");
@@ -264,42 +328,52 @@ struct ucx_transport::impl {
     op->issued = true;
     if (op->pending > 0) {
       live.emplace(op->id, op);
-      deadlines.emplace_back(clock::now() + options.flush_timeout, op->id);
-      if (deadlines.size() == 1) arm_watchdog();
+      push_deadlines.emplace_back(clock::now() + options.flush_timeout, op->id);
+      if (push_deadlines.size() == 1) arm_watchdog();
     }
     maybe_finish(op);
   }
 
-  // Wakes the thread at the oldest live push's deadline.
+  // Wakes the thread at the earliest deadline of a live push or a draining endpoint.
   void arm_watchdog() {
-    while (!deadlines.empty() && live.count(deadlines.front().second) == 0) deadlines.pop_front();
-    if (deadlines.empty()) {
-      worker->set_deadline(clock::time_point::max(), nullptr);
-      return;
-    }
-    worker->set_deadline(deadlines.front().first, [this] { on_watchdog(); });
+    while (!push_deadlines.empty() && live.count(push_deadlines.front().second) == 0)
+      push_deadlines.pop_front();
+    while (!drain_deadlines.empty() && retiring_eps.count(drain_deadlines.front().second) == 0)
+      drain_deadlines.pop_front();
+    auto next = clock::time_point::max();
+    if (!push_deadlines.empty()) next = push_deadlines.front().first;
+    if (!drain_deadlines.empty()) next = std::min(next, drain_deadlines.front().first);
+    worker->set_deadline(
+        next, next == clock::time_point::max() ? ucx_worker::command{} : [this] { on_watchdog(); });
   }
 
   void on_watchdog() {
     auto now = clock::now();
-    while (!deadlines.empty() && deadlines.front().first <= now) {
-      auto id = deadlines.front().second;
-      deadlines.pop_front();
+    while (!push_deadlines.empty() && push_deadlines.front().first <= now) {
+      auto id = push_deadlines.front().second;
+      push_deadlines.pop_front();
       auto it = live.find(id);
       if (it == live.end()) continue;
       auto* op = it->second;
       auto l = links.find(op->peer);
       if (l == links.end() || l->second.generation != op->generation || l->second.ep == nullptr)
-        continue;  // already closed: its requests are completing
+        continue;  // already closing: its requests are completing
+      // A frozen or overloaded peer: a forced close is the only way to get the request back.
       mark_unreachable(op->peer, l->second,
                        peer_name(op->peer) + " unreachable: a push was not flushed within " +
                            std::to_string(options.flush_timeout.count()) + " ms");
       close_ep(l->second);
     }
+    while (!drain_deadlines.empty() && drain_deadlines.front().first <= now) {
+      auto it = retiring_eps.find(drain_deadlines.front().second);
+      drain_deadlines.pop_front();
+      if (it != retiring_eps.end() && !it->second->close_issued) force_close(it->second.get());
+    }
     arm_watchdog();
   }
 
-  void run_register(std::uint64_t owner, void* base, std::uint64_t len, region_desc& d, status& err) {
+  void run_register(std::uint64_t owner, void* base, std::uint64_t len, region_desc& d,
+                    status& err) {
     local_region reg{owner, nullptr};
     if (len > 0) {
       ucp_mem_map_params_t mp{};
@@ -307,7 +381,8 @@ struct ucx_transport::impl {
       mp.address = base;
       mp.length = len;
       if (auto st = ucp_mem_map(worker->context(), &mp, &reg.memh); st != UCS_OK) {
-        err = status::error("ucx: ucp_mem_map of " + std::to_string(len) + " bytes: " + ucs_status_string(st));
+        err = status::error("ucx: ucp_mem_map of " + std::to_string(len) +
+                            " bytes: " + ucs_status_string(st));
         spdlog::error("{}", err.reason());
         return;
       }
@@ -341,12 +416,13 @@ struct ucx_transport::impl {
   void shut_down() {
     for (auto& [peer, l] : links) close_ep(l);
     links.clear();
-    // Forced closes complete the requests in flight (and so their pushes) with an error.
-    bool quiet = worker->progress_until([this] { return closing == 0 && live.empty(); },
-                                        std::chrono::seconds(10));
+    // Drains end within the flush timeout (then they are forced, which completes the requests
+    // still in flight with an error); a second for the forced closes to finish.
+    bool quiet = worker->progress_until([this] { return retiring_eps.empty() && live.empty(); },
+                                        options.flush_timeout + std::chrono::seconds(1));
     if (!quiet)
-      spdlog::warn("ucx: shutting down with {} endpoint close(s) and {} push(es) still pending",
-                   closing, live.size());
+      spdlog::warn("ucx: shutting down with {} endpoint(s) closing and {} push(es) in flight",
+                   retiring_eps.size(), live.size());
     for (auto& [id, r] : regions)
       if (r.memh != nullptr) ucp_mem_unmap(worker->context(), r.memh);
     regions.clear();
@@ -384,7 +460,8 @@ std::uint64_t ucx_transport::bytes_moved() const {
   return impl_->bytes.load(std::memory_order_relaxed);
 }
 
-result<region_desc> ucx_transport::register_memory(std::uint64_t owner, void* base, std::uint64_t len) {
+result<region_desc> ucx_transport::register_memory(std::uint64_t owner, void* base,
+                                                   std::uint64_t len) {
   if (base == nullptr && len > 0) return status::error("register_memory: null base");
   region_desc d;
   d.id = impl_->next_region.fetch_add(1, std::memory_order_relaxed);
@@ -411,7 +488,8 @@ status ucx_transport::connect(std::uint64_t peer, const std::string& endpoint,
   for (const auto& r : regions) {
     auto id = std::to_string(r.id);
     if (r.size > 0 && r.remote_key.empty()) return refuse("region " + id + " has no remote key");
-    if (r.address > std::numeric_limits<std::uint64_t>::max() - r.size) return refuse("region " + id + " wraps the address space");
+    if (r.address > std::numeric_limits<std::uint64_t>::max() - r.size)
+      return refuse("region " + id + " wraps the address space");
     if (!by_id.emplace(r.id, r).second) return refuse("region " + id + " described twice");
   }
 
@@ -455,12 +533,14 @@ void ucx_transport::push(std::uint64_t peer, const std::vector<block>& blocks, c
       const auto& b = blocks[i];
       auto r = it->second.by_id.find(b.region);
       if (r == it->second.by_id.end()) {
-        refused = status::error("block " + std::to_string(i) + ": region " + std::to_string(b.region) +
-                                " is not registered by " + peer_name(peer));
+        refused =
+            status::error("block " + std::to_string(i) + ": region " + std::to_string(b.region) +
+                          " is not registered by " + peer_name(peer));
       } else if (auto size = r->second.size; b.offset > size || b.len > size - b.offset) {
-        refused = status::error("block " + std::to_string(i) + " [" + std::to_string(b.offset) + ", +" +
-                                std::to_string(b.len) + ") exceeds region " + std::to_string(b.region) +
-                                " of " + std::to_string(size) + " bytes");
+        refused =
+            status::error("block " + std::to_string(i) + " [" + std::to_string(b.offset) + ", +" +
+                          std::to_string(b.len) + ") exceeds region " + std::to_string(b.region) +
+                          " of " + std::to_string(size) + " bytes");
       }
       any_bytes = any_bytes || b.len > 0;
     }

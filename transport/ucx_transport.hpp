@@ -17,15 +17,17 @@
 #include <string>
 #include <vector>
 
+#include "config/tunables.hpp"
 #include "transport/transport.hpp"
 
 namespace kvflow::transport {
 
 struct ucx_options {
   // A push whose puts and flush have not completed in this time fails and marks its peer
-  // unreachable (KVFLOW_UCX_FLUSH_TIMEOUT_MS): UCX notices a dead peer on some transports
-  // only through keepalive, which an event-driven worker that is asleep never runs.
-  std::chrono::milliseconds flush_timeout{30000};
+  // unreachable; draining a closing endpoint waits as long (KVFLOW_UCX_FLUSH_TIMEOUT_MS).
+  // UCX reports a dead peer when its connection breaks, but not a frozen one, and an
+  // event-driven worker that sleeps runs no keepalive.
+  std::chrono::milliseconds flush_timeout{config::tunables{}.ucx_flush_timeout_ms};
 };
 
 class ucx_transport final : public transport {

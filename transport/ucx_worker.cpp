@@ -197,7 +197,8 @@ void ucx_worker::loop() {
     if (deadline_ != clock::time_point::max()) {
       auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline_ - clock::now()).count();
       left = std::max<decltype(left)>(left, 0);
-      if (timeout_ms < 0 || left < timeout_ms) timeout_ms = static_cast<int>(std::min<decltype(left)>(left, 1 << 30));
+      if (timeout_ms < 0 || left < timeout_ms)
+        timeout_ms = static_cast<int>(std::min<decltype(left)>(left, 1 << 30));
     }
     wait(timeout_ms);
   }
@@ -205,7 +206,8 @@ void ucx_worker::loop() {
   worker_ = nullptr;
 }
 
-bool ucx_worker::progress_until(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
+bool ucx_worker::progress_until(const std::function<bool()>& done,
+                                std::chrono::milliseconds timeout) {
   auto end = clock::now() + timeout;
   for (;;) {
     progress_round();

@@ -4,8 +4,8 @@
 // completion fails the test instead of hanging it.
 //
 // SPDLOG_LEVEL=debug prints what UCX chose for each endpoint (ucp_ep_print_info).
-#include <doctest/doctest.h>
 #include <dirent.h>
+#include <doctest/doctest.h>
 #include <poll.h>
 #include <spdlog/cfg/env.h>
 #include <spdlog/spdlog.h>
@@ -46,7 +46,8 @@ std::unique_ptr<ucx_transport> make_transport(ucx_options options = {}) {
 
 // Pushes and waits for the completion; nullopt when it did not come in time. A second call of
 // the completion throws (future_error) on the progress thread and so ends the run.
-std::optional<status> push_and_wait(ucx_transport& t, std::uint64_t peer, const std::vector<block>& blocks,
+std::optional<status> push_and_wait(ucx_transport& t, std::uint64_t peer,
+                                    const std::vector<block>& blocks,
                                     std::chrono::seconds timeout = completion_timeout) {
   auto p = std::make_shared<std::promise<status>>();
   auto f = p->get_future();
@@ -69,7 +70,8 @@ struct target {
   std::uint64_t size;
   region_desc desc;
 
-  target(ucx_transport& t, std::uint64_t size_) : owner(t), mem(size_ + 2 * pad, guard), size(size_) {
+  target(ucx_transport& t, std::uint64_t size_)
+      : owner(t), mem(size_ + 2 * pad, guard), size(size_) {
     auto d = t.register_memory(receiver_id, region(), size);
     REQUIRE_MESSAGE(d.ok(), d.error().reason());
     desc = d.value();
@@ -90,16 +92,24 @@ struct target {
   }
 };
 
-// Blocks from 4 B to 8 MiB at increasing offsets, with untouched gaps between them.
-std::vector<block> mixed_blocks(const std::vector<std::byte>& src, std::uint64_t region,
-                                std::uint64_t* region_size) {
+// Blocks from 4 B to 8 MiB at increasing offsets, with untouched gaps between them, and the
+// size of the region that holds them.
+constexpr std::uint64_t mixed_lens[] = {4, 7, 4096, 65537, 1 << 20, 8 << 20};
+constexpr std::uint64_t mixed_gap = 61;
+
+std::uint64_t mixed_region_size() {
+  std::uint64_t offset = 3;
+  for (auto len : mixed_lens) offset += len + mixed_gap;
+  return offset;
+}
+
+std::vector<block> mixed_blocks(const std::vector<std::byte>& src, std::uint64_t region) {
   std::vector<block> out;
   std::uint64_t offset = 3;
-  for (std::uint64_t len : {4ull, 7ull, 4096ull, 65537ull, 1ull << 20, 8ull << 20}) {
+  for (auto len : mixed_lens) {
     out.push_back({src.data() + offset, region, offset, len});
-    offset += len + 61;
+    offset += len + mixed_gap;
   }
-  *region_size = offset;
   return out;
 }
 
@@ -161,11 +171,10 @@ TEST_CASE("ucx: register_memory describes the region") {
 TEST_CASE("ucx: pushes from 4 B to 8 MiB into a second instance land every byte") {
   auto receiver = make_transport();  // outlives the sender: no peer-failure noise at the end
   auto sender = make_transport();
-  std::uint64_t size = 0;
-  auto blocks = mixed_blocks({}, 0, &size);  // sizes only
+  auto size = mixed_region_size();
   auto src = pattern(size, 1);
   target dst(*receiver, size);
-  blocks = mixed_blocks(src, dst.desc.id, &size);
+  auto blocks = mixed_blocks(src, dst.desc.id);
   REQUIRE(sender->connect(receiver_id, receiver->endpoint(), {dst.desc}).ok());
 
   auto st = push_and_wait(*sender, receiver_id, blocks);
@@ -188,11 +197,10 @@ TEST_CASE("ucx: pushes from 4 B to 8 MiB into a second instance land every byte"
 
 TEST_CASE("ucx: one instance pushes into its own memory") {
   auto t = make_transport();
-  std::uint64_t size = 0;
-  mixed_blocks({}, 0, &size);
+  auto size = mixed_region_size();
   auto src = pattern(size, 2);
   target dst(*t, size);
-  auto blocks = mixed_blocks(src, dst.desc.id, &size);
+  auto blocks = mixed_blocks(src, dst.desc.id);
   REQUIRE(t->connect(receiver_id, t->endpoint(), {dst.desc}).ok());
   auto st = push_and_wait(*t, receiver_id, blocks);
   REQUIRE(st.has_value());
@@ -230,19 +238,21 @@ TEST_CASE("ucx: bad blocks are refused and not one byte is written") {
   struct bad {
     std::uint64_t offset, len;
   };
-  for (auto b : {bad{250, 7}, bad{256, 1}, bad{257, 0}, bad{0, 257}, bad{max - 1, 8}, bad{8, max - 1},
-                 bad{max, max}, bad{max - 255, 256}}) {
+  for (auto b : {bad{250, 7}, bad{256, 1}, bad{257, 0}, bad{0, 257}, bad{max - 1, 8},
+                 bad{8, max - 1}, bad{max, max}, bad{max - 255, 256}}) {
     CAPTURE(b.offset);
     CAPTURE(b.len);
     // A valid block before the bad one must not be written either.
-    auto st = push_and_wait(*sender, receiver_id, {{src.data(), id, 0, 16}, {src.data(), id, b.offset, b.len}});
+    auto st = push_and_wait(*sender, receiver_id,
+                            {{src.data(), id, 0, 16}, {src.data(), id, b.offset, b.len}});
     REQUIRE(st.has_value());
     CHECK_FALSE(st->ok());
     CHECK(st->reason().find("exceeds region " + std::to_string(id)) != std::string::npos);
     CHECK(dst.untouched());
   }
   // An unknown region is named.
-  auto st = push_and_wait(*sender, receiver_id, {{src.data(), id, 0, 16}, {src.data(), 9999, 0, 8}});
+  auto st =
+      push_and_wait(*sender, receiver_id, {{src.data(), id, 0, 16}, {src.data(), 9999, 0, 8}});
   REQUIRE(st.has_value());
   CHECK_FALSE(st->ok());
   CHECK(st->reason().find("9999") != std::string::npos);
@@ -276,7 +286,8 @@ TEST_CASE("ucx: a zero-length region takes only empty blocks") {
   REQUIRE(st.has_value());
   CHECK_FALSE(st->ok());
   // Next to an empty block, a real one lands.
-  st = push_and_wait(*sender, receiver_id, {{src.data(), empty.value().id, 0, 0}, {src.data(), dst.desc.id, 0, 8}});
+  st = push_and_wait(*sender, receiver_id,
+                     {{src.data(), empty.value().id, 0, 0}, {src.data(), dst.desc.id, 0, 8}});
   REQUIRE(st.has_value());
   CHECK(st->ok());
   CHECK(dst.region()[0] == std::byte{1});
@@ -320,10 +331,13 @@ TEST_CASE("ucx: unknown peer, disconnect and re-connect") {
   // A push right before disconnect completes (either way); afterwards pushes fail at once.
   auto p = std::make_shared<std::promise<status>>();
   auto f = p->get_future();
-  sender->push(receiver_id, {{src.data(), first.desc.id, 0, 1 << 20}}, [p](status s) { p->set_value(std::move(s)); });
+  sender->push(receiver_id, {{src.data(), first.desc.id, 0, 1 << 20}},
+               [p](status s) { p->set_value(std::move(s)); });
   sender->disconnect(receiver_id);
   REQUIRE(f.wait_for(completion_timeout) == std::future_status::ready);
-  spdlog::debug("ucx: push racing a disconnect: {}", f.get().reason());
+  auto raced = f.get();
+  spdlog::debug("ucx: push racing a disconnect: {}", raced.ok() ? "ok" : raced.reason());
+  CHECK((raced.ok() || raced.reason() == "push to peer 7 failed: disconnected while in flight"));
   st = push_and_wait(*sender, receiver_id, {{src.data(), first.desc.id, 0, 8}});
   REQUIRE(st.has_value());
   CHECK(st->reason() == "peer 7 not connected");
@@ -365,7 +379,9 @@ TEST_CASE("ucx: a completion may re-enter the transport") {
     auto d = t->register_memory(receiver_id, extra.data(), extra.size());
     if (d.ok()) t->deregister_memory(d.value().id);
     t->push(receiver_id, {{src.data(), dst.desc.id, 8, 8}},
-            [p, first = s.ok(), registered = d.ok()](status s2) { p->set_value(first && registered && s2.ok()); });
+            [p, first = s.ok(), registered = d.ok()](status s2) {
+              p->set_value(first && registered && s2.ok());
+            });
   });
   REQUIRE(f.wait_for(completion_timeout) == std::future_status::ready);
   CHECK(f.get());
@@ -416,7 +432,8 @@ bool read_all(int fd, void* p, std::size_t n, std::chrono::seconds timeout = com
   auto* c = static_cast<char*>(p);
   auto end = std::chrono::steady_clock::now() + timeout;
   while (n > 0) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        end - std::chrono::steady_clock::now());
     pollfd pfd{fd, POLLIN, 0};
     if (left.count() <= 0 || ::poll(&pfd, 1, static_cast<int>(left.count())) <= 0) return false;
     auto r = ::read(fd, c, n);
@@ -548,7 +565,8 @@ std::string unreachable_reason(ucx_transport& t, std::uint64_t peer, const void*
 
 TEST_CASE("ucx: a peer that dies fails the pushes to it within a bounded time") {
   spdlog::cfg::load_env_levels();
-  WARN_MESSAGE(thread_count() == 1, "forking with other threads alive: the child may inherit a held lock");
+  WARN_MESSAGE(thread_count() == 1,
+               "forking with other threads alive: the child may inherit a held lock");
   child_receiver child;
   auto sender = make_transport();
   REQUIRE(sender->connect(receiver_id, child.endpoint, {child.desc}).ok());
@@ -574,7 +592,8 @@ TEST_CASE("ucx: a peer that dies fails the pushes to it within a bounded time") 
 
 TEST_CASE("ucx: a peer killed with a push in flight fails that push") {
   spdlog::cfg::load_env_levels();
-  WARN_MESSAGE(thread_count() == 1, "forking with other threads alive: the child may inherit a held lock");
+  WARN_MESSAGE(thread_count() == 1,
+               "forking with other threads alive: the child may inherit a held lock");
   child_receiver child;
   auto sender = make_transport();  // default flush timeout (30 s): UCX must notice the death
   REQUIRE(sender->connect(receiver_id, child.endpoint, {child.desc}).ok());
@@ -587,7 +606,8 @@ TEST_CASE("ucx: a peer killed with a push in flight fails that push") {
   child.freeze();
   auto p = std::make_shared<std::promise<status>>();
   auto f = p->get_future();
-  sender->push(receiver_id, {{src.data(), child.desc.id, 0, child_region}}, [p](status s) { p->set_value(std::move(s)); });
+  sender->push(receiver_id, {{src.data(), child.desc.id, 0, child_region}},
+               [p](status s) { p->set_value(std::move(s)); });
   CHECK(f.wait_for(300ms) == std::future_status::timeout);
   auto t0 = std::chrono::steady_clock::now();
   REQUIRE(::kill(child.pid, SIGKILL) == 0);
@@ -598,7 +618,8 @@ TEST_CASE("ucx: a peer killed with a push in flight fails that push") {
   st = f.get();
   CHECK_FALSE(st->ok());
   CHECK(st->reason().rfind("push to peer 7 failed: ", 0) == 0);
-  spdlog::debug("ucx: push in flight to a killed peer failed after {:.3f} s: {}", took, st->reason());
+  spdlog::debug("ucx: push in flight to a killed peer failed after {:.3f} s: {}", took,
+                st->reason());
   auto reason = unreachable_reason(*sender, receiver_id, src.data());
   CHECK(reason.rfind("peer 7 unreachable: ", 0) == 0);
   CHECK(reason.find("not flushed") == std::string::npos);  // UCX noticed, not the timeout
@@ -608,7 +629,8 @@ TEST_CASE("ucx: a peer killed with a push in flight fails that push") {
 // push in flight and marks the peer unreachable.
 TEST_CASE("ucx: a push to a frozen peer fails at the flush timeout") {
   spdlog::cfg::load_env_levels();
-  WARN_MESSAGE(thread_count() == 1, "forking with other threads alive: the child may inherit a held lock");
+  WARN_MESSAGE(thread_count() == 1,
+               "forking with other threads alive: the child may inherit a held lock");
   child_receiver child;
   ucx_options options;
   options.flush_timeout = 1s;
@@ -630,7 +652,8 @@ TEST_CASE("ucx: a push to a frozen peer fails at the flush timeout") {
   CHECK(took < 10);
   auto reason = unreachable_reason(*sender, receiver_id, src.data());
   CHECK(reason == "peer 7 unreachable: a push was not flushed within 1000 ms");
-  ::kill(child.pid, SIGCONT);
+  // Not resumed: UCX 1.13 would abort the child when it acknowledges the buffered puts over
+  // the connection this side force-closed (ucp_progress_rma_cmpl -> ucs_fatal). It is killed.
 
   // The same description again does not revive it; a new one (a restarted peer) would.
   REQUIRE(sender->connect(receiver_id, child.endpoint, {child.desc}).ok());

@@ -15,4 +15,13 @@ struct bench_flags {
 
 int run_bench_control(const bench_flags& f);
 
+struct transfer_flags {
+  std::vector<std::uint64_t> sizes{16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20};
+  std::uint64_t bytes_per_size = 1ull << 30;  // moved per block size
+  std::vector<int> request_tokens{4096, 32768};
+  bool perftest = true;  // run the ucx_perftest anchor
+};
+
+int run_bench_transfer(const transfer_flags& f);
+
 }  // namespace kvflow::runtime

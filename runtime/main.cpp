@@ -208,6 +208,14 @@ int main(int argc, char** argv) {
   control->add_option("--rounds", bf.rounds, "rounds per measurement")->capture_default_str();
   control->add_option("--workers", bf.workers, "actor worker threads (0: one per core)")->capture_default_str();
 
+  runtime::transfer_flags tf;
+  bool no_perftest = false;
+  auto* transfer = bench->add_subcommand("transfer", "UCX push between two processes vs ucx_perftest put_bw");
+  transfer->add_option("--sizes", tf.sizes, "block sizes in bytes (repeatable)");
+  transfer->add_option("--bytes", tf.bytes_per_size, "bytes moved per block size")->capture_default_str();
+  transfer->add_option("--tokens", tf.request_tokens, "whole-request sizes in tokens (repeatable)");
+  transfer->add_flag("--no-perftest", no_perftest, "skip the ucx_perftest anchor");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -248,6 +256,10 @@ int main(int argc, char** argv) {
       return runtime::run_rank(ro);
     }
     if (control->parsed()) return runtime::run_bench_control(bf);
+    if (transfer->parsed()) {
+      tf.perftest = !no_perftest;
+      return runtime::run_bench_transfer(tf);
+    }
   } catch (const config::config_error& e) {
     return usage_error(e.what());
   }

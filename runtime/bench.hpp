@@ -1,6 +1,7 @@
 #pragma once
 // `kvflow bench ...`: benchmarks that print their figure beside an anchor measured in the same run.
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace kvflow::runtime {
@@ -14,6 +15,15 @@ struct bench_flags {
 };
 
 int run_bench_control(const bench_flags& f);
+// The same agreement across real processes, beside the gloo all_reduce anchor.
+int run_bench_control_processes(const bench_flags& f);
+
+// One rank process of run_bench_control_processes (started by it; not for users).
+struct control_worker_flags {
+  std::string coordinator;
+  int index = 0, tp = 8, cp = 1, rooms = 1, rounds = 2000;
+};
+int run_bench_control_worker(const control_worker_flags& w);
 
 struct transfer_flags {
   std::vector<std::uint64_t> sizes{16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20};

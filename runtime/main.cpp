@@ -207,6 +207,17 @@ int main(int argc, char** argv) {
   control->add_option("--rooms", bf.rooms, "in-flight rooms (repeatable)");
   control->add_option("--rounds", bf.rounds, "rounds per measurement")->capture_default_str();
   control->add_option("--workers", bf.workers, "actor worker threads (0: one per core)")->capture_default_str();
+  bool processes = false;
+  control->add_flag("--processes", processes, "one process per rank, beside torch.distributed gloo (bench/setup.sh)");
+  runtime::control_worker_flags cw;
+  auto* worker = bench->add_subcommand("control-worker", "one rank process of bench control --processes (internal)");
+  worker->group("");  // hidden
+  worker->add_option("--coordinator", cw.coordinator)->required();
+  worker->add_option("--index", cw.index);
+  worker->add_option("--tp", cw.tp);
+  worker->add_option("--cp", cw.cp);
+  worker->add_option("--rooms", cw.rooms);
+  worker->add_option("--rounds", cw.rounds);
 
   runtime::transfer_flags tf;
   bool no_perftest = false;
@@ -255,7 +266,8 @@ int main(int argc, char** argv) {
       if (!ro.prefill && ro.aux_slots < 1) throw config::config_error("aux-slots: a decode rank needs >= 1");
       return runtime::run_rank(ro);
     }
-    if (control->parsed()) return runtime::run_bench_control(bf);
+    if (control->parsed()) return processes ? runtime::run_bench_control_processes(bf) : runtime::run_bench_control(bf);
+    if (worker->parsed()) return runtime::run_bench_control_worker(cw);
     if (transfer->parsed()) {
       tf.perftest = !no_perftest;
       return runtime::run_bench_transfer(tf);

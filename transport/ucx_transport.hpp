@@ -1,6 +1,7 @@
 #pragma once
-// UCX transport: one-sided puts (ucp_put_nbx) into memory the peer mapped with ucp_mem_map, made
-// visible with ucp_ep_flush_nbx. One UCX context and worker per instance, driven by a progress
+// UCX transport: puts (ucp_put_nbx) into memory the peer mapped with ucp_mem_map, made visible
+// with ucp_ep_flush_nbx (UCX 1.13 with peer error handling carries them as active messages over
+// tcp, even on one host: see run_connect). One UCX context and worker per instance, driven by a progress
 // thread the instance owns (transport/ucx_worker.hpp); every public method may be called from
 // any thread and only queues work for that thread, except register_memory / deregister_memory,
 // which wait for it (they are rare: rank start and stop).
@@ -35,9 +36,9 @@ class ucx_transport final : public transport {
   // Initializes UCX (context, worker, progress thread); an error (logged here) instead of a
   // throw when UCX cannot start.
   static result<std::unique_ptr<ucx_transport>> create(ucx_options options = {});
-  // Closes every endpoint (force: pushes in flight fail), unmaps every region still
-  // registered, destroys the worker and context and joins the progress thread. Must not run on
-  // the progress thread (not from a completion).
+  // Closes every endpoint (drained for up to flush_timeout, then forced: pushes still in flight
+  // fail), unmaps every region still registered, destroys the worker and context and joins the
+  // progress thread. Must not run on the progress thread (not from a completion).
   ~ucx_transport() override;
 
   const char* name() const override { return "ucx"; }
@@ -46,7 +47,10 @@ class ucx_transport final : public transport {
   std::vector<memory_type> memory_types() const override;
   // len == 0 maps nothing: the descriptor has an empty remote_key and only empty blocks fit it.
   result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override;
-  // Returns once ucp_mem_unmap is done. Peers that still hold the old rkey fail their puts.
+  // Returns once ucp_mem_unmap is done. Caution (UCX 1.13): puts to user memory are emulated
+  // over active messages, and the receiving worker writes them without checking the region is
+  // still mapped: a peer still connected with the old description can write into it. Peers
+  // must be disconnected (or stopped) before the memory is freed.
   void deregister_memory(std::uint64_t region) override;
   // Checks the description here; the endpoint is created (and the rkeys unpacked) on the
   // progress thread, so this never waits for the network. The same description again is a

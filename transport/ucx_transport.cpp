@@ -2,8 +2,11 @@
 
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <mutex>
@@ -27,6 +30,62 @@ bool same_regions(const std::vector<region_desc>& a, const std::vector<region_de
         a[i].remote_key != b[i].remote_key)
       return false;
   return true;
+}
+
+// Where this process can be reached through UCX's shared-memory transports: same kernel boot
+// and same IPC namespace (sysv segments), and not excluded by UCX_TLS. Empty when not.
+std::string shared_memory_domain() {
+  if (const char* tls = std::getenv("UCX_TLS"); tls != nullptr && *tls != '\0') {
+    std::string t(tls);
+    bool shm = t.find("all") != std::string::npos || t.find("sm") != std::string::npos ||
+               t.find("sysv") != std::string::npos || t.find("posix") != std::string::npos;
+    if (!shm || t[0] == '^') return {};  // "^..." excludes; shared memory may be among them
+  }
+  std::string boot;
+  if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
+    char buf[64] = {};
+    if (std::fgets(buf, sizeof buf, f) != nullptr) boot = buf;
+    std::fclose(f);
+  }
+  char ipc[64] = {};
+  auto n = ::readlink("/proc/self/ns/ipc", ipc, sizeof ipc - 1);
+  if (boot.empty() || n <= 0) return {};
+  while (!boot.empty() && (boot.back() == '\n' || boot.back() == ' ')) boot.pop_back();
+  return boot + "/" + std::string(ipc, static_cast<std::size_t>(n));
+}
+
+// A remote key is UCX's packed rkey after one byte that says how the memory came to be: peers
+// write UCX-allocated (shared) memory directly, registered user memory only through UCX's
+// emulation of puts, which needs the owner to take part.
+constexpr char key_kind_allocated = 'A';
+constexpr char key_kind_registered = 'R';
+
+// The endpoint a peer receives: a tag, this process's shared-memory domain, the worker address.
+constexpr char endpoint_tag[] = "kvflow-ucx-1";
+std::string pack_endpoint(const std::string& domain, const std::string& worker_address) {
+  std::string out(endpoint_tag);
+  out.push_back('\0');
+  std::uint32_t n = static_cast<std::uint32_t>(domain.size());
+  out.append(reinterpret_cast<const char*>(&n), sizeof n);
+  out += domain;
+  out += worker_address;
+  return out;
+}
+struct unpacked_endpoint {
+  std::string domain, worker_address;
+};
+result<unpacked_endpoint> unpack_endpoint(const std::string& e) {
+  const std::size_t tag = sizeof endpoint_tag;  // with its terminating zero
+  if (e.size() < tag + 4 || e.compare(0, tag, endpoint_tag, tag) != 0)
+    return status::error("not a kvflow UCX endpoint (another build or transport?)");
+  std::uint32_t n = 0;
+  std::memcpy(&n, e.data() + tag, sizeof n);
+  if (n > e.size() - tag - 4) return status::error("endpoint: truncated");
+  unpacked_endpoint u;
+  u.domain = e.substr(tag + 4, n);
+  u.worker_address = e.substr(tag + 4 + n);
+  if (u.worker_address.empty()) return status::error("endpoint: no worker address");
+  return u;
 }
 
 }  // namespace
@@ -86,6 +145,8 @@ struct ucx_transport::impl {
   };
 
   ucx_options options;
+  std::string domain;  // shared_memory_domain() of this process
+  bool dying = false;  // shut_down() ran: the worker is being destroyed
   std::atomic<std::uint64_t> bytes{0};
   std::atomic<std::uint64_t> next_region{1};
   std::atomic<std::uint64_t> next_push{1};
@@ -116,6 +177,13 @@ struct ucx_transport::impl {
   static void on_request_done(void* request, ucs_status_t st, void* user_data) {
     auto* op = static_cast<push_op*>(user_data);
     ucp_request_free(request);
+    if (op->self->dying) {  // purged by ucp_worker_destroy: no deferred work any more
+      if (--op->pending == 0 && op->issued) {
+        if (op->done) op->done(status::error("push to " + peer_name(op->peer) + " failed: transport shut down"));
+        delete op;
+      }
+      return;
+    }
     if (st != UCS_OK && op->status == UCS_OK) op->status = st;
     --op->pending;
     op->self->maybe_finish(op);
@@ -206,6 +274,7 @@ struct ucx_transport::impl {
     auto* r = static_cast<retiring*>(user_data);
     ucp_request_free(request);
     r->flushing = false;
+    if (r->self->dying) return;
     r->self->worker->defer([self = r->self, id = r->id] {
       auto it = self->retiring_eps.find(id);
       if (it == self->retiring_eps.end()) return;
@@ -220,6 +289,7 @@ struct ucx_transport::impl {
     auto* r = static_cast<retiring*>(user_data);
     ucp_request_free(request);
     r->closing = false;
+    if (r->self->dying) return;
     // Not from inside UCX's callback: destroying rkeys touches the worker's pools.
     r->self->worker->defer([self = r->self, id = r->id] {
       auto it = self->retiring_eps.find(id);
@@ -255,16 +325,27 @@ struct ucx_transport::impl {
     l = link{};
     l.generation = gen;
 
-    // Peer error handling: a dead peer fails its pushes instead of hanging them. In UCX 1.13 it
-    // admits only transports that detect peer failure (here tcp; not self, sysv, posix), and
-    // puts to ucp_mem_map'ed user memory are emulated over active messages on that lane.
+    auto unpacked = unpack_endpoint(endpoint);  // connect() checked it
+    const auto& u = unpacked.value();
+    // Peer error handling makes a dead peer fail its pushes instead of hanging them, but in UCX
+    // 1.13 it admits only transports that detect peer failure (tcp; not self, sysv, posix), over
+    // which puts are emulated with active messages (~1 GB/s here). A peer in this process's
+    // shared-memory domain is written through shared memory instead (its pool is UCX-allocated,
+    // see allocate_memory): the sender's CPU copies into the peer's segment, no peer action is
+    // needed, and a segment stays mapped here after its owner died, so a put cannot fault. Its
+    // death is detected by the control plane (CAF monitors and heartbeats), which disconnects it.
+    bool shared = options.shared_memory && !domain.empty() && u.domain == domain;
+    for (const auto& d : descs)
+      if (d.size > 0 && d.remote_key[0] != key_kind_allocated) shared = false;
     ucp_ep_params_t ep{};
-    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
-    ep.address = reinterpret_cast<const ucp_address_t*>(endpoint.data());
-    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    ep.err_handler.cb = on_ep_error;
-    ep.err_handler.arg = this;
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    ep.address = reinterpret_cast<const ucp_address_t*>(u.worker_address.data());
+    ep.err_mode = shared ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
+    if (!shared) {
+      ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep.err_handler.cb = on_ep_error;
+      ep.err_handler.arg = this;
+    }
     if (auto st = ucp_ep_create(worker->worker(), &ep, &l.ep); st != UCS_OK) {
       l.ep = nullptr;
       mark_unreachable(peer, l,
@@ -274,7 +355,7 @@ struct ucx_transport::impl {
     for (const auto& d : descs) {
       remote_region r{d.address, d.size, nullptr};
       if (d.size > 0) {
-        if (auto st = ucp_ep_rkey_unpack(l.ep, d.remote_key.data(), &r.rkey); st != UCS_OK) {
+        if (auto st = ucp_ep_rkey_unpack(l.ep, d.remote_key.data() + 1, &r.rkey); st != UCS_OK) {
           mark_unreachable(peer, l,
                            peer_name(peer) + " unreachable: remote key of region " +
                                std::to_string(d.id) + ": " + ucs_status_string(st));
@@ -394,10 +475,43 @@ struct ucx_transport::impl {
         spdlog::error("{}", err.reason());
         return;
       }
-      d.remote_key.assign(static_cast<const char*>(key), key_len);
+      d.remote_key = key_kind_registered;
+      d.remote_key.append(static_cast<const char*>(key), key_len);
       ucp_rkey_buffer_release(key);
     }
     regions.emplace(d.id, reg);
+  }
+
+  void run_allocate(std::uint64_t owner, std::uint64_t len, allocation& a, status& err) {
+    local_region reg{owner, nullptr};
+    if (len > 0) {
+      ucp_mem_map_params_t mp{};
+      mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                      UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+      mp.address = nullptr;
+      mp.length = len;
+      mp.flags = UCP_MEM_MAP_ALLOCATE;
+      if (auto st = ucp_mem_map(worker->context(), &mp, &reg.memh); st != UCS_OK) {
+        err = status::error("ucx: allocating " + std::to_string(len) + " bytes: " + ucs_status_string(st));
+        return;  // not an error for the caller, which maps memory itself then
+      }
+      ucp_mem_attr_t attr{};
+      attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+      void* key = nullptr;
+      std::size_t key_len = 0;
+      if (auto st = ucp_mem_query(reg.memh, &attr); st != UCS_OK || attr.length < len ||
+                                                     ucp_rkey_pack(worker->context(), reg.memh, &key, &key_len) != UCS_OK) {
+        ucp_mem_unmap(worker->context(), reg.memh);
+        err = status::error("ucx: describing allocated memory failed");
+        return;
+      }
+      a.base = static_cast<std::byte*>(attr.address);
+      a.desc.address = reinterpret_cast<std::uintptr_t>(attr.address);
+      a.desc.remote_key = key_kind_allocated;
+      a.desc.remote_key.append(static_cast<const char*>(key), key_len);
+      ucp_rkey_buffer_release(key);
+    }
+    regions.emplace(a.desc.id, reg);
   }
 
   void run_deregister(std::uint64_t id) {
@@ -426,6 +540,10 @@ struct ucx_transport::impl {
     for (auto& [id, r] : regions)
       if (r.memh != nullptr) ucp_mem_unmap(worker->context(), r.memh);
     regions.clear();
+    // What is still outstanding completes inside ucp_worker_destroy (purged): its callbacks
+    // must not queue work on the worker being destroyed.
+    dying = true;
+    live.clear();
   }
 };
 
@@ -439,11 +557,24 @@ result<std::unique_ptr<ucx_transport>> ucx_transport::create(ucx_options options
   if (!w) return w.error();
   auto p = std::make_unique<impl>();
   p->options = options;
+  p->domain = shared_memory_domain();
   p->worker = std::move(w.value());
   return std::unique_ptr<ucx_transport>(new ucx_transport(std::move(p)));
 }
 
-std::string ucx_transport::endpoint() const { return impl_->worker->address(); }
+std::string ucx_transport::endpoint() const {
+  return pack_endpoint(impl_->domain, impl_->worker->address());
+}
+
+result<allocation> ucx_transport::allocate_memory(std::uint64_t owner, std::uint64_t len) {
+  allocation a;
+  a.desc.id = impl_->next_region.fetch_add(1, std::memory_order_relaxed);
+  a.desc.size = len;
+  status err;
+  impl_->worker->call([&] { impl_->run_allocate(owner, len, a, err); });
+  if (!err) return err;
+  return a;
+}
 
 std::vector<memory_type> ucx_transport::memory_types() const {
   std::vector<memory_type> out;
@@ -484,10 +615,13 @@ status ucx_transport::connect(std::uint64_t peer, const std::string& endpoint,
     return status::error("connect " + peer_name(peer) + ": " + why);
   };
   if (endpoint.empty()) return refuse("empty endpoint");
+  if (auto u = unpack_endpoint(endpoint); !u) return refuse(u.error().reason());
   std::unordered_map<std::uint64_t, region_desc> by_id;
   for (const auto& r : regions) {
     auto id = std::to_string(r.id);
-    if (r.size > 0 && r.remote_key.empty()) return refuse("region " + id + " has no remote key");
+    if (r.size > 0 && r.remote_key.size() < 2) return refuse("region " + id + " has no remote key");
+    if (r.size > 0 && r.remote_key[0] != key_kind_allocated && r.remote_key[0] != key_kind_registered)
+      return refuse("region " + id + " has a remote key of another build");
     if (r.address > std::numeric_limits<std::uint64_t>::max() - r.size)
       return refuse("region " + id + " wraps the address space");
     if (!by_id.emplace(r.id, r).second) return refuse("region " + id + " described twice");

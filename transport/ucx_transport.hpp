@@ -29,6 +29,11 @@ struct ucx_options {
   // UCX reports a dead peer when its connection breaks, but not a frozen one, and an
   // event-driven worker that sleeps runs no keepalive.
   std::chrono::milliseconds flush_timeout{config::tunables{}.ucx_flush_timeout_ms};
+  // Peers in this process's shared-memory domain (same boot and IPC namespace, shared memory
+  // not excluded by UCX_TLS) whose regions all came from allocate_memory are written through
+  // UCX's shared-memory transports without peer error handling (UCX 1.13 has none for them);
+  // their death is the control plane's to detect. false: every peer gets peer error handling.
+  bool shared_memory = true;
 };
 
 class ucx_transport final : public transport {
@@ -45,6 +50,9 @@ class ucx_transport final : public transport {
   // The packed UCX worker address (bytes).
   std::string endpoint() const override;
   std::vector<memory_type> memory_types() const override;
+  // Shared memory UCX allocates (ucp_mem_map with UCP_MEM_MAP_ALLOCATE: sysv/posix segments),
+  // which same-host peers write with plain CPU copies; deregister_memory frees it.
+  result<allocation> allocate_memory(std::uint64_t owner, std::uint64_t len) override;
   // len == 0 maps nothing: the descriptor has an empty remote_key and only empty blocks fit it.
   result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override;
   // Returns once ucp_mem_unmap is done. Caution (UCX 1.13): puts to user memory are emulated

@@ -460,11 +460,22 @@ constexpr std::size_t child_region = 1 << 20;
 
 // The receiver in the child: describes itself, checks what landed on request ('v'), and dies
 // (_exit: no destructor, no UCX teardown) when told ('x').
-[[noreturn]] void child_main(int in, int out) {
+// With `allocate`, the region is UCX-allocated shared memory (allocate_memory) instead.
+[[noreturn]] void child_main(int in, int out, bool allocate) {
   auto t = ucx_transport::create();
   if (!t) ::_exit(10);
-  std::vector<std::byte> mem(child_region, std::byte{0});
-  auto d = t.value()->register_memory(receiver_id, mem.data(), mem.size());
+  std::vector<std::byte> own(allocate ? 0 : child_region, std::byte{0});
+  std::byte* base = own.data();
+  result<region_desc> d = status::error("unset");
+  if (allocate) {
+    auto a = t.value()->allocate_memory(receiver_id, child_region);
+    if (!a) ::_exit(11);
+    base = a.value().base;
+    std::memset(base, 0, child_region);
+    d = a.value().desc;
+  } else {
+    d = t.value()->register_memory(receiver_id, base, child_region);
+  }
   if (!d) ::_exit(11);
   std::uint64_t fields[3] = {d.value().id, d.value().size, d.value().address};
   if (!write_string(out, t.value()->endpoint()) || !write_all(out, fields, sizeof fields) ||
@@ -475,7 +486,7 @@ constexpr std::size_t child_region = 1 << 20;
     if (::read(in, &cmd, 1) != 1) ::_exit(13);
     if (cmd == 'x') ::_exit(0);
     auto expect = pattern(child_region, 9);
-    char ok = mem == expect ? 'y' : 'n';
+    char ok = std::memcmp(base, expect.data(), child_region) == 0 ? 'y' : 'n';
     if (!write_all(out, &ok, 1)) ::_exit(14);
   }
 }
@@ -490,7 +501,7 @@ struct child_receiver {
   std::string endpoint;
   region_desc desc;
 
-  child_receiver() {
+  explicit child_receiver(bool allocate = false) {
     int down[2], up[2];
     REQUIRE(::pipe(down) == 0);
     REQUIRE(::pipe(up) == 0);
@@ -499,7 +510,7 @@ struct child_receiver {
     if (pid == 0) {
       ::close(down[1]);
       ::close(up[0]);
-      child_main(down[0], up[1]);
+      child_main(down[0], up[1], allocate);
     }
     ::close(down[0]);
     ::close(up[1]);
@@ -683,4 +694,57 @@ TEST_CASE("ucx: idle transports do not spin") {
   auto used = cpu() - c0;
   spdlog::debug("ucx: two idle transports used {:.4f} s of CPU in 1 s", used);
   CHECK(used < 0.1);
+}
+
+TEST_CASE("ucx: allocated memory of a same-host peer is written through shared memory") {
+  auto receiver = make_transport();
+  auto a = receiver->allocate_memory(receiver_id, 1 << 20);
+  REQUIRE_MESSAGE(a.ok(), a.error().reason());
+  std::memset(a.value().base, 0, 1 << 20);
+  auto src = pattern(1 << 20, 5);
+  for (bool shared : {true, false}) {
+    ucx_options o;
+    o.shared_memory = shared;
+    auto sender = make_transport(o);
+    REQUIRE(sender->connect(receiver_id, receiver->endpoint(), {a.value().desc}).ok());
+    auto st = push_and_wait(*sender, receiver_id, {{src.data(), a.value().desc.id, 0, 1 << 20}});
+    REQUIRE(st.has_value());
+    REQUIRE_MESSAGE(st->ok(), st->reason());
+    CHECK(std::memcmp(a.value().base, src.data(), 1 << 20) == 0);
+    auto lanes = sender->describe_endpoint(receiver_id);
+    const bool shm = lanes.find("sysv") != std::string::npos || lanes.find("posix") != std::string::npos;
+    CHECK_MESSAGE(shm == shared, lanes);
+    std::memset(a.value().base, 0, 1 << 20);
+  }
+  receiver->deregister_memory(a.value().desc.id);
+}
+
+TEST_CASE("ucx: a same-host peer that dies never faults a push; disconnecting it stops them") {
+  spdlog::cfg::load_env_levels();
+  child_receiver child(true);
+  auto sender = make_transport();
+  REQUIRE(sender->connect(receiver_id, child.endpoint, {child.desc}).ok());
+  auto src = pattern(child_region, 9);
+  auto st = push_and_wait(*sender, receiver_id, {{src.data(), child.desc.id, 0, child_region}});
+  REQUIRE(st.has_value());
+  REQUIRE_MESSAGE(st->ok(), st->reason());
+  CHECK(child.verify());
+  child.exit_now();
+  // The segment stays mapped here: the push completes (its bytes go nowhere anyone reads).
+  st = push_and_wait(*sender, receiver_id, {{src.data(), child.desc.id, 0, child_region}});
+  REQUIRE(st.has_value());
+  // The control plane saw the death and disconnects: from then on pushes fail at once.
+  sender->disconnect(receiver_id);
+  st = push_and_wait(*sender, receiver_id, {{src.data(), child.desc.id, 0, 8}});
+  REQUIRE(st.has_value());
+  CHECK_FALSE(st->ok());
+}
+
+TEST_CASE("ucx: a remote key of another framing is refused at connect") {
+  auto t = make_transport();
+  region_desc d{1, 64, 4096, std::string("Zgarbage")};
+  auto s = t->connect(3, t->endpoint(), {d});
+  CHECK_FALSE(s.ok());
+  CHECK(s.reason().find("another build") != std::string::npos);
+  CHECK_FALSE(t->connect(3, std::string("not an endpoint"), {}).ok());
 }

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# `kvflow launch` across two network namespaces joined by a veth pair: the launcher, the
+# bootstrap and the prefill ranks run in namespace A, the decode ranks in namespace B
+# (`--decode-exec "ip netns exec B"`). With UCX_TLS=tcp the KV bytes must cross the veth, which
+# the test checks on the veth's byte counters. Needs root and `ip`; otherwise skipped (77).
+# Usage: netns_test.sh KVFLOW
+set -uo pipefail
+kvflow=$1
+skip() { echo "SKIP: $*"; exit 77; }
+[ "$(id -u)" -eq 0 ] || skip "not root"
+command -v ip >/dev/null || skip "no ip command"
+
+tmp=$(mktemp -d)
+A="kvflow-a-$$"
+B="kvflow-b-$$"
+X=$(( ($$ % 250) + 1 ))
+ipa="10.211.$X.1"
+ipb="10.211.$X.2"
+made=()
+launcher=
+
+cleanup() {
+  local ns p
+  [ -n "$launcher" ] && kill -KILL "$launcher" 2>/dev/null
+  for ns in "${made[@]}"; do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+  done
+  for ns in "${made[@]}"; do
+    for _ in 1 2 3 4 5; do
+      [ -z "$(ip netns pids "$ns" 2>/dev/null)" ] && break
+      sleep 0.2
+    done
+    ip netns del "$ns" 2>/dev/null
+  done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'echo "FAIL: interrupted"; exit 1' INT TERM
+fail() {
+  echo "FAIL: $*"
+  echo "--- kvflow output (last 40 lines) ---"
+  tail -n 40 "$tmp/out" 2>/dev/null
+  [ -s "$tmp/r.json" ] && python3 -c "
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(json.dumps({k: v for k, v in r.items() if k != 'outcomes'}, sort_keys=True))
+for o in r['outcomes']:
+    if o['state'] != 'Success': print(json.dumps(o, sort_keys=True))" "$tmp/r.json"
+  exit 1
+}
+
+ip netns add "$A" 2>"$tmp/err" || skip "ip netns add failed: $(cat "$tmp/err")"
+made+=("$A")
+ip netns add "$B" 2>"$tmp/err" || skip "ip netns add failed: $(cat "$tmp/err")"
+made+=("$B")
+# Interface names are per namespace: both ends can be short and fixed.
+ip -n "$A" link add kva type veth peer name kvb netns "$B" || fail "cannot create the veth pair"
+ip -n "$A" addr add "$ipa/24" dev kva || fail "cannot address kva"
+ip -n "$B" addr add "$ipb/24" dev kvb || fail "cannot address kvb"
+for ns in "$A" "$B"; do ip -n "$ns" link set lo up || fail "cannot bring lo up in $ns"; done
+ip -n "$A" link set kva up || fail "cannot bring kva up"
+ip -n "$B" link set kvb up || fail "cannot bring kvb up"
+# A veth gets its carrier a moment after both ends are up; until then UCX does not list it as a
+# device (it takes only running interfaces) and would find the peer unreachable.
+for i in $(seq 50); do
+  [ "$(ip netns exec "$A" cat /sys/class/net/kva/operstate)" = up ] &&
+    [ "$(ip netns exec "$B" cat /sys/class/net/kvb/operstate)" = up ] && break
+  [ "$i" -eq 50 ] && fail "the veth pair did not come up: $(ip -n "$A" link show kva) $(ip -n "$B" link show kvb)"
+  sleep 0.1
+done
+
+# Byte counter of one veth end, read inside its namespace.
+counter() { ip netns exec "$1" cat "/sys/class/net/$2/statistics/$3"; }
+a_tx0=$(counter "$A" kva tx_bytes) && b_rx0=$(counter "$B" kvb rx_bytes) || fail "cannot read the veth counters"
+
+t0=$SECONDS
+UCX_TLS=tcp ip netns exec "$A" "$kvflow" launch --host "$ipa" --prefill-host "$ipa" --decode-host "$ipb" \
+  --decode-exec "ip netns exec $B" --prefill tp=1,cp=2 --decode dp=2 --requests 8 \
+  --report "$tmp/r.json" >"$tmp/out" 2>&1 &
+launcher=$!
+wait $launcher
+rc=$?
+launcher=
+echo "kvflow launch across $A/$B ($ipa -> $ipb) -> exit $rc in $((SECONDS - t0))s"
+
+a_tx1=$(counter "$A" kva tx_bytes) && b_rx1=$(counter "$B" kvb rx_bytes) || fail "cannot read the veth counters"
+[ -s "$tmp/r.json" ] || fail "no report written (exit $rc)"
+json() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print($1)" "$tmp/r.json"; }
+verified=$(json "r['bytes_verified']")
+echo "bytes verified $verified; veth: $A kva tx +$((a_tx1 - a_tx0)), $B kvb rx +$((b_rx1 - b_rx0))"
+[ $rc -eq 0 ] || fail "exit $rc, want 0"
+[ "$(json "r['succeeded'] == r['requests'] > 0")" = True ] || fail "not every request succeeded"
+[ "$(json "r['bytes_verified'] == r['bytes_expected'] > 0")" = True ] || fail "bytes not all verified"
+[ "$(json "r['stalled'] + r['unexpected_failures'] + r['mismatched_pages'] + r['leaked_pages'] + r['leaked_aux_slots']")" = 0 ] ||
+  fail "stalls, failures, mismatches or leaks"
+# The KV moves prefill (A) -> decode (B): both ends of the veth counted at least that much.
+[ $((b_rx1 - b_rx0)) -ge "$verified" ] || fail "$B received $((b_rx1 - b_rx0)) bytes on kvb, less than the $verified verified"
+[ $((a_tx1 - a_tx0)) -ge "$verified" ] || fail "$A sent $((a_tx1 - a_tx0)) bytes on kva, less than the $verified verified"
+echo "PASS: netns"

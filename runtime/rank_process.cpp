@@ -72,7 +72,8 @@ class rank_node {
 
  private:
   status start() {
-    auto made = transport::ucx_transport::create();
+    auto made = transport::ucx_transport::create(
+        transport::ucx_options{std::chrono::milliseconds(o_.tunables.ucx_flush_timeout_ms)});
     if (!made) return status::error("transport ucx: " + made.error().reason());
     transport_ = std::move(made.value());
     auto where = parse_host_port(o_.listen, "listen");

@@ -598,7 +598,8 @@ std::shared_ptr<cluster_control> make_inproc_cluster(const simulation_options& o
                                                      std::shared_ptr<agreement_checker> checker) {
   std::shared_ptr<transport::transport> t;
   if (o.transport == "ucx") {
-    auto made = transport::ucx_transport::create();
+    auto made = transport::ucx_transport::create(
+        transport::ucx_options{std::chrono::milliseconds(o.tunables.ucx_flush_timeout_ms)});
     if (!made) {
       report->problems.push_back("transport ucx: " + made.error().reason());
       return nullptr;

@@ -71,6 +71,25 @@ case "$case_" in
       fail "faulted run stalled or failed untouched requests"
     [ "$(json "len(r['faults'])")" = 4 ] || fail "faults not all applied"
     ;;
+  simulate_ucx)
+    # The same cluster in one process, bytes through UCX (every rank's transport is one worker).
+    "$kvflow" simulate --transport ucx --prefill tp=2,cp=2 --decode tp=2,dp=2 --requests 16 \
+      --fault kill:decode:1@5 --report "$tmp/r.json" >/dev/null 2>&1 || fail "ucx simulate exited $?"
+    [ "$(json "r['bytes_verified'] == r['bytes_expected'] > 0 and r['transfer']['bytes'] > 0")" = True ] ||
+      fail "bytes not verified through ucx"
+    [ "$(json "r['stalled'] + r['unexpected_failures'] + r['leaked_pages']")" = 0 ] || fail "stalls, failures or leaks"
+    ;;
+  process_usage)
+    # Rank processes refuse what cannot run, with one line naming the field.
+    expect_usage_error "transport" launch --fault freeze:decode:0@1 --transport ucx
+    expect_usage_error "fault" simulate --fault freeze:decode:0@1
+    expect_usage_error "fault" simulate --fault restart:bootstrap@2
+    expect_usage_error "interleave\|fault" launch --fault kill:decode:9@1
+    expect_usage_error "rank" rank --role decode --rank 8 --bootstrap 127.0.0.1:1 --pool-pages 4 --aux-slots 1
+    expect_usage_error "role" rank --role middle --rank 0 --bootstrap 127.0.0.1:1 --pool-pages 4
+    expect_usage_error "bootstrap" rank --role decode --rank 0 --bootstrap nowhere --pool-pages 4 --aux-slots 1
+    expect_usage_error "listen" bootstrap --listen 127.0.0.1:99999
+    ;;
   help)
     "$kvflow" --help >"$tmp/out" || fail "--help exited $?"
     grep -q KVFLOW_BOOTSTRAP_TIMEOUT_MS "$tmp/out" || fail "--help does not list the tunables"

@@ -27,7 +27,7 @@ int run_bench_control_worker(const control_worker_flags& w);
 
 struct transfer_flags {
   std::vector<std::uint64_t> sizes{16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20};
-  std::uint64_t bytes_per_size = 1ull << 30;  // moved per block size
+  std::uint64_t bytes_per_size = 512ull << 20;  // moved per block size and mode
   std::vector<int> request_tokens{4096, 32768};
   bool perftest = true;  // run the ucx_perftest anchor
 };

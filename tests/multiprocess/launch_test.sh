@@ -28,8 +28,8 @@ trap cleanup EXIT
 trap 'echo "FAIL: $case_: interrupted"; exit 1' INT TERM
 
 show() {
-  echo "--- kvflow output (last 40 lines) ---"
-  tail -n 40 "$tmp/out" 2>/dev/null
+  echo "--- kvflow output (last 40 lines, without the ranks' shutdown notices) ---"
+  grep -v 'exit_reason(user_shutdown)' "$tmp/out" 2>/dev/null | tail -n 40
   if [ -s "$tmp/r.json" ]; then
     echo "--- report (outcomes other than Success) ---"
     python3 - "$tmp/r.json" <<'EOF'
@@ -68,12 +68,32 @@ launch() {
   echo "kvflow launch $* -> exit $rc in ${secs}s"
 }
 
-# Python expression over the report r; true or the test fails with the message.
-check() {
+# Checks on the report: each is a Python expression over r (the report) and o (its outcomes)
+# and the message if it is false. verify() evaluates them all in one interpreter, then wants exit
+# 0 and no process left behind.
+checks=()
+check() { checks+=("$1" "$2"); }
+verify() {
   local got
-  got=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); o=r['outcomes']; print(bool($1))" \
-    "$tmp/r.json" 2>&1) || fail "cannot evaluate '$1' on the report: $got"
-  [ "$got" = True ] || fail "$2 ($1)"
+  [ -s "$tmp/r.json" ] || fail "no report written (exit $rc)"
+  got=$(python3 - "$tmp/r.json" "${checks[@]}" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+o = r['outcomes']
+args = sys.argv[2:]
+for expr, msg in zip(args[0::2], args[1::2]):
+    try:
+        ok = bool(eval(expr))
+    except Exception as e:
+        print(f"cannot evaluate {expr!r} on the report: {e!r}")
+        sys.exit(1)
+    if not ok:
+        print(f"{msg} ({expr})")
+        sys.exit(1)
+EOF
+  ) || fail "$got"
+  [ $rc -eq 0 ] || fail "exit $rc, want 0"
+  no_leftovers
 }
 
 # No rank process of the launch outlives it (the launcher stops them; a crashed launcher's
@@ -90,7 +110,6 @@ no_leftovers() {
 
 # What every launch must show, faulted or not.
 clean_run() {
-  [ -s "$tmp/r.json" ] || fail "no report written (exit $rc)"
   check "r['stalled'] == 0" "requests stalled"
   check "r['unexpected_failures'] == 0" "a request no fault touched failed"
   check "r['mismatched_pages'] == 0" "byte mismatch"
@@ -98,8 +117,6 @@ clean_run() {
   check "r['succeeded'] + r['failed'] == r['requests'] == len(o)" "a request is not terminal"
   check "r['bytes_verified'] == r['bytes_expected'] > 0" "not every expected byte verified"
   check "r.get('problems', []) == []" "problems reported"
-  [ $rc -eq 0 ] || fail "exit $rc, want 0"
-  no_leftovers
 }
 
 all_succeeded() {
@@ -117,22 +134,26 @@ case "$case_" in
     check "r['topology']['prefill']['cp'] == 8 and r['topology']['decode']['dp'] == 8" "not CP8/DP8"
     check "r['topology']['model'] == 'dsv32' and r['topology']['dtype'] == 'fp8'" "not dsv32 fp8"
     check "r['faults'] == []" "faults applied to an unfaulted run"
+    verify
     ;;
   pp)
     # Pipeline stages on both sides, CP-parallel sending: 8 prefill + 4 decode processes.
     launch --prefill tp=2,cp=2,pp=2 --decode tp=2,pp=2 --cp-send all --requests 12
     all_succeeded
     check "r['topology']['prefill']['pp'] == 2 and r['topology']['decode']['pp'] == 2" "not PP2/PP2"
+    verify
     ;;
   mha)
     # Heterogeneous TP with MHA heads split across ranks: each decode rank reads 2 prefill ranks.
     launch --prefill tp=4 --decode tp=2 --model mha:8:8:128 --dtype bf16 --requests 12
     all_succeeded
     check "r['topology']['model'].startswith('mha') and r['topology']['dtype'] == 'bf16'" "not mha bf16"
+    verify
     ;;
   kill_decode)
-    # SIGKILL of decode rank 3 while its rooms are in flight (it already served request 3, so
-    # its prefill peer is connected to it): its rooms fail naming it, every other one succeeds.
+    # SIGKILL of decode rank 3 while its rooms are in flight, as request 11 (its second) starts:
+    # it took part in request 3, so prefill rank 0 already talks to it and sees it go down. Its
+    # rooms fail naming it; every other request succeeds.
     launch --requests 16 --fault kill:decode:3@12
     clean_run
     check "r['faults'] == ['kill:decode:3@12']" "fault not applied"
@@ -142,6 +163,7 @@ case "$case_" in
     check "all(x['state'] == 'Success' for x in o if x['decode_dp'] != 3)" "an untouched request did not succeed"
     check "any('decode rank 3' in x.get('reason', '') and 'down' in x.get('reason', '') for x in o)" \
       "no failure names decode rank 3 down"
+    verify
     ;;
   kill_decode_early)
     # SIGKILL of decode rank 3 as its first request starts: no prefill rank has talked to it yet.
@@ -158,6 +180,7 @@ case "$case_" in
       "a failure of the dead rank's rooms does not say decode rank 3 is down"
     check "all(x['latency_ms'] < 10000 for x in o if x['state'] != 'Success')" \
       "the dead rank's rooms waited for the bootstrap timeout"
+    verify
     ;;
   freeze_prefill)
     # SIGSTOP of prefill rank 3 (dp group 1, cp rank 1): the heartbeat (200 ms x 3) finds its
@@ -175,6 +198,7 @@ case "$case_" in
     check "any(x['prefill_dp'] == 1 for x in o) and any(x['prefill_dp'] == 0 for x in o)" "the workload missed a dp group"
     # Found by the heartbeat, not by the waiting/bootstrap timeouts (15 s: deadline 60 / 4).
     check "all(x['latency_ms'] < 10000 for x in o if x['state'] != 'Success')" "the frozen group's rooms waited for a timeout"
+    verify
     ;;
   restart_bootstrap)
     # The bootstrap process is SIGKILLed and started again on its port; the ranks register again
@@ -182,6 +206,7 @@ case "$case_" in
     launch --requests 16 --fault restart:bootstrap@6
     all_succeeded
     check "r['faults'] == ['restart:bootstrap@6']" "fault not applied"
+    verify
     ;;
   wire_version)
     # A rank speaking an old wire version is refused by the registry: exit 2, one stderr line,

@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <set>
+
 #include "actors/messages.hpp"
 
 namespace kvflow {
@@ -59,6 +61,7 @@ struct registry_state {
   std::vector<caf::response_promise> waiting;  // topology queries parked until ready
   std::map<std::int32_t, caf::actor> decode;    // decode ranks (kept after they die: watchers
                                                 // that monitor a dead handle learn it at once)
+  std::set<std::int32_t> decode_down;           // decode ranks seen going down (until re-registered)
   std::map<std::string, msg::node_entry> nodes;  // rank processes by name: where they listen
   std::map<std::pair<std::int32_t, std::int32_t>, caf::actor> supervisors;  // (group, index)
   static inline const char* name = "kvflow.bootstrap_registry";
@@ -92,6 +95,8 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
   self->state.table = registry_table(c.prefill);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
+    for (const auto& [rank, h] : st.decode)
+      if (h.address() == dm.source) st.decode_down.insert(rank);
     for (auto it = st.actors.begin(); it != st.actors.end(); ++it)
       if (it->second.address() == dm.source) {
         st.table.owner_down(it->first);
@@ -128,13 +133,19 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
         return {true, res.value(), {}};
       },
       [self](msg::register_decode& r) {
-        if (r.handle) self->state.decode[r.rank] = r.handle;
+        auto& st = self->state;
+        if (!r.handle) return;
+        auto& h = st.decode[r.rank];
+        if (h == r.handle) return;
+        h = r.handle;
+        st.decode_down.erase(r.rank);
+        self->monitor(r.handle);
       },
       [self](msg::register_node& n) -> msg::registration_reply {
         if (n.version != msg::wire_version)
           return {false, 0, "wire version " + std::to_string(n.version) + " != registry's " +
                                 std::to_string(msg::wire_version)};
-        self->state.nodes[n.name] = msg::node_entry{n.name, n.host, n.port};
+        self->state.nodes[n.name] = msg::node_entry{n.name, n.host, n.port, n.meshed};
         return {true, 1, {}};
       },
       [self](msg::node_query) -> msg::node_table {
@@ -153,7 +164,7 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
       [self](msg::lookup_decode& l) -> msg::decode_entry {
         auto& d = self->state.decode;
         auto it = d.find(l.rank);
-        return {l.rank, it == d.end() ? caf::actor{} : it->second};
+        return {l.rank, it == d.end() ? caf::actor{} : it->second, self->state.decode_down.count(l.rank) != 0};
       },
       [self](msg::topology_query& q) -> caf::result<msg::topology_reply> {
         auto& st = self->state;

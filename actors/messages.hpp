@@ -79,6 +79,7 @@ struct lookup_decode {
 struct decode_entry {
   std::int32_t rank = 0;
   caf::actor handle;  // invalid when that rank never registered
+  bool down = false;  // the registry saw it go down (a proxy of a dead node may never say so)
 };
 // Rank processes: where each node listens (so peers connect directly instead of through the
 // bootstrap node) and where each agreement-tree supervisor lives.
@@ -87,11 +88,13 @@ struct register_node {
   std::string name;  // "prefill 3", "decode 0", "launcher"
   std::string host;
   std::uint16_t port = 0;
+  bool meshed = false;  // it has connected directly to every node it dials (see rank_process)
 };
 struct node_entry {
   std::string name;
   std::string host;
   std::uint16_t port = 0;
+  bool meshed = false;
 };
 struct node_query {};
 struct node_table {
@@ -276,15 +279,15 @@ typename I::result_type inspect(I& f, lookup_decode& x) {
 }
 template <class I>
 typename I::result_type inspect(I& f, decode_entry& x) {
-  return f(caf::meta::type_name("decode_entry"), x.rank, x.handle);
+  return f(caf::meta::type_name("decode_entry"), x.rank, x.handle, x.down);
 }
 template <class I>
 typename I::result_type inspect(I& f, register_node& x) {
-  return f(caf::meta::type_name("register_node"), x.version, x.name, x.host, x.port);
+  return f(caf::meta::type_name("register_node"), x.version, x.name, x.host, x.port, x.meshed);
 }
 template <class I>
 typename I::result_type inspect(I& f, node_entry& x) {
-  return f(caf::meta::type_name("node_entry"), x.name, x.host, x.port);
+  return f(caf::meta::type_name("node_entry"), x.name, x.host, x.port, x.meshed);
 }
 template <class I>
 typename I::result_type inspect(I& f, node_query&) {

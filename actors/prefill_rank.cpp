@@ -378,7 +378,20 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
             self->request(st.args.registry, caf::infinite, msg::lookup_decode{d})
                 .then(
                     [self](msg::decode_entry& e) {
-                      auto& peer = self->state.peers[e.rank];
+                      auto& st = self->state;
+                      auto& peer = st.peers[e.rank];
+                      if (e.down && !peer.registered && !peer.down) {
+                        // Dead before it ever connected here: its rooms fail now, not at the
+                        // bootstrap timeout.
+                        peer.down = true;
+                        for (auto& [room, r] : st.rooms) {
+                          const auto* en = st.store.find(room);
+                          if (en != nullptr && !is_terminal(en->state) &&
+                              std::find(r.expected.begin(), r.expected.end(), e.rank) != r.expected.end())
+                            fail_room(self, room, "decode rank " + std::to_string(e.rank) + " down");
+                        }
+                        return;
+                      }
                       if (e.handle && !peer.handle) {
                         peer.handle = e.handle;
                         self->monitor(e.handle);

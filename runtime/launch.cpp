@@ -102,7 +102,9 @@ class process_cluster final : public cluster_control {
     if (!observer) return observer.error();
     if (auto s = start_bootstrap(0); !s) return s;
     const int in_flight = std::min(o_.concurrency, o_.requests);
-    const int pages = in_flight * pages_of(c, o_.prompt_max);
+    // Twice the pages in flight: a room released while its pushes still run (its peer died
+    // mid-transfer) keeps its pages until the transport lets go of them.
+    const int pages = 2 * in_flight * pages_of(c, o_.prompt_max);
     auto start_rank = [&](bool prefill, int r) -> status {
       const auto& wrap = prefill ? l_.prefill_exec : l_.decode_exec;
       const auto& host = (prefill ? l_.prefill_host : l_.decode_host).empty()
@@ -161,11 +163,16 @@ class process_cluster final : public cluster_control {
       msg::node_table nodes;
       me->request(h.registry, 5s, msg::node_query{}).receive([&](msg::node_table& t) { nodes = std::move(t); },
                                                                [&](caf::error&) {});
-      for (const auto& n : nodes.nodes)
+      int meshed = 0;
+      for (const auto& n : nodes.nodes) {
         if (!dialed.count(n.name) && sys.middleman().remote_actor(n.host, n.port)) dialed.insert(n.name);
+        meshed += n.meshed;
+      }
       for (const auto& a : h.prefill) complete = complete && a;
       for (const auto& a : h.decode) complete = complete && a;
-      complete = complete && static_cast<int>(dialed.size()) == c.prefill.ranks() + c.decode.ranks();
+      // Every rank connected to every other directly: from here on the bootstrap relays nothing.
+      const int nodes_expected = c.prefill.ranks() + c.decode.ranks();
+      complete = complete && static_cast<int>(dialed.size()) == nodes_expected && meshed == nodes_expected;
       if (complete) return {};
       if (std::chrono::steady_clock::now() >= until)
         return status::error("ranks did not all register within " + std::to_string(timeout.count()) + " ms");

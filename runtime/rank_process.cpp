@@ -63,6 +63,7 @@ class rank_node {
   int run() {
     if (auto s = start(); !s) {
       std::fprintf(stderr, "kvflow: rank %s: %s\n", name_.c_str(), s.reason().c_str());
+      stop();  // what start() spawned must go, or the actor system never shuts down
       return refused_version_ ? 2 : 1;
     }
     int code = serve();
@@ -99,7 +100,7 @@ class rank_node {
   status register_node() {
     std::uint32_t version = o_.wire_version != 0 ? o_.wire_version : msg::wire_version;
     status out;
-    self_->request(registry_, 10s, msg::register_node{version, name_, me_.host, me_.port})
+    self_->request(registry_, 5s, msg::register_node{version, name_, me_.host, me_.port, meshed_})
         .receive(
             [&](msg::registration_reply& r) {
               if (!r.ok) {
@@ -202,9 +203,9 @@ class rank_node {
   }
 
   // The rank's registrations, again, with a restarted registry.
-  void reregister() {
+  status reregister() {
+    if (auto s = register_node(); !s) return s;
     self_->send(rank_, msg::set_registry{registry_});
-    if (auto s = register_node(); !s) spdlog::error("{}: {}", name_, s.reason());
     for (const auto& s : supervisors_) self_->send(registry_, msg::register_supervisor{s.group, s.index, s.handle});
     if (o_.prefill) {
       auto pc = config::prefill_coord_of(o_.cluster.prefill, o_.rank);
@@ -213,30 +214,36 @@ class rank_node {
     } else {
       self_->send(registry_, msg::register_decode{o_.rank, rank_});
     }
+    return {};
   }
 
-  // Direct connections: this node dials every node whose name sorts before its own (so each
-  // pair connects once); the others dial it.
+  // Direct connections, so that no message between ranks depends on the bootstrap node (whose
+  // restart would lose what it relays): this node dials every node whose name sorts before its
+  // own (each pair connects once) and reports itself meshed once it has; the launcher starts
+  // the workload only when every node is.
   void connect_peers() {
-    if (static_cast<int>(dialed_.size()) >= expected_nodes_ - 1) return;
+    if (meshed_) return;
     msg::node_table t;
     self_->request(registry_, 2s, msg::node_query{}).receive([&](msg::node_table& x) { t = std::move(x); },
                                                              [&](caf::error&) {});
-    int known = 0;
+    int listed = 0;
     for (const auto& n : t.nodes) {
       if (n.name == name_) continue;
-      ++known;
+      ++listed;
       if (n.name > name_ || dialed_.count(n.name)) continue;
       auto a = sys_.middleman().remote_actor(n.host, n.port);
-      if (a)
+      if (a) {
         dialed_.insert(n.name);
-      else
+      } else if (dial_failed_.insert(n.name).second) {
         spdlog::warn("{}: cannot reach node {} at {}:{}: {}", name_, n.name, n.host, n.port, sys_.render(a.error()));
+      }
     }
-    // Nodes later in the order dial this one: count them as connected once listed.
-    for (const auto& n : t.nodes)
-      if (n.name > name_) dialed_.insert(n.name);
-    (void)known;
+    int before_me = 0;
+    for (const auto& n : t.nodes) before_me += n.name < name_;
+    if (listed == expected_nodes_ - 1 && static_cast<int>(dialed_.size()) == before_me) {
+      meshed_ = true;
+      if (auto s = register_node(); !s) spdlog::warn("{}: {}", name_, s.reason());
+    }
   }
 
   int serve() {
@@ -254,33 +261,40 @@ class rank_node {
               running = false;
             } else if (dm.source == registry_.address()) {
               spdlog::warn("{}: the bootstrap registry went away; reconnecting", name_);
+              lost_registry_node_ = registry_.node();
               registry_up = false;
             }
           },
           caf::after(std::chrono::milliseconds(registry_up ? 200 : 0)) >> [] {});
       if (!registry_up && running) {
         auto back = sys_.middleman().remote_actor(bootstrap.host, bootstrap.port);
-        if (back) {
+        // The middleman may still answer with the old registry until it saw it go.
+        if (back && back->node() != lost_registry_node_) {
           registry_ = *back;
           self_->monitor(registry_);
           registry_up = true;
-          reregister();
-          spdlog::info("{}: registered again with the restarted bootstrap registry", name_);
-        } else {
-          std::this_thread::sleep_for(200ms);
+          if (auto s = reregister(); !s) {
+            spdlog::warn("{}: registering again: {}", name_, s.reason());
+            registry_up = false;
+          } else {
+            spdlog::info("{}: registered again with the restarted bootstrap registry", name_);
+          }
         }
+        if (!registry_up) std::this_thread::sleep_for(200ms);
       }
     }
     return code;
   }
 
   void stop() {
-    if (rank_) self_->send_exit(rank_, caf::exit_reason::user_shutdown);
+    // The rank first (it deregisters its memory before the transport goes), then what it
+    // reported to, so it never sees its supervisor leave.
+    if (rank_) {
+      self_->send_exit(rank_, caf::exit_reason::user_shutdown);
+      self_->wait_for(rank_);
+    }
     for (auto& s : supervisors_) self_->send_exit(s.handle, caf::exit_reason::user_shutdown);
     if (anchor_) self_->send_exit(anchor_, caf::exit_reason::user_shutdown);
-    if (rank_) {
-      self_->wait_for(rank_);  // the rank deregisters its memory before the transport goes
-    }
   }
 
   caf::actor_system& sys_;
@@ -294,7 +308,9 @@ class rank_node {
   caf::actor registry_, anchor_, root_, parent_, observer_, rank_;
   std::vector<local_supervisor> supervisors_;
   int child_index_ = 0;
-  std::set<std::string> dialed_;
+  std::set<std::string> dialed_, dial_failed_;
+  bool meshed_ = false;
+  caf::node_id lost_registry_node_;
   bool refused_version_ = false;
 };
 

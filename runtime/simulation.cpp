@@ -99,7 +99,9 @@ cluster_handles spawn_cluster(caf::event_based_actor* self, const simulation_opt
   // Pools hold the pages in flight: at most min(concurrency, requests) requests at once.
   const int max_pages = pages_of(c, o.prompt_max);
   const int in_flight = std::min(o.concurrency, o.requests);
-  const int pages = in_flight * max_pages;
+  // Twice the pages in flight: a room released while its pushes still run (its peer died
+  // mid-transfer) keeps its pages until the transport lets go of them.
+  const int pages = 2 * in_flight * max_pages;
   auto base_args = [&](int rank) {
     rank_args a;
     a.plan = plan;

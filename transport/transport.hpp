@@ -68,7 +68,8 @@ class transport {
   // An error here is a malformed description; a peer that cannot be reached fails its pushes.
   virtual status connect(std::uint64_t peer, const std::string& endpoint,
                          const std::vector<region_desc>& regions) = 0;
-  // Forgets `peer`: pushes in flight to it complete with an error, later ones fail at once.
+  // Forgets `peer` (the control plane saw it die): pushes in flight to it complete (with an
+  // error unless they landed) without waiting on the peer; later ones fail at once.
   virtual void disconnect(std::uint64_t peer) = 0;
   // Pushes blocks into the regions `peer` registered. Every block is checked against the
   // registered bounds and owner before any byte is written; a violation fails the whole push.

@@ -194,6 +194,48 @@ TEST_CASE("registry actor: after the owner exits its key is taken again with gen
   CHECK(found);
 }
 
+TEST_CASE("registry actor: a decode rank that died is looked up as down") {
+  // Across processes, a proxy of a dead node may never report the death to whoever monitors it
+  // later: the registry, which saw the death, says so in the lookup.
+  actor_fixture f;
+  auto registry = f.own(spawn_bootstrap_registry(f.sys, registry_config()));
+  auto d = f.spawn_recorder().first;
+  caf::anon_send(registry, msg::register_decode{1, d});
+  auto lookup = [&] {
+    std::optional<msg::decode_entry> out;
+    f.self->request(registry, long_wait, msg::lookup_decode{1})
+        .receive([&](msg::decode_entry& e) { out = e; }, [&](caf::error& e) { FAIL_CHECK(f.sys.render(e)); });
+    return out;
+  };
+  auto live = lookup();
+  REQUIRE(live);
+  CHECK(live->handle == d);
+  CHECK_FALSE(live->down);
+  f.kill(d);
+  std::optional<msg::decode_entry> seen;
+  const auto deadline = std::chrono::steady_clock::now() + long_wait;
+  while (std::chrono::steady_clock::now() < deadline) {
+    seen = lookup();
+    REQUIRE(seen);
+    if (seen->down) break;
+    std::this_thread::sleep_for(ms(5));
+  }
+  CHECK(seen->down);
+  // A restarted decode rank registering again is live.
+  auto d2 = f.spawn_recorder().first;
+  caf::anon_send(registry, msg::register_decode{1, d2});
+  std::optional<msg::decode_entry> back;
+  const auto deadline2 = std::chrono::steady_clock::now() + long_wait;
+  while (std::chrono::steady_clock::now() < deadline2) {
+    back = lookup();
+    if (back && back->handle == d2) break;
+    std::this_thread::sleep_for(ms(5));
+  }
+  REQUIRE(back);
+  CHECK(back->handle == d2);
+  CHECK_FALSE(back->down);
+}
+
 TEST_CASE("registry actor: topology query answered only once every key is registered") {
   actor_fixture f;
   const auto c = registry_config();

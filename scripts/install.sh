@@ -3,7 +3,7 @@
 # missing, and runs apt-get update only then. CUDA is optional (found at /usr/local/cuda).
 set -euo pipefail
 packages=(g++ make cmake python3 libcaf-dev libucx-dev ucx-utils libspdlog-dev libfmt-dev
-          doctest-dev libcli11-dev nlohmann-json3-dev)
+          doctest-dev libcli11-dev nlohmann-json3-dev iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs every Debian package kvflow's build and tests need. Idempotent: installs only what is
 # missing, and runs apt-get update only then. CUDA is optional (found at /usr/local/cuda).
+# Extra packages (the benchmarks' own) may be named as arguments.
 set -euo pipefail
 packages=(g++ make cmake python3 libcaf-dev libucx-dev ucx-utils libspdlog-dev libfmt-dev
-          doctest-dev libcli11-dev nlohmann-json3-dev iproute2)
+          doctest-dev libcli11-dev nlohmann-json3-dev iproute2 "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

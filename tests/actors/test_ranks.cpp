@@ -999,4 +999,34 @@ TEST_CASE("decode rank: a prefill side with another page size fails every reques
   }
 }
 
+TEST_CASE("a rank whose agreement supervisor goes down fails and releases its rooms, and refuses new ones") {
+  // Rank processes host their group's supervisors: when one goes, a rank of the group went with
+  // it, so no round will come again. The rank must not hold the room (or its memory) forever.
+  rank_fixture f(mla_config(1, 1, 1));
+  auto d = f.fake_decode(0);
+  f.spawn_prefill(0);
+  f.connect(d, 0);
+  caf::anon_send(f.rank, request(91, 1, 8));
+  f.send_dst(91, 1, 0, {1, 2}, 0);
+  f.kill(f.parent);
+  auto gone = f.released(91);
+  REQUIRE(gone);
+  CHECK(gone->state == static_cast<std::uint8_t>(kv_poll::failed));
+  CHECK(gone->reason.find("agreement group lost") != std::string::npos);
+  // Its readers were told.
+  CHECK(status_of(d, 91, kv_poll::failed));
+  // A later request is refused at once, not left to stall.
+  caf::anon_send(f.rank, request(92, 1, 8));
+  auto refused = f.released(92);
+  REQUIRE(refused);
+  CHECK(refused->state == static_cast<std::uint8_t>(kv_poll::failed));
+  // Nothing is held.
+  std::optional<msg::pool_usage> u;
+  f.self->request(f.rank, long_wait, msg::pool_usage_query{}).receive([&](msg::pool_usage& x) { u = x; },
+                                                                      [](caf::error&) {});
+  REQUIRE(u);
+  CHECK(u->used_pages == 0);
+  CHECK(u->live_rooms == 0);
+}
+
 }  // namespace kvflow::actor_test

@@ -342,7 +342,6 @@ int run_bench_transfer(const transfer_flags& f) {
         put_u64(cmd, len);
         ok = get_u64(rep) == fnv1a(pool.item(l, 0, 0), len);
       }
-      (void)cfg;
       std::printf("%8d %10s %9llu %10.3f %12.2f %9.0f%% %9s\n", tokens, coalesce ? "yes" : "no",
                   static_cast<unsigned long long>(blocks), double(bytes) / 1e9, best, put64 > 0 ? 100 * best / put64 : 0,
                   ok ? "yes" : "NO");

@@ -94,7 +94,7 @@ class rank_node {
       if (!obs) return obs.error();
       observer_ = obs.value();
     }
-    return spawn_rank(timeout);
+    return spawn_rank();
   }
 
   status register_node() {
@@ -166,8 +166,7 @@ class rank_node {
     return {};
   }
 
-  status spawn_rank(std::chrono::milliseconds) {
-    const auto& c = o_.cluster;
+  status spawn_rank() {
     rank_args a;
     a.plan = plan_;
     a.rank = o_.rank;
@@ -195,7 +194,6 @@ class rank_node {
       };
       rank_ = spawn_decode_rank(sys_, std::move(a));
     }
-    (void)c;
     self_->send(root_, msg::attach_rank{rank_});
     self_->monitor(rank_);
     self_->monitor(registry_);

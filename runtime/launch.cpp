@@ -41,7 +41,6 @@ class process_cluster final : public cluster_control {
       spdlog::error("launch: {}", problem_);
       return {};
     }
-    handles_ = h;
     return h;
   }
 
@@ -185,7 +184,6 @@ class process_cluster final : public cluster_control {
   child_process bootstrap_;
   host_port bootstrap_at_;
   std::vector<child_process> prefill_, decode_;
-  cluster_handles handles_;
   std::string problem_;
 };
 

@@ -33,6 +33,14 @@ result<std::unique_ptr<ucx_worker>> ucx_worker::create(std::uint64_t features) {
   ucp_config_t* config = nullptr;
   if (auto st = ucp_config_read(nullptr, nullptr, &config); st != UCS_OK)
     return ucx_error("ucp_config_read", st);
+  // Memory this context allocates (allocate_memory) must be shared memory or nothing: the
+  // transport writes allocated regions of same-host peers without peer error handling, which is
+  // safe only for sysv/posix segments. Where they are unavailable the allocation fails and the
+  // caller registers its own memory (peer error handling then). Overrides UCX_ALLOC_PRIO.
+  if (auto st = ucp_config_modify(config, "ALLOC_PRIO", "md:sysv,md:posix"); st != UCS_OK) {
+    ucp_config_release(config);
+    return ucx_error("ucp_config_modify ALLOC_PRIO", st);
+  }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
   params.features = features | UCP_FEATURE_WAKEUP;

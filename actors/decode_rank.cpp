@@ -42,6 +42,7 @@ struct decode_state {
   std::uint64_t posted = 0;   // last step this rank reported
   std::uint64_t applied = 0;  // last agreed round it acted on
   bool group_lost = false;    // its agreement supervisor went down: rooms cannot be agreed
+  std::int64_t lent_pages() const { return 0; }  // nothing of a decode rank is lent out
   std::string name;
 
   decode_state() = default;

@@ -222,6 +222,7 @@ struct pool_usage {
   std::int64_t live_rooms = 0;
   std::uint64_t bytes_moved = 0;  // through this rank's transport (a process's own transport)
   std::uint64_t peak_rss_bytes = 0;  // of the rank's process
+  std::int64_t draining_pages = 0;   // of used_pages: lent to pushes still in flight (come back)
 };
 
 // ---- inspectors (serialization, to_string) ------------------------------------------------
@@ -376,7 +377,7 @@ typename I::result_type inspect(I& f, pool_usage_query&) {
 template <class I>
 typename I::result_type inspect(I& f, pool_usage& x) {
   return f(caf::meta::type_name("pool_usage"), x.prefill, x.rank, x.used_pages, x.used_aux,
-           x.live_rooms, x.bytes_moved, x.peak_rss_bytes);
+           x.live_rooms, x.bytes_moved, x.peak_rss_bytes, x.draining_pages);
 }
 
 // Registers every message type with an actor system config (needed across processes).

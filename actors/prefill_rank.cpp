@@ -46,6 +46,11 @@ struct prefill_state {
     int pending = 0;
   };
   std::map<std::pair<std::uint64_t, std::uint64_t>, draining_pages> draining;
+  std::int64_t lent_pages() const {
+    std::int64_t n = 0;
+    for (const auto& [key, d] : draining) n += static_cast<std::int64_t>(d.pages.size() + d.state_pages.size());
+    return n;
+  }
   std::uint64_t posted = 0;   // last step this rank reported
   std::uint64_t applied = 0;  // last agreed round it acted on
   bool group_lost = false;    // its agreement supervisor went down: rooms cannot be agreed

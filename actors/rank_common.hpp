@@ -144,7 +144,8 @@ caf::message_handler rank_handlers(Self* self, bool prefill, Fail fail, Release 
         getrusage(RUSAGE_SELF, &ru);
         return msg::pool_usage{prefill, st.args.rank, st.pool->used_pages() + st.pool->used_state_pages(),
                                st.pool->used_aux(), static_cast<std::int64_t>(st.store.size()),
-                               st.args.transport->bytes_moved(), std::uint64_t(ru.ru_maxrss) * 1024};
+                               st.args.transport->bytes_moved(), std::uint64_t(ru.ru_maxrss) * 1024,
+                               st.lent_pages()};
       },
       [self](msg::set_registry& r) {
         if (r.registry) self->state.args.registry = r.registry;

@@ -482,11 +482,20 @@ void shutdown(driver_actor* self) {
   self->quit();
 }
 
-void finalize(driver_actor* self) {
+struct account_usage {  // ask the ranks again (pushes of released rooms still draining)
+  int attempt = 0;
+};
+template <class I>
+typename I::result_type inspect(I& f, account_usage& x) {
+  return f(caf::meta::type_name("account_usage"), x.attempt);
+}
+
+// Leak accounting: ask every live rank what it still holds (a dead rank's memory went with
+// it). Pages a rank still lends to pushes in flight (a room released while its transport was
+// writing) come back when the transport completes: ask again, for up to 5 s, before counting
+// anything held as leaked.
+void collect_usage(driver_actor* self, int attempt) {
   auto& st = self->state;
-  if (st.finalizing) return;
-  st.finalizing = true;
-  // Leak accounting: ask every live rank what it still holds (a dead rank's memory went with it).
   auto usage = std::make_shared<std::vector<msg::pool_usage>>();
   auto pending = std::make_shared<int>(0);
   std::vector<caf::actor> live;
@@ -495,27 +504,37 @@ void finalize(driver_actor* self) {
   for (int i = 0; i < static_cast<int>(st.h.decode.size()); ++i)
     if (!st.dead.count({false, i})) live.push_back(st.h.decode[i]);
   *pending = static_cast<int>(live.size());
-  if (live.empty()) {
+  auto done = [self, usage, attempt] {
+    std::int64_t draining = 0;
+    for (const auto& u : *usage) draining += u.draining_pages;
+    if (draining > 0 && attempt < 100) {
+      self->delayed_send(self, std::chrono::milliseconds(50), account_usage{attempt + 1});
+      return;
+    }
     write_report(self, *usage);
     shutdown(self);
+  };
+  if (live.empty()) {
+    done();
     return;
   }
   for (auto& a : live)
     self->request(a, std::chrono::seconds(10), msg::pool_usage_query{})
         .then(
-            [self, usage, pending](msg::pool_usage& u) {
+            [usage, pending, done](msg::pool_usage& u) {
               usage->push_back(u);
-              if (--*pending == 0) {
-                write_report(self, *usage);
-                shutdown(self);
-              }
+              if (--*pending == 0) done();
             },
-            [self, usage, pending](caf::error&) {
-              if (--*pending == 0) {
-                write_report(self, *usage);
-                shutdown(self);
-              }
+            [pending, done](caf::error&) {
+              if (--*pending == 0) done();
             });
+}
+
+void finalize(driver_actor* self) {
+  auto& st = self->state;
+  if (st.finalizing) return;
+  st.finalizing = true;
+  collect_usage(self, 0);
 }
 
 caf::behavior driver(driver_actor* self, simulation_options opt, std::shared_ptr<simulation_report> report,
@@ -568,6 +587,7 @@ caf::behavior driver(driver_actor* self, simulation_options opt, std::shared_ptr
       [self](const msg::registration_reply& r) {
         if (!r.ok) self->state.report->problems.push_back("bootstrap registration refused: " + r.reason);
       },
+      [self](account_usage& a) { collect_usage(self, a.attempt); },
       [self](fire_abort& a) {
         auto& st = self->state;
         auto& r = st.requests[a.index];

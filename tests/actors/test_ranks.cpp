@@ -412,7 +412,9 @@ TEST_CASE("prefill keeps a released room's pages until its pushes complete") {
   auto ev = f.released(room);
   REQUIRE(ev);
   CHECK(ev->state == static_cast<std::uint8_t>(kv_poll::failed));
-  CHECK(f.sync().used_pages == 2);  // released, but the push still reads its pages
+  auto held = f.sync();
+  CHECK(held.used_pages == 2);  // released, but the push still reads its pages...
+  CHECK(held.draining_pages == 2);  // ...and says they are only lent (leak accounting waits)
   deferred->complete_all();
   bool freed = false;
   for (int i = 0; i < 200 && !freed; ++i) {
@@ -420,6 +422,7 @@ TEST_CASE("prefill keeps a released room's pages until its pushes complete") {
     if (!freed) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   CHECK(freed);
+  CHECK(f.sync().draining_pages == 0);
 }
 
 TEST_CASE("prefill CP rank 1 is non-authoritative: starts WaitingForInput, Success on an empty last chunk") {

@@ -23,6 +23,10 @@ int prefill_rank_of(const prefill_topology& t, const prefill_coord& c);
 prefill_coord prefill_coord_of(const prefill_topology& t, int rank);
 int decode_rank_of(const decode_topology& t, const decode_coord& c);
 decode_coord decode_coord_of(const decode_topology& t, int rank);
+// Agreement group ids (one per prefill dp group x pp stage, one per decode TP group), the same in
+// every process that hosts a supervisor or reads a group's rounds.
+inline int prefill_group_of(const prefill_topology& t, const prefill_coord& c) { return c.dp * t.pp + c.pp; }
+inline int decode_group_of(const decode_topology& t, const decode_coord& c) { return 100000 + c.dp * t.pp + c.pp; }
 
 struct range {
   int begin = 0, end = 0;

@@ -23,11 +23,6 @@ namespace {
 
 using namespace std::chrono_literals;
 
-// Agreement group ids, the same in every process (and as `kvflow simulate` numbers them).
-int prefill_group(const config::prefill_topology& t, const config::prefill_coord& c) { return c.dp * t.pp + c.pp; }
-int decode_group(const config::decode_topology& t, const config::decode_coord& c) {
-  return 100000 + c.dp * t.pp + c.pp;
-}
 
 struct local_supervisor {
   int group = 0, index = -1;
@@ -120,7 +115,7 @@ class rank_node {
     int ranks_in_group = 0;
     if (o_.prefill) {
       auto pc = config::prefill_coord_of(c.prefill, o_.rank);
-      group = prefill_group(c.prefill, pc);
+      group = config::prefill_group_of(c.prefill, pc);
       shard = pc.tp;
       lead_shard = pc.cp == 0;
       lead_group = pc.cp == 0 && pc.tp == 0;
@@ -128,7 +123,7 @@ class rank_node {
       child_index_ = pc.cp;
     } else {
       auto dc = config::decode_coord_of(c.decode, o_.rank);
-      group = decode_group(c.decode, dc);
+      group = config::decode_group_of(c.decode, dc);
       lead_group = dc.tp == 0;
       ranks_in_group = c.decode.tp;
       child_index_ = dc.tp;

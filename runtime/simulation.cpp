@@ -120,7 +120,7 @@ cluster_handles spawn_cluster(caf::event_based_actor* self, const simulation_opt
   h.prefill.resize(c.prefill.ranks());
   for (int dp = 0; dp < c.prefill.dp; ++dp)
     for (int pp = 0; pp < c.prefill.pp; ++pp) {
-      int group = dp * c.prefill.pp + pp;
+      int group = config::prefill_group_of(c.prefill, {dp, pp, 0, 0});
       auto agreed = std::make_shared<agreed_board>();
       supervisor_args ra;
       ra.children = c.prefill.tp;
@@ -165,7 +165,7 @@ cluster_handles spawn_cluster(caf::event_based_actor* self, const simulation_opt
     for (int pp = 0; pp < c.decode.pp; ++pp) {
       supervisor_args ra;
       ra.children = c.decode.tp;
-      ra.group = 100000 + dp * c.decode.pp + pp;
+      ra.group = config::decode_group_of(c.decode, {dp, pp, 0});
       ra.root = true;
       ra.board = std::make_shared<step_board>(c.decode.tp);
       ra.publish = std::make_shared<agreed_board>();

@@ -29,7 +29,10 @@ step_states merge_min(const std::vector<const step_states*>& inputs) {
     out = *inputs[0];
     for (std::size_t i = 1; i < inputs.size(); ++i) {
       const auto& in = *inputs[i];
-      for (std::size_t k = 0; k < out.size(); ++k) out[k].state = std::min(out[k].state, in[k].state);
+      for (std::size_t k = 0; k < out.size(); ++k) {
+        out[k].state = std::min(out[k].state, in[k].state);
+        out[k].released = out[k].released && in[k].released;
+      }
     }
     return out;
   }
@@ -48,10 +51,12 @@ step_states merge_min(const std::vector<const step_states*>& inputs) {
     if (lowest == nullptr) break;
     room_state merged = *lowest;
     merged.state = static_cast<std::uint8_t>(kv_poll::success);
+    merged.released = true;
     for (std::size_t i = 0; i < inputs.size(); ++i) {
       const auto& in = *inputs[i];
       if (pos[i] < in.size() && !key_less(*lowest, in[pos[i]]) && !key_less(in[pos[i]], *lowest)) {
         merged.state = std::min(merged.state, in[pos[i]].state);
+        merged.released = merged.released && in[pos[i]].released;
       } else {
         merged.state = std::min(merged.state, static_cast<std::uint8_t>(kv_poll::bootstrapping));
       }
@@ -120,6 +125,9 @@ step_states round_collector::take(std::uint64_t round) {
     step_states dead_rooms;
     for (int c = 0; c < children_; ++c)
       if (dead_[c]) dead_rooms.insert(dead_rooms.end(), last_[c].begin(), last_[c].end());
+    // A dead child writes nothing any more: it holds none of the rooms' memory (released); where
+    // live children hold the room too, their entry (first in the merge) decides.
+    for (auto& s : dead_rooms) s.released = true;
     std::sort(dead_rooms.begin(), dead_rooms.end(), key_less);
     step_states all;
     std::merge(merged.begin(), merged.end(), dead_rooms.begin(), dead_rooms.end(),
@@ -141,12 +149,16 @@ step_states round_collector::take(std::uint64_t round) {
 
 step_states agreed_table::apply(const step_states& merged) {
   const auto failed = static_cast<std::uint8_t>(kv_poll::failed);
-  // The agreed state given the previous one (0xff: none) and this round's merge.
-  auto rule = [&](std::uint8_t prev, std::uint8_t now) -> std::uint8_t {
-    if (prev == 0xff) return now;
-    if (is_terminal(static_cast<kv_poll>(prev))) return prev;  // final: every rank acted on it
-    if (now == failed) return failed;
-    return std::max(prev, now);
+  // The agreed entry given the previous one (null: none) and this round's merge.
+  auto rule = [&](const room_state* prev, const room_state& now) -> room_state {
+    if (prev == nullptr) return now;
+    room_state out = now;
+    if (is_terminal(static_cast<kv_poll>(prev->state)))
+      out.state = prev->state;  // final: every rank acted on it
+    else if (now.state != failed)
+      out.state = std::max(prev->state, now.state);
+    out.released = prev->released || now.released;
+    return out;
   };
   step_states out;
   out.reserve(merged.size());
@@ -155,15 +167,15 @@ step_states agreed_table::apply(const step_states& merged) {
   while (i < merged.size() || j < agreed_.size()) {
     if (j == agreed_.size() || (i < merged.size() && key_less(merged[i], agreed_[j]))) {
       const auto& m = merged[i++];
-      std::uint8_t prev = 0xff;
-      if (auto t = tombstones_.find({m.room, m.incarnation}); t != tombstones_.end()) prev = t->second;
-      out.push_back({m.room, m.incarnation, rule(prev, m.state)});
+      const room_state* prev = nullptr;
+      if (auto t = tombstones_.find({m.room, m.incarnation}); t != tombstones_.end()) prev = &t->second;
+      out.push_back(rule(prev, m));
     } else if (i == merged.size() || key_less(agreed_[j], merged[i])) {
       // No child reports it any more: everyone cleared it. Remember terminal ones a while.
       const auto& g = agreed_[j++];
       if (is_terminal(static_cast<kv_poll>(g.state))) {
         key k{g.room, g.incarnation};
-        if (tombstones_.emplace(k, g.state).second) tombstone_order_.push_back(k);
+        if (tombstones_.emplace(k, g).second) tombstone_order_.push_back(k);
         while (tombstone_order_.size() > max_tombstones_) {
           tombstones_.erase(tombstone_order_.front());
           tombstone_order_.pop_front();
@@ -171,7 +183,7 @@ step_states agreed_table::apply(const step_states& merged) {
       }
     } else {
       const auto& m = merged[i++];
-      out.push_back({m.room, m.incarnation, rule(agreed_[j++].state, m.state)});
+      out.push_back(rule(&agreed_[j++], m));
     }
   }
   agreed_ = out;

@@ -17,8 +17,11 @@ struct room_state {
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
   std::uint8_t state = 0;  // kv_poll
+  // This rank let go of the room's memory: nothing it started can still write (decode: into
+  // its pages; prefill: read them). Merged by AND; only meaningful once terminal.
+  bool released = false;
   bool operator==(const room_state& o) const {
-    return room == o.room && incarnation == o.incarnation && state == o.state;
+    return room == o.room && incarnation == o.incarnation && state == o.state && released == o.released;
   }
 };
 
@@ -29,8 +32,9 @@ inline bool key_less(const room_state& a, const room_state& b) {
   return a.room != b.room ? a.room < b.room : a.incarnation < b.incarnation;
 }
 
-// MIN-merge of sorted lists. A key missing from one input counts as Bootstrapping there: that
-// child has not created the room yet (or cleared it; the root keeps terminal states monotone).
+// MIN-merge of sorted lists (states by MIN, `released` by AND). A key missing from one input
+// counts as Bootstrapping there (that child has not created the room yet, or cleared it after
+// the group released it; the root keeps terminal states monotone) and as released.
 step_states merge_min(const std::vector<const step_states*>& inputs);
 
 // Collects one round from `children` children; children may be declared dead, after which they
@@ -62,7 +66,8 @@ class round_collector {
   std::map<std::uint64_t, pending> rounds_;
 };
 
-// The root's memory: agreed states only rise, except to Failed; a key disappears once no child
+// The root's memory: agreed states only rise, except to Failed; a terminal agreed state is final
+// and an agreed release stays agreed; a key disappears once no child
 // reports it any more, and is then remembered for a while as a tombstone so that a late rank
 // that creates it again cannot restart it from Bootstrapping.
 class agreed_table {
@@ -80,7 +85,7 @@ class agreed_table {
     }
   };
   step_states agreed_;  // sorted, like every round's merge
-  std::unordered_map<key, std::uint8_t, key_hash> tombstones_;
+  std::unordered_map<key, room_state, key_hash> tombstones_;
   std::deque<key> tombstone_order_;
   std::size_t max_tombstones_;
 };

@@ -145,7 +145,7 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
         if (n.version != msg::wire_version)
           return {false, 0, "wire version " + std::to_string(n.version) + " != registry's " +
                                 std::to_string(msg::wire_version)};
-        self->state.nodes[n.name] = msg::node_entry{n.name, n.host, n.port, n.meshed};
+        self->state.nodes[n.name] = msg::node_entry{n.name, n.host, n.port, n.meshed, n.engine};
         return {true, 1, {}};
       },
       [self](msg::node_query) -> msg::node_table {

@@ -1,12 +1,16 @@
-// The decode (receiver) rank actor: semantics.md section 2 "Receiver" and section 5.
+// The decode (receiver) rank actor: semantics.md section 2 "Receiver" and section 5. The engine's
+// calls arrive as msg::api_* (created, destinations, abort); every handler runs under the lock
+// of what the rank shares with the engine's thread.
 #include <spdlog/spdlog.h>
 
+#include <cstring>
 #include <map>
 #include <set>
 
 #include "actors/block_plan.hpp"
 #include "actors/rank.hpp"
 #include "actors/rank_common.hpp"
+#include "cuda/host_memory.hpp"
 
 namespace kvflow {
 namespace {
@@ -17,137 +21,144 @@ struct prefill_peer {
 };
 
 struct decode_room {
-  request_view req;
-  std::vector<std::int32_t> pages;
-  std::int32_t aux_slot = -1;
-  std::vector<std::int32_t> state_pages;  // destinations of the request's state (if any)
+  std::uint64_t room = 0;
+  std::uint64_t inc = 0;
   std::vector<int> peers;   // global prefill ranks this request reads
   std::set<int> responded;  // distinct prefill ranks that reported Success
-  std::uint8_t fault = 0;
+  std::int32_t aux_slot = -1;
+  std::set<int> sent_to;    // prefill ranks that got its destinations (they may write)
+  std::set<int> acked;      // of those, the ones that said their writes drained
+  std::uint64_t incarnation() const { return inc; }
 };
 
 struct decode_state {
   rank_args args;
   const config::decode_rank_plan* me = nullptr;
-  std::unique_ptr<kv_pool> pool;
-  state_store store;
   std::map<std::uint64_t, decode_room> rooms;
   std::map<int, prefill_peer> peers;  // by global prefill rank
   bool connected = false;
   std::string fatal;  // set when the prefill side is incompatible: every room fails with it
   std::vector<std::uint64_t> waiting_connect;
+  cuda::host_memory receipts;  // one aux_record per aux row: where prefill marks a slot landed
   remote_pool described;
   std::vector<transport::region_desc> described_regions;  // what peers need to write into them
-  std::vector<std::uint64_t> regions;  // registered with the transport; removed before the pool
-  std::uint64_t posted = 0;   // last step this rank reported
-  std::uint64_t applied = 0;  // last agreed round it acted on
-  bool group_lost = false;    // its agreement supervisor went down: rooms cannot be agreed
-  std::int64_t lent_pages() const { return 0; }  // nothing of a decode rank is lent out
+  std::vector<std::uint64_t> regions;  // registered with the transport; removed before the memory
   std::string name;
+  const char* side = "decode";
+  state_store& store() { return args.shared->store; }
 
   decode_state() = default;
   decode_state(const decode_state&) = delete;
   decode_state& operator=(const decode_state&) = delete;
   ~decode_state() {
-    // Peers may still push: the transport must forget this memory before it is unmapped.
+    // Peers may still push: the transport must forget this memory before it is given back.
     if (args.transport)
       for (auto id : regions) args.transport->deregister_memory(id);
   }
 };
 using decode_actor = caf::stateful_actor<decode_state>;
 
-void abort_peers(decode_actor* self, decode_room& r, const std::string& reason) {
+bool peer_down(const decode_state& st, int p) {
+  auto it = st.peers.find(p);
+  return it != st.peers.end() && it->second.down;
+}
+
+// A terminal room lets go of its pages once no prefill peer can still write into them: it
+// succeeded (every peer finished), or every peer that got its destinations acknowledged the
+// abort (its pushes drained) or is down.
+void settle(decode_actor* self, decode_room& r) {
   auto& st = self->state;
-  for (int p : r.peers)
-    if (auto it = st.peers.find(p); it != st.peers.end() && !it->second.down)
-      self->send(it->second.handle, msg::abort_room{r.req.room, r.req.incarnation, st.args.rank, reason});
+  const auto* e = st.store().find(r.room);
+  if (e == nullptr || !is_terminal(e->state) || e->released) return;
+  if (e->state == kv_poll::failed)
+    for (int p : r.sent_to)
+      if (!r.acked.count(p) && !peer_down(st, p)) return;
+  st.store().set_released(r.room);
+  if (e->state == kv_poll::failed && !r.sent_to.empty() && st.args.shared->counters.quarantined > 0)
+    --st.args.shared->counters.quarantined;
 }
 
 void fail_room(decode_actor* self, std::uint64_t room, const std::string& reason) {
   auto& st = self->state;
   auto it = st.rooms.find(room);
-  if (it == st.rooms.end()) return;
-  if (!st.store.fail(room, reason)) return;
+  if (it == st.rooms.end()) {
+    st.store().fail(room, reason);  // created by the engine, not seen by the actor yet
+    return;
+  }
+  if (!st.store().fail(room, reason)) return;
+  auto& r = it->second;
   spdlog::debug("{}: room {} failed: {}", st.name, room, reason);
-  // Tell every prefill peer: they stop sending and release (no transfer after an abort).
-  abort_peers(self, it->second, reason);
+  // Tell every prefill peer: they stop sending, and acknowledge once their writes drained.
+  for (int p : r.peers)
+    if (auto pi = st.peers.find(p); pi != st.peers.end() && !pi->second.down && pi->second.handle)
+      self->send(pi->second.handle, msg::abort_room{r.room, r.inc, st.args.rank, reason});
+  if (!r.sent_to.empty()) ++st.args.shared->counters.quarantined;
+  settle(self, r);
 }
 
 bool aux_landed(const decode_state& st, const decode_room& r) {
   if (!st.me->expects_aux) return true;
   aux_record rec;
-  std::memcpy(&rec, st.pool->aux_base() + st.pool->aux_offset(r.aux_slot), sizeof rec);
-  return rec.room == r.req.room && rec.incarnation == r.req.incarnation && rec.check == aux_checksum(rec);
+  std::memcpy(&rec, st.receipts.data() + std::uint64_t(r.aux_slot) * sizeof(aux_record), sizeof rec);
+  return rec.room == r.room && rec.incarnation == r.inc && rec.check == aux_checksum(rec);
 }
 
 void check_done(decode_actor* self, decode_room& r) {
   auto& st = self->state;
   if (static_cast<int>(r.responded.size()) < st.me->required_prefill_response_num) return;
   if (!aux_landed(st, r)) {
-    fail_room(self, r.req.room, "every prefill rank reported Success but the aux slot did not land");
+    fail_room(self, r.room, "every prefill rank reported Success but the aux slot did not land");
     return;
   }
-  st.store.update(r.req.room, kv_poll::success);
+  st.store().update(r.room, kv_poll::success);
+  settle(self, r);
 }
 
-void send_destinations(decode_actor* self, decode_room& r) {
+// Peers resolved: the room is ready for the engine's destinations.
+void ready(decode_actor* self, decode_room& r) {
   auto& st = self->state;
-  const auto room = r.req.room;
-  if (!st.fatal.empty()) {
-    fail_room(self, room, st.fatal);
-    return;
-  }
+  if (!st.fatal.empty()) return fail_room(self, r.room, st.fatal);
   for (int p : r.peers)
-    if (st.peers.at(p).down) {
-      fail_room(self, room, "prefill rank " + std::to_string(p) + " down");
-      return;
-    }
-  st.store.update(room, kv_poll::waiting_for_input);
-  bool drop = (r.fault & fault_drop_dst_info) != 0;
-  for (int p : r.peers) {
-    msg::dst_info d;
-    d.room = room;
-    d.incarnation = r.req.incarnation;
-    d.decode_rank = st.args.rank;
-    d.dst_pages = r.pages;
-    d.aux_slot = r.aux_slot < 0 ? 0 : r.aux_slot;
-    d.prefix_pages = r.req.prefix_pages;
-    d.state_indices = r.state_pages;
-    if (drop) {
-      drop = false;  // the fault loses exactly one destination message
-      continue;
-    }
-    self->send(st.peers.at(p).handle, std::move(d));
-  }
-  self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.waiting_timeout_ms),
-                     msg::room_timeout{room, r.req.incarnation});
+    if (peer_down(st, p)) return fail_room(self, r.room, "prefill rank " + std::to_string(p) + " down");
+  st.store().update(r.room, kv_poll::waiting_for_input);
 }
 
-void release(decode_actor* self, std::uint64_t room, std::uint64_t round, kv_poll agreed) {
-  auto& st = self->state;
-  auto it = st.rooms.find(room);
-  auto& r = it->second;
-  const auto* e = st.store.find(room);
-  msg::rank_released ev;
-  ev.prefill = false;
-  ev.rank = st.args.rank;
-  ev.room = room;
-  ev.incarnation = r.req.incarnation;
-  ev.round = round;
-  ev.state = static_cast<std::uint8_t>(agreed);
-  ev.reason = e != nullptr ? e->reason : std::string{};
-  if (agreed == kv_poll::success && st.args.hooks.verify) {
-    auto v = st.args.hooks.verify(*st.pool, r.req, r.pages, r.state_pages, r.aux_slot);
-    ev.bytes_expected = v.bytes_expected;
-    ev.bytes_verified = v.bytes_verified;
-    ev.mismatched_pages = v.mismatched_pages;
+void forget(decode_actor* self, std::uint64_t room) { self->state.rooms.erase(room); }
+
+// Registers every buffer of the engine's memory and the receipts with the transport.
+status register_memory(decode_state& st) {
+  const auto owner = static_cast<std::uint64_t>(st.args.rank);
+  const auto& mem = *st.args.memory;
+  auto reg = [&](const buffer_view& b, remote_buffer& out) -> status {
+    auto d = st.args.transport->register_memory(owner, b.base, b.bytes);
+    if (!d) return d.error();
+    st.regions.push_back(d->id);
+    st.described_regions.push_back(d.value());
+    out = {d->id, 0, b.bytes, b.page_bytes};
+    return {};
+  };
+  auto& p = st.described;
+  p.layer_begin = mem.layers().begin;
+  p.layer_count = mem.layers().size();
+  p.buffers_per_layer = mem.buffers_per_layer();
+  p.pages = mem.pages();
+  p.item_bytes = mem.item_bytes();
+  p.page_size = mem.page_size();
+  p.local_heads = mem.local_heads();
+  p.head_bytes = mem.head_bytes();
+  p.aux_rows = mem.aux_rows();
+  p.state_pages = mem.state_pages();
+  p.state_item_bytes = mem.state_item_bytes();
+  for (const auto* list : {&mem.kv_buffers(), &mem.aux_buffers(), &mem.state_buffers()}) {
+    auto& out = list == &mem.kv_buffers() ? p.kv : list == &mem.aux_buffers() ? p.aux : p.state;
+    for (const auto& b : *list) {
+      out.emplace_back();
+      if (auto s = reg(b, out.back()); !s) return s;
+    }
   }
-  st.pool->free_pages(r.pages);
-  st.pool->free_state(r.state_pages);
-  if (r.aux_slot >= 0) st.pool->free_aux(r.aux_slot);
-  st.rooms.erase(it);
-  st.store.clear(room);
-  if (st.args.observer) self->send(st.args.observer, std::move(ev));
+  const std::uint64_t slots = std::max(1, mem.aux_rows());
+  st.receipts = cuda::host_memory(slots * sizeof(aux_record));
+  return reg({st.receipts.data(), st.receipts.size(), sizeof(aux_record)}, p.receipts);
 }
 
 void on_topology(decode_actor* self, const msg::topology_reply& t) {
@@ -156,8 +167,7 @@ void on_topology(decode_actor* self, const msg::topology_reply& t) {
   if (t.version != msg::wire_version)
     st.fatal = "bootstrap registry speaks wire version " + std::to_string(t.version);
   else if (t.page_size != cfg.page_size)
-    st.fatal = "prefill page size " + std::to_string(t.page_size) + " != decode page size " +
-               std::to_string(cfg.page_size);
+    st.fatal = "prefill page size " + std::to_string(t.page_size) + " != decode page size " + std::to_string(cfg.page_size);
   else if (t.dtype != config::to_string(cfg.dtype))
     st.fatal = "prefill KV dtype " + t.dtype + " != decode KV dtype " + config::to_string(cfg.dtype);
   else if (t.layout != config::describe(cfg.model))
@@ -195,124 +205,113 @@ void on_topology(decode_actor* self, const msg::topology_reply& t) {
   st.connected = true;
   auto waiting = std::move(st.waiting_connect);
   for (auto room : waiting)
-    if (auto it = st.rooms.find(room); it != st.rooms.end()) send_destinations(self, it->second);
+    if (auto it = st.rooms.find(room); it != st.rooms.end()) ready(self, it->second);
 }
 
 caf::behavior decode_rank(decode_actor* self, rank_args args) {
   auto& st = self->state;
   st.args = std::move(args);
   st.me = &st.args.plan->decode(st.args.rank);
-  st.store = state_store(static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank));
   st.name = "decode rank " + std::to_string(st.args.rank);
-  // Peers write into the KV pages, the aux slots and the state pages: all three are registered,
-  // in memory the transport allocates when it has faster memory to offer (UCX shared memory).
-  std::vector<std::uint64_t> ids;
-  const auto sizes = sizes_of(st.args.shape);
-  const std::uint64_t owner = static_cast<std::uint64_t>(st.args.rank);
-  std::vector<transport::allocation> allocated;
-  for (auto bytes : {sizes.kv, sizes.aux, sizes.state}) {
-    auto a = st.args.transport->allocate_memory(owner, bytes);
-    if (!a) break;
-    allocated.push_back(a.value());
+  if (auto s = register_memory(st); !s) {
+    st.fatal = "cannot register KV memory: " + s.reason();
+    spdlog::error("{}: {}", st.name, st.fatal);
   }
-  if (allocated.size() == 3) {
-    st.pool = std::make_unique<kv_pool>(st.args.shape, pool_memory{allocated[0].base, allocated[1].base, allocated[2].base});
-    for (const auto& a : allocated) {
-      ids.push_back(a.desc.id);
-      st.described_regions.push_back(a.desc);
-    }
-  } else {
-    for (const auto& a : allocated) st.args.transport->deregister_memory(a.desc.id);
-    st.pool = std::make_unique<kv_pool>(st.args.shape);
-    for (auto [base, bytes] : {std::make_pair(st.pool->kv_base(), st.pool->kv_bytes()),
-                               std::make_pair(st.pool->aux_base(), st.pool->aux_bytes()),
-                               std::make_pair(st.pool->state_base(), st.pool->state_bytes())}) {
-      auto reg = st.args.transport->register_memory(owner, base, bytes);
-      if (!reg) {
-        st.fatal = "cannot register KV memory: " + reg.error().reason();
-        spdlog::error("{}: {}", st.name, st.fatal);
-        break;
-      }
-      ids.push_back(reg->id);
-      st.described_regions.push_back(reg.value());
-    }
-  }
-  st.regions = ids;
-  if (st.fatal.empty()) st.described = describe(*st.pool, ids[0], ids[1], ids[2]);
   self->send(st.args.parent, msg::attach_child{st.args.child_index, caf::actor_cast<caf::actor>(self)});
   self->send(st.args.registry, msg::register_decode{st.args.rank, caf::actor_cast<caf::actor>(self)});
   self->request(st.args.registry, caf::infinite, msg::topology_query{})
-      .then([self](msg::topology_reply& t) { on_topology(self, t); });
-  self->delayed_send(self, detail::step_pause(st.args.tunables, true), msg::step_tick{});
+      .then(
+          [self](msg::topology_reply& t) {
+            auto g = detail::lock(*self->state.args.shared);
+            on_topology(self, t);
+          },
+          [self](caf::error& e) {
+            // No registry to ask (it went down before answering): requests fail with the reason
+            // instead of this rank going down with the error.
+            auto& st = self->state;
+            auto g = detail::lock(*st.args.shared);
+            st.fatal = "bootstrap registry unavailable: " + self->system().render(e);
+            spdlog::error("{}: {}", st.name, st.fatal);
+            st.connected = true;
+            auto waiting = std::move(st.waiting_connect);
+            for (auto room : waiting)
+              if (auto it = st.rooms.find(room); it != st.rooms.end()) ready(self, it->second);
+          });
 
   self->monitor(st.args.parent);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
-    if (detail::on_parent_down(
-            self, dm, [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); },
-            [self](std::uint64_t room, std::uint64_t round, kv_poll s) { release(self, room, round, s); }))
+    auto g = detail::lock(*st.args.shared);
+    if (detail::on_parent_down(self, dm, [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); }))
       return;
     for (auto& [p, peer] : st.peers)
       if (peer.handle && peer.handle.address() == dm.source && !peer.down) {
         peer.down = true;
-        for (auto& [room, r] : st.rooms) {
-          const auto* e = st.store.find(room);
-          if (e == nullptr || is_terminal(e->state)) continue;
-          if (std::find(r.peers.begin(), r.peers.end(), p) != r.peers.end())
-            fail_room(self, room, "prefill rank " + std::to_string(p) + " down");
+        std::vector<std::uint64_t> touched;
+        for (auto& [room, r] : st.rooms)
+          if (std::find(r.peers.begin(), r.peers.end(), p) != r.peers.end()) touched.push_back(room);
+        for (auto room : touched) {
+          const auto* e = st.store().find(room);
+          if (e != nullptr && !is_terminal(e->state)) fail_room(self, room, "prefill rank " + std::to_string(p) + " down");
+          if (auto it = st.rooms.find(room); it != st.rooms.end()) settle(self, it->second);  // it writes no more
         }
       }
   });
 
   return caf::message_handler{
-      [self](msg::new_request& q) {
+      [self](msg::api_create& q) {
         auto& st = self->state;
-        if (st.group_lost) {
-          detail::refuse_request(self, false, q, "agreement group lost: its supervisor went down");
-          return;
-        }
+        auto g = detail::lock(*st.args.shared);
         const auto& cfg = st.args.plan->config();
+        const auto* e = st.store().find(q.room);
+        if (e == nullptr || st.rooms.count(q.room) != 0) return;
         decode_room r;
-        r.req = detail::view_of(q, cfg.page_size);
-        r.fault = q.fault;
+        r.room = q.room;
+        r.inc = q.incarnation;
         for (const auto& pe : st.me->peers)
-          r.peers.push_back(config::prefill_rank_of(cfg.prefill, {q.prefill_dp, pe.pp, pe.cp, pe.tp}));
-        if (auto s = st.store.create(q.room, q.incarnation, kv_poll::bootstrapping); !s) {
-          detail::refuse_request(self, false, q, s.reason());
-          return;
-        }
+          r.peers.push_back(config::prefill_rank_of(cfg.prefill, {q.other_dp, pe.pp, pe.cp, pe.tp}));
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
-        auto pages = st.pool->alloc_pages(room.req.n_pages);
-        if (!pages) {
-          fail_room(self, q.room, "out of KV pages");
+        if (e->state == kv_poll::failed) {
+          settle(self, room);
           return;
-        }
-        room.pages = std::move(*pages);
-        if (st.pool->shape().state_pages > 0) {
-          auto state = st.pool->alloc_state(room.req.n_pages);
-          if (!state) {
-            fail_room(self, q.room, "out of state pages");
-            return;
-          }
-          room.state_pages = std::move(*state);
-        }
-        if (st.me->expects_aux) {
-          auto slot = st.pool->alloc_aux();
-          if (!slot) {
-            fail_room(self, q.room, "out of aux slots");
-            return;
-          }
-          room.aux_slot = *slot;
         }
         if (st.connected)
-          send_destinations(self, room);
+          ready(self, room);
         else
           st.waiting_connect.push_back(q.room);
       },
+      [self](msg::api_destinations& d) {
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        auto it = st.rooms.find(d.room);
+        if (it == st.rooms.end() || it->second.inc != d.incarnation) return;
+        auto& r = it->second;
+        const auto* e = st.store().find(d.room);
+        if (e == nullptr || e->state != kv_poll::waiting_for_input || !r.sent_to.empty()) return;
+        r.aux_slot = d.aux_slot;
+        if (st.me->expects_aux)  // a recycled slot must not look landed for this request
+          std::memset(st.receipts.data() + std::uint64_t(d.aux_slot) * sizeof(aux_record), 0, sizeof(aux_record));
+        for (int p : r.peers) {
+          msg::dst_info m;
+          m.room = d.room;
+          m.incarnation = d.incarnation;
+          m.decode_rank = st.args.rank;
+          m.dst_pages = d.pages;
+          m.aux_slot = d.aux_slot;
+          m.prefix_pages = d.prefix_pages;
+          m.state_indices = d.state_pages;
+          r.sent_to.insert(p);  // it may write from here on, even if this message is lost
+          if (st.args.drop_dst && st.args.drop_dst(m)) continue;
+          self->send(st.peers.at(p).handle, std::move(m));
+        }
+        self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.waiting_timeout_ms),
+                           msg::room_timeout{d.room, d.incarnation});
+      },
       [self](msg::kv_status& s) {
         auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
         auto it = st.rooms.find(s.room);
-        if (it == st.rooms.end() || it->second.req.incarnation != s.incarnation) return;
+        if (it == st.rooms.end() || it->second.inc != s.incarnation) return;
         auto& r = it->second;
         if (std::find(r.peers.begin(), r.peers.end(), s.prefill_rank) == r.peers.end()) {
           spdlog::warn("{}: status for room {} from prefill rank {}, not a peer", st.name, s.room, s.prefill_rank);
@@ -323,38 +322,48 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
           fail_room(self, s.room, "prefill rank " + std::to_string(s.prefill_rank) + ": " + s.reason);
         } else if (state == kv_poll::success) {
           r.responded.insert(s.prefill_rank);
-          check_done(self, r);
+          const auto* e = st.store().find(s.room);
+          if (e != nullptr && !is_terminal(e->state)) check_done(self, r);
         } else if (state == kv_poll::transferring) {
-          st.store.update(s.room, kv_poll::transferring);
+          st.store().update(s.room, kv_poll::transferring);
         }
       },
       [self](msg::abort_ack& a) {
-        // The prefill rank stopped (nothing more will land for the room); memory is released
-        // by the agreed Failed, not by the acknowledgement.
-        spdlog::debug("{}: prefill rank {} acknowledged the abort of room {}", self->state.name,
-                      a.prefill_rank, a.room);
-      },
-      [self](msg::abort_request& a) {
+        // The prefill rank's writes for the room drained: one less reason to keep its pages.
         auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        auto it = st.rooms.find(a.room);
+        if (it == st.rooms.end() || it->second.inc != a.incarnation) return;
+        it->second.acked.insert(a.prefill_rank);
+        settle(self, it->second);
+      },
+      [self](msg::api_abort& a) {
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
         auto it = st.rooms.find(a.room);
         // A late abort of an earlier request must not touch the request reusing its room.
-        if (it == st.rooms.end() || it->second.req.incarnation != a.incarnation) return;
-        fail_room(self, a.room, "aborted: " + a.reason);
+        if (it == st.rooms.end() || it->second.inc != a.incarnation) return;
+        const auto* e = st.store().find(a.room);
+        if (e != nullptr && !is_terminal(e->state)) {
+          ++st.args.shared->counters.aborted;
+          fail_room(self, a.room, "aborted: " + a.reason);
+        }
       },
       [self](msg::room_timeout& t) {
         auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
         auto it = st.rooms.find(t.room);
-        if (it == st.rooms.end() || it->second.req.incarnation != t.incarnation) return;
-        const auto* e = st.store.find(t.room);
+        if (it == st.rooms.end() || it->second.inc != t.incarnation) return;
+        const auto* e = st.store().find(t.room);
         if (e != nullptr && !is_terminal(e->state))
-          fail_room(self, t.room, "waiting timeout: " + std::to_string(it->second.responded.size()) +
-                                      " of " + std::to_string(st.me->required_prefill_response_num) +
+          fail_room(self, t.room, "waiting timeout: " + std::to_string(it->second.responded.size()) + " of " +
+                                      std::to_string(st.me->required_prefill_response_num) +
                                       " prefill ranks responded");
       },
-  }.or_else(detail::rank_handlers(
-      self, false,
-      [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); },
-      [self](std::uint64_t room, std::uint64_t round, kv_poll s) { release(self, room, round, s); }));
+  }
+      .or_else(detail::rank_handlers(
+          self, [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); },
+          [self](std::uint64_t room) { forget(self, room); }));
 }
 
 }  // namespace

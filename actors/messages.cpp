@@ -8,7 +8,6 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<attach_child>("kvflow.attach_child");
   cfg.add_message_type<attach_rank>("kvflow.attach_rank");
   cfg.add_message_type<board_round>("kvflow.board_round");
-  cfg.add_message_type<step_tick>("kvflow.step_tick");
   cfg.add_message_type<room_timeout>("kvflow.room_timeout");
   cfg.add_message_type<early_expiry>("kvflow.early_expiry");
   cfg.add_message_type<push_done>("kvflow.push_done");
@@ -26,6 +25,7 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<supervisor_entry>("kvflow.supervisor_entry");
   cfg.add_message_type<set_registry>("kvflow.set_registry");
   cfg.add_message_type<transport::region_desc>("kvflow.region_desc");
+  cfg.add_message_type<remote_buffer>("kvflow.remote_buffer");
   cfg.add_message_type<topology_query>("kvflow.topology_query");
   cfg.add_message_type<topology_reply>("kvflow.topology_reply");
   cfg.add_message_type<kv_registration>("kvflow.kv_registration");
@@ -33,8 +33,13 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<abort_room>("kvflow.abort_room");
   cfg.add_message_type<kv_status>("kvflow.kv_status");
   cfg.add_message_type<abort_ack>("kvflow.abort_ack");
+  cfg.add_message_type<api_create>("kvflow.api_create");
+  cfg.add_message_type<api_init>("kvflow.api_init");
+  cfg.add_message_type<api_send>("kvflow.api_send");
+  cfg.add_message_type<api_destinations>("kvflow.api_destinations");
+  cfg.add_message_type<api_abort>("kvflow.api_abort");
+  cfg.add_message_type<api_apply>("kvflow.api_apply");
   cfg.add_message_type<new_request>("kvflow.new_request");
-  cfg.add_message_type<kv_chunk>("kvflow.kv_chunk");
   cfg.add_message_type<abort_request>("kvflow.abort_request");
   cfg.add_message_type<rank_released>("kvflow.rank_released");
   cfg.add_message_type<pool_usage_query>("kvflow.pool_usage_query");

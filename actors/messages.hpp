@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "actors/agreement.hpp"
+#include "actors/rank_memory.hpp"
 #include "actors/block_plan.hpp"
 #include "actors/bootstrap_registry.hpp"
 #include "transport/transport.hpp"
@@ -15,7 +16,9 @@ namespace kvflow::msg {
 
 // 2: registrations carry the transport endpoint and regions; the registry knows nodes and
 // supervisors (ranks in their own processes).
-constexpr std::uint32_t wire_version = 2;
+// 3: engine-owned memory (a registration lists every buffer), states carry `released`, one
+// agreement group per dp group across PP stages.
+constexpr std::uint32_t wire_version = 3;
 
 using start_atom = caf::atom_constant<caf::atom("start")>;
 
@@ -40,7 +43,6 @@ struct attach_rank {  // root learns a rank it hands agreed rounds back to
 struct board_round {  // the post that completed `round` on a supervisor's step_board
   std::uint64_t round = 0;
 };
-struct step_tick {};
 struct room_timeout {  // bootstrap (prefill) or waiting (decode) timer of one request
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
@@ -54,6 +56,8 @@ struct push_done {  // a transport push of a room's chunk finished
   std::int32_t decode_rank = 0;
   bool ok = true;
   std::string reason;
+  std::uint64_t bytes = 0;
+  double seconds = 0;  // from hand-over to completion
 };
 
 // ---- bootstrap registry ------------------------------------------------------------------
@@ -89,12 +93,14 @@ struct register_node {
   std::string host;
   std::uint16_t port = 0;
   bool meshed = false;  // it has connected directly to every node it dials (see rank_process)
+  caf::actor engine;    // the process's serving engine (what a launcher hands requests to)
 };
 struct node_entry {
   std::string name;
   std::string host;
   std::uint16_t port = 0;
   bool meshed = false;
+  caf::actor engine;
 };
 struct node_query {};
 struct node_table {
@@ -176,7 +182,46 @@ struct abort_ack {
   std::int32_t prefill_rank = 0;
 };
 
-// ---- scheduler -> rank ----------------------------------------------------------------------
+// ---- engine -> rank (the public API's calls, in the rank's own process) ----------------------
+struct api_create {
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t other_dp = 0;  // prefill: the decode dp group; decode: the prefill dp group
+};
+struct api_init {  // prefill
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t pages = 0;
+  std::int32_t aux_row = 0;
+};
+struct api_send {  // prefill: a chunk
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::vector<std::int32_t> pages;
+  bool is_last = false;
+  std::vector<std::int32_t> state_pages;
+};
+struct api_destinations {  // decode
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::vector<std::int32_t> pages;
+  std::int32_t aux_slot = 0;
+  std::vector<std::int32_t> state_pages;
+  std::int32_t prefix_pages = 0;
+};
+struct api_abort {
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::string reason;
+};
+// A poll saw agreed rounds this rank must act on: rooms the group failed (fail them here too)
+// and rooms the group released (the engine side cleared them; forget them).
+struct api_apply {
+  step_states fail;
+  step_states forget;
+};
+
+// ---- the simulator's router and schedulers -> its engines (runtime/) --------------------------
 struct new_request {
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
@@ -186,21 +231,14 @@ struct new_request {
   std::int32_t prefix_pages = 0;
   std::uint8_t fault = 0;  // request_fault flags (fault injection)
 };
-struct kv_chunk {  // prefill progressed: pages [page_begin, page_end) of the request are ready
-  std::uint64_t room = 0;
-  std::uint64_t incarnation = 0;
-  std::int32_t page_begin = 0;
-  std::int32_t page_end = 0;
-  bool is_last = false;
-};
 struct abort_request {  // the scheduler aborts a request on this rank
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
   std::string reason;
 };
 
-// ---- rank -> observer (scheduler's bookkeeping) ---------------------------------------------
-struct rank_released {  // the rank acted on an agreed terminal state and freed the room
+// ---- engine -> observer (the simulator's bookkeeping) ----------------------------------------
+struct rank_released {  // the engine acted on an agreed terminal state and freed the room
   bool prefill = true;
   std::int32_t rank = 0;
   std::uint64_t room = 0;
@@ -247,10 +285,6 @@ typename I::result_type inspect(I& f, board_round& x) {
   return f(caf::meta::type_name("board_round"), x.round);
 }
 template <class I>
-typename I::result_type inspect(I& f, step_tick&) {
-  return f(caf::meta::type_name("step_tick"));
-}
-template <class I>
 typename I::result_type inspect(I& f, room_timeout& x) {
   return f(caf::meta::type_name("room_timeout"), x.room, x.incarnation);
 }
@@ -260,7 +294,8 @@ typename I::result_type inspect(I& f, early_expiry& x) {
 }
 template <class I>
 typename I::result_type inspect(I& f, push_done& x) {
-  return f(caf::meta::type_name("push_done"), x.room, x.incarnation, x.decode_rank, x.ok, x.reason);
+  return f(caf::meta::type_name("push_done"), x.room, x.incarnation, x.decode_rank, x.ok, x.reason, x.bytes,
+           x.seconds);
 }
 template <class I>
 typename I::result_type inspect(I& f, register_rank& x) {
@@ -284,11 +319,11 @@ typename I::result_type inspect(I& f, decode_entry& x) {
 }
 template <class I>
 typename I::result_type inspect(I& f, register_node& x) {
-  return f(caf::meta::type_name("register_node"), x.version, x.name, x.host, x.port, x.meshed);
+  return f(caf::meta::type_name("register_node"), x.version, x.name, x.host, x.port, x.meshed, x.engine);
 }
 template <class I>
 typename I::result_type inspect(I& f, node_entry& x) {
-  return f(caf::meta::type_name("node_entry"), x.name, x.host, x.port, x.meshed);
+  return f(caf::meta::type_name("node_entry"), x.name, x.host, x.port, x.meshed, x.engine);
 }
 template <class I>
 typename I::result_type inspect(I& f, node_query&) {
@@ -351,14 +386,34 @@ typename I::result_type inspect(I& f, abort_ack& x) {
   return f(caf::meta::type_name("abort_ack"), x.room, x.incarnation, x.prefill_rank);
 }
 template <class I>
+typename I::result_type inspect(I& f, api_create& x) {
+  return f(caf::meta::type_name("api_create"), x.room, x.incarnation, x.other_dp);
+}
+template <class I>
+typename I::result_type inspect(I& f, api_init& x) {
+  return f(caf::meta::type_name("api_init"), x.room, x.incarnation, x.pages, x.aux_row);
+}
+template <class I>
+typename I::result_type inspect(I& f, api_send& x) {
+  return f(caf::meta::type_name("api_send"), x.room, x.incarnation, x.pages, x.is_last, x.state_pages);
+}
+template <class I>
+typename I::result_type inspect(I& f, api_destinations& x) {
+  return f(caf::meta::type_name("api_destinations"), x.room, x.incarnation, x.pages, x.aux_slot,
+           x.state_pages, x.prefix_pages);
+}
+template <class I>
+typename I::result_type inspect(I& f, api_abort& x) {
+  return f(caf::meta::type_name("api_abort"), x.room, x.incarnation, x.reason);
+}
+template <class I>
+typename I::result_type inspect(I& f, api_apply& x) {
+  return f(caf::meta::type_name("api_apply"), x.fail, x.forget);
+}
+template <class I>
 typename I::result_type inspect(I& f, new_request& x) {
   return f(caf::meta::type_name("new_request"), x.room, x.incarnation, x.prompt_tokens,
            x.prefill_dp, x.decode_dp, x.prefix_pages, x.fault);
-}
-template <class I>
-typename I::result_type inspect(I& f, kv_chunk& x) {
-  return f(caf::meta::type_name("kv_chunk"), x.room, x.incarnation, x.page_begin, x.page_end,
-           x.is_last);
 }
 template <class I>
 typename I::result_type inspect(I& f, abort_request& x) {
@@ -392,14 +447,17 @@ typename I::result_type inspect(I& f, registry_key& x) {
 }
 template <class I>
 typename I::result_type inspect(I& f, room_state& x) {
-  return f(caf::meta::type_name("room_state"), x.room, x.incarnation, x.state);
+  return f(caf::meta::type_name("room_state"), x.room, x.incarnation, x.state, x.released);
+}
+template <class I>
+typename I::result_type inspect(I& f, remote_buffer& x) {
+  return f(caf::meta::type_name("remote_buffer"), x.region, x.offset, x.bytes, x.page_bytes);
 }
 template <class I>
 typename I::result_type inspect(I& f, remote_pool& x) {
-  return f(caf::meta::type_name("remote_pool"), x.kv_region, x.kv_bytes, x.layer_begin,
-           x.layer_count, x.buffers_per_layer, x.pages, x.item_bytes, x.aux_region, x.aux_slots,
-           x.page_size, x.local_heads, x.head_bytes, x.state_region, x.state_bytes, x.state_pages,
-           x.state_item_bytes);
+  return f(caf::meta::type_name("remote_pool"), x.layer_begin, x.layer_count, x.buffers_per_layer,
+           x.pages, x.item_bytes, x.page_size, x.local_heads, x.head_bytes, x.kv, x.aux, x.aux_rows,
+           x.state, x.state_pages, x.state_item_bytes, x.receipts);
 }
 }  // namespace kvflow
 

@@ -1,8 +1,10 @@
-// The prefill (sender) rank actor: semantics.md section 2 "Sender" and section 5.
+// The prefill (sender) rank actor: semantics.md section 2 "Sender" and section 5. The engine's
+// calls arrive as msg::api_* (created, init, chunks, abort); every handler runs under the lock
+// of what the rank shares with the engine's thread.
 #include <spdlog/spdlog.h>
 
+#include <chrono>
 #include <map>
-#include <set>
 
 #include "actors/block_plan.hpp"
 #include "actors/rank.hpp"
@@ -10,6 +12,8 @@
 
 namespace kvflow {
 namespace {
+
+using clock_type = std::chrono::steady_clock;
 
 struct decode_peer {
   caf::actor handle;
@@ -20,45 +24,34 @@ struct decode_peer {
 };
 
 struct prefill_room {
-  request_view req;
-  std::vector<std::int32_t> pages;        // this rank's pages holding the request's KV
-  std::vector<std::int32_t> state_pages;  // and its state pages (none when the model has none)
-  std::vector<int> expected;              // global decode ranks that send destinations
-  std::map<int, msg::dst_info> dsts;      // by decode rank
-  std::vector<msg::kv_chunk> queued;      // chunks that arrived before all destinations
+  std::uint64_t room = 0;
+  std::uint64_t inc = 0;
+  int decode_dp = 0;
+  std::vector<int> expected;          // global decode ranks that send destinations
+  std::map<int, msg::dst_info> dsts;  // by decode rank
+  int total_pages = -1;               // the request's pages, as every destination lists them
+  int prefix = 0;                     // pages decode holds already (not sent)
+  bool inited = false;
+  int pages = 0, aux_row = 0;         // from init
+  int sent = 0;                       // pages handed over so far (after the prefix)
   int pending_pushes = 0;
-  bool last_seen = false;                 // the last chunk was handed to the transport
-  std::shared_ptr<aux_record> aux;        // source of the aux push; kept alive by the push
+  bool last_seen = false;             // the last chunk was handed to the transport
+  std::shared_ptr<aux_record> receipt;  // source of the receipt push; kept alive by the push
+  std::vector<int> ack_when_drained;  // decode ranks whose abort waits for pushes to finish
+  std::uint64_t incarnation() const { return inc; }
 };
 
 struct prefill_state {
   rank_args args;
   const config::prefill_rank_plan* me = nullptr;
-  std::unique_ptr<kv_pool> pool;
-  state_store store;
   std::map<std::uint64_t, prefill_room> rooms;
   std::map<std::uint64_t, std::vector<msg::dst_info>> early;  // destinations before the request
   std::map<int, decode_peer> peers;                             // by global decode rank
-  // Released rooms whose pushes are still in flight: their pages return to the pool only once
-  // the transport is done reading them. Key: (room, incarnation).
-  struct draining_pages {
-    std::vector<std::int32_t> pages, state_pages;
-    int pending = 0;
-  };
-  std::map<std::pair<std::uint64_t, std::uint64_t>, draining_pages> draining;
-  std::int64_t lent_pages() const {
-    std::int64_t n = 0;
-    for (const auto& [key, d] : draining) n += static_cast<std::int64_t>(d.pages.size() + d.state_pages.size());
-    return n;
-  }
-  std::uint64_t posted = 0;   // last step this rank reported
-  std::uint64_t applied = 0;  // last agreed round it acted on
-  bool group_lost = false;    // its agreement supervisor went down: rooms cannot be agreed
   std::string name;
+  const char* side = "prefill";
+  state_store& store() { return args.shared->store; }
 };
 using prefill_actor = caf::stateful_actor<prefill_state>;
-
-bool same(const prefill_room& r, std::uint64_t incarnation) { return r.req.incarnation == incarnation; }
 
 // The peer_read entry of decode rank `d`'s plan that names this prefill rank.
 const config::peer_read* read_of(const prefill_state& st, int decode_rank) {
@@ -68,132 +61,157 @@ const config::peer_read* read_of(const prefill_state& st, int decode_rank) {
   return nullptr;
 }
 
-void notify_readers(prefill_actor* self, prefill_room& r, kv_poll state, const std::string& reason) {
+void send_status(prefill_actor* self, int d, std::uint64_t room, std::uint64_t inc, kv_poll state,
+                 const std::string& reason) {
   auto& st = self->state;
-  for (int d : r.expected) {
-    auto it = st.peers.find(d);
-    if (it == st.peers.end() || it->second.down || !it->second.handle) continue;
-    self->send(it->second.handle, msg::kv_status{r.req.room, r.req.incarnation, st.args.rank,
-                                                 static_cast<std::uint8_t>(state), reason});
-  }
+  auto it = st.peers.find(d);
+  if (it == st.peers.end() || it->second.down || !it->second.handle) return;
+  self->send(it->second.handle,
+             msg::kv_status{room, inc, st.args.rank, static_cast<std::uint8_t>(state), reason});
+}
+
+void notify_readers(prefill_actor* self, prefill_room& r, kv_poll state, const std::string& reason) {
+  for (int d : r.expected) send_status(self, d, r.room, r.inc, state, reason);
 }
 
 // Refuses one decode rank's message about a request without touching the live room (if any):
 // the sender's request fails with the reason, nobody else's.
 void refuse(prefill_actor* self, int decode_rank, std::uint64_t room, std::uint64_t incarnation,
             const std::string& reason) {
+  spdlog::warn("{}: refused decode rank {} for room {}: {}", self->state.name, decode_rank, room, reason);
+  send_status(self, decode_rank, room, incarnation, kv_poll::failed, reason);
+}
+
+void ack_abort(prefill_actor* self, int d, std::uint64_t room, std::uint64_t inc) {
   auto& st = self->state;
-  spdlog::warn("{}: refused decode rank {} for room {}: {}", st.name, decode_rank, room, reason);
-  auto it = st.peers.find(decode_rank);
-  if (it == st.peers.end() || !it->second.handle || it->second.down) return;
-  self->send(it->second.handle, msg::kv_status{room, incarnation, st.args.rank,
-                                               static_cast<std::uint8_t>(kv_poll::failed), reason});
+  if (auto p = st.peers.find(d); p != st.peers.end() && !p->second.down && p->second.handle)
+    self->send(p->second.handle, msg::abort_ack{room, inc, st.args.rank});
+}
+
+// A terminal room whose pushes all finished lets go of its pages (released), and the aborts
+// that waited for that are acknowledged.
+void settle(prefill_actor* self, prefill_room& r) {
+  auto& st = self->state;
+  const auto* e = st.store().find(r.room);
+  if (e == nullptr || !is_terminal(e->state) || r.pending_pushes > 0) return;
+  st.store().set_released(r.room);
+  for (int d : r.ack_when_drained) ack_abort(self, d, r.room, r.inc);
+  r.ack_when_drained.clear();
 }
 
 void fail_room(prefill_actor* self, std::uint64_t room, const std::string& reason) {
   auto& st = self->state;
   auto it = st.rooms.find(room);
-  if (it == st.rooms.end()) return;
-  if (!st.store.fail(room, reason)) return;
+  if (it == st.rooms.end()) {
+    st.store().fail(room, reason);  // created by the engine, not seen by the actor yet
+    return;
+  }
+  if (!st.store().fail(room, reason)) return;
   spdlog::debug("{}: room {} failed: {}", st.name, room, reason);
-  it->second.queued.clear();
   notify_readers(self, it->second, kv_poll::failed, reason);
+  settle(self, it->second);
 }
 
 void finish_if_done(prefill_actor* self, prefill_room& r) {
   auto& st = self->state;
-  const auto* e = st.store.find(r.req.room);
-  if (e == nullptr || e->state == kv_poll::failed || e->state == kv_poll::success) return;
+  const auto* e = st.store().find(r.room);
+  if (e == nullptr || is_terminal(e->state)) return;
   if (!r.last_seen || r.pending_pushes > 0) return;
-  st.store.update(r.req.room, kv_poll::success);
+  st.store().update(r.room, kv_poll::success);
   notify_readers(self, r, kv_poll::success, {});
+  settle(self, r);
 }
 
-// Hands one chunk to the transport for every reader.
-void send_chunk(prefill_actor* self, prefill_room& r, const msg::kv_chunk& c) {
+config::range intersect(config::range a, config::range b) {
+  return {std::max(a.begin, b.begin), std::min(a.end, b.end)};
+}
+
+// Hands the pages at request positions [pos, pos + src.size()) to the transport for every
+// reader (and, on the last chunk, the state pages and the aux rows).
+void send_chunk(prefill_actor* self, prefill_room& r, int pos, const std::vector<std::int32_t>& src,
+                bool is_last, const std::vector<std::int32_t>& state_pages) {
   auto& st = self->state;
-  const auto room = r.req.room;
-  st.store.update(room, kv_poll::transferring);
+  const auto room = r.room;
+  st.store().update(room, kv_poll::transferring);
   const auto& cfg = st.args.plan->config();
+  const auto& mem = *st.args.memory;
   for (auto& [d, info] : r.dsts) {
     const auto* pe = read_of(st, d);
     auto& peer = st.peers.at(d);
-    config::range pages{std::max(c.page_begin, info.prefix_pages), c.page_end};
-    if (pe->cp_share) {
-      auto share = config::cp_share(r.req.n_pages, cfg.prefill.cp, st.me->coord.cp);
-      pages = {std::max(pages.begin, share.begin), std::min(pages.end, share.end)};
-    }
+    config::range chunk{pos, pos + static_cast<int>(src.size())};
+    config::range share{0, r.total_pages};
+    if (pe->cp_share) share = config::cp_share(r.total_pages, cfg.prefill.cp, st.me->coord.cp);
+    const auto pages = intersect(chunk, share);
+    const auto layers = intersect(mem.layers(), {peer.pool.layer_begin, peer.pool.layer_begin + peer.pool.layer_count});
     std::vector<transport::block> blocks;
-    if (!pages.empty()) {
-      std::vector<std::int32_t> src(r.pages.begin() + pages.begin, r.pages.begin() + pages.end);
-      std::vector<std::int32_t> dst(info.dst_pages.begin() + pages.begin,
-                                    info.dst_pages.begin() + pages.end);
-      block_request br{&src, &dst, pe->layers, pe->heads,
-                       cfg.model.kind == config::model_kind::mla, true, nullptr, nullptr};
-      std::vector<std::int32_t> src_state, dst_state;
-      if (!r.state_pages.empty()) {
-        src_state.assign(r.state_pages.begin() + pages.begin, r.state_pages.begin() + pages.end);
-        dst_state.assign(info.state_indices.begin() + pages.begin, info.state_indices.begin() + pages.end);
-        br.src_state = &src_state;
-        br.dst_state = &dst_state;
-      }
-      auto planned = plan_blocks(*st.pool, peer.pool, br);
-      if (!planned) {
-        fail_room(self, room, "decode rank " + std::to_string(d) + ": " + planned.error().reason());
-        return;
-      }
+    auto fail = [&](const status& s) {
+      fail_room(self, room, "decode rank " + std::to_string(d) + ": " + s.reason());
+    };
+    if (!pages.empty() && !layers.empty()) {
+      std::vector<std::int32_t> sp(src.begin() + (pages.begin - pos), src.begin() + (pages.end - pos));
+      std::vector<std::int32_t> dp(info.dst_pages.begin() + pages.begin, info.dst_pages.begin() + pages.end);
+      auto planned = plan_blocks(mem, peer.pool,
+                                 {&sp, &dp, layers, pe->heads, cfg.model.kind == config::model_kind::mla, true});
+      if (!planned) return fail(planned.error());
       blocks = std::move(planned.value());
     }
-    std::shared_ptr<aux_record> aux;
-    if (c.is_last && pe->writes_aux) {
-      // Aux metadata goes after the KV of the last chunk, so it lands last. The room id and a
-      // checksum in it let decode tell a landed slot from a stale one.
-      if (!r.aux) {
-        r.aux = std::make_shared<aux_record>(st.args.hooks.aux ? st.args.hooks.aux(r.req) : aux_record{});
-        r.aux->room = room;
-        r.aux->incarnation = r.req.incarnation;
-        r.aux->check = aux_checksum(*r.aux);
+    if (is_last && !state_pages.empty() && !layers.empty()) {
+      const auto part = intersect({r.prefix, r.total_pages}, share);
+      if (!part.empty()) {
+        std::vector<std::int32_t> ss(state_pages.begin() + part.begin, state_pages.begin() + part.end);
+        std::vector<std::int32_t> ds(info.state_indices.begin() + part.begin, info.state_indices.begin() + part.end);
+        auto planned = plan_state_blocks(mem, peer.pool, ss, ds, layers);
+        if (!planned) return fail(planned.error());
+        blocks.insert(blocks.end(), planned.value().begin(), planned.value().end());
       }
-      aux = r.aux;
-      blocks.push_back({reinterpret_cast<const std::byte*>(aux.get()), peer.pool.aux_region,
-                        std::uint64_t(info.aux_slot) * sizeof(aux_record), sizeof(aux_record)});
+    }
+    std::shared_ptr<aux_record> receipt;
+    if (is_last && pe->writes_aux) {
+      // The aux rows go after the KV of the last chunk; the receipt (room, incarnation,
+      // checksum) lets decode tell a landed slot from a stale one.
+      if (!r.receipt) r.receipt = std::make_shared<aux_record>(make_receipt(room, r.inc));
+      receipt = r.receipt;
+      auto planned = plan_aux_blocks(mem, peer.pool, r.aux_row, info.aux_slot, receipt.get());
+      if (!planned) return fail(planned.error());
+      blocks.insert(blocks.end(), planned.value().begin(), planned.value().end());
     }
     if (blocks.empty()) continue;
     ++r.pending_pushes;
+    ++st.args.shared->counters.pushes_in_flight;
+    std::uint64_t bytes = 0;
+    for (const auto& b : blocks) bytes += b.len;
     auto me = caf::actor_cast<caf::actor>(self);
-    auto inc = r.req.incarnation;
-    st.args.transport->push(d, blocks, [me, room, inc, d, aux](status s) {
-      caf::anon_send(me, msg::push_done{room, inc, d, s.ok(), s.reason()});
+    auto inc = r.inc;
+    auto start = clock_type::now();
+    // The completion may run on this thread, inside push(): it only sends a message.
+    st.args.transport->push(d, blocks, [me, room, inc, d, receipt, start, bytes](status s) {
+      caf::anon_send(me, msg::push_done{room, inc, d, s.ok(), s.reason(), bytes,
+                                        std::chrono::duration<double>(clock_type::now() - start).count()});
     });
   }
-  if (c.is_last) r.last_seen = true;
+  if (is_last) r.last_seen = true;
 }
 
 void maybe_ready(prefill_actor* self, prefill_room& r) {
   auto& st = self->state;
   if (static_cast<int>(r.dsts.size()) < static_cast<int>(r.expected.size())) return;
-  if (!st.store.update(r.req.room, kv_poll::waiting_for_input)) return;
-  auto queued = std::move(r.queued);
-  r.queued.clear();
-  for (const auto& c : queued) send_chunk(self, r, c);
-  // Chunks with nothing for this rank to send (an empty CP share) push nothing, so no push
-  // completion will come to finish the room: check here.
-  finish_if_done(self, r);
+  if (!st.store().update(r.room, kv_poll::waiting_for_input)) return;
+  if (auto e = st.args.shared->engine.find(r.room); e != st.args.shared->engine.end())
+    e->second.prefix_pages = r.prefix;
 }
 
 void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
   auto& st = self->state;
-  const auto room = r.req.room;
+  const auto room = r.room;
   auto peer = st.peers.find(d.decode_rank);
-  const bool expected =
-      std::find(r.expected.begin(), r.expected.end(), d.decode_rank) != r.expected.end();
-  if (d.incarnation != r.req.incarnation) {
+  const bool expected = std::find(r.expected.begin(), r.expected.end(), d.decode_rank) != r.expected.end();
+  if (d.incarnation != r.inc) {
     // Another request claims this live room (a duplicate room): refuse that request only.
     refuse(self, d.decode_rank, room, d.incarnation,
-           "duplicate room " + std::to_string(room) + ": live request " +
-               std::to_string(r.req.incarnation) + " holds it");
+           "duplicate room " + std::to_string(room) + ": live request " + std::to_string(r.inc) + " holds it");
     return;
   }
+  const int n = static_cast<int>(d.dst_pages.size());
   std::string bad;
   if (!expected)
     bad = "decode rank " + std::to_string(d.decode_rank) + " does not read from this rank";
@@ -201,16 +219,17 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
     bad = peer->second.refused;
   else if (peer == st.peers.end() || !peer->second.registered)
     bad = "decode rank " + std::to_string(d.decode_rank) + " sent destinations before registering";
-  else if (static_cast<int>(d.dst_pages.size()) != r.req.n_pages)
-    bad = std::to_string(d.dst_pages.size()) + " destination pages for a " +
-          std::to_string(r.req.n_pages) + "-page request";
-  else if (d.prefix_pages < 0 || d.prefix_pages > r.req.n_pages)
+  else if (r.total_pages >= 0 && n != r.total_pages)
+    bad = std::to_string(n) + " destination pages, another decode rank sent " + std::to_string(r.total_pages);
+  else if (d.prefix_pages < 0 || d.prefix_pages > n)
     bad = "prefix of " + std::to_string(d.prefix_pages) + " pages out of range";
-  else if (d.aux_slot < 0 || d.aux_slot >= peer->second.pool.aux_slots)
+  else if (r.total_pages >= 0 && d.prefix_pages != r.prefix)
+    bad = "prefix of " + std::to_string(d.prefix_pages) + " pages, another decode rank sent " +
+          std::to_string(r.prefix);
+  else if (d.aux_slot < 0 || (peer->second.pool.aux_rows > 0 && d.aux_slot >= peer->second.pool.aux_rows))
     bad = "aux slot " + std::to_string(d.aux_slot) + " out of range";
-  else if (d.state_indices.size() != (r.state_pages.empty() ? 0u : static_cast<std::size_t>(r.req.n_pages)))
-    bad = std::to_string(d.state_indices.size()) + " state indices for a " + std::to_string(r.req.n_pages) +
-          "-page request" + (r.state_pages.empty() ? " of a model without state" : "");
+  else if (!d.state_indices.empty() && static_cast<int>(d.state_indices.size()) != n)
+    bad = std::to_string(d.state_indices.size()) + " state indices for a " + std::to_string(n) + "-page request";
   if (bad.empty())
     for (auto p : d.state_indices)
       if (p < 0 || p >= peer->second.pool.state_pages) {
@@ -230,66 +249,81 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
     return;
   }
   if (r.dsts.count(d.decode_rank) != 0) return;  // a duplicate changes nothing
+  r.total_pages = n;
+  r.prefix = d.prefix_pages;
   r.dsts.emplace(d.decode_rank, std::move(d));
   maybe_ready(self, r);
 }
 
-void release(prefill_actor* self, std::uint64_t room, std::uint64_t round, kv_poll agreed) {
+void forget(prefill_actor* self, std::uint64_t room) {
   auto& st = self->state;
-  auto it = st.rooms.find(room);
-  const auto* e = st.store.find(room);
-  msg::rank_released ev;
-  ev.prefill = true;
-  ev.rank = st.args.rank;
-  ev.room = room;
-  ev.incarnation = it->second.req.incarnation;
-  ev.round = round;
-  ev.state = static_cast<std::uint8_t>(agreed);
-  ev.reason = e != nullptr ? e->reason : std::string{};
-  if (it->second.pending_pushes > 0) {
-    st.draining[{room, ev.incarnation}] = {std::move(it->second.pages), std::move(it->second.state_pages),
-                                           it->second.pending_pushes};
-  } else {
-    st.pool->free_pages(it->second.pages);
-    st.pool->free_state(it->second.state_pages);
-  }
-  st.rooms.erase(it);
-  st.store.clear(room);
-  if (st.args.observer) self->send(st.args.observer, std::move(ev));
+  st.rooms.erase(room);
+}
+
+void watch_decode(prefill_actor* self, int d) {
+  // Not connected yet: watch it through the registry, so its death fails the room now instead
+  // of at the bootstrap timeout.
+  auto& st = self->state;
+  st.peers[d];
+  self->request(st.args.registry, caf::infinite, msg::lookup_decode{d})
+      .then(
+          [self](msg::decode_entry& e) {
+            auto& st = self->state;
+            auto g = detail::lock(*st.args.shared);
+            auto& peer = st.peers[e.rank];
+            if (e.down && !peer.registered && !peer.down) {
+              // Dead before it ever connected here: its rooms fail now.
+              peer.down = true;
+              std::vector<std::uint64_t> doomed;
+              for (auto& [room, r] : st.rooms) {
+                const auto* en = st.store().find(room);
+                if (en != nullptr && !is_terminal(en->state) &&
+                    std::find(r.expected.begin(), r.expected.end(), e.rank) != r.expected.end())
+                  doomed.push_back(room);
+              }
+              for (auto room : doomed) fail_room(self, room, "decode rank " + std::to_string(e.rank) + " down");
+              return;
+            }
+            if (e.handle && !peer.handle) {
+              peer.handle = e.handle;
+              self->monitor(e.handle);
+            }
+          },
+          // The registry may be restarting: the decode rank's registration (or the bootstrap
+          // timeout) still settles the room.
+          [self, d](caf::error& e) {
+            spdlog::warn("{}: lookup of decode rank {} failed: {}", self->state.name, d, self->system().render(e));
+          });
 }
 
 caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
   auto& st = self->state;
   st.args = std::move(args);
   st.me = &st.args.plan->prefill(st.args.rank);
-  st.pool = std::make_unique<kv_pool>(st.args.shape);
-  st.store = state_store(static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank));
   st.name = "prefill rank " + std::to_string(st.args.rank);
   const auto& c = st.me->coord;
-  self->send(st.args.registry,
-             msg::register_rank{msg::wire_version, {c.dp, c.cp, c.tp, c.pp}, st.name,
-                                caf::actor_cast<caf::actor>(self)});
+  self->send(st.args.registry, msg::register_rank{msg::wire_version, {c.dp, c.cp, c.tp, c.pp}, st.name,
+                                                  caf::actor_cast<caf::actor>(self)});
   self->send(st.args.parent, msg::attach_child{st.args.child_index, caf::actor_cast<caf::actor>(self)});
-  self->delayed_send(self, detail::step_pause(st.args.tunables, true), msg::step_tick{});
 
   self->monitor(st.args.parent);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
-    if (detail::on_parent_down(
-            self, dm, [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); },
-            [self](std::uint64_t room, std::uint64_t round, kv_poll s) { release(self, room, round, s); }))
+    auto g = detail::lock(*st.args.shared);
+    if (detail::on_parent_down(self, dm, [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); }))
       return;
     for (auto& [d, peer] : st.peers)
       if (peer.handle && peer.handle.address() == dm.source && !peer.down) {
         peer.down = true;
         // Pushes in flight to it complete now (with an error) instead of waiting on a dead peer.
         st.args.transport->disconnect(static_cast<std::uint64_t>(d));
+        std::vector<std::uint64_t> doomed;
         for (auto& [room, r] : st.rooms) {
-          const auto* e = st.store.find(room);
+          const auto* e = st.store().find(room);
           if (e == nullptr || is_terminal(e->state)) continue;
-          if (std::find(r.expected.begin(), r.expected.end(), d) != r.expected.end())
-            fail_room(self, room, "decode rank " + std::to_string(d) + " down");
+          if (std::find(r.expected.begin(), r.expected.end(), d) != r.expected.end()) doomed.push_back(room);
         }
+        for (auto room : doomed) fail_room(self, room, "decode rank " + std::to_string(d) + " down");
       }
   });
 
@@ -299,132 +333,134 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
       },
       [self](msg::kv_registration& reg) {
         auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
         if (reg.version != msg::wire_version) {
-          spdlog::error("{}: decode rank {} speaks wire version {}, this rank {}", st.name,
-                        reg.decode_rank, reg.version, msg::wire_version);
+          spdlog::error("{}: decode rank {} speaks wire version {}, this rank {}", st.name, reg.decode_rank,
+                        reg.version, msg::wire_version);
           return;
         }
-        if (reg.decode_rank < 0 || reg.decode_rank >= st.args.plan->decode_ranks() ||
-            !check_remote_pool(reg.pool)) {
-          spdlog::error("{}: invalid registration from decode rank {}", st.name, reg.decode_rank);
+        if (reg.decode_rank < 0 || reg.decode_rank >= st.args.plan->decode_ranks()) {
+          spdlog::error("{}: registration from unknown decode rank {}", st.name, reg.decode_rank);
           return;
         }
         auto& peer = st.peers[reg.decode_rank];
         peer.handle = reg.decode;
-        peer.pool = reg.pool;
         peer.down = false;
         self->monitor(reg.decode);
-        // The transport checks every later write against these regions; a description it cannot
-        // use fails that decode rank's requests with the reason, nobody else's.
-        auto connected = st.args.transport->connect(static_cast<std::uint64_t>(reg.decode_rank),
-                                                    reg.endpoint, reg.regions);
         peer.refused.clear();
-        if (!connected) {
-          peer.refused = "transport cannot reach decode rank " + std::to_string(reg.decode_rank) +
-                         ": " + connected.reason();
-          spdlog::error("{}: {}", st.name, peer.refused);
+        if (auto ok = check_remote_pool(reg.pool); !ok) {
+          peer.refused = "invalid registration of decode rank " + std::to_string(reg.decode_rank) + ": " + ok.reason();
+        } else {
+          peer.pool = reg.pool;
+          // The transport checks every later write against these regions; a description it
+          // cannot use fails that decode rank's requests with the reason, nobody else's.
+          auto connected = st.args.transport->connect(static_cast<std::uint64_t>(reg.decode_rank), reg.endpoint,
+                                                      reg.regions);
+          if (!connected)
+            peer.refused = "transport cannot reach decode rank " + std::to_string(reg.decode_rank) + ": " +
+                           connected.reason();
         }
+        if (!peer.refused.empty()) spdlog::error("{}: {}", st.name, peer.refused);
         peer.registered = true;
       },
-      [self](msg::new_request& q) {
+      [self](msg::api_create& q) {
+        // The store entry exists already (the API created it, refusing duplicates at once).
         auto& st = self->state;
-        if (st.group_lost) {
-          detail::refuse_request(self, true, q, "agreement group lost: its supervisor went down");
-          return;
-        }
+        auto g = detail::lock(*st.args.shared);
         const auto& cfg = st.args.plan->config();
+        const auto* e = st.store().find(q.room);
+        if (e == nullptr || st.rooms.count(q.room) != 0) return;
         prefill_room r;
-        r.req = detail::view_of(q, cfg.page_size);
+        r.room = q.room;
+        r.inc = q.incarnation;
+        r.decode_dp = q.other_dp;
         for (const auto& rd : st.me->readers)
-          r.expected.push_back(config::decode_rank_of(cfg.decode, {q.decode_dp, rd.pp, rd.tp}));
-        auto initial = st.me->authoritative ? kv_poll::bootstrapping : kv_poll::waiting_for_input;
-        if (auto s = st.store.create(q.room, q.incarnation, initial); !s) {
-          detail::refuse_request(self, true, q, s.reason());
-          return;
-        }
-        auto pages = st.pool->alloc_pages(r.req.n_pages);
-        if (!pages) {
-          st.rooms.emplace(q.room, std::move(r));
-          fail_room(self, q.room, "out of KV pages");
-          return;
-        }
-        r.pages = std::move(*pages);
-        if (st.pool->shape().state_pages > 0) {
-          auto state = st.pool->alloc_state(r.req.n_pages);
-          if (!state) {
-            st.pool->free_pages(r.pages);
-            r.pages.clear();
-            st.rooms.emplace(q.room, std::move(r));
-            fail_room(self, q.room, "out of state pages");
-            return;
-          }
-          r.state_pages = std::move(*state);
-        }
-        if (st.me->authoritative && st.args.hooks.fill) {
-          config::range fill{0, r.req.n_pages};
-          if (cfg.cp_send_all && cfg.prefill.cp > 1) fill = config::cp_share(r.req.n_pages, cfg.prefill.cp, st.me->coord.cp);
-          st.args.hooks.fill(*st.pool, r.req, r.pages, r.state_pages, fill);
-          if ((q.fault & fault_corrupt) != 0 && !fill.empty()) {
-            auto* p = st.pool->item(st.me->layers.begin, 0, r.pages[fill.begin]);
-            *p = static_cast<std::byte>(~std::to_integer<unsigned>(*p));
-          }
-        }
+          r.expected.push_back(config::decode_rank_of(cfg.decode, {q.other_dp, rd.pp, rd.tp}));
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
+        if (e->state == kv_poll::failed) {  // failed before the actor saw it (e.g. group lost)
+          settle(self, room);
+          return;
+        }
         for (int d : room.expected) {
           auto it = st.peers.find(d);
           if (it != st.peers.end() && it->second.down) {
             fail_room(self, q.room, "decode rank " + std::to_string(d) + " down");
             return;
           }
-          if (it == st.peers.end()) {
-            // Not connected yet: watch it through the registry, so its death fails the room
-            // now instead of at the bootstrap timeout.
-            st.peers[d];
-            self->request(st.args.registry, caf::infinite, msg::lookup_decode{d})
-                .then(
-                    [self](msg::decode_entry& e) {
-                      auto& st = self->state;
-                      auto& peer = st.peers[e.rank];
-                      if (e.down && !peer.registered && !peer.down) {
-                        // Dead before it ever connected here: its rooms fail now, not at the
-                        // bootstrap timeout.
-                        peer.down = true;
-                        for (auto& [room, r] : st.rooms) {
-                          const auto* en = st.store.find(room);
-                          if (en != nullptr && !is_terminal(en->state) &&
-                              std::find(r.expected.begin(), r.expected.end(), e.rank) != r.expected.end())
-                            fail_room(self, room, "decode rank " + std::to_string(e.rank) + " down");
-                        }
-                        return;
-                      }
-                      if (e.handle && !peer.handle) {
-                        peer.handle = e.handle;
-                        self->monitor(e.handle);
-                      }
-                    },
-                    // The registry may be restarting: the decode rank's registration (or
-                    // the bootstrap timeout) still settles the room.
-                    [self, d](caf::error& e) {
-                      spdlog::warn("{}: lookup of decode rank {} failed: {}", self->state.name, d,
-                                   self->system().render(e));
-                    });
-          }
+          if (it == st.peers.end()) watch_decode(self, d);
         }
         if (st.me->authoritative)
           self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms),
                              msg::room_timeout{q.room, q.incarnation});
-        if (auto e = st.early.find(q.room); e != st.early.end()) {
-          auto early = std::move(e->second);
-          st.early.erase(e);
-          for (auto& d : early) accept_dst(self, room, std::move(d));
+        if (auto early = st.early.find(q.room); early != st.early.end()) {
+          auto list = std::move(early->second);
+          st.early.erase(early);
+          for (auto& d : list) accept_dst(self, room, std::move(d));
+        }
+      },
+      [self](msg::api_init& i) {
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        auto it = st.rooms.find(i.room);
+        if (it == st.rooms.end() || it->second.inc != i.incarnation) return;
+        auto& r = it->second;
+        r.inited = true;
+        r.pages = i.pages;
+        r.aux_row = i.aux_row;
+        if (st.me->authoritative && r.total_pages >= 0 && i.pages != r.total_pages - r.prefix)
+          fail_room(self, i.room, "init with " + std::to_string(i.pages) + " pages; decode expects " +
+                                      std::to_string(r.total_pages - r.prefix) + " after its prefix");
+      },
+      [self](msg::api_send& c) {
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        auto it = st.rooms.find(c.room);
+        if (it == st.rooms.end() || it->second.inc != c.incarnation) return;
+        auto& r = it->second;
+        const auto* e = st.store().find(c.room);
+        if (e == nullptr || is_terminal(e->state)) return;  // aborted rooms send nothing more
+        if (!st.me->authoritative) {
+          // Non-authoritative: nobody reads this rank; skip chunks, done on the last one.
+          if (c.is_last) {
+            st.store().update(c.room, kv_poll::success);
+            settle(self, r);
+          }
+          return;
+        }
+        const int pos = r.prefix + r.sent;
+        if (e->state < kv_poll::waiting_for_input || pos + static_cast<int>(c.pages.size()) > r.total_pages) {
+          fail_room(self, c.room, "chunk of " + std::to_string(c.pages.size()) + " pages beyond the request's " +
+                                      std::to_string(r.total_pages - r.prefix));
+          return;
+        }
+        if (c.is_last && !c.state_pages.empty() && static_cast<int>(c.state_pages.size()) != r.total_pages) {
+          fail_room(self, c.room, std::to_string(c.state_pages.size()) + " state pages for a " +
+                                      std::to_string(r.total_pages) + "-page request");
+          return;
+        }
+        r.sent += static_cast<int>(c.pages.size());
+        send_chunk(self, r, pos, c.pages, c.is_last, c.state_pages);
+        finish_if_done(self, r);
+      },
+      [self](msg::api_abort& a) {
+        // The engine aborts: fail unless already done (no transfer after an abort).
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        auto it = st.rooms.find(a.room);
+        if (it == st.rooms.end() || it->second.inc != a.incarnation) return;
+        const auto* e = st.store().find(a.room);
+        if (e != nullptr && e->state != kv_poll::success) {
+          ++st.args.shared->counters.aborted;
+          fail_room(self, a.room, "aborted: " + a.reason);
         }
       },
       [self](msg::dst_info& d) {
         auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
         if (d.version != msg::wire_version) {
           refuse(self, d.decode_rank, d.room, d.incarnation,
-                 "destination info of wire version " + std::to_string(d.version) +
-                     ", this prefill rank speaks " + std::to_string(msg::wire_version));
+                 "destination info of wire version " + std::to_string(d.version) + ", this prefill rank speaks " +
+                     std::to_string(msg::wire_version));
           return;
         }
         auto it = st.rooms.find(d.room);
@@ -432,8 +468,8 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           accept_dst(self, it->second, std::move(d));  // checks it against the live request
           return;
         }
-        // The decode side can be faster than this rank's scheduler: keep it for the request,
-        // within bounds (remote input must not grow this rank's memory without limit).
+        // The decode side can be faster than this rank's engine: keep it for the request, within
+        // bounds (remote input must not grow this rank's memory without limit).
         if (static_cast<std::int64_t>(d.dst_pages.size()) > st.args.tunables.max_pages_per_request) {
           refuse(self, d.decode_rank, d.room, d.incarnation,
                  "destination info with " + std::to_string(d.dst_pages.size()) + " pages (max " +
@@ -452,71 +488,53 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
                              msg::early_expiry{d.room});
         waiting.push_back(std::move(d));
       },
-      [self](msg::kv_chunk& c) {
-        auto& st = self->state;
-        auto it = st.rooms.find(c.room);
-        if (it == st.rooms.end() || !same(it->second, c.incarnation)) return;
-        auto& r = it->second;
-        const auto* e = st.store.find(c.room);
-        if (e == nullptr || is_terminal(e->state)) return;  // aborted rooms send nothing more
-        if (c.page_begin < 0 || c.page_end < c.page_begin || c.page_end > r.req.n_pages) {
-          fail_room(self, c.room, "chunk pages out of range");
-          return;
-        }
-        if (!st.me->authoritative) {
-          // Non-authoritative: nobody reads this rank; skip chunks, done on the last one.
-          if (c.is_last) st.store.update(c.room, kv_poll::success);
-          return;
-        }
-        if (e->state == kv_poll::bootstrapping) {
-          r.queued.push_back(c);
-          return;
-        }
-        send_chunk(self, r, c);
-        finish_if_done(self, r);
-      },
       [self](msg::push_done& p) {
         auto& st = self->state;
-        auto it = st.rooms.find(p.room);
-        if (it == st.rooms.end() || !same(it->second, p.incarnation)) {
-          auto d = st.draining.find({p.room, p.incarnation});
-          if (d != st.draining.end() && --d->second.pending == 0) {
-            st.pool->free_pages(d->second.pages);
-            st.pool->free_state(d->second.state_pages);
-            st.draining.erase(d);
-          }
-          return;
+        auto g = detail::lock(*st.args.shared);
+        auto& counters = st.args.shared->counters;
+        --counters.pushes_in_flight;
+        if (p.ok) {
+          counters.bytes_sent += p.bytes;
+          counters.transfer_seconds += p.seconds;
         }
+        auto it = st.rooms.find(p.room);
+        if (it == st.rooms.end() || it->second.inc != p.incarnation) return;
         auto& r = it->second;
         --r.pending_pushes;
-        if (!p.ok) {
+        if (!p.ok)
           fail_room(self, p.room, "transport to decode rank " + std::to_string(p.decode_rank) + ": " + p.reason);
-          return;
-        }
         finish_if_done(self, r);
+        settle(self, r);
       },
       [self](msg::abort_room& a) {
         auto& st = self->state;
-        st.early.erase(a.room);
+        auto g = detail::lock(*st.args.shared);
+        if (auto e = st.early.find(a.room); e != st.early.end()) {
+          auto& list = e->second;
+          list.erase(std::remove_if(list.begin(), list.end(),
+                                    [&](const msg::dst_info& d) {
+                                      return d.decode_rank == a.decode_rank && d.incarnation == a.incarnation;
+                                    }),
+                     list.end());
+          if (list.empty()) st.early.erase(e);
+        }
         auto it = st.rooms.find(a.room);
-        if (it != st.rooms.end() && same(it->second, a.incarnation)) {
-          const auto* e = st.store.find(a.room);
+        if (it != st.rooms.end() && it->second.inc == a.incarnation) {
+          auto& r = it->second;
+          const auto* e = st.store().find(a.room);
           if (e != nullptr && e->state != kv_poll::success)
             fail_room(self, a.room, "aborted by decode rank " + std::to_string(a.decode_rank) + ": " + a.reason);
+          // Acknowledged only once nothing this rank started for the room can still write.
+          if (r.pending_pushes > 0) {
+            r.ack_when_drained.push_back(a.decode_rank);
+            return;
+          }
         }
-        if (auto p = st.peers.find(a.decode_rank); p != st.peers.end() && !p->second.down)
-          self->send(p->second.handle, msg::abort_ack{a.room, a.incarnation, st.args.rank});
-      },
-      [self](msg::abort_request& a) {
-        // The scheduler aborts: fail unless already done (no transfer after an abort).
-        auto& st = self->state;
-        auto it = st.rooms.find(a.room);
-        if (it == st.rooms.end() || !same(it->second, a.incarnation)) return;
-        const auto* e = st.store.find(a.room);
-        if (e != nullptr && e->state != kv_poll::success) fail_room(self, a.room, "aborted: " + a.reason);
+        ack_abort(self, a.decode_rank, a.room, a.incarnation);
       },
       [self](msg::early_expiry& x) {
         auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
         auto e = st.early.find(x.room);
         if (e == st.early.end()) return;
         auto stale = std::move(e->second);
@@ -528,18 +546,18 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
       },
       [self](msg::room_timeout& t) {
         auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
         auto it = st.rooms.find(t.room);
-        if (it == st.rooms.end() || !same(it->second, t.incarnation)) return;
-        const auto* e = st.store.find(t.room);
+        if (it == st.rooms.end() || it->second.inc != t.incarnation) return;
+        const auto* e = st.store().find(t.room);
         if (e != nullptr && e->state == kv_poll::bootstrapping)
-          fail_room(self, t.room, "bootstrap timeout: destinations from " +
-                                      std::to_string(it->second.dsts.size()) + " of " +
-                                      std::to_string(it->second.expected.size()) + " decode ranks");
+          fail_room(self, t.room, "bootstrap timeout: destinations from " + std::to_string(it->second.dsts.size()) +
+                                      " of " + std::to_string(it->second.expected.size()) + " decode ranks");
       },
-  }.or_else(detail::rank_handlers(
-      self, true,
-      [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); },
-      [self](std::uint64_t room, std::uint64_t round, kv_poll s) { release(self, room, round, s); }));
+  }
+      .or_else(detail::rank_handlers(
+          self, [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); },
+          [self](std::uint64_t room) { forget(self, room); }));
 }
 
 }  // namespace

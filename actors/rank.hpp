@@ -1,15 +1,22 @@
 #pragma once
-// Prefill (sender) and decode (receiver) rank actors: their arguments and the hooks through which
-// the serving process (or the simulator) fills and checks KV memory. No CAF types beyond handles.
+// Prefill (sender) and decode (receiver) rank actors and what they share with the engine's
+// scheduler thread (rank_shared): the state store, the requests' engine-side progress, and the
+// agreement client state. The engine calls reach the actor as msg::api_* messages; poll() reads
+// the shared part directly. No CAF types beyond handles.
 #include <caf/fwd.hpp>
 #include <caf/actor.hpp>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "actors/agreement.hpp"
-#include "actors/kv_pool.hpp"
+#include "actors/rank_memory.hpp"
+#include "actors/state_store.hpp"
 #include "config/routing.hpp"
 #include "config/tunables.hpp"
 #include "transport/transport.hpp"
@@ -17,65 +24,66 @@
 namespace kvflow {
 
 class step_board;
-class agreed_board;
+class agreed_ring;
+namespace msg {
+struct dst_info;
+}
 
-// What a rank knows of one request.
-struct request_view {
-  std::uint64_t room = 0;
+// A request as the engine drove it so far (what the API checks calls against).
+struct engine_room {
   std::uint64_t incarnation = 0;
-  int prompt_tokens = 0;
-  int n_pages = 0;
-  int prefill_dp = 0;
-  int decode_dp = 0;
-  int prefix_pages = 0;
+  bool inited = false;       // prefill: init() came; decode: destinations were sent
+  int pages = 0;             // prefill: pages to send (after the decode prefix)
+  int sent = 0;              // prefill: pages handed over in chunks so far
+  bool last = false;         // prefill: the last chunk came
+  int prefix_pages = -1;     // prefill: the decode prefix, once every destination arrived
 };
 
-struct verify_counts {
-  std::uint64_t bytes_expected = 0;
-  std::uint64_t bytes_verified = 0;
-  std::uint64_t mismatched_pages = 0;
+// Counters for the engine's metrics (under rank_shared::mutex).
+struct rank_counters {
+  std::uint64_t created = 0, succeeded = 0, failed = 0, aborted = 0;
+  std::uint64_t bytes_sent = 0;
+  double transfer_seconds = 0;
+  std::uint64_t polls = 0, stalls = 0;
+  std::uint64_t quarantined = 0, pushes_in_flight = 0;
 };
 
-struct rank_hooks {
-  // Prefill: the request's KV was computed into `pages` (and its state into `state_pages`,
-  // empty when the model has none); fill request pages [fill.begin, fill.end).
-  std::function<void(kv_pool&, const request_view&, const std::vector<std::int32_t>& pages,
-                     const std::vector<std::int32_t>& state_pages, config::range fill)>
-      fill;
-  // Prefill: the request's first output (token, logprob) for its aux slot; room, incarnation
-  // and checksum are filled in by the rank.
-  std::function<aux_record(const request_view&)> aux;
-  // Decode: after an agreed Success, check what landed in `pages` and the aux slot.
-  std::function<verify_counts(const kv_pool&, const request_view&,
-                              const std::vector<std::int32_t>& pages,
-                              const std::vector<std::int32_t>& state_pages, std::int32_t aux_slot)>
-      verify;
-  // Every agreed round this rank received (tests and the simulator check agreement with it).
-  std::function<void(int group, std::uint64_t round, const step_states&)> agreed;
+struct rank_shared {
+  std::mutex mutex;  // guards everything below; the actor holds it while it handles a message
+  state_store store;
+  std::unordered_map<std::uint64_t, engine_room> engine;  // by room
+  // Reasons of failed requests the rank already cleared (bounded).
+  std::deque<std::pair<std::pair<std::uint64_t, std::uint64_t>, std::string>> cleared_reasons;
+  rank_counters counters;
+  bool lost = false;  // the group's agreement is gone: the rank refuses new requests
+  std::string lost_reason;
+  void remember_reason(std::uint64_t room, std::uint64_t incarnation, const std::string& reason) {
+    if (reason.empty()) return;
+    cleared_reasons.emplace_back(std::make_pair(room, incarnation), reason);
+    while (cleared_reasons.size() > 4096) cleared_reasons.pop_front();
+  }
 };
 
-// Fault flags a scheduler may attach to a request (tests and `kvflow simulate --fault`).
-enum request_fault : std::uint8_t {
-  fault_none = 0,
-  fault_drop_dst_info = 1,  // decode: the first destination message of the request is lost
-  fault_corrupt = 2,        // prefill: one byte of the request's KV is flipped before sending
-};
+// Test seam of the control link: true drops a destination message before it is sent (the
+// simulator's drop-dst-info fault). Empty in production.
+using dst_filter = std::function<bool(const msg::dst_info&)>;
 
 struct rank_args {
   std::shared_ptr<const config::routing_plan> plan;
   int rank = 0;  // global prefill or decode rank
   config::tunables tunables;
   std::shared_ptr<transport::transport> transport;
-  pool_shape shape;
+  std::shared_ptr<const rank_memory> memory;  // the engine's memory (outlives the rank)
+  std::shared_ptr<rank_shared> shared;
   caf::actor parent;    // shard supervisor (prefill) or TP supervisor (decode)
   int child_index = 0;  // index among the parent's children
-  // In-process agreement: post steps on the parent's board, read agreed rounds from the group's
-  // board. Both null: report and receive by message (the parent in another process).
+  // In one process: the parent's step board. Null: steps go by message (parent elsewhere).
   std::shared_ptr<step_board> board;
-  std::shared_ptr<agreed_board> agreed;
+  // Where the group's agreed rounds are read; with a remote parent the rank publishes the
+  // rounds it receives here.
+  std::shared_ptr<agreed_ring> ring;
   caf::actor registry;
-  caf::actor observer;  // receives msg::rank_released
-  rank_hooks hooks;
+  dst_filter drop_dst;  // decode only
 };
 
 caf::actor spawn_prefill_rank(caf::actor_system& sys, rank_args args);

@@ -11,7 +11,8 @@ status state_store::create(std::uint64_t room, std::uint64_t incarnation, kv_pol
   if (rooms_.size() >= max_rooms_)
     return status::error("room " + std::to_string(room) + " refused: " +
                          std::to_string(max_rooms_) + " rooms already live on this rank");
-  rooms_.emplace(room, room_entry{incarnation, initial, {}});
+  rooms_.emplace(room, room_entry{incarnation, initial, {}, false});
+  ++version_;
   return {};
 }
 
@@ -23,10 +24,20 @@ bool state_store::update(std::uint64_t room, kv_poll next, const std::string& re
   if (next == kv_poll::failed) {
     e.state = kv_poll::failed;
     e.reason = reason;
+    ++version_;
     return true;
   }
   if (next <= e.state) return false;  // only rises
   e.state = next;
+  ++version_;
+  return true;
+}
+
+bool state_store::set_released(std::uint64_t room) {
+  auto it = rooms_.find(room);
+  if (it == rooms_.end() || !is_terminal(it->second.state) || it->second.released) return false;
+  it->second.released = true;
+  ++version_;
   return true;
 }
 

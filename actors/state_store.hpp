@@ -13,6 +13,7 @@ struct room_entry {
   std::uint64_t incarnation = 0;  // which request of this room (rooms are reused after clearing)
   kv_poll state = kv_poll::bootstrapping;
   std::string reason;             // why it failed
+  bool released = false;          // terminal, and nothing this rank started still writes/reads
 };
 
 class state_store {
@@ -31,15 +32,23 @@ class state_store {
     return update(room, kv_poll::failed, reason);
   }
 
-  void clear(std::uint64_t room) { rooms_.erase(room); }  // idempotent
+  // Marks a terminal room released (see room_state::released). False if not terminal.
+  bool set_released(std::uint64_t room);
+
+  void clear(std::uint64_t room) {  // idempotent
+    if (rooms_.erase(room) != 0) ++version_;
+  }
 
   const room_entry* find(std::uint64_t room) const;
   std::size_t size() const { return rooms_.size(); }
   const std::unordered_map<std::uint64_t, room_entry>& rooms() const { return rooms_; }
+  // Rises with every change: a snapshot taken at one version holds until the next.
+  std::uint64_t version() const { return version_; }
 
  private:
   std::size_t max_rooms_;
   std::unordered_map<std::uint64_t, room_entry> rooms_;
+  std::uint64_t version_ = 0;
 };
 
 }  // namespace kvflow

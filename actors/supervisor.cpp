@@ -2,7 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include "actors/agreed_board.hpp"
+#include "actors/agreed_ring.hpp"
 #include "actors/messages.hpp"
 #include "actors/step_board.hpp"
 
@@ -77,7 +77,11 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
     }
     for (int i = 0; i < static_cast<int>(st.children.size()); ++i)
       if (st.children[i] == dm.source) {
-        spdlog::warn("agreement group {}: child {} down; its group fails every room", st.args.group, i);
+        // A child leaving at shutdown is no news; any other departure is.
+        if (dm.reason == caf::exit_reason::user_shutdown)
+          spdlog::debug("agreement group {}: child {} left", st.args.group, i);
+        else
+          spdlog::warn("agreement group {}: child {} down; its group fails every room", st.args.group, i);
         std::vector<std::uint64_t> rounds;
         if (st.args.board) rounds = st.args.board->child_down(i);
         for (auto round : st.collector.child_down(i)) finish_round(self, round);

@@ -2,7 +2,7 @@
 // Shard and TP supervisors: nodes of the per-step agreement tree (semantics.md section 3).
 // A shard supervisor's children are the CP ranks of one attention-TP shard; a TP supervisor's
 // children are shard supervisors (prefill) or ranks (decode). The TP supervisor publishes each
-// agreed round on the group's agreed_board (in-process ranks and schedulers read it there) and
+// agreed round on the group's agreed_ring (in-process ranks and schedulers read it there) and
 // sends it to ranks attached from other processes.
 //
 // Children report a step either by posting on the supervisor's step_board (in-process: the
@@ -15,7 +15,7 @@
 namespace kvflow {
 
 class step_board;
-class agreed_board;
+class agreed_ring;
 
 struct supervisor_args {
   int children = 1;
@@ -24,7 +24,7 @@ struct supervisor_args {
   int index_in_parent = 0;
   int ranks = 0;        // root: ranks attached by message; rounds are held until all attached
   std::shared_ptr<step_board> board;      // where in-process children post (may be null)
-  std::shared_ptr<agreed_board> publish;  // root: where agreed rounds go (may be null)
+  std::shared_ptr<agreed_ring> publish;  // root: where agreed rounds go (may be null)
 };
 
 // Spawns a supervisor. `parent` is the TP supervisor for a shard supervisor, unused for a root.

@@ -23,10 +23,15 @@ int prefill_rank_of(const prefill_topology& t, const prefill_coord& c);
 prefill_coord prefill_coord_of(const prefill_topology& t, int rank);
 int decode_rank_of(const decode_topology& t, const decode_coord& c);
 decode_coord decode_coord_of(const decode_topology& t, int rank);
-// Agreement group ids (one per prefill dp group x pp stage, one per decode TP group), the same in
-// every process that hosts a supervisor or reads a group's rounds.
-inline int prefill_group_of(const prefill_topology& t, const prefill_coord& c) { return c.dp * t.pp + c.pp; }
-inline int decode_group_of(const decode_topology& t, const decode_coord& c) { return 100000 + c.dp * t.pp + c.pp; }
+// Agreement group ids, the same in every process that hosts a supervisor or reads a group's
+// rounds: one per prefill dp group and one per decode dp group, each across its PP stages (a
+// request has one outcome, not one per stage: semantics.md section 3).
+inline int prefill_group_of(const prefill_topology&, const prefill_coord& c) { return c.dp; }
+inline int decode_group_of(const decode_topology&, const decode_coord& c) { return 100000 + c.dp; }
+// A shard's index among its group's TP supervisor's children (prefill: shards of every stage;
+// decode: the ranks of every stage).
+inline int prefill_shard_of(const prefill_topology& t, const prefill_coord& c) { return c.pp * t.tp + c.tp; }
+inline int decode_child_of(const decode_topology& t, const decode_coord& c) { return c.pp * t.tp + c.tp; }
 
 struct range {
   int begin = 0, end = 0;

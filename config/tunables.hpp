@@ -28,7 +28,13 @@ namespace kvflow::config {
     "ucx transport: a push not flushed in this time fails and its peer counts as unreachable "   \
     "(UCX alone does not notice a frozen peer; an event-driven worker runs no keepalive)")       \
   X(step_interval_us, "KVFLOW_STEP_INTERVAL_US", 200,                                            \
-    "simulated scheduler: pause between agreement rounds while rooms are in flight")             \
+    "simulated engines: pause between scheduler steps while requests are in flight")             \
+  X(agreement_lag, "KVFLOW_AGREEMENT_LAG", 1,                                                    \
+    "poll(step k) answers the agreed round k - L: L steps for a round to complete before a "    \
+    "scheduler needs it")                                                                        \
+  X(poll_wait_us, "KVFLOW_POLL_WAIT_US", 100000,                                                 \
+    "longest a poll waits for a round that is not complete yet (counted as a stall; then it "   \
+    "answers timeout, never another round)")                                                     \
   X(max_rooms_per_rank, "KVFLOW_MAX_ROOMS_PER_RANK", 65536,                                      \
     "live rooms one rank accepts; more are refused with an error (bounds the state store)")      \
   X(max_pages_per_request, "KVFLOW_MAX_PAGES_PER_REQUEST", 1 << 20,                              \

@@ -10,7 +10,7 @@
 #include <cstdio>
 #include <thread>
 
-#include "actors/agreed_board.hpp"
+#include "actors/agreed_ring.hpp"
 #include "actors/messages.hpp"
 #include "actors/step_board.hpp"
 #include "actors/supervisor.hpp"
@@ -56,11 +56,11 @@ step_states rank_states(int rooms, std::uint64_t round, int rank) {
   return s;
 }
 
-// kvflow: the real step boards, shard and TP supervisors and agreed board. The calling thread
+// kvflow: the real step boards, shard and TP supervisors and agreed ring. The calling thread
 // plays the ranks' scheduler threads: each step it posts every rank's states (what poll() does
 // on each rank) and waits until the agreed round is published to every rank.
 figures run_kvflow(caf::actor_system& sys, int tp, int cp, int rooms, int rounds, double& poll_ns) {
-  auto agreed = std::make_shared<agreed_board>();
+  auto agreed = std::make_shared<agreed_ring>(std::size_t(rounds) + 1);
   supervisor_args ra;
   ra.children = tp;
   ra.root = true;
@@ -87,7 +87,7 @@ figures run_kvflow(caf::actor_system& sys, int tp, int cp, int rooms, int rounds
         if (boards[t]->post(c, r, rank_states(rooms, r, t * cp + c)))
           caf::anon_send(shards[t], msg::board_round{std::uint64_t(r)});
     auto t1 = clock_type::now();
-    if (!agreed->wait_for(r, std::chrono::seconds(10))) break;
+    if (agreed->wait_for(std::uint64_t(r), std::chrono::seconds(10)) == nullptr) break;
     auto t2 = clock_type::now();
     if (r > rounds / 10) {
       lat.push_back(std::chrono::duration<double, std::micro>(t2 - t0).count());
@@ -95,11 +95,14 @@ figures run_kvflow(caf::actor_system& sys, int tp, int cp, int rooms, int rounds
       agree.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
     }
   }
-  // One poll() as a scheduler thread calls it: read the latest agreed round.
+  // One read of a complete round as a scheduler thread's poll makes it.
   const int polls = 1000000;
   std::uint64_t sink = 0;
   auto p0 = clock_type::now();
-  for (int i = 0; i < polls; ++i) sink += agreed->poll()->round;
+  for (int i = 0; i < polls; ++i) {
+    const auto* v = agreed->get(std::uint64_t(rounds - i % 8));
+    sink += v != nullptr ? v->round : 0;
+  }
   poll_ns = std::chrono::duration<double, std::nano>(clock_type::now() - p0).count() / polls;
   if (sink == 0) poll_ns = -1;
   for (auto& a : all) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);

@@ -15,7 +15,9 @@
 #include <thread>
 
 #include "actors/block_plan.hpp"
-#include "actors/kv_pool.hpp"
+#include "actors/rank_memory.hpp"
+#include "runtime/api_internal.hpp"
+#include "runtime/sim_memory.hpp"
 #include "runtime/bench.hpp"
 #include "runtime/child_process.hpp"
 #include "transport/ucx_transport.hpp"
@@ -110,10 +112,13 @@ int receiver(int in, int out, std::uint64_t sweep_bytes, int pool_pages) {
   if (!made) return 1;
   auto t = std::move(made.value());
   config::routing_plan plan(dsv32_pair());
-  auto shape = decode_pool_shape(plan, 0, pool_pages, 1);
-  auto sizes = sizes_of(shape);
+  // The decode pool: every layer's KV pages one after another, one aux row, the state pages.
+  const auto& model = plan.config().model;
+  const std::uint64_t layers = std::uint64_t(model.layers), pages = std::uint64_t(pool_pages);
+  const std::uint64_t kv = layers * pages * std::uint64_t(plan.decode_item_bytes());
+  const std::uint64_t state = layers * pages * std::uint64_t(plan.config().page_size) * std::uint64_t(model.state_bytes_per_token);
   std::vector<registered> regions;
-  for (auto len : {sweep_bytes, sizes.kv, sizes.aux, sizes.state}) {
+  for (auto len : {sweep_bytes, kv, std::uint64_t(64), state}) {
     auto r = make_region(*t, len);
     if (!r) {
       std::fprintf(stderr, "bench transfer: receiver: %s\n", r.error().reason().c_str());
@@ -306,20 +311,50 @@ int run_bench_transfer(const transfer_flags& f) {
   std::printf("%8s %10s %9s %10s %12s %10s %9s\n", "tokens", "coalesce", "blocks", "GB", "kvflow GB/s", "of 64MiB", "verified");
   for (int tokens : f.request_tokens) {
     const int n = (tokens + 63) / 64;
-    kv_pool pool(prefill_pool_shape(plan, 0, n));
-    for (std::uint64_t i = 0; i < pool.kv_bytes(); ++i) pool.kv_base()[i] = static_cast<std::byte>(i * 131 + 7);
-    for (std::uint64_t i = 0; i < pool.state_bytes(); ++i) pool.state_base()[i] = static_cast<std::byte>(i * 17 + 3);
-    kv_pool shape_only(decode_pool_shape(plan, 0, pool_pages, 1), pool_memory{});
-    auto remote = describe(shape_only, regions[1].id, regions[2].id, regions[3].id);
+    // The prefill side as an engine holds it; the decode side as the child process allocated it
+    // (one region per kind, layers one after another).
+    sim_memory engine_memory(plan, true, 0, n, 1);
+    auto specs = to_buffer_specs(engine_memory.desc());
+    if (!specs) return fail(specs.err().message());
+    auto made_pool = rank_memory::create(plan, true, 0, plan.prefill(0).layers, specs.value());
+    if (!made_pool) return fail(made_pool.error().reason());
+    const auto& pool = made_pool.value();
+    for (int l = 0; l < cfg.model.layers; ++l) {
+      auto* base = pool.item(l, 0, 0);
+      const auto len = std::uint64_t(n) * std::uint64_t(pool.item_bytes());
+      for (std::uint64_t i = 0; i < len; ++i) base[i] = static_cast<std::byte>((i + std::uint64_t(l) * len) * 131 + 7);
+      auto* sb = pool.state_item(l, 0);
+      const auto slen = std::uint64_t(n) * std::uint64_t(pool.state_item_bytes());
+      for (std::uint64_t i = 0; i < slen; ++i) sb[i] = static_cast<std::byte>(i * 17 + 3);
+    }
+    const std::uint64_t item = std::uint64_t(plan.decode_item_bytes());
+    const std::uint64_t state_item = std::uint64_t(pool.state_item_bytes());
+    remote_pool remote;
+    remote.layer_begin = 0;
+    remote.layer_count = cfg.model.layers;
+    remote.pages = pool_pages;
+    remote.item_bytes = plan.decode_item_bytes();
+    remote.page_size = cfg.page_size;
+    remote.state_pages = pool_pages;
+    remote.state_item_bytes = pool.state_item_bytes();
+    for (int l = 0; l < cfg.model.layers; ++l) {
+      const std::uint64_t per = std::uint64_t(pool_pages) * item, sper = std::uint64_t(pool_pages) * state_item;
+      remote.kv.push_back({regions[1].id, std::uint64_t(l) * per, per, item});
+      remote.state.push_back({regions[3].id, std::uint64_t(l) * sper, sper, state_item});
+    }
+    auto decode_offset = [&](int layer) { return std::uint64_t(layer) * std::uint64_t(pool_pages) * item; };
     for (bool coalesce : {true, false}) {
       std::vector<std::vector<transport::block>> chunks;
       std::uint64_t bytes = 0, blocks = 0;
       for (int b = 0; b < n; b += 16) {
         std::vector<std::int32_t> pages;
         for (int p = b; p < std::min(n, b + 16); ++p) pages.push_back(p);
-        block_request br{&pages, &pages, plan.prefill(0).layers, {}, true, coalesce, &pages, &pages};
+        block_request br{&pages, &pages, plan.prefill(0).layers, {}, true, coalesce};
         auto planned = plan_blocks(pool, remote, br);
         if (!planned) return fail(planned.error().reason());
+        auto state = plan_state_blocks(pool, remote, pages, pages, plan.prefill(0).layers, coalesce);
+        if (!state) return fail(state.error().reason());
+        planned.value().insert(planned.value().end(), state.value().begin(), state.value().end());
         for (const auto& bl : planned.value()) bytes += bl.len;
         blocks += planned.value().size();
         chunks.push_back(std::move(planned.value()));
@@ -335,10 +370,10 @@ int run_bench_transfer(const transfer_flags& f) {
       // What landed: the decode pool's first n pages of every layer equal the prefill pool's.
       bool ok = true;
       for (int l = 0; l < cfg.model.layers && ok; ++l) {
-        auto len = std::uint64_t(n) * std::uint64_t(pool.shape().item_bytes);
+        auto len = std::uint64_t(n) * std::uint64_t(pool.item_bytes());
         put_u64(cmd, 1);
         put_u64(cmd, 1);
-        put_u64(cmd, shape_only.offset(l, 0, 0));
+        put_u64(cmd, decode_offset(l));
         put_u64(cmd, len);
         ok = get_u64(rep) == fnv1a(pool.item(l, 0, 0), len);
       }

@@ -115,7 +115,7 @@ class process_cluster final : public cluster_control {
                      std::to_string(r), std::string("--bootstrap"), bootstrap_at_.text(), std::string("--listen"),
                      host + ":0", std::string("--report-to"), l_.host + ":" + std::to_string(observer.value()),
                      std::string("--pool-pages"), std::to_string(pages), std::string("--aux-slots"),
-                     std::to_string(in_flight + 1)})
+                     std::to_string(in_flight + 1), std::string("--chunk-tokens"), std::to_string(o_.chunk_tokens)})
         argv.push_back(a);
       argv.insert(argv.end(), l_.cluster_flags.begin(), l_.cluster_flags.end());
       auto p = child_process::start(argv, child_env(), false);
@@ -149,23 +149,19 @@ class process_cluster final : public cluster_control {
             return status::error("a rank process exited with code " + std::to_string(code.value()) +
                                  " during start-up");
       bool complete = true;
-      me->request(h.registry, 5s, msg::topology_query{}).receive(
-          [&](msg::topology_reply& t) {
-            for (const auto& e : t.entries)
-              h.prefill[config::prefill_rank_of(c.prefill, {e.key.dp_group, e.key.pp, e.key.cp, e.key.tp})] = e.rank;
-          },
-          [&](caf::error&) { complete = false; });
-      for (int d = 0; d < c.decode.ranks(); ++d)
-        if (!h.decode[d])
-          me->request(h.registry, 5s, msg::lookup_decode{d}).receive(
-              [&](msg::decode_entry& e) { h.decode[d] = e.handle; }, [&](caf::error&) {});
       msg::node_table nodes;
       me->request(h.registry, 5s, msg::node_query{}).receive([&](msg::node_table& t) { nodes = std::move(t); },
-                                                               [&](caf::error&) {});
+                                                               [&](caf::error&) { complete = false; });
+      // Requests go to each rank process's engine (it drives its rank through the public API).
       int meshed = 0;
       for (const auto& n : nodes.nodes) {
         if (!dialed.count(n.name) && sys.middleman().remote_actor(n.host, n.port)) dialed.insert(n.name);
         meshed += n.meshed;
+        const bool pre = n.name.rfind("prefill ", 0) == 0;
+        if (!n.engine || (!pre && n.name.rfind("decode ", 0) != 0)) continue;
+        const int r = std::atoi(n.name.c_str() + (pre ? 8 : 7));
+        auto& slot = pre ? h.prefill : h.decode;
+        if (r >= 0 && r < static_cast<int>(slot.size())) slot[static_cast<std::size_t>(r)] = n.engine;
       }
       for (const auto& a : h.prefill) complete = complete && a;
       for (const auto& a : h.decode) complete = complete && a;

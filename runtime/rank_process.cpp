@@ -11,11 +11,11 @@
 
 #include "actors/bootstrap_registry.hpp"
 #include "actors/messages.hpp"
-#include "actors/rank.hpp"
 #include "actors/supervisor.hpp"
+#include "runtime/api_internal.hpp"
 #include "runtime/node.hpp"
 #include "runtime/rank_process.hpp"
-#include "runtime/sim_kv_content.hpp"
+#include "runtime/sim_engine.hpp"
 #include "transport/ucx_transport.hpp"
 
 namespace kvflow::runtime {
@@ -95,7 +95,7 @@ class rank_node {
   status register_node() {
     std::uint32_t version = o_.wire_version != 0 ? o_.wire_version : msg::wire_version;
     status out;
-    self_->request(registry_, 5s, msg::register_node{version, name_, me_.host, me_.port, meshed_})
+    self_->request(registry_, 5s, msg::register_node{version, name_, me_.host, me_.port, meshed_, engine_})
         .receive(
             [&](msg::registration_reply& r) {
               if (!r.ok) {
@@ -112,25 +112,28 @@ class rank_node {
     const auto& c = o_.cluster;
     int group = 0, shard = -1;
     bool lead_shard = false, lead_group = false;
-    int ranks_in_group = 0;
+    int ranks_in_group = 0, root_children = 0;
     if (o_.prefill) {
       auto pc = config::prefill_coord_of(c.prefill, o_.rank);
       group = config::prefill_group_of(c.prefill, pc);
-      shard = pc.tp;
+      shard = config::prefill_shard_of(c.prefill, pc);
       lead_shard = pc.cp == 0;
-      lead_group = pc.cp == 0 && pc.tp == 0;
-      ranks_in_group = c.prefill.tp * c.prefill.cp;
+      lead_group = pc.cp == 0 && pc.tp == 0 && pc.pp == 0;
+      ranks_in_group = c.prefill.tp * c.prefill.cp * c.prefill.pp;
+      root_children = c.prefill.tp * c.prefill.pp;
       child_index_ = pc.cp;
     } else {
       auto dc = config::decode_coord_of(c.decode, o_.rank);
       group = config::decode_group_of(c.decode, dc);
-      lead_group = dc.tp == 0;
-      ranks_in_group = c.decode.tp;
-      child_index_ = dc.tp;
+      lead_group = dc.tp == 0 && dc.pp == 0;
+      ranks_in_group = c.decode.tp * c.decode.pp;
+      root_children = ranks_in_group;
+      child_index_ = config::decode_child_of(c.decode, dc);
     }
+    group_ = group;
     if (lead_group) {
       supervisor_args ra;
-      ra.children = o_.prefill ? c.prefill.tp : c.decode.tp;
+      ra.children = root_children;
       ra.group = group;
       ra.root = true;
       ra.ranks = ranks_in_group;
@@ -161,34 +164,35 @@ class rank_node {
     return {};
   }
 
+  // The rank through the same path as every engine's (make_rank), reporting its steps by
+  // message, and the simulated engine that drives it.
   status spawn_rank() {
-    rank_args a;
+    auto memory = std::make_shared<sim_memory>(*plan_, o_.prefill, o_.rank, o_.pool_pages, std::max(1, o_.aux_slots));
+    rank_context ctx{sys_, plan_, o_.tunables, transport_, registry_, drop_filter(drops_), stopped_};
+    agreement_link link;
+    link.group = group_;
+    link.parent = parent_;
+    link.child = child_index_;
+    link.ring = std::make_shared<agreed_ring>(ring_rounds(o_.tunables));
+    auto made = make_rank(ctx, o_.prefill, o_.rank, memory->desc(), link);
+    if (!made) return status::error(made.err().message());
+    rank_ = made.value()->actor;
+    sim_engine_args a;
     a.plan = plan_;
+    a.prefill = o_.prefill;
     a.rank = o_.rank;
-    a.tunables = o_.tunables;
-    a.transport = transport_;
-    a.parent = parent_;
-    a.child_index = child_index_;
-    a.registry = registry_;
+    a.group = group_;
+    if (o_.prefill)
+      a.prefill_api = std::make_shared<kvflow::prefill_rank>(made.value());
+    else
+      a.decode_api = std::make_shared<kvflow::decode_rank>(made.value());
+    a.rank_actor = rank_;
+    a.memory = memory;
+    a.chunk_tokens = o_.chunk_tokens;
+    a.step_interval_us = o_.tunables.step_interval_us;
     a.observer = observer_;
-    auto plan = plan_;
-    int r = o_.rank;
-    if (o_.prefill) {
-      a.shape = prefill_pool_shape(*plan_, r, o_.pool_pages);
-      a.hooks.fill = [plan, r](kv_pool& pool, const request_view& req, const std::vector<std::int32_t>& pg,
-                               const std::vector<std::int32_t>& state, config::range fill) {
-        fill_pages(*plan, r, pool, req, pg, state, fill);
-      };
-      a.hooks.aux = [](const request_view& req) { return simulated_first_output(req); };
-      rank_ = spawn_prefill_rank(sys_, std::move(a));
-    } else {
-      a.shape = decode_pool_shape(*plan_, r, o_.pool_pages, o_.aux_slots);
-      a.hooks.verify = [plan, r](const kv_pool& pool, const request_view& req, const std::vector<std::int32_t>& pg,
-                                 const std::vector<std::int32_t>& state, std::int32_t aux) {
-        return verify_pages(*plan, r, pool, req, pg, state, aux);
-      };
-      rank_ = spawn_decode_rank(sys_, std::move(a));
-    }
+    a.drops = drops_;
+    engine_ = spawn_sim_engine(sys_, std::move(a));
     self_->send(root_, msg::attach_rank{rank_});
     self_->monitor(rank_);
     self_->monitor(registry_);
@@ -280,8 +284,10 @@ class rank_node {
   }
 
   void stop() {
-    // The rank first (it deregisters its memory before the transport goes), then what it
-    // reported to, so it never sees its supervisor leave.
+    // The engine and the rank first (the rank deregisters its memory before the transport goes),
+    // then what it reported to, so it never sees its supervisor leave.
+    stopped_->store(true);
+    if (engine_) self_->send_exit(engine_, caf::exit_reason::user_shutdown);
     if (rank_) {
       self_->send_exit(rank_, caf::exit_reason::user_shutdown);
       self_->wait_for(rank_);
@@ -298,7 +304,10 @@ class rank_node {
   std::string name_;
   int expected_nodes_ = 0;
   host_port me_;
-  caf::actor registry_, anchor_, root_, parent_, observer_, rank_;
+  caf::actor registry_, anchor_, root_, parent_, observer_, rank_, engine_;
+  int group_ = 0;
+  std::shared_ptr<dst_drops> drops_ = std::make_shared<dst_drops>();
+  std::shared_ptr<std::atomic<bool>> stopped_ = std::make_shared<std::atomic<bool>>(false);
   std::vector<local_supervisor> supervisors_;
   int child_index_ = 0;
   std::set<std::string> dialed_, dial_failed_;

@@ -28,7 +28,8 @@ struct rank_options {
   std::string report_to;               // HOST:PORT of the launcher (the observer); may be empty
   std::string transport = "ucx";
   int pool_pages = 0;                  // KV (and state) pages of the rank's pool
-  int aux_slots = 0;                   // decode: aux slots
+  int aux_slots = 0;                   // aux rows
+  int chunk_tokens = 1024;             // prefill: tokens per chunk of the simulated engine
   std::uint32_t wire_version = 0;      // 0: this build's; else pretend another (compatibility tests)
   config::tunables tunables;
 };

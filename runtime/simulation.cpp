@@ -14,17 +14,14 @@
 #include <set>
 #include <tuple>
 
-#include "actors/agreed_board.hpp"
-#include "actors/bootstrap_registry.hpp"
+#include <caf/scheduler/test_coordinator.hpp>
+
 #include "actors/messages.hpp"
-#include "actors/rank.hpp"
-#include "actors/step_board.hpp"
-#include "actors/supervisor.hpp"
-#include "runtime/actor_system_setup.hpp"
 #include "runtime/agreement_checker.hpp"
+#include "runtime/api_internal.hpp"
 #include "runtime/driver.hpp"
 #include "runtime/percentile.hpp"
-#include "runtime/sim_kv_content.hpp"
+#include "runtime/sim_engine.hpp"
 #include "transport/inproc_transport.hpp"
 #include "transport/ucx_transport.hpp"
 
@@ -88,120 +85,61 @@ int pages_of(const config::cluster_config& c, int tokens) {
   return (tokens + c.page_size - 1) / c.page_size;
 }
 
-cluster_handles spawn_cluster(caf::event_based_actor* self, const simulation_options& o,
-                              const std::shared_ptr<const config::routing_plan>& plan,
-                              const std::shared_ptr<transport::transport>& transport,
-                              const std::shared_ptr<agreement_checker>& checker) {
-  auto& sys = self->system();
-  const auto& c = o.cluster;
-  cluster_handles h;
-  h.registry = spawn_bootstrap_registry(sys, c);
-  // Pools hold the pages in flight: at most min(concurrency, requests) requests at once.
-  const int max_pages = pages_of(c, o.prompt_max);
-  const int in_flight = std::min(o.concurrency, o.requests);
-  // Twice the pages in flight: a room released while its pushes still run (its peer died
-  // mid-transfer) keeps its pages until the transport lets go of them.
-  const int pages = 2 * in_flight * max_pages;
-  auto base_args = [&](int rank) {
-    rank_args a;
-    a.plan = plan;
-    a.rank = rank;
-    a.tunables = o.tunables;
-    a.transport = transport;
-    a.registry = h.registry;
-    a.observer = caf::actor_cast<caf::actor>(self);
-    a.hooks.agreed = [checker](int group, std::uint64_t round, const step_states& s) {
-      checker->on_round(group, round, s);
-    };
-    return a;
-  };
-  // Prefill: per (dp, pp) a TP supervisor over shard supervisors over CP ranks. Ranks post
-  // their steps on their shard's board and read agreed rounds from their group's board.
-  h.prefill.resize(c.prefill.ranks());
-  for (int dp = 0; dp < c.prefill.dp; ++dp)
-    for (int pp = 0; pp < c.prefill.pp; ++pp) {
-      int group = config::prefill_group_of(c.prefill, {dp, pp, 0, 0});
-      auto agreed = std::make_shared<agreed_board>();
-      supervisor_args ra;
-      ra.children = c.prefill.tp;
-      ra.group = group;
-      ra.root = true;
-      ra.publish = agreed;
-      auto root = spawn_supervisor(sys, ra, {});
-      h.supervisors.push_back(root);
-      for (int tp = 0; tp < c.prefill.tp; ++tp) {
-        supervisor_args sa;
-        sa.children = c.prefill.cp;
-        sa.group = group;
-        sa.index_in_parent = tp;
-        sa.board = std::make_shared<step_board>(c.prefill.cp);
-        auto shard = spawn_supervisor(sys, sa, root);
-        h.supervisors.push_back(shard);
-        self->send(root, msg::attach_child{tp, shard});
-        for (int cp = 0; cp < c.prefill.cp; ++cp) {
-          int r = config::prefill_rank_of(c.prefill, {dp, pp, cp, tp});
-          auto a = base_args(r);
-          a.shape = prefill_pool_shape(*plan, r, pages);
-          a.parent = shard;
-          a.child_index = cp;
-          a.board = sa.board;
-          a.agreed = agreed;
-          a.hooks.fill = [plan, r](kv_pool& pool, const request_view& req, const std::vector<std::int32_t>& pg,
-                                   const std::vector<std::int32_t>& state, config::range fill) {
-            fill_pages(*plan, r, pool, req, pg, state, fill);
-          };
-          a.hooks.aux = [](const request_view& req) { return simulated_first_output(req); };
-          h.prefill[r] = spawn_prefill_rank(sys, std::move(a));
-          // The launcher registers what it started (the rank repeats it: idempotent), so a rank
-          // that dies before it ever runs still completes the table, as down.
-          self->send(h.registry, msg::register_rank{msg::wire_version, {dp, cp, tp, pp},
-                                                    "prefill rank " + std::to_string(r), h.prefill[r]});
-        }
-      }
-    }
-  // Decode: per (dp, pp) a TP supervisor over the TP ranks, which post on its board.
-  h.decode.resize(c.decode.ranks());
-  for (int dp = 0; dp < c.decode.dp; ++dp)
-    for (int pp = 0; pp < c.decode.pp; ++pp) {
-      supervisor_args ra;
-      ra.children = c.decode.tp;
-      ra.group = config::decode_group_of(c.decode, {dp, pp, 0});
-      ra.root = true;
-      ra.board = std::make_shared<step_board>(c.decode.tp);
-      ra.publish = std::make_shared<agreed_board>();
-      auto root = spawn_supervisor(sys, ra, {});
-      h.supervisors.push_back(root);
-      for (int tp = 0; tp < c.decode.tp; ++tp) {
-        int r = config::decode_rank_of(c.decode, {dp, pp, tp});
-        auto a = base_args(r);
-        a.shape = decode_pool_shape(*plan, r, pages, in_flight + 1);
-        a.parent = root;
-        a.child_index = tp;
-        a.board = ra.board;
-        a.agreed = ra.publish;
-        a.hooks.verify = [plan, r](const kv_pool& pool, const request_view& req, const std::vector<std::int32_t>& pg,
-                                   const std::vector<std::int32_t>& state, std::int32_t aux) {
-          return verify_pages(*plan, r, pool, req, pg, state, aux);
-        };
-        h.decode[r] = spawn_decode_rank(sys, std::move(a));
-        // The launcher registers what it started, so a rank that dies before it runs is known.
-        self->send(h.registry, msg::register_decode{r, h.decode[r]});
-      }
-    }
-  return h;
-}
-
-// The cluster as actors in this process, sharing one transport.
+// The cluster in this process: one node of the public API holding every rank, and a simulated
+// engine per rank driving it (the router is the driver).
 class inproc_cluster final : public cluster_control {
  public:
-  inproc_cluster(simulation_options opt, std::shared_ptr<const config::routing_plan> plan,
-                 std::shared_ptr<agreement_checker> checker, std::shared_ptr<transport::transport> t)
-      : opt_(std::move(opt)), plan_(std::move(plan)), checker_(std::move(checker)), transport_(std::move(t)) {}
+  inproc_cluster(simulation_options opt, std::shared_ptr<agreement_checker> checker, std::shared_ptr<node> n,
+                 std::shared_ptr<transport::transport> t, std::shared_ptr<dst_drops> drops)
+      : opt_(std::move(opt)), checker_(std::move(checker)), node_(std::move(n)), transport_(std::move(t)),
+        drops_(std::move(drops)) {}
+
   cluster_handles start(caf::event_based_actor* self) override {
-    h_ = spawn_cluster(self, opt_, plan_, transport_, checker_);
-    return h_;
+    const auto& c = opt_.cluster;
+    auto plan = std::make_shared<const config::routing_plan>(c);
+    // Each rank's pool holds the pages of the requests in flight at once.
+    const int in_flight = std::min(opt_.concurrency, opt_.requests);
+    const int pages = in_flight * pages_of(c, opt_.prompt_max);
+    cluster_handles h;
+    h.prefill.resize(c.prefill.ranks());
+    h.decode.resize(c.decode.ranks());
+    auto engine = [&](bool prefill, int r) -> caf::actor {
+      sim_engine_args a;
+      a.plan = plan;
+      a.prefill = prefill;
+      a.rank = r;
+      a.memory = std::make_shared<sim_memory>(*plan, prefill, r, pages, in_flight + 1);
+      a.chunk_tokens = opt_.chunk_tokens;
+      a.step_interval_us = opt_.tunables.step_interval_us;
+      a.observer = caf::actor_cast<caf::actor>(self);
+      a.checker = checker_;
+      a.drops = drops_;
+      if (prefill) {
+        auto pc = config::prefill_coord_of(c.prefill, r);
+        a.group = config::prefill_group_of(c.prefill, pc);
+        auto added = node_->add_prefill({pc.tp, pc.cp, pc.pp, pc.dp}, a.memory->desc());
+        if (!added) return spdlog::error("simulate: prefill rank {}: {}", r, added.err().message()), caf::actor{};
+        a.prefill_api = added.value();
+        a.rank_actor = internals(*a.prefill_api).actor;
+      } else {
+        auto dc = config::decode_coord_of(c.decode, r);
+        a.group = config::decode_group_of(c.decode, dc);
+        auto added = node_->add_decode({dc.tp, 0, dc.pp, dc.dp}, a.memory->desc());
+        if (!added) return spdlog::error("simulate: decode rank {}: {}", r, added.err().message()), caf::actor{};
+        a.decode_api = added.value();
+        a.rank_actor = internals(*a.decode_api).actor;
+      }
+      return spawn_sim_engine(self->system(), std::move(a));
+    };
+    for (int r = 0; r < c.prefill.ranks(); ++r)
+      if (!(h.prefill[r] = engine(true, r))) return {};
+    for (int r = 0; r < c.decode.ranks(); ++r)
+      if (!(h.decode[r] = engine(false, r))) return {};
+    h_ = h;
+    return h;
   }
   status kill(caf::event_based_actor* self, bool prefill, int rank) override {
+    // The engine and its rank die together (linked), as one process would.
     self->send_exit(prefill ? h_.prefill.at(rank) : h_.decode.at(rank), caf::exit_reason::kill);
     return {};
   }
@@ -215,20 +153,17 @@ class inproc_cluster final : public cluster_control {
     return inproc != nullptr ? inproc->copy_seconds() : 0;
   }
   void stop(caf::event_based_actor* self) override {
-    auto bye = [&](caf::actor& a) {
-      if (a) self->send_exit(a, caf::exit_reason::user_shutdown);
-    };
-    for (auto& a : h_.prefill) bye(a);
-    for (auto& a : h_.decode) bye(a);
-    for (auto& a : h_.supervisors) bye(a);
-    bye(h_.registry);
+    for (auto* list : {&h_.prefill, &h_.decode})
+      for (auto& a : *list)
+        if (a) self->send_exit(a, caf::exit_reason::user_shutdown);
   }
 
  private:
   simulation_options opt_;
-  std::shared_ptr<const config::routing_plan> plan_;
   std::shared_ptr<agreement_checker> checker_;
+  std::shared_ptr<node> node_;
   std::shared_ptr<transport::transport> transport_;
+  std::shared_ptr<dst_drops> drops_;
   cluster_handles h_;
 };
 
@@ -299,17 +234,12 @@ void start_request(driver_actor* self, sim_request& r) {
   st.by_key[{r.room, r.incarnation}] = r.index;
 
   msg::new_request q{r.room, r.incarnation, r.tokens, r.prefill_dp, r.decode_dp, 0, r.fault};
-  for (int d : r.decode_ranks) self->send(st.h.decode[d], q);
-  const int n = pages_of(c, r.tokens);
-  const int per_chunk = std::max(1, st.opt.chunk_tokens / c.page_size);
-  for (int p : r.prefill_ranks) {
-    self->send(st.h.prefill[p], q);
-    int b = 0;
-    for (; b + per_chunk <= n; b += per_chunk)
-      self->send(st.h.prefill[p], msg::kv_chunk{r.room, r.incarnation, b, b + per_chunk, false});
-    // The last chunk carries what is left, possibly nothing (an empty last chunk).
-    self->send(st.h.prefill[p], msg::kv_chunk{r.room, r.incarnation, b, n, true});
+  // drop-dst-info loses one message: the first decode rank's first destination message.
+  for (int d : r.decode_ranks) {
+    self->send(st.h.decode[d], q);
+    q.fault &= static_cast<std::uint8_t>(~fault_drop_dst_info);
   }
+  for (int p : r.prefill_ranks) self->send(st.h.prefill[p], q);
   for (const auto& f : st.opt.faults) {
     if (f.at != st.started) continue;
     if (f.what == fault_spec::kind::abort_decode) {
@@ -616,35 +546,57 @@ void drive(caf::actor_system& sys, const simulation_options& options,
 
 namespace {
 
-std::shared_ptr<cluster_control> make_inproc_cluster(const simulation_options& o, const std::shared_ptr<simulation_report>& report,
-                                                     std::shared_ptr<agreement_checker> checker) {
+// The node every rank of the simulated cluster joins, and the cluster over it.
+struct simulated_node {
+  std::shared_ptr<node> n;
+  std::shared_ptr<cluster_control> control;
+};
+
+simulated_node make_inproc_cluster(const simulation_options& o, const std::shared_ptr<simulation_report>& report,
+                                   std::shared_ptr<agreement_checker> checker, bool deterministic) {
   std::shared_ptr<transport::transport> t;
   if (o.transport == "ucx") {
     auto made = transport::ucx_transport::create(
         transport::ucx_options{std::chrono::milliseconds(o.tunables.ucx_flush_timeout_ms)});
     if (!made) {
       report->problems.push_back("transport ucx: " + made.error().reason());
-      return nullptr;
+      return {};
     }
     t = std::move(made.value());
   } else {
     t = std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
   }
-  return std::make_shared<inproc_cluster>(o, std::make_shared<const config::routing_plan>(o.cluster),
-                                          std::move(checker), std::move(t));
+  auto drops = std::make_shared<dst_drops>();
+  internal_options in;
+  in.deterministic = deterministic;
+  in.transport = t;
+  in.tunables = o.tunables;
+  in.drop_dst = drop_filter(drops);
+  topology top;
+  const auto& c = o.cluster;
+  top.prefill = {c.prefill.tp, c.prefill.cp, c.prefill.pp, c.prefill.dp};
+  top.decode = {c.decode.tp, c.decode.dp, c.decode.pp};
+  top.model = config::describe(c.model);
+  top.dtype = config::to_string(c.dtype);
+  top.page_size = c.page_size;
+  top.cp_send_all = c.cp_send_all;
+  auto n = start_node(top, {}, std::move(in));
+  if (!n) {
+    report->problems.push_back("node: " + n.err().message());
+    return {};
+  }
+  auto control = std::make_shared<inproc_cluster>(o, std::move(checker), n.value(), t, drops);
+  return {n.value(), control};
 }
 
 void run_interleaved(const simulation_options& options, const std::shared_ptr<simulation_report>& report) {
-  caf::actor_system_config cfg;
-  configure_actor_system(cfg);
-  cfg.set("scheduler.policy", caf::atom("testing"));
-  caf::actor_system sys{cfg};
-  auto& sched = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
   std::mt19937_64 pick(options.interleave_seed);
   auto checker = std::make_shared<agreement_checker>();
-  auto control = make_inproc_cluster(options, report, checker);
-  if (!control) return;
-  auto d = sys.spawn(driver, options, report, control, checker);
+  auto cluster = make_inproc_cluster(options, report, checker, true);
+  if (!cluster.control) return;
+  auto& sys = internals(*cluster.n).system();
+  auto& sched = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
+  auto d = sys.spawn(driver, options, report, cluster.control, checker);
   caf::anon_send(d, msg::start_atom::value);
   std::uint64_t events = 0;
   while (!report->complete) {
@@ -667,6 +619,7 @@ void run_interleaved(const simulation_options& options, const std::shared_ptr<si
   sched.run();  // let every actor see its exit message
   report->scheduled_events = events;
   if (!report->complete) report->problems.push_back("interleaved run stopped: nothing left to run");
+  cluster.n->stop();
 }
 
 }  // namespace
@@ -678,15 +631,12 @@ simulation_report run_simulation(const simulation_options& options) {
     run_interleaved(options, report);
     return *report;
   }
-  {
-    caf::actor_system_config cfg;
-    configure_actor_system(cfg);
-    caf::actor_system sys{cfg};
-    auto checker = std::make_shared<agreement_checker>();
-    auto control = make_inproc_cluster(options, report, checker);
-    if (!control) return *report;
-    drive(sys, options, report, control, checker);
-  }
+  auto checker = std::make_shared<agreement_checker>();
+  auto cluster = make_inproc_cluster(options, report, checker, false);
+  if (!cluster.control) return *report;
+  drive(internals(*cluster.n).system(), options, report, cluster.control, checker);
+  cluster.control.reset();
+  cluster.n->stop();
   return *report;
 }
 

@@ -1,0 +1,140 @@
+#pragma once
+// What stands behind the public API (include/kvflow/kvflow.hpp): the node's actor system,
+// transport, registry and agreement groups, and a rank's actor and agreement client. Internal to
+// runtime/ (the simulator's engines use it to share the node's actor system and to inject its
+// test faults); never installed.
+#include <caf/all.hpp>
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "actors/agreed_ring.hpp"
+#include "actors/rank.hpp"
+#include "actors/step_board.hpp"
+#include "config/routing.hpp"
+#include "config/tunables.hpp"
+#include "kvflow/kvflow.hpp"
+#include "transport/transport.hpp"
+
+namespace kvflow::runtime {
+
+// Options only kvflow's own engines set.
+struct internal_options {
+  // Run the node's actors on CAF's deterministic test scheduler (the simulator drives it).
+  bool deterministic = false;
+  std::shared_ptr<transport::transport> transport;  // instead of the one options.transport names
+  dst_filter drop_dst;                              // the drop-dst-info fault seam
+  std::optional<config::tunables> tunables;         // instead of options.tunables
+};
+
+expected<std::shared_ptr<node>> start_node(const topology& t, node_options options, internal_options internal);
+
+// The engine's buffers in kvflow's own types (host memory only in this build).
+expected<std::vector<buffer_spec>> to_buffer_specs(const memory_desc& m);
+
+// Parses the public topology into kvflow's own (errors name the field).
+expected<config::cluster_config> to_cluster(const topology& t);
+
+// What a rank needs from the process it lives in.
+struct rank_context {
+  caf::actor_system& sys;
+  std::shared_ptr<const config::routing_plan> plan;
+  config::tunables tunables;
+  std::shared_ptr<transport::transport> transport;
+  caf::actor registry;
+  dst_filter drop_dst;
+  std::shared_ptr<std::atomic<bool>> stopped;
+};
+
+// Where a rank reports its steps and reads the agreed rounds.
+struct agreement_link {
+  int group = 0;
+  caf::actor parent;  // shard supervisor (prefill) or TP supervisor (decode)
+  int child = 0;      // index among the parent's children
+  std::shared_ptr<step_board> board;  // in the parent's process; null: report by message
+  std::shared_ptr<agreed_ring> ring;  // filled by the TP supervisor here, or by the rank
+};
+
+// Spawns a rank over the engine's memory (checked against the plan), linked into its group.
+// The one place a rank is made: in-process nodes and rank processes both call it.
+expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool prefill, int r,
+                                                const memory_desc& memory, const agreement_link& link);
+std::size_t ring_rounds(const config::tunables& t);
+
+}  // namespace kvflow::runtime
+
+namespace kvflow {
+
+// One agreement group in this process: its TP supervisor, shard supervisors and boards.
+struct local_group {
+  caf::actor root;
+  std::shared_ptr<step_board> root_board;  // decode: the ranks post here
+  std::map<int, caf::actor> shards;        // prefill: by shard index
+  std::map<int, std::shared_ptr<step_board>> shard_boards;
+  std::shared_ptr<agreed_ring> ring;
+};
+
+struct node::impl {
+  config::cluster_config cluster;
+  std::shared_ptr<const config::routing_plan> plan;
+  config::tunables tunables;
+  runtime::internal_options internal;
+  std::unique_ptr<caf::actor_system_config> cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  std::shared_ptr<transport::transport> transport;
+  caf::actor registry;
+  std::mutex mutex;  // guards groups, ranks
+  std::map<int, local_group> groups;
+  // What this node spawned, stopped in this order: prefill ranks, decode ranks, the rest.
+  std::vector<caf::actor> prefill_actors, decode_actors, infrastructure;
+  std::map<std::pair<bool, int>, bool> taken;  // (prefill?, rank) already added
+  std::shared_ptr<std::atomic<bool>> stopped = std::make_shared<std::atomic<bool>>(false);
+
+  caf::actor_system& system() { return *sys; }
+  local_group& group(int id);
+};
+
+struct rank::impl {
+  bool prefill = true;
+  int rank = 0;
+  int group = 0;
+  caf::actor actor;
+  caf::actor parent;
+  int child = 0;
+  std::shared_ptr<step_board> board;  // null: post by message
+  std::shared_ptr<agreed_ring> ring;
+  std::shared_ptr<rank_shared> shared;
+  std::shared_ptr<const rank_memory> memory;
+  std::shared_ptr<const config::routing_plan> plan;
+  std::shared_ptr<std::atomic<bool>> stopped;
+  std::uint64_t lag = 1;
+  std::chrono::microseconds default_wait{100000};
+  bool authoritative = true;  // prefill: some decode rank reads it; decode: expects aux
+
+  // The agreement client, touched only by the thread that polls.
+  std::uint64_t posted = 0;
+  std::uint64_t snapshot_version = ~0ULL;
+  step_states snapshot;
+  std::uint64_t view_round = 0;
+  std::vector<room_poll> view;
+  step_states previous;  // the last round handed out (to act on what changed only)
+};
+
+}  // namespace kvflow
+
+namespace kvflow {
+struct internal_access {
+  static node::impl& of(node& n) { return *n.impl_; }
+  static rank::impl& of(rank& r) { return *r.impl_; }
+  static std::shared_ptr<node> make(std::unique_ptr<node::impl> p) { return std::shared_ptr<node>(new node(std::move(p))); }
+};
+}  // namespace kvflow
+
+namespace kvflow::runtime {
+inline node::impl& internals(node& n) { return internal_access::of(n); }
+inline rank::impl& internals(rank& r) { return internal_access::of(r); }
+}  // namespace kvflow::runtime

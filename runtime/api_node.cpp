@@ -1,0 +1,345 @@
+// The node of the public API: parses the topology, starts the actor system, the transport and
+// (in one process) the registry, and wires each rank into its agreement group: written once for
+// every engine (the simulator, rank processes, an embedding serving process).
+#include <caf/scheduler/test_coordinator.hpp>
+#include <spdlog/sinks/base_sink.h>
+#include <spdlog/spdlog.h>
+
+#include "actors/bootstrap_registry.hpp"
+#include "actors/messages.hpp"
+#include "actors/supervisor.hpp"
+#include "runtime/actor_system_setup.hpp"
+#include "runtime/api_internal.hpp"
+#include "transport/inproc_transport.hpp"
+#include "transport/ucx_transport.hpp"
+
+namespace kvflow {
+
+const char* to_string(errc e) {
+  switch (e) {
+    case errc::ok: return "ok";
+    case errc::invalid_argument: return "invalid argument";
+    case errc::not_found: return "not found";
+    case errc::exists: return "exists";
+    case errc::not_ready: return "not ready";
+    case errc::timeout: return "timeout";
+    case errc::unsupported: return "unsupported";
+    case errc::unavailable: return "unavailable";
+    case errc::internal: return "internal error";
+  }
+  return "?";
+}
+
+const char* to_string(poll_state s) { return kvflow::to_string(static_cast<kv_poll>(s)); }
+
+namespace {
+
+// Hands spdlog's lines to the engine's callback (only when the engine gave one).
+class callback_sink final : public spdlog::sinks::base_sink<std::mutex> {
+ public:
+  explicit callback_sink(std::function<void(log_level, const std::string&)> f) : f_(std::move(f)) {}
+
+ protected:
+  void sink_it_(const spdlog::details::log_msg& m) override {
+    f_(static_cast<log_level>(static_cast<int>(m.level)), std::string(m.payload.data(), m.payload.size()));
+  }
+  void flush_() override {}
+
+ private:
+  std::function<void(log_level, const std::string&)> f_;
+};
+
+error invalid(std::string m) { return {errc::invalid_argument, std::move(m)}; }
+
+expected<config::tunables> tunables_of(const node_options& o) {
+  std::vector<std::string> known;
+  for (const auto& [var, value] : config::to_env(config::tunables{})) known.push_back(var);
+  for (const auto& [var, value] : o.tunables)
+    if (std::find(known.begin(), known.end(), var) == known.end())
+      return invalid("tunables: unknown variable " + var + " (see kvflow --help)");
+  try {
+    return config::load_tunables([&](const char* var) -> const char* {
+      for (const auto& [k, v] : o.tunables)
+        if (k == var) return v.c_str();
+      return o.read_environment ? std::getenv(var) : nullptr;
+    });
+  } catch (const config::config_error& e) {
+    return invalid(e.what());
+  }
+}
+
+}  // namespace
+
+local_group& node::impl::group(int id) { return groups[id]; }
+
+node::node(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+node::~node() { stop(); }
+
+expected<std::shared_ptr<node>> node::start(const topology& t, node_options options) {
+  return runtime::start_node(t, std::move(options), {});
+}
+
+void node::stop() {
+  auto& n = *impl_;
+  if (!n.sys || n.stopped->exchange(true)) return;
+  // Prefill ranks before decode ranks (a writer leaves before the memory it writes goes), then
+  // the supervisors and the registry.
+  for (auto* list : {&n.prefill_actors, &n.decode_actors, &n.infrastructure})
+    for (auto& a : *list) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+  if (n.internal.deterministic) {
+    auto& sched = dynamic_cast<caf::scheduler::test_coordinator&>(n.sys->scheduler());
+    sched.run();
+  }
+  n.prefill_actors.clear();
+  n.decode_actors.clear();
+  n.infrastructure.clear();
+  n.registry = nullptr;
+  n.groups.clear();
+  n.sys.reset();  // waits for every actor
+  n.transport.reset();
+}
+
+namespace runtime {
+
+expected<config::cluster_config> to_cluster(const topology& t) {
+  try {
+    config::cluster_config c;
+    c.prefill = {t.prefill.tp, t.prefill.cp, t.prefill.pp, t.prefill.dp};
+    c.decode = {t.decode.tp, t.decode.dp, t.decode.pp};
+    c.dtype = config::parse_dtype(t.dtype);
+    c.model = config::parse_model(t.model, c.dtype);
+    c.page_size = t.page_size;
+    c.cp_send_all = t.cp_send_all;
+    config::validate(c);
+    return c;
+  } catch (const config::config_error& e) {
+    return invalid(e.what());
+  }
+}
+
+expected<std::shared_ptr<node>> start_node(const topology& t, node_options options, internal_options internal) {
+  auto cluster = to_cluster(t);
+  if (!cluster) return cluster.err();
+  auto tun = internal.tunables ? expected<config::tunables>(*internal.tunables) : tunables_of(options);
+  if (!tun) return tun.err();
+  if (!options.bootstrap.empty())
+    return error{errc::unsupported, "bootstrap: nodes that join a remote registry are not wired yet"};
+  auto n = std::make_unique<node::impl>();
+  n->cluster = cluster.value();
+  try {
+    n->plan = std::make_shared<const config::routing_plan>(n->cluster);
+  } catch (const config::config_error& e) {
+    return invalid(e.what());
+  }
+  n->tunables = tun.value();
+  n->internal = std::move(internal);
+  if (options.log) {
+    auto logger = std::make_shared<spdlog::logger>("kvflow", std::make_shared<callback_sink>(options.log));
+    logger->set_level(static_cast<spdlog::level::level_enum>(static_cast<int>(options.min_level)));
+    spdlog::set_default_logger(logger);
+  }
+  if (n->internal.transport) {
+    n->transport = n->internal.transport;
+  } else if (options.transport == "inproc") {
+    n->transport = std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
+  } else if (options.transport == "ucx") {
+    auto made = transport::ucx_transport::create(
+        transport::ucx_options{std::chrono::milliseconds(n->tunables.ucx_flush_timeout_ms)});
+    if (!made) return error{errc::unavailable, "transport ucx: " + made.error().reason()};
+    n->transport = std::move(made.value());
+  } else {
+    return invalid("transport: '" + options.transport + "' is not inproc or ucx");
+  }
+  n->cfg = std::make_unique<caf::actor_system_config>();
+  runtime::configure_actor_system(*n->cfg);
+  if (n->internal.deterministic) n->cfg->set("scheduler.policy", caf::atom("testing"));
+  if (options.worker_threads > 0) n->cfg->set("scheduler.max-threads", options.worker_threads);
+  n->sys = std::make_unique<caf::actor_system>(*n->cfg);
+  n->registry = spawn_bootstrap_registry(*n->sys, n->cluster);
+  n->infrastructure.push_back(n->registry);
+  return internal_access::make(std::move(n));
+}
+
+}  // namespace runtime
+
+namespace runtime {
+
+expected<std::vector<buffer_spec>> to_buffer_specs(const memory_desc& m) {
+  std::vector<buffer_spec> out;
+  for (const auto& b : m.buffers) {
+    if (b.kind != memory_kind::host)
+      return error{errc::unsupported, "memory: CUDA buffers need the GPU data plane (not in this build)"};
+    buffer_kind k = buffer_kind::latent;
+    switch (b.role) {
+      case buffer_role::k: k = buffer_kind::k; break;
+      case buffer_role::v: k = buffer_kind::v; break;
+      case buffer_role::mla_latent: k = buffer_kind::latent; break;
+      case buffer_role::aux: k = buffer_kind::aux; break;
+      case buffer_role::state: k = buffer_kind::state; break;
+      default: return invalid("memory: unknown buffer role " + std::to_string(static_cast<int>(b.role)));
+    }
+    out.push_back({{static_cast<std::byte*>(b.base), b.bytes, b.page_bytes}, k, b.layer});
+  }
+  return out;
+}
+
+}  // namespace runtime
+
+namespace runtime {
+
+expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool prefill, int r,
+                                                const memory_desc& memory, const agreement_link& link) {
+  const auto& plan = *ctx.plan;
+  auto specs = to_buffer_specs(memory);
+  if (!specs) return specs.err();
+  auto mem = rank_memory::create(plan, prefill, r, {memory.layer_begin, memory.layer_end}, specs.value());
+  if (!mem) return invalid(mem.error().reason());
+  auto memv = std::make_shared<const rank_memory>(std::move(mem.value()));
+  const bool needs_aux = prefill ? plan.prefill(r).authoritative : plan.decode(r).expects_aux;
+  if (needs_aux && memv->aux_buffers().empty())
+    return invalid("memory: this rank moves aux rows but has no aux buffer");
+  auto ri = std::make_shared<rank::impl>();
+  ri->prefill = prefill;
+  ri->rank = r;
+  ri->group = link.group;
+  ri->plan = ctx.plan;
+  ri->memory = memv;
+  ri->stopped = ctx.stopped;
+  ri->lag = static_cast<std::uint64_t>(ctx.tunables.agreement_lag);
+  ri->default_wait = std::chrono::microseconds(ctx.tunables.poll_wait_us);
+  ri->authoritative = needs_aux;
+  ri->shared = std::make_shared<rank_shared>();
+  ri->shared->store = state_store(static_cast<std::size_t>(ctx.tunables.max_rooms_per_rank));
+  ri->parent = link.parent;
+  ri->child = link.child;
+  ri->board = link.board;
+  ri->ring = link.ring;
+  rank_args a;
+  a.plan = ctx.plan;
+  a.rank = r;
+  a.tunables = ctx.tunables;
+  a.transport = ctx.transport;
+  a.memory = memv;
+  a.shared = ri->shared;
+  a.parent = link.parent;
+  a.child_index = link.child;
+  a.board = link.board;
+  a.ring = link.ring;
+  a.registry = ctx.registry;
+  if (!prefill) a.drop_dst = ctx.drop_dst;
+  ri->actor = prefill ? spawn_prefill_rank(ctx.sys, std::move(a)) : spawn_decode_rank(ctx.sys, std::move(a));
+  return ri;
+}
+
+std::size_t ring_rounds(const config::tunables& t) {
+  // The ring holds more rounds than a reader can lag behind (see agreed_ring).
+  return std::max<std::size_t>(256, 4 * static_cast<std::size_t>(t.agreement_lag) + 4);
+}
+
+}  // namespace runtime
+
+// Adds one rank of this process's cluster: its place in the agreement tree (the group's
+// supervisors are spawned with its first rank) and the rank itself.
+static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefill, const coords& where,
+                                                      const memory_desc& memory) {
+  if (n.stopped->load()) return error{errc::unavailable, "the node stopped"};
+  const auto& c = n.cluster;
+  int r = 0;
+  if (prefill) {
+    if (where.tp < 0 || where.tp >= c.prefill.tp || where.cp < 0 || where.cp >= c.prefill.cp || where.pp < 0 ||
+        where.pp >= c.prefill.pp || where.dp < 0 || where.dp >= c.prefill.dp)
+      return invalid("coords: outside the prefill topology");
+    r = config::prefill_rank_of(c.prefill, {where.dp, where.pp, where.cp, where.tp});
+  } else {
+    if (where.tp < 0 || where.tp >= c.decode.tp || where.cp != 0 || where.pp < 0 || where.pp >= c.decode.pp ||
+        where.dp < 0 || where.dp >= c.decode.dp)
+      return invalid("coords: outside the decode topology");
+    r = config::decode_rank_of(c.decode, {where.dp, where.pp, where.tp});
+  }
+  std::lock_guard<std::mutex> g(n.mutex);
+  if (n.taken[{prefill, r}]) return {error{errc::exists, "coords: that rank was added already"}};
+  auto& sys = n.system();
+  runtime::agreement_link link;
+  if (prefill) {
+    auto pc = config::prefill_coord_of(c.prefill, r);
+    link.group = config::prefill_group_of(c.prefill, pc);
+    auto& grp = n.group(link.group);
+    if (!grp.root) {
+      grp.ring = std::make_shared<agreed_ring>(runtime::ring_rounds(n.tunables));
+      supervisor_args ra;
+      ra.children = c.prefill.tp * c.prefill.pp;
+      ra.group = link.group;
+      ra.root = true;
+      ra.publish = grp.ring;
+      grp.root = spawn_supervisor(sys, ra, {});
+      n.infrastructure.push_back(grp.root);
+    }
+    const int shard = config::prefill_shard_of(c.prefill, pc);
+    if (!grp.shards.count(shard)) {
+      supervisor_args sa;
+      sa.children = c.prefill.cp;
+      sa.group = link.group;
+      sa.index_in_parent = shard;
+      sa.board = std::make_shared<step_board>(c.prefill.cp);
+      auto h = spawn_supervisor(sys, sa, grp.root);
+      caf::anon_send(grp.root, msg::attach_child{shard, h});
+      grp.shards[shard] = h;
+      grp.shard_boards[shard] = sa.board;
+      n.infrastructure.push_back(h);
+    }
+    link.parent = grp.shards[shard];
+    link.board = grp.shard_boards[shard];
+    link.child = pc.cp;
+    link.ring = grp.ring;
+  } else {
+    auto dc = config::decode_coord_of(c.decode, r);
+    link.group = config::decode_group_of(c.decode, dc);
+    auto& grp = n.group(link.group);
+    if (!grp.root) {
+      grp.ring = std::make_shared<agreed_ring>(runtime::ring_rounds(n.tunables));
+      supervisor_args ra;
+      ra.children = c.decode.tp * c.decode.pp;
+      ra.group = link.group;
+      ra.root = true;
+      ra.board = std::make_shared<step_board>(ra.children);
+      ra.publish = grp.ring;
+      grp.root = spawn_supervisor(sys, ra, {});
+      grp.root_board = ra.board;
+      n.infrastructure.push_back(grp.root);
+    }
+    link.parent = grp.root;
+    link.board = grp.root_board;
+    link.child = config::decode_child_of(c.decode, dc);
+    link.ring = grp.ring;
+  }
+  runtime::rank_context ctx{sys, n.plan, n.tunables, n.transport, n.registry, n.internal.drop_dst, n.stopped};
+  auto ri = runtime::make_rank(ctx, prefill, r, memory, link);
+  if (!ri) return ri.err();
+  n.taken[{prefill, r}] = true;
+  // Registered by the node as well as by the rank itself (idempotent), so a rank that dies
+  // before it ever runs still completes the table, as down.
+  if (prefill) {
+    auto pc = config::prefill_coord_of(c.prefill, r);
+    caf::anon_send(n.registry, msg::register_rank{msg::wire_version, {pc.dp, pc.cp, pc.tp, pc.pp},
+                                                  "prefill rank " + std::to_string(r), ri.value()->actor});
+    n.prefill_actors.push_back(ri.value()->actor);
+  } else {
+    caf::anon_send(n.registry, msg::register_decode{r, ri.value()->actor});
+    n.decode_actors.push_back(ri.value()->actor);
+  }
+  return ri;
+}
+
+expected<std::shared_ptr<prefill_rank>> node::add_prefill(const coords& where, const memory_desc& memory) {
+  auto r = add_rank(*impl_, true, where, memory);
+  if (!r) return r.err();
+  return std::make_shared<prefill_rank>(std::move(r.value()));
+}
+
+expected<std::shared_ptr<decode_rank>> node::add_decode(const coords& where, const memory_desc& memory) {
+  auto r = add_rank(*impl_, false, where, memory);
+  if (!r) return r.err();
+  return std::make_shared<decode_rank>(std::move(r.value()));
+}
+
+}  // namespace kvflow

@@ -1,0 +1,314 @@
+// The ranks of the public API: checks every engine call against what the rank knows (at once,
+// on the engine's thread), hands it to the rank actor, and runs the agreement client: post this
+// step's states, answer the agreed round step - lag.
+#include <algorithm>
+
+#include "actors/messages.hpp"
+#include "runtime/api_internal.hpp"
+
+namespace kvflow {
+namespace {
+
+error invalid(std::string m) { return {errc::invalid_argument, std::move(m)}; }
+error stopped_error() { return {errc::unavailable, "the node stopped"}; }
+
+std::string id_text(const request_id& id) {
+  return "room " + std::to_string(id.room) + " (request " + std::to_string(id.incarnation) + ")";
+}
+
+// The engine-side record of `id`, or null.
+engine_room* find(rank_shared& s, const request_id& id) {
+  auto it = s.engine.find(id.room);
+  return it == s.engine.end() || it->second.incarnation != id.incarnation ? nullptr : &it->second;
+}
+
+error check_pages(const std::vector<std::int32_t>& pages, int limit, const char* what) {
+  for (auto p : pages)
+    if (p < 0 || p >= limit)
+      return invalid(std::string(what) + ": page " + std::to_string(p) + " outside this rank's " +
+                     std::to_string(limit));
+  return {};
+}
+
+// Creates the store entry at once (a duplicate is refused here), then tells the actor.
+error create_room(rank::impl& r, const request_id& id, int other_dp, int other_dps, kv_poll initial) {
+  if (r.stopped->load()) return stopped_error();
+  if (other_dp < 0 || other_dp >= other_dps)
+    return invalid("dp group " + std::to_string(other_dp) + " outside [0, " + std::to_string(other_dps) + ")");
+  {
+    std::lock_guard<std::mutex> g(r.shared->mutex);
+    if (r.shared->lost) return {errc::unavailable, r.shared->lost_reason};
+    if (r.shared->engine.count(id.room) != 0 || r.shared->store.find(id.room) != nullptr)
+      return {errc::exists, "duplicate room " + std::to_string(id.room) + ": a live request holds it"};
+    if (auto s = r.shared->store.create(id.room, id.incarnation, initial); !s) return {errc::exists, s.reason()};
+    r.shared->engine[id.room] = engine_room{id.incarnation};
+    ++r.shared->counters.created;
+  }
+  caf::anon_send(r.actor, msg::api_create{id.room, id.incarnation, other_dp});
+  return {};
+}
+
+}  // namespace
+
+const room_poll* round_view::find(const request_id& id) const {
+  auto it = std::lower_bound(begin(), end(), id, [](const room_poll& p, const request_id& k) {
+    return p.id.room != k.room ? p.id.room < k.room : p.id.incarnation < k.incarnation;
+  });
+  return it != end() && it->id.room == id.room && it->id.incarnation == id.incarnation ? it : nullptr;
+}
+
+rank::rank(std::shared_ptr<impl> p) : impl_(std::move(p)) {}
+rank::~rank() = default;
+int rank::global_rank() const { return impl_->rank; }
+std::uint64_t rank::lag() const { return impl_->lag; }
+
+expected<round_view> rank::poll(std::uint64_t step) { return poll(step, impl_->default_wait); }
+
+expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wait) {
+  auto& r = *impl_;
+  if (r.stopped->load()) return stopped_error();
+  if (step == 0 || step > r.posted + 1 || step < r.posted)
+    return invalid("step " + std::to_string(step) + ": steps start at 1 and rise by one (last " +
+                   std::to_string(r.posted) + ")");
+  auto& sh = *r.shared;
+  if (step == r.posted + 1) {
+    // This step's report: the store as it stands (rebuilt only when it changed).
+    {
+      std::lock_guard<std::mutex> g(sh.mutex);
+      ++sh.counters.polls;
+      if (sh.store.version() != r.snapshot_version) {
+        r.snapshot.clear();
+        r.snapshot.reserve(sh.store.size());
+        for (const auto& [room, e] : sh.store.rooms())
+          r.snapshot.push_back({room, e.incarnation, static_cast<std::uint8_t>(e.state), e.released});
+        std::sort(r.snapshot.begin(), r.snapshot.end(), key_less);
+        r.snapshot_version = sh.store.version();
+      }
+    }
+    r.posted = step;
+    if (r.board) {
+      // In one process: the post that completes the step wakes the supervisor, once.
+      if (r.board->post(r.child, step, r.snapshot)) caf::anon_send(r.parent, msg::board_round{step});
+    } else {
+      caf::anon_send(r.parent, msg::step_report{step, r.child, r.snapshot});
+    }
+  }
+  const std::uint64_t round = step > r.lag ? step - r.lag : 0;
+  round_view out;
+  out.step = step;
+  out.round = round;
+  if (round == 0) return out;
+  if (r.view_round != round) {
+    const agreed_view* v = r.ring->get(round);
+    if (v == nullptr) {
+      {
+        std::lock_guard<std::mutex> g(sh.mutex);
+        if (sh.lost) return error{errc::unavailable, sh.lost_reason};
+        if (wait.count() > 0) ++sh.counters.stalls;
+      }
+      if (wait.count() == 0) return error{errc::not_ready, "round " + std::to_string(round) + " is not complete"};
+      v = r.ring->wait_for(round, wait);
+      if (v == nullptr)
+        return error{errc::timeout, "round " + std::to_string(round) + " did not complete within " +
+                                        std::to_string(wait.count()) + " us"};
+    }
+    // Act on what changed since the last round handed out: rooms the group failed (fail them
+    // here too) and rooms the group released (clear them).
+    msg::api_apply apply;
+    std::size_t j = 0;
+    for (const auto& s : v->states) {
+      while (j < r.previous.size() && key_less(r.previous[j], s)) ++j;
+      const bool was = j < r.previous.size() && !key_less(s, r.previous[j]);
+      const auto state = static_cast<kv_poll>(s.state);
+      if (state == kv_poll::failed && (!was || r.previous[j].state != s.state)) apply.fail.push_back(s);
+      if (is_terminal(state) && s.released && (!was || !r.previous[j].released || r.previous[j].state != s.state))
+        apply.forget.push_back(s);
+    }
+    if (!apply.forget.empty() || !apply.fail.empty()) {
+      std::lock_guard<std::mutex> g(sh.mutex);
+      for (const auto& s : apply.forget) {
+        const auto* e = sh.store.find(s.room);
+        if (e == nullptr || e->incarnation != s.incarnation) continue;
+        (static_cast<kv_poll>(s.state) == kv_poll::success ? sh.counters.succeeded : sh.counters.failed)++;
+        sh.remember_reason(s.room, s.incarnation, e->reason.empty() && s.state == 0
+                                                       ? "another rank of the group failed the room"
+                                                       : e->reason);
+        sh.store.clear(s.room);
+        sh.engine.erase(s.room);
+      }
+    }
+    if (!apply.forget.empty() || !apply.fail.empty()) caf::anon_send(r.actor, std::move(apply));
+    r.previous = v->states;
+    r.view.resize(v->states.size());
+    for (std::size_t i = 0; i < v->states.size(); ++i) {
+      const auto& s = v->states[i];
+      r.view[i] = {{s.room, s.incarnation}, static_cast<poll_state>(s.state), s.released};
+    }
+    r.view_round = round;
+  }
+  out.rooms = r.view.data();
+  out.count = r.view.size();
+  return out;
+}
+
+std::string rank::failure_reason(const request_id& id) const {
+  auto& sh = *impl_->shared;
+  std::lock_guard<std::mutex> g(sh.mutex);
+  if (const auto* e = sh.store.find(id.room); e != nullptr && e->incarnation == id.incarnation) return e->reason;
+  for (auto it = sh.cleared_reasons.rbegin(); it != sh.cleared_reasons.rend(); ++it)
+    if (it->first == std::make_pair(id.room, id.incarnation)) return it->second;
+  return {};
+}
+
+error rank::clear(const request_id& id) {
+  auto& sh = *impl_->shared;
+  std::lock_guard<std::mutex> g(sh.mutex);
+  const auto* e = sh.store.find(id.room);
+  if (e == nullptr || e->incarnation != id.incarnation) return {};  // cleared already (idempotent)
+  if (!e->released) return invalid(id_text(id) + ": the group has not released it yet");
+  sh.store.clear(id.room);
+  sh.engine.erase(id.room);
+  return {};
+}
+
+rank_stats rank::stats() const {
+  auto& sh = *impl_->shared;
+  std::lock_guard<std::mutex> g(sh.mutex);
+  const auto& c = sh.counters;
+  rank_stats s;
+  s.created = c.created;
+  s.succeeded = c.succeeded;
+  s.failed = c.failed;
+  s.aborted = c.aborted;
+  s.bytes_sent = c.bytes_sent;
+  s.transfer_seconds = c.transfer_seconds;
+  s.polls = c.polls;
+  s.stalls = c.stalls;
+  s.live_requests = sh.store.size();
+  s.quarantined = c.quarantined;
+  s.pushes_in_flight = c.pushes_in_flight;
+  return s;
+}
+
+// ---- prefill ------------------------------------------------------------------------------
+error prefill_rank::create(const request_id& id, int decode_dp) {
+  auto& r = *impl_;
+  return create_room(r, id, decode_dp, r.plan->config().decode.dp,
+                     r.authoritative ? kv_poll::bootstrapping : kv_poll::waiting_for_input);
+}
+
+expected<int> prefill_rank::decode_prefix_pages(const request_id& id) const {
+  auto& sh = *impl_->shared;
+  std::lock_guard<std::mutex> g(sh.mutex);
+  auto* e = find(sh, id);
+  if (e == nullptr) return error{errc::not_found, id_text(id) + " is not on this rank"};
+  if (!impl_->authoritative) return 0;  // no decode rank reads it: nothing to skip
+  if (e->prefix_pages < 0) return error{errc::not_ready, id_text(id) + ": its destinations have not all arrived"};
+  return e->prefix_pages;
+}
+
+error prefill_rank::init(const request_id& id, int pages, int aux_row) {
+  auto& r = *impl_;
+  if (r.stopped->load()) return stopped_error();
+  if (pages < 0) return invalid("pages: " + std::to_string(pages) + " < 0");
+  if (!r.memory->aux_buffers().empty() && (aux_row < 0 || aux_row >= r.memory->aux_rows()))
+    return invalid("aux_row: " + std::to_string(aux_row) + " outside this rank's " +
+                   std::to_string(r.memory->aux_rows()) + " rows");
+  {
+    std::lock_guard<std::mutex> g(r.shared->mutex);
+    auto* e = find(*r.shared, id);
+    if (e == nullptr) return {errc::not_found, id_text(id) + " is not on this rank"};
+    if (e->inited) return invalid(id_text(id) + ": init called twice");
+    const auto* st = r.shared->store.find(id.room);
+    if (st != nullptr && st->state != kv_poll::failed && st->state < kv_poll::waiting_for_input)
+      return {errc::not_ready, id_text(id) + ": init before WaitingForInput"};
+    e->inited = true;
+    e->pages = pages;
+  }
+  caf::anon_send(r.actor, msg::api_init{id.room, id.incarnation, pages, aux_row});
+  return {};
+}
+
+error prefill_rank::send(const request_id& id, const std::vector<std::int32_t>& pages, bool is_last,
+                         const std::vector<std::int32_t>& state_pages, std::uintptr_t ready_fence) {
+  auto& r = *impl_;
+  if (r.stopped->load()) return stopped_error();
+  if (ready_fence != 0) return {errc::unsupported, "ready_fence: fences need the GPU data plane (not in this build)"};
+  if (auto e = check_pages(pages, r.memory->pages(), "pages")) return e;
+  if (auto e = check_pages(state_pages, r.memory->state_pages(), "state_pages")) return e;
+  if (!state_pages.empty() && !is_last) return invalid("state_pages: only on the last chunk");
+  {
+    std::lock_guard<std::mutex> g(r.shared->mutex);
+    auto* e = find(*r.shared, id);
+    if (e == nullptr) return {errc::not_found, id_text(id) + " is not on this rank"};
+    if (!e->inited) return invalid(id_text(id) + ": send before init");
+    if (e->last) return invalid(id_text(id) + ": send after the last chunk");
+    const int after = e->sent + static_cast<int>(pages.size());
+    if (after > e->pages || (is_last && after != e->pages))
+      return invalid(id_text(id) + ": chunks of " + std::to_string(after) + " pages for a request of " +
+                     std::to_string(e->pages) + " (init)");
+    e->sent = after;
+    e->last = is_last;
+  }
+  caf::anon_send(r.actor, msg::api_send{id.room, id.incarnation, pages, is_last, state_pages});
+  return {};
+}
+
+error prefill_rank::abort(const request_id& id, const std::string& reason) {
+  auto& r = *impl_;
+  if (r.stopped->load()) return stopped_error();
+  {
+    std::lock_guard<std::mutex> g(r.shared->mutex);
+    if (find(*r.shared, id) == nullptr) return {errc::not_found, id_text(id) + " is not on this rank"};
+  }
+  caf::anon_send(r.actor, msg::api_abort{id.room, id.incarnation, reason});
+  return {};
+}
+
+// ---- decode -------------------------------------------------------------------------------
+error decode_rank::create(const request_id& id, int prefill_dp) {
+  auto& r = *impl_;
+  return create_room(r, id, prefill_dp, r.plan->config().prefill.dp, kv_poll::bootstrapping);
+}
+
+error decode_rank::send_destinations(const request_id& id, const std::vector<std::int32_t>& pages, int aux_slot,
+                                     const std::vector<std::int32_t>& state_pages, int prefix_pages) {
+  auto& r = *impl_;
+  if (r.stopped->load()) return stopped_error();
+  if (auto e = check_pages(pages, r.memory->pages(), "pages")) return e;
+  if (auto e = check_pages(state_pages, r.memory->state_pages(), "state_pages")) return e;
+  if (prefix_pages < 0 || prefix_pages > static_cast<int>(pages.size()))
+    return invalid("prefix_pages: " + std::to_string(prefix_pages) + " outside [0, " + std::to_string(pages.size()) + "]");
+  if (r.memory->state_pages() > 0 && state_pages.size() != pages.size())
+    return invalid("state_pages: " + std::to_string(state_pages.size()) + " for " + std::to_string(pages.size()) +
+                   " pages (the model has state: one per page)");
+  if (r.memory->state_pages() == 0 && !state_pages.empty()) return invalid("state_pages: the model has no state");
+  if (r.authoritative && (aux_slot < 0 || aux_slot >= r.memory->aux_rows()))
+    return invalid("aux_slot: " + std::to_string(aux_slot) + " outside this rank's " +
+                   std::to_string(r.memory->aux_rows()) + " rows");
+  {
+    std::lock_guard<std::mutex> g(r.shared->mutex);
+    auto* e = find(*r.shared, id);
+    if (e == nullptr) return {errc::not_found, id_text(id) + " is not on this rank"};
+    if (e->inited) return invalid(id_text(id) + ": destinations sent twice");
+    const auto* st = r.shared->store.find(id.room);
+    if (st != nullptr && st->state == kv_poll::bootstrapping)
+      return {errc::not_ready, id_text(id) + ": destinations before WaitingForInput"};
+    e->inited = true;
+  }
+  caf::anon_send(r.actor, msg::api_destinations{id.room, id.incarnation, pages, aux_slot, state_pages, prefix_pages});
+  return {};
+}
+
+error decode_rank::abort(const request_id& id, const std::string& reason) {
+  auto& r = *impl_;
+  if (r.stopped->load()) return stopped_error();
+  {
+    std::lock_guard<std::mutex> g(r.shared->mutex);
+    if (find(*r.shared, id) == nullptr) return {errc::not_found, id_text(id) + " is not on this rank"};
+  }
+  caf::anon_send(r.actor, msg::api_abort{id.room, id.incarnation, reason});
+  return {};
+}
+
+}  // namespace kvflow

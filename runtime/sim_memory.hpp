@@ -1,0 +1,63 @@
+#pragma once
+// The KV memory of one simulated engine rank, as a serving engine would hold it: one buffer per
+// layer (K and V apart for MHA), state pages per layer, aux rows; LIFO page allocators (recently
+// freed pages come back first, so page lists stop being consecutive after churn, as in a real
+// pool). Sparse host mappings: pages never touched cost no resident memory.
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "config/routing.hpp"
+#include "cuda/host_memory.hpp"
+#include "kvflow/kvflow.hpp"
+
+namespace kvflow::runtime {
+
+class page_allocator {
+ public:
+  explicit page_allocator(int n = 0);
+  std::optional<std::vector<std::int32_t>> take(int n);
+  void give_back(const std::vector<std::int32_t>& pages);
+  int used() const { return total_ - static_cast<int>(free_.size()); }
+
+ private:
+  int total_ = 0;
+  std::vector<std::int32_t> free_;
+};
+
+// What an aux row of the simulated model holds: the request and its first output token.
+struct sim_aux_row {
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t first_token = 0;
+  float first_logprob = 0.f;
+};
+constexpr std::uint64_t sim_aux_row_bytes = 64;
+
+class sim_memory {
+ public:
+  // The memory of rank `rank` (prefill or decode) with `pages` KV pages (and as many state pages
+  // when the model has state) and `aux_rows` aux rows, over the layers the plan gives it.
+  sim_memory(const config::routing_plan& plan, bool prefill, int rank, int pages, int aux_rows);
+
+  const memory_desc& desc() const { return desc_; }
+  config::range layers() const { return layers_; }
+  int buffers_per_layer() const { return bpl_; }
+  std::int64_t item_bytes() const { return item_; }
+  std::int64_t state_item_bytes() const { return state_item_; }
+  bool has_state() const { return state_item_ > 0; }
+  std::byte* item(int layer, int buffer, int page) const;
+  std::byte* state_item(int layer, int page) const;
+  std::byte* aux_row(int row) const { return aux_.data() + std::uint64_t(row) * sim_aux_row_bytes; }
+
+  page_allocator pages, state_pages, aux_rows;
+
+ private:
+  config::range layers_;
+  int bpl_ = 1, npages_ = 0;
+  std::int64_t item_ = 0, state_item_ = 0;
+  cuda::host_memory kv_, state_, aux_;
+  memory_desc desc_;
+};
+
+}  // namespace kvflow::runtime

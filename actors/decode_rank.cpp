@@ -39,7 +39,9 @@ struct decode_state {
   bool connected = false;
   std::string fatal;  // set when the prefill side is incompatible: every room fails with it
   std::vector<std::uint64_t> waiting_connect;
-  cuda::host_memory receipts;  // one aux_record per aux row: where prefill marks a slot landed
+  // One aux_record per aux row: where prefill marks a slot landed.
+  std::byte* receipts_base = nullptr;
+  cuda::host_memory receipts_mapped;  // when the transport allocates none
   remote_pool described;
   std::vector<transport::region_desc> described_regions;  // what peers need to write into them
   std::vector<std::uint64_t> regions;  // registered with the transport; removed before the memory
@@ -99,7 +101,7 @@ void fail_room(decode_actor* self, std::uint64_t room, const std::string& reason
 bool aux_landed(const decode_state& st, const decode_room& r) {
   if (!st.me->expects_aux) return true;
   aux_record rec;
-  std::memcpy(&rec, st.receipts.data() + std::uint64_t(r.aux_slot) * sizeof(aux_record), sizeof rec);
+  std::memcpy(&rec, st.receipts_base + std::uint64_t(r.aux_slot) * sizeof(aux_record), sizeof rec);
   return rec.room == r.room && rec.incarnation == r.inc && rec.check == aux_checksum(rec);
 }
 
@@ -130,6 +132,15 @@ status register_memory(decode_state& st) {
   const auto owner = static_cast<std::uint64_t>(st.args.rank);
   const auto& mem = *st.args.memory;
   auto reg = [&](const buffer_view& b, remote_buffer& out) -> status {
+    // A buffer the engine placed in memory the transport allocated is part of that region.
+    if (auto in = st.args.transport->region_of(b.base, b.bytes)) {
+      const auto& d = in.value();
+      if (std::none_of(st.described_regions.begin(), st.described_regions.end(),
+                       [&](const transport::region_desc& x) { return x.id == d.id; }))
+        st.described_regions.push_back(d);
+      out = {d.id, reinterpret_cast<std::uintptr_t>(b.base) - d.address, b.bytes, b.page_bytes};
+      return {};
+    }
     auto d = st.args.transport->register_memory(owner, b.base, b.bytes);
     if (!d) return d.error();
     st.regions.push_back(d->id);
@@ -156,9 +167,17 @@ status register_memory(decode_state& st) {
       if (auto s = reg(b, out.back()); !s) return s;
     }
   }
-  const std::uint64_t slots = std::max(1, mem.aux_rows());
-  st.receipts = cuda::host_memory(slots * sizeof(aux_record));
-  return reg({st.receipts.data(), st.receipts.size(), sizeof(aux_record)}, p.receipts);
+  // The receipts are kvflow's own: in transport-allocated memory when it offers some (so a
+  // same-host peer writes every region the same way), else mapped here and registered.
+  const std::uint64_t bytes = std::uint64_t(std::max(1, mem.aux_rows())) * sizeof(aux_record);
+  if (auto a = st.args.transport->allocate_memory(owner, bytes)) {
+    st.receipts_base = a->base;
+    st.regions.push_back(a->desc.id);
+  } else {
+    st.receipts_mapped = cuda::host_memory(bytes);
+    st.receipts_base = st.receipts_mapped.data();
+  }
+  return reg({st.receipts_base, bytes, sizeof(aux_record)}, p.receipts);
 }
 
 void on_topology(decode_actor* self, const msg::topology_reply& t) {
@@ -290,7 +309,7 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
         if (e == nullptr || e->state != kv_poll::waiting_for_input || !r.sent_to.empty()) return;
         r.aux_slot = d.aux_slot;
         if (st.me->expects_aux)  // a recycled slot must not look landed for this request
-          std::memset(st.receipts.data() + std::uint64_t(d.aux_slot) * sizeof(aux_record), 0, sizeof(aux_record));
+          std::memset(st.receipts_base + std::uint64_t(d.aux_slot) * sizeof(aux_record), 0, sizeof(aux_record));
         for (int p : r.peers) {
           msg::dst_info m;
           m.room = d.room;

@@ -183,8 +183,9 @@ void send_chunk(prefill_actor* self, prefill_room& r, int pos, const std::vector
     auto me = caf::actor_cast<caf::actor>(self);
     auto inc = r.inc;
     auto start = clock_type::now();
-    // The completion may run on this thread, inside push(): it only sends a message.
-    st.args.transport->push(d, blocks, [me, room, inc, d, receipt, start, bytes](status s) {
+    // The completion may run on this thread, inside push(): it only sends a message. It keeps
+    // the source memory description (and its owner) alive until the transport is done with it.
+    st.args.transport->push(d, blocks, [me, room, inc, d, receipt, start, bytes, memory = st.args.memory](status s) {
       caf::anon_send(me, msg::push_done{room, inc, d, s.ok(), s.reason(), bytes,
                                         std::chrono::duration<double>(clock_type::now() - start).count()});
     });

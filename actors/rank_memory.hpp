@@ -5,6 +5,7 @@
 // Pure (no actors).
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "config/routing.hpp"
@@ -58,6 +59,11 @@ class rank_memory {
   int local_heads() const { return local_heads_; }
   std::int64_t head_bytes() const { return head_bytes_; }
   int page_size() const { return page_size_; }
+
+  // Whatever keeps the engine's buffers alive, when the engine lends kvflow a share in them (the
+  // simulator's engines do; a serving engine keeps its memory for the rank's lifetime instead).
+  // Pushes hold the rank_memory until they complete.
+  std::shared_ptr<const void> owner;
 
   // Buffer of layer `layer` (global), `buffer` 0 (K / latent) or 1 (V).
   const buffer_view& kv(int layer, int buffer) const {

@@ -71,7 +71,10 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
     if (st.parent && dm.source == st.parent.address()) {
       // The TP supervisor went (with its rank's process): this shard can no longer agree
       // anything; leaving tells its children.
-      spdlog::warn("agreement group {}: TP supervisor down; shard {} leaves", st.args.group, st.args.index_in_parent);
+      if (dm.reason == caf::exit_reason::user_shutdown)
+        spdlog::debug("agreement group {}: TP supervisor left; shard {} leaves", st.args.group, st.args.index_in_parent);
+      else
+        spdlog::warn("agreement group {}: TP supervisor down; shard {} leaves", st.args.group, st.args.index_in_parent);
       self->quit(caf::exit_reason::user_shutdown);
       return;
     }

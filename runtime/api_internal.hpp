@@ -61,8 +61,14 @@ struct agreement_link {
 
 // Spawns a rank over the engine's memory (checked against the plan), linked into its group.
 // The one place a rank is made: in-process nodes and rank processes both call it.
+// `owner` (may be null) keeps the memory alive as long as the rank and its pushes need it.
 expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool prefill, int r,
-                                                const memory_desc& memory, const agreement_link& link);
+                                                const memory_desc& memory, const agreement_link& link,
+                                                std::shared_ptr<const void> owner = {});
+
+// node::add_prefill / add_decode with an owner of the memory (see make_rank).
+expected<std::shared_ptr<rank::impl>> add_rank(node& n, bool prefill, const coords& where,
+                                               const memory_desc& memory, std::shared_ptr<const void> owner);
 std::size_t ring_rounds(const config::tunables& t);
 
 }  // namespace kvflow::runtime

@@ -188,12 +188,14 @@ expected<std::vector<buffer_spec>> to_buffer_specs(const memory_desc& m) {
 namespace runtime {
 
 expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool prefill, int r,
-                                                const memory_desc& memory, const agreement_link& link) {
+                                                const memory_desc& memory, const agreement_link& link,
+                                                std::shared_ptr<const void> owner) {
   const auto& plan = *ctx.plan;
   auto specs = to_buffer_specs(memory);
   if (!specs) return specs.err();
   auto mem = rank_memory::create(plan, prefill, r, {memory.layer_begin, memory.layer_end}, specs.value());
   if (!mem) return invalid(mem.error().reason());
+  mem.value().owner = std::move(owner);
   auto memv = std::make_shared<const rank_memory>(std::move(mem.value()));
   const bool needs_aux = prefill ? plan.prefill(r).authoritative : plan.decode(r).expects_aux;
   if (needs_aux && memv->aux_buffers().empty())
@@ -241,7 +243,7 @@ std::size_t ring_rounds(const config::tunables& t) {
 // Adds one rank of this process's cluster: its place in the agreement tree (the group's
 // supervisors are spawned with its first rank) and the rank itself.
 static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefill, const coords& where,
-                                                      const memory_desc& memory) {
+                                                      const memory_desc& memory, std::shared_ptr<const void> owner) {
   if (n.stopped->load()) return error{errc::unavailable, "the node stopped"};
   const auto& c = n.cluster;
   int r = 0;
@@ -313,7 +315,7 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
     link.ring = grp.ring;
   }
   runtime::rank_context ctx{sys, n.plan, n.tunables, n.transport, n.registry, n.internal.drop_dst, n.stopped};
-  auto ri = runtime::make_rank(ctx, prefill, r, memory, link);
+  auto ri = runtime::make_rank(ctx, prefill, r, memory, link, std::move(owner));
   if (!ri) return ri.err();
   n.taken[{prefill, r}] = true;
   // Registered by the node as well as by the rank itself (idempotent), so a rank that dies
@@ -330,14 +332,19 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   return ri;
 }
 
+expected<std::shared_ptr<rank::impl>> runtime::add_rank(node& n, bool prefill, const coords& where,
+                                                        const memory_desc& memory, std::shared_ptr<const void> owner) {
+  return kvflow::add_rank(runtime::internals(n), prefill, where, memory, std::move(owner));
+}
+
 expected<std::shared_ptr<prefill_rank>> node::add_prefill(const coords& where, const memory_desc& memory) {
-  auto r = add_rank(*impl_, true, where, memory);
+  auto r = add_rank(*impl_, true, where, memory, {});
   if (!r) return r.err();
   return std::make_shared<prefill_rank>(std::move(r.value()));
 }
 
 expected<std::shared_ptr<decode_rank>> node::add_decode(const coords& where, const memory_desc& memory) {
-  auto r = add_rank(*impl_, false, where, memory);
+  auto r = add_rank(*impl_, false, where, memory, {});
   if (!r) return r.err();
   return std::make_shared<decode_rank>(std::move(r.value()));
 }

@@ -101,9 +101,9 @@ class process_cluster final : public cluster_control {
     if (!observer) return observer.error();
     if (auto s = start_bootstrap(0); !s) return s;
     const int in_flight = std::min(o_.concurrency, o_.requests);
-    // Twice the pages in flight: a room released while its pushes still run (its peer died
-    // mid-transfer) keeps its pages until the transport lets go of them.
-    const int pages = 2 * in_flight * pages_of(c, o_.prompt_max);
+    // Each rank's pool holds the pages of the requests in flight at once (a request's pages come
+    // back only once its whole group released them).
+    const int pages = in_flight * pages_of(c, o_.prompt_max);
     auto start_rank = [&](bool prefill, int r) -> status {
       const auto& wrap = prefill ? l_.prefill_exec : l_.decode_exec;
       const auto& host = (prefill ? l_.prefill_host : l_.decode_host).empty()

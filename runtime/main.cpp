@@ -1,4 +1,4 @@
-// The `kvflow` command: simulate, bench. Exit codes: 0 ok, 1 failure found, 2 bad usage.
+// The `kvflow` command: simulate, launch, plan, bench. Exit codes: 0 ok, 1 failure found, 2 bad usage.
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
@@ -10,6 +10,7 @@
 #include "config/tunables.hpp"
 #include "runtime/bench.hpp"
 #include "runtime/launch.hpp"
+#include "runtime/plan_command.hpp"
 #include "runtime/rank_process.hpp"
 #include "runtime/simulation.hpp"
 
@@ -175,6 +176,12 @@ int main(int argc, char** argv) {
   launch->add_option("--prefill-exec", lo.prefill_exec, "command prefix for prefill rank processes (e.g. 'ip netns exec A')");
   launch->add_option("--decode-exec", lo.decode_exec, "command prefix for decode rank processes");
 
+  cluster_flags planf;
+  bool plan_json = false;
+  auto* plan = app.add_subcommand("plan", "print every rank's routing plan (peers, responses, layers, heads, CP shares)");
+  add_cluster_options(plan, planf);
+  plan->add_flag("--json", plan_json, "a JSON document instead of text");
+
   cluster_flags bootf;
   std::string boot_listen = "127.0.0.1:0";
   auto* boot = app.add_subcommand("bootstrap", "serve the bootstrap registry over TCP");
@@ -194,7 +201,8 @@ int main(int argc, char** argv) {
   rank->add_option("--report-to", ro.report_to, "HOST:PORT of the launcher that observes this rank");
   rank->add_option("--transport", ro.transport, "ucx")->capture_default_str();
   rank->add_option("--pool-pages", ro.pool_pages, "KV pages in this rank's pool")->required();
-  rank->add_option("--aux-slots", ro.aux_slots, "decode: aux slots")->capture_default_str();
+  rank->add_option("--aux-slots", ro.aux_slots, "aux rows")->capture_default_str();
+  rank->add_option("--chunk-tokens", ro.chunk_tokens, "prefill: tokens per chunk")->capture_default_str();
   rank->add_option("--wire-version", ro.wire_version, "speak this wire version (compatibility tests; 0: this build's)");
   add_cluster_options(rank, rankf);
 
@@ -246,6 +254,7 @@ int main(int argc, char** argv) {
       lo.log_level = log_level;
       return run_simulate(sf, &lo);
     }
+    if (plan->parsed()) return runtime::run_plan(to_cluster(planf), plan_json);
     if (boot->parsed()) {
       runtime::bootstrap_options b;
       b.cluster = to_cluster(bootf);

@@ -167,14 +167,14 @@ class rank_node {
   // The rank through the same path as every engine's (make_rank), reporting its steps by
   // message, and the simulated engine that drives it.
   status spawn_rank() {
-    auto memory = std::make_shared<sim_memory>(*plan_, o_.prefill, o_.rank, o_.pool_pages, std::max(1, o_.aux_slots));
+    auto memory = std::make_shared<sim_memory>(*plan_, o_.prefill, o_.rank, o_.pool_pages, std::max(1, o_.aux_slots), transport_);
     rank_context ctx{sys_, plan_, o_.tunables, transport_, registry_, drop_filter(drops_), stopped_};
     agreement_link link;
     link.group = group_;
     link.parent = parent_;
     link.child = child_index_;
     link.ring = std::make_shared<agreed_ring>(ring_rounds(o_.tunables));
-    auto made = make_rank(ctx, o_.prefill, o_.rank, memory->desc(), link);
+    auto made = make_rank(ctx, o_.prefill, o_.rank, memory->desc(), link, memory);
     if (!made) return status::error(made.err().message());
     rank_ = made.value()->actor;
     sim_engine_args a;

@@ -21,18 +21,39 @@ void page_allocator::give_back(const std::vector<std::int32_t>& pages) {
   for (auto it = pages.rbegin(); it != pages.rend(); ++it) free_.push_back(*it);
 }
 
-sim_memory::sim_memory(const config::routing_plan& plan, bool prefill, int rank, int npages, int rows)
+sim_memory::region sim_memory::make(std::uint64_t bytes, std::uint64_t owner) {
+  region r;
+  if (transport_ && bytes > 0)
+    if (auto a = transport_->allocate_memory(owner, bytes)) {
+      r.base = a->base;
+      r.id = a->desc.id;
+      return r;
+    }
+  r.mapped = cuda::host_memory(bytes);
+  r.base = r.mapped.data();
+  return r;
+}
+
+sim_memory::~sim_memory() {
+  for (auto* r : {&kv_, &state_, &aux_})
+    if (r->id != 0) transport_->deregister_memory(r->id);
+}
+
+sim_memory::sim_memory(const config::routing_plan& plan, bool prefill, int rank, int npages, int rows,
+                       std::shared_ptr<transport::transport> t)
     : layers_(prefill ? plan.prefill(rank).layers : plan.decode(rank).layers),
       bpl_(plan.buffers_per_layer()),
       npages_(npages),
-      item_(prefill ? plan.prefill_item_bytes() : plan.decode_item_bytes()) {
+      item_(prefill ? plan.prefill_item_bytes() : plan.decode_item_bytes()),
+      transport_(prefill ? nullptr : std::move(t)) {  // only decode memory is written by peers
   const auto& c = plan.config();
   if (c.model.kind == config::model_kind::mla) state_item_ = std::int64_t{c.page_size} * c.model.state_bytes_per_token;
   const auto nl = static_cast<std::uint64_t>(layers_.size());
   const auto per_buffer = std::uint64_t(npages) * std::uint64_t(item_);
-  kv_ = cuda::host_memory(nl * bpl_ * per_buffer);
-  if (state_item_ > 0) state_ = cuda::host_memory(nl * std::uint64_t(npages) * std::uint64_t(state_item_));
-  aux_ = cuda::host_memory(std::uint64_t(std::max(rows, 1)) * sim_aux_row_bytes);
+  const auto owner = static_cast<std::uint64_t>(rank);
+  kv_ = make(nl * bpl_ * per_buffer, owner);
+  if (state_item_ > 0) state_ = make(nl * std::uint64_t(npages) * std::uint64_t(state_item_), owner);
+  aux_ = make(std::uint64_t(std::max(rows, 1)) * sim_aux_row_bytes, owner);
   pages = page_allocator(npages);
   state_pages = page_allocator(state_item_ > 0 ? npages : 0);
   aux_rows = page_allocator(rows);
@@ -60,8 +81,8 @@ sim_memory::sim_memory(const config::routing_plan& plan, bool prefill, int rank,
   }
   if (rows > 0) {
     buffer_desc d;
-    d.base = aux_.data();
-    d.bytes = aux_.size();
+    d.base = aux_.base;
+    d.bytes = std::uint64_t(std::max(rows, 1)) * sim_aux_row_bytes;
     d.page_bytes = sim_aux_row_bytes;
     d.role = buffer_role::aux;
     desc_.buffers.push_back(d);
@@ -70,11 +91,11 @@ sim_memory::sim_memory(const config::routing_plan& plan, bool prefill, int rank,
 
 std::byte* sim_memory::item(int layer, int buffer, int page) const {
   const auto lb = std::uint64_t(layer - layers_.begin) * bpl_ + buffer;
-  return kv_.data() + (lb * std::uint64_t(npages_) + std::uint64_t(page)) * std::uint64_t(item_);
+  return kv_.base + (lb * std::uint64_t(npages_) + std::uint64_t(page)) * std::uint64_t(item_);
 }
 
 std::byte* sim_memory::state_item(int layer, int page) const {
-  return state_.data() +
+  return state_.base +
          (std::uint64_t(layer - layers_.begin) * std::uint64_t(npages_) + std::uint64_t(page)) * std::uint64_t(state_item_);
 }
 

@@ -4,12 +4,14 @@
 // freed pages come back first, so page lists stop being consecutive after churn, as in a real
 // pool). Sparse host mappings: pages never touched cost no resident memory.
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
 #include "config/routing.hpp"
 #include "cuda/host_memory.hpp"
 #include "kvflow/kvflow.hpp"
+#include "transport/transport.hpp"
 
 namespace kvflow::runtime {
 
@@ -37,8 +39,14 @@ constexpr std::uint64_t sim_aux_row_bytes = 64;
 class sim_memory {
  public:
   // The memory of rank `rank` (prefill or decode) with `pages` KV pages (and as many state pages
-  // when the model has state) and `aux_rows` aux rows, over the layers the plan gives it.
-  sim_memory(const config::routing_plan& plan, bool prefill, int rank, int pages, int aux_rows);
+  // when the model has state) and `aux_rows` aux rows, over the layers the plan gives it. With a
+  // transport that allocates memory its peers write fastest (UCX: shared memory), each region
+  // comes from it; else from sparse anonymous mappings.
+  sim_memory(const config::routing_plan& plan, bool prefill, int rank, int pages, int aux_rows,
+             std::shared_ptr<transport::transport> t = nullptr);
+  ~sim_memory();
+  sim_memory(const sim_memory&) = delete;
+  sim_memory& operator=(const sim_memory&) = delete;
 
   const memory_desc& desc() const { return desc_; }
   config::range layers() const { return layers_; }
@@ -48,7 +56,7 @@ class sim_memory {
   bool has_state() const { return state_item_ > 0; }
   std::byte* item(int layer, int buffer, int page) const;
   std::byte* state_item(int layer, int page) const;
-  std::byte* aux_row(int row) const { return aux_.data() + std::uint64_t(row) * sim_aux_row_bytes; }
+  std::byte* aux_row(int row) const { return aux_.base + std::uint64_t(row) * sim_aux_row_bytes; }
 
   page_allocator pages, state_pages, aux_rows;
 
@@ -56,7 +64,15 @@ class sim_memory {
   config::range layers_;
   int bpl_ = 1, npages_ = 0;
   std::int64_t item_ = 0, state_item_ = 0;
-  cuda::host_memory kv_, state_, aux_;
+  // One region: from the transport when it allocates, else mapped here.
+  struct region {
+    cuda::host_memory mapped;
+    std::byte* base = nullptr;
+    std::uint64_t id = 0;  // the transport's allocation (0: mapped)
+  };
+  region make(std::uint64_t bytes, std::uint64_t owner);
+  std::shared_ptr<transport::transport> transport_;
+  region kv_, state_, aux_;
   memory_desc desc_;
 };
 

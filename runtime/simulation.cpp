@@ -108,7 +108,7 @@ class inproc_cluster final : public cluster_control {
       a.plan = plan;
       a.prefill = prefill;
       a.rank = r;
-      a.memory = std::make_shared<sim_memory>(*plan, prefill, r, pages, in_flight + 1);
+      a.memory = std::make_shared<sim_memory>(*plan, prefill, r, pages, in_flight + 1, transport_);
       a.chunk_tokens = opt_.chunk_tokens;
       a.step_interval_us = opt_.tunables.step_interval_us;
       a.observer = caf::actor_cast<caf::actor>(self);
@@ -117,16 +117,16 @@ class inproc_cluster final : public cluster_control {
       if (prefill) {
         auto pc = config::prefill_coord_of(c.prefill, r);
         a.group = config::prefill_group_of(c.prefill, pc);
-        auto added = node_->add_prefill({pc.tp, pc.cp, pc.pp, pc.dp}, a.memory->desc());
+        auto added = add_rank(*node_, true, {pc.tp, pc.cp, pc.pp, pc.dp}, a.memory->desc(), a.memory);
         if (!added) return spdlog::error("simulate: prefill rank {}: {}", r, added.err().message()), caf::actor{};
-        a.prefill_api = added.value();
+        a.prefill_api = std::make_shared<prefill_rank>(added.value());
         a.rank_actor = internals(*a.prefill_api).actor;
       } else {
         auto dc = config::decode_coord_of(c.decode, r);
         a.group = config::decode_group_of(c.decode, dc);
-        auto added = node_->add_decode({dc.tp, 0, dc.pp, dc.dp}, a.memory->desc());
+        auto added = add_rank(*node_, false, {dc.tp, 0, dc.pp, dc.dp}, a.memory->desc(), a.memory);
         if (!added) return spdlog::error("simulate: decode rank {}: {}", r, added.err().message()), caf::actor{};
-        a.decode_api = added.value();
+        a.decode_api = std::make_shared<decode_rank>(added.value());
         a.rank_actor = internals(*a.decode_api).actor;
       }
       return spawn_sim_engine(self->system(), std::move(a));

@@ -1,5 +1,7 @@
 #include "runtime/simulation.hpp"
 
+#include "runtime/memory_check.hpp"
+
 #include <algorithm>
 #include <stdexcept>
 
@@ -103,6 +105,9 @@ void validate(const simulation_options& o) {
                                                           std::to_string(f.rank) + " of " +
                                                           std::to_string(o.cluster.decode.ranks()));
   }
+  // The pages a run touches must fit in this machine's memory (checked last: it depends on the
+  // machine, not on the options alone).
+  check_pool_memory(o, available_memory_bytes());
 }
 
 }  // namespace kvflow::runtime

@@ -60,6 +60,12 @@ class transport {
   virtual result<allocation> allocate_memory(std::uint64_t /*owner*/, std::uint64_t /*len*/) {
     return status::error(std::string(name()) + " allocates no memory");
   }
+  // The region of an allocate_memory allocation that holds [base, base + len), so that a buffer
+  // an engine placed inside it is described as part of it (offset = base - address). An error
+  // when no allocation of this transport holds the range.
+  virtual result<region_desc> region_of(const void* /*base*/, std::uint64_t /*len*/) const {
+    return status::error(std::string(name()) + " allocated no memory holding that range");
+  }
   // Returns once no peer can write into the region any more, so the memory may be freed (and
   // frees it when allocate_memory made it).
   virtual void deregister_memory(std::uint64_t region) = 0;

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <deque>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
@@ -150,6 +151,8 @@ struct ucx_transport::impl {
   bool dying = false;  // shut_down() ran: the worker is being destroyed
   std::atomic<std::uint64_t> bytes{0};
   std::atomic<std::uint64_t> next_region{1};
+  mutable std::mutex allocations_mutex;
+  std::map<std::uint64_t, region_desc> allocations;  // allocate_memory's regions, by id
   std::atomic<std::uint64_t> next_push{1};
 
   mutable std::mutex mutex;
@@ -580,7 +583,17 @@ result<allocation> ucx_transport::allocate_memory(std::uint64_t owner, std::uint
   status err;
   impl_->worker->call([&] { impl_->run_allocate(owner, len, a, err); });
   if (!err) return err;
+  std::lock_guard g(impl_->allocations_mutex);
+  impl_->allocations[a.desc.id] = a.desc;
   return a;
+}
+
+result<region_desc> ucx_transport::region_of(const void* base, std::uint64_t len) const {
+  const auto at = reinterpret_cast<std::uintptr_t>(base);
+  std::lock_guard g(impl_->allocations_mutex);
+  for (const auto& [id, d] : impl_->allocations)
+    if (at >= d.address && len <= d.size && at - d.address <= d.size - len) return d;
+  return status::error("ucx: no allocation of this transport holds that range");
 }
 
 std::vector<memory_type> ucx_transport::memory_types() const {
@@ -612,6 +625,10 @@ result<region_desc> ucx_transport::register_memory(std::uint64_t owner, void* ba
 }
 
 void ucx_transport::deregister_memory(std::uint64_t region) {
+  {
+    std::lock_guard g(impl_->allocations_mutex);
+    impl_->allocations.erase(region);
+  }
   impl_->worker->call([&] { impl_->run_deregister(region); });
 }
 

@@ -53,6 +53,7 @@ class ucx_transport final : public transport {
   // Shared memory UCX allocates (ucp_mem_map with UCP_MEM_MAP_ALLOCATE: sysv/posix segments),
   // which same-host peers write with plain CPU copies; deregister_memory frees it.
   result<allocation> allocate_memory(std::uint64_t owner, std::uint64_t len) override;
+  result<region_desc> region_of(const void* base, std::uint64_t len) const override;
   // len == 0 maps nothing: the descriptor has an empty remote_key and only empty blocks fit it.
   result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override;
   // Returns once ucp_mem_unmap is done. Caution (UCX 1.13): puts to user memory are emulated

@@ -3,12 +3,13 @@
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <thread>
 #include <vector>
 
-#include "actors/agreed_board.hpp"
+#include "actors/agreed_ring.hpp"
 #include "actors/step_board.hpp"
 #include "transport/inproc_transport.hpp"
 
@@ -48,34 +49,54 @@ TEST_CASE("step_board: a child dying while others post completes the round once"
   }
 }
 
-TEST_CASE("agreed_board: readers always see a whole, published round") {
-  agreed_board board;
-  std::atomic<bool> stop{false};
-  std::atomic<std::uint64_t> bad{0};
+TEST_CASE("agreed_ring: every reader gets round k - 1 at step k, whole, while the writer publishes") {
+  // As in a group: a reader (a rank's scheduler) posts step k, then reads round k - 1; the writer
+  // (the TP supervisor) publishes round r once every reader posted it. So the writer never laps a
+  // reader, and every reader must see each round exactly as published.
+  constexpr int readers_n = 3;
+  constexpr std::uint64_t rounds = 4000;
+  agreed_ring ring(8);  // small: the writer wraps around the ring many times
+  std::array<std::atomic<std::uint64_t>, readers_n> posted{};
+  std::atomic<std::uint64_t> bad{0}, waits{0};
   std::vector<std::thread> readers;
-  for (int i = 0; i < 3; ++i)
-    readers.emplace_back([&] {
-      std::uint64_t last = 0;
-      while (!stop.load()) {
-        auto v = board.poll();
-        if (!v) continue;
-        // Each published round holds `round` entries whose state encodes the round.
-        if (v->round < last || v->states.size() != v->round % 17) ++bad;
+  for (int i = 0; i < readers_n; ++i)
+    readers.emplace_back([&, i] {
+      for (std::uint64_t k = 1; k <= rounds + 1; ++k) {
+        posted[i].store(k);
+        if (k == 1) continue;
+        const agreed_view* v = ring.get(k - 1);
+        if (v == nullptr) {
+          ++waits;
+          v = ring.wait_for(k - 1, std::chrono::seconds(5));
+        }
+        if (v == nullptr || v->round != k - 1 || v->states.size() != (k - 1) % 17) {
+          ++bad;
+          continue;
+        }
         for (const auto& s : v->states)
-          if (s.room != v->round) ++bad;
-        last = v->round;
+          if (s.room != k - 1) ++bad;
       }
     });
-  for (std::uint64_t r = 1; r <= 5000; ++r) {
-    auto v = std::make_shared<agreed_view>();
-    v->round = r;
-    v->states.assign(r % 17, room_state{r, 1, 2});
-    board.publish(std::move(v));
-  }
-  CHECK(board.wait_for(5000, std::chrono::milliseconds(1000)));
-  stop = true;
+  std::thread writer([&] {
+    for (std::uint64_t r = 1; r <= rounds; ++r) {
+      for (auto& p : posted)
+        while (p.load() < r) std::this_thread::yield();
+      auto v = std::make_shared<agreed_view>();
+      v->round = r;
+      v->states.assign(r % 17, room_state{r, 1, 2, false});
+      ring.publish(std::move(v));
+    }
+  });
+  writer.join();
   for (auto& t : readers) t.join();
   CHECK(bad == 0);
+  CHECK(ring.latest() == rounds);
+  // Not published (yet), lapped, or repeated: never another round's record.
+  CHECK(ring.get(rounds + 1) == nullptr);
+  CHECK(ring.get(rounds - 8) == nullptr);
+  ring.publish(std::make_shared<agreed_view>(agreed_view{rounds - 1, 0, {}}));
+  CHECK(ring.get(rounds)->round == rounds);
+  CHECK(ring.wait_for(rounds + 1, std::chrono::milliseconds(20)) == nullptr);
 }
 
 TEST_CASE("inproc transport: pushes race a deregistration without touching freed memory") {

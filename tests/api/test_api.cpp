@@ -1,0 +1,339 @@
+// The public embedding API as an engine uses it: one scheduler thread per rank, each stepping at
+// its own pace, engine-owned memory and page indices. Checks what semantics.md section 3 and 5
+// promise: poll(k) is the same record on every rank of a group for every k, and a failed
+// request's pages are released only once no write into them can still come.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "kvflow/kvflow.hpp"
+#include "runtime/api_internal.hpp"
+#include "transport/inproc_transport.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+// Host memory of one rank: `layers` MLA latent buffers of `pages` pages and one aux buffer.
+struct engine_memory {
+  std::vector<std::vector<std::byte>> kv;
+  std::vector<std::byte> aux;
+  kvflow::memory_desc desc;
+  engine_memory(int layers, int pages, std::uint64_t page_bytes, int rows) : kv(layers), aux(rows * 64) {
+    desc.layer_begin = 0;
+    desc.layer_end = layers;
+    for (int l = 0; l < layers; ++l) {
+      kv[l].assign(pages * page_bytes, std::byte{0});
+      desc.buffers.push_back({kv[l].data(), kv[l].size(), page_bytes, kvflow::buffer_role::mla_latent, l});
+    }
+    desc.buffers.push_back({aux.data(), aux.size(), 64, kvflow::buffer_role::aux, -1});
+  }
+};
+
+// A digest of a round as an engine sees it.
+std::uint64_t digest(const kvflow::round_view& v) {
+  std::uint64_t h = 1469598103934665603ULL ^ v.round;
+  for (const auto& r : v) {
+    for (std::uint64_t x : {r.id.room, r.id.incarnation, std::uint64_t(r.state), std::uint64_t(r.released)})
+      h = (h ^ x) * 1099511628211ULL;
+  }
+  return h;
+}
+
+kvflow::topology small(int ptp, int pcp, int ppp, int dtp) {
+  kvflow::topology t;
+  t.prefill = {ptp, pcp, ppp, 1};
+  t.decode = {dtp, 1, 1};
+  t.model = "mla:4:64";
+  t.dtype = "bf16";
+  t.page_size = 16;
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("api: a node refuses a bad topology, bad coordinates and memory that does not fit, naming the field") {
+  auto bad = small(3, 1, 1, 2);  // decode TP 2 does not divide prefill TP 3
+  auto n = kvflow::node::start(bad, {});
+  REQUIRE_FALSE(n);
+  CHECK(n.err().code() == kvflow::errc::invalid_argument);
+  auto good = kvflow::node::start(small(1, 1, 1, 1), {});
+  REQUIRE(good);
+  engine_memory m(4, 8, 16 * 64, 4);
+  auto outside = good.value()->add_prefill({0, 1, 0, 0}, m.desc);
+  REQUIRE_FALSE(outside);
+  CHECK(outside.err().message().find("coords") != std::string::npos);
+  engine_memory wrong(4, 8, 100, 4);  // pages of the wrong size for mla:4:64 at page 16
+  auto w = good.value()->add_prefill({0, 0, 0, 0}, wrong.desc);
+  REQUIRE_FALSE(w);
+  CHECK(w.err().message().find("memory") != std::string::npos);
+  kvflow::node_options unknown;
+  unknown.tunables = {{"KVFLOW_NO_SUCH", "1"}};
+  auto u = kvflow::node::start(small(1, 1, 1, 1), unknown);
+  REQUIRE_FALSE(u);
+  CHECK(u.err().message().find("KVFLOW_NO_SUCH") != std::string::npos);
+}
+
+// Each rank's scheduler thread runs its own loop, at its own random pace: it creates the same
+// requests at the same steps (the group runs the same batch), acts on agreed rounds like SGLang's
+// queues, and records the digest of every round it got. Every rank of a group must record the
+// same digest for the same step.
+TEST_CASE("api: poll(k) is the same record on every rank of a group, for every k (random topologies and paces)") {
+  std::mt19937_64 rng(20261201);
+  const int cases = 6;
+  for (int c = 0; c < cases; ++c) {
+    const int ptp = 1 << (rng() % 2), pcp = 1 + static_cast<int>(rng() % 3), ppp = 1 + static_cast<int>(rng() % 2);
+    const int dtp = 1 << (rng() % 2);
+    auto top = small(ptp, pcp, ppp, dtp);
+    top.model = "mla:" + std::to_string(2 * ppp) + ":64";
+    const int layers = 2 * ppp;
+    CAPTURE(ptp);
+    CAPTURE(pcp);
+    CAPTURE(ppp);
+    CAPTURE(dtp);
+    kvflow::node_options o;
+    o.tunables = {{"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "5000"}, {"KVFLOW_WAITING_TIMEOUT_MS", "5000"}};
+    auto started = kvflow::node::start(top, o);
+    REQUIRE(started);
+    auto node = started.value();
+    const int pages = 64, request_pages = 5, requests = 6;
+    const std::uint64_t page_bytes = 16 * 64;
+    struct rank_run {
+      bool prefill;
+      int group_key;  // which group (for comparing)
+      std::shared_ptr<kvflow::rank> api;
+      std::unique_ptr<engine_memory> mem;
+      std::map<std::uint64_t, std::uint64_t> digests;  // step -> digest
+      int finished = 0;
+      std::string error;
+    };
+    std::vector<rank_run> ranks;
+    for (int pp = 0; pp < ppp; ++pp)
+      for (int cp = 0; cp < pcp; ++cp)
+        for (int tp = 0; tp < ptp; ++tp) {
+          rank_run r{true, 0, nullptr, std::make_unique<engine_memory>(layers, pages, page_bytes, 8), {}, 0, {}};
+          r.mem->desc.layer_begin = pp * 2;
+          r.mem->desc.layer_end = pp * 2 + 2;
+          r.mem->desc.buffers.erase(r.mem->desc.buffers.begin(), r.mem->desc.buffers.begin() + pp * 2);
+          r.mem->desc.buffers.erase(r.mem->desc.buffers.begin() + 2, r.mem->desc.buffers.end() - 1);
+          auto a = node->add_prefill({tp, cp, pp, 0}, r.mem->desc);
+          REQUIRE_MESSAGE(a, a.err().message());
+          r.api = a.value();
+          ranks.push_back(std::move(r));
+        }
+    for (int tp = 0; tp < dtp; ++tp) {
+      rank_run r{false, 1, nullptr, std::make_unique<engine_memory>(layers, pages, page_bytes, 8), {}, 0, {}};
+      auto a = node->add_decode({tp, 0, 0, 0}, r.mem->desc);
+      REQUIRE_MESSAGE(a, a.err().message());
+      r.api = a.value();
+      ranks.push_back(std::move(r));
+    }
+    std::vector<std::thread> threads;
+    for (std::size_t i = 0; i < ranks.size(); ++i)
+      threads.emplace_back([&, i, seed = rng()] {
+        auto& me = ranks[i];
+        std::mt19937_64 pace(seed);
+        auto* pre = me.prefill ? static_cast<kvflow::prefill_rank*>(me.api.get()) : nullptr;
+        auto* dec = me.prefill ? nullptr : static_cast<kvflow::decode_rank*>(me.api.get());
+        std::map<std::uint64_t, bool> started;  // room -> init / destinations done
+        const auto until = std::chrono::steady_clock::now() + 20s;
+        for (std::uint64_t k = 1; me.finished < requests && std::chrono::steady_clock::now() < until;) {
+          // Requests enter at fixed steps on every rank (the same batch).
+          if (k % 3 == 1 && static_cast<int>(k / 3) < requests) {
+            kvflow::request_id id{100 + k / 3, 1};
+            auto e = pre ? pre->create(id, 0) : dec->create(id, 0);
+            if (e) me.error = e.message();
+          }
+          auto v = me.api->poll(k, 200ms);
+          if (!v) {
+            if (v.err().code() == kvflow::errc::timeout) continue;  // the same step again
+            me.error = v.err().message();
+            break;
+          }
+          me.digests[k] = digest(v.value());
+          for (const auto& r : v.value()) {
+            if (r.state == kvflow::poll_state::waiting_for_input && !started[r.id.room]) {
+              started[r.id.room] = true;
+              std::vector<std::int32_t> pg;
+              for (int p = 0; p < request_pages; ++p) pg.push_back(static_cast<int>(r.id.room % 8) * 6 + p);
+              if (pre) {
+                auto prefix = pre->decode_prefix_pages(r.id);
+                if (auto e = pre->init(r.id, request_pages - (prefix ? prefix.value() : 0), 0)) me.error = e.message();
+                if (auto e = pre->send(r.id, pg, true)) me.error = e.message();
+              } else if (auto e = dec->send_destinations(r.id, pg, static_cast<int>(r.id.room % 8))) {
+                me.error = e.message();
+              }
+            }
+            if ((r.state == kvflow::poll_state::success || r.state == kvflow::poll_state::failed) && r.released &&
+                started.count(r.id.room) && started[r.id.room]) {
+              started[r.id.room] = false;
+              started.erase(r.id.room);
+              ++me.finished;
+            }
+          }
+          ++k;
+          std::this_thread::sleep_for(std::chrono::microseconds(pace() % 400));
+        }
+      });
+    for (auto& t : threads) t.join();
+    // Identical rounds within each group; every request finished on every rank.
+    for (const auto& r : ranks) {
+      CHECK_MESSAGE(r.error.empty(), r.error);
+      CHECK(r.finished == requests);
+    }
+    for (const auto& a : ranks)
+      for (const auto& b : ranks) {
+        if (&a == &b || a.group_key != b.group_key) continue;
+        std::size_t compared = 0;
+        for (const auto& [k, d] : a.digests) {
+          auto it = b.digests.find(k);
+          if (it == b.digests.end()) continue;
+          ++compared;
+          if (it->second != d) {
+            FAIL_CHECK("ranks " << a.api->global_rank() << " and " << b.api->global_rank() << " got different rounds at step " << k);
+            break;
+          }
+        }
+        CHECK(compared > 10);
+      }
+    node->stop();
+  }
+}
+
+namespace {
+
+// A transport double that holds every push until the test lets it go, then copies for real.
+class held_transport final : public kvflow::transport::transport {
+ public:
+  explicit held_transport(std::shared_ptr<kvflow::transport::inproc_fabric> f) : real_(std::move(f)) {}
+  const char* name() const override { return "held"; }
+  std::string endpoint() const override { return {}; }
+  std::vector<kvflow::transport::memory_type> memory_types() const override { return real_.memory_types(); }
+  kvflow::result<kvflow::transport::region_desc> register_memory(std::uint64_t o, void* b, std::uint64_t l) override {
+    return real_.register_memory(o, b, l);
+  }
+  void deregister_memory(std::uint64_t r) override { real_.deregister_memory(r); }
+  kvflow::status connect(std::uint64_t p, const std::string& e, const std::vector<kvflow::transport::region_desc>& r) override {
+    return real_.connect(p, e, r);
+  }
+  void disconnect(std::uint64_t p) override { real_.disconnect(p); }
+  void push(std::uint64_t peer, const std::vector<kvflow::transport::block>& blocks,
+            kvflow::transport::completion done) override {
+    std::lock_guard<std::mutex> g(mutex_);
+    held_.push_back({peer, blocks, std::move(done)});
+  }
+  std::uint64_t bytes_moved() const override { return real_.bytes_moved(); }
+  std::size_t held() {
+    std::lock_guard<std::mutex> g(mutex_);
+    return held_.size();
+  }
+  void let_go() {
+    std::deque<pending> now;
+    {
+      std::lock_guard<std::mutex> g(mutex_);
+      now.swap(held_);
+    }
+    for (auto& p : now) real_.push(p.peer, p.blocks, std::move(p.done));
+  }
+
+ private:
+  struct pending {
+    std::uint64_t peer;
+    std::vector<kvflow::transport::block> blocks;
+    kvflow::transport::completion done;
+  };
+  kvflow::transport::inproc_transport real_;
+  std::mutex mutex_;
+  std::deque<pending> held_;
+};
+
+}  // namespace
+
+TEST_CASE("api: an aborted request's decode pages stay quarantined while a push into them is in flight") {
+  auto transport = std::make_shared<held_transport>(std::make_shared<kvflow::transport::inproc_fabric>());
+  kvflow::runtime::internal_options in;
+  in.transport = transport;
+  auto started = kvflow::runtime::start_node(small(1, 1, 1, 1), {}, in);
+  REQUIRE(started);
+  auto node = started.value();
+  engine_memory pm(4, 16, 16 * 64, 4), dm(4, 16, 16 * 64, 4);
+  auto pre = node->add_prefill({0, 0, 0, 0}, pm.desc);
+  auto dec = node->add_decode({0, 0, 0, 0}, dm.desc);
+  REQUIRE(pre);
+  REQUIRE(dec);
+  auto& p = *pre.value();
+  auto& d = *dec.value();
+  const kvflow::request_id id{42, 1};
+  REQUIRE_FALSE(p.create(id, 0));
+  REQUIRE_FALSE(d.create(id, 0));
+  std::uint64_t pk = 0, dk = 0;
+  // Both schedulers step until the condition holds on the round they got (bounded).
+  auto step_until = [&](auto pred) {
+    for (int i = 0; i < 2000; ++i) {
+      auto pv = p.poll(++pk, 100ms);
+      auto dv = d.poll(++dk, 100ms);
+      REQUIRE(pv);
+      REQUIRE(dv);
+      if (pred(pv.value(), dv.value())) return true;
+    }
+    return false;
+  };
+  auto state_in = [&](const kvflow::round_view& v) -> const kvflow::room_poll* { return v.find(id); };
+  REQUIRE(step_until([&](auto&, auto& dv) {
+    auto* r = state_in(dv);
+    return r != nullptr && r->state == kvflow::poll_state::waiting_for_input;
+  }));
+  std::vector<std::int32_t> dst{3, 4, 9, 10};
+  REQUIRE_FALSE(d.send_destinations(id, dst, 1));
+  REQUIRE(step_until([&](auto& pv, auto&) {
+    auto* r = state_in(pv);
+    return r != nullptr && r->state == kvflow::poll_state::waiting_for_input;
+  }));
+  REQUIRE_FALSE(p.init(id, 4, 0));
+  REQUIRE_FALSE(p.send(id, {0, 1, 2, 3}, true));
+  // The push is now held in the transport; decode aborts the request.
+  for (int i = 0; i < 200 && transport->held() == 0; ++i) std::this_thread::sleep_for(5ms);
+  REQUIRE(transport->held() == 1);
+  REQUIRE_FALSE(d.abort(id, "client went away"));
+  REQUIRE(step_until([&](auto& pv, auto& dv) {
+    auto* a = state_in(pv);
+    auto* b = state_in(dv);
+    return a != nullptr && b != nullptr && a->state == kvflow::poll_state::failed && b->state == kvflow::poll_state::failed;
+  }));
+  // Agreed Failed on both sides, but nothing released while the push may still write.
+  for (int i = 0; i < 20; ++i) {
+    auto pv = p.poll(++pk, 100ms);
+    auto dv = d.poll(++dk, 100ms);
+    REQUIRE(pv);
+    REQUIRE(dv);
+    auto* a = state_in(pv.value());
+    auto* b = state_in(dv.value());
+    REQUIRE(a != nullptr);
+    REQUIRE(b != nullptr);
+    CHECK_FALSE(a->released);
+    CHECK_FALSE(b->released);
+  }
+  CHECK(d.stats().quarantined == 1);
+  CHECK(d.failure_reason(id).find("client went away") != std::string::npos);
+  transport->let_go();
+  REQUIRE(step_until([&](auto& pv, auto& dv) {
+    auto* a = state_in(pv);
+    auto* b = state_in(dv);
+    return a != nullptr && b != nullptr && a->released && b->released;
+  }));
+  CHECK(d.stats().quarantined == 0);
+  // Released and then cleared: the room leaves the rounds; the reason stays available.
+  REQUIRE(step_until([&](auto& pv, auto& dv) { return state_in(pv) == nullptr && state_in(dv) == nullptr; }));
+  CHECK(d.failure_reason(id).find("client went away") != std::string::npos);
+  CHECK(d.stats().live_requests == 0);
+  CHECK(p.stats().live_requests == 0);
+  node->stop();
+  CHECK(p.poll(pk + 1).err().code() == kvflow::errc::unavailable);
+}

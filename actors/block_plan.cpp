@@ -40,9 +40,15 @@ status check_remote_pool(const remote_pool& r) {
                          std::to_string(r.layer_count) + " layers");
   if (auto s = check_buffers(r.kv, r.item_bytes, r.pages, "KV"); !s) return s;
   if (auto s = check_buffers(r.state, r.state_item_bytes, r.state_pages, "state"); !s) return s;
-  for (const auto& a : r.aux)
+  auto wraps = [](const remote_buffer& b) {
+    return static_cast<u128>(b.offset) + b.bytes > std::numeric_limits<std::uint64_t>::max();
+  };
+  for (const auto& a : r.aux) {
+    if (wraps(a)) return status::error("registration: aux buffer overflows its region");
     if (a.page_bytes == 0 || static_cast<u128>(r.aux_rows) * a.page_bytes > a.bytes)
       return status::error("registration: an aux buffer cannot hold " + std::to_string(r.aux_rows) + " rows");
+  }
+  if (wraps(r.receipts)) return status::error("registration: receipts overflow their region");
   if (static_cast<u128>(r.aux_rows) * sizeof(aux_record) > r.receipts.bytes)
     return status::error("registration: receipts cannot hold " + std::to_string(r.aux_rows) + " slots");
   if (r.local_heads > 0 && static_cast<__int128>(r.local_heads) * r.page_size * r.head_bytes !=

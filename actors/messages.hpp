@@ -251,6 +251,14 @@ struct rank_released {  // the engine acted on an agreed terminal state and free
   std::uint64_t mismatched_pages = 0;
 };
 
+// The digests of the agreed rounds a rank's engine received (the launcher checks that every
+// rank of a group got the same record for each round, across processes).
+struct round_digests {
+  std::int32_t group = 0;
+  std::vector<std::uint64_t> rounds;
+  std::vector<std::uint64_t> digests;
+};
+
 struct pool_usage_query {};
 struct pool_usage {
   bool prefill = true;
@@ -425,6 +433,10 @@ typename I::result_type inspect(I& f, rank_released& x) {
            x.round, x.state, x.reason, x.bytes_expected, x.bytes_verified, x.mismatched_pages);
 }
 
+template <class I>
+typename I::result_type inspect(I& f, round_digests& x) {
+  return f(caf::meta::type_name("round_digests"), x.group, x.rounds, x.digests);
+}
 template <class I>
 typename I::result_type inspect(I& f, pool_usage_query&) {
   return f(caf::meta::type_name("pool_usage_query"));

@@ -212,6 +212,12 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
            "duplicate room " + std::to_string(room) + ": live request " + std::to_string(r.inc) + " holds it");
     return;
   }
+  if (const auto* e = st.store().find(room); e != nullptr && e->state == kv_poll::failed) {
+    // Failed before this decode rank's destinations came (the failure notice may have found no
+    // handle of it yet): tell it now, or it waits out its timeout.
+    send_status(self, d.decode_rank, room, d.incarnation, kv_poll::failed, e->reason);
+    return;
+  }
   const int n = static_cast<int>(d.dst_pages.size());
   std::string bad;
   if (!expected)

@@ -44,8 +44,9 @@ aux_record make_receipt(std::uint64_t room, std::uint64_t incarnation);
 class rank_memory {
  public:
   // Checks `buffers` against what rank `rank` of `plan` holds: a KV buffer per layer of
-  // `layers` (MLA: latent; MHA: K and V) with the plan's page bytes, state buffers per layer when
-  // the model has state, and at least one aux buffer on ranks that send or receive aux rows.
+  // `layers` (MLA: latent; MHA: K and V) with the plan's page bytes, and state buffers per layer
+  // when the model has state. Aux buffers are taken as given (whether the rank needs one is
+  // its maker's check).
   static result<rank_memory> create(const config::routing_plan& plan, bool prefill, int rank,
                                     config::range layers, const std::vector<buffer_spec>& buffers);
 

@@ -2,18 +2,35 @@
 
 namespace kvflow::runtime {
 
-void agreement_checker::on_round(int group, std::uint64_t round, const step_states& states) {
+std::uint64_t round_digest(const step_states& states) {
   std::uint64_t h = 1469598103934665603ULL;
-  for (const auto& s : states) h = (h ^ (s.room * 31 + s.incarnation * 7 + s.state)) * 1099511628211ULL;
-  std::lock_guard<std::mutex> g(mutex_);
-  auto [it, fresh] = rounds_.emplace(std::make_pair(group, round), h);
+  for (const auto& s : states)
+    for (std::uint64_t x : {s.room, s.incarnation, std::uint64_t(s.state), std::uint64_t(s.released)})
+      h = (h ^ x) * 1099511628211ULL;
+  return h;
+}
+
+bool agreement_checker::first_of_round(int group, std::uint64_t round, std::uint64_t digest) {
+  auto [it, fresh] = rounds_.emplace(std::make_pair(group, round), digest);
   if (!fresh) {
-    if (it->second != h)
+    if (it->second != digest)
       problem("group " + std::to_string(group) + " round " + std::to_string(round) +
               ": ranks received different agreed states");
-    return;
+    return false;
   }
   ++checked_;
+  return true;
+}
+
+void agreement_checker::on_digest(int group, std::uint64_t round, std::uint64_t digest) {
+  std::lock_guard<std::mutex> g(mutex_);
+  first_of_round(group, round, digest);
+}
+
+void agreement_checker::on_round(int group, std::uint64_t round, const step_states& states) {
+  const auto h = round_digest(states);
+  std::lock_guard<std::mutex> g(mutex_);
+  if (!first_of_round(group, round, h)) return;
   for (const auto& s : states) {
     auto [prev, first] = last_.emplace(std::make_tuple(group, s.room, s.incarnation), s.state);
     if (first) continue;

@@ -14,15 +14,22 @@
 
 namespace kvflow::runtime {
 
+// What identifies an agreed round's content (rooms, incarnations, states, released flags).
+std::uint64_t round_digest(const step_states& states);
+
 class agreement_checker {
  public:
+  // A rank received `states` as round `round` of `group` (in this process).
   void on_round(int group, std::uint64_t round, const step_states& states);
+  // A rank elsewhere received a round with this digest: only its identity can be checked.
+  void on_digest(int group, std::uint64_t round, std::uint64_t digest);
   std::vector<std::string> problems() const;  // the first few, one line each
   std::uint64_t violations() const;
   std::uint64_t rounds_checked() const;
 
  private:
   void problem(std::string p);
+  bool first_of_round(int group, std::uint64_t round, std::uint64_t digest);  // under mutex_
   mutable std::mutex mutex_;
   std::map<std::pair<int, std::uint64_t>, std::uint64_t> rounds_;  // (group, round) -> digest
   std::map<std::tuple<int, std::uint64_t, std::uint64_t>, std::uint8_t> last_;

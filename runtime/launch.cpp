@@ -194,7 +194,9 @@ simulation_report run_launch(const simulation_options& o, const launch_options& 
     caf::actor_system_config cfg;
     configure_node(cfg, o.tunables);
     caf::actor_system sys{cfg};
-    drive(sys, o, report, control, nullptr);
+    // Every rank's engine reports the digests of the rounds it received: every rank of a group
+    // must have received the same record for each round, across processes.
+    drive(sys, o, report, control, std::make_shared<agreement_checker>());
   }
   if (!control->problem().empty()) report->problems.insert(report->problems.begin(), "launch: " + control->problem());
   return *report;

@@ -34,6 +34,7 @@ struct engine_state {
   std::map<std::pair<std::uint64_t, std::uint64_t>, sim_req> reqs;
   std::uint64_t step = 0;  // the step being polled
   std::uint64_t last_round = 0;
+  msg::round_digests digests;  // not yet sent to the observer (no checker in this process)
   bool lost = false;
   rank& api() { return args.prefill ? static_cast<rank&>(*args.prefill_api) : *args.decode_api; }
 };
@@ -169,14 +170,29 @@ void finish(engine_actor* self, sim_req& r, std::uint64_t round, poll_state stat
   report(self, r, round, state, state == poll_state::failed ? st.api().failure_reason(id) : std::string{}, v);
 }
 
+// The rounds' digests go to the observer in batches (and before any usage reply).
+void flush_digests(engine_actor* self) {
+  auto& st = self->state;
+  if (st.digests.rounds.empty() || !st.args.observer) return;
+  st.digests.group = st.args.group;
+  self->send(st.args.observer, std::move(st.digests));
+  st.digests = {};
+}
+
 void on_round(engine_actor* self, const round_view& round) {
   auto& st = self->state;
-  if (round.round > st.last_round && st.args.checker) {
+  if (round.round > st.last_round) {
     step_states states;
     states.reserve(round.count);
     for (const auto& p : round)
       states.push_back({p.id.room, p.id.incarnation, static_cast<std::uint8_t>(p.state), p.released});
-    st.args.checker->on_round(st.args.group, round.round, states);
+    if (st.args.checker) {
+      st.args.checker->on_round(st.args.group, round.round, states);
+    } else {
+      st.digests.rounds.push_back(round.round);
+      st.digests.digests.push_back(round_digest(states));
+      if (st.digests.rounds.size() >= 64) flush_digests(self);
+    }
   }
   st.last_round = std::max(st.last_round, round.round);
   std::vector<std::pair<std::uint64_t, std::uint64_t>> done;
@@ -261,6 +277,7 @@ caf::behavior sim_engine(engine_actor* self, sim_engine_args args) {
           st.args.decode_api->abort({a.room, a.incarnation}, a.reason);
       },
       [self](msg::pool_usage_query) {
+        flush_digests(self);
         auto& st = self->state;
         auto& mem = *st.args.memory;
         auto s = st.api().stats();

@@ -376,7 +376,7 @@ void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage)
     rep.leaked_aux_slots += u.used_aux;
     rep.leaked_rooms += u.live_rooms;
   }
-  if (st.checker) {  // only in one process: ranks elsewhere report their actions, not rounds
+  if (st.checker) {
     rep.agreement_violations += st.checker->violations();
     rep.agreement_rounds_checked = st.checker->rounds_checked();
     for (auto& p : st.checker->problems()) rep.problems.push_back(p);
@@ -518,6 +518,12 @@ caf::behavior driver(driver_actor* self, simulation_options opt, std::shared_ptr
         if (!r.ok) self->state.report->problems.push_back("bootstrap registration refused: " + r.reason);
       },
       [self](account_usage& a) { collect_usage(self, a.attempt); },
+      [self](const msg::round_digests& d) {
+        auto& st = self->state;
+        if (!st.checker) return;
+        for (std::size_t i = 0; i < d.rounds.size() && i < d.digests.size(); ++i)
+          st.checker->on_digest(d.group, d.rounds[i], d.digests[i]);
+      },
       [self](fire_abort& a) {
         auto& st = self->state;
         auto& r = st.requests[a.index];

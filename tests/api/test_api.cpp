@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "kvflow/kvflow.hpp"
+#include "runtime/agreement_checker.hpp"
 #include "runtime/api_internal.hpp"
 #include "transport/inproc_transport.hpp"
 
@@ -336,4 +337,18 @@ TEST_CASE("api: an aborted request's decode pages stay quarantined while a push 
   CHECK(p.stats().live_requests == 0);
   node->stop();
   CHECK(p.poll(pk + 1).err().code() == kvflow::errc::unavailable);
+}
+
+TEST_CASE("api: the launcher's agreement check counts ranks that report different digests of one round") {
+  kvflow::runtime::agreement_checker c;
+  kvflow::step_states a{{7, 1, 2, false}}, b{{7, 1, 3, false}};
+  c.on_digest(0, 5, kvflow::runtime::round_digest(a));
+  c.on_digest(0, 5, kvflow::runtime::round_digest(a));
+  CHECK(c.violations() == 0);
+  c.on_digest(0, 5, kvflow::runtime::round_digest(b));
+  CHECK(c.violations() == 1);
+  // The released flag is part of the record.
+  kvflow::step_states r{{7, 1, 2, true}};
+  CHECK(kvflow::runtime::round_digest(a) != kvflow::runtime::round_digest(r));
+  CHECK(c.rounds_checked() == 1);
 }

@@ -117,6 +117,9 @@ clean_run() {
   check "r['succeeded'] + r['failed'] == r['requests'] == len(o)" "a request is not terminal"
   check "r['bytes_verified'] == r['bytes_expected'] > 0" "not every expected byte verified"
   check "r.get('problems', []) == []" "problems reported"
+  # Every rank process reported the digest of each round it polled: the same record on every
+  # rank of a group for every round, across processes.
+  check "r['agreement_violations'] == 0 and r['agreement_rounds_checked'] > 0" "ranks of a group polled different rounds"
 }
 
 all_succeeded() {
@@ -183,9 +186,11 @@ case "$case_" in
     verify
     ;;
   freeze_prefill)
-    # SIGSTOP of prefill rank 3 (dp group 1, cp rank 1): the heartbeat (200 ms x 3) finds its
+    # SIGSTOP of prefill rank 3 (dp group 1, cp rank 1): the heartbeat (200 ms x 8) finds its
     # node silent, dp group 1 fails its rooms, dp group 0 (its own processes) is not affected.
-    export KVFLOW_HEARTBEAT_INTERVAL_MS=200 KVFLOW_HEARTBEAT_MISSES=3
+    # (200 ms x 3 also cut healthy links here: eight processes starting at once on 2 cores under
+    # ctest -j2 can leave a node's middleman unscheduled for 600 ms.)
+    export KVFLOW_HEARTBEAT_INTERVAL_MS=200 KVFLOW_HEARTBEAT_MISSES=8
     launch --prefill tp=1,cp=2,dp=2 --decode dp=2 --requests 12 --fault freeze:prefill:3@3
     clean_run
     check "r['faults'] == ['freeze:prefill:3@3']" "fault not applied"

@@ -142,13 +142,14 @@ TEST_CASE("agreement: round_collector child_down completes pending rounds and fa
   CHECK(rc.is_dead(2));
   CHECK(rc.live_children() == 2);
   CHECK(rc.complete(2));
-  // Every room of the round fails, the dead child's last-reported room 7 included.
-  CHECK(rc.take(2) == step_states{{5, 1, F}, {6, 1, F}, {7, 1, F}});
+  // Every room of the round fails, the dead child's last-reported room 7 included; a room only
+  // the dead child held is released (nothing of it can still write), the others are not yet.
+  CHECK(rc.take(2) == step_states{{5, 1, F}, {6, 1, F}, {7, 1, F, true}});
 
   // From then on: two live children complete a round, and its rooms are all Failed.
   CHECK_FALSE(rc.add(0, 3, {{8, 1, S}}));
   CHECK(rc.add(1, 3, {{8, 1, S}}));
-  CHECK(rc.take(3) == step_states{{5, 1, F}, {7, 1, F}, {8, 1, F}});
+  CHECK(rc.take(3) == step_states{{5, 1, F, true}, {7, 1, F, true}, {8, 1, F}});
 
   // A dead child's reports are ignored; declaring it dead again does nothing.
   CHECK_FALSE(rc.add(2, 4, {{9, 1, S}}));
@@ -164,8 +165,8 @@ TEST_CASE("agreement: a dying child's report for a pending round no longer count
   CHECK_FALSE(rc.complete(1));
   CHECK_FALSE(rc.add(1, 1, {{2, 1, T}}));
   CHECK(rc.add(2, 1, {{2, 1, T}}));
-  // Room 1 came only from the dead child: still failed, not dropped.
-  CHECK(rc.take(1) == step_states{{1, 1, F}, {2, 1, F}});
+  // Room 1 came only from the dead child: still failed (and released), not dropped.
+  CHECK(rc.take(1) == step_states{{1, 1, F, true}, {2, 1, F}});
 }
 
 TEST_CASE("agreement: every child dead completes every pending round") {
@@ -177,7 +178,7 @@ TEST_CASE("agreement: every child dead completes every pending round") {
   auto done = rc.child_down(0);
   CHECK(std::find(done.begin(), done.end(), 2u) != done.end());
   CHECK(rc.live_children() == 0);
-  CHECK(rc.take(2) == step_states{{1, 1, F}});
+  CHECK(rc.take(2) == step_states{{1, 1, F, true}});
 }
 
 TEST_CASE("agreement: agreed_table is monotone and a terminal agreement is final") {
@@ -296,12 +297,15 @@ TEST_CASE("agreement: property: random rising child states") {
           auto it = held[c].find(r);
           s = std::min(s, it == held[c].end() ? B : it->second);
         }
+      std::set<std::uint64_t> live_rooms;
+      for (const auto& [r, s] : want) live_rooms.insert(r);
       if (dead >= 0) {
         for (const auto& x : last_report[dead]) want[x.room] = F;
         for (auto& [r, s] : want) s = F;
       }
+      // Rooms only the dead child held are released; the live children released none here.
       step_states want_list;
-      for (const auto& [r, s] : want) want_list.push_back({r, 1, s});
+      for (const auto& [r, s] : want) want_list.push_back({r, 1, s, live_rooms.count(r) == 0});
       CHECK(merged == want_list);
 
       auto out = at.apply(merged);

@@ -78,23 +78,64 @@ struct sys_fixture {
   }
 };
 
+// Terminal and live states, released or not (`released` travels with the state).
 step_states sample_states() {
-  return {{1, 1, 4}, {2, 7, 0}, {u64_max, u64_max, 3}};
+  return {{1, 1, 4, true}, {2, 7, 0, false}, {3, 1, 0, true}, {u64_max, u64_max, 3, false}};
+}
+
+void same_buffer(const remote_buffer& a, const remote_buffer& b) {
+  CHECK(b.region == a.region);
+  CHECK(b.offset == a.offset);
+  CHECK(b.bytes == a.bytes);
+  CHECK(b.page_bytes == a.page_bytes);
+}
+
+void same_buffers(const std::vector<remote_buffer>& a, const std::vector<remote_buffer>& b) {
+  REQUIRE(b.size() == a.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    CAPTURE(i);
+    same_buffer(a[i], b[i]);
+  }
 }
 
 void same_pool(const remote_pool& a, const remote_pool& b) {
-  CHECK(b.kv_region == a.kv_region);
-  CHECK(b.kv_bytes == a.kv_bytes);
   CHECK(b.layer_begin == a.layer_begin);
   CHECK(b.layer_count == a.layer_count);
   CHECK(b.buffers_per_layer == a.buffers_per_layer);
   CHECK(b.pages == a.pages);
   CHECK(b.item_bytes == a.item_bytes);
-  CHECK(b.aux_region == a.aux_region);
-  CHECK(b.aux_slots == a.aux_slots);
   CHECK(b.page_size == a.page_size);
   CHECK(b.local_heads == a.local_heads);
   CHECK(b.head_bytes == a.head_bytes);
+  same_buffers(a.kv, b.kv);
+  same_buffers(a.aux, b.aux);
+  CHECK(b.aux_rows == a.aux_rows);
+  same_buffers(a.state, b.state);
+  CHECK(b.state_pages == a.state_pages);
+  CHECK(b.state_item_bytes == a.state_item_bytes);
+  same_buffer(a.receipts, b.receipts);
+}
+
+// A registration as an MHA decode rank of 2 PP layers would describe it: K and V per layer,
+// two aux buffers, state per layer, receipts; extreme values where the wire must not clip them.
+remote_pool sample_pool() {
+  remote_pool p;
+  p.layer_begin = 30;
+  p.layer_count = 2;
+  p.buffers_per_layer = 2;
+  p.pages = 4096;
+  p.item_bytes = std::int64_t{1} << 40;
+  p.page_size = 64;
+  p.local_heads = 4;
+  p.head_bytes = 256;
+  for (std::uint64_t i = 0; i < 4; ++i) p.kv.push_back({11 + i, i * 1000, u64_max - i, std::uint64_t(1) << 40});
+  p.aux = {{20, 0, 64 * 17, 64}, {21, 8, 16 * 17, 16}};
+  p.aux_rows = 17;
+  p.state = {{30, 0, 4096 * 528, 528}, {30, 4096 * 528, 4096 * 528, 528}};
+  p.state_pages = 4096;
+  p.state_item_bytes = 528;
+  p.receipts = {40, 0, 17 * sizeof(aux_record), sizeof(aux_record)};
+  return p;
 }
 
 }  // namespace
@@ -118,19 +159,39 @@ TEST_CASE("messages: agreement messages round-trip") {
   });
   f.round_trip(early_expiry{u64_max}, [](const auto& a, const auto& b) { CHECK(b.room == a.room); });
   f.round_trip(board_round{77}, [](const auto& a, const auto& b) { CHECK(b.round == a.round); });
-  f.round_trip(push_done{3, 4, 5, false, "transport: région refusée"},
+  f.round_trip(push_done{3, 4, 5, false, "transport: région refusée", 0, 0.0},
                [](const auto& a, const auto& b) {
                  CHECK(b.room == a.room);
                  CHECK(b.incarnation == a.incarnation);
                  CHECK(b.decode_rank == a.decode_rank);
                  CHECK(b.ok == a.ok);
                  CHECK(b.reason == a.reason);
+                 CHECK(b.bytes == 0);
                });
-  f.round_trip(push_done{3, 4, 5, true, ""}, [](const auto&, const auto& b) {
+  f.round_trip(push_done{3, 4, 5, true, "", u64_max, 1.0 / 3}, [](const auto& a, const auto& b) {
     CHECK(b.ok);
     CHECK(b.reason.empty());
+    CHECK(b.bytes == a.bytes);      // the push's payload and duration travel too
+    CHECK(b.seconds == a.seconds);  // exactly: a double is not rounded on the wire
   });
-  f.round_trip(step_tick{}, [](const auto&, const auto&) {});
+}
+
+TEST_CASE("messages: room_state.released survives the wire, inside rounds and on its own") {
+  sys_fixture f;
+  CHECK(wire_version == 3);  // states carry `released` since version 3
+  for (bool released : {false, true}) {
+    CAPTURE(released);
+    const room_state s{9, 2, 4, released};
+    const auto back = f.direct(s);
+    CHECK(back.released == released);
+    CHECK(back == s);
+  }
+  // Two states that differ only in `released` are not the same state.
+  CHECK_FALSE(room_state{9, 2, 4, true} == room_state{9, 2, 4, false});
+  f.round_trip(agreed_round{7, 3, sample_states()}, [](const auto& a, const auto& b) {
+    REQUIRE(b.states.size() == a.states.size());
+    for (std::size_t i = 0; i < a.states.size(); ++i) CHECK(b.states[i].released == a.states[i].released);
+  });
 }
 
 TEST_CASE("messages: actor handles round-trip (null and live)") {
@@ -210,6 +271,56 @@ TEST_CASE("messages: bootstrap registry messages round-trip") {
     }
   });
   f.round_trip(topology_reply{}, [](const auto&, const auto& b) { CHECK(b.entries.empty()); });
+  f.round_trip(decode_entry{7, f.dummy, true}, [](const auto& a, const auto& b) {
+    CHECK(b.handle == a.handle);
+    CHECK(b.down);
+  });
+}
+
+TEST_CASE("messages: node and supervisor registry messages round-trip (with the engine handle)") {
+  sys_fixture f;
+  CHECK(register_node{}.version == wire_version);
+  f.round_trip(register_node{1, "decode 0", "10.0.0.7", 65535, true, f.dummy}, [](const auto& a, const auto& b) {
+    CHECK(b.version == a.version);  // a foreign version survives, not defaulted
+    CHECK(b.name == a.name);
+    CHECK(b.host == a.host);
+    CHECK(b.port == a.port);
+    CHECK(b.meshed == a.meshed);
+    CHECK(b.engine == a.engine);
+  });
+  f.round_trip(register_node{wire_version, "launcher", "127.0.0.1", 0, false, caf::actor{}},
+               [](const auto&, const auto& b) {
+                 CHECK_FALSE(b.engine);  // a node without an engine stays without one
+                 CHECK_FALSE(b.meshed);
+               });
+  node_table t;
+  t.nodes = {{"prefill 3", "h1", 4000, true, f.dummy}, {"launcher", "h2", 1, false, caf::actor{}}};
+  f.round_trip(t, [](const auto& a, const auto& b) {
+    REQUIRE(b.nodes.size() == a.nodes.size());
+    for (std::size_t i = 0; i < a.nodes.size(); ++i) {
+      CHECK(b.nodes[i].name == a.nodes[i].name);
+      CHECK(b.nodes[i].host == a.nodes[i].host);
+      CHECK(b.nodes[i].port == a.nodes[i].port);
+      CHECK(b.nodes[i].meshed == a.nodes[i].meshed);
+      CHECK(b.nodes[i].engine == a.nodes[i].engine);
+    }
+  });
+  f.round_trip(node_entry{"decode 1", "h3", 7, true, f.dummy}, [](const auto& a, const auto& b) {
+    CHECK(b.name == a.name);
+    CHECK(b.engine == a.engine);
+  });
+  f.round_trip(node_query{}, [](const auto&, const auto&) {});
+  f.round_trip(register_supervisor{100003, -1, f.dummy}, [](const auto& a, const auto& b) {
+    CHECK(b.group == a.group);
+    CHECK(b.index == a.index);
+    CHECK(b.handle == a.handle);
+  });
+  f.round_trip(lookup_supervisor{5, 7}, [](const auto& a, const auto& b) {
+    CHECK(b.group == a.group);
+    CHECK(b.index == a.index);
+  });
+  f.round_trip(supervisor_entry{5, 7, caf::actor{}}, [](const auto&, const auto& b) { CHECK_FALSE(b.handle); });
+  f.round_trip(set_registry{f.dummy}, [](const auto& a, const auto& b) { CHECK(b.registry == a.registry); });
 }
 
 TEST_CASE("messages: decode -> prefill messages round-trip") {
@@ -221,8 +332,10 @@ TEST_CASE("messages: decode -> prefill messages round-trip") {
   reg.pp = 0;
   reg.tp = 5;
   reg.tp_size = 8;
-  reg.pool = {11, u64_max - 1, 31, 30, 2, 4096, std::int64_t{1} << 40, 12, 512, 64, 4, 256};
+  reg.pool = sample_pool();
   reg.decode = f.dummy;
+  reg.endpoint = std::string("\x00\x01ucx-worker\xff", 14);  // binary: carried byte for byte
+  reg.regions = {{11, u64_max, 0x7f0000001000, "rkey\x00packed"}, {40, 408, 1, ""}};
   f.round_trip(reg, [](const auto& a, const auto& b) {
     CHECK(b.version == a.version);
     CHECK(b.decode_rank == a.decode_rank);
@@ -232,6 +345,30 @@ TEST_CASE("messages: decode -> prefill messages round-trip") {
     CHECK(b.tp_size == a.tp_size);
     same_pool(a.pool, b.pool);
     CHECK(b.decode == a.decode);
+    CHECK(b.endpoint == a.endpoint);
+    REQUIRE(b.regions.size() == a.regions.size());
+    for (std::size_t i = 0; i < a.regions.size(); ++i) {
+      CHECK(b.regions[i].id == a.regions[i].id);
+      CHECK(b.regions[i].size == a.regions[i].size);
+      CHECK(b.regions[i].address == a.regions[i].address);
+      CHECK(b.regions[i].remote_key == a.regions[i].remote_key);
+    }
+  });
+  // A registration of an MLA rank without state or aux: the empty lists stay empty.
+  f.round_trip(kv_registration{}, [](const auto&, const auto& b) {
+    CHECK(b.version == wire_version);
+    CHECK(b.pool.kv.empty());
+    CHECK(b.pool.aux.empty());
+    CHECK(b.pool.state.empty());
+    CHECK(b.regions.empty());
+  });
+  // The pieces travel alone too (they are registered message types of their own).
+  f.round_trip(remote_buffer{u64_max, u64_max - 1, 3, 1}, [](const auto& a, const auto& b) { same_buffer(a, b); });
+  f.round_trip(transport::region_desc{9, 1 << 20, u64_max, "k"}, [](const auto& a, const auto& b) {
+    CHECK(b.id == a.id);
+    CHECK(b.size == a.size);
+    CHECK(b.address == a.address);
+    CHECK(b.remote_key == a.remote_key);
   });
 
   dst_info d;
@@ -267,7 +404,7 @@ TEST_CASE("messages: decode -> prefill messages round-trip") {
   });
 }
 
-TEST_CASE("messages: prefill -> decode and scheduler messages round-trip") {
+TEST_CASE("messages: prefill -> decode and simulator messages round-trip") {
   sys_fixture f;
   f.round_trip(kv_status{9, 2, 31, 4, "ok"}, [](const auto& a, const auto& b) {
     CHECK(b.room == a.room);
@@ -290,14 +427,6 @@ TEST_CASE("messages: prefill -> decode and scheduler messages round-trip") {
     CHECK(b.prefix_pages == a.prefix_pages);
     CHECK(b.fault == a.fault);
   });
-  f.round_trip(kv_chunk{77, 2, 16, 512, true}, [](const auto& a, const auto& b) {
-    CHECK(b.room == a.room);
-    CHECK(b.incarnation == a.incarnation);
-    CHECK(b.page_begin == a.page_begin);
-    CHECK(b.page_end == a.page_end);
-    CHECK(b.is_last == a.is_last);
-  });
-  f.round_trip(kv_chunk{1, 1, 0, 0, false}, [](const auto&, const auto& b) { CHECK_FALSE(b.is_last); });
   f.round_trip(abort_request{5, 6, "client went away"}, [](const auto& a, const auto& b) {
     CHECK(b.room == a.room);
     CHECK(b.incarnation == a.incarnation);
@@ -327,12 +456,71 @@ TEST_CASE("messages: prefill -> decode and scheduler messages round-trip") {
     CHECK(b.mismatched_pages == a.mismatched_pages);
   });
   f.round_trip(pool_usage_query{}, [](const auto&, const auto&) {});
-  f.round_trip(pool_usage{false, 7, 1 << 20, 3, 12}, [](const auto& a, const auto& b) {
+  f.round_trip(pool_usage{false, 7, 1 << 20, 3, 12, u64_max, 1ULL << 33, 5}, [](const auto& a, const auto& b) {
     CHECK(b.prefill == a.prefill);
     CHECK(b.rank == a.rank);
     CHECK(b.used_pages == a.used_pages);
     CHECK(b.used_aux == a.used_aux);
     CHECK(b.live_rooms == a.live_rooms);
+    CHECK(b.bytes_moved == a.bytes_moved);
+    CHECK(b.peak_rss_bytes == a.peak_rss_bytes);
+    CHECK(b.draining_pages == a.draining_pages);
+  });
+}
+
+TEST_CASE("messages: engine -> rank API messages round-trip") {
+  sys_fixture f;
+  f.round_trip(api_create{u64_max, 3, 7}, [](const auto& a, const auto& b) {
+    CHECK(b.room == a.room);
+    CHECK(b.incarnation == a.incarnation);
+    CHECK(b.other_dp == a.other_dp);
+  });
+  f.round_trip(api_init{5, 1, 32768, 63}, [](const auto& a, const auto& b) {
+    CHECK(b.room == a.room);
+    CHECK(b.incarnation == a.incarnation);
+    CHECK(b.pages == a.pages);
+    CHECK(b.aux_row == a.aux_row);
+  });
+  api_send s;
+  s.room = 5;
+  s.incarnation = 1;
+  for (std::int32_t i = 0; i < 600; ++i) s.pages.push_back(i * 13 % 4099);
+  s.pages.push_back(-1);  // whatever the engine passed: carried as is, checked by the rank
+  s.is_last = true;
+  s.state_pages = {9, 8, 7};
+  f.round_trip(s, [](const auto& a, const auto& b) {
+    CHECK(b.room == a.room);
+    CHECK(b.incarnation == a.incarnation);
+    CHECK(b.pages == a.pages);
+    CHECK(b.is_last == a.is_last);
+    CHECK(b.state_pages == a.state_pages);
+  });
+  f.round_trip(api_send{}, [](const auto&, const auto& b) {
+    CHECK(b.pages.empty());
+    CHECK_FALSE(b.is_last);
+    CHECK(b.state_pages.empty());
+  });
+  f.round_trip(api_destinations{6, 2, {4, 5, 6, std::numeric_limits<std::int32_t>::max()}, 17, {1, 2}, 3},
+               [](const auto& a, const auto& b) {
+                 CHECK(b.room == a.room);
+                 CHECK(b.incarnation == a.incarnation);
+                 CHECK(b.pages == a.pages);
+                 CHECK(b.aux_slot == a.aux_slot);
+                 CHECK(b.state_pages == a.state_pages);
+                 CHECK(b.prefix_pages == a.prefix_pages);
+               });
+  f.round_trip(api_abort{6, 2, "engine: client went away"}, [](const auto& a, const auto& b) {
+    CHECK(b.room == a.room);
+    CHECK(b.incarnation == a.incarnation);
+    CHECK(b.reason == a.reason);
+  });
+  f.round_trip(api_apply{sample_states(), {{4, 4, 4, true}}}, [](const auto& a, const auto& b) {
+    CHECK(b.fail == a.fail);
+    CHECK(b.forget == a.forget);
+  });
+  f.round_trip(api_apply{}, [](const auto&, const auto& b) {
+    CHECK(b.fail.empty());
+    CHECK(b.forget.empty());
   });
 }
 

@@ -4,7 +4,7 @@
 # Extra packages (the benchmarks' own) may be named as arguments.
 set -euo pipefail
 packages=(g++ make cmake python3 libcaf-dev libucx-dev ucx-utils libspdlog-dev libfmt-dev
-          doctest-dev libcli11-dev nlohmann-json3-dev iproute2 "$@")
+          doctest-dev libcli11-dev nlohmann-json3-dev iproute2 pkg-config "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

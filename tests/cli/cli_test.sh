@@ -90,6 +90,72 @@ case "$case_" in
     expect_usage_error "bootstrap" rank --role decode --rank 0 --bootstrap nowhere --pool-pages 4 --aux-slots 1
     expect_usage_error "listen" bootstrap --listen 127.0.0.1:99999
     ;;
+  plan)
+    # `kvflow plan` on the seed topology: one block per rank, CP rank 0 the only sender.
+    "$kvflow" plan >"$tmp/out" 2>"$tmp/err" || fail "plan exited $?"
+    [ ! -s "$tmp/err" ] || fail "plan wrote on stderr: $(cat "$tmp/err")"
+    grep -q '^topology: prefill tp=1 cp=8 pp=1 dp=1 (8 ranks), decode tp=1 dp=8 pp=1 (8 ranks)' "$tmp/out" ||
+      fail "no topology line: $(head -1 "$tmp/out")"
+    [ "$(grep -c '^prefill rank [0-7]: ' "$tmp/out")" = 8 ] || fail "not 8 prefill ranks"
+    [ "$(grep -c '^decode rank [0-7]: ' "$tmp/out")" = 8 ] || fail "not 8 decode ranks"
+    [ "$(grep -c '^  authoritative' "$tmp/out")" = 1 ] || fail "not exactly one authoritative prefill rank"
+    [ "$(grep -c '^  non-authoritative' "$tmp/out")" = 7 ] || fail "not 7 non-authoritative prefill ranks"
+    grep -q '^  reader: decode pp=0 tp=0 -> decode ranks 0 (dp 0), 1 (dp 1), .*7 (dp 7)$' "$tmp/out" ||
+      fail "prefill rank 0 does not list the decode rank of every decode dp group"
+    [ "$(grep -c '^  reads prefill pp=0 cp=0 tp=0 layers \[0,61) writes-aux -> prefill rank 0 (dp 0)$' "$tmp/out")" = 8 ] ||
+      fail "decode ranks do not all read prefill rank 0"
+    # CP-parallel sending: every CP rank sends its share of the pages.
+    "$kvflow" plan --cp-send all >"$tmp/out" || fail "plan --cp-send all exited $?"
+    [ "$(grep -c '^  authoritative' "$tmp/out")" = 8 ] || fail "cp-send all: not 8 authoritative prefill ranks"
+    grep -q '^  cp share: pages \[n\*3/8, n\*4/8) of a request' "$tmp/out" || fail "cp-send all: no cp share of CP rank 3"
+    ;;
+  plan_json)
+    "$kvflow" plan --json >"$tmp/r.json" || fail "plan --json exited $?"
+    python3 -c 'import json,sys; json.load(sys.stdin)' <"$tmp/r.json" || fail "plan --json is not JSON"
+    [ "$(json "(len(r['prefill_ranks']), len(r['decode_ranks']), r['topology']['prefill']['cp'], r['topology']['decode']['dp'])")" = "(8, 8, 8, 8)" ] ||
+      fail "seed plan: not 8 + 8 ranks of prefill cp=8, decode dp=8"
+    [ "$(json "[p['authoritative'] for p in r['prefill_ranks']].count(True)")" = 1 ] || fail "seed: not one authoritative rank"
+    [ "$(json "[d['peers'][0]['prefill_ranks'] for d in r['decode_ranks']] == [[0]] * 8")" = True ] ||
+      fail "seed: decode ranks do not read prefill rank 0"
+    # MLA, prefill tp=4 > decode tp=2: decode rank r reads prefill tp 2r; tp 1 and 3 are non-authoritative.
+    "$kvflow" plan --prefill tp=4 --decode tp=2 --json >"$tmp/r.json" || fail "plan tp=4/tp=2 exited $?"
+    [ "$(json "[[(p['pp'], p['cp'], p['tp']) for p in d['peers']] for d in r['decode_ranks']]")" = "[[(0, 0, 0)], [(0, 0, 2)]]" ] ||
+      fail "MLA tp=4/tp=2: decode ranks do not read prefill tp 0 and 2"
+    [ "$(json "[(p['authoritative'], p['required_dst_info_num']) for p in r['prefill_ranks']]")" = \
+      "[(True, 1), (False, 0), (True, 1), (False, 0)]" ] || fail "MLA tp=4/tp=2: wrong authoritative ranks"
+    [ "$(json "[(d['required_prefill_response_num'], d['expects_aux']) for d in r['decode_ranks']]")" = "[(1, True), (1, True)]" ] ||
+      fail "MLA tp=4/tp=2: wrong responses or aux"
+    # MHA, the same TP sizes: each decode rank reads both prefill ranks of its range, each its own heads.
+    "$kvflow" plan --prefill tp=4 --decode tp=2 --model mha:8:8:128 --dtype bf16 --json >"$tmp/r.json" ||
+      fail "plan MHA exited $?"
+    [ "$(json "[(p['tp'], p['heads']['src_begin'], p['heads']['dst_begin'], p['heads']['count']) for p in r['decode_ranks'][1]['peers']]")" = \
+      "[(2, 0, 0, 2), (3, 0, 2, 2)]" ] || fail "MHA tp=4/tp=2: wrong head slices of decode rank 1"
+    [ "$(json "(r['decode_ranks'][1]['required_prefill_response_num'], r['decode_ranks'][1]['local_heads'], r['prefill_ranks'][3]['local_heads'])")" = "(2, 4, 2)" ] ||
+      fail "MHA tp=4/tp=2: wrong responses or local heads"
+    # PP, prefill dp, CP-parallel sending: peers name their global rank in every prefill dp group.
+    "$kvflow" plan --prefill cp=2,pp=2,dp=2 --decode dp=2 --cp-send all --json >"$tmp/r.json" || fail "plan pp/dp exited $?"
+    [ "$(json "[(p['pp'], p['cp'], p['prefill_ranks'], p['layers']['begin'], p['cp_share'], p['writes_aux']) for p in r['decode_ranks'][1]['peers']]")" = \
+      "[(0, 0, [0, 4], 0, True, False), (0, 1, [1, 5], 0, True, False), (1, 0, [2, 6], 31, True, True), (1, 1, [3, 7], 31, True, False)]" ] ||
+      fail "pp/dp: wrong peers of decode rank 1"
+    [ "$(json "(r['prefill_ranks'][7]['cp_share'], r['prefill_ranks'][7]['readers'])")" = \
+      "({'cp': 2, 'cp_rank': 1, 'pages': \"[n*1/2, n*2/2) of a request's n pages\"}, [{'decode_ranks': [0, 1], 'pp': 0, 'tp': 0}])" ] ||
+      fail "pp/dp: wrong cp share or readers of prefill rank 7"
+    ;;
+  plan_invalid)
+    expect_usage_error "decode.tp" plan --prefill tp=4 --decode tp=3
+    [ ! -s "$tmp/out" ] || fail "plan of an invalid topology printed: $(head -1 "$tmp/out")"
+    expect_usage_error "decode.pp" plan --json --prefill pp=2 --decode pp=3
+    expect_usage_error "model.kv_heads" plan --model mha:4:6:64 --prefill tp=4
+    expect_usage_error "cp-send" plan --cp-send some
+    expect_usage_error "page-size\|page_size" plan --page-size 0
+    ;;
+  memory_check)
+    # A workload whose KV pools cannot fit in this machine is refused before it starts, in one line.
+    for cmd in simulate launch; do
+      expect_usage_error "^kvflow: needs [0-9]*\.[0-9] GiB of KV pools, [0-9]*\.[0-9] GiB available; lower --concurrency or --prompt-tokens$" \
+        $cmd --prefill tp=8,cp=8 --decode tp=8 --prompt-tokens 100000 --concurrency 64
+    done
+    ;;
   help)
     "$kvflow" --help >"$tmp/out" || fail "--help exited $?"
     grep -q KVFLOW_BOOTSTRAP_TIMEOUT_MS "$tmp/out" || fail "--help does not list the tunables"

@@ -1,0 +1,271 @@
+// Built against the installed kvflow only (find_package(kvflow), kvflow::kvflow): a node with one
+// prefill and one decode rank over host memory this program owns, one request driven through
+// them as a serving engine's scheduler would (a poll per rank per step, acting on the agreed
+// round), and the KV and aux bytes checked where they landed. Prints OK and exits 0 on success.
+#include <kvflow/kvflow.hpp>
+// Both public headers in one translation unit, in either order.
+#include <kvflow/kvflow.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+static_assert(KVFLOW_API_VERSION == 1, "KVFLOW_API_VERSION");
+static_assert(KVFLOW_EINVAL == static_cast<int>(kvflow::errc::invalid_argument), "errc");
+static_assert(KVFLOW_EINTERNAL == static_cast<int>(kvflow::errc::internal), "errc");
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+// model mla:2:64, page_size 16: 2 layers of 64 B per token, 1024 B per page.
+constexpr int kLayers = 2;
+constexpr int kPages = 8;                   // pages per layer buffer
+constexpr std::size_t kPageBytes = 64 * 16;
+constexpr int kAuxRows = 4;
+constexpr std::size_t kAuxRowBytes = 64;
+constexpr int kRequestPages = 4;
+const std::vector<std::int32_t> kPrefillPages = {0, 1, 2, 3};
+const std::vector<std::int32_t> kDecodePages = {4, 5, 6, 7};
+constexpr int kPrefillAuxRow = 0;
+constexpr int kDecodeAuxSlot = 1;
+
+unsigned char kv_byte(int layer, int page, std::size_t i) {
+  return static_cast<unsigned char>((layer * 131 + page * 29 + i * 7 + 3) & 0xff);
+}
+unsigned char aux_byte(int row, std::size_t i) { return static_cast<unsigned char>((0xa0 + row * 16 + i * 3) & 0xff); }
+
+// The engine's memory of one rank: one mla_latent buffer per layer and one aux buffer.
+struct rank_memory {
+  std::vector<std::vector<unsigned char>> kv;
+  std::vector<unsigned char> aux;
+
+  explicit rank_memory(bool prefill) : kv(kLayers, std::vector<unsigned char>(kPages * kPageBytes)), aux(kAuxRows * kAuxRowBytes) {
+    for (int l = 0; l < kLayers; ++l)
+      for (int p = 0; p < kPages; ++p)
+        for (std::size_t i = 0; i < kPageBytes; ++i) kv[l][p * kPageBytes + i] = prefill ? kv_byte(l, p, i) : 0xee;
+    for (int r = 0; r < kAuxRows; ++r)
+      for (std::size_t i = 0; i < kAuxRowBytes; ++i) aux[r * kAuxRowBytes + i] = prefill ? aux_byte(r, i) : 0x5a;
+  }
+  const unsigned char* page(int layer, int p) const { return kv[layer].data() + p * kPageBytes; }
+  const unsigned char* aux_row(int r) const { return aux.data() + r * kAuxRowBytes; }
+
+  kvflow::memory_desc desc() {
+    kvflow::memory_desc m;
+    for (int l = 0; l < kLayers; ++l) {
+      kvflow::buffer_desc b;
+      b.base = kv[l].data();
+      b.bytes = kv[l].size();
+      b.page_bytes = kPageBytes;
+      b.role = kvflow::buffer_role::mla_latent;
+      b.layer = l;
+      b.kind = kvflow::memory_kind::host;
+      m.buffers.push_back(b);
+    }
+    kvflow::buffer_desc a;
+    a.base = aux.data();
+    a.bytes = aux.size();
+    a.page_bytes = kAuxRowBytes;
+    a.role = kvflow::buffer_role::aux;
+    a.layer = -1;
+    a.kind = kvflow::memory_kind::host;
+    m.buffers.push_back(a);
+    m.layer_begin = 0;
+    m.layer_end = kLayers;
+    return m;
+  }
+};
+
+int fail(const std::string& what) {
+  std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+  return 1;
+}
+int fail(const std::string& what, const kvflow::error& e) {
+  return fail(what + ": " + kvflow::to_string(e.code()) + ": " + e.message());
+}
+
+// The round of step k; a round that is late is waited for again (the same step), up to the deadline.
+template <class Rank>
+kvflow::expected<kvflow::round_view> poll_step(Rank& rank, std::uint64_t k, clock_type::time_point deadline) {
+  for (;;) {
+    auto v = rank.poll(k, std::chrono::milliseconds(100));
+    if (v) return v;
+    const kvflow::errc c = v.err().code();
+    if ((c != kvflow::errc::timeout && c != kvflow::errc::not_ready) || clock_type::now() > deadline) return v;
+  }
+}
+
+// What the scheduler of one rank sees of the request.
+struct side {
+  const char* name;
+  bool acted = false;  // prefill: init + send; decode: send_destinations
+  bool done = false;   // agreed Success and released
+  std::string last = "absent";
+};
+
+// Checks that poll(k) answered step k with round k - lag (0 before the first round).
+bool check_round(const kvflow::round_view& v, std::uint64_t k, std::uint64_t lag, const char* name, std::string& why) {
+  const std::uint64_t want = k > lag ? k - lag : 0;
+  if (v.step != k || v.round != want) {
+    why = std::string(name) + ": poll(" + std::to_string(k) + ") answered step " + std::to_string(v.step) +
+          " round " + std::to_string(v.round) + ", want round " + std::to_string(want);
+    return false;
+  }
+  return true;
+}
+
+void log_line(kvflow::log_level level, const std::string& text) {
+  std::fprintf(stderr, "kvflow[%d]: %s\n", static_cast<int>(level), text.c_str());
+}
+
+}  // namespace
+
+int main() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // what it printed survives a kill by the test's timeout
+  kvflow::topology topo;
+  topo.prefill.tp = 1;
+  topo.prefill.cp = 1;
+  topo.decode.tp = 1;
+  topo.model = "mla:2:64";
+  topo.dtype = "bf16";
+  topo.page_size = 16;
+
+  kvflow::node_options options;
+  options.worker_threads = 2;
+  // A lost message fails the request inside the 20 s of the run instead of stalling it.
+  options.tunables = {{"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "15000"}, {"KVFLOW_WAITING_TIMEOUT_MS", "15000"}};
+  options.log = log_line;
+  options.min_level = kvflow::log_level::warn;
+
+  // An invalid topology is an error value, not an exception or an exit.
+  {
+    kvflow::topology bad = topo;
+    bad.page_size = 0;
+    auto n = kvflow::node::start(bad, options);
+    if (n) return fail("node::start accepted page_size 0");
+    if (n.err().code() != kvflow::errc::invalid_argument)
+      return fail("node::start(page_size 0) is not invalid_argument", n.err());
+  }
+
+  // The engine's memory outlives the node and its ranks (declared first, destroyed last).
+  rank_memory pmem(true), dmem(false);
+  const rank_memory pmem_before = pmem;
+
+  auto started = kvflow::node::start(topo, options);
+  if (!started) return fail("node::start", started.err());
+  std::shared_ptr<kvflow::node> node = started.value();
+
+  auto p = node->add_prefill(kvflow::coords{0, 0, 0, 0}, pmem.desc());
+  if (!p) return fail("add_prefill", p.err());
+  auto d = node->add_decode(kvflow::coords{0, 0, 0, 0}, dmem.desc());
+  if (!d) return fail("add_decode", d.err());
+  kvflow::prefill_rank& prefill = *p.value();
+  kvflow::decode_rank& decode = *d.value();
+  if (prefill.global_rank() != 0 || decode.global_rank() != 0)
+    return fail("global ranks " + std::to_string(prefill.global_rank()) + ", " + std::to_string(decode.global_rank()));
+  const std::uint64_t plag = prefill.lag(), dlag = decode.lag();
+
+  const kvflow::request_id id{42, 1};
+  if (auto e = prefill.create(id, 0)) return fail("prefill create", e);
+  if (auto e = decode.create(id, 0)) return fail("decode create", e);
+
+  side ps{"prefill"}, ds{"decode"};
+  const auto deadline = clock_type::now() + std::chrono::seconds(20);
+  std::uint64_t k = 0;
+  std::string why;
+  while (!(ps.done && ds.done)) {
+    ++k;
+    if (clock_type::now() > deadline)
+      return fail("not done after 20 s (step " + std::to_string(k) + "): prefill " + ps.last + ", decode " + ds.last);
+
+    auto pr = poll_step(prefill, k, deadline);
+    if (!pr) return fail("prefill poll(" + std::to_string(k) + ")", pr.err());
+    if (!check_round(pr.value(), k, plag, "prefill", why)) return fail(why);
+    if (const kvflow::room_poll* e = pr->find(id)) {
+      ps.last = std::string(kvflow::to_string(e->state)) + (e->released ? "+released" : "");
+      if (e->state == kvflow::poll_state::failed)
+        return fail("prefill: the request failed: " + prefill.failure_reason(id));
+      if (e->state >= kvflow::poll_state::transferring && !ps.acted)
+        return fail("prefill: " + ps.last + " before init/send");
+      if (e->state == kvflow::poll_state::waiting_for_input && !ps.acted) {
+        auto prefix = prefill.decode_prefix_pages(id);
+        if (!prefix) return fail("decode_prefix_pages", prefix.err());
+        if (prefix.value() != 0) return fail("decode_prefix_pages: " + std::to_string(prefix.value()) + ", want 0");
+        if (auto err = prefill.init(id, kRequestPages, kPrefillAuxRow)) return fail("prefill init", err);
+        if (auto err = prefill.send(id, kPrefillPages, true)) return fail("prefill send", err);
+        ps.acted = true;
+      }
+      if (e->state == kvflow::poll_state::success && e->released) ps.done = true;
+    }
+
+    auto dr = poll_step(decode, k, deadline);
+    if (!dr) return fail("decode poll(" + std::to_string(k) + ")", dr.err());
+    if (!check_round(dr.value(), k, dlag, "decode", why)) return fail(why);
+    if (const kvflow::room_poll* e = dr->find(id)) {
+      ds.last = std::string(kvflow::to_string(e->state)) + (e->released ? "+released" : "");
+      if (e->state == kvflow::poll_state::failed)
+        return fail("decode: the request failed: " + decode.failure_reason(id));
+      if (e->state >= kvflow::poll_state::transferring && !ds.acted)
+        return fail("decode: " + ds.last + " before send_destinations");
+      if (e->state == kvflow::poll_state::waiting_for_input && !ds.acted) {
+        if (auto err = decode.send_destinations(id, kDecodePages, kDecodeAuxSlot)) return fail("send_destinations", err);
+        ds.acted = true;
+      }
+      if (e->state == kvflow::poll_state::success && e->released) ds.done = true;
+    }
+  }
+  std::printf("request %llu done at step %llu (lag %llu/%llu)\n", static_cast<unsigned long long>(id.room),
+              static_cast<unsigned long long>(k), static_cast<unsigned long long>(plag),
+              static_cast<unsigned long long>(dlag));
+
+  // The bytes: prefill pages 0..3 of every layer in decode pages 4..7, decode pages 0..3 untouched,
+  // prefill aux row 0 in decode aux row 1 and no other row written; prefill memory not written.
+  for (int l = 0; l < kLayers; ++l)
+    for (int j = 0; j < kRequestPages; ++j) {
+      if (std::memcmp(dmem.page(l, kDecodePages[j]), pmem.page(l, kPrefillPages[j]), kPageBytes) != 0)
+        return fail("layer " + std::to_string(l) + ": decode page " + std::to_string(kDecodePages[j]) +
+                    " does not hold prefill page " + std::to_string(kPrefillPages[j]));
+      const unsigned char* other = dmem.page(l, j);
+      for (std::size_t i = 0; i < kPageBytes; ++i)
+        if (other[i] != 0xee) return fail("layer " + std::to_string(l) + ": decode page " + std::to_string(j) + " was written");
+    }
+  if (std::memcmp(dmem.aux_row(kDecodeAuxSlot), pmem.aux_row(kPrefillAuxRow), kAuxRowBytes) != 0)
+    return fail("decode aux row " + std::to_string(kDecodeAuxSlot) + " does not hold prefill aux row " +
+                std::to_string(kPrefillAuxRow));
+  for (int r = 0; r < kAuxRows; ++r) {
+    if (r == kDecodeAuxSlot) continue;
+    for (std::size_t i = 0; i < kAuxRowBytes; ++i)
+      if (dmem.aux_row(r)[i] != 0x5a) return fail("decode aux row " + std::to_string(r) + " was written");
+  }
+  if (pmem.kv != pmem_before.kv || pmem.aux != pmem_before.aux) return fail("the prefill memory was written");
+
+  if (!prefill.failure_reason(id).empty()) return fail("a failure reason for a request that succeeded");
+  if (auto e = prefill.clear(id)) return fail("prefill clear", e);
+  if (auto e = decode.clear(id)) return fail("decode clear", e);
+  if (auto e = prefill.clear(id)) return fail("prefill clear (again: idempotent)", e);
+
+  const kvflow::rank_stats psx = prefill.stats(), dsx = decode.stats();
+  std::printf("prefill: created %llu succeeded %llu failed %llu bytes_sent %llu polls %llu stalls %llu live %llu\n",
+              static_cast<unsigned long long>(psx.created), static_cast<unsigned long long>(psx.succeeded),
+              static_cast<unsigned long long>(psx.failed), static_cast<unsigned long long>(psx.bytes_sent),
+              static_cast<unsigned long long>(psx.polls), static_cast<unsigned long long>(psx.stalls),
+              static_cast<unsigned long long>(psx.live_requests));
+  std::printf("decode: created %llu succeeded %llu failed %llu polls %llu stalls %llu live %llu\n",
+              static_cast<unsigned long long>(dsx.created), static_cast<unsigned long long>(dsx.succeeded),
+              static_cast<unsigned long long>(dsx.failed), static_cast<unsigned long long>(dsx.polls),
+              static_cast<unsigned long long>(dsx.stalls), static_cast<unsigned long long>(dsx.live_requests));
+  if (psx.created != 1 || psx.succeeded != 1 || psx.failed != 0 || dsx.created != 1 || dsx.succeeded != 1 ||
+      dsx.failed != 0)
+    return fail("the stats do not count one request created and succeeded on each rank");
+  if (psx.bytes_sent < kLayers * kRequestPages * kPageBytes)
+    return fail("prefill bytes_sent " + std::to_string(psx.bytes_sent) + " < the request's KV");
+
+  node->stop();
+  if (auto e = prefill.create(kvflow::request_id{43, 0}, 0); !e || e.code() != kvflow::errc::unavailable)
+    return fail("create after stop is not unavailable", e);
+  std::printf("OK\n");
+  return 0;
+}

@@ -10,10 +10,8 @@
 #include <cstdio>
 #include <thread>
 
-#include "actors/agreed_ring.hpp"
 #include "actors/messages.hpp"
-#include "actors/step_board.hpp"
-#include "actors/supervisor.hpp"
+#include "kvflow/kvflow.hpp"
 #include "runtime/actor_system_setup.hpp"
 #include "runtime/bench.hpp"
 #include "runtime/percentile.hpp"
@@ -31,8 +29,6 @@ struct bench_shared {
 
 struct figures {
   double p50_us = 0, p99_us = 0, rounds_per_s = 0;
-  double post_p50_us = 0;   // the scheduler threads' share: posting every rank's states
-  double agree_p50_us = 0, agree_p99_us = 0;  // from the last post to publication
 };
 
 figures summarize(const bench_shared& sh) {
@@ -48,74 +44,77 @@ figures summarize(const bench_shared& sh) {
   return f;
 }
 
-// The rooms a rank reports at a step (states vary with the round and the rank).
-step_states rank_states(int rooms, std::uint64_t round, int rank) {
-  step_states s(rooms);
-  for (int i = 0; i < rooms; ++i)
-    s[i] = {std::uint64_t(i + 1), 1, static_cast<std::uint8_t>(1 + (round + rank + i) % 3)};
-  return s;
-}
+// kvflow through its public API, as engines drive it: a node holding the group's TP x CP prefill
+// ranks (memory of one small layer each), `rooms` requests created on every rank, and the calling
+// thread playing every rank's scheduler. Each step every rank polls (posts its states, reads the
+// agreed round of the step before: complete, so wait-free) and rank 0 then polls one step ahead,
+// waiting for the round the others just completed: that wait is the agreement's latency.
+struct api_figures {
+  double agree_p50_us = 0, agree_p99_us = 0;
+  double poll_p50_us = 0, poll_p99_us = 0;
+  double steps_per_s = 0;
+  std::uint64_t stalls = 0;
+};
 
-// kvflow: the real step boards, shard and TP supervisors and agreed ring. The calling thread
-// plays the ranks' scheduler threads: each step it posts every rank's states (what poll() does
-// on each rank) and waits until the agreed round is published to every rank.
-figures run_kvflow(caf::actor_system& sys, int tp, int cp, int rooms, int rounds, double& poll_ns) {
-  auto agreed = std::make_shared<agreed_ring>(std::size_t(rounds) + 1);
-  supervisor_args ra;
-  ra.children = tp;
-  ra.root = true;
-  ra.publish = agreed;
-  auto root = spawn_supervisor(sys, ra, {});
-  std::vector<caf::actor> all{root}, shards;
-  std::vector<std::shared_ptr<step_board>> boards;
-  for (int t = 0; t < tp; ++t) {
-    supervisor_args sa;
-    sa.children = cp;
-    sa.index_in_parent = t;
-    sa.board = std::make_shared<step_board>(cp);
-    auto shard = spawn_supervisor(sys, sa, root);
-    caf::anon_send(root, msg::attach_child{t, shard});
-    boards.push_back(sa.board);
-    shards.push_back(shard);
-    all.push_back(shard);
-  }
-  std::vector<double> lat, post, agree;
-  for (int r = 1; r <= rounds; ++r) {
-    auto t0 = clock_type::now();
-    for (int t = 0; t < tp; ++t)
-      for (int c = 0; c < cp; ++c)
-        if (boards[t]->post(c, r, rank_states(rooms, r, t * cp + c)))
-          caf::anon_send(shards[t], msg::board_round{std::uint64_t(r)});
-    auto t1 = clock_type::now();
-    if (agreed->wait_for(std::uint64_t(r), std::chrono::seconds(10)) == nullptr) break;
-    auto t2 = clock_type::now();
-    if (r > rounds / 10) {
-      lat.push_back(std::chrono::duration<double, std::micro>(t2 - t0).count());
-      post.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-      agree.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
+result<api_figures> run_kvflow(int tp, int cp, int rooms, int rounds, int workers) {
+  topology t;
+  t.prefill = {tp, cp, 1, 1};
+  t.decode = {1, 1, 1};
+  t.model = "mla:1:64";
+  t.dtype = "bf16";
+  t.page_size = 16;
+  node_options o;
+  o.worker_threads = workers;
+  auto started = node::start(t, o);
+  if (!started) return status::error(started.err().message());
+  auto n = started.value();
+  const std::uint64_t page = 16 * 64;
+  std::vector<std::vector<std::byte>> memory;
+  std::vector<std::shared_ptr<prefill_rank>> ranks;
+  for (int c = 0; c < cp; ++c)
+    for (int x = 0; x < tp; ++x) {
+      memory.emplace_back(4 * page);
+      memory_desc m;
+      m.layer_begin = 0;
+      m.layer_end = 1;
+      m.buffers.push_back({memory.back().data(), 2 * page, page, buffer_role::mla_latent, 0});
+      m.buffers.push_back({memory.back().data() + 2 * page, 2 * page, 64, buffer_role::aux, -1});
+      auto r = n->add_prefill({x, c, 0, 0}, m);
+      if (!r) return status::error(r.err().message());
+      ranks.push_back(r.value());
     }
+  for (auto& r : ranks)
+    for (int i = 0; i < rooms; ++i) r->create({std::uint64_t(i + 1), 1}, 0);
+  std::vector<double> agree, cost;
+  const auto wait = std::chrono::seconds(10);
+  auto first = ranks[0]->poll(1, wait);
+  if (!first) return status::error(first.err().message());
+  auto begin = clock_type::now();
+  for (int k = 1; k <= rounds; ++k) {
+    const auto step = std::uint64_t(k);
+    for (std::size_t i = 1; i < ranks.size(); ++i) {
+      auto t0 = clock_type::now();
+      auto v = ranks[i]->poll(step, std::chrono::microseconds(0));
+      auto t1 = clock_type::now();
+      if (!v && v.err().code() != errc::not_ready) return status::error(v.err().message());
+      if (v && k > rounds / 10) cost.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+      if (!v && !ranks[i]->poll(step, wait)) return status::error("round " + std::to_string(k - 1) + " never came");
+    }
+    auto t0 = clock_type::now();
+    auto v = ranks[0]->poll(step + 1, wait);
+    auto t1 = clock_type::now();
+    if (!v) return status::error(v.err().message());
+    if (k > rounds / 10) agree.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
   }
-  // One read of a complete round as a scheduler thread's poll makes it.
-  const int polls = 1000000;
-  std::uint64_t sink = 0;
-  auto p0 = clock_type::now();
-  for (int i = 0; i < polls; ++i) {
-    const auto* v = agreed->get(std::uint64_t(rounds - i % 8));
-    sink += v != nullptr ? v->round : 0;
-  }
-  poll_ns = std::chrono::duration<double, std::nano>(clock_type::now() - p0).count() / polls;
-  if (sink == 0) poll_ns = -1;
-  for (auto& a : all) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
-  figures f;
-  if (lat.empty()) return f;
-  f.p50_us = percentile(lat, 0.5);
-  f.p99_us = percentile(lat, 0.99);
-  f.post_p50_us = percentile(post, 0.5);
+  auto secs = std::chrono::duration<double>(clock_type::now() - begin).count();
+  api_figures f;
+  for (auto& r : ranks) f.stalls += r->stats().stalls;
+  n->stop();
   f.agree_p50_us = percentile(agree, 0.5);
   f.agree_p99_us = percentile(agree, 0.99);
-  double sum = 0;
-  for (double x : lat) sum += x;
-  f.rounds_per_s = 1e6 * double(lat.size()) / sum;
+  f.poll_p50_us = percentile(cost, 0.5);
+  f.poll_p99_us = percentile(cost, 0.99);
+  f.steps_per_s = rounds / secs;
   return f;
 }
 
@@ -187,7 +186,7 @@ int run_bench_control(const bench_flags& f) {
   configure_actor_system(cfg);
   cfg.add_message_type<empty_report>("kvflow.bench.empty_report");
   if (f.workers > 0) cfg.set("scheduler.max-threads", f.workers);
-  caf::actor_system sys{cfg};
+  caf::actor_system sys{cfg};  // the anchor's; kvflow runs in a node of its own
   auto rooms = f.rooms.empty() ? std::vector<int>{1, 64, 1024} : f.rooms;
   std::printf("bench control: prefill group TP%d x CP%d (%d ranks, %d shard supervisors, 1 TP "
               "supervisor), one process, %u hardware threads, %zu actor worker threads, %d rounds each\n",
@@ -197,21 +196,24 @@ int run_bench_control(const bench_flags& f) {
   std::printf("anchor: one message per rank per step + one back per rank, empty, no merge: "
               "p50 %.1f us  p99 %.1f us per step\n",
               anchor.p50_us, anchor.p99_us);
-  std::printf("%7s %10s %10s %10s %10s %10s %12s %14s %11s %8s\n", "rooms", "agree_p50", "agree_p99",
-              "step_p50", "step_p99", "post_us", "steps/s", "merges/s", "agree/anchor", "poll_ns");
+  std::printf("%7s %10s %10s %11s %11s %10s %12s %8s\n", "rooms", "agree_p50", "agree_p99", "poll_p50_us",
+              "poll_p99_us", "steps/s", "agree/anchor", "stalls");
   for (int n : rooms) {
     int rounds = n >= 1024 ? std::max(50, f.rounds / 10) : f.rounds;
-    double poll_ns = 0;
-    auto k = run_kvflow(sys, f.tp, f.cp, n, rounds, poll_ns);
-    double merges = k.rounds_per_s * double(n) * f.tp * f.cp;
-    std::printf("%7d %10.1f %10.1f %10.1f %10.1f %10.1f %12.0f %14.0f %11.2f %8.1f\n", n,
-                k.agree_p50_us, k.agree_p99_us, k.p50_us, k.p99_us, k.post_p50_us, k.rounds_per_s,
-                merges, k.agree_p50_us / anchor.p50_us, poll_ns);
+    auto k = run_kvflow(f.tp, f.cp, n, rounds, f.workers);
+    if (!k) {
+      std::fprintf(stderr, "kvflow: bench control: %s\n", k.error().reason().c_str());
+      return 1;
+    }
+    const auto& x = k.value();
+    std::printf("%7d %10.1f %10.1f %11.2f %11.2f %10.0f %12.2f %8llu\n", n, x.agree_p50_us, x.agree_p99_us,
+                x.poll_p50_us, x.poll_p99_us, x.steps_per_s, x.agree_p50_us / anchor.p50_us,
+                static_cast<unsigned long long>(x.stalls));
   }
-  std::printf("us per step. agree: from the last rank's post of a step until the agreed step is "
-              "published to every rank; step: from the first post (this one thread posts for all "
-              "%d ranks in turn); post_us: those %d posts; poll_ns: one scheduler-thread poll\n",
-              f.tp * f.cp, f.tp * f.cp);
+  std::printf("through the public API (kvflow/kvflow.hpp), this thread playing every rank's scheduler. agree: rank 0 "
+              "waits for the round the other %d ranks just completed (us); poll: one scheduler's poll of a complete "
+              "round, its step's post included (us, every rank); stalls: polls that had to wait\n",
+              f.tp * f.cp - 1);
   std::printf("reference, not measured here: SGLang gloo all_reduce MIN on this 2-core kind, TP8: "
               "2304 us p50 (1 room), 16578 us p50 (64 rooms) (performance.md)\n");
   return 0;

@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <deque>
 #include <map>
 
 #include "actors/block_plan.hpp"
@@ -47,6 +48,10 @@ struct prefill_state {
   std::map<std::uint64_t, prefill_room> rooms;
   std::map<std::uint64_t, std::vector<msg::dst_info>> early;  // destinations before the request
   std::map<int, decode_peer> peers;                             // by global decode rank
+  // Failed requests this rank already cleared, so that destinations arriving for them later are
+  // refused at once with the reason (bounded, oldest first out).
+  std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> failed_before;
+  std::deque<std::pair<std::uint64_t, std::uint64_t>> failed_order;
   std::string name;
   const char* side = "prefill";
   state_store& store() { return args.shared->store; }
@@ -264,7 +269,18 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
 
 void forget(prefill_actor* self, std::uint64_t room) {
   auto& st = self->state;
-  st.rooms.erase(room);
+  auto it = st.rooms.find(room);
+  if (it == st.rooms.end()) return;
+  const auto key = std::make_pair(room, it->second.inc);
+  const std::string reason = st.args.shared->failure_of(room, it->second.inc);
+  if (!reason.empty() && st.failed_before.emplace(key, reason).second) {
+    st.failed_order.push_back(key);
+    while (st.failed_order.size() > static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank)) {
+      st.failed_before.erase(st.failed_order.front());
+      st.failed_order.pop_front();
+    }
+  }
+  st.rooms.erase(it);
 }
 
 void watch_decode(prefill_actor* self, int d) {
@@ -473,6 +489,10 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         auto it = st.rooms.find(d.room);
         if (it != st.rooms.end()) {
           accept_dst(self, it->second, std::move(d));  // checks it against the live request
+          return;
+        }
+        if (auto f = st.failed_before.find({d.room, d.incarnation}); f != st.failed_before.end()) {
+          refuse(self, d.decode_rank, d.room, d.incarnation, f->second);
           return;
         }
         // The decode side can be faster than this rank's engine: keep it for the request, within

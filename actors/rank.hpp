@@ -62,6 +62,13 @@ struct rank_shared {
     cleared_reasons.emplace_back(std::make_pair(room, incarnation), reason);
     while (cleared_reasons.size() > 4096) cleared_reasons.pop_front();
   }
+  // Why (room, incarnation) failed: from the store, or from the cleared requests' reasons.
+  std::string failure_of(std::uint64_t room, std::uint64_t incarnation) const {
+    if (const auto* e = store.find(room); e != nullptr && e->incarnation == incarnation) return e->reason;
+    for (auto it = cleared_reasons.rbegin(); it != cleared_reasons.rend(); ++it)
+      if (it->first == std::make_pair(room, incarnation)) return it->second;
+    return {};
+  }
 };
 
 // Test seam of the control link: true drops a destination message before it is sent (the

@@ -154,10 +154,7 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
 std::string rank::failure_reason(const request_id& id) const {
   auto& sh = *impl_->shared;
   std::lock_guard<std::mutex> g(sh.mutex);
-  if (const auto* e = sh.store.find(id.room); e != nullptr && e->incarnation == id.incarnation) return e->reason;
-  for (auto it = sh.cleared_reasons.rbegin(); it != sh.cleared_reasons.rend(); ++it)
-    if (it->first == std::make_pair(id.room, id.incarnation)) return it->second;
-  return {};
+  return sh.failure_of(id.room, id.incarnation);
 }
 
 error rank::clear(const request_id& id) {
@@ -168,6 +165,17 @@ error rank::clear(const request_id& id) {
   if (!e->released) return invalid(id_text(id) + ": the group has not released it yet");
   sh.store.clear(id.room);
   sh.engine.erase(id.room);
+  return {};
+}
+
+error rank::abort(const request_id& id, const std::string& reason) {
+  auto& r = *impl_;
+  if (r.stopped->load()) return stopped_error();
+  {
+    std::lock_guard<std::mutex> g(r.shared->mutex);
+    if (find(*r.shared, id) == nullptr) return {errc::not_found, id_text(id) + " is not on this rank"};
+  }
+  caf::anon_send(r.actor, msg::api_abort{id.room, id.incarnation, reason});
   return {};
 }
 
@@ -254,17 +262,6 @@ error prefill_rank::send(const request_id& id, const std::vector<std::int32_t>& 
   return {};
 }
 
-error prefill_rank::abort(const request_id& id, const std::string& reason) {
-  auto& r = *impl_;
-  if (r.stopped->load()) return stopped_error();
-  {
-    std::lock_guard<std::mutex> g(r.shared->mutex);
-    if (find(*r.shared, id) == nullptr) return {errc::not_found, id_text(id) + " is not on this rank"};
-  }
-  caf::anon_send(r.actor, msg::api_abort{id.room, id.incarnation, reason});
-  return {};
-}
-
 // ---- decode -------------------------------------------------------------------------------
 error decode_rank::create(const request_id& id, int prefill_dp) {
   auto& r = *impl_;
@@ -297,17 +294,6 @@ error decode_rank::send_destinations(const request_id& id, const std::vector<std
     e->inited = true;
   }
   caf::anon_send(r.actor, msg::api_destinations{id.room, id.incarnation, pages, aux_slot, state_pages, prefix_pages});
-  return {};
-}
-
-error decode_rank::abort(const request_id& id, const std::string& reason) {
-  auto& r = *impl_;
-  if (r.stopped->load()) return stopped_error();
-  {
-    std::lock_guard<std::mutex> g(r.shared->mutex);
-    if (find(*r.shared, id) == nullptr) return {errc::not_found, id_text(id) + " is not on this rank"};
-  }
-  caf::anon_send(r.actor, msg::api_abort{id.room, id.incarnation, reason});
   return {};
 }
 

@@ -224,6 +224,11 @@ class rank {
   std::string failure_reason(const request_id& id) const;
   // Forgets a request this rank's group agreed terminal and released (idempotent).
   error clear(const request_id& id);
+  // Fails the request on this rank and tells its peers. Prefill: unless it succeeded already;
+  // its pushes for the room finish or are cancelled before it acknowledges a decode abort.
+  // Decode: its pages stay quarantined (released false) until every prefill peer that got its
+  // destinations acknowledged that its writes drained, or was disconnected.
+  error abort(const request_id& id, const std::string& reason);
   rank_stats stats() const;
   int global_rank() const;
   std::uint64_t lag() const;
@@ -252,7 +257,6 @@ class prefill_rank final : public rank {
   // the write's completion (a CUDA event on the GPU data plane); 0: already written.
   error send(const request_id& id, const std::vector<std::int32_t>& pages, bool is_last,
              const std::vector<std::int32_t>& state_pages = {}, std::uintptr_t ready_fence = 0);
-  error abort(const request_id& id, const std::string& reason);
 
   explicit prefill_rank(std::shared_ptr<impl> p) : rank(std::move(p)) {}
 };
@@ -267,9 +271,6 @@ class decode_rank final : public rank {
   // is the row of this rank's aux buffers; `state_pages` one per page when the model has state.
   error send_destinations(const request_id& id, const std::vector<std::int32_t>& pages, int aux_slot,
                           const std::vector<std::int32_t>& state_pages = {}, int prefix_pages = 0);
-  // Fails the request on every prefill peer. Its pages stay quarantined (released false) until
-  // every peer acknowledged that its writes drained, or was disconnected.
-  error abort(const request_id& id, const std::string& reason);
 
   explicit decode_rank(std::shared_ptr<impl> p) : rank(std::move(p)) {}
 };

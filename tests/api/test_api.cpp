@@ -352,3 +352,51 @@ TEST_CASE("api: the launcher's agreement check counts ranks that report differen
   CHECK(kvflow::runtime::round_digest(a) != kvflow::runtime::round_digest(r));
   CHECK(c.rounds_checked() == 1);
 }
+
+TEST_CASE("api: destinations for a request the prefill side already failed are answered at once, not at a timeout") {
+  // Failed and still held there (its group has not polled the release yet), or failed and
+  // cleared already: either way the late destinations get the failure, with its reason.
+  for (bool cleared : {false, true}) {
+    CAPTURE(cleared);
+    kvflow::node_options o;
+    o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "30000"}};
+    auto started = kvflow::node::start(small(1, 1, 1, 1), o);
+    REQUIRE(started);
+    auto node = started.value();
+    engine_memory pm(4, 16, 16 * 64, 4), dm(4, 16, 16 * 64, 4);
+    auto pre = node->add_prefill({0, 0, 0, 0}, pm.desc);
+    auto dec = node->add_decode({0, 0, 0, 0}, dm.desc);
+    REQUIRE(pre);
+    REQUIRE(dec);
+    auto& p = *pre.value();
+    auto& d = *dec.value();
+    const kvflow::request_id id{7, 1};
+    // The prefill side fails the request before decode has even created it.
+    REQUIRE_FALSE(p.create(id, 0));
+    REQUIRE_FALSE(p.abort(id, "prefill gave up"));
+    std::uint64_t pk = 0, dk = 0;
+    if (cleared) {
+      for (int i = 0; i < 50; ++i) REQUIRE(p.poll(++pk, 20ms));
+      CHECK(p.stats().live_requests == 0);
+    }
+    REQUIRE_FALSE(d.create(id, 0));
+    // At most 400 steps of <= 20 ms: well inside the 30 s timeouts, so a failure seen here is
+    // the prefill side's answer, and its reason says so.
+    bool sent = false, failed = false;
+    for (int i = 0; i < 400 && !failed; ++i) {
+      auto dv = d.poll(++dk, 20ms);
+      REQUIRE(dv);
+      const auto* r = dv.value().find(id);
+      if (r == nullptr) continue;
+      if (r->state == kvflow::poll_state::waiting_for_input && !sent) {
+        REQUIRE_FALSE(d.send_destinations(id, {0, 1}, 0));
+        sent = true;
+      }
+      failed = r->state == kvflow::poll_state::failed;
+    }
+    CHECK(sent);
+    REQUIRE(failed);
+    CHECK(d.failure_reason(id).find("prefill gave up") != std::string::npos);
+    node->stop();
+  }
+}

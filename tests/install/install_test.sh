@@ -132,9 +132,9 @@ echo "pkg-config: --cflags '$pc_cflags' --libs '$pc_libs'"
 [ "$(canon "$pc_libdir")" = "$libdir" ] || fail "pkg-config libdir $pc_libdir, want $libdir"
 grep -qw -- -lkvflow <<<"$pc_libs" || fail "pkg-config --libs kvflow: '$pc_libs'"
 # shellcheck disable=SC2086,SC2046  # the flags are lists of words
-cc -std=c99 -Wall -Wextra -Werror -pedantic $flags -o "$tmp/consumer_c" "$consumer/consumer.c" \
+cc -std=c99 -Wall -Wextra -Werror -pedantic $flags -o "$tmp/consumer_c" "$consumer/../../../examples/embedded_loop.c" \
   $(pkg-config --cflags --libs kvflow) -Wl,-rpath,"$pc_libdir" $ldflags >"$tmp/cc.log" 2>&1 ||
-  { cat "$tmp/cc.log"; fail "cc consumer.c \$(pkg-config --cflags --libs kvflow)"; }
+  { cat "$tmp/cc.log"; fail "cc embedded_loop.c \$(pkg-config --cflags --libs kvflow)"; }
 
 # ---- run both ---------------------------------------------------------------------------------
 run() {

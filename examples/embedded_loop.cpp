@@ -1,4 +1,4 @@
-// Built against the installed kvflow only (find_package(kvflow), kvflow::kvflow): a node with one
+// kvflow embedded, on its public headers alone (find_package(kvflow), kvflow::kvflow): a node with one
 // prefill and one decode rank over host memory this program owns, one request driven through
 // them as a serving engine's scheduler would (a poll per rank per step, acting on the agreed
 // round), and the KV and aux bytes checked where they landed. Prints OK and exits 0 on success.

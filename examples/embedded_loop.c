@@ -1,5 +1,5 @@
-/* Built against the installed kvflow only, through kvflow.h (C99): with CMake's kvflow::kvflow and
- * with `cc $(pkg-config --cflags --libs kvflow)`. The same run as consumer.cpp: a node with one
+/* kvflow embedded through kvflow.h (C99) alone; tests/install builds it with CMake's kvflow::kvflow and
+ * with `cc $(pkg-config --cflags --libs kvflow)`. The same run as embedded_loop.cpp: a node with one
  * prefill and one decode rank over host memory this program owns, one request driven through
  * them step by step, and the KV and aux bytes checked where they landed. Prints OK, exits 0. */
 #define _POSIX_C_SOURCE 200809L

@@ -47,7 +47,7 @@ struct decode_state {
   std::vector<std::uint64_t> regions;  // registered with the transport; removed before the memory
   std::string name;
   const char* side = "decode";
-  state_store& store() { return args.shared->store; }
+  detail::actor_store<decode_state> store() { return {*this}; }
 
   decode_state() = default;
   decode_state(const decode_state&) = delete;
@@ -83,11 +83,7 @@ void settle(decode_actor* self, decode_room& r) {
 void fail_room(decode_actor* self, std::uint64_t room, const std::string& reason) {
   auto& st = self->state;
   auto it = st.rooms.find(room);
-  if (it == st.rooms.end()) {
-    st.store().fail(room, reason);  // created by the engine, not seen by the actor yet
-    return;
-  }
-  if (!st.store().fail(room, reason)) return;
+  if (it == st.rooms.end() || !st.store().fail(room, reason)) return;
   auto& r = it->second;
   spdlog::debug("{}: room {} failed: {}", st.name, room, reason);
   // Tell every prefill peer: they stop sending, and acknowledge once their writes drained.
@@ -282,14 +278,21 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
         auto& st = self->state;
         auto g = detail::lock(*st.args.shared);
         const auto& cfg = st.args.plan->config();
-        const auto* e = st.store().find(q.room);
-        if (e == nullptr || st.rooms.count(q.room) != 0) return;
+        // The API created the store entry (refusing duplicates at once). Gone or replaced: the
+        // engine cleared it already.
+        const auto* e = st.args.shared->store.find(q.room);
+        if (e == nullptr || e->incarnation != q.incarnation) return;
+        if (auto old = st.rooms.find(q.room); old != st.rooms.end()) {
+          if (old->second.inc == q.incarnation) return;  // seen already
+          forget(self, q.room);  // an earlier request of the room, which the engine cleared
+        }
         decode_room r;
         r.room = q.room;
         r.inc = q.incarnation;
         for (const auto& pe : st.me->peers)
           r.peers.push_back(config::prefill_rank_of(cfg.prefill, {q.other_dp, pe.pp, pe.cp, pe.tp}));
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
+        if (st.args.shared->lost) fail_room(self, q.room, st.args.shared->lost_reason);
         if (e->state == kv_poll::failed) {
           settle(self, room);
           return;

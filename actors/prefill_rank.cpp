@@ -48,13 +48,14 @@ struct prefill_state {
   std::map<std::uint64_t, prefill_room> rooms;
   std::map<std::uint64_t, std::vector<msg::dst_info>> early;  // destinations before the request
   std::map<int, decode_peer> peers;                             // by global decode rank
-  // Failed requests this rank already cleared, so that destinations arriving for them later are
-  // refused at once with the reason (bounded, oldest first out).
+  // Failed requests this rank already cleared, and requests aborted by a decode rank before they
+  // arrived here: destinations arriving later are refused at once with the reason, and an early
+  // aborted request fails when it comes (bounded, oldest first out).
   std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> failed_before;
   std::deque<std::pair<std::uint64_t, std::uint64_t>> failed_order;
   std::string name;
   const char* side = "prefill";
-  state_store& store() { return args.shared->store; }
+  detail::actor_store<prefill_state> store() { return {*this}; }
 };
 using prefill_actor = caf::stateful_actor<prefill_state>;
 
@@ -107,11 +108,7 @@ void settle(prefill_actor* self, prefill_room& r) {
 void fail_room(prefill_actor* self, std::uint64_t room, const std::string& reason) {
   auto& st = self->state;
   auto it = st.rooms.find(room);
-  if (it == st.rooms.end()) {
-    st.store().fail(room, reason);  // created by the engine, not seen by the actor yet
-    return;
-  }
-  if (!st.store().fail(room, reason)) return;
+  if (it == st.rooms.end() || !st.store().fail(room, reason)) return;
   spdlog::debug("{}: room {} failed: {}", st.name, room, reason);
   notify_readers(self, it->second, kv_poll::failed, reason);
   settle(self, it->second);
@@ -267,19 +264,21 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
   maybe_ready(self, r);
 }
 
+void remember_failure(prefill_state& st, std::uint64_t room, std::uint64_t inc, const std::string& reason) {
+  const auto key = std::make_pair(room, inc);
+  if (reason.empty() || !st.failed_before.emplace(key, reason).second) return;
+  st.failed_order.push_back(key);
+  while (st.failed_order.size() > static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank)) {
+    st.failed_before.erase(st.failed_order.front());
+    st.failed_order.pop_front();
+  }
+}
+
 void forget(prefill_actor* self, std::uint64_t room) {
   auto& st = self->state;
   auto it = st.rooms.find(room);
   if (it == st.rooms.end()) return;
-  const auto key = std::make_pair(room, it->second.inc);
-  const std::string reason = st.args.shared->failure_of(room, it->second.inc);
-  if (!reason.empty() && st.failed_before.emplace(key, reason).second) {
-    st.failed_order.push_back(key);
-    while (st.failed_order.size() > static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank)) {
-      st.failed_before.erase(st.failed_order.front());
-      st.failed_order.pop_front();
-    }
-  }
+  remember_failure(st, room, it->second.inc, st.args.shared->failure_of(room, it->second.inc));
   st.rooms.erase(it);
 }
 
@@ -391,8 +390,14 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         auto& st = self->state;
         auto g = detail::lock(*st.args.shared);
         const auto& cfg = st.args.plan->config();
-        const auto* e = st.store().find(q.room);
-        if (e == nullptr || st.rooms.count(q.room) != 0) return;
+        // The API created the store entry (refusing duplicates at once). Gone or replaced: the
+        // engine cleared it already.
+        const auto* e = st.args.shared->store.find(q.room);
+        if (e == nullptr || e->incarnation != q.incarnation) return;
+        if (auto old = st.rooms.find(q.room); old != st.rooms.end()) {
+          if (old->second.inc == q.incarnation) return;  // seen already
+          forget(self, q.room);  // an earlier request of the room, which the engine cleared
+        }
         prefill_room r;
         r.room = q.room;
         r.inc = q.incarnation;
@@ -400,6 +405,9 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         for (const auto& rd : st.me->readers)
           r.expected.push_back(config::decode_rank_of(cfg.decode, {q.other_dp, rd.pp, rd.tp}));
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
+        if (auto f = st.failed_before.find({q.room, q.incarnation}); f != st.failed_before.end())
+          fail_room(self, q.room, f->second);  // aborted before it came here
+        if (st.args.shared->lost) fail_room(self, q.room, st.args.shared->lost_reason);
         if (e->state == kv_poll::failed) {  // failed before the actor saw it (e.g. group lost)
           settle(self, room);
           return;
@@ -556,6 +564,10 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
             r.ack_when_drained.push_back(a.decode_rank);
             return;
           }
+        } else if (it == st.rooms.end()) {
+          // Before the request: it fails at once when it comes (semantics.md section 5).
+          remember_failure(st, a.room, a.incarnation,
+                           "aborted by decode rank " + std::to_string(a.decode_rank) + " before it arrived: " + a.reason);
         }
         ack_abort(self, a.decode_rank, a.room, a.incarnation);
       },

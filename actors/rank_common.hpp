@@ -17,6 +17,27 @@
 
 namespace kvflow::detail {
 
+// The state store as a rank actor sees it: only the entries of the requests it holds (its
+// `rooms`, by incarnation). The engine's thread clears a released request from the store and may
+// create the next request of the same room before the actor has forgotten the old one; a late
+// event of the old request must not touch the new one.
+template <class State>
+struct actor_store {
+  State& st;
+  const room_entry* find(std::uint64_t room) const {
+    auto it = st.rooms.find(room);
+    const auto* e = st.args.shared->store.find(room);
+    return it != st.rooms.end() && e != nullptr && e->incarnation == it->second.inc ? e : nullptr;
+  }
+  bool update(std::uint64_t room, kv_poll next, const std::string& reason = {}) {
+    return find(room) != nullptr && st.args.shared->store.update(room, next, reason);
+  }
+  bool fail(std::uint64_t room, const std::string& reason) { return update(room, kv_poll::failed, reason); }
+  bool set_released(std::uint64_t room) {
+    return find(room) != nullptr && st.args.shared->store.set_released(room);
+  }
+};
+
 // Every handler runs under the lock of what the rank shares with its engine's thread.
 inline std::unique_lock<std::mutex> lock(rank_shared& s) { return std::unique_lock<std::mutex>(s.mutex); }
 
@@ -58,7 +79,7 @@ caf::message_handler rank_handlers(Self* self, Fail fail, Forget forget) {
         for (const auto& s : a.fail) {
           auto it = st.rooms.find(s.room);
           if (it == st.rooms.end() || it->second.incarnation() != s.incarnation) continue;
-          const auto* e = st.args.shared->store.find(s.room);
+          const auto* e = st.store().find(s.room);
           if (e != nullptr && e->state != kv_poll::failed)
             fail(s.room, std::string("another rank of the ") + st.side + " group failed the room");
         }

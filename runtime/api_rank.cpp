@@ -158,13 +158,23 @@ std::string rank::failure_reason(const request_id& id) const {
 }
 
 error rank::clear(const request_id& id) {
-  auto& sh = *impl_->shared;
-  std::lock_guard<std::mutex> g(sh.mutex);
+  // A poll clears a request once a round shows it terminal and released (every rank of the group
+  // at the same step); before that the request is still the group's, so clearing it here alone
+  // would leave this rank out of step with the others.
+  auto& r = *impl_;
+  auto& sh = *r.shared;
+  std::unique_lock<std::mutex> g(sh.mutex);
   const auto* e = sh.store.find(id.room);
   if (e == nullptr || e->incarnation != id.incarnation) return {};  // cleared already (idempotent)
-  if (!e->released) return invalid(id_text(id) + ": the group has not released it yet");
+  // With its group lost no round will come: what this rank itself released may go.
+  if (!sh.lost || !e->released) return invalid(id_text(id) + ": no round has shown it released yet");
+  msg::api_apply forget;
+  forget.forget.push_back({id.room, id.incarnation, static_cast<std::uint8_t>(e->state), true});
+  sh.remember_reason(id.room, id.incarnation, e->reason);
   sh.store.clear(id.room);
   sh.engine.erase(id.room);
+  g.unlock();
+  caf::anon_send(r.actor, std::move(forget));
   return {};
 }
 

@@ -1,7 +1,8 @@
 #pragma once
-// How the workload driver reaches the cluster it drives: rank actors it spawned in its own
-// process (`kvflow simulate`) or rank processes a launcher started (`kvflow launch`). Internal to
-// runtime/ (CAF types are fine here; the public embedding API has none).
+// How the workload driver (the router) reaches the cluster it drives: the simulated engines of
+// ranks in its own process (`kvflow simulate`) or of rank processes a launcher started (`kvflow
+// launch`); each engine drives its rank through the public API. Internal to runtime/ (CAF types
+// are fine here; the public embedding API has none).
 #include <caf/all.hpp>
 #include <cstdint>
 #include <string>
@@ -13,13 +14,13 @@ namespace kvflow::runtime {
 
 struct cluster_handles {
   caf::actor registry;
-  std::vector<caf::actor> prefill, decode, supervisors;
+  std::vector<caf::actor> prefill, decode;  // each rank's engine
 };
 
 class cluster_control {
  public:
   virtual ~cluster_control() = default;
-  // Once, before the first request: every rank's handle (`self` is the driver, the ranks'
+  // Once, before the first request: every rank's engine (`self` is the driver, the engines'
   // observer).
   virtual cluster_handles start(caf::event_based_actor* self) = 0;
   // Fault injection. kill: the rank stops at once; freeze: its process stops answering;

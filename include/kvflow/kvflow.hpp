@@ -222,7 +222,9 @@ class rank {
   expected<round_view> poll(std::uint64_t step, std::chrono::microseconds wait);
   // Why the request failed (after an agreed Failed); empty when it did not.
   std::string failure_reason(const request_id& id) const;
-  // Forgets a request this rank's group agreed terminal and released (idempotent).
+  // Forgets a request (SGLang's clear()). The poll that hands out a round showing the request
+  // terminal and released already forgot it, on every rank at the same step: then this is a
+  // no-op; before, it is refused (invalid_argument).
   error clear(const request_id& id);
   // Fails the request on this rank and tells its peers. Prefill: unless it succeeded already;
   // its pushes for the room finish or are cancelled before it acknowledges a decode abort.

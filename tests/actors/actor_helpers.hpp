@@ -80,6 +80,15 @@ class inbox {
     return wait_for<T>([](const T&) { return true; }, timeout, from);
   }
 
+  // Arrival index of the first T satisfying pred, or -1 (does not wait).
+  template <class T, class Pred>
+  long index_of(Pred pred) const {
+    std::lock_guard<std::mutex> g(mutex_);
+    for (std::size_t i = 0; i < msgs_.size(); ++i)
+      if (msgs_[i].match_elements<T>() && pred(msgs_[i].get_as<T>(0))) return static_cast<long>(i);
+    return -1;
+  }
+
  private:
   mutable std::mutex mutex_;
   std::condition_variable cv_;
@@ -99,19 +108,44 @@ inline caf::behavior recorder(caf::event_based_actor* self, inbox_ptr box) {
   return {[](poke_atom) {}};
 }
 
+// How a loopback_parent answers, changeable from the test thread while it runs.
+struct parent_control {
+  // true: the agreed round carries the rank's own states (a rank alone in its group sees them
+  // agreed, and releases and clears a room once it is terminal and released); false: the round
+  // is empty (the rank keeps reporting, but its engine sees no room).
+  std::atomic<bool> echo{true};
+  // false: reports are recorded but never answered (a round that does not complete).
+  std::atomic<bool> answer{true};
+};
+
 // Stands in for a rank's parent (shard or TP supervisor): records every step report and answers
-// it at once with an agreed round of the same number. While `echo` is false the agreed round is
-// empty (the rank keeps reporting but acts on nothing); while true it carries the rank's own
-// states, so a rank alone in its group releases a room as soon as it turns terminal.
+// it with an agreed round of the same number, sent to the rank that attached itself
+// (msg::attach_child, which every rank sends its parent when it starts). The engine's polls post
+// their reports anonymously, so reports that come before the rank attached wait for it.
 inline caf::behavior loopback_parent(caf::event_based_actor* self, inbox_ptr box,
-                                     std::shared_ptr<std::atomic<bool>> echo, int group) {
+                                     std::shared_ptr<parent_control> control, int group) {
+  struct state {
+    caf::actor rank;
+    std::vector<msg::step_report> early;
+  };
+  auto st = std::make_shared<state>();
+  auto answer = [self, control, group](const caf::actor& rank, const msg::step_report& r) {
+    if (!control->answer.load()) return;
+    self->send(rank, msg::agreed_round{r.round, group, control->echo.load() ? r.states : step_states{}});
+  };
   return {
-      [box](msg::attach_child& a) { box->push(caf::make_message(a)); },
-      [self, box, echo, group](msg::step_report& r) {
+      [box, st, answer](msg::attach_child& a) {
+        box->push(caf::make_message(a));
+        st->rank = a.child;
+        for (const auto& r : st->early) answer(st->rank, r);
+        st->early.clear();
+      },
+      [box, st, answer](msg::step_report& r) {
         box->push(caf::make_message(r));
-        auto rank = caf::actor_cast<caf::actor>(self->current_sender());
-        msg::agreed_round a{r.round, group, echo->load() ? r.states : step_states{}};
-        if (rank) self->send(rank, std::move(a));
+        if (st->rank)
+          answer(st->rank, r);
+        else
+          st->early.push_back(r);
       },
   };
 }
@@ -156,15 +190,24 @@ struct actor_fixture {
     return {own(sys.spawn(recorder, box)), box};
   }
 
-  // Kills `a` and waits until it is gone.
-  void kill(const caf::actor& a) {
+  // Kills `a` and waits until it is gone (false: it did not go within long_wait).
+  bool stop(const caf::actor& a) {
+    if (!a) return true;
     self->monitor(a);
     self->send_exit(a, caf::exit_reason::kill);
+    const auto deadline = std::chrono::steady_clock::now() + long_wait;
     bool down = false;
-    self->receive([&](const caf::down_msg&) { down = true; },
-                  caf::after(long_wait) >> [] {});
-    REQUIRE(down);
+    while (!down && std::chrono::steady_clock::now() < deadline) {
+      bool got = false;
+      self->receive([&](const caf::down_msg& dm) { got = true; down = dm.source == a.address(); },
+                    caf::after(long_wait) >> [] {});
+      if (!got) break;
+    }
+    return down;
   }
+
+  // Kills `a` and waits until it is gone.
+  void kill(const caf::actor& a) { REQUIRE(stop(a)); }
 };
 
 // State of `room` in a step state list, or -1 when absent.
@@ -187,7 +230,7 @@ struct StringMaker<kvflow::step_states> {
     for (const auto& s : v) {
       if (out.size() > 1) out += ", ";
       out += std::to_string(s.room) + "/" + std::to_string(s.incarnation) + ":" +
-             kvflow::to_string(static_cast<kvflow::kv_poll>(s.state));
+             kvflow::to_string(static_cast<kvflow::kv_poll>(s.state)) + (s.released ? "+released" : "");
     }
     return (out + "}").c_str();
   }

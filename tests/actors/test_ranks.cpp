@@ -1,27 +1,53 @@
-// Prefill and decode rank actors (semantics.md sections 2, 4, 5) with a real in-process
-// transport, a real bootstrap registry and test actors as peers and parents.
+// Prefill and decode ranks (semantics.md sections 2, 3 and 5), made the one way every engine
+// makes them (runtime::make_rank) and driven through the public API exactly as an engine's
+// scheduler drives them: create(), poll(step) once per step, init()/send() (prefill) or
+// send_destinations() (decode) once the round shows WaitingForInput, abort(). Around each rank:
+// a real in-process transport, a real bootstrap registry, test actors as its peers, and a
+// loopback parent as its agreement group (a rank alone in its group sees its own states agreed).
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include "actor_helpers.hpp"
+#include "actors/agreed_ring.hpp"
 #include "actors/block_plan.hpp"
 #include "actors/bootstrap_registry.hpp"
-#include "actors/kv_pool.hpp"
 #include "actors/rank.hpp"
 #include "config/routing.hpp"
+#include "cuda/host_memory.hpp"
+#include "kvflow/kvflow.hpp"
+#include "runtime/api_internal.hpp"
+#include "runtime/sim_memory.hpp"
 #include "transport/inproc_transport.hpp"
+
+// Readable API errors in failed assertions: "code: message".
+namespace doctest {
+template <>
+struct StringMaker<kvflow::error> {
+  static String convert(const kvflow::error& e) {
+    return (std::string(kvflow::to_string(e.code())) + ": " + e.message()).c_str();
+  }
+};
+}  // namespace doctest
 
 namespace kvflow::actor_test {
 namespace {
 
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using std::chrono::microseconds;
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+std::string name(poll_state s) { return kvflow::to_string(s); }
+std::string name(errc e) { return kvflow::to_string(e); }
+std::string code(const kvflow::error& e) { return name(e.code()); }
 
 constexpr int page_size = 4;
+constexpr int prefill_pages = 32;  // KV (and state) pages of a prefill rank's memory
+constexpr int aux_rows = 4;
 
 // MLA, 4 layers of 16 bytes per token: one page of one layer is 64 bytes.
 config::cluster_config mla_config(int prefill_tp, int prefill_cp, int decode_tp, bool cp_send_all = false) {
@@ -36,203 +62,207 @@ config::cluster_config mla_config(int prefill_tp, int prefill_cp, int decode_tp,
   return c;
 }
 
-// The byte a prefill rank computed at byte k of page index i (of the request) of layer l.
+// MHA with decode TP1 < prefill TP2: decode rank 0 reads both prefill ranks (each sends its
+// heads), so it needs two distinct Success responses; prefill rank 0 writes the aux slot.
+config::cluster_config mha_config() {
+  config::cluster_config c;
+  c.prefill.tp = 2;
+  c.decode.tp = 1;
+  c.dtype = config::kv_dtype::fp8;
+  c.model = config::parse_model("mha:2:2:4", c.dtype);
+  c.page_size = page_size;
+  return c;
+}
+
+// The byte a prefill engine computed at byte k of request page i of layer l.
 std::byte pattern_byte(std::uint64_t room, int layer, int page_index, std::int64_t k) {
   return static_cast<std::byte>((room * 37 + static_cast<std::uint64_t>(layer) * 11 +
                                  static_cast<std::uint64_t>(page_index) * 5 + static_cast<std::uint64_t>(k)) &
                                 0xff);
 }
 
-void fill_pattern(kv_pool& pool, const request_view& req, const std::vector<std::int32_t>& pages,
-                  const std::vector<std::int32_t>& /*state_pages: mla:4:16 has none*/, config::range fill) {
-  const auto& s = pool.shape();
-  for (int i = fill.begin; i < fill.end; ++i)
-    for (int l = s.layers.begin; l < s.layers.end; ++l)
-      for (int b = 0; b < s.buffers_per_layer; ++b) {
-        auto* item = pool.item(l, b, pages[i]);
-        for (std::int64_t k = 0; k < s.item_bytes; ++k) item[k] = pattern_byte(req.room, l, i, k);
-      }
-}
+// ---- driving a rank as an engine does ----------------------------------------------------------
 
-msg::new_request request(std::uint64_t room, std::uint64_t incarnation, int tokens) {
-  msg::new_request q;
-  q.room = room;
-  q.incarnation = incarnation;
-  q.prompt_tokens = tokens;
-  return q;
-}
+// One agreed round as a poll returned it (a round_view is valid only until the next poll).
+struct round_copy {
+  std::uint64_t step = 0, round = 0;
+  std::vector<room_poll> rooms;
+  const room_poll* find(std::uint64_t room, std::uint64_t incarnation = 1) const {
+    for (const auto& r : rooms)
+      if (r.id.room == room && r.id.incarnation == incarnation) return &r;
+    return nullptr;
+  }
+};
 
-msg::kv_chunk chunk(std::uint64_t room, int begin, int end, bool last, std::uint64_t incarnation = 1) {
-  return msg::kv_chunk{room, incarnation, begin, end, last};
-}
+// The scheduler of one rank: poll(step) once per step, steps 1, 2, ..., a step about every
+// millisecond (the pace of a scheduler, not a wait for anything).
+class scheduler {
+ public:
+  explicit scheduler(kvflow::rank& r) : rank_(&r) {}
 
-// A peer standing in for the other side: a recorder actor, and for a decode peer its KV pool
-// registered with the shared transport.
-struct fake_peer {
+  std::uint64_t step() const { return step_; }
+
+  // The next step's round. The loopback parent answers each post at once, so the round of the
+  // previous step is there or on its way.
+  round_copy next() {
+    auto v = rank_->poll(step_ + 1, std::chrono::duration_cast<microseconds>(long_wait));
+    INFO("poll of step " << step_ + 1 << ": " << (v ? std::string("ok") : v.err().message()));
+    REQUIRE(v.has_value());
+    ++step_;
+    round_copy out;
+    out.step = v->step;
+    out.round = v->round;
+    out.rooms.assign(v->begin(), v->end());
+    return out;
+  }
+
+  // Steps until `pred(round)` holds (that round), or nothing after `timeout`.
+  template <class Pred>
+  std::optional<round_copy> until(Pred pred, ms timeout = long_wait) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      auto r = next();
+      if (pred(r)) return r;
+      if (std::chrono::steady_clock::now() >= deadline) return std::nullopt;
+      std::this_thread::sleep_for(ms(1));
+    }
+  }
+
+  // Steps for `period`: true when `pred(round)` held in every round.
+  template <class Pred>
+  bool holds(Pred pred, ms period = short_wait) {
+    const auto deadline = std::chrono::steady_clock::now() + period;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (!pred(next())) return false;
+      std::this_thread::sleep_for(ms(1));
+    }
+    return true;
+  }
+
+  // The room's entry in the first round that has it in `state`.
+  std::optional<room_poll> reaches(const request_id& id, poll_state state, ms timeout = long_wait) {
+    auto r = until(
+        [&](const round_copy& c) {
+          const auto* p = c.find(id.room, id.incarnation);
+          return p != nullptr && p->state == state;
+        },
+        timeout);
+    if (!r) return std::nullopt;
+    return *r->find(id.room, id.incarnation);
+  }
+
+  // The room's entry in the first round that has it terminal and released (the engine may
+  // reuse its memory; the next rounds no longer hold it).
+  std::optional<room_poll> released(const request_id& id, ms timeout = long_wait) {
+    auto r = until(
+        [&](const round_copy& c) {
+          const auto* p = c.find(id.room, id.incarnation);
+          return p != nullptr && p->released;
+        },
+        timeout);
+    if (!r) return std::nullopt;
+    return *r->find(id.room, id.incarnation);
+  }
+
+  // Every room of `ids` terminal and released, each as the first round that showed it so (a
+  // poll clears every room its round shows released, so several may go in one round).
+  std::optional<std::vector<room_poll>> released_all(const std::vector<request_id>& ids, ms timeout = long_wait) {
+    std::vector<std::optional<room_poll>> seen(ids.size());
+    auto r = until(
+        [&](const round_copy& c) {
+          bool all = true;
+          for (std::size_t i = 0; i < ids.size(); ++i) {
+            const auto* p = c.find(ids[i].room, ids[i].incarnation);
+            if (!seen[i] && p != nullptr && p->released) seen[i] = *p;
+            all = all && seen[i].has_value();
+          }
+          return all;
+        },
+        timeout);
+    if (!r) return std::nullopt;
+    std::vector<room_poll> out;
+    for (auto& x : seen) out.push_back(*x);
+    return out;
+  }
+
+  // The room's state in the first round that holds it.
+  std::optional<poll_state> first_state(const request_id& id) {
+    auto r = until([&](const round_copy& c) { return c.find(id.room, id.incarnation) != nullptr; });
+    if (!r) return std::nullopt;
+    return r->find(id.room, id.incarnation)->state;
+  }
+
+  // True when every round for `period` holds the room in `state` and not released.
+  bool stays(const request_id& id, poll_state state, ms period = short_wait) {
+    return holds(
+        [&](const round_copy& c) {
+          const auto* p = c.find(id.room, id.incarnation);
+          if (p == nullptr || p->state != state || p->released) {
+            MESSAGE("room " << id.room << " in round " << c.round << ": "
+                            << (p == nullptr ? std::string("absent")
+                                             : name(p->state) + (p->released ? " released" : "")));
+            return false;
+          }
+          return true;
+        },
+        period);
+  }
+
+ private:
+  kvflow::rank* rank_;
+  std::uint64_t step_ = 0;
+};
+
+// A rank under test: its engine memory, its agreement parent, the API object an engine holds.
+struct tested_rank {
+  bool prefill = true;
+  int rank = 0;
+  std::shared_ptr<runtime::sim_memory> memory;
+  caf::actor actor;
+  caf::actor parent;
+  inbox_ptr parent_box = std::make_shared<inbox>();
+  std::shared_ptr<parent_control> control = std::make_shared<parent_control>();
+  std::shared_ptr<kvflow::prefill_rank> p;
+  std::shared_ptr<kvflow::decode_rank> d;
+  std::unique_ptr<scheduler> sched;
+
+  kvflow::rank& api() { return p ? static_cast<kvflow::rank&>(*p) : static_cast<kvflow::rank&>(*d); }
+  scheduler& steps() { return *sched; }
+
+  // Writes the request's KV pattern into `src` pages (request pages [first, first + n)), and its
+  // first output into aux row `row`, as the engine's forward pass does before send().
+  void compute(std::uint64_t room, std::uint64_t incarnation, const std::vector<std::int32_t>& src, int first,
+               int row) {
+    auto& m = *memory;
+    for (std::size_t i = 0; i < src.size(); ++i)
+      for (int l = m.layers().begin; l < m.layers().end; ++l)
+        for (int b = 0; b < m.buffers_per_layer(); ++b) {
+          auto* item = m.item(l, b, src[i]);
+          for (std::int64_t k = 0; k < m.item_bytes(); ++k)
+            item[k] = pattern_byte(room, l, first + static_cast<int>(i), k);
+        }
+    runtime::sim_aux_row a{room, incarnation, static_cast<std::int32_t>(room % 32000), -0.5f};
+    std::memcpy(m.aux_row(row), &a, sizeof a);
+  }
+};
+
+// A decode rank's memory, as its engine would hold it, registered with the fabric by an
+// endpoint of its own, behind a recorder actor that stands in for the decode rank.
+struct fake_decode {
+  int rank = 0;
   caf::actor handle;
   inbox_ptr box;
-  kv_pool* pool = nullptr;
+  std::unique_ptr<runtime::sim_memory> memory;
+  cuda::host_memory receipts;  // one aux_record per aux row (kvflow's own memory on a decode rank)
   remote_pool remote;
-};
+  std::vector<transport::region_desc> regions;
 
-// One rank under test with everything around it: registry, transport, a loopback parent (the
-// agreement), an observer. One rank per fixture, so the parent's inbox is that rank's reports.
-struct rank_fixture : actor_fixture {
-  config::cluster_config config;
-  std::shared_ptr<const config::routing_plan> plan;
-  std::shared_ptr<transport::inproc_transport> transport =
-      std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
-  caf::actor registry;
-  inbox_ptr parent_box = std::make_shared<inbox>();
-  std::shared_ptr<std::atomic<bool>> echo = std::make_shared<std::atomic<bool>>(false);
-  caf::actor parent;
-  caf::actor observer;
-  inbox_ptr observer_box;
-  config::tunables tunables;
-  caf::actor rank;
-  std::shared_ptr<transport::transport> rank_transport;  // what ranks push through (default: transport)
-  std::vector<std::unique_ptr<kv_pool>> pools;  // fake decode pools: outlive every pusher
-  std::vector<std::uint64_t> regions;
-
-  explicit rank_fixture(const config::cluster_config& c)
-      : config(c), plan(std::make_shared<const config::routing_plan>(c)) {
-    registry = own(spawn_bootstrap_registry(sys, c));
-    parent = own(sys.spawn(loopback_parent, parent_box, echo, 7));
-    std::tie(observer, observer_box) = spawn_recorder();
-    tunables.step_interval_us = 1000;
-  }
-  ~rank_fixture() {
-    // No push may land in a pool once it is freed: forget the regions, then stop every actor.
-    for (auto id : regions) transport->deregister_memory(id);
-    for (auto& a : owned) self->send_exit(a, caf::exit_reason::kill);
-  }
-
-  rank_args base_args(int r) {
-    rank_args a;
-    a.plan = plan;
-    a.rank = r;
-    a.tunables = tunables;
-    a.transport = rank_transport ? rank_transport : transport;
-    a.parent = parent;
-    a.registry = registry;
-    a.observer = observer;
-    return a;
-  }
-
-  caf::actor spawn_prefill(int r) {
-    const auto& me = plan->prefill(r);
-    auto a = base_args(r);
-    a.shape = prefill_pool_shape(*plan, r, 32);
-    a.child_index = me.coord.cp;
-    a.hooks.fill = fill_pattern;
-    rank = own(spawn_prefill_rank(sys, std::move(a)));
-    return rank;
-  }
-
-  // A decode rank's memory registered with the transport, behind a recorder actor.
-  fake_peer fake_decode(int decode_rank, int pages = 16, int aux_slots = 4) {
-    pool_shape shape = decode_pool_shape(*plan, decode_rank, pages, aux_slots);
-    pools.push_back(std::make_unique<kv_pool>(shape));
-    fake_peer p;
-    p.pool = pools.back().get();
-    auto kv = transport->register_memory(decode_rank, p.pool->kv_base(), p.pool->kv_bytes());
-    auto aux = transport->register_memory(decode_rank, p.pool->aux_base(), p.pool->aux_bytes());
-    auto state = transport->register_memory(decode_rank, p.pool->state_base(), p.pool->state_bytes());
-    REQUIRE(kv.ok());
-    REQUIRE(aux.ok());
-    REQUIRE(state.ok());
-    regions.push_back(kv.value().id);
-    regions.push_back(aux.value().id);
-    regions.push_back(state.value().id);
-    p.remote = describe(*p.pool, kv.value().id, aux.value().id, state.value().id);
-    std::tie(p.handle, p.box) = spawn_recorder();
-    return p;
-  }
-
-  // The fake decode rank connects to the prefill rank under test (as on_topology does).
-  void connect(const fake_peer& d, int decode_rank) {
-    const auto& me = plan->decode(decode_rank);
-    msg::kv_registration reg;
-    reg.decode_rank = decode_rank;
-    reg.dp = me.coord.dp;
-    reg.pp = me.coord.pp;
-    reg.tp = me.coord.tp;
-    reg.tp_size = config.decode.tp;
-    reg.pool = d.remote;
-    reg.decode = d.handle;
-    caf::anon_send(rank, reg);
-  }
-
-  void send_dst(std::uint64_t room, std::uint64_t incarnation, int decode_rank,
-                std::vector<std::int32_t> pages, std::int32_t aux_slot) {
-    msg::dst_info d;
-    d.room = room;
-    d.incarnation = incarnation;
-    d.decode_rank = decode_rank;
-    d.dst_pages = std::move(pages);
-    d.aux_slot = aux_slot;
-    caf::anon_send(rank, d);
-  }
-
-  // Every message sent to the rank before this call has been processed once it returns.
-  msg::pool_usage sync() {
-    msg::pool_usage u;
-    bool answered = false;
-    self->request(rank, long_wait, msg::pool_usage_query{})
-        .receive(
-            [&](msg::pool_usage& x) {
-              u = x;
-              answered = true;
-            },
-            [&](caf::error& e) { FAIL_CHECK("rank did not answer: " << sys.render(e)); });
-    REQUIRE(answered);
-    return u;
-  }
-
-  // The state of `room` in the first step report that mentions it.
-  int first_state(std::uint64_t room) {
-    auto r = parent_box->wait_for<msg::step_report>(
-        [room](const msg::step_report& s) { return state_of(s.states, room) >= 0; });
-    REQUIRE(r);
-    return state_of(r->states, room);
-  }
-
-  // Waits for a step report with `room` in state `s`.
-  bool reaches(std::uint64_t room, kv_poll s, ms timeout = long_wait) {
-    return parent_box
-        ->wait_for<msg::step_report>(
-            [room, s](const msg::step_report& r) { return state_of(r.states, room) == as_int(s); },
-            timeout)
-        .has_value();
-  }
-
-  // The state of `room` as of now: every message sent to the rank before this call has been
-  // processed (-1: the room is not in the rank's store).
-  int state_now(std::uint64_t room) {
-    sync();
-    // At most one report sent before the sync may still be on its way into the parent's inbox;
-    // any report after that one reflects the rank as of the sync or later.
-    auto from = parent_box->size() + 1;
-    auto r = parent_box->wait_any<msg::step_report>(long_wait, from);
-    REQUIRE(r);
-    return state_of(r->states, room);
-  }
-
-  std::optional<msg::rank_released> released(std::uint64_t room, std::uint64_t incarnation = 1) {
-    return observer_box->wait_for<msg::rank_released>([room, incarnation](const msg::rank_released& e) {
-      return e.room == room && e.incarnation == incarnation;
-    });
+  const aux_record& receipt(int slot) const {
+    return *reinterpret_cast<const aux_record*>(receipts.data() + std::uint64_t(slot) * sizeof(aux_record));
   }
 };
 
-std::optional<msg::kv_status> status_of(const fake_peer& p, std::uint64_t room, kv_poll state,
-                                        std::uint64_t incarnation = 1, ms timeout = long_wait) {
-  return p.box->wait_for<msg::kv_status>(
-      [=](const msg::kv_status& s) {
-        return s.room == room && s.incarnation == incarnation && s.state == static_cast<std::uint8_t>(state);
-      },
-      timeout);
-}
+// ---- test transports -------------------------------------------------------------------------
 
 // Test transports wrap the in-process one and change only how pushes complete.
 class wrapped_transport : public kvflow::transport::transport {
@@ -255,35 +285,70 @@ class wrapped_transport : public kvflow::transport::transport {
   std::shared_ptr<kvflow::transport::inproc_transport> inner_;
 };
 
-// A transport whose pushes complete only when the test says so, as UCX's do when the network
-// is slow: the bytes are copied at once, the completion callback is held back.
-class deferred_transport final : public wrapped_transport {
+// A transport whose pushes are held, nothing copied and nothing completed, until the test
+// releases them (a slow network): then the in-process transport copies the bytes and completes.
+// `on_release` runs just before each held push is carried out.
+class held_transport final : public wrapped_transport {
  public:
-  explicit deferred_transport(std::shared_ptr<kvflow::transport::inproc_transport> inner)
+  explicit held_transport(std::shared_ptr<kvflow::transport::inproc_transport> inner)
       : wrapped_transport(std::move(inner)) {}
-  const char* name() const override { return "deferred"; }
-  void push(std::uint64_t peer, const std::vector<kvflow::transport::block>& blocks, kvflow::transport::completion done) override {
-    status result;
-    inner_->push(peer, blocks, [&result](status s) { result = std::move(s); });
-    std::lock_guard<std::mutex> g(mutex_);
-    held_.push_back([done = std::move(done), result] { done(result); });
+  const char* name() const override { return "held"; }
+
+  void push(std::uint64_t peer, const std::vector<kvflow::transport::block>& blocks,
+            kvflow::transport::completion done) override {
+    {
+      std::lock_guard<std::mutex> g(mutex_);
+      held_.push_back({peer, blocks, std::move(done)});
+    }
+    cv_.notify_all();
+  }
+
+  // A dead peer's pushes complete now, with an error (as the interface asks).
+  void disconnect(std::uint64_t peer) override {
+    std::vector<held_push> gone;
+    {
+      std::lock_guard<std::mutex> g(mutex_);
+      auto it = std::stable_partition(held_.begin(), held_.end(), [&](const held_push& h) { return h.peer != peer; });
+      gone.assign(std::make_move_iterator(it), std::make_move_iterator(held_.end()));
+      held_.erase(it, held_.end());
+    }
+    for (auto& h : gone) h.done(status::error("peer disconnected"));
+    inner_->disconnect(peer);
+  }
+
+  // Waits until at least `n` pushes are held.
+  bool wait_held(std::size_t n, ms timeout = long_wait) {
+    std::unique_lock<std::mutex> g(mutex_);
+    return cv_.wait_for(g, timeout, [&] { return held_.size() >= n; });
   }
   std::size_t held() {
     std::lock_guard<std::mutex> g(mutex_);
     return held_.size();
   }
-  void complete_all() {
-    std::vector<std::function<void()>> now;
+
+  void release_all() {
+    std::vector<held_push> now;
     {
       std::lock_guard<std::mutex> g(mutex_);
       now.swap(held_);
     }
-    for (auto& f : now) f();
+    for (auto& h : now) {
+      if (on_release) on_release();
+      inner_->push(h.peer, h.blocks, std::move(h.done));
+    }
   }
 
+  std::function<void()> on_release;
+
  private:
+  struct held_push {
+    std::uint64_t peer;
+    std::vector<kvflow::transport::block> blocks;
+    kvflow::transport::completion done;
+  };
   std::mutex mutex_;
-  std::vector<std::function<void()>> held_;
+  std::condition_variable cv_;
+  std::vector<held_push> held_;
 };
 
 // A transport whose first `failures` pushes fail (a transient network error), then works.
@@ -305,185 +370,404 @@ class flaky_transport final : public wrapped_transport {
   std::atomic<int> failures_;
 };
 
+// ---- the fixture -----------------------------------------------------------------------------
+
+struct rank_options {
+  std::shared_ptr<transport::transport> transport;    // default: the fixture's inproc endpoint
+  caf::actor registry;                                 // default: the fixture's registry
+  std::shared_ptr<const config::routing_plan> plan;  // default: the fixture's plan
+  int pages = 0;  // KV pages of the rank's memory; 0: prefill_pages on prefill, 16 on decode
+  int aux_rows = actor_test::aux_rows;
+};
+
+rank_options through(std::shared_ptr<transport::transport> t) {
+  rank_options o;
+  o.transport = std::move(t);
+  return o;
+}
+
+// Ranks under test with everything around them: registry, fabric, loopback parents, fake peers.
+struct rank_fixture : actor_fixture {
+  config::cluster_config config;
+  std::shared_ptr<const config::routing_plan> plan;
+  std::shared_ptr<transport::inproc_fabric> fabric = std::make_shared<transport::inproc_fabric>();
+  // What ranks push through and register with (unless a test gives them another).
+  std::shared_ptr<transport::inproc_transport> transport = std::make_shared<transport::inproc_transport>(fabric);
+  // The fake peers' own endpoint on the same fabric.
+  std::shared_ptr<transport::inproc_transport> peer_transport = std::make_shared<transport::inproc_transport>(fabric);
+  caf::actor registry;
+  config::tunables tunables;
+  std::shared_ptr<std::atomic<bool>> stopped = std::make_shared<std::atomic<bool>>(false);
+  std::vector<std::unique_ptr<tested_rank>> ranks;
+  std::vector<std::unique_ptr<fake_decode>> fakes;
+  std::vector<std::uint64_t> peer_regions;
+
+  explicit rank_fixture(const config::cluster_config& c)
+      : config(c), plan(std::make_shared<const config::routing_plan>(c)) {
+    registry = own(spawn_bootstrap_registry(sys, c));
+  }
+  ~rank_fixture() {
+    // The ranks go first, each waited for (a decode rank's memory leaves the transport as it
+    // goes); then the fakes' regions leave the fabric (waiting for pushes in progress), so no
+    // write lands in memory this fixture frees.
+    for (auto& r : ranks) stop(r->actor);
+    for (auto id : peer_regions) peer_transport->deregister_memory(id);
+  }
+
+  // Makes rank `r` through runtime::make_rank, as every engine does, with a loopback parent.
+  tested_rank& add(bool prefill, int r, rank_options o = {}) {
+    auto t = std::make_unique<tested_rank>();
+    const auto p = o.plan ? o.plan : plan;
+    t->prefill = prefill;
+    t->rank = r;
+    const int pages = o.pages > 0 ? o.pages : prefill ? prefill_pages : 16;
+    t->memory = std::make_shared<runtime::sim_memory>(*p, prefill, r, pages, o.aux_rows);
+    const auto& c = p->config();
+    runtime::agreement_link link;
+    if (prefill) {
+      const auto pc = config::prefill_coord_of(c.prefill, r);
+      link.group = config::prefill_group_of(c.prefill, pc);
+      link.child = pc.cp;
+    } else {
+      const auto dc = config::decode_coord_of(c.decode, r);
+      link.group = config::decode_group_of(c.decode, dc);
+      link.child = config::decode_child_of(c.decode, dc);
+    }
+    t->parent = own(sys.spawn(loopback_parent, t->parent_box, t->control, link.group));
+    link.parent = t->parent;
+    link.board = nullptr;  // the rank reports each step by message
+    link.ring = std::make_shared<agreed_ring>();
+    runtime::rank_context ctx{sys,      p,  tunables, o.transport ? o.transport : transport,
+                              o.registry ? o.registry : registry, {}, stopped};
+    auto made = runtime::make_rank(ctx, prefill, r, t->memory->desc(), link);
+    INFO("make_rank: " << (made ? std::string("ok") : made.err().message()));
+    REQUIRE(made.has_value());
+    t->actor = own(made.value()->actor);
+    if (prefill)
+      t->p = std::make_shared<kvflow::prefill_rank>(made.value());
+    else
+      t->d = std::make_shared<kvflow::decode_rank>(made.value());
+    t->sched = std::make_unique<scheduler>(t->api());
+    ranks.push_back(std::move(t));
+    return *ranks.back();
+  }
+  tested_rank& add_prefill(int r, rank_options o = {}) { return add(true, r, std::move(o)); }
+  tested_rank& add_decode(int r, rank_options o = {}) { return add(false, r, std::move(o)); }
+
+  // Decode rank `d`'s memory (`pages` KV pages, `rows` aux rows) registered with the fabric by
+  // the peers' endpoint, described as a decode rank describes it, behind a recorder actor.
+  fake_decode& fake_decode_rank(int d, int pages = 16, int rows = aux_rows) {
+    auto f = std::make_unique<fake_decode>();
+    f->rank = d;
+    f->memory = std::make_unique<runtime::sim_memory>(*plan, false, d, pages, rows);
+    auto specs = runtime::to_buffer_specs(f->memory->desc());
+    REQUIRE(specs.has_value());
+    auto mem = rank_memory::create(*plan, false, d, f->memory->layers(), specs.value());
+    INFO((mem.ok() ? std::string() : mem.error().reason()));
+    REQUIRE(mem.ok());
+    const auto& m = mem.value();
+    auto reg = [&](const buffer_view& b, remote_buffer& out) {
+      auto r = peer_transport->register_memory(static_cast<std::uint64_t>(d), b.base, b.bytes);
+      REQUIRE(r.ok());
+      peer_regions.push_back(r->id);
+      f->regions.push_back(r.value());
+      out = {r->id, 0, b.bytes, b.page_bytes};
+    };
+    auto& p = f->remote;
+    p.layer_begin = m.layers().begin;
+    p.layer_count = m.layers().size();
+    p.buffers_per_layer = m.buffers_per_layer();
+    p.pages = m.pages();
+    p.item_bytes = m.item_bytes();
+    p.page_size = m.page_size();
+    p.local_heads = m.local_heads();
+    p.head_bytes = m.head_bytes();
+    p.aux_rows = m.aux_rows();
+    p.state_pages = m.state_pages();
+    p.state_item_bytes = m.state_item_bytes();
+    for (const auto& b : m.kv_buffers()) reg(b, p.kv.emplace_back());
+    for (const auto& b : m.aux_buffers()) reg(b, p.aux.emplace_back());
+    for (const auto& b : m.state_buffers()) reg(b, p.state.emplace_back());
+    f->receipts = cuda::host_memory(std::uint64_t(std::max(1, rows)) * sizeof(aux_record));
+    reg({f->receipts.data(), f->receipts.size(), sizeof(aux_record)}, p.receipts);
+    REQUIRE(check_remote_pool(p).ok());
+    std::tie(f->handle, f->box) = spawn_recorder();
+    fakes.push_back(std::move(f));
+    return *fakes.back();
+  }
+
+  // The fake decode rank registers its memory with `rank` (as a decode rank's on_topology does).
+  void connect(const fake_decode& d, const tested_rank& rank) {
+    const auto& me = plan->decode(d.rank);
+    msg::kv_registration reg;
+    reg.decode_rank = d.rank;
+    reg.dp = me.coord.dp;
+    reg.pp = me.coord.pp;
+    reg.tp = me.coord.tp;
+    reg.tp_size = config.decode.tp;
+    reg.pool = d.remote;
+    reg.decode = d.handle;
+    reg.endpoint = peer_transport->endpoint();
+    reg.regions = d.regions;
+    caf::anon_send(rank.actor, reg);
+  }
+
+  // The fake decode rank sends a room's destinations to `rank`.
+  void send_dst(const tested_rank& rank, std::uint64_t room, std::uint64_t incarnation, int decode_rank,
+                std::vector<std::int32_t> pages, std::int32_t aux_slot, std::vector<std::int32_t> state = {}) {
+    msg::dst_info d;
+    d.room = room;
+    d.incarnation = incarnation;
+    d.decode_rank = decode_rank;
+    d.dst_pages = std::move(pages);
+    d.aux_slot = aux_slot;
+    d.state_indices = std::move(state);
+    caf::anon_send(rank.actor, d);
+  }
+};
+
+std::optional<msg::kv_status> status_of(const fake_decode& p, std::uint64_t room, kv_poll state,
+                                        std::uint64_t incarnation = 1, ms timeout = long_wait) {
+  return p.box->wait_for<msg::kv_status>(
+      [=](const msg::kv_status& s) {
+        return s.room == room && s.incarnation == incarnation && s.state == static_cast<std::uint8_t>(state);
+      },
+      timeout);
+}
+
+std::vector<std::int32_t> iota_pages(int first, int n) {
+  std::vector<std::int32_t> v(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) v[static_cast<std::size_t>(i)] = first + i;
+  return v;
+}
+
+// KV bytes of `pages` pages of every layer of an mla:4:16 prefill rank, and what the last chunk
+// adds on an aux writer: its aux row and the receipt.
+constexpr std::uint64_t mla_page_bytes = 4 * 64;
+constexpr std::uint64_t aux_bytes = runtime::sim_aux_row_bytes + sizeof(aux_record);
+
 }  // namespace
 
 // ---- prefill ---------------------------------------------------------------------------------
 
-TEST_CASE("regression #13054: a transient transport error fails that room only; the peer keeps serving") {
+TEST_CASE("regression #13054: a transient transport error fails that room only, the peer keeps serving") {
   // SGLang marked the peer session bad until decode re-registered: one error, then every later
   // request to that peer failed. Here the error fails the room it hit and nothing else.
   rank_fixture f(mla_config(1, 1, 1));
-  f.rank_transport = std::make_shared<flaky_transport>(f.transport, 1);
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
-  caf::anon_send(f.rank, request(81, 1, 8));
-  f.send_dst(81, 1, 0, {1, 2}, 0);
-  caf::anon_send(f.rank, chunk(81, 0, 2, true));
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0, through(std::make_shared<flaky_transport>(f.transport, 1)));
+  f.connect(d, p);
+  const request_id first{81, 1}, second{82, 2};
+  REQUIRE_FALSE(p.p->create(first, 0));
+  f.send_dst(p, 81, 1, 0, {1, 2}, 0);
+  REQUIRE(p.steps().reaches(first, poll_state::waiting_for_input));
+  CHECK_FALSE(p.p->init(first, 2, 0));
+  CHECK_FALSE(p.p->send(first, {0, 1}, true));
   auto failed = status_of(d, 81, kv_poll::failed);
   REQUIRE(failed);
   CHECK(contains(failed->reason, "connection reset"));
-  caf::anon_send(f.rank, request(82, 2, 8));
-  f.send_dst(82, 2, 0, {3, 4}, 1);
-  caf::anon_send(f.rank, msg::kv_chunk{82, 2, 0, 2, true});
+  auto gone = p.steps().released(first);
+  REQUIRE(gone);
+  CHECK(gone->state == poll_state::failed);
+
+  REQUIRE_FALSE(p.p->create(second, 0));
+  f.send_dst(p, 82, 2, 0, {3, 4}, 1);
+  REQUIRE(p.steps().reaches(second, poll_state::waiting_for_input));
+  CHECK_FALSE(p.p->init(second, 2, 1));
+  CHECK_FALSE(p.p->send(second, {2, 3}, true));
   CHECK(status_of(d, 82, kv_poll::success, 2));
-  CHECK(f.transport->bytes_moved() > 0);
+  auto ok = p.steps().released(second);
+  REQUIRE(ok);
+  CHECK(ok->state == poll_state::success);
+  CHECK(f.transport->bytes_moved() == 2 * mla_page_bytes + aux_bytes);
 }
 
-TEST_CASE("prefill: state pages land at the destination's state indices; a bad state index fails only its room") {
+TEST_CASE("prefill: state pages land at the destination's state indices, a bad state index fails only its room") {
   // mla:4:16:8: 4 layers, 16 latent bytes and 8 state bytes (an indexer cache) per token.
   auto c = mla_config(1, 1, 1);
   c.model = config::parse_model("mla:4:16:8", c.dtype);
   rank_fixture f(c);
-  auto d = f.fake_decode(0);
+  auto& d = f.fake_decode_rank(0);
   REQUIRE(d.remote.state_pages == 16);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
-  caf::anon_send(f.rank, request(101, 1, 8));  // 2 pages
-  msg::dst_info good;
-  good.room = 101;
-  good.incarnation = 1;
-  good.dst_pages = {5, 6};
-  good.state_indices = {9, 3};
-  caf::anon_send(f.rank, good);
-  caf::anon_send(f.rank, chunk(101, 0, 2, true));
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  const request_id good{101, 1};
+  REQUIRE_FALSE(p.p->create(good, 0));
+  f.send_dst(p, 101, 1, 0, {5, 6}, 0, {9, 3});
+  REQUIRE(p.steps().reaches(good, poll_state::waiting_for_input));
+  // The engine's state pages of the request, one per page, written by its forward pass.
+  auto& m = *p.memory;
+  for (int l = m.layers().begin; l < m.layers().end; ++l)
+    for (int sp : {7, 8})
+      std::memset(m.state_item(l, sp), 0x40 + sp + l, static_cast<std::size_t>(m.state_item_bytes()));
+  CHECK_FALSE(p.p->init(good, 2, 0));
+  CHECK_FALSE(p.p->send(good, {0, 1}, true, {7, 8}));
   REQUIRE(status_of(d, 101, kv_poll::success));
-  // 2 pages x 4 layers x (64 B of KV + 32 B of state) + the aux record.
-  CHECK(f.transport->bytes_moved() == 2u * 4 * (64 + 32) + sizeof(aux_record));
+  // 2 pages x 4 layers x (64 B of KV + 32 B of state) + the aux row and the receipt.
+  CHECK(f.transport->bytes_moved() == 2u * 4 * (64 + 32) + aux_bytes);
+  // State page 7 went to state index 9, state page 8 to state index 3.
+  for (int l = m.layers().begin; l < m.layers().end; ++l) {
+    CHECK(std::memcmp(d.memory->state_item(l, 9), m.state_item(l, 7), 32) == 0);
+    CHECK(std::memcmp(d.memory->state_item(l, 3), m.state_item(l, 8), 32) == 0);
+  }
   // A hostile state index fails only its own room; the next room on the same rank succeeds.
-  caf::anon_send(f.rank, request(102, 2, 8));
-  caf::anon_send(f.rank, request(103, 3, 8));
-  auto bad = good;
-  bad.room = 102;
-  bad.incarnation = 2;
-  bad.state_indices = {1, 16};  // 16 is past the registered 16 state pages
-  caf::anon_send(f.rank, bad);
-  auto fine = good;
-  fine.room = 103;
-  fine.incarnation = 3;
-  fine.dst_pages = {7, 8};
-  fine.state_indices = {0, 1};
-  caf::anon_send(f.rank, fine);
-  caf::anon_send(f.rank, chunk(102, 0, 2, true, 2));
-  caf::anon_send(f.rank, chunk(103, 0, 2, true, 3));
+  const request_id bad{102, 2}, fine{103, 3};
+  REQUIRE_FALSE(p.p->create(bad, 0));
+  REQUIRE_FALSE(p.p->create(fine, 0));
+  f.send_dst(p, 102, 2, 0, {5, 6}, 0, {1, 16});  // 16 is past the registered 16 state pages
+  f.send_dst(p, 103, 3, 0, {7, 8}, 1, {0, 1});
   auto failed = status_of(d, 102, kv_poll::failed, 2);
   REQUIRE(failed);
   CHECK(contains(failed->reason, "state index 16"));
+  REQUIRE(p.steps().reaches(fine, poll_state::waiting_for_input));
+  CHECK_FALSE(p.p->init(fine, 2, 1));
+  CHECK_FALSE(p.p->send(fine, {2, 3}, true, {7, 8}));
   CHECK(status_of(d, 103, kv_poll::success, 3));
+  auto r = p.steps().until([&](const round_copy& c) { return c.find(102, 2) == nullptr && c.find(103, 3) == nullptr; });
+  CHECK(r);  // both released and cleared
+  CHECK(p.api().failure_reason(bad).find("state index 16") != std::string::npos);
 }
 
 TEST_CASE("prefill: destinations for a request that never arrives are refused at the bootstrap timeout") {
   // Buffered early destinations must not stay forever (memory) nor leave decode waiting for its
   // own, longer timeout.
   rank_fixture f(mla_config(1, 1, 1));
-  f.tunables.bootstrap_timeout_ms = 50;
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
-  f.send_dst(111, 1, 0, {1, 2}, 0);  // no new_request for room 111 ever comes
+  f.tunables.bootstrap_timeout_ms = 100;
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  f.send_dst(p, 111, 1, 0, {1, 2}, 0);  // no request for room 111 is ever created
   auto refused = status_of(d, 111, kv_poll::failed);
   REQUIRE(refused);
   CHECK(contains(refused->reason, "no request for this room"));
   // A request that does come in time uses its early destinations as before.
-  f.send_dst(112, 1, 0, {3, 4}, 1);
-  caf::anon_send(f.rank, request(112, 1, 8));
-  caf::anon_send(f.rank, chunk(112, 0, 2, true));
+  const request_id id{112, 1};
+  f.send_dst(p, 112, 1, 0, {3, 4}, 1);
+  REQUIRE_FALSE(p.p->create(id, 0));
+  REQUIRE(p.steps().reaches(id, poll_state::waiting_for_input));
+  CHECK_FALSE(p.p->init(id, 2, 0));
+  CHECK_FALSE(p.p->send(id, {0, 1}, true));
   CHECK(status_of(d, 112, kv_poll::success));
 }
 
-TEST_CASE("prefill keeps a released room's pages until its pushes complete") {
-  // An aborted room is agreed Failed and released while its push is still in flight: the pages
-  // the transport reads from must not go back to the pool (and to the next request) before the
-  // push completes.
+TEST_CASE("prefill: a room failed while its push is in flight is not released until the push completes") {
+  // A room aborted by decode is agreed Failed while its push is still in flight: the rank must
+  // not report it released (the engine would reuse the pages the transport still reads), nor
+  // acknowledge the abort, before the push completes.
   rank_fixture f(mla_config(1, 1, 1));
-  auto deferred = std::make_shared<deferred_transport>(f.transport);
-  f.rank_transport = deferred;
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
-  const std::uint64_t room = 71;
-  caf::anon_send(f.rank, request(room, 1, 8));  // 2 pages
-  f.send_dst(room, 1, 0, {4, 5}, 0);
-  caf::anon_send(f.rank, chunk(room, 0, 2, true));
-  CHECK(f.sync().used_pages == 2);
-  REQUIRE(deferred->held() == 1);
-  caf::anon_send(f.rank, msg::abort_room{room, 1, 0, "decode gave up"});
-  f.echo->store(true);
-  auto ev = f.released(room);
-  REQUIRE(ev);
-  CHECK(ev->state == static_cast<std::uint8_t>(kv_poll::failed));
-  auto held = f.sync();
-  CHECK(held.used_pages == 2);  // released, but the push still reads its pages...
-  CHECK(held.draining_pages == 2);  // ...and says they are only lent (leak accounting waits)
-  deferred->complete_all();
-  bool freed = false;
-  for (int i = 0; i < 200 && !freed; ++i) {
-    freed = f.sync().used_pages == 0;
-    if (!freed) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  CHECK(freed);
-  CHECK(f.sync().draining_pages == 0);
+  auto held = std::make_shared<held_transport>(f.transport);
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0, through(held));
+  f.connect(d, p);
+  const request_id id{71, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  f.send_dst(p, 71, 1, 0, {4, 5}, 0);
+  REQUIRE(p.steps().reaches(id, poll_state::waiting_for_input));
+  p.compute(71, 1, {0, 1}, 0, 0);
+  CHECK_FALSE(p.p->init(id, 2, 0));
+  CHECK_FALSE(p.p->send(id, {0, 1}, true));
+  REQUIRE(held->wait_held(1));
+  CHECK(p.steps().reaches(id, poll_state::transferring));
+  CHECK(p.api().stats().pushes_in_flight == 1);
+
+  caf::anon_send(p.actor, msg::abort_room{71, 1, 0, "decode gave up"});
+  auto failed = p.steps().reaches(id, poll_state::failed);
+  REQUIRE(failed);
+  CHECK_FALSE(failed->released);
+  CHECK(p.steps().stays(id, poll_state::failed));  // failed, never released while the push reads
+  CHECK(d.box->all<msg::abort_ack>().empty());
+  CHECK(p.api().stats().pushes_in_flight == 1);
+  CHECK(code(p.api().clear(id)) == "invalid argument");  // the engine may not clear it yet
+
+  held->release_all();
+  auto gone = p.steps().released(id);
+  REQUIRE(gone);
+  CHECK(gone->state == poll_state::failed);
+  auto ack = d.box->wait_for<msg::abort_ack>([](const msg::abort_ack& a) { return a.room == 71; });
+  REQUIRE(ack);
+  CHECK(ack->incarnation == 1);
+  CHECK(p.api().stats().pushes_in_flight == 0);
+  // Released rooms leave the rounds (the API cleared it) and count as failed.
+  CHECK(p.steps().until([&](const round_copy& c) { return c.find(71) == nullptr; }));
+  CHECK(p.api().stats().live_requests == 0);
+  CHECK(p.api().stats().failed == 1);
 }
 
 TEST_CASE("prefill CP rank 1 is non-authoritative: starts WaitingForInput, Success on an empty last chunk") {
   rank_fixture f(mla_config(1, 2, 1));
   REQUIRE_FALSE(f.plan->prefill(1).authoritative);
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(1);
-  f.connect(d, 0);
-  caf::anon_send(f.rank, request(5, 1, 10));  // 3 pages
-  CHECK(f.first_state(5) == as_int(kv_poll::waiting_for_input));
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(1);
+  f.connect(d, p);
+  const request_id id{5, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  CHECK(p.steps().first_state(id) == poll_state::waiting_for_input);
+  auto prefix = p.p->decode_prefix_pages(id);
+  REQUIRE(prefix);
+  CHECK(*prefix == 0);
+  CHECK_FALSE(p.p->init(id, 3, 0));
   // Non-last chunks are skipped: no Transferring, nothing moved.
-  caf::anon_send(f.rank, chunk(5, 0, 1, false));
-  caf::anon_send(f.rank, chunk(5, 1, 3, false));
-  CHECK(f.state_now(5) == as_int(kv_poll::waiting_for_input));
+  CHECK_FALSE(p.p->send(id, {0}, false));
+  CHECK_FALSE(p.p->send(id, {1, 2}, false));
+  CHECK(p.steps().stays(id, poll_state::waiting_for_input));
   // The last chunk carries no pages (everything came in earlier chunks): still Success.
-  caf::anon_send(f.rank, chunk(5, 3, 3, true));
-  CHECK(f.reaches(5, kv_poll::success));
+  CHECK_FALSE(p.p->send(id, {}, true));
+  auto done = p.steps().released(id);
+  REQUIRE(done);
+  CHECK(done->state == poll_state::success);
   CHECK(f.transport->bytes_moved() == 0);
   // Nobody reads from this rank: it tells no decode rank anything.
   CHECK(d.box->all<msg::kv_status>().empty());
-  // Acting on the agreed Success, it releases the room.
-  f.echo->store(true);
-  auto ev = f.released(5);
-  REQUIRE(ev);
-  CHECK(ev->prefill);
-  CHECK(ev->rank == 1);
-  CHECK(ev->state == as_int(kv_poll::success));
-  CHECK(f.sync().used_pages == 0);
+  CHECK(p.api().global_rank() == 1);
+  CHECK(p.steps().until([&](const round_copy& c) { return c.find(5) == nullptr; }));
+  CHECK(p.api().stats().live_requests == 0);
+  CHECK(p.api().stats().succeeded == 1);
 }
 
 TEST_CASE("prefill TP rank 1 for MLA with decode TP1 is non-authoritative and never waits for destinations") {
   rank_fixture f(mla_config(2, 1, 1));
   REQUIRE_FALSE(f.plan->prefill(1).authoritative);
   f.tunables.bootstrap_timeout_ms = 50;  // would fail it, were it (wrongly) waiting in Bootstrapping
-  f.spawn_prefill(1);
-  caf::anon_send(f.rank, request(6, 1, 8));
-  CHECK(f.first_state(6) == as_int(kv_poll::waiting_for_input));
-  caf::anon_send(f.rank, chunk(6, 0, 2, true));
-  CHECK(f.reaches(6, kv_poll::success));
-  CHECK(f.state_now(6) == as_int(kv_poll::success));
+  auto& p = f.add_prefill(1);
+  const request_id id{6, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  CHECK(p.steps().first_state(id) == poll_state::waiting_for_input);
+  CHECK(p.steps().stays(id, poll_state::waiting_for_input, ms(150)));  // past the bootstrap timeout
+  CHECK_FALSE(p.p->init(id, 2, 0));
+  CHECK_FALSE(p.p->send(id, {0, 1}, true));
+  auto done = p.steps().released(id);
+  REQUIRE(done);
+  CHECK(done->state == poll_state::success);
 }
 
 TEST_CASE("prefill authoritative rank: Bootstrapping, WaitingForInput, Success, bytes at the destination pages") {
   rank_fixture f(mla_config(1, 2, 1));
   REQUIRE(f.plan->prefill(0).authoritative);
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
   const std::uint64_t room = 9;
-  caf::anon_send(f.rank, request(room, 1, 10));  // 3 pages
-  CHECK(f.first_state(room) == as_int(kv_poll::bootstrapping));
-  CHECK(f.state_now(room) == as_int(kv_poll::bootstrapping));
+  const request_id id{room, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  CHECK(p.steps().first_state(id) == poll_state::bootstrapping);
+  CHECK(p.steps().stays(id, poll_state::bootstrapping));
 
   const std::vector<std::int32_t> dst{7, 8, 2};
-  f.send_dst(room, 1, 0, dst, 1);
-  CHECK(f.reaches(room, kv_poll::waiting_for_input));
-  caf::anon_send(f.rank, chunk(room, 0, 2, false));
-  CHECK(f.reaches(room, kv_poll::transferring));
-  CHECK(f.state_now(room) == as_int(kv_poll::transferring));
-  caf::anon_send(f.rank, chunk(room, 2, 3, true));
-  CHECK(f.reaches(room, kv_poll::success));
+  f.send_dst(p, room, 1, 0, dst, 1);
+  REQUIRE(p.steps().reaches(id, poll_state::waiting_for_input));
+  auto prefix = p.p->decode_prefix_pages(id);
+  REQUIRE(prefix);
+  CHECK(*prefix == 0);
+  // The engine's pages for the request: not consecutive, not the destination's.
+  const std::vector<std::int32_t> src{12, 13, 3};
+  p.compute(room, 1, src, 0, 2);
+  CHECK_FALSE(p.p->init(id, 3, 2));
+  CHECK_FALSE(p.p->send(id, {12, 13}, false));
+  CHECK(p.steps().reaches(id, poll_state::transferring));
+  CHECK_FALSE(p.p->send(id, {3}, true));
+  auto done = p.steps().released(id);
+  REQUIRE(done);
+  CHECK(done->state == poll_state::success);
 
   auto st = status_of(d, room, kv_poll::success);
   REQUIRE(st);
@@ -491,80 +775,97 @@ TEST_CASE("prefill authoritative rank: Bootstrapping, WaitingForInput, Success, 
   CHECK(d.box->all<msg::kv_status>().size() == 1);
 
   // Every byte of every layer landed at the destination page of its request page.
-  const auto& s = d.pool->shape();
+  const auto& m = *d.memory;
   std::uint64_t mismatched = 0;
   for (int i = 0; i < 3; ++i)
-    for (int l = s.layers.begin; l < s.layers.end; ++l) {
-      const auto* item = d.pool->item(l, 0, dst[i]);
-      for (std::int64_t k = 0; k < s.item_bytes; ++k)
+    for (int l = m.layers().begin; l < m.layers().end; ++l) {
+      const auto* item = m.item(l, 0, dst[i]);
+      for (std::int64_t k = 0; k < m.item_bytes(); ++k)
         if (item[k] != pattern_byte(room, l, i, k)) ++mismatched;
     }
   CHECK(mismatched == 0);
   // Pages that are not destinations stay untouched.
-  for (int l = s.layers.begin; l < s.layers.end; ++l)
-    for (int p : {0, 1, 3, 6, 9}) {
-      const auto* item = d.pool->item(l, 0, p);
-      CHECK(std::all_of(item, item + s.item_bytes, [](std::byte b) { return b == std::byte{0}; }));
+  for (int l = m.layers().begin; l < m.layers().end; ++l)
+    for (int pg : {0, 1, 3, 6, 9}) {
+      const auto* item = m.item(l, 0, pg);
+      CHECK(std::all_of(item, item + m.item_bytes(), [](std::byte b) { return b == std::byte{0}; }));
     }
-  // The aux metadata landed in the destination slot, naming the room.
-  aux_record rec;
-  std::memcpy(&rec, d.pool->aux_base() + d.pool->aux_offset(1), sizeof rec);
+  // The engine's aux row went to the destination's row 1, and the receipt names the request.
+  runtime::sim_aux_row row;
+  std::memcpy(&row, m.aux_row(1), sizeof row);
+  CHECK(row.room == room);
+  CHECK(row.incarnation == 1);
+  CHECK(row.first_token == static_cast<std::int32_t>(room));
+  const auto& rec = d.receipt(1);
   CHECK(rec.room == room);
   CHECK(rec.incarnation == 1);
   CHECK(rec.check == aux_checksum(rec));
-  CHECK(f.transport->bytes_moved() ==
-        3 * static_cast<std::uint64_t>(s.layers.size() * s.item_bytes) + sizeof(aux_record));
-
-  f.echo->store(true);
-  auto ev = f.released(room);
-  REQUIRE(ev);
-  CHECK(ev->state == as_int(kv_poll::success));
-  CHECK(f.sync().used_pages == 0);
+  CHECK(f.transport->bytes_moved() == 3 * mla_page_bytes + aux_bytes);
+  const auto s = p.api().stats();
+  CHECK(s.bytes_sent == 3 * mla_page_bytes + aux_bytes);
+  CHECK(s.pushes_in_flight == 0);
+  CHECK(p.steps().until([&](const round_copy& c) { return c.find(room) == nullptr; }));
+  CHECK(p.api().stats().live_requests == 0);
 }
 
 TEST_CASE("prefill regression SGLang 30233 and 30325: an aborted room transfers nothing") {
   rank_fixture f(mla_config(1, 1, 1));
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
   const std::uint64_t room = 11;
-  caf::anon_send(f.rank, request(room, 1, 10));
-  f.send_dst(room, 1, 0, {3, 4, 5}, 0);
-  CHECK(f.reaches(room, kv_poll::waiting_for_input));
-  caf::anon_send(f.rank, msg::abort_room{room, 1, 0, "client went away"});
-  caf::anon_send(f.rank, chunk(room, 0, 2, false));
-  caf::anon_send(f.rank, chunk(room, 2, 3, true));
+  const request_id id{room, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  f.send_dst(p, room, 1, 0, {3, 4, 5}, 0);
+  REQUIRE(p.steps().reaches(id, poll_state::waiting_for_input));
+  caf::anon_send(p.actor, msg::abort_room{room, 1, 0, "client went away"});
+  // The engine had already decided to run the request: its chunks come after the abort.
+  CHECK_FALSE(p.p->init(id, 3, 0));
+  CHECK_FALSE(p.p->send(id, {0, 1}, false));
+  CHECK_FALSE(p.p->send(id, {2}, true));
 
   auto ack = d.box->wait_for<msg::abort_ack>([room](const msg::abort_ack& a) { return a.room == room; });
   REQUIRE(ack);
   CHECK(ack->incarnation == 1);
   CHECK(ack->prefill_rank == 0);
-  CHECK(f.state_now(room) == as_int(kv_poll::failed));
+  auto gone = p.steps().released(id);
+  REQUIRE(gone);
+  CHECK(gone->state == poll_state::failed);
   CHECK(f.transport->bytes_moved() == 0);
   CHECK_FALSE(status_of(d, room, kv_poll::success, 1, ms(0)));
-  f.echo->store(true);
-  auto ev = f.released(room);
-  REQUIRE(ev);
-  CHECK(ev->state == as_int(kv_poll::failed));
-  CHECK(contains(ev->reason, "abort"));
-  CHECK(contains(ev->reason, "client went away"));
+  const auto why = p.api().failure_reason(id);
+  INFO(why);
+  CHECK(contains(why, "abort"));
+  CHECK(contains(why, "client went away"));
   CHECK(f.transport->bytes_moved() == 0);
 }
 
 TEST_CASE("prefill: hostile destination info fails only that room, a second room still succeeds") {
   rank_fixture f(mla_config(1, 1, 1));
-  auto d = f.fake_decode(0, 16, 4);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
-  for (std::uint64_t room : {21, 22, 23, 24}) caf::anon_send(f.rank, request(room, 1, 10));  // 3 pages
-  f.send_dst(21, 1, 0, {1, 99, 2}, 0);  // page beyond the 16 registered
-  f.send_dst(22, 1, 0, {1, 2}, 1);      // 2 pages for a 3-page request
-  f.send_dst(23, 1, 0, {4, 5, 6}, 2);   // fine
-  f.send_dst(24, 1, 0, {7, 8, 9}, 40);  // aux slot beyond the 4 registered
-  for (std::uint64_t room : {21, 22, 23, 24}) {
-    caf::anon_send(f.rank, chunk(room, 0, 2, false));
-    caf::anon_send(f.rank, chunk(room, 2, 3, true));
-  }
+  auto& d = f.fake_decode_rank(0, 16, 4);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  for (std::uint64_t room : {21, 22, 23, 24}) REQUIRE_FALSE(p.p->create({room, 1}, 0));
+  f.send_dst(p, 21, 1, 0, {1, 99, 2}, 0);  // page beyond the 16 registered
+  f.send_dst(p, 22, 1, 0, {1, 2}, 1);      // 2 pages for the engine's 3-page request
+  f.send_dst(p, 23, 1, 0, {4, 5, 6}, 2);   // fine
+  f.send_dst(p, 24, 1, 0, {7, 8, 9}, 40);  // aux slot beyond the 4 registered
+  // The engine runs every request that its round shows ready, each of 3 pages.
+  std::set<std::uint64_t> started;
+  int next_page = 0;
+  bool seen = false;
+  auto r = p.steps().until([&](const round_copy& c) {
+    seen = seen || !c.rooms.empty();
+    for (const auto& x : c.rooms)
+      if (x.state == poll_state::waiting_for_input && started.insert(x.id.room).second) {
+        CHECK_FALSE(p.p->init(x.id, 3, 0));
+        CHECK_FALSE(p.p->send(x.id, iota_pages(next_page, 3), true));
+        next_page += 3;
+      }
+    return seen && c.rooms.empty();  // every room terminal, released and cleared
+  });
+  REQUIRE(r);
+  CHECK(started == std::set<std::uint64_t>{22, 23});
 
   auto bad_page = status_of(d, 21, kv_poll::failed);
   REQUIRE(bad_page);
@@ -573,117 +874,125 @@ TEST_CASE("prefill: hostile destination info fails only that room, a second room
   auto bad_count = status_of(d, 22, kv_poll::failed);
   REQUIRE(bad_count);
   INFO("room 22: " << bad_count->reason);
-  CHECK(contains(bad_count->reason, "destination pages"));
+  CHECK(contains(bad_count->reason, "init with 3 pages; decode expects 2"));
   auto bad_aux = status_of(d, 24, kv_poll::failed);
   REQUIRE(bad_aux);
   INFO("room 24: " << bad_aux->reason);
   CHECK(contains(bad_aux->reason, "aux slot"));
-  auto good = status_of(d, 23, kv_poll::success);
-  REQUIRE(good);
+  REQUIRE(status_of(d, 23, kv_poll::success));
 
-  CHECK(f.state_now(21) == as_int(kv_poll::failed));
-  CHECK(f.state_now(22) == as_int(kv_poll::failed));
-  CHECK(f.state_now(23) == as_int(kv_poll::success));
-  CHECK(f.state_now(24) == as_int(kv_poll::failed));
+  CHECK(p.api().stats().succeeded == 1);
+  CHECK(p.api().stats().failed == 3);
   // Only room 23 moved bytes.
-  const auto& s = d.pool->shape();
-  CHECK(f.transport->bytes_moved() ==
-        3 * static_cast<std::uint64_t>(s.layers.size() * s.item_bytes) + sizeof(aux_record));
+  CHECK(f.transport->bytes_moved() == 3 * mla_page_bytes + aux_bytes);
   CHECK_FALSE(status_of(d, 21, kv_poll::success, 1, ms(0)));
   CHECK_FALSE(status_of(d, 23, kv_poll::failed, 1, ms(0)));
 }
 
 TEST_CASE("prefill: destinations for another incarnation of a live room do not fail the live room") {
   rank_fixture f(mla_config(1, 1, 1));
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
   const std::uint64_t room = 31;
-  caf::anon_send(f.rank, request(room, 1, 8));  // 2 pages
-  CHECK(f.first_state(room) == as_int(kv_poll::bootstrapping));
+  const request_id live{room, 1};
+  REQUIRE_FALSE(p.p->create(live, 0));
+  CHECK(p.steps().first_state(live) == poll_state::bootstrapping);
   // A duplicate request of the same room (n>1 sampling, client reuse) sends its destinations.
-  f.send_dst(room, 2, 0, {1, 2}, 0);
+  f.send_dst(p, room, 2, 0, {1, 2}, 0);
   auto dup = status_of(d, room, kv_poll::failed, 2);
   REQUIRE(dup);
   INFO("duplicate: " << dup->reason);
   CHECK(contains(dup->reason, "duplicate"));
-  CHECK(f.state_now(room) == as_int(kv_poll::bootstrapping));
-  // The same duplicate reaching the rank's scheduler is refused too, leaving the live one.
-  caf::anon_send(f.rank, request(room, 2, 8));
-  auto refused = f.released(room, 2);
-  REQUIRE(refused);
-  CHECK(refused->state == as_int(kv_poll::failed));
-  CHECK(f.state_now(room) == as_int(kv_poll::bootstrapping));
-  CHECK(f.sync().live_rooms == 1);
+  CHECK(p.steps().stays(live, poll_state::bootstrapping));
+  // The same duplicate reaching the rank's engine is refused too, at once, leaving the live one.
+  auto refused = p.p->create({room, 2}, 0);
+  CHECK(refused.code() == errc::exists);
+  CHECK(p.api().stats().live_requests == 1);
+  CHECK(p.steps().stays(live, poll_state::bootstrapping, ms(20)));
 
   // The live request proceeds normally.
-  f.send_dst(room, 1, 0, {5, 6}, 1);
-  CHECK(f.reaches(room, kv_poll::waiting_for_input));
-  caf::anon_send(f.rank, chunk(room, 0, 2, true));
+  f.send_dst(p, room, 1, 0, {5, 6}, 1);
+  REQUIRE(p.steps().reaches(live, poll_state::waiting_for_input));
+  CHECK_FALSE(p.p->init(live, 2, 0));
+  CHECK_FALSE(p.p->send(live, {0, 1}, true));
   CHECK(status_of(d, room, kv_poll::success, 1));
-  CHECK(f.reaches(room, kv_poll::success));
+  auto done = p.steps().released(live);
+  REQUIRE(done);
+  CHECK(done->state == poll_state::success);
   CHECK_FALSE(status_of(d, room, kv_poll::failed, 1, ms(0)));
 }
 
 TEST_CASE("prefill: bootstrap timeout fails the room with a reason and tells the decode rank") {
   rank_fixture f(mla_config(1, 1, 1));
-  f.tunables.bootstrap_timeout_ms = 100;
-  auto d = f.fake_decode(0);
+  f.tunables.bootstrap_timeout_ms = 300;
+  auto& d = f.fake_decode_rank(0);
   // Known to the registry (so the prefill rank can watch it) but never sends destinations.
   caf::anon_send(f.registry, msg::register_decode{0, d.handle});
-  f.spawn_prefill(0);
-  const std::uint64_t room = 41;
-  caf::anon_send(f.rank, request(room, 1, 8));
-  CHECK(f.first_state(room) == as_int(kv_poll::bootstrapping));
-  CHECK(f.reaches(room, kv_poll::failed));
-  auto st = status_of(d, room, kv_poll::failed);
+  auto& p = f.add_prefill(0);
+  const request_id id{41, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  CHECK(p.steps().first_state(id) == poll_state::bootstrapping);
+  auto failed = p.steps().released(id);
+  REQUIRE(failed);
+  CHECK(failed->state == poll_state::failed);
+  auto st = status_of(d, 41, kv_poll::failed);
   REQUIRE(st);
   INFO("kv_status reason: " << st->reason);
   CHECK(contains(st->reason, "timeout"));
-  f.echo->store(true);
-  auto ev = f.released(room);
-  REQUIRE(ev);
-  CHECK(ev->state == as_int(kv_poll::failed));
-  INFO("released reason: " << ev->reason);
-  CHECK(contains(ev->reason, "bootstrap timeout"));
+  const auto why = p.api().failure_reason(id);
+  INFO("failure reason: " << why);
+  CHECK(contains(why, "bootstrap timeout"));
 }
 
-TEST_CASE("prefill CP-parallel sending: a rank with an empty share finishes when its chunks came before the destinations") {
+TEST_CASE("prefill CP-parallel sending: a rank with an empty share finishes without pushing anything") {
   // 1-page request over 3 CP ranks: CP rank 1's share is empty and CP rank 0 writes the aux
-  // slot, so rank 1 pushes nothing at all. Its last chunk arrives while it still waits for
-  // destinations (the usual order: prefill computes while decode connects).
+  // slot, so rank 1 pushes nothing at all; its last chunk must still end the request (nothing
+  // in flight to wait for). (The old form sent the chunk before the destinations arrived; the
+  // API now refuses init before WaitingForInput, see the API checks case.)
   rank_fixture f(mla_config(1, 3, 1, true));
   REQUIRE(f.plan->prefill(1).authoritative);
   REQUIRE(config::cp_share(1, 3, 1).empty());
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(1);
-  f.connect(d, 0);
-  const std::uint64_t room = 45;
-  caf::anon_send(f.rank, request(room, 1, page_size));
-  caf::anon_send(f.rank, chunk(room, 0, 1, true));
-  CHECK(f.state_now(room) == as_int(kv_poll::bootstrapping));
-  f.send_dst(room, 1, 0, {3}, 0);
-  CHECK(f.reaches(room, kv_poll::success));
-  CHECK(status_of(d, room, kv_poll::success));
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(1);
+  f.connect(d, p);
+  const request_id id{45, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  CHECK(p.steps().first_state(id) == poll_state::bootstrapping);
+  CHECK(p.steps().stays(id, poll_state::bootstrapping, ms(20)));
+  f.send_dst(p, 45, 1, 0, {3}, 0);
+  REQUIRE(p.steps().reaches(id, poll_state::waiting_for_input));
+  CHECK_FALSE(p.p->init(id, 1, 0));
+  CHECK_FALSE(p.p->send(id, {0}, true));
+  auto done = p.steps().released(id);
+  REQUIRE(done);
+  CHECK(done->state == poll_state::success);
+  CHECK(status_of(d, 45, kv_poll::success));
   CHECK(f.transport->bytes_moved() == 0);
 }
 
 TEST_CASE("regression: prefill rank fails a room its own scheduler aborts") {
   // semantics.md section 2, sender: Failed on "abort from either side". Before the fix the
-  // prefill rank had no handler for msg::abort_request: the room went on and transferred.
+  // prefill rank ignored its own scheduler's abort: the room went on and transferred.
   rank_fixture f(mla_config(1, 1, 1));
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
-  const std::uint64_t room = 47;
-  caf::anon_send(f.rank, request(room, 1, 8));
-  f.send_dst(room, 1, 0, {1, 2}, 0);
-  CHECK(f.reaches(room, kv_poll::waiting_for_input));
-  caf::anon_send(f.rank, msg::abort_request{room, 1, "prefill scheduler aborted the request"});
-  caf::anon_send(f.rank, chunk(room, 0, 2, true));
-  CHECK(f.state_now(room) == as_int(kv_poll::failed));
-  CHECK(status_of(d, room, kv_poll::failed, 1, short_wait));
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  const request_id id{47, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  f.send_dst(p, 47, 1, 0, {1, 2}, 0);
+  REQUIRE(p.steps().reaches(id, poll_state::waiting_for_input));
+  CHECK_FALSE(p.p->init(id, 2, 0));
+  CHECK_FALSE(p.p->abort(id, "prefill scheduler aborted the request"));
+  CHECK_FALSE(p.p->send(id, {0, 1}, true));
+  auto gone = p.steps().released(id);
+  REQUIRE(gone);
+  CHECK(gone->state == poll_state::failed);
+  auto st = status_of(d, 47, kv_poll::failed);
+  REQUIRE(st);
+  CHECK(contains(st->reason, "prefill scheduler aborted"));
   CHECK(f.transport->bytes_moved() == 0);
+  CHECK(p.api().stats().aborted == 1);
 }
 
 TEST_CASE("regression: an oversized dst_info of another incarnation leaves the live room alone") {
@@ -692,50 +1001,41 @@ TEST_CASE("regression: an oversized dst_info of another incarnation leaves the l
   // size check ran first and failed the LIVE request.
   rank_fixture f(mla_config(1, 1, 1));
   f.tunables.max_pages_per_request = 8;
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
-  const std::uint64_t room = 61;
-  caf::anon_send(f.rank, request(room, 1, 8));  // 2 pages
-  CHECK(f.first_state(room) == as_int(kv_poll::bootstrapping));
-  f.send_dst(room, 2, 0, std::vector<std::int32_t>(9, 1), 0);
-  CHECK(f.state_now(room) == as_int(kv_poll::bootstrapping));
-  CHECK_FALSE(status_of(d, room, kv_poll::failed, 1, ms(0)));
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  const request_id id{61, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  CHECK(p.steps().first_state(id) == poll_state::bootstrapping);
+  f.send_dst(p, 61, 2, 0, std::vector<std::int32_t>(9, 1), 0);
+  CHECK(status_of(d, 61, kv_poll::failed, 2));  // the other incarnation is refused...
+  CHECK(p.steps().stays(id, poll_state::bootstrapping));  // ...the live one goes on
+  CHECK_FALSE(status_of(d, 61, kv_poll::failed, 1, ms(0)));
 }
 
 // ---- decode ----------------------------------------------------------------------------------
 
 namespace {
 
-// MHA with decode TP1 < prefill TP2: decode rank 0 reads both prefill ranks (each sends its
-// heads), so it needs two distinct Success responses; prefill rank 0 writes the aux slot.
-config::cluster_config mha_config() {
-  config::cluster_config c;
-  c.prefill.tp = 2;
-  c.decode.tp = 1;
-  c.dtype = config::kv_dtype::fp8;
-  c.model = config::parse_model("mha:2:2:4", c.dtype);
-  c.page_size = page_size;
-  return c;
-}
+// A fake prefill rank: a recorder registered in the registry under its key.
+struct fake_prefill {
+  int rank = 0;
+  caf::actor handle;
+  inbox_ptr box;
+};
 
 struct decode_fixture : rank_fixture {
-  std::vector<fake_peer> prefill;  // fake prefill ranks 0 and 1
-  struct verified {
-    std::vector<std::int32_t> pages;
-    std::int32_t aux_slot = -1;
-  };
-  std::shared_ptr<std::mutex> verify_mutex = std::make_shared<std::mutex>();
-  std::shared_ptr<std::vector<verified>> verify_calls = std::make_shared<std::vector<verified>>();
+  std::vector<fake_prefill> prefill;  // fake prefill ranks 0 and 1
+  tested_rank* dec = nullptr;
 
   explicit decode_fixture(config::tunables t = {}) : rank_fixture(mha_config()) {
     tunables = t;
-    tunables.step_interval_us = 1000;
     REQUIRE(plan->decode(0).required_prefill_response_num == 2);
     REQUIRE(plan->decode(0).expects_aux);
     // The fake prefill ranks register in the registry under their keys, as real ones do.
     for (int tp = 0; tp < 2; ++tp) {
-      fake_peer p;
+      fake_prefill p;
+      p.rank = tp;
       std::tie(p.handle, p.box) = spawn_recorder();
       std::optional<msg::registration_reply> reply;
       self->request(registry, long_wait,
@@ -749,42 +1049,41 @@ struct decode_fixture : rank_fixture {
     }
   }
 
+  kvflow::decode_rank& api() { return *dec->d; }
+  scheduler& steps() { return dec->steps(); }
+
   void spawn_decode() {
-    const auto& me = plan->decode(0);
-    auto a = base_args(0);
-    a.shape = {me.layers, plan->buffers_per_layer(), plan->decode_item_bytes(), 16, 4, page_size,
-               me.local_heads, config.model.head_bytes()};
-    a.child_index = 0;
-    auto m = verify_mutex;
-    auto calls = verify_calls;
-    a.hooks.verify = [m, calls](const kv_pool&, const request_view&, const std::vector<std::int32_t>& pages,
-                                const std::vector<std::int32_t>&, std::int32_t aux_slot) {
-      std::lock_guard<std::mutex> g(*m);
-      calls->push_back({pages, aux_slot});
-      return verify_counts{100, 100, 0};
-    };
-    rank = own(spawn_decode_rank(sys, std::move(a)));
+    dec = &add_decode(0);
     // It resolves its peers through the registry and registers its memory with each.
     for (int tp = 0; tp < 2; ++tp) {
       auto reg = prefill[tp].box->wait_any<msg::kv_registration>();
+      INFO("fake prefill " << tp);
       REQUIRE(reg);
       CHECK(reg->version == msg::wire_version);
       CHECK(reg->decode_rank == 0);
       CHECK(reg->tp_size == 1);
-      CHECK(reg->decode == rank);
+      CHECK(reg->decode == dec->actor);
       CHECK(check_remote_pool(reg->pool).ok());
       CHECK(reg->pool.pages == 16);
-      CHECK(reg->pool.aux_slots == 4);
+      CHECK(reg->pool.aux_rows == aux_rows);
+      CHECK(reg->pool.kv.size() == 2u * 2);  // 2 layers, K and V
+      CHECK(reg->regions.size() == 2u * 2 + 1 + 1);  // KV, the aux rows, the receipts
     }
+  }
+
+  // The engine creates the request; once the round shows WaitingForInput it sends its pages.
+  void start(const request_id& id, const std::vector<std::int32_t>& pages, int aux_slot) {
+    REQUIRE_FALSE(api().create(id, 0));
+    REQUIRE(steps().reaches(id, poll_state::waiting_for_input));
+    REQUIRE_FALSE(api().send_destinations(id, pages, aux_slot));
   }
 
   // Both fake prefill ranks received the room's destinations; returns prefill rank 0's copy.
   msg::dst_info destinations(std::uint64_t room, std::uint64_t incarnation = 1) {
     std::optional<msg::dst_info> first;
     for (int tp = 0; tp < 2; ++tp) {
-      auto di = prefill[tp].box->wait_for<msg::dst_info>([=](const msg::dst_info& x) {
-        return x.room == room && x.incarnation == incarnation;
-      });
+      auto di = prefill[tp].box->wait_for<msg::dst_info>(
+          [=](const msg::dst_info& x) { return x.room == room && x.incarnation == incarnation; });
       INFO("fake prefill " << tp);
       REQUIRE(di);
       CHECK(di->decode_rank == 0);
@@ -798,28 +1097,34 @@ struct decode_fixture : rank_fixture {
     return *first;
   }
 
-  // Writes the aux record into the decode rank's slot through the transport, as prefill does.
+  // Writes the receipt into the decode rank's slot through the fabric, as prefill rank 0 does
+  // after the aux rows.
   void land_aux(std::uint64_t room, std::uint64_t incarnation, std::int32_t slot) {
     auto reg = prefill[0].box->wait_any<msg::kv_registration>();
     REQUIRE(reg);
-    aux_record rec{room, incarnation, static_cast<std::int32_t>(room % 32000), -0.5f, 0};
-    rec.check = aux_checksum(rec);
+    const aux_record rec = make_receipt(room, incarnation);
     bool ok = false;
     std::string why;
-    transport->push(0,
-                    {transport::block{reinterpret_cast<const std::byte*>(&rec), reg->pool.aux_region,
-                                      std::uint64_t(slot) * sizeof(aux_record), sizeof(aux_record)}},
-                    [&](status s) {
-                      ok = s.ok();
-                      why = s.reason();
-                    });
+    peer_transport->push(0,
+                         {transport::block{reinterpret_cast<const std::byte*>(&rec), reg->pool.receipts.region,
+                                           reg->pool.receipts.offset + std::uint64_t(slot) * sizeof(aux_record),
+                                           sizeof(aux_record)}},
+                         [&](status s) {
+                           ok = s.ok();
+                           why = s.reason();
+                         });
     INFO(why);
     REQUIRE(ok);
   }
 
   void status_from(int prefill_rank, std::uint64_t room, kv_poll s, const std::string& reason = {},
                    std::uint64_t incarnation = 1) {
-    caf::anon_send(rank, msg::kv_status{room, incarnation, prefill_rank, static_cast<std::uint8_t>(s), reason});
+    caf::anon_send(dec->actor, msg::kv_status{room, incarnation, prefill_rank, static_cast<std::uint8_t>(s), reason});
+  }
+
+  // Fake prefill rank `p` says its writes for the room drained.
+  void ack_from(int p, std::uint64_t room, std::uint64_t incarnation = 1) {
+    caf::anon_send(dec->actor, msg::abort_ack{room, incarnation, p});
   }
 
   // Both fake prefill ranks were told to abort the room; returns prefill rank 0's copy.
@@ -843,35 +1148,27 @@ TEST_CASE("decode rank: registers, sends destinations, Success after both prefil
   decode_fixture f;
   f.spawn_decode();
   const std::uint64_t room = 51;
-  caf::anon_send(f.rank, request(room, 1, 8));  // 2 pages
+  const request_id id{room, 1};
+  f.start(id, {9, 3}, 2);
   auto dst = f.destinations(room);
-  CHECK(dst.dst_pages.size() == 2);
-  CHECK(dst.aux_slot >= 0);
-  CHECK(dst.aux_slot < 4);
-  CHECK(f.reaches(room, kv_poll::waiting_for_input));
+  CHECK(dst.dst_pages == std::vector<std::int32_t>{9, 3});
+  CHECK(dst.aux_slot == 2);
+  CHECK(dst.prefix_pages == 0);
+  CHECK(f.steps().stays(id, poll_state::waiting_for_input, ms(20)));
 
   f.land_aux(room, 1, dst.aux_slot);
   f.status_from(0, room, kv_poll::success);
   f.status_from(0, room, kv_poll::success);  // the same rank twice is still one response
-  CHECK(f.state_now(room) == as_int(kv_poll::waiting_for_input));
+  CHECK(f.steps().stays(id, poll_state::waiting_for_input));
   f.status_from(1, room, kv_poll::success);
-  CHECK(f.reaches(room, kv_poll::success));
-
-  f.echo->store(true);
-  auto ev = f.released(room);
-  REQUIRE(ev);
-  CHECK_FALSE(ev->prefill);
-  CHECK(ev->state == as_int(kv_poll::success));
-  CHECK(ev->bytes_verified == 100);
-  {
-    std::lock_guard<std::mutex> g(*f.verify_mutex);
-    REQUIRE(f.verify_calls->size() == 1);
-    CHECK(f.verify_calls->front().pages == dst.dst_pages);
-    CHECK(f.verify_calls->front().aux_slot == dst.aux_slot);
-  }
-  auto usage = f.sync();
-  CHECK(usage.used_pages == 0);
-  CHECK(usage.used_aux == 0);
+  auto done = f.steps().released(id);
+  REQUIRE(done);
+  CHECK(done->state == poll_state::success);
+  CHECK(f.steps().until([&](const round_copy& c) { return c.find(room) == nullptr; }));
+  const auto s = f.api().stats();
+  CHECK(s.succeeded == 1);
+  CHECK(s.live_requests == 0);
+  CHECK(s.quarantined == 0);
   for (const auto& p : f.prefill) CHECK(p.box->all<msg::abort_room>().empty());
 }
 
@@ -879,39 +1176,43 @@ TEST_CASE("decode rank: Success from every prefill rank without the aux slot lan
   decode_fixture f;
   f.spawn_decode();
   const std::uint64_t room = 52;
-  caf::anon_send(f.rank, request(room, 1, 8));
+  const request_id id{room, 1};
+  f.start(id, {1, 2}, 0);
   f.destinations(room);
   f.status_from(0, room, kv_poll::success);
   f.status_from(1, room, kv_poll::success);
-  CHECK(f.reaches(room, kv_poll::failed));
-  CHECK_FALSE(f.reaches(room, kv_poll::success, ms(0)));
+  auto failed = f.steps().reaches(id, poll_state::failed);
+  REQUIRE(failed);
   auto a = f.aborted_on_both(room);
   INFO(a.reason);
   CHECK(contains(a.reason, "aux"));
+  CHECK(contains(f.api().failure_reason(id), "aux"));
 }
 
 TEST_CASE("decode rank: a Failed status from one prefill rank fails the room and aborts every peer") {
   decode_fixture f;
   f.spawn_decode();
   const std::uint64_t room = 53;
-  caf::anon_send(f.rank, request(room, 1, 8));
+  const request_id id{room, 1};
+  f.start(id, {1, 2}, 0);
   f.destinations(room);
   f.status_from(0, room, kv_poll::success);
   f.status_from(1, room, kv_poll::failed, "transport error: link down");
-  CHECK(f.reaches(room, kv_poll::failed));
+  auto failed = f.steps().reaches(id, poll_state::failed);
+  REQUIRE(failed);
   auto a = f.aborted_on_both(room);
   INFO(a.reason);
   CHECK(contains(a.reason, "link down"));
-  f.echo->store(true);
-  auto ev = f.released(room);
-  REQUIRE(ev);
-  CHECK(ev->state == as_int(kv_poll::failed));
-  CHECK(contains(ev->reason, "prefill rank 1"));
-  {
-    std::lock_guard<std::mutex> g(*f.verify_mutex);
-    CHECK(f.verify_calls->empty());
-  }
-  CHECK(f.sync().used_pages == 0);
+  // Both got the destinations: the pages stay quarantined until both say their writes drained.
+  CHECK_FALSE(failed->released);
+  f.ack_from(0, room);
+  f.ack_from(1, room);
+  auto gone = f.steps().released(id);
+  REQUIRE(gone);
+  CHECK(gone->state == poll_state::failed);
+  CHECK(contains(f.api().failure_reason(id), "prefill rank 1"));
+  CHECK(f.steps().until([&](const round_copy& c) { return c.find(room) == nullptr; }));
+  CHECK(f.api().stats().live_requests == 0);
 }
 
 TEST_CASE("decode rank: waiting timeout fails the room and aborts every prefill peer") {
@@ -920,28 +1221,29 @@ TEST_CASE("decode rank: waiting timeout fails the room and aborts every prefill 
   decode_fixture f(t);
   f.spawn_decode();
   const std::uint64_t room = 54;
-  caf::anon_send(f.rank, request(room, 1, 8));
+  const request_id id{room, 1};
+  f.start(id, {1, 2}, 0);
   f.destinations(room);
   f.status_from(0, room, kv_poll::success);  // one of two: not enough
-  CHECK(f.reaches(room, kv_poll::failed));
+  REQUIRE(f.steps().reaches(id, poll_state::failed));
   auto a = f.aborted_on_both(room);
   INFO(a.reason);
   CHECK(contains(a.reason, "waiting timeout"));
-  f.echo->store(true);
-  auto ev = f.released(room);
-  REQUIRE(ev);
-  CHECK(contains(ev->reason, "waiting timeout"));
+  f.ack_from(0, room);
+  f.ack_from(1, room);
+  REQUIRE(f.steps().released(id));
+  CHECK(contains(f.api().failure_reason(id), "waiting timeout"));
 }
 
 TEST_CASE("decode rank: when a prefill peer dies its unfinished rooms fail and the others are aborted") {
   decode_fixture f;
   f.spawn_decode();
-  for (std::uint64_t room : {55, 56}) caf::anon_send(f.rank, request(room, 1, 8));
+  for (std::uint64_t room : {55, 56}) f.start({room, 1}, {static_cast<std::int32_t>(room - 55)}, 0);
   f.destinations(55);
   f.destinations(56);
   f.kill(f.prefill[1].handle);
-  CHECK(f.reaches(55, kv_poll::failed));
-  CHECK(f.reaches(56, kv_poll::failed));
+  REQUIRE(f.steps().reaches({55, 1}, poll_state::failed));
+  REQUIRE(f.steps().reaches({56, 1}, poll_state::failed));
   // The live peer is told to stop; the dead one is not written to.
   for (std::uint64_t room : {55, 56}) {
     auto a = f.prefill[0].box->wait_for<msg::abort_room>([room](const msg::abort_room& x) { return x.room == room; });
@@ -950,30 +1252,39 @@ TEST_CASE("decode rank: when a prefill peer dies its unfinished rooms fail and t
     CHECK(contains(a->reason, "prefill rank 1"));
     CHECK(contains(a->reason, "down"));
   }
-  // A request after the death fails at once instead of waiting out a timeout.
-  caf::anon_send(f.rank, request(57, 1, 8));
-  CHECK(f.reaches(57, kv_poll::failed, ms(2000)));
-  f.echo->store(true);
+  // A request after the death fails at once instead of waiting out a timeout; it never sent
+  // destinations, so nothing can write into its pages: released at once.
+  REQUIRE_FALSE(f.api().create({57, 1}, 0));
+  auto late = f.steps().released({57, 1}, ms(2000));
+  REQUIRE(late);
+  CHECK(late->state == poll_state::failed);
+  // The live peer drains: the rooms it got destinations for are released.
+  f.ack_from(0, 55);
+  f.ack_from(0, 56);
+  auto drained = f.steps().released_all({{55, 1}, {56, 1}});
+  REQUIRE(drained);
+  for (const auto& x : *drained) CHECK(x.state == poll_state::failed);
   for (std::uint64_t room : {55, 56, 57}) {
-    auto ev = f.released(room);
-    REQUIRE(ev);
-    CHECK(ev->state == as_int(kv_poll::failed));
-    CHECK(contains(ev->reason, "down"));
+    const auto why = f.api().failure_reason({room, 1});
+    INFO("room " << room << ": " << why);
+    CHECK(contains(why, "down"));
   }
 }
 
-TEST_CASE("regression: a decode abort_request for a stale incarnation leaves the reused room alone") {
-  // Every per-room message is matched on (room, incarnation); abort_request on the decode rank
-  // once failed the room by room id alone, so a late abort of an earlier request killed the
-  // request reusing the room (section 2: a reused room must not inherit the old request's fate).
+TEST_CASE("regression: a decode abort for a stale incarnation leaves the reused room alone") {
+  // Every per-room message is matched on (room, incarnation); the decode rank once failed the
+  // room by room id alone, so a late abort of an earlier request killed the request reusing the
+  // room (section 2: a reused room must not inherit the old request's fate).
   decode_fixture f;
   f.spawn_decode();
   const std::uint64_t room = 58;
-  caf::anon_send(f.rank, request(room, 2, 8));
+  const request_id reused{room, 2};
+  f.start(reused, {1, 2}, 0);
   f.destinations(room, 2);
-  CHECK(f.reaches(room, kv_poll::waiting_for_input));
-  caf::anon_send(f.rank, msg::abort_request{room, 1, "late abort of the previous request"});
-  CHECK(f.state_now(room) == as_int(kv_poll::waiting_for_input));
+  // The API refuses it at once, and a late abort that reaches the rank's actor changes nothing.
+  CHECK(f.api().abort({room, 1}, "late abort of the previous request").code() == errc::not_found);
+  caf::anon_send(f.dec->actor, msg::api_abort{room, 1, "late abort of the previous request"});
+  CHECK(f.steps().stays(reused, poll_state::waiting_for_input));
   for (const auto& p : f.prefill) CHECK(p.box->all<msg::abort_room>().empty());
 }
 
@@ -983,18 +1294,17 @@ TEST_CASE("decode rank: a prefill side with another page size fails every reques
   auto other = f.config;
   other.page_size = 8;
   auto plan = std::make_shared<const config::routing_plan>(other);
-  const auto& me = plan->decode(0);
-  auto a = f.base_args(0);
-  a.plan = plan;
-  a.shape = {me.layers, plan->buffers_per_layer(), plan->decode_item_bytes(), 16, 4, 8,
-             me.local_heads, other.model.head_bytes()};
-  f.rank = f.own(spawn_decode_rank(f.sys, std::move(a)));
-  caf::anon_send(f.rank, request(91, 1, 16));
-  f.echo->store(true);
-  auto ev = f.released(91);
-  REQUIRE(ev);
-  CHECK(ev->state == static_cast<std::uint8_t>(kv_poll::failed));
-  CHECK(contains(ev->reason, "page size 4 != decode page size 8"));
+  rank_options o;
+  o.plan = plan;
+  auto& d = f.add_decode(0, o);
+  const request_id id{91, 1};
+  REQUIRE_FALSE(d.d->create(id, 0));
+  auto failed = d.steps().released(id);
+  REQUIRE(failed);
+  CHECK(failed->state == poll_state::failed);
+  const auto why = d.api().failure_reason(id);
+  INFO(why);
+  CHECK(contains(why, "page size 4 != decode page size 8"));
   // It never registered memory with, nor sent destinations to, an incompatible prefill side.
   for (const auto& p : f.prefill) {
     CHECK(p.box->all<msg::kv_registration>().empty());
@@ -1004,32 +1314,328 @@ TEST_CASE("decode rank: a prefill side with another page size fails every reques
 
 TEST_CASE("a rank whose agreement supervisor goes down fails and releases its rooms, and refuses new ones") {
   // Rank processes host their group's supervisors: when one goes, a rank of the group went with
-  // it, so no round will come again. The rank must not hold the room (or its memory) forever.
+  // it, so no round will come again. The rank must not hold the room (or its memory) forever,
+  // and its engine must hear that the group is lost instead of waiting for rounds.
   rank_fixture f(mla_config(1, 1, 1));
-  auto d = f.fake_decode(0);
-  f.spawn_prefill(0);
-  f.connect(d, 0);
-  caf::anon_send(f.rank, request(91, 1, 8));
-  f.send_dst(91, 1, 0, {1, 2}, 0);
-  f.kill(f.parent);
-  auto gone = f.released(91);
-  REQUIRE(gone);
-  CHECK(gone->state == static_cast<std::uint8_t>(kv_poll::failed));
-  CHECK(gone->reason.find("agreement group lost") != std::string::npos);
-  // Its readers were told.
-  CHECK(status_of(d, 91, kv_poll::failed));
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  const request_id id{91, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  f.send_dst(p, 91, 1, 0, {1, 2}, 0);
+  REQUIRE(p.steps().reaches(id, poll_state::waiting_for_input));
+  f.kill(p.parent);
+  // Polls answer that the group is lost (the round of the step before the loss may still come).
+  std::optional<kvflow::error> lost;
+  std::uint64_t step = p.steps().step();
+  const auto deadline = std::chrono::steady_clock::now() + long_wait;
+  while (!lost && std::chrono::steady_clock::now() < deadline) {
+    auto v = p.api().poll(step + 1, microseconds(10000));
+    if (v)
+      ++step;
+    else if (v.err().code() != errc::timeout)
+      lost = v.err();
+  }
+  REQUIRE(lost);
+  CHECK(lost->code() == errc::unavailable);
+  CHECK(contains(lost->message(), "agreement group lost"));
   // A later request is refused at once, not left to stall.
-  caf::anon_send(f.rank, request(92, 1, 8));
-  auto refused = f.released(92);
-  REQUIRE(refused);
-  CHECK(refused->state == static_cast<std::uint8_t>(kv_poll::failed));
-  // Nothing is held.
-  std::optional<msg::pool_usage> u;
-  f.self->request(f.rank, long_wait, msg::pool_usage_query{}).receive([&](msg::pool_usage& x) { u = x; },
-                                                                      [](caf::error&) {});
-  REQUIRE(u);
-  CHECK(u->used_pages == 0);
-  CHECK(u->live_rooms == 0);
+  auto refused = p.p->create({92, 1}, 0);
+  CHECK(refused.code() == errc::unavailable);
+  // Its readers were told.
+  auto st = status_of(d, 91, kv_poll::failed);
+  REQUIRE(st);
+  CHECK(contains(st->reason, "agreement group lost"));
+  CHECK(contains(p.api().failure_reason(id), "agreement group lost"));
+  // The room failed and let go of its memory; nothing is in flight.
+  {
+    auto& sh = *runtime::internals(p.api()).shared;
+    std::lock_guard<std::mutex> g(sh.mutex);
+    const auto* e = sh.store.find(91);
+    REQUIRE(e != nullptr);
+    CHECK(e->state == kv_poll::failed);
+    CHECK(e->released);
+  }
+  CHECK(p.api().stats().pushes_in_flight == 0);
+  CHECK_FALSE(p.api().clear(id));  // the engine may clear it
+  CHECK(p.api().stats().live_requests == 0);
+}
+
+// ---- the quarantine (semantics.md section 5 "No write after free") ----------------------------
+
+namespace {
+
+// Stands between a decode rank and a prefill rank: registered in the registry as the prefill
+// rank, so the decode rank talks to it; it records every message either way and passes it on.
+using target_atom = caf::atom_constant<caf::atom("target")>;
+
+caf::behavior wire_tap(caf::event_based_actor* self, inbox_ptr box) {
+  // Each message is passed on before it is recorded: once the test sees it, it is on its way.
+  auto prefill = std::make_shared<caf::actor>();
+  auto decode = std::make_shared<caf::actor>();
+  return {
+      [prefill](target_atom, caf::actor p) { *prefill = std::move(p); },
+      [self, box, prefill, decode](msg::kv_registration& r) {
+        auto seen = caf::make_message(r);
+        *decode = r.decode;
+        r.decode = caf::actor_cast<caf::actor>(self);
+        self->send(*prefill, std::move(r));
+        box->push(std::move(seen));
+      },
+      [self, box, prefill](msg::dst_info& d) {
+        self->send(*prefill, d);
+        box->push(caf::make_message(std::move(d)));
+      },
+      [self, box, prefill](msg::abort_room& a) {
+        self->send(*prefill, a);
+        box->push(caf::make_message(std::move(a)));
+      },
+      [self, box, decode](msg::kv_status& s) {
+        self->send(*decode, s);
+        box->push(caf::make_message(std::move(s)));
+      },
+      [self, box, decode](msg::abort_ack& a) {
+        self->send(*decode, a);
+        box->push(caf::make_message(std::move(a)));
+      },
+  };
+}
+
+}  // namespace
+
+TEST_CASE("quarantine: a decode abort while the prefill push is held releases decode's pages only after the ack") {
+  // A real prefill rank and a real decode rank, the wire between them tapped. Decode aborts the
+  // room while prefill's push into its pages is held by the network: decode must keep the
+  // pages (agreed Failed, not released) until prefill acknowledges, and prefill must not
+  // acknowledge before its push completed. Releasing at once would let the engine hand the
+  // pages to another request while the push still lands in them.
+  rank_fixture f(mla_config(1, 1, 1));
+  auto wire = std::make_shared<inbox>();
+  auto tap = f.own(f.sys.spawn(wire_tap, wire));
+  {
+    std::optional<msg::registration_reply> reply;
+    f.self->request(f.registry, long_wait, msg::register_rank{msg::wire_version, {0, 0, 0, 0}, "tap", tap})
+        .receive([&](msg::registration_reply& r) { reply = r; }, [&](caf::error& e) { FAIL_CHECK(f.sys.render(e)); });
+    REQUIRE(reply);
+    REQUIRE(reply->ok);
+  }
+  auto held = std::make_shared<held_transport>(f.transport);
+  // The prefill rank's own registrations go to a recorder: the tap holds its key.
+  auto [prefill_registry, prefill_registry_box] = f.spawn_recorder();
+  rank_options po;
+  po.transport = held;
+  po.registry = prefill_registry;
+  auto& p = f.add_prefill(0, po);
+  caf::anon_send(tap, target_atom::value, p.actor);
+  auto& d = f.add_decode(0);
+  REQUIRE(wire->wait_any<msg::kv_registration>());
+
+  const std::uint64_t room = 77;
+  const request_id id{room, 1};
+  REQUIRE_FALSE(d.d->create(id, 0));
+  REQUIRE_FALSE(p.p->create(id, 0));
+  REQUIRE(d.steps().reaches(id, poll_state::waiting_for_input));
+  const std::vector<std::int32_t> dst{4, 5};
+  REQUIRE_FALSE(d.d->send_destinations(id, dst, 1));
+  REQUIRE(p.steps().reaches(id, poll_state::waiting_for_input));
+  p.compute(room, 1, {0, 1}, 0, 0);
+  REQUIRE_FALSE(p.p->init(id, 2, 0));
+  REQUIRE_FALSE(p.p->send(id, {0, 1}, true));
+  REQUIRE(held->wait_held(1));
+
+  // Decode's engine gives up on the request.
+  REQUIRE_FALSE(d.d->abort(id, "client went away"));
+  auto failed = d.steps().reaches(id, poll_state::failed);
+  REQUIRE(failed);
+  CHECK_FALSE(failed->released);
+  REQUIRE(wire->wait_for<msg::abort_room>([&](const msg::abort_room& a) { return a.room == room; }));
+  auto pf = p.steps().reaches(id, poll_state::failed);
+  REQUIRE(pf);
+  CHECK_FALSE(pf->released);
+  // While the push is held: decode keeps the pages, prefill neither releases nor acknowledges.
+  CHECK(d.steps().stays(id, poll_state::failed));
+  CHECK(p.steps().stays(id, poll_state::failed, ms(50)));
+  CHECK(wire->all<msg::abort_ack>().empty());
+  CHECK(d.api().stats().quarantined == 1);
+  CHECK(p.api().stats().pushes_in_flight == 1);
+  CHECK(code(d.api().clear(id)) == "invalid argument");
+
+  // The network delivers: the push lands (in the quarantined pages), then completes.
+  held->on_release = [w = wire] { w->push(caf::make_message(std::string("push completed"))); };
+  held->release_all();
+  auto ack = wire->wait_for<msg::abort_ack>([&](const msg::abort_ack& a) { return a.room == room; });
+  REQUIRE(ack);
+  CHECK(ack->incarnation == 1);
+  CHECK(ack->prefill_rank == 0);
+  const auto completed = wire->index_of<std::string>([](const std::string& s) { return s == "push completed"; });
+  const auto acked = wire->index_of<msg::abort_ack>([&](const msg::abort_ack& a) { return a.room == room; });
+  REQUIRE(completed >= 0);
+  CHECK(completed < acked);
+  auto gone = d.steps().released(id);
+  REQUIRE(gone);
+  CHECK(gone->state == poll_state::failed);
+  CHECK(d.api().stats().quarantined == 0);
+  REQUIRE(p.steps().released(id));
+  // What the quarantine protected: the late push did write into the room's pages.
+  const auto& m = *d.memory;
+  CHECK(m.item(0, 0, dst[0])[0] == pattern_byte(room, 0, 0, 0));
+  CHECK(m.item(3, 0, dst[1])[5] == pattern_byte(room, 3, 1, 5));
+}
+
+TEST_CASE("quarantine: a failed decode room is released once the prefill peer that got destinations goes down") {
+  decode_fixture f;
+  f.spawn_decode();
+  const std::uint64_t room = 59;
+  const request_id id{room, 1};
+  f.start(id, {1, 2}, 0);
+  f.destinations(room);
+  REQUIRE_FALSE(f.api().abort(id, "engine gave up"));
+  auto failed = f.steps().reaches(id, poll_state::failed);
+  REQUIRE(failed);
+  CHECK_FALSE(failed->released);
+  f.aborted_on_both(room);
+  CHECK(f.api().stats().aborted == 1);
+  CHECK(f.api().stats().quarantined == 1);
+  // One peer drained; the other (which got the destinations too) may still write.
+  f.ack_from(0, room);
+  CHECK(f.steps().stays(id, poll_state::failed));
+  // It dies: it writes no more.
+  f.kill(f.prefill[1].handle);
+  auto gone = f.steps().released(id);
+  REQUIRE(gone);
+  CHECK(gone->state == poll_state::failed);
+  CHECK(f.api().stats().quarantined == 0);
+}
+
+// ---- the API's synchronous checks --------------------------------------------------------------
+
+TEST_CASE("API: engine calls are checked at once, and poll answers only the round of its step") {
+  rank_fixture f(mla_config(1, 1, 1));
+  auto& p = f.add_prefill(0);
+  auto& d = f.add_decode(0);  // real ranks, wired through the registry
+  const request_id id{33, 1};
+
+  // create of a live room: exists (the same request or another one of the room).
+  REQUIRE_FALSE(p.p->create(id, 0));
+  CHECK(p.p->create(id, 0).code() == errc::exists);
+  CHECK(p.p->create({33, 2}, 0).code() == errc::exists);
+  CHECK(p.p->create({34, 1}, 5).code() == errc::invalid_argument);  // no decode dp group 5
+  // init before WaitingForInput: not ready; send before init: invalid.
+  CHECK(p.p->init(id, 2, 0).code() == errc::not_ready);
+  CHECK(p.p->send(id, {0, 1}, true).code() == errc::invalid_argument);
+  CHECK(p.p->init({35, 1}, 2, 0).code() == errc::not_found);
+
+  REQUIRE_FALSE(d.d->create(id, 0));
+  REQUIRE(d.steps().reaches(id, poll_state::waiting_for_input));
+  // A destination page outside the decode rank's 16 pages, or an aux slot outside its rows.
+  CHECK(d.d->send_destinations(id, {0, 16}, 1).code() == errc::invalid_argument);
+  CHECK(d.d->send_destinations(id, {0, -1}, 1).code() == errc::invalid_argument);
+  CHECK(d.d->send_destinations(id, {0, 1}, aux_rows).code() == errc::invalid_argument);
+  REQUIRE_FALSE(d.d->send_destinations(id, {4, 5}, 1));
+  CHECK(d.d->send_destinations(id, {4, 5}, 1).code() == errc::invalid_argument);  // twice
+
+  REQUIRE(p.steps().reaches(id, poll_state::waiting_for_input));
+  REQUIRE_FALSE(p.p->init(id, 2, 0));
+  CHECK(p.p->init(id, 2, 0).code() == errc::invalid_argument);  // twice
+  // More pages than init said, a page outside the memory, a last chunk short of the total.
+  CHECK(p.p->send(id, {0, 1, 2}, false).code() == errc::invalid_argument);
+  CHECK(p.p->send(id, {0, prefill_pages}, true).code() == errc::invalid_argument);
+  CHECK(p.p->send(id, {0}, true).code() == errc::invalid_argument);
+  REQUIRE_FALSE(p.p->send(id, {0}, false));
+  CHECK(p.p->send(id, {1, 2}, true).code() == errc::invalid_argument);
+  REQUIRE_FALSE(p.p->send(id, {1}, true));
+  CHECK(p.p->send(id, {}, true).code() == errc::invalid_argument);  // after the last chunk
+  auto pdone = p.steps().released(id);
+  REQUIRE(pdone);
+  CHECK(pdone->state == poll_state::success);
+  auto ddone = d.steps().released(id);
+  REQUIRE(ddone);
+  CHECK(ddone->state == poll_state::success);
+
+  // Steps start at 1 and rise by one.
+  auto& api = p.api();
+  const auto step = p.steps().step();
+  CHECK(api.poll(step + 2, microseconds(0)).err().code() == errc::invalid_argument);
+  CHECK(api.poll(0, microseconds(0)).err().code() == errc::invalid_argument);
+  CHECK(api.poll(step - 1, microseconds(0)).err().code() == errc::invalid_argument);
+  // Polling the same step again answers the same round.
+  auto again = api.poll(step, microseconds(0));
+  REQUIRE(again);
+  CHECK(again->round == step - 1);
+
+  // A round that does not come: not ready without waiting, timeout after waiting (a stall),
+  // never another round. The parent falls silent: the report of step `step` may still have been
+  // answered, so the first silent step is found by polling.
+  p.control->answer = false;
+  std::uint64_t k = step + 1;
+  auto first = api.poll(k, microseconds(200000));
+  if (first) {
+    CHECK(first->round == step);
+    ++k;  // round `step` was answered before the parent fell silent; round k - 1 never comes
+  } else {
+    CHECK(first.err().code() == errc::timeout);  // round k - 1 == step never comes
+  }
+  auto not_ready = api.poll(k, microseconds(0));
+  REQUIRE_FALSE(not_ready);
+  CHECK(not_ready.err().code() == errc::not_ready);
+  const auto stalls = api.stats().stalls;
+  CHECK(api.poll(k, microseconds(0)).err().code() == errc::not_ready);
+  CHECK(api.stats().stalls == stalls);  // not waiting is not a stall
+  auto timed_out = api.poll(k, microseconds(50000));
+  REQUIRE_FALSE(timed_out);
+  CHECK(timed_out.err().code() == errc::timeout);
+  CHECK(api.stats().stalls == stalls + 1);
+  // The same step again (the engine retries), not the next one: skipping ahead is refused.
+  CHECK(api.poll(k, microseconds(0)).err().code() == errc::not_ready);
+  CHECK(api.poll(k + 2, microseconds(0)).err().code() == errc::invalid_argument);
+}
+
+}  // namespace kvflow::actor_test
+
+// ---- regressions found while porting these tests -----------------------------------------------
+
+namespace kvflow::actor_test {
+
+TEST_CASE("regression: a room the engine clear()s before a poll showed it released can be reused") {
+  // rank::clear used to accept a room released on this rank only (not agreed released by a
+  // round) without telling the rank actor, which kept the room: a later create of the same room
+  // was ignored, never became ready, and its destinations were refused as a duplicate. Now
+  // clear() refuses until a round showed the release (when the poll has forgotten it already).
+  rank_fixture f(mla_config(1, 1, 1));
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  const request_id first{21, 1}, second{21, 2};
+  REQUIRE_FALSE(p.p->create(first, 0));
+  REQUIRE(p.steps().first_state(first) == poll_state::bootstrapping);
+  REQUIRE_FALSE(p.p->abort(first, "engine gave up"));
+  // clear() before any round showed the release is refused; the rounds then release it.
+  CHECK(p.api().clear(first).code() == errc::invalid_argument);
+  REQUIRE(p.steps().released(first, ms(2000)));
+  CHECK_FALSE(p.api().clear(first));
+  REQUIRE_FALSE(p.p->create(second, 0));
+  f.send_dst(p, 21, 2, 0, {1, 2}, 0);
+  CHECK(p.steps().reaches(second, poll_state::waiting_for_input, ms(2000)));
+  auto refused = status_of(d, 21, kv_poll::failed, 2, ms(0));
+  CHECK_FALSE_MESSAGE(refused, (refused ? refused->reason : std::string{}));  // was: "duplicate room 21: live request 1 holds it"
+}
+
+TEST_CASE("regression: an abort that reaches prefill before the request fails it at once") {
+  // semantics.md section 5: "An abort that reaches P before the request does is remembered (room
+  // and incarnation) for a bounded time, so the request fails at once when it arrives". The
+  // abort_room handler used to drop the buffered destinations and remember nothing: the request
+  // waited out its bootstrap timeout.
+  rank_fixture f(mla_config(1, 1, 1));
+  f.tunables.bootstrap_timeout_ms = 5000;
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  f.send_dst(p, 23, 1, 0, {1, 2}, 0);
+  caf::anon_send(p.actor, msg::abort_room{23, 1, 0, "client went away"});
+  REQUIRE(d.box->wait_for<msg::abort_ack>([](const msg::abort_ack& a) { return a.room == 23; }));
+  const request_id id{23, 1};
+  REQUIRE_FALSE(p.p->create(id, 0));
+  CHECK(p.steps().reaches(id, poll_state::failed, ms(1000)));
 }
 
 }  // namespace kvflow::actor_test

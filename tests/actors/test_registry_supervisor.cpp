@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "actor_helpers.hpp"
+#include "actors/agreed_ring.hpp"
 #include "actors/bootstrap_registry.hpp"
 #include "actors/supervisor.hpp"
 #include "config/topology.hpp"
@@ -307,24 +308,28 @@ TEST_CASE("registry actor: a registration of another wire version is refused wit
 
 namespace {
 
-// A prefill agreement group of tp shards x cp ranks: a root over shard supervisors over test
-// actors standing in for the ranks. Child i = tp * cp_size + cp.
+// A prefill agreement group: a root over the shard supervisors of every pipeline stage (tp * pp
+// of them, shard index pp * tp + tp_rank, as config::prefill_shard_of numbers them) over test
+// actors standing in for the ranks. Child i = shard * cp_size + cp. The root publishes each
+// agreed round on `ring` when given one (where in-process engines read it).
 struct group_tree {
-  int tp = 0, cp = 0, group = 0;
+  int tp = 0, cp = 0, pp = 1, group = 0;
   caf::actor root;
   std::vector<caf::actor> shards;
   std::vector<caf::actor> children;
   std::vector<inbox_ptr> boxes;
 
-  group_tree(actor_fixture& f, int tp_size, int cp_size, int group_id, int attach)
-      : tp(tp_size), cp(cp_size), group(group_id) {
+  group_tree(actor_fixture& f, int tp_size, int cp_size, int group_id, int attach, int pp_size = 1,
+             std::shared_ptr<agreed_ring> ring = nullptr)
+      : tp(tp_size), cp(cp_size), pp(pp_size), group(group_id) {
     supervisor_args top;
-    top.children = tp;
+    top.children = tp * pp;
     top.group = group;
     top.root = true;
-    top.ranks = tp * cp;  // every rank attaches by message (no in-process boards)
+    top.ranks = tp * cp * pp;  // every rank attaches by message (no in-process boards)
+    top.publish = std::move(ring);
     root = f.own(spawn_supervisor(f.sys, top, {}));
-    for (int t = 0; t < tp; ++t) {
+    for (int t = 0; t < tp * pp; ++t) {
       supervisor_args sa;
       sa.children = cp;
       sa.group = group;
@@ -359,7 +364,9 @@ struct group_tree {
 
 constexpr std::uint8_t F = 0, B = 1, W = 2, T = 3, S = 4;
 
-room_state rs(std::uint64_t room, std::uint8_t state) { return {room, 1, state}; }
+room_state rs(std::uint64_t room, std::uint8_t state, bool released = false) {
+  return {room, 1, state, released};
+}
 
 // Every listed child received round `round`, all identical; returns the states.
 step_states agreed_by_all(group_tree& g, const std::vector<int>& who, std::uint64_t round) {
@@ -449,6 +456,37 @@ TEST_CASE("supervisors: a rank that dies fails every room of the pending and lat
   auto four = agreed_by_all(g, survivors, 4);
   CHECK(state_of(four, 10) == F);
   for (const auto& s : four) CHECK(s.state == F);
+}
+
+TEST_CASE("supervisors PP2 x TP2: one agreement across pipeline stages, on the group's ring, released by AND") {
+  // semantics.md section 3: a request has one outcome across PP stages; every rank reads the
+  // same round k, whether it gets it by message or from the ring. A room is released for the
+  // group only once every rank of every stage let go of its memory.
+  actor_fixture f;
+  auto ring = std::make_shared<agreed_ring>();
+  group_tree g(f, 2, 1, 4, 4, 2, ring);
+  const std::vector<int> all{0, 1, 2, 3};  // stage 0: children 0, 1; stage 1: children 2, 3
+  g.report(0, 1, {rs(1, T), rs(2, F, true), rs(3, S, true)});
+  g.report(1, 1, {rs(1, T), rs(2, S, true), rs(3, S, true)});
+  g.report(2, 1, {rs(1, W), rs(2, S, true), rs(3, S, false)});  // stage 1 lags; still holds room 3
+  g.report(3, 1, {rs(1, T), rs(2, S, true), rs(3, S, true)});
+  const step_states one{rs(1, W), rs(2, F, true), rs(3, S, false)};
+  CHECK(agreed_by_all(g, all, 1) == one);
+  const auto* v1 = ring->get(1);
+  REQUIRE(v1 != nullptr);
+  CHECK(v1->round == 1);
+  CHECK(v1->group == 4);
+  CHECK(v1->states == one);
+
+  // Round 2: room 2 was cleared everywhere (it leaves the rounds); stage 1 let go of room 3.
+  for (int i = 0; i < 4; ++i) g.report(i, 2, {rs(1, T), rs(3, S, true)});
+  const step_states two{rs(1, T), rs(3, S, true)};
+  CHECK(agreed_by_all(g, all, 2) == two);
+  const auto* v2 = ring->get(2);
+  REQUIRE(v2 != nullptr);
+  CHECK(v2->states == two);
+  CHECK(ring->latest() == 2);
+  CHECK(ring->get(3) == nullptr);  // never "the latest round" for a round not agreed yet
 }
 
 TEST_CASE("supervisors: the root holds agreed rounds until every rank attached") {

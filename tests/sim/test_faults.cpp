@@ -13,7 +13,7 @@ kvflow::runtime::simulation_report run_with(kvflow::runtime::simulation_options 
 }
 }  // namespace
 
-TEST_CASE("fault: a non-authoritative CP rank dies; its group fails its rooms, the other dp group serves") {
+TEST_CASE("fault: a non-authoritative CP rank dies, its group fails its rooms, the other dp group serves") {
   auto r = run_with(small_run("cp=2,dp=2", "dp=2"), {"kill:prefill:1@3"});
   check_survived(r);
   CHECK(r.failed > 0);

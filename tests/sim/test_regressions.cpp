@@ -6,7 +6,7 @@ using kvflow::test::check_clean;
 using kvflow::test::check_survived;
 using kvflow::test::small_run;
 
-TEST_CASE("upstream 1 (#19119): MLA + CP does not stall; non-authoritative CP ranks finish") {
+TEST_CASE("upstream 1 (#19119): MLA + CP does not stall, non-authoritative CP ranks finish") {
   // With registration keyed without CP, or CP ranks starting in Bootstrapping, this stalls.
   auto o = small_run("tp=2,cp=4", "tp=2");
   o.deadline_s = 20;
@@ -46,7 +46,7 @@ TEST_CASE("upstream 5 (#6857): a reused room never inherits the old Success") {
   check_clean(run_simulation(o));
 }
 
-TEST_CASE("upstream 6 (#40125): a duplicate room is refused on both sides; nothing crashes") {
+TEST_CASE("upstream 6 (#40125): a duplicate room is refused on both sides, nothing crashes") {
   auto o = small_run("tp=2", "tp=2,dp=2");
   o.faults.push_back(parse_fault("dup-room@4"));
   auto r = run_simulation(o);

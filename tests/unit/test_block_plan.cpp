@@ -905,7 +905,7 @@ TEST_CASE("block_plan: remote state indices are checked before any state block i
 
 // ---- aux rows and the receipt --------------------------------------------------------------
 
-TEST_CASE("block_plan: aux rows pair buffers by position; the receipt comes last") {
+TEST_CASE("block_plan: aux rows pair buffers by position, the receipt comes last") {
   const auto plan = mla_plan(2, 40);
   auto src = make_memory(plan, true, {0, 2}, 4, 3, {64, 16});
   auto dst = make_memory(plan, false, {0, 2}, 4, 5, {64, 16});

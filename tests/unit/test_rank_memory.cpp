@@ -337,7 +337,7 @@ TEST_CASE("rank_memory: aux_checksum is never 0 and changes with room and incarn
   CHECK(seen.size() == 1000);
 }
 
-TEST_CASE("rank_memory: make_receipt names the request and checks out; others do not") {
+TEST_CASE("rank_memory: make_receipt names the request and checks out, others do not") {
   const auto r = make_receipt(77, 3);
   CHECK(r.room == 77);
   CHECK(r.incarnation == 3);

@@ -719,7 +719,7 @@ TEST_CASE("ucx: allocated memory of a same-host peer is written through shared m
   receiver->deregister_memory(a.value().desc.id);
 }
 
-TEST_CASE("ucx: a same-host peer that dies never faults a push; disconnecting it stops them") {
+TEST_CASE("ucx: a same-host peer that dies never faults a push, disconnecting it stops them") {
   spdlog::cfg::load_env_levels();
   child_receiver child(true);
   auto sender = make_transport();

@@ -255,6 +255,21 @@ class held_transport final : public kvflow::transport::transport {
   std::deque<pending> held_;
 };
 
+// One prefill and one decode rank (tp 1) in `node`, over memory of 16 pages each.
+struct one_pair {
+  engine_memory pm{4, 16, 16 * 64, 4}, dm{4, 16, 16 * 64, 4};
+  std::shared_ptr<kvflow::prefill_rank> pre;
+  std::shared_ptr<kvflow::decode_rank> dec;
+  explicit one_pair(kvflow::node& node) {
+    auto p = node.add_prefill({0, 0, 0, 0}, pm.desc);
+    auto d = node.add_decode({0, 0, 0, 0}, dm.desc);
+    REQUIRE(p);
+    REQUIRE(d);
+    pre = p.value();
+    dec = d.value();
+  }
+};
+
 }  // namespace
 
 TEST_CASE("api: an aborted request's decode pages stay quarantined while a push into them is in flight") {
@@ -264,13 +279,9 @@ TEST_CASE("api: an aborted request's decode pages stay quarantined while a push 
   auto started = kvflow::runtime::start_node(small(1, 1, 1, 1), {}, in);
   REQUIRE(started);
   auto node = started.value();
-  engine_memory pm(4, 16, 16 * 64, 4), dm(4, 16, 16 * 64, 4);
-  auto pre = node->add_prefill({0, 0, 0, 0}, pm.desc);
-  auto dec = node->add_decode({0, 0, 0, 0}, dm.desc);
-  REQUIRE(pre);
-  REQUIRE(dec);
-  auto& p = *pre.value();
-  auto& d = *dec.value();
+  one_pair ranks(*node);
+  auto& p = *ranks.pre;
+  auto& d = *ranks.dec;
   const kvflow::request_id id{42, 1};
   REQUIRE_FALSE(p.create(id, 0));
   REQUIRE_FALSE(d.create(id, 0));
@@ -363,13 +374,9 @@ TEST_CASE("api: destinations for a request the prefill side already failed are a
     auto started = kvflow::node::start(small(1, 1, 1, 1), o);
     REQUIRE(started);
     auto node = started.value();
-    engine_memory pm(4, 16, 16 * 64, 4), dm(4, 16, 16 * 64, 4);
-    auto pre = node->add_prefill({0, 0, 0, 0}, pm.desc);
-    auto dec = node->add_decode({0, 0, 0, 0}, dm.desc);
-    REQUIRE(pre);
-    REQUIRE(dec);
-    auto& p = *pre.value();
-    auto& d = *dec.value();
+    one_pair ranks(*node);
+    auto& p = *ranks.pre;
+    auto& d = *ranks.dec;
     const kvflow::request_id id{7, 1};
     // The prefill side fails the request before decode has even created it.
     REQUIRE_FALSE(p.create(id, 0));

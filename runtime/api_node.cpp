@@ -261,21 +261,28 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   std::lock_guard<std::mutex> g(n.mutex);
   if (n.taken[{prefill, r}]) return {error{errc::exists, "coords: that rank was added already"}};
   auto& sys = n.system();
+  // The group's TP supervisor and ring, with its first rank. Decode ranks post on its board
+  // (`ranks_board`); prefill shards report to it by message.
+  auto root_of = [&](int group, int children, bool ranks_board) -> local_group& {
+    auto& grp = n.group(group);
+    if (grp.root) return grp;
+    grp.ring = std::make_shared<agreed_ring>(runtime::ring_rounds(n.tunables));
+    supervisor_args ra;
+    ra.children = children;
+    ra.group = group;
+    ra.root = true;
+    if (ranks_board) ra.board = std::make_shared<step_board>(children);
+    ra.publish = grp.ring;
+    grp.root = spawn_supervisor(sys, ra, {});
+    grp.root_board = ra.board;
+    n.infrastructure.push_back(grp.root);
+    return grp;
+  };
   runtime::agreement_link link;
   if (prefill) {
     auto pc = config::prefill_coord_of(c.prefill, r);
     link.group = config::prefill_group_of(c.prefill, pc);
-    auto& grp = n.group(link.group);
-    if (!grp.root) {
-      grp.ring = std::make_shared<agreed_ring>(runtime::ring_rounds(n.tunables));
-      supervisor_args ra;
-      ra.children = c.prefill.tp * c.prefill.pp;
-      ra.group = link.group;
-      ra.root = true;
-      ra.publish = grp.ring;
-      grp.root = spawn_supervisor(sys, ra, {});
-      n.infrastructure.push_back(grp.root);
-    }
+    auto& grp = root_of(link.group, c.prefill.tp * c.prefill.pp, false);
     const int shard = config::prefill_shard_of(c.prefill, pc);
     if (!grp.shards.count(shard)) {
       supervisor_args sa;
@@ -296,19 +303,7 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   } else {
     auto dc = config::decode_coord_of(c.decode, r);
     link.group = config::decode_group_of(c.decode, dc);
-    auto& grp = n.group(link.group);
-    if (!grp.root) {
-      grp.ring = std::make_shared<agreed_ring>(runtime::ring_rounds(n.tunables));
-      supervisor_args ra;
-      ra.children = c.decode.tp * c.decode.pp;
-      ra.group = link.group;
-      ra.root = true;
-      ra.board = std::make_shared<step_board>(ra.children);
-      ra.publish = grp.ring;
-      grp.root = spawn_supervisor(sys, ra, {});
-      grp.root_board = ra.board;
-      n.infrastructure.push_back(grp.root);
-    }
+    auto& grp = root_of(link.group, c.decode.tp * c.decode.pp, true);
     link.parent = grp.root;
     link.board = grp.root_board;
     link.child = config::decode_child_of(c.decode, dc);

@@ -381,6 +381,9 @@ TEST_CASE("api: destinations for a request the prefill side already failed are a
     // The prefill side fails the request before decode has even created it.
     REQUIRE_FALSE(p.create(id, 0));
     REQUIRE_FALSE(p.abort(id, "prefill gave up"));
+    // The prefill rank has failed it (so its failure notice went out before decode had the room).
+    for (int i = 0; i < 500 && p.failure_reason(id).empty(); ++i) std::this_thread::sleep_for(2ms);
+    REQUIRE_FALSE(p.failure_reason(id).empty());
     std::uint64_t pk = 0, dk = 0;
     if (cleared) {
       for (int i = 0; i < 50; ++i) REQUIRE(p.poll(++pk, 20ms));

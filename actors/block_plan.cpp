@@ -25,6 +25,22 @@ status check_buffers(const std::vector<remote_buffer>& bufs, std::int64_t page_b
 
 }  // namespace
 
+remote_pool describe_shape(const rank_memory& m) {
+  remote_pool p;
+  p.layer_begin = m.layers().begin;
+  p.layer_count = m.layers().size();
+  p.buffers_per_layer = m.buffers_per_layer();
+  p.pages = m.pages();
+  p.item_bytes = m.item_bytes();
+  p.page_size = m.page_size();
+  p.local_heads = m.local_heads();
+  p.head_bytes = m.head_bytes();
+  p.aux_rows = m.aux_rows();
+  p.state_pages = m.state_pages();
+  p.state_item_bytes = m.state_item_bytes();
+  return p;
+}
+
 status check_remote_pool(const remote_pool& r) {
   if (r.layer_begin < 0 || r.layer_count < 0 || r.pages < 0 || r.item_bytes < 0 || r.aux_rows < 0 ||
       r.buffers_per_layer < 1 || r.buffers_per_layer > 2 || r.local_heads < 0 || r.head_bytes < 0 ||

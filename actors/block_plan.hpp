@@ -40,6 +40,10 @@ struct remote_pool {
   remote_buffer receipts;            // one aux_record per aux row (kvflow's own memory)
 };
 
+// The shape of `m` as a registration describes it; the buffer lists stay empty (the registering
+// rank places each buffer in its transport's regions).
+remote_pool describe_shape(const rank_memory& m);
+
 // Checks a registration's internal consistency (its sizes add up, nothing overflows).
 status check_remote_pool(const remote_pool& r);
 

@@ -145,17 +145,7 @@ status register_memory(decode_state& st) {
     return {};
   };
   auto& p = st.described;
-  p.layer_begin = mem.layers().begin;
-  p.layer_count = mem.layers().size();
-  p.buffers_per_layer = mem.buffers_per_layer();
-  p.pages = mem.pages();
-  p.item_bytes = mem.item_bytes();
-  p.page_size = mem.page_size();
-  p.local_heads = mem.local_heads();
-  p.head_bytes = mem.head_bytes();
-  p.aux_rows = mem.aux_rows();
-  p.state_pages = mem.state_pages();
-  p.state_item_bytes = mem.state_item_bytes();
+  p = describe_shape(mem);
   for (const auto* list : {&mem.kv_buffers(), &mem.aux_buffers(), &mem.state_buffers()}) {
     auto& out = list == &mem.kv_buffers() ? p.kv : list == &mem.aux_buffers() ? p.aux : p.state;
     for (const auto& b : *list) {

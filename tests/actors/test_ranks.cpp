@@ -474,17 +474,7 @@ struct rank_fixture : actor_fixture {
       out = {r->id, 0, b.bytes, b.page_bytes};
     };
     auto& p = f->remote;
-    p.layer_begin = m.layers().begin;
-    p.layer_count = m.layers().size();
-    p.buffers_per_layer = m.buffers_per_layer();
-    p.pages = m.pages();
-    p.item_bytes = m.item_bytes();
-    p.page_size = m.page_size();
-    p.local_heads = m.local_heads();
-    p.head_bytes = m.head_bytes();
-    p.aux_rows = m.aux_rows();
-    p.state_pages = m.state_pages();
-    p.state_item_bytes = m.state_item_bytes();
+    p = describe_shape(m);
     for (const auto& b : m.kv_buffers()) reg(b, p.kv.emplace_back());
     for (const auto& b : m.aux_buffers()) reg(b, p.aux.emplace_back());
     for (const auto& b : m.state_buffers()) reg(b, p.state.emplace_back());

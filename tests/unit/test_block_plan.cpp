@@ -104,21 +104,10 @@ std::unique_ptr<engine_memory> make_memory(const config::routing_plan& plan, boo
 // A destination's registration, each buffer placed by `where` (buffer_view -> remote_buffer).
 template <class Where>
 remote_pool describe_with(const rank_memory& m, Where where, remote_buffer receipts) {
-  remote_pool p;
-  p.layer_begin = m.layers().begin;
-  p.layer_count = m.layers().size();
-  p.buffers_per_layer = m.buffers_per_layer();
-  p.pages = m.pages();
-  p.item_bytes = m.item_bytes();
-  p.page_size = m.page_size();
-  p.local_heads = m.local_heads();
-  p.head_bytes = m.head_bytes();
+  remote_pool p = describe_shape(m);
   for (const auto& b : m.kv_buffers()) p.kv.push_back(where(b));
   for (const auto& b : m.aux_buffers()) p.aux.push_back(where(b));
-  p.aux_rows = m.aux_rows();
   for (const auto& b : m.state_buffers()) p.state.push_back(where(b));
-  p.state_pages = m.state_pages();
-  p.state_item_bytes = m.state_item_bytes();
   p.receipts = receipts;
   return p;
 }

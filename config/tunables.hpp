@@ -27,8 +27,9 @@ namespace kvflow::config {
   X(ucx_flush_timeout_ms, "KVFLOW_UCX_FLUSH_TIMEOUT_MS", 30000,                                  \
     "ucx transport: a push not flushed in this time fails and its peer counts as unreachable "   \
     "(UCX alone does not notice a frozen peer; an event-driven worker runs no keepalive)")       \
-  X(step_interval_us, "KVFLOW_STEP_INTERVAL_US", 200,                                            \
-    "simulated engines: pause between scheduler steps while requests are in flight")             \
+  X(step_interval_us, "KVFLOW_STEP_INTERVAL_US", 2000,                                           \
+    "simulated engines: pause between scheduler steps while requests are in flight (a real "    \
+    "step is milliseconds; shorter ones only add agreement traffic, 20x longer when idle)")     \
   X(agreement_lag, "KVFLOW_AGREEMENT_LAG", 1,                                                    \
     "poll(step k) answers the agreed round k - L: L steps for a round to complete before a "    \
     "scheduler needs it")                                                                        \

@@ -91,8 +91,9 @@ bool allocate(engine_state& st, sim_req& r, bool aux) {
   return true;
 }
 
-// Prefill, the group agreed WaitingForInput: run the "forward" (write the KV this rank sends),
-// then init.
+// Prefill, the group agreed WaitingForInput: take the request's memory, then init. Its KV is
+// written chunk by chunk (send_next_chunk), as chunked prefill's forward passes write it, so no
+// scheduler step does a whole request's work and the group's rounds keep their pace.
 void start_prefill(engine_actor* self, sim_req& r) {
   auto& st = self->state;
   auto& api = *st.args.prefill_api;
@@ -106,25 +107,35 @@ void start_prefill(engine_actor* self, sim_req& r) {
     r.started = true;
     return;
   }
-  if (me.authoritative) {
-    const auto& cfg = st.args.plan->config();
-    config::range fill{r.view.prefix_pages, r.view.n_pages};
-    if (cfg.cp_send_all && cfg.prefill.cp > 1) {
-      auto share = config::cp_share(r.view.n_pages, cfg.prefill.cp, me.coord.cp);
-      fill = {std::max(fill.begin, share.begin), std::min(fill.end, share.end)};
-    }
-    fill_pages(*st.args.plan, st.args.rank, *st.args.memory, r.view, r.pages, r.state, fill);
-    if ((r.fault & fault_corrupt) != 0 && !fill.empty()) {
-      auto* p = st.args.memory->item(me.layers.begin, 0, r.pages[static_cast<std::size_t>(fill.begin)]);
-      *p = static_cast<std::byte>(~std::to_integer<unsigned>(*p));
-    }
-    auto out = simulated_first_output(r.view);
-    std::memcpy(st.args.memory->aux_row(r.aux), &out, sizeof out);
-  }
   r.next_page = r.view.prefix_pages;
   r.started = true;
   if (auto e = api.init(id, r.view.n_pages - r.view.prefix_pages, std::max(r.aux, 0)))
     spdlog::error("simulated engine, prefill rank {}: init: {}", st.args.rank, e.message());
+}
+
+// The "forward" of request pages [begin, end): the KV (and state) this rank sends of them; the
+// first output into the aux row with the last chunk.
+void write_chunk(engine_state& st, sim_req& r, int begin, int end, bool last) {
+  const auto& me = st.args.plan->prefill(st.args.rank);
+  if (!me.authoritative) return;
+  const auto& cfg = st.args.plan->config();
+  config::range mine{r.view.prefix_pages, r.view.n_pages};
+  if (cfg.cp_send_all && cfg.prefill.cp > 1) {
+    auto share = config::cp_share(r.view.n_pages, cfg.prefill.cp, me.coord.cp);
+    mine = {std::max(mine.begin, share.begin), std::min(mine.end, share.end)};
+  }
+  const config::range fill{std::max(begin, mine.begin), std::min(end, mine.end)};
+  if (!fill.empty()) {
+    fill_pages(*st.args.plan, st.args.rank, *st.args.memory, r.view, r.pages, r.state, fill);
+    if ((r.fault & fault_corrupt) != 0 && fill.begin == mine.begin) {
+      auto* p = st.args.memory->item(me.layers.begin, 0, r.pages[static_cast<std::size_t>(fill.begin)]);
+      *p = static_cast<std::byte>(~std::to_integer<unsigned>(*p));
+    }
+  }
+  if (last) {
+    auto out = simulated_first_output(r.view);
+    std::memcpy(st.args.memory->aux_row(r.aux), &out, sizeof out);
+  }
 }
 
 // Prefill: one chunk per step (chunked prefill), the last one possibly empty.
@@ -134,6 +145,7 @@ void send_next_chunk(engine_actor* self, sim_req& r) {
   // Whole chunks first; the last chunk carries what is left, possibly nothing.
   const bool last = r.next_page + per_chunk > r.view.n_pages;
   const int end = last ? r.view.n_pages : r.next_page + per_chunk;
+  write_chunk(st, r, r.next_page, end, last);
   std::vector<std::int32_t> chunk(r.pages.begin() + r.next_page, r.pages.begin() + end);
   r.next_page = end;
   r.last_sent = last;

@@ -47,7 +47,7 @@ struct sim_engine_args {
   caf::actor rank_actor;  // linked: the engine and its rank live and die together
   std::shared_ptr<sim_memory> memory;
   int chunk_tokens = 1024;
-  std::int64_t step_interval_us = 200;
+  std::int64_t step_interval_us = 2000;
   caf::actor observer;
   std::shared_ptr<agreement_checker> checker;  // may be null
   std::shared_ptr<dst_drops> drops;            // may be null

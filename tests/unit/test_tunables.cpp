@@ -46,7 +46,7 @@ TEST_CASE("tunables: defaults") {
   CHECK(t.heartbeat_interval_ms == 1000);
   CHECK(t.heartbeat_misses == 3);
   CHECK(t.connect_timeout_ms == 30000);
-  CHECK(t.step_interval_us == 200);
+  CHECK(t.step_interval_us == 2000);
   CHECK(t.max_rooms_per_rank == 65536);
   CHECK(t.max_pages_per_request == (1 << 20));
   // A default-constructed struct carries the same defaults.

@@ -16,6 +16,7 @@
 #include "actors/rank.hpp"
 #include "actors/step_board.hpp"
 #include "config/routing.hpp"
+#include "config/status.hpp"
 #include "config/tunables.hpp"
 #include "kvflow/kvflow.hpp"
 #include "transport/transport.hpp"
@@ -29,15 +30,24 @@ struct internal_options {
   std::shared_ptr<transport::transport> transport;  // instead of the one options.transport names
   dst_filter drop_dst;                              // the drop-dst-info fault seam
   std::optional<config::tunables> tunables;         // instead of options.tunables
+  // A networked node: its name in the registry's node table (default "node HOST:PORT"), the
+  // wire version it claims (0: this build's; a test claims another), and how many nodes the
+  // cluster has (0: unknown; else it reports itself meshed only once it saw them all).
+  std::string node_name;
+  std::uint32_t wire_version = 0;
+  int expected_nodes = 0;
 };
+
+struct network_node;  // runtime/api_network.cpp: a node's registrations, anchor and keeper
 
 expected<std::shared_ptr<node>> start_node(const topology& t, node_options options, internal_options internal);
 
 // The engine's buffers in kvflow's own types (host memory only in this build).
 expected<std::vector<buffer_spec>> to_buffer_specs(const memory_desc& m);
 
-// Parses the public topology into kvflow's own (errors name the field).
+// Parses the public topology into kvflow's own (errors name the field), and back.
 expected<config::cluster_config> to_cluster(const topology& t);
+topology topology_of(const config::cluster_config& c);
 
 // What a rank needs from the process it lives in.
 struct rank_context {
@@ -71,6 +81,19 @@ expected<std::shared_ptr<rank::impl>> add_rank(node& n, bool prefill, const coor
                                                const memory_desc& memory, std::shared_ptr<const void> owner);
 std::size_t ring_rounds(const config::tunables& t);
 
+// A networked node (runtime/api_network.cpp). start_network joins the registry at
+// options.bootstrap, or publishes this node's registry at options.listen; link_network finds or
+// spawns the supervisors rank `r` leads or reports to (through the registry: the group may span
+// processes); registered_network registers the rank and attaches it to its group's root.
+status start_network(node::impl& n, const node_options& options);
+expected<agreement_link> link_network(node::impl& n, bool prefill, int r);
+void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank);
+// The registry (a networked node's keeper replaces it when the bootstrap restarts).
+caf::actor current_registry(node::impl& n);
+std::string network_address(node::impl& n);  // HOST:PORT peers reach this node at
+// The process's serving engine, announced in the node table (what a launcher hands requests to).
+void set_node_engine(node& n, const caf::actor& engine);
+
 }  // namespace kvflow::runtime
 
 namespace kvflow {
@@ -99,6 +122,7 @@ struct node::impl {
   std::vector<caf::actor> prefill_actors, decode_actors, infrastructure;
   std::map<std::pair<bool, int>, bool> taken;  // (prefill?, rank) already added
   std::shared_ptr<std::atomic<bool>> stopped = std::make_shared<std::atomic<bool>>(false);
+  std::shared_ptr<runtime::network_node> net;  // null: one process
 
   caf::actor_system& system() { return *sys; }
   local_group& group(int id);

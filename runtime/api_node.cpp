@@ -10,6 +10,7 @@
 #include "actors/supervisor.hpp"
 #include "runtime/actor_system_setup.hpp"
 #include "runtime/api_internal.hpp"
+#include "runtime/node.hpp"
 #include "transport/inproc_transport.hpp"
 #include "transport/ucx_transport.hpp"
 
@@ -79,6 +80,11 @@ expected<std::shared_ptr<node>> node::start(const topology& t, node_options opti
   return runtime::start_node(t, std::move(options), {});
 }
 
+std::string node::address() const {
+  if (!impl_->net) return {};
+  return runtime::network_address(*impl_);
+}
+
 void node::stop() {
   auto& n = *impl_;
   if (!n.sys || n.stopped->exchange(true)) return;
@@ -117,13 +123,26 @@ expected<config::cluster_config> to_cluster(const topology& t) {
   }
 }
 
+topology topology_of(const config::cluster_config& c) {
+  topology t;
+  t.prefill = {c.prefill.tp, c.prefill.cp, c.prefill.pp, c.prefill.dp};
+  t.decode = {c.decode.tp, c.decode.dp, c.decode.pp};
+  t.model = config::describe(c.model);
+  t.dtype = config::to_string(c.dtype);
+  t.page_size = c.page_size;
+  t.cp_send_all = c.cp_send_all;
+  return t;
+}
+
 expected<std::shared_ptr<node>> start_node(const topology& t, node_options options, internal_options internal) {
   auto cluster = to_cluster(t);
   if (!cluster) return cluster.err();
   auto tun = internal.tunables ? expected<config::tunables>(*internal.tunables) : tunables_of(options);
   if (!tun) return tun.err();
-  if (!options.bootstrap.empty())
-    return error{errc::unsupported, "bootstrap: nodes that join a remote registry are not wired yet"};
+  const bool networked = !options.bootstrap.empty() || !options.listen.empty();
+  if (networked && !internal.transport && options.transport != "ucx")
+    return invalid("transport: '" + options.transport + "' cannot cross processes (a node with a bootstrap or listen address needs ucx)");
+  if (networked && internal.deterministic) return invalid("listen: a deterministic node runs in one process");
   auto n = std::make_unique<node::impl>();
   n->cluster = cluster.value();
   try {
@@ -151,13 +170,25 @@ expected<std::shared_ptr<node>> start_node(const topology& t, node_options optio
     return invalid("transport: '" + options.transport + "' is not inproc or ucx");
   }
   n->cfg = std::make_unique<caf::actor_system_config>();
-  runtime::configure_actor_system(*n->cfg);
+  if (networked)
+    runtime::configure_node(*n->cfg, n->tunables);  // the middleman, with heartbeats
+  else
+    runtime::configure_actor_system(*n->cfg);
   if (n->internal.deterministic) n->cfg->set("scheduler.policy", caf::atom("testing"));
   if (options.worker_threads > 0) n->cfg->set("scheduler.max-threads", options.worker_threads);
   n->sys = std::make_unique<caf::actor_system>(*n->cfg);
-  n->registry = spawn_bootstrap_registry(*n->sys, n->cluster);
-  n->infrastructure.push_back(n->registry);
-  return internal_access::make(std::move(n));
+  if (options.bootstrap.empty()) {  // this node hosts the registry (joining nodes find it at listen)
+    n->registry = spawn_bootstrap_registry(*n->sys, n->cluster);
+    n->infrastructure.push_back(n->registry);
+  }
+  auto made = internal_access::make(std::move(n));
+  if (networked) {
+    if (auto s = start_network(internals(*made), options); !s) {
+      made->stop();
+      return error{errc::unavailable, s.reason()};
+    }
+  }
+  return made;
 }
 
 }  // namespace runtime
@@ -261,6 +292,20 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   std::lock_guard<std::mutex> g(n.mutex);
   if (n.taken[{prefill, r}]) return {error{errc::exists, "coords: that rank was added already"}};
   auto& sys = n.system();
+  if (n.net) {
+    // Networked: the group may span processes, so its supervisors are found through the
+    // registry and every rank reports by message.
+    auto link = runtime::link_network(n, prefill, r);
+    if (!link) return link.err();
+    runtime::rank_context ctx{sys, n.plan, n.tunables, n.transport, runtime::current_registry(n), n.internal.drop_dst,
+                              n.stopped};
+    auto ri = runtime::make_rank(ctx, prefill, r, memory, link.value(), std::move(owner));
+    if (!ri) return ri.err();
+    n.taken[{prefill, r}] = true;
+    (prefill ? n.prefill_actors : n.decode_actors).push_back(ri.value()->actor);
+    runtime::registered_network(n, prefill, r, ri.value()->actor);
+    return ri;
+  }
   // The group's TP supervisor and ring, with its first rank. Decode ranks post on its board
   // (`ranks_board`); prefill shards report to it by message.
   auto root_of = [&](int group, int children, bool ranks_board) -> local_group& {

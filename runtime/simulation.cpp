@@ -578,15 +578,7 @@ simulated_node make_inproc_cluster(const simulation_options& o, const std::share
   in.transport = t;
   in.tunables = o.tunables;
   in.drop_dst = drop_filter(drops);
-  topology top;
-  const auto& c = o.cluster;
-  top.prefill = {c.prefill.tp, c.prefill.cp, c.prefill.pp, c.prefill.dp};
-  top.decode = {c.decode.tp, c.decode.dp, c.decode.pp};
-  top.model = config::describe(c.model);
-  top.dtype = config::to_string(c.dtype);
-  top.page_size = c.page_size;
-  top.cp_send_all = c.cp_send_all;
-  auto n = start_node(top, {}, std::move(in));
+  auto n = start_node(topology_of(o.cluster), {}, std::move(in));
   if (!n) {
     report->problems.push_back("node: " + n.err().message());
     return {};

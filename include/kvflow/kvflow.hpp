@@ -169,10 +169,14 @@ struct internal_access;
 enum class log_level : int { trace = 0, debug = 1, info = 2, warn = 3, error = 4, off = 6 };
 
 struct node_options {
-  // HOST:PORT of the bootstrap registry. Empty: this node hosts the registry and every rank of
-  // the cluster lives in it (one process).
+  // HOST:PORT of the bootstrap registry this node joins. Empty: this node hosts the registry;
+  // with `listen` empty too, every rank of the cluster lives in this process.
   std::string bootstrap;
-  std::string listen;             // HOST:PORT this node accepts peers on (rank processes)
+  // HOST:PORT this node accepts other nodes on (port 0: any; see address()). Set on the node
+  // that hosts the registry for others to join; a joining node listens on 127.0.0.1:0 unless
+  // told otherwise. A node with either address needs the ucx transport. When one node holds
+  // several ranks of a group, add the group's leads (cp 0; tp 0 and pp 0) first.
+  std::string listen;
   std::string transport = "inproc";  // inproc (one process) | ucx
   // KVFLOW_* tunables by variable name (see `kvflow --help`); unset ones keep their defaults.
   // The process environment is not read unless read_environment is set.
@@ -196,6 +200,10 @@ class node {
   // Adds the prefill / decode rank at `where`, over the engine's memory.
   expected<std::shared_ptr<prefill_rank>> add_prefill(const coords& where, const memory_desc& memory);
   expected<std::shared_ptr<decode_rank>> add_decode(const coords& where, const memory_desc& memory);
+
+  // HOST:PORT other nodes reach this one at (its `bootstrap` when it hosts the registry);
+  // empty for a one-process node.
+  std::string address() const;
 
   // Stops every rank and the actor system; ranks answer errc::unavailable afterwards.
   void stop();

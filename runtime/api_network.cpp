@@ -1,0 +1,335 @@
+// A node on the network: it joins a bootstrap registry (or publishes its own), leads or finds
+// the supervisors of its ranks' groups through that registry (a group may span processes), and
+// keeps a keeper actor that connects it directly to every other node and registers everything
+// again with a restarted registry. One-process nodes never come here (runtime/api_node.cpp).
+#include <spdlog/spdlog.h>
+
+#include <set>
+#include <thread>
+
+#include "actors/messages.hpp"
+#include "actors/supervisor.hpp"
+#include "runtime/api_internal.hpp"
+#include "runtime/node.hpp"
+
+namespace kvflow::runtime {
+
+using namespace std::chrono_literals;
+
+// What a networked node registered, to register it again with a restarted registry.
+struct network_node {
+  std::mutex mutex;  // the engine's thread (add_rank) and the keeper both touch what follows
+  std::string name;
+  host_port me;
+  std::optional<host_port> bootstrap;  // empty: this node hosts the registry
+  std::uint32_t wire_version = msg::wire_version;
+  int expected_nodes = 0;
+  std::chrono::milliseconds connect_timeout{30000};
+  caf::actor anchor;  // what peers dial: the registry on its host, else an actor of no use
+  caf::actor keeper;
+  caf::actor engine;
+  bool meshed = false;
+  std::map<std::pair<int, int>, caf::actor> supervisors;  // (group, index) -> led here
+  std::vector<msg::register_rank> prefill_ranks;
+  std::vector<msg::register_decode> decode_ranks;
+  std::vector<caf::actor> rank_actors;
+  std::set<std::string> dialed, dial_failed;
+  caf::node_id lost_registry;
+
+  msg::register_node registration() const { return {wire_version, name, me.host, me.port, meshed, engine}; }
+};
+
+namespace {
+
+struct keeper_tick {};
+template <class I>
+typename I::result_type inspect(I& f, keeper_tick&) {
+  return f(caf::meta::type_name("keeper_tick"));
+}
+
+// Registers the node (its table entry); an error when the registry refused or did not answer.
+status register_node(caf::actor_system& sys, const caf::actor& registry, const msg::register_node& m) {
+  caf::scoped_actor self{sys};
+  status out;
+  self->request(registry, 5s, m).receive(
+      [&](msg::registration_reply& r) {
+        if (!r.ok) out = status::error("the bootstrap registry refused this node: " + r.reason);
+      },
+      [&](caf::error& e) { out = status::error("registering with the bootstrap: " + sys.render(e)); });
+  return out;
+}
+
+// Asks the registry for supervisor (group, index) until it is registered or `timeout`.
+result<caf::actor> find_supervisor(caf::actor_system& sys, const caf::actor& registry, int group, int index,
+                                   std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{sys};
+  auto until = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    caf::actor found;
+    std::string failed;
+    self->request(registry, 5s, msg::lookup_supervisor{group, index})
+        .receive([&](msg::supervisor_entry& e) { found = e.handle; },
+                 [&](caf::error& e) { failed = sys.render(e); });
+    if (found) return found;
+    if (!failed.empty() || std::chrono::steady_clock::now() >= until)
+      return status::error("supervisor " + std::to_string(index) + " of agreement group " + std::to_string(group) +
+                           " not found" + (failed.empty() ? "" : ": " + failed));
+    std::this_thread::sleep_for(50ms);
+  }
+}
+
+// Direct connections, so that no message between ranks depends on the bootstrap node (whose
+// restart would lose what it relays): a node dials every node whose name sorts before its own
+// (each pair connects once) and reports itself meshed once it has (and, where the cluster's
+// node count is known, once it saw them all).
+void connect_peers(caf::actor_system& sys, const caf::actor& registry, network_node& net) {
+  msg::node_table t;
+  {
+    caf::scoped_actor self{sys};
+    self->request(registry, 2s, msg::node_query{}).receive([&](msg::node_table& x) { t = std::move(x); },
+                                                           [&](caf::error&) {});
+  }
+  int listed = 0, before_me = 0, dialed_before = 0;
+  for (const auto& n : t.nodes) {
+    if (n.name == net.name) continue;
+    ++listed;
+    if (n.name > net.name) continue;
+    ++before_me;
+    if (!net.dialed.count(n.name)) {
+      auto a = sys.middleman().remote_actor(n.host, n.port);
+      if (a) {
+        net.dialed.insert(n.name);
+      } else if (net.dial_failed.insert(n.name).second) {
+        spdlog::warn("{}: cannot reach node {} at {}:{}: {}", net.name, n.name, n.host, n.port, sys.render(a.error()));
+      }
+    }
+    dialed_before += net.dialed.count(n.name) != 0;
+  }
+  std::lock_guard<std::mutex> g(net.mutex);
+  if (net.meshed || dialed_before != before_me) return;
+  if (net.expected_nodes > 0 && listed != net.expected_nodes - 1) return;
+  net.meshed = true;
+  if (auto s = register_node(sys, registry, net.registration()); !s) spdlog::warn("{}: {}", net.name, s.reason());
+}
+
+// Everything this node registered, again, with a restarted registry.
+status reregister(node::impl& n, network_node& net) {
+  msg::register_node me;
+  std::vector<caf::actor> ranks;
+  std::vector<msg::register_supervisor> sups;
+  std::vector<msg::register_rank> pre;
+  std::vector<msg::register_decode> dec;
+  {
+    std::lock_guard<std::mutex> g(net.mutex);
+    me = net.registration();
+    ranks = net.rank_actors;
+    for (const auto& [k, h] : net.supervisors) sups.push_back({k.first, k.second, h});
+    pre = net.prefill_ranks;
+    dec = net.decode_ranks;
+  }
+  auto registry = current_registry(n);
+  if (auto s = register_node(*n.sys, registry, me); !s) return s;
+  for (const auto& r : ranks) caf::anon_send(r, msg::set_registry{registry});
+  for (const auto& s : sups) caf::anon_send(registry, s);
+  for (const auto& r : pre) caf::anon_send(registry, r);
+  for (const auto& r : dec) caf::anon_send(registry, r);
+  return {};
+}
+
+// The keeper: a thread of its own (it dials, and waits for answers), every 200 ms.
+caf::behavior keeper(caf::event_based_actor* self, node::impl* n, std::shared_ptr<network_node> net) {
+  auto registry_up = std::make_shared<bool>(true);
+  self->monitor(n->registry);
+  self->set_down_handler([=](caf::down_msg& dm) {
+    auto registry = current_registry(*n);
+    if (dm.source != registry.address()) return;
+    spdlog::warn("{}: the bootstrap registry went away; reconnecting", net->name);
+    net->lost_registry = registry.node();
+    *registry_up = false;
+  });
+  self->delayed_send(self, 200ms, keeper_tick{});
+  return {
+      [=](keeper_tick) {
+        if (n->stopped->load()) return;
+        if (*registry_up) {
+          connect_peers(*n->sys, current_registry(*n), *net);
+        } else if (net->bootstrap) {
+          auto back = n->sys->middleman().remote_actor(net->bootstrap->host, net->bootstrap->port);
+          // The middleman may still answer with the old registry until it saw it go.
+          if (back && back->node() != net->lost_registry) {
+            {
+              std::lock_guard<std::mutex> g(net->mutex);
+              n->registry = *back;
+            }
+            self->monitor(*back);
+            if (auto s = reregister(*n, *net); !s) {
+              spdlog::warn("{}: registering again: {}", net->name, s.reason());
+            } else {
+              *registry_up = true;
+              spdlog::info("{}: registered again with the restarted bootstrap registry", net->name);
+            }
+          }
+        }
+        self->delayed_send(self, 200ms, keeper_tick{});
+      },
+      [=](msg::register_node& m) {  // the engine changed: the table learns it
+        caf::anon_send(current_registry(*n), std::move(m));
+      },
+  };
+}
+
+}  // namespace
+
+status start_network(node::impl& n, const node_options& options) {
+  auto net = std::make_shared<network_node>();
+  net->connect_timeout = std::chrono::milliseconds(n.tunables.connect_timeout_ms);
+  net->expected_nodes = n.internal.expected_nodes;
+  if (n.internal.wire_version != 0) net->wire_version = n.internal.wire_version;
+  auto& sys = *n.sys;
+  try {
+    auto where = parse_host_port(options.listen.empty() ? "127.0.0.1:0" : options.listen, "listen");
+    if (!options.bootstrap.empty()) {
+      net->bootstrap = parse_host_port(options.bootstrap, "bootstrap");
+      auto reg = connect_with_retry(sys, *net->bootstrap, net->connect_timeout);
+      if (!reg) return reg.error();
+      n.registry = reg.value();
+      net->anchor = sys.spawn([]() -> caf::behavior { return {[](msg::node_query) {}}; });
+      n.infrastructure.push_back(net->anchor);
+    } else {
+      net->anchor = n.registry;  // peers and joining nodes reach this node's registry
+    }
+    auto port = publish_on(sys, net->anchor, where);
+    if (!port) return port.error();
+    net->me = {where.host, port.value()};
+  } catch (const config::config_error& e) {
+    return status::error(e.what());
+  }
+  net->name = n.internal.node_name.empty() ? "node " + net->me.text() : n.internal.node_name;
+  if (auto s = register_node(sys, n.registry, net->registration()); !s) return s;
+  n.net = net;
+  // Detached: it blocks while it dials and waits for the registry's answers.
+  net->keeper = sys.spawn<caf::detached>(keeper, &n, net);
+  n.infrastructure.insert(n.infrastructure.begin(), net->keeper);
+  return {};
+}
+
+expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
+  auto& net = *n.net;
+  const auto& c = n.cluster;
+  auto& sys = *n.sys;
+  int group = 0, shard = -1, child = 0, ranks_in_group = 0, root_children = 0;
+  bool lead_shard = false, lead_group = false;
+  if (prefill) {
+    auto pc = config::prefill_coord_of(c.prefill, r);
+    group = config::prefill_group_of(c.prefill, pc);
+    shard = config::prefill_shard_of(c.prefill, pc);
+    lead_shard = pc.cp == 0;
+    lead_group = pc.cp == 0 && pc.tp == 0 && pc.pp == 0;
+    ranks_in_group = c.prefill.tp * c.prefill.cp * c.prefill.pp;
+    root_children = c.prefill.tp * c.prefill.pp;
+    child = pc.cp;
+  } else {
+    auto dc = config::decode_coord_of(c.decode, r);
+    group = config::decode_group_of(c.decode, dc);
+    lead_group = dc.tp == 0 && dc.pp == 0;
+    ranks_in_group = c.decode.tp * c.decode.pp;
+    root_children = ranks_in_group;
+    child = config::decode_child_of(c.decode, dc);
+  }
+  auto unavailable = [](const status& s) { return error{errc::unavailable, s.reason()}; };
+  // A supervisor led in this node, else the registry's (its leader may be in another process).
+  auto find = [&](int index) -> result<caf::actor> {
+    {
+      std::lock_guard<std::mutex> g(net.mutex);
+      if (auto it = net.supervisors.find({group, index}); it != net.supervisors.end()) return it->second;
+    }
+    return find_supervisor(sys, current_registry(n), group, index, net.connect_timeout);
+  };
+  auto lead = [&](int index, const caf::actor& h) {
+    n.infrastructure.push_back(h);
+    std::lock_guard<std::mutex> g(net.mutex);
+    net.supervisors[{group, index}] = h;
+    caf::anon_send(n.registry, msg::register_supervisor{group, index, h});  // under the lock
+  };
+  if (lead_group) {
+    supervisor_args ra;
+    ra.children = root_children;
+    ra.group = group;
+    ra.root = true;
+    ra.ranks = ranks_in_group;  // the root holds rounds until every rank attached by message
+    lead(-1, spawn_supervisor(sys, ra, {}));
+  }
+  auto root = find(-1);
+  if (!root) return unavailable(root.error());
+  agreement_link link;
+  link.group = group;
+  link.child = child;
+  link.ring = std::make_shared<agreed_ring>(ring_rounds(n.tunables));  // the rank fills it
+  if (!prefill) {
+    link.parent = root.value();
+    return link;
+  }
+  if (lead_shard) {
+    supervisor_args sa;
+    sa.children = c.prefill.cp;
+    sa.group = group;
+    sa.index_in_parent = shard;
+    auto h = spawn_supervisor(sys, sa, root.value());
+    caf::anon_send(root.value(), msg::attach_child{shard, h});
+    lead(shard, h);
+  }
+  auto parent = find(shard);
+  if (!parent) return unavailable(parent.error());
+  link.parent = parent.value();
+  return link;
+}
+
+void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank) {
+  auto& net = *n.net;
+  const auto& c = n.cluster;
+  int group = 0;
+  caf::actor root;
+  {
+    std::lock_guard<std::mutex> g(net.mutex);
+    if (prefill) {
+      auto pc = config::prefill_coord_of(c.prefill, r);
+      group = config::prefill_group_of(c.prefill, pc);
+      net.prefill_ranks.push_back(
+          {msg::wire_version, {pc.dp, pc.cp, pc.tp, pc.pp}, "prefill rank " + std::to_string(r), rank});
+    } else {
+      group = config::decode_group_of(c.decode, config::decode_coord_of(c.decode, r));
+      net.decode_ranks.push_back({r, rank});
+    }
+    net.rank_actors.push_back(rank);
+    if (auto it = net.supervisors.find({group, -1}); it != net.supervisors.end()) root = it->second;
+  }
+  if (!root) {  // led in another process: link_network found it there a moment ago
+    auto found = find_supervisor(*n.sys, current_registry(n), group, -1, net.connect_timeout);
+    if (!found) return;
+    root = found.value();
+  }
+  caf::anon_send(root, msg::attach_rank{rank});
+}
+
+std::string network_address(node::impl& n) { return n.net->me.text(); }
+
+caf::actor current_registry(node::impl& n) {
+  if (!n.net) return n.registry;
+  std::lock_guard<std::mutex> g(n.net->mutex);
+  return n.registry;
+}
+
+void set_node_engine(node& nd, const caf::actor& engine) {
+  auto& n = internals(nd);
+  if (!n.net) return;
+  msg::register_node m;
+  {
+    std::lock_guard<std::mutex> g(n.net->mutex);
+    n.net->engine = engine;
+    m = n.net->registration();
+  }
+  // Through the keeper, which owns the registry handle after a restart.
+  caf::anon_send(n.net->keeper, std::move(m));
+}
+
+}  // namespace kvflow::runtime

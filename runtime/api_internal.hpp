@@ -88,6 +88,8 @@ std::size_t ring_rounds(const config::tunables& t);
 status start_network(node::impl& n, const node_options& options);
 expected<agreement_link> link_network(node::impl& n, bool prefill, int r);
 void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank);
+// Lets go of the actors a networked node holds (node::stop, after their exit messages).
+void stop_network(node::impl& n);
 // The registry (a networked node's keeper replaces it when the bootstrap restarts).
 caf::actor current_registry(node::impl& n);
 std::string network_address(node::impl& n);  // HOST:PORT peers reach this node at

@@ -311,6 +311,20 @@ void registered_network(node::impl& n, bool prefill, int r, const caf::actor& ra
   caf::anon_send(root, msg::attach_rank{rank});
 }
 
+void stop_network(node::impl& n) {
+  if (!n.net) return;
+  // The keeper's behavior holds `net`: the handles it holds must go, or the keeper (a detached
+  // actor, whose thread waits until nothing refers to it) never ends and the system never stops.
+  std::lock_guard<std::mutex> g(n.net->mutex);
+  n.net->keeper = nullptr;
+  n.net->anchor = nullptr;
+  n.net->engine = nullptr;
+  n.net->supervisors.clear();
+  n.net->rank_actors.clear();
+  n.net->prefill_ranks.clear();
+  n.net->decode_ranks.clear();
+}
+
 std::string network_address(node::impl& n) { return n.net->me.text(); }
 
 caf::actor current_registry(node::impl& n) {

@@ -99,6 +99,7 @@ void node::stop() {
   n.prefill_actors.clear();
   n.decode_actors.clear();
   n.infrastructure.clear();
+  runtime::stop_network(n);
   n.registry = nullptr;
   n.groups.clear();
   n.sys.reset();  // waits for every actor

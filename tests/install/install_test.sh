@@ -148,6 +148,7 @@ run() {
   [ "$(tail -n 1 "$tmp/$name.out")" = "OK" ] || fail "$name did not print OK"
 }
 run consumer_cpp "$tmp/consumer/consumer_cpp"
+run consumer_two_process "$tmp/consumer/consumer_two_process"
 run consumer_c_cmake "$tmp/consumer/consumer_c"
 run consumer_c_pkgconfig "$tmp/consumer_c"
 echo PASS

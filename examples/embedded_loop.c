@@ -308,6 +308,12 @@ static int run(rank_memory* pmem, rank_memory* dmem) {
     return fail("kvflow_prefill_send(NULL pages, 2) is not KVFLOW_EINVAL with a message");
   if (kvflow_decode_poll(decode, k + 1, 0, NULL) != KVFLOW_EINVAL) return fail("kvflow_decode_poll(NULL out)");
 
+  {
+    char address[64] = "x";
+    if (check(kvflow_node_address(node, address, sizeof address), "kvflow_node_address")) return 1;
+    if (address[0] != '\0') return fail("a one-process node has an address");
+    if (kvflow_node_address(node, address, 0) != KVFLOW_EINVAL) return fail("kvflow_node_address into 0 bytes");
+  }
   if (check(kvflow_node_stop(node), "kvflow_node_stop")) return 1;
   rc = kvflow_prefill_create(prefill, other, 0);
   if (rc != KVFLOW_EUNAVAILABLE) return fail("create after stop answered %d (%s), not KVFLOW_EUNAVAILABLE", rc, kvflow_last_error());

@@ -360,6 +360,16 @@ int kvflow_node_start(const kvflow_topology* t, const kvflow_node_options* optio
   });
 }
 
+int kvflow_node_address(const kvflow_node* node, char* buf, size_t len) noexcept {
+  return guarded([&] {
+    if (node == nullptr || buf == nullptr) return invalid("node and buf must not be null");
+    const std::string a = node->node->address();
+    if (a.size() + 1 > len) return invalid("buf: too small for the address");
+    std::memcpy(buf, a.c_str(), a.size() + 1);
+    return succeed();
+  });
+}
+
 int kvflow_node_stop(kvflow_node* node) noexcept {
   return guarded([&] {
     if (node == nullptr) return invalid("node is null");

@@ -116,10 +116,12 @@ typedef struct kvflow_tunable {
 } kvflow_tunable;
 
 typedef struct kvflow_node_options {
-  /* HOST:PORT of the bootstrap registry. NULL or "": this node hosts the registry and every rank
-   * of the cluster lives in it (one process). */
+  /* HOST:PORT of the bootstrap registry this node joins. NULL or "": this node hosts the
+   * registry; with `listen` unset too, every rank of the cluster lives in this process. */
   const char* bootstrap;
-  const char* listen;    /* HOST:PORT this node accepts peers on (rank processes); NULL: none */
+  /* HOST:PORT this node accepts other nodes on (port 0: any; see kvflow_node_address). NULL:
+   * none, unless it joins a registry (then 127.0.0.1:0). Either address needs transport ucx. */
+  const char* listen;
   const char* transport; /* inproc | ucx; NULL: inproc */
   const kvflow_tunable* tunables; /* `tunable_count` pairs; unset tunables keep their defaults */
   size_t tunable_count;
@@ -138,6 +140,10 @@ int kvflow_node_options_init(kvflow_node_options* o) KVFLOW_NOEXCEPT;
  * defaults. On success *out is the node's handle; else *out is NULL. */
 int kvflow_node_start(const kvflow_topology* t, const kvflow_node_options* options,
                       kvflow_node** out) KVFLOW_NOEXCEPT;
+/* The HOST:PORT other nodes reach this one at (its bootstrap address when it hosts the
+ * registry), NUL-terminated into `buf` of `len` bytes; "" for a one-process node.
+ * KVFLOW_EINVAL when it does not fit. */
+int kvflow_node_address(const kvflow_node* node, char* buf, size_t len) KVFLOW_NOEXCEPT;
 /* Stops every rank and the actor system; ranks answer KVFLOW_EUNAVAILABLE afterwards. */
 int kvflow_node_stop(kvflow_node* node) KVFLOW_NOEXCEPT;
 /* Stops the node and frees its handle (NULL: nothing). Rank handles stay valid to destroy. */

@@ -20,7 +20,7 @@ int run_bench_control_processes(const bench_flags& f);
 
 // One rank process of run_bench_control_processes (started by it; not for users).
 struct control_worker_flags {
-  std::string coordinator;
+  std::string bootstrap;  // worker 0: empty (it hosts the registry)
   int index = 0, tp = 8, cp = 1, rooms = 1, rounds = 2000;
 };
 int run_bench_control_worker(const control_worker_flags& w);

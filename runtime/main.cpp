@@ -220,7 +220,7 @@ int main(int argc, char** argv) {
   runtime::control_worker_flags cw;
   auto* worker = bench->add_subcommand("control-worker", "one rank process of bench control --processes (internal)");
   worker->group("");  // hidden
-  worker->add_option("--coordinator", cw.coordinator)->required();
+  worker->add_option("--bootstrap", cw.bootstrap);
   worker->add_option("--index", cw.index);
   worker->add_option("--tp", cw.tp);
   worker->add_option("--cp", cw.cp);

@@ -79,6 +79,14 @@ case "$case_" in
       fail "bytes not verified through ucx"
     [ "$(json "r['stalled'] + r['unexpected_failures'] + r['leaked_pages']")" = 0 ] || fail "stalls, failures or leaks"
     ;;
+  bench_processes)
+    # A TP2 x CP2 group of four rank processes, networked nodes of the public API, agrees 300
+    # rounds: the figures row has a latency (the gloo anchor may be missing: it says so).
+    timeout 120 "$kvflow" --log-level error bench control --processes --tp 2 --cp 2 --rounds 300 --rooms 4 \
+      >"$tmp/out" 2>"$tmp/err" || fail "bench control --processes exited $?"
+    awk '$1 == 4 && $2 > 0 && $3 >= $2 && $4 > 0 { ok = 1 } END { exit !ok }' "$tmp/out" ||
+      fail "no figures row for 4 rooms: $(cat "$tmp/out")"
+    ;;
   process_usage)
     # Rank processes refuse what cannot run, with one line naming the field.
     expect_usage_error "transport" launch --fault freeze:decode:0@1 --transport ucx

@@ -200,6 +200,12 @@ int clear_rank(Handle* r, kvflow_request_id id) {
 }
 
 template <class Handle>
+int abort_rank(Handle* r, kvflow_request_id id, const char* reason) {
+  if (r == nullptr) return invalid("rank is null");
+  return from_error(r->rank->abort(to_id(id), str_or(reason, "")));
+}
+
+template <class Handle>
 int rank_stats(const Handle* r, kvflow_rank_stats* out) {
   if (r == nullptr) return invalid("rank is null");
   if (out == nullptr) return invalid("out is null");
@@ -472,10 +478,7 @@ int kvflow_prefill_send(kvflow_prefill* r, kvflow_request_id id, const int32_t* 
 }
 
 int kvflow_prefill_abort(kvflow_prefill* r, kvflow_request_id id, const char* reason) noexcept {
-  return guarded([&] {
-    if (r == nullptr) return invalid("rank is null");
-    return from_error(r->rank->abort(to_id(id), str_or(reason, "")));
-  });
+  return guarded([&] { return abort_rank(r, id, reason); });
 }
 
 int kvflow_prefill_failure_reason(const kvflow_prefill* r, kvflow_request_id id, char* buf, size_t buf_size,
@@ -532,10 +535,7 @@ int kvflow_decode_send_destinations(kvflow_decode* r, kvflow_request_id id, cons
 }
 
 int kvflow_decode_abort(kvflow_decode* r, kvflow_request_id id, const char* reason) noexcept {
-  return guarded([&] {
-    if (r == nullptr) return invalid("rank is null");
-    return from_error(r->rank->abort(to_id(id), str_or(reason, "")));
-  });
+  return guarded([&] { return abort_rank(r, id, reason); });
 }
 
 int kvflow_decode_failure_reason(const kvflow_decode* r, kvflow_request_id id, char* buf, size_t buf_size,

@@ -29,17 +29,20 @@ class agreed_ring {
  public:
   explicit agreed_ring(std::size_t capacity = 256) : slots_(capacity) {}
 
-  // Publishes round `v->round` (rounds come in order; an older or repeated round is ignored).
+  // Publishes round `v->round`. Rounds may come out of order (a round sent by message can overtake the one before it when
+  // the route between two processes changes): a round is taken unless its slot already holds
+  // it or a later round.
   void publish(std::shared_ptr<const agreed_view> v) {
     const auto round = v->round;
-    if (round == 0 || round <= latest_.load(std::memory_order_relaxed)) return;
     auto& s = slots_[round % slots_.size()];
+    if (round == 0 || s.round.load(std::memory_order_relaxed) >= round) return;
     s.round.store(0, std::memory_order_release);  // readers of the old round see it leave
     s.view = std::move(v);
     s.round.store(round, std::memory_order_release);
-    // seq_cst store then load, paired with the waiter's increment then load: one of the two
-    // sees the other, so no wake-up is lost.
-    latest_.store(round);
+    if (round > latest_.load(std::memory_order_relaxed)) latest_.store(round);
+    // seq_cst increment then load, paired with the waiter's increment then load of published_:
+    // one of the two sees the other, so no wake-up is lost.
+    published_.fetch_add(1);
     if (waiters_.load() > 0) {
       std::lock_guard<std::mutex> g(wait_mutex_);
       waiters_cv_.notify_all();
@@ -63,7 +66,10 @@ class agreed_ring {
     waiters_.fetch_add(1);
     {
       std::unique_lock<std::mutex> g(wait_mutex_);
-      waiters_cv_.wait_for(g, timeout, [&] { return latest_.load() >= round; });
+      waiters_cv_.wait_for(g, timeout, [&] {
+        published_.load();
+        return get(round) != nullptr || latest_.load() >= round + slots_.size();  // here, or lapped
+      });
     }
     waiters_.fetch_sub(1);
     return get(round);
@@ -79,6 +85,7 @@ class agreed_ring {
   };
   std::vector<slot> slots_;
   std::atomic<std::uint64_t> latest_{0};
+  std::atomic<std::uint64_t> published_{0};  // every publish (the waiters' seq_cst partner)
   std::atomic<int> waiters_{0};
   std::mutex wait_mutex_;
   std::condition_variable waiters_cv_;

@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <set>
+
 #include "actors/agreed_ring.hpp"
 #include "actors/messages.hpp"
 #include "actors/step_board.hpp"
@@ -18,12 +20,28 @@ struct supervisor_state {
   std::vector<caf::actor_addr> children;
   int ranks_gone = 0;                      // attached ranks that died
   std::vector<caf::message> held;          // rounds agreed before every rank attached
+  // Rounds are finished in order: a report can overtake an earlier round's when the route
+  // between two processes changes, and the root's agreed table must see rounds in order.
+  std::uint64_t next_round = 1;
+  std::set<std::uint64_t> completed;  // complete, waiting for an earlier round
   static inline const char* name = "kvflow.supervisor";
 };
 
 using supervisor_actor = caf::stateful_actor<supervisor_state>;
 
+void finish_one(supervisor_actor* self, std::uint64_t round);
+
 void finish_round(supervisor_actor* self, std::uint64_t round) {
+  auto& st = self->state;
+  if (round < st.next_round) return;  // finished already
+  st.completed.insert(round);
+  while (!st.completed.empty() && *st.completed.begin() == st.next_round) {
+    st.completed.erase(st.completed.begin());
+    finish_one(self, st.next_round++);
+  }
+}
+
+void finish_one(supervisor_actor* self, std::uint64_t round) {
   auto& st = self->state;
   step_states merged = st.collector.take(round);
   if (!st.args.root) {

@@ -434,6 +434,21 @@ TEST_CASE("supervisors: agreed states never go down except to Failed, and termin
   CHECK(agreed_by_all(g, all, 5) == step_states{rs(1, S)});
 }
 
+TEST_CASE("supervisors: a round whose reports overtook the round before it is agreed after it") {
+  // Across processes a report can overtake the previous round's (the route changes when two
+  // nodes connect directly): round 2 completes first, round 1 next; the agreement must still be
+  // taken round by round, or round 1 would show round 2's states (agreed states only rise).
+  actor_fixture f;
+  group_tree g(f, 2, 2, 3, 4);
+  const std::vector<int> all{0, 1, 2, 3};
+  for (int i = 0; i < 4; ++i) g.report(i, 2, {rs(1, T)});
+  for (int i = 0; i < 4; ++i) g.report(i, 1, {rs(1, W)});
+  CHECK(agreed_by_all(g, all, 1) == step_states{rs(1, W)});
+  CHECK(agreed_by_all(g, all, 2) == step_states{rs(1, T)});
+  for (int i = 0; i < 4; ++i) g.report(i, 3, {rs(1, S)});
+  CHECK(agreed_by_all(g, all, 3) == step_states{rs(1, S)});
+}
+
 TEST_CASE("supervisors: a rank that dies fails every room of the pending and later rounds") {
   actor_fixture f;
   group_tree g(f, 2, 2, 9, 4);

@@ -112,12 +112,16 @@ struct ucx_transport::impl {
     std::uint64_t generation = 0;
     ucp_ep_h ep = nullptr;
     bool shared = false;  // written through shared memory (no peer error handling)
+    // The peer is this very worker (ranks of one process): UCX then writes the addresses it is
+    // given, so a region deregistered here since the connect must not be written.
+    bool same_worker = false;
     std::unordered_map<std::uint64_t, remote_region> regions;
     std::string failure;
   };
   struct local_region {
     std::uint64_t owner = 0;
     ucp_mem_h memh = nullptr;  // none for an empty region
+    std::uint64_t address = 0;  // where it starts here
   };
   // One push: its requests (puts, then a flush) complete through on_request_done.
   struct push_op {
@@ -340,6 +344,7 @@ struct ucx_transport::impl {
     // see allocate_memory): the sender's CPU copies into the peer's segment, no peer action is
     // needed, and a segment stays mapped here after its owner died, so a put cannot fault. Its
     // death is detected by the control plane (CAF monitors and heartbeats), which disconnects it.
+    l.same_worker = u.worker_address == worker->address();
     bool shared = options.shared_memory && !domain.empty() && u.domain == domain;
     for (const auto& d : descs)
       if (d.size > 0 && d.remote_key[0] != key_kind_allocated) shared = false;
@@ -384,6 +389,13 @@ struct ucx_transport::impl {
     links.erase(it);
   }
 
+  // The peer's region `id` at `address` is still registered with this worker (region ids are
+  // never reused by an instance, so a new registration at the same address does not pass).
+  bool locally_live(std::uint64_t id, std::uint64_t address) const {
+    auto it = regions.find(id);
+    return it != regions.end() && it->second.address == address;
+  }
+
   void run_push(push_op* op) {
     auto it = links.find(op->peer);
     if (it == links.end() || it->second.generation != op->generation)
@@ -393,6 +405,13 @@ struct ucx_transport::impl {
     if (!l.failure.empty()) return fail(op, l.failure);
     if (l.ep == nullptr) return fail(op, peer_name(op->peer) + " not connected");
 
+    if (l.same_worker)
+      for (const auto& b : op->blocks) {
+        if (b.len == 0) continue;
+        if (!locally_live(b.region, l.regions.at(b.region).address))
+          return fail(op, peer_name(op->peer) + ": region " + std::to_string(b.region) +
+                              " was deregistered in this process: nothing written");
+      }
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     p.cb.send = on_request_done;
@@ -465,7 +484,7 @@ struct ucx_transport::impl {
 
   void run_register(std::uint64_t owner, void* base, std::uint64_t len, region_desc& d,
                     status& err) {
-    local_region reg{owner, nullptr};
+    local_region reg{owner, nullptr, reinterpret_cast<std::uintptr_t>(base)};
     if (len > 0) {
       ucp_mem_map_params_t mp{};
       mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
@@ -517,6 +536,7 @@ struct ucx_transport::impl {
       }
       a.base = static_cast<std::byte*>(attr.address);
       a.desc.address = reinterpret_cast<std::uintptr_t>(attr.address);
+      reg.address = a.desc.address;
       a.desc.remote_key = key_kind_allocated;
       a.desc.remote_key.append(static_cast<const char*>(key), key_len);
       ucp_rkey_buffer_release(key);

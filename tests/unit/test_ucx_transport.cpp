@@ -227,6 +227,28 @@ TEST_CASE("ucx: one instance pushes into its own memory") {
   t->deregister_memory(d.value().id);
 }
 
+TEST_CASE("ucx: a push into memory this process deregistered since the connect is refused, not written") {
+  // Ranks of one process write each other through their own worker, where UCX writes the
+  // address it is given: a rank that died (its memory deregistered, then freed) must not be
+  // written by a peer that still holds its description.
+  auto t = make_transport();
+  std::vector<std::byte> mem(256, guard);
+  auto d = t->register_memory(receiver_id, mem.data(), mem.size());
+  REQUIRE(d.ok());
+  REQUIRE(t->connect(receiver_id, t->endpoint(), {d.value()}).ok());
+  auto src = pattern(64, 5);
+  auto st = push_and_wait(*t, receiver_id, {{src.data(), d.value().id, 0, 64}});
+  REQUIRE(st.has_value());
+  REQUIRE(st->ok());
+  std::fill(mem.begin(), mem.end(), guard);
+  t->deregister_memory(d.value().id);
+  st = push_and_wait(*t, receiver_id, {{src.data(), d.value().id, 64, 64}});
+  REQUIRE(st.has_value());
+  CHECK_FALSE(st->ok());
+  CHECK(st->reason().find("deregistered") != std::string::npos);
+  CHECK(std::all_of(mem.begin(), mem.end(), [](std::byte b) { return b == guard; }));
+}
+
 TEST_CASE("ucx: bad blocks are refused and not one byte is written") {
   auto receiver = make_transport();  // outlives the sender: no peer-failure noise at the end
   auto sender = make_transport();

@@ -152,7 +152,7 @@ caf::behavior keeper(caf::event_based_actor* self, node::impl* n, std::shared_pt
       [=](keeper_tick) {
         if (n->stopped->load()) return;
         if (*registry_up) {
-          connect_peers(*n->sys, current_registry(*n), *net);
+          if (net->bootstrap) connect_peers(*n->sys, current_registry(*n), *net);
         } else if (net->bootstrap) {
           auto back = n->sys->middleman().remote_actor(net->bootstrap->host, net->bootstrap->port);
           // The middleman may still answer with the old registry until it saw it go.
@@ -205,7 +205,10 @@ status start_network(node::impl& n, const node_options& options) {
     return status::error(e.what());
   }
   net->name = n.internal.node_name.empty() ? "node " + net->me.text() : n.internal.node_name;
-  if (auto s = register_node(sys, n.registry, net->registration()); !s) return s;
+  // A joining node enters the node table (what others dial); the registry's host is reached
+  // by every node already, through the registry itself.
+  if (net->bootstrap)
+    if (auto s = register_node(sys, n.registry, net->registration()); !s) return s;
   n.net = net;
   // Detached: it blocks while it dials and waits for the registry's answers.
   net->keeper = sys.spawn<caf::detached>(keeper, &n, net);

@@ -1,30 +1,31 @@
-// `kvflow bootstrap`: the registry as its own process.
+// `kvflow bootstrap`: the registry as its own process, a client of the public API: a node that
+// hosts the registry and holds no rank.
 #include <cstdio>
 #include <thread>
 
-#include "actors/bootstrap_registry.hpp"
+#include "kvflow/kvflow.hpp"
+#include "runtime/api_internal.hpp"
 #include "runtime/node.hpp"
 #include "runtime/rank_process.hpp"
 
 namespace kvflow::runtime {
 
 int run_bootstrap(const bootstrap_options& o) {
-  auto where = parse_host_port(o.listen, "listen");
+  (void)parse_host_port(o.listen, "listen");  // a malformed address is a usage error (exit 2)
   install_stop_signals();
-  caf::actor_system_config cfg;
-  configure_node(cfg, o.tunables);
-  caf::actor_system sys{cfg};
-  auto registry = spawn_bootstrap_registry(sys, o.cluster);
-  auto port = publish_on(sys, registry, where);
-  if (!port) {
-    std::fprintf(stderr, "kvflow: bootstrap: %s\n", port.error().reason().c_str());
-    caf::anon_send_exit(registry, caf::exit_reason::user_shutdown);
+  node_options no;
+  no.listen = o.listen;
+  no.transport = "ucx";  // it moves no KV: the ranks' transports never reach it
+  for (const auto& [var, value] : config::to_env(o.tunables)) no.tunables.emplace_back(var, value);
+  auto n = node::start(topology_of(o.cluster), no);
+  if (!n) {
+    std::fprintf(stderr, "kvflow: bootstrap: %s\n", n.err().message().c_str());
     return 1;
   }
-  std::printf("kvflow bootstrap listening on %s:%u\n", where.host.c_str(), unsigned(port.value()));
+  std::printf("kvflow bootstrap listening on %s\n", n.value()->address().c_str());
   std::fflush(stdout);
   while (!stop_requested()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  caf::anon_send_exit(registry, caf::exit_reason::user_shutdown);
+  n.value()->stop();
   return 0;
 }
 

@@ -74,7 +74,8 @@ case "$case_" in
   simulate_ucx)
     # The same cluster in one process, bytes through UCX (every rank's transport is one worker).
     "$kvflow" simulate --transport ucx --prefill tp=2,cp=2 --decode tp=2,dp=2 --requests 16 \
-      --fault kill:decode:1@5 --report "$tmp/r.json" >/dev/null 2>&1 || fail "ucx simulate exited $?"
+      --fault kill:decode:1@5 --report "$tmp/r.json" >"$tmp/out" 2>&1 ||
+      fail "ucx simulate exited $?: $(tail -n 20 "$tmp/out")"
     [ "$(json "r['bytes_verified'] == r['bytes_expected'] > 0 and r['transfer']['bytes'] > 0")" = True ] ||
       fail "bytes not verified through ucx"
     [ "$(json "r['stalled'] + r['unexpected_failures'] + r['leaked_pages']")" = 0 ] || fail "stalls, failures or leaks"

@@ -34,7 +34,11 @@ void finish_one(supervisor_actor* self, std::uint64_t round);
 void finish_round(supervisor_actor* self, std::uint64_t round) {
   auto& st = self->state;
   if (round < st.next_round) return;  // finished already
-  st.completed.insert(round);
+  if (round > st.next_round) {
+    st.completed.insert(round);
+    return;
+  }
+  finish_one(self, st.next_round++);
   while (!st.completed.empty() && *st.completed.begin() == st.next_round) {
     st.completed.erase(st.completed.begin());
     finish_one(self, st.next_round++);

@@ -67,6 +67,7 @@ struct agreement_link {
   int child = 0;      // index among the parent's children
   std::shared_ptr<step_board> board;  // in the parent's process; null: report by message
   std::shared_ptr<agreed_ring> ring;  // filled by the TP supervisor here, or by the rank
+  caf::actor root;                    // the group's TP supervisor (a networked rank attaches to it)
 };
 
 // Spawns a rank over the engine's memory (checked against the plan), linked into its group.
@@ -84,10 +85,11 @@ std::size_t ring_rounds(const config::tunables& t);
 // A networked node (runtime/api_network.cpp). start_network joins the registry at
 // options.bootstrap, or publishes this node's registry at options.listen; link_network finds or
 // spawns the supervisors rank `r` leads or reports to (through the registry: the group may span
-// processes); registered_network registers the rank and attaches it to its group's root.
+// processes); registered_network remembers the rank's registrations (for a restarted registry) and
+// attaches it to its group's root.
 status start_network(node::impl& n, const node_options& options);
 expected<agreement_link> link_network(node::impl& n, bool prefill, int r);
-void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank);
+void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank, const caf::actor& root);
 // Lets go of the actors a networked node holds (node::stop, after their exit messages).
 void stop_network(node::impl& n);
 // The registry (a networked node's keeper replaces it when the bootstrap restarts).

@@ -267,6 +267,7 @@ expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
   agreement_link link;
   link.group = group;
   link.child = child;
+  link.root = root.value();
   link.ring = std::make_shared<agreed_ring>(ring_rounds(n.tunables));  // the rank fills it
   if (!prefill) {
     link.parent = root.value();
@@ -287,29 +288,19 @@ expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
   return link;
 }
 
-void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank) {
+void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank, const caf::actor& root) {
   auto& net = *n.net;
   const auto& c = n.cluster;
-  int group = 0;
-  caf::actor root;
   {
     std::lock_guard<std::mutex> g(net.mutex);
     if (prefill) {
       auto pc = config::prefill_coord_of(c.prefill, r);
-      group = config::prefill_group_of(c.prefill, pc);
       net.prefill_ranks.push_back(
           {msg::wire_version, {pc.dp, pc.cp, pc.tp, pc.pp}, "prefill rank " + std::to_string(r), rank});
     } else {
-      group = config::decode_group_of(c.decode, config::decode_coord_of(c.decode, r));
       net.decode_ranks.push_back({r, rank});
     }
     net.rank_actors.push_back(rank);
-    if (auto it = net.supervisors.find({group, -1}); it != net.supervisors.end()) root = it->second;
-  }
-  if (!root) {  // led in another process: link_network found it there a moment ago
-    auto found = find_supervisor(*n.sys, current_registry(n), group, -1, net.connect_timeout);
-    if (!found) return;
-    root = found.value();
   }
   caf::anon_send(root, msg::attach_rank{rank});
 }

@@ -272,43 +272,12 @@ std::size_t ring_rounds(const config::tunables& t) {
 
 }  // namespace runtime
 
-// Adds one rank of this process's cluster: its place in the agreement tree (the group's
-// supervisors are spawned with its first rank) and the rank itself.
-static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefill, const coords& where,
-                                                      const memory_desc& memory, std::shared_ptr<const void> owner) {
-  if (n.stopped->load()) return error{errc::unavailable, "the node stopped"};
+// Rank r's place in its group's agreement tree in one process: the group's TP supervisor and
+// ring come with its first rank (decode ranks post on its board, prefill shards report to it
+// by message), a prefill shard's supervisor and board with the shard's first rank.
+static expected<runtime::agreement_link> local_link(node::impl& n, bool prefill, int r) {
   const auto& c = n.cluster;
-  int r = 0;
-  if (prefill) {
-    if (where.tp < 0 || where.tp >= c.prefill.tp || where.cp < 0 || where.cp >= c.prefill.cp || where.pp < 0 ||
-        where.pp >= c.prefill.pp || where.dp < 0 || where.dp >= c.prefill.dp)
-      return invalid("coords: outside the prefill topology");
-    r = config::prefill_rank_of(c.prefill, {where.dp, where.pp, where.cp, where.tp});
-  } else {
-    if (where.tp < 0 || where.tp >= c.decode.tp || where.cp != 0 || where.pp < 0 || where.pp >= c.decode.pp ||
-        where.dp < 0 || where.dp >= c.decode.dp)
-      return invalid("coords: outside the decode topology");
-    r = config::decode_rank_of(c.decode, {where.dp, where.pp, where.tp});
-  }
-  std::lock_guard<std::mutex> g(n.mutex);
-  if (n.taken[{prefill, r}]) return {error{errc::exists, "coords: that rank was added already"}};
   auto& sys = n.system();
-  if (n.net) {
-    // Networked: the group may span processes, so its supervisors are found through the
-    // registry and every rank reports by message.
-    auto link = runtime::link_network(n, prefill, r);
-    if (!link) return link.err();
-    runtime::rank_context ctx{sys, n.plan, n.tunables, n.transport, runtime::current_registry(n), n.internal.drop_dst,
-                              n.stopped};
-    auto ri = runtime::make_rank(ctx, prefill, r, memory, link.value(), std::move(owner));
-    if (!ri) return ri.err();
-    n.taken[{prefill, r}] = true;
-    (prefill ? n.prefill_actors : n.decode_actors).push_back(ri.value()->actor);
-    runtime::registered_network(n, prefill, r, ri.value()->actor);
-    return ri;
-  }
-  // The group's TP supervisor and ring, with its first rank. Decode ranks post on its board
-  // (`ranks_board`); prefill shards report to it by message.
   auto root_of = [&](int group, int children, bool ranks_board) -> local_group& {
     auto& grp = n.group(group);
     if (grp.root) return grp;
@@ -355,20 +324,52 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
     link.child = config::decode_child_of(c.decode, dc);
     link.ring = grp.ring;
   }
-  runtime::rank_context ctx{sys, n.plan, n.tunables, n.transport, n.registry, n.internal.drop_dst, n.stopped};
-  auto ri = runtime::make_rank(ctx, prefill, r, memory, link, std::move(owner));
+  link.root = n.group(link.group).root;
+  return link;
+}
+
+// Adds one rank of this node: its place in its group's agreement tree and the rank itself.
+static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefill, const coords& where,
+                                                      const memory_desc& memory, std::shared_ptr<const void> owner) {
+  if (n.stopped->load()) return error{errc::unavailable, "the node stopped"};
+  const auto& c = n.cluster;
+  int r = 0;
+  if (prefill) {
+    if (where.tp < 0 || where.tp >= c.prefill.tp || where.cp < 0 || where.cp >= c.prefill.cp || where.pp < 0 ||
+        where.pp >= c.prefill.pp || where.dp < 0 || where.dp >= c.prefill.dp)
+      return invalid("coords: outside the prefill topology");
+    r = config::prefill_rank_of(c.prefill, {where.dp, where.pp, where.cp, where.tp});
+  } else {
+    if (where.tp < 0 || where.tp >= c.decode.tp || where.cp != 0 || where.pp < 0 || where.pp >= c.decode.pp ||
+        where.dp < 0 || where.dp >= c.decode.dp)
+      return invalid("coords: outside the decode topology");
+    r = config::decode_rank_of(c.decode, {where.dp, where.pp, where.tp});
+  }
+  std::lock_guard<std::mutex> g(n.mutex);
+  if (n.taken[{prefill, r}]) return {error{errc::exists, "coords: that rank was added already"}};
+  // Networked, the group may span processes: its supervisors are found through the registry
+  // and every rank reports by message. In one process, through the group's boards.
+  auto link = n.net ? runtime::link_network(n, prefill, r) : local_link(n, prefill, r);
+  if (!link) return link.err();
+  runtime::rank_context ctx{n.system(),        n.plan,           n.tunables, n.transport,
+                            runtime::current_registry(n), n.internal.drop_dst, n.stopped};
+  auto ri = runtime::make_rank(ctx, prefill, r, memory, link.value(), std::move(owner));
   if (!ri) return ri.err();
   n.taken[{prefill, r}] = true;
+  const caf::actor& actor = ri.value()->actor;
+  (prefill ? n.prefill_actors : n.decode_actors).push_back(actor);
+  if (n.net) {
+    runtime::registered_network(n, prefill, r, actor, link.value().root);
+    return ri;
+  }
   // Registered by the node as well as by the rank itself (idempotent), so a rank that dies
   // before it ever runs still completes the table, as down.
   if (prefill) {
     auto pc = config::prefill_coord_of(c.prefill, r);
     caf::anon_send(n.registry, msg::register_rank{msg::wire_version, {pc.dp, pc.cp, pc.tp, pc.pp},
-                                                  "prefill rank " + std::to_string(r), ri.value()->actor});
-    n.prefill_actors.push_back(ri.value()->actor);
+                                                  "prefill rank " + std::to_string(r), actor});
   } else {
-    caf::anon_send(n.registry, msg::register_decode{r, ri.value()->actor});
-    n.decode_actors.push_back(ri.value()->actor);
+    caf::anon_send(n.registry, msg::register_decode{r, actor});
   }
   return ri;
 }

@@ -1,9 +1,8 @@
-// `kvflow bootstrap`: the registry as its own process, a client of the public API: a node that
-// hosts the registry and holds no rank.
+// `kvflow bootstrap`: the registry as its own process: a node that hosts the registry and holds
+// no rank.
 #include <cstdio>
 #include <thread>
 
-#include "kvflow/kvflow.hpp"
 #include "runtime/api_internal.hpp"
 #include "runtime/node.hpp"
 #include "runtime/rank_process.hpp"
@@ -16,8 +15,9 @@ int run_bootstrap(const bootstrap_options& o) {
   node_options no;
   no.listen = o.listen;
   no.transport = "ucx";  // it moves no KV: the ranks' transports never reach it
-  for (const auto& [var, value] : config::to_env(o.tunables)) no.tunables.emplace_back(var, value);
-  auto n = node::start(topology_of(o.cluster), no);
+  internal_options in;
+  in.tunables = o.tunables;
+  auto n = start_node(topology_of(o.cluster), no, std::move(in));
   if (!n) {
     std::fprintf(stderr, "kvflow: bootstrap: %s\n", n.err().message().c_str());
     return 1;

@@ -20,10 +20,8 @@ using namespace std::chrono_literals;
 
 class rank_node {
  public:
-  rank_node(const rank_options& o) : o_(o) {
-    plan_ = std::make_shared<const config::routing_plan>(o.cluster);
-    name_ = std::string(o.prefill ? "prefill " : "decode ") + std::to_string(o.rank);
-  }
+  explicit rank_node(const rank_options& o)
+      : o_(o), name_(std::string(o.prefill ? "prefill " : "decode ") + std::to_string(o.rank)) {}
 
   int run() {
     if (auto s = start(); !s) {
@@ -53,6 +51,7 @@ class rank_node {
     if (!n) return status::error(n.err().message());
     node_ = n.value();
     auto& sys = internals(*node_).system();
+    plan_ = internals(*node_).plan;
     if (!o_.report_to.empty()) {
       auto obs = connect_with_retry(sys, parse_host_port(o_.report_to, "report-to"),
                                     std::chrono::milliseconds(o_.tunables.connect_timeout_ms));

@@ -405,13 +405,16 @@ struct ucx_transport::impl {
     if (!l.failure.empty()) return fail(op, l.failure);
     if (l.ep == nullptr) return fail(op, peer_name(op->peer) + " not connected");
 
-    if (l.same_worker)
+    if (l.same_worker) {
+      std::uint64_t checked = 0;  // region ids start at 1; a push's blocks run region by region
       for (const auto& b : op->blocks) {
-        if (b.len == 0) continue;
+        if (b.len == 0 || b.region == checked) continue;
         if (!locally_live(b.region, l.regions.at(b.region).address))
           return fail(op, peer_name(op->peer) + ": region " + std::to_string(b.region) +
                               " was deregistered in this process: nothing written");
+        checked = b.region;
       }
+    }
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     p.cb.send = on_request_done;

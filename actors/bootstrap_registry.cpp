@@ -63,7 +63,7 @@ struct registry_state {
                                                 // that monitor a dead handle learn it at once)
   std::set<std::int32_t> decode_down;           // decode ranks seen going down (until re-registered)
   std::map<std::string, msg::node_entry> nodes;  // rank processes by name: where they listen
-  std::map<std::pair<std::int32_t, std::int32_t>, caf::actor> supervisors;  // (group, index)
+  std::map<std::pair<std::int32_t, std::int32_t>, msg::register_supervisor> supervisors;  // (group, index)
   static inline const char* name = "kvflow.bootstrap_registry";
 };
 using registry_actor = caf::stateful_actor<registry_state>;
@@ -154,12 +154,13 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
         return t;
       },
       [self](msg::register_supervisor& r) {
-        if (r.handle) self->state.supervisors[{r.group, r.index}] = r.handle;
+        if (r.handle) self->state.supervisors[{r.group, r.index}] = r;
       },
       [self](msg::lookup_supervisor& l) -> msg::supervisor_entry {
         auto& s = self->state.supervisors;
         auto it = s.find({l.group, l.index});
-        return {l.group, l.index, it == s.end() ? caf::actor{} : it->second};
+        if (it == s.end()) return {l.group, l.index, caf::actor{}, {}};
+        return {l.group, l.index, it->second.handle, it->second.shared_memory};
       },
       [self](msg::lookup_decode& l) -> msg::decode_entry {
         auto& d = self->state.decode;

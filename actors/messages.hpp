@@ -18,7 +18,7 @@ namespace kvflow::msg {
 // supervisors (ranks in their own processes).
 // 3: engine-owned memory (a registration lists every buffer), states carry `released`, one
 // agreement group per dp group across PP stages.
-constexpr std::uint32_t wire_version = 3;
+constexpr std::uint32_t wire_version = 4;
 
 using start_atom = caf::atom_constant<caf::atom("start")>;
 
@@ -110,6 +110,9 @@ struct register_supervisor {
   std::int32_t group = 0;  // agreement group id
   std::int32_t index = -1; // -1: the group's TP supervisor (root); else the shard's TP index
   caf::actor handle;
+  // Root only: the group's shared-memory segment (actors/shm_agreement.hpp), where ranks of its
+  // host post and read rounds; empty: the group agrees through the tree of supervisors.
+  std::string shared_memory;
 };
 struct lookup_supervisor {
   std::int32_t group = 0;
@@ -119,6 +122,7 @@ struct supervisor_entry {
   std::int32_t group = 0;
   std::int32_t index = -1;
   caf::actor handle;  // invalid until registered
+  std::string shared_memory;
 };
 struct set_registry {  // the bootstrap registry restarted: ranks use the new one from now on
   caf::actor registry;
@@ -343,7 +347,7 @@ typename I::result_type inspect(I& f, node_table& x) {
 }
 template <class I>
 typename I::result_type inspect(I& f, register_supervisor& x) {
-  return f(caf::meta::type_name("register_supervisor"), x.group, x.index, x.handle);
+  return f(caf::meta::type_name("register_supervisor"), x.group, x.index, x.handle, x.shared_memory);
 }
 template <class I>
 typename I::result_type inspect(I& f, lookup_supervisor& x) {
@@ -351,7 +355,7 @@ typename I::result_type inspect(I& f, lookup_supervisor& x) {
 }
 template <class I>
 typename I::result_type inspect(I& f, supervisor_entry& x) {
-  return f(caf::meta::type_name("supervisor_entry"), x.group, x.index, x.handle);
+  return f(caf::meta::type_name("supervisor_entry"), x.group, x.index, x.handle, x.shared_memory);
 }
 template <class I>
 typename I::result_type inspect(I& f, set_registry& x) {

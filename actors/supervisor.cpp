@@ -6,6 +6,7 @@
 
 #include "actors/agreed_ring.hpp"
 #include "actors/messages.hpp"
+#include "actors/shm_agreement.hpp"
 #include "actors/step_board.hpp"
 
 namespace kvflow {
@@ -24,6 +25,9 @@ struct supervisor_state {
   // between two processes changes, and the root's agreed table must see rounds in order.
   std::uint64_t next_round = 1;
   std::set<std::uint64_t> completed;  // complete, waiting for an earlier round
+  // Root over a segment: the merge, and how many ranks want its rounds by message.
+  std::shared_ptr<std::atomic<int>> message_ranks = std::make_shared<std::atomic<int>>(0);
+  std::unique_ptr<shm_combiner> combiner;
   static inline const char* name = "kvflow.supervisor";
 };
 
@@ -88,6 +92,18 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
   st.collector = round_collector(st.args.children);
   st.children.resize(st.args.children);
   if (st.parent) self->monitor(st.parent);
+  if (st.args.shared_memory) {
+    // The combiner's rounds reach the ranks attached by message through this actor (which
+    // knows them); none go while there are none (the ranks of this host read the segment).
+    auto me = caf::actor_cast<caf::weak_actor_ptr>(self);
+    auto wanted = st.message_ranks;
+    const int group = st.args.group;
+    st.combiner = std::make_unique<shm_combiner>(
+        st.args.shared_memory, group, [me, wanted, group](const std::shared_ptr<const agreed_view>& v) {
+          if (wanted->load() == 0) return;
+          if (auto p = caf::actor_cast<caf::actor>(me)) caf::anon_send(p, msg::agreed_round{v->round, group, v->states});
+        });
+  }
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
     if (st.parent && dm.source == st.parent.address()) {
@@ -107,6 +123,12 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
           spdlog::debug("agreement group {}: child {} left", st.args.group, i);
         else
           spdlog::warn("agreement group {}: child {} down; its group fails every room", st.args.group, i);
+        if (st.combiner) {
+          st.children[i] = caf::actor_addr{};
+          st.combiner->child_down(i);
+          if (st.combiner->all_down()) self->quit(caf::exit_reason::user_shutdown);
+          continue;
+        }
         std::vector<std::uint64_t> rounds;
         if (st.args.board) rounds = st.args.board->child_down(i);
         for (auto round : st.collector.child_down(i)) finish_round(self, round);
@@ -119,7 +141,7 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
     st.ranks_gone += static_cast<int>(before - st.ranks.size());
     flush_held(self);
     // A node with no live child can no longer report: leaving makes its parent fail its rooms.
-    if (st.collector.live_children() == 0) self->quit(caf::exit_reason::user_shutdown);
+    if (!st.combiner && st.collector.live_children() == 0) self->quit(caf::exit_reason::user_shutdown);
   });
   return {
       [self](msg::attach_child& a) {
@@ -129,13 +151,21 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
         self->monitor(a.child);
       },
       [self](msg::attach_rank& a) {
+        ++*self->state.message_ranks;
         self->state.ranks.push_back(a.rank);
         self->monitor(a.rank);
         flush_held(self);
       },
       [self](msg::step_report& r) {
         auto& st = self->state;
+        if (st.combiner) {
+          st.combiner->post_remote(r.child, r.round, std::move(r.states));
+          return;
+        }
         if (st.collector.add(r.child, r.round, std::move(r.states))) finish_round(self, r.round);
+      },
+      [self](msg::agreed_round& a) {  // from the combiner: for the ranks attached by message
+        for (const auto& r : self->state.ranks) self->send(r, a);
       },
       [self](msg::board_round& b) {
         if (self->state.args.board) drain_board(self, b.round);

@@ -8,6 +8,11 @@
 // Children report a step either by posting on the supervisor's step_board (in-process: the
 // post that completes a round wakes the supervisor with one msg::board_round) or with a
 // msg::step_report each (remote). A dead child fails every room of its group from then on.
+//
+// A root given a shared-memory segment (actors/shm_agreement.hpp) merges nothing itself: its
+// children are every rank of the group, a combiner thread merges them from the segment, and the
+// root feeds it the reports of ranks that post by message, tells it who died, and sends its
+// rounds to the ranks attached by message.
 #include <caf/fwd.hpp>
 #include <cstdint>
 #include <memory>
@@ -16,6 +21,7 @@ namespace kvflow {
 
 class step_board;
 class agreed_ring;
+class shm_segment;
 
 struct supervisor_args {
   int children = 1;
@@ -25,6 +31,7 @@ struct supervisor_args {
   int ranks = 0;        // root: ranks attached by message; rounds are held until all attached
   std::shared_ptr<step_board> board;      // where in-process children post (may be null)
   std::shared_ptr<agreed_ring> publish;  // root: where agreed rounds go (may be null)
+  std::shared_ptr<shm_segment> shared_memory;  // root: merge through this segment (may be null)
 };
 
 // Spawns a supervisor. `parent` is the TP supervisor for a shard supervisor, unused for a root.

@@ -36,6 +36,13 @@ namespace kvflow::config {
   X(poll_wait_us, "KVFLOW_POLL_WAIT_US", 100000,                                                 \
     "longest a poll waits for a round that is not complete yet (counted as a stall; then it "   \
     "answers timeout, never another round)")                                                     \
+  X(agreement_via, "KVFLOW_AGREEMENT_VIA", 1,                                                    \
+    "1: ranks of one host in several processes agree through shared memory (a group's leader "  \
+    "makes a segment; ranks elsewhere reach it by message); 2: every rank through the tree of " \
+    "supervisors, by message")                                                                   \
+  X(agreement_shm_rooms, "KVFLOW_AGREEMENT_SHM_ROOMS", 4096,                                     \
+    "rooms one rank's step post holds in a shared-memory agreement (its segment is allocated "  \
+    "at once: 24 B x rooms x (4 x ranks + 32)); a rank holding more refuses new rooms")          \
   X(max_rooms_per_rank, "KVFLOW_MAX_ROOMS_PER_RANK", 65536,                                      \
     "live rooms one rank accepts; more are refused with an error (bounds the state store)")      \
   X(max_pages_per_request, "KVFLOW_MAX_PAGES_PER_REQUEST", 1 << 20,                              \

@@ -14,6 +14,7 @@
 
 #include "actors/agreed_ring.hpp"
 #include "actors/rank.hpp"
+#include "actors/shm_agreement.hpp"
 #include "actors/step_board.hpp"
 #include "config/routing.hpp"
 #include "config/status.hpp"
@@ -68,6 +69,9 @@ struct agreement_link {
   std::shared_ptr<step_board> board;  // in the parent's process; null: report by message
   std::shared_ptr<agreed_ring> ring;  // filled by the TP supervisor here, or by the rank
   caf::actor root;                    // the group's TP supervisor (a networked rank attaches to it)
+  // The group's segment, where this rank posts and reads rounds (a networked rank of the
+  // leader's host, when the group agrees through shared memory); null: by board or message.
+  std::shared_ptr<shm_segment> shm;
 };
 
 // Spawns a rank over the engine's memory (checked against the plan), linked into its group.
@@ -89,7 +93,7 @@ std::size_t ring_rounds(const config::tunables& t);
 // attaches it to its group's root.
 status start_network(node::impl& n, const node_options& options);
 expected<agreement_link> link_network(node::impl& n, bool prefill, int r);
-void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank, const caf::actor& root);
+void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank, const agreement_link& link);
 // Lets go of the actors a networked node holds (node::stop, after their exit messages).
 void stop_network(node::impl& n);
 // The registry (a networked node's keeper replaces it when the bootstrap restarts).
@@ -139,8 +143,9 @@ struct rank::impl {
   caf::actor actor;
   caf::actor parent;
   int child = 0;
-  std::shared_ptr<step_board> board;  // null: post by message
+  std::shared_ptr<step_board> board;  // null: post by message (or into shm)
   std::shared_ptr<agreed_ring> ring;
+  std::shared_ptr<shm_segment> shm;   // posts and rounds in the group's segment
   std::shared_ptr<rank_shared> shared;
   std::shared_ptr<const rank_memory> memory;
   std::shared_ptr<const config::routing_plan> plan;
@@ -154,6 +159,7 @@ struct rank::impl {
   std::uint64_t snapshot_version = ~0ULL;
   step_states snapshot;
   std::uint64_t view_round = 0;
+  agreed_view shm_view;  // the last round read from the segment
   std::vector<room_poll> view;
   step_states previous;  // the last round handed out (to act on what changed only)
 };

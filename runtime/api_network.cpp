@@ -4,6 +4,9 @@
 // again with a restarted registry. One-process nodes never come here (runtime/api_node.cpp).
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
+#include <random>
 #include <set>
 #include <thread>
 
@@ -29,7 +32,8 @@ struct network_node {
   caf::actor keeper;
   caf::actor engine;
   bool meshed = false;
-  std::map<std::pair<int, int>, caf::actor> supervisors;  // (group, index) -> led here
+  std::map<std::pair<int, int>, msg::register_supervisor> supervisors;  // (group, index) -> led here
+  std::map<int, std::shared_ptr<shm_segment>> segments;  // groups led here through shared memory
   std::vector<msg::register_rank> prefill_ranks;
   std::vector<msg::register_decode> decode_ranks;
   std::vector<caf::actor> rank_actors;
@@ -60,17 +64,17 @@ status register_node(caf::actor_system& sys, const caf::actor& registry, const m
 }
 
 // Asks the registry for supervisor (group, index) until it is registered or `timeout`.
-result<caf::actor> find_supervisor(caf::actor_system& sys, const caf::actor& registry, int group, int index,
+result<msg::supervisor_entry> find_supervisor(caf::actor_system& sys, const caf::actor& registry, int group, int index,
                                    std::chrono::milliseconds timeout) {
   caf::scoped_actor self{sys};
   auto until = std::chrono::steady_clock::now() + timeout;
   for (;;) {
-    caf::actor found;
+    msg::supervisor_entry found;
     std::string failed;
     self->request(registry, 5s, msg::lookup_supervisor{group, index})
-        .receive([&](msg::supervisor_entry& e) { found = e.handle; },
+        .receive([&](msg::supervisor_entry& e) { found = std::move(e); },
                  [&](caf::error& e) { failed = sys.render(e); });
-    if (found) return found;
+    if (found.handle) return found;
     if (!failed.empty() || std::chrono::steady_clock::now() >= until)
       return status::error("supervisor " + std::to_string(index) + " of agreement group " + std::to_string(group) +
                            " not found" + (failed.empty() ? "" : ": " + failed));
@@ -123,7 +127,7 @@ status reregister(node::impl& n, network_node& net) {
     std::lock_guard<std::mutex> g(net.mutex);
     me = net.registration();
     ranks = net.rank_actors;
-    for (const auto& [k, h] : net.supervisors) sups.push_back({k.first, k.second, h});
+    for (const auto& [k, s] : net.supervisors) sups.push_back(s);
     pre = net.prefill_ranks;
     dec = net.decode_ranks;
   }
@@ -216,11 +220,44 @@ status start_network(node::impl& n, const node_options& options) {
   return {};
 }
 
+namespace {
+
+// A name no other group, run or process uses: the leader's pid and 64 random bits.
+std::string segment_name(int group) {
+  std::random_device rd;
+  const std::uint64_t salt = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+  char buf[96];
+  std::snprintf(buf, sizeof(buf), "/kvflow-%d-%016llx-g%d", static_cast<int>(getpid()),
+                static_cast<unsigned long long>(salt), group);
+  return buf;
+}
+
+// The group's segment, made by its leader: a group whose ranks will all post by message costs
+// a few MiB of /dev/shm for nothing, one whose ranks share the host saves every round two
+// processes' network threads. Null (and messages, the tree of supervisors) where /dev/shm
+// cannot take it.
+std::shared_ptr<shm_segment> make_segment(node::impl& n, int group, int ranks) {
+  if (n.tunables.agreement_via != 1) return nullptr;
+  shm_shape shape;
+  shape.ranks = ranks;
+  shape.post_slots = 4;
+  shape.ring_slots = static_cast<int>(std::max<std::int64_t>(16, 4 * n.tunables.agreement_lag + 4));
+  shape.max_rooms = static_cast<int>(std::min<std::int64_t>(n.tunables.agreement_shm_rooms, 1 << 24));
+  auto seg = shm_segment::create(segment_name(group), group, shape);
+  if (!seg) {
+    spdlog::warn("{}: agreement group {} agrees through messages: {}", n.net->name, group, seg.error().reason());
+    return nullptr;
+  }
+  return seg.value();
+}
+
+}  // namespace
+
 expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
   auto& net = *n.net;
   const auto& c = n.cluster;
   auto& sys = *n.sys;
-  int group = 0, shard = -1, child = 0, ranks_in_group = 0, root_children = 0;
+  int group = 0, shard = -1, child = 0, flat = 0, ranks_in_group = 0, root_children = 0;
   bool lead_shard = false, lead_group = false;
   if (prefill) {
     auto pc = config::prefill_coord_of(c.prefill, r);
@@ -231,6 +268,7 @@ expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
     ranks_in_group = c.prefill.tp * c.prefill.cp * c.prefill.pp;
     root_children = c.prefill.tp * c.prefill.pp;
     child = pc.cp;
+    flat = (pc.pp * c.prefill.tp + pc.tp) * c.prefill.cp + pc.cp;
   } else {
     auto dc = config::decode_coord_of(c.decode, r);
     group = config::decode_group_of(c.decode, dc);
@@ -238,21 +276,25 @@ expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
     ranks_in_group = c.decode.tp * c.decode.pp;
     root_children = ranks_in_group;
     child = config::decode_child_of(c.decode, dc);
+    flat = child;
   }
   auto unavailable = [](const status& s) { return error{errc::unavailable, s.reason()}; };
   // A supervisor led in this node, else the registry's (its leader may be in another process).
-  auto find = [&](int index) -> result<caf::actor> {
+  auto find = [&](int index) -> result<msg::supervisor_entry> {
     {
       std::lock_guard<std::mutex> g(net.mutex);
-      if (auto it = net.supervisors.find({group, index}); it != net.supervisors.end()) return it->second;
+      if (auto it = net.supervisors.find({group, index}); it != net.supervisors.end())
+        return msg::supervisor_entry{group, index, it->second.handle, it->second.shared_memory};
     }
     return find_supervisor(sys, current_registry(n), group, index, net.connect_timeout);
   };
-  auto lead = [&](int index, const caf::actor& h) {
+  auto lead = [&](int index, const caf::actor& h, std::shared_ptr<shm_segment> seg) {
     n.infrastructure.push_back(h);
     std::lock_guard<std::mutex> g(net.mutex);
-    net.supervisors[{group, index}] = h;
-    caf::anon_send(n.registry, msg::register_supervisor{group, index, h});  // under the lock
+    msg::register_supervisor m{group, index, h, seg ? seg->name() : std::string{}};
+    net.supervisors[{group, index}] = m;
+    if (seg) net.segments[group] = std::move(seg);
+    caf::anon_send(n.registry, std::move(m));  // under the lock
   };
   if (lead_group) {
     supervisor_args ra;
@@ -260,17 +302,45 @@ expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
     ra.group = group;
     ra.root = true;
     ra.ranks = ranks_in_group;  // the root holds rounds until every rank attached by message
-    lead(-1, spawn_supervisor(sys, ra, {}));
+    ra.shared_memory = make_segment(n, group, ranks_in_group);
+    if (ra.shared_memory) {
+      // Every rank is the root's child; those of this host post into the segment, the others
+      // report by message, and only they are sent rounds (they attach first: held rounds
+      // would wait for ranks that never attach).
+      ra.children = ranks_in_group;
+      ra.ranks = 0;
+    }
+    auto seg = ra.shared_memory;
+    lead(-1, spawn_supervisor(sys, ra, {}), std::move(seg));
   }
   auto root = find(-1);
   if (!root) return unavailable(root.error());
   agreement_link link;
   link.group = group;
   link.child = child;
-  link.root = root.value();
+  link.root = root.value().handle;
   link.ring = std::make_shared<agreed_ring>(ring_rounds(n.tunables));  // the rank fills it
+  if (!root.value().shared_memory.empty()) {
+    link.parent = link.root;
+    link.child = flat;
+    if (n.tunables.agreement_via == 1) {
+      {
+        std::lock_guard<std::mutex> g(net.mutex);
+        if (auto it = net.segments.find(group); it != net.segments.end()) link.shm = it->second;
+      }
+      if (!link.shm) {
+        // Another host's leader (or another /dev/shm) makes this fail: then by message.
+        auto seg = shm_segment::open(root.value().shared_memory, group);
+        if (seg)
+          link.shm = seg.value();
+        else
+          spdlog::info("{}: rank {} of group {} reports by message: {}", net.name, r, group, seg.error().reason());
+      }
+    }
+    return link;
+  }
   if (!prefill) {
-    link.parent = root.value();
+    link.parent = link.root;
     return link;
   }
   if (lead_shard) {
@@ -278,17 +348,17 @@ expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
     sa.children = c.prefill.cp;
     sa.group = group;
     sa.index_in_parent = shard;
-    auto h = spawn_supervisor(sys, sa, root.value());
-    caf::anon_send(root.value(), msg::attach_child{shard, h});
-    lead(shard, h);
+    auto h = spawn_supervisor(sys, sa, link.root);
+    caf::anon_send(link.root, msg::attach_child{shard, h});
+    lead(shard, h, nullptr);
   }
   auto parent = find(shard);
   if (!parent) return unavailable(parent.error());
-  link.parent = parent.value();
+  link.parent = parent.value().handle;
   return link;
 }
 
-void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank, const caf::actor& root) {
+void registered_network(node::impl& n, bool prefill, int r, const caf::actor& rank, const agreement_link& link) {
   auto& net = *n.net;
   const auto& c = n.cluster;
   {
@@ -302,7 +372,8 @@ void registered_network(node::impl& n, bool prefill, int r, const caf::actor& ra
     }
     net.rank_actors.push_back(rank);
   }
-  caf::anon_send(root, msg::attach_rank{rank});
+  // A rank that reads its rounds in the group's segment needs none by message.
+  if (!link.shm) caf::anon_send(link.root, msg::attach_rank{rank});
 }
 
 void stop_network(node::impl& n) {
@@ -314,6 +385,7 @@ void stop_network(node::impl& n) {
   n.net->anchor = nullptr;
   n.net->engine = nullptr;
   n.net->supervisors.clear();
+  n.net->segments.clear();
   n.net->rank_actors.clear();
   n.net->prefill_ranks.clear();
   n.net->decode_ranks.clear();

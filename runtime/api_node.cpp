@@ -248,6 +248,7 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
   ri->child = link.child;
   ri->board = link.board;
   ri->ring = link.ring;
+  ri->shm = link.shm;
   rank_args a;
   a.plan = ctx.plan;
   a.rank = r;
@@ -359,7 +360,7 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   const caf::actor& actor = ri.value()->actor;
   (prefill ? n.prefill_actors : n.decode_actors).push_back(actor);
   if (n.net) {
-    runtime::registered_network(n, prefill, r, actor, link.value().root);
+    runtime::registered_network(n, prefill, r, actor, link.value());
     return ri;
   }
   // Registered by the node as well as by the rank itself (idempotent), so a rank that dies

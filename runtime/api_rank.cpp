@@ -40,6 +40,12 @@ error create_room(rank::impl& r, const request_id& id, int other_dp, int other_d
     if (r.shared->lost) return {errc::unavailable, r.shared->lost_reason};
     if (r.shared->engine.count(id.room) != 0 || r.shared->store.find(id.room) != nullptr)
       return {errc::exists, "duplicate room " + std::to_string(id.room) + ": a live request holds it"};
+    // Refused here rather than failing the step post that would carry it.
+    if (r.shm && r.shared->store.size() >= static_cast<std::size_t>(r.shm->shape().max_rooms))
+      return {errc::unavailable, "room " + std::to_string(id.room) + ": this rank holds " +
+                                            std::to_string(r.shared->store.size()) +
+                                            " rooms, what its group's shared-memory agreement posts at most "
+                                            "(KVFLOW_AGREEMENT_SHM_ROOMS)"};
     if (auto s = r.shared->store.create(id.room, id.incarnation, initial); !s) return {errc::exists, s.reason()};
     r.shared->engine[id.room] = engine_room{id.incarnation};
     ++r.shared->counters.created;
@@ -85,11 +91,30 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
         r.snapshot_version = sh.store.version();
       }
     }
-    r.posted = step;
-    if (r.board) {
+    if (r.shm) {
+      // Into the group's segment; a rank a whole post ring ahead of the group waits here (within
+      // the poll's wait) and, still ahead, answers not_ready without posting the step.
+      switch (r.shm->post(r.child, step, r.snapshot, wait)) {
+        case shm_segment::post_result::posted:
+        case shm_segment::post_result::duplicate: break;
+        case shm_segment::post_result::full:
+          return error{wait.count() == 0 ? errc::not_ready : errc::timeout,
+                       "step " + std::to_string(step) + ": the group has not merged round " +
+                           std::to_string(step - static_cast<std::uint64_t>(r.shm->shape().post_slots)) + " yet"};
+        case shm_segment::post_result::too_many_rooms:
+          return error{errc::invalid_argument, "step " + std::to_string(step) + ": this rank holds " +
+                                                   std::to_string(r.snapshot.size()) +
+                                                   " rooms; its group's shared-memory agreement posts at most " +
+                                                   std::to_string(r.shm->shape().max_rooms) +
+                                                   " (KVFLOW_AGREEMENT_SHM_ROOMS)"};
+      }
+      r.posted = step;
+    } else if (r.board) {
+      r.posted = step;
       // In one process: the post that completes the step wakes the supervisor, once.
       if (r.board->post(r.child, step, r.snapshot)) caf::anon_send(r.parent, msg::board_round{step});
     } else {
+      r.posted = step;
       caf::anon_send(r.parent, msg::step_report{step, r.child, r.snapshot});
     }
   }
@@ -99,15 +124,21 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
   out.round = round;
   if (round == 0) return out;
   if (r.view_round != round) {
-    const agreed_view* v = r.ring->get(round);
+    // The round where this rank reads it: the segment (copied out), or the ring.
+    auto get = [&]() -> const agreed_view* {
+      if (!r.shm) return r.ring->get(round);
+      return r.shm->read(round, r.shm_view) ? &r.shm_view : nullptr;
+    };
+    const agreed_view* v = get();
     if (v == nullptr) {
       {
         std::lock_guard<std::mutex> g(sh.mutex);
         if (sh.lost) return error{errc::unavailable, sh.lost_reason};
         if (wait.count() > 0) ++sh.counters.stalls;
       }
+      if (r.shm && !r.shm->broken().empty()) return error{errc::unavailable, r.shm->broken()};
       if (wait.count() == 0) return error{errc::not_ready, "round " + std::to_string(round) + " is not complete"};
-      v = r.ring->wait_for(round, wait);
+      v = r.shm ? (r.shm->wait(round, wait) ? get() : nullptr) : r.ring->wait_for(round, wait);
       if (v == nullptr)
         return error{errc::timeout, "round " + std::to_string(round) + " did not complete within " +
                                         std::to_string(wait.count()) + " us"};

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -86,6 +87,122 @@ TEST_CASE("api: a node refuses a bad topology, bad coordinates and memory that d
 // requests at the same steps (the group runs the same batch), acts on agreed rounds like SGLang's
 // queues, and records the digest of every round it got. Every rank of a group must record the
 // same digest for the same step.
+namespace {
+
+struct rank_run {
+  bool prefill;
+  int group_key;  // which group (for comparing)
+  std::shared_ptr<kvflow::rank> api;
+  std::unique_ptr<engine_memory> mem;
+  std::map<std::uint64_t, std::uint64_t> digests;  // step -> digest
+  int finished = 0;
+  std::string error;
+};
+
+// Adds a random group's ranks (prefill TP x CP x PP, decode TP) to the nodes `place` picks,
+// then runs every rank's scheduler loop on a thread of its own at a random pace until each
+// finished `requests` requests, and checks that every rank of a group got the same round at
+// every step it polled.
+void run_groups(std::mt19937_64& rng, int ptp, int pcp, int ppp, int dtp,
+                const std::function<kvflow::node&(bool prefill, int index)>& place) {
+  const int layers = 2 * ppp;
+  const int pages = 64, request_pages = 5, requests = 6;
+  const std::uint64_t page_bytes = 16 * 64;
+  std::vector<rank_run> ranks;
+  int index = 0;
+  for (int pp = 0; pp < ppp; ++pp)
+    for (int cp = 0; cp < pcp; ++cp)
+      for (int tp = 0; tp < ptp; ++tp) {
+        rank_run r{true, 0, nullptr, std::make_unique<engine_memory>(layers, pages, page_bytes, 8), {}, 0, {}};
+        r.mem->desc.layer_begin = pp * 2;
+        r.mem->desc.layer_end = pp * 2 + 2;
+        r.mem->desc.buffers.erase(r.mem->desc.buffers.begin(), r.mem->desc.buffers.begin() + pp * 2);
+        r.mem->desc.buffers.erase(r.mem->desc.buffers.begin() + 2, r.mem->desc.buffers.end() - 1);
+        auto a = place(true, index++).add_prefill({tp, cp, pp, 0}, r.mem->desc);
+        REQUIRE_MESSAGE(a, a.err().message());
+        r.api = a.value();
+        ranks.push_back(std::move(r));
+      }
+  index = 0;
+  for (int tp = 0; tp < dtp; ++tp) {
+    rank_run r{false, 1, nullptr, std::make_unique<engine_memory>(layers, pages, page_bytes, 8), {}, 0, {}};
+    auto a = place(false, index++).add_decode({tp, 0, 0, 0}, r.mem->desc);
+    REQUIRE_MESSAGE(a, a.err().message());
+    r.api = a.value();
+    ranks.push_back(std::move(r));
+  }
+  std::vector<std::thread> threads;
+  for (std::size_t i = 0; i < ranks.size(); ++i)
+    threads.emplace_back([&, i, seed = rng()] {
+      auto& me = ranks[i];
+      std::mt19937_64 pace(seed);
+      auto* pre = me.prefill ? static_cast<kvflow::prefill_rank*>(me.api.get()) : nullptr;
+      auto* dec = me.prefill ? nullptr : static_cast<kvflow::decode_rank*>(me.api.get());
+      std::map<std::uint64_t, bool> started;  // room -> init / destinations done
+      const auto until = std::chrono::steady_clock::now() + 20s;
+      for (std::uint64_t k = 1; me.finished < requests && std::chrono::steady_clock::now() < until;) {
+        // Requests enter at fixed steps on every rank (the same batch).
+        if (k % 3 == 1 && static_cast<int>(k / 3) < requests) {
+          kvflow::request_id id{100 + k / 3, 1};
+          auto e = pre ? pre->create(id, 0) : dec->create(id, 0);
+          if (e) me.error = e.message();
+        }
+        auto v = me.api->poll(k, 200ms);
+        if (!v) {
+          if (v.err().code() == kvflow::errc::timeout) continue;  // the same step again
+          me.error = v.err().message();
+          break;
+        }
+        me.digests[k] = digest(v.value());
+        for (const auto& r : v.value()) {
+          if (r.state == kvflow::poll_state::waiting_for_input && !started[r.id.room]) {
+            started[r.id.room] = true;
+            std::vector<std::int32_t> pg;
+            for (int p = 0; p < request_pages; ++p) pg.push_back(static_cast<int>(r.id.room % 8) * 6 + p);
+            if (pre) {
+              auto prefix = pre->decode_prefix_pages(r.id);
+              if (auto e = pre->init(r.id, request_pages - (prefix ? prefix.value() : 0), 0)) me.error = e.message();
+              if (auto e = pre->send(r.id, pg, true)) me.error = e.message();
+            } else if (auto e = dec->send_destinations(r.id, pg, static_cast<int>(r.id.room % 8))) {
+              me.error = e.message();
+            }
+          }
+          if ((r.state == kvflow::poll_state::success || r.state == kvflow::poll_state::failed) && r.released &&
+              started.count(r.id.room) && started[r.id.room]) {
+            started[r.id.room] = false;
+            started.erase(r.id.room);
+            ++me.finished;
+          }
+        }
+        ++k;
+        std::this_thread::sleep_for(std::chrono::microseconds(pace() % 400));
+      }
+    });
+  for (auto& t : threads) t.join();
+  // Identical rounds within each group; every request finished on every rank.
+  for (const auto& r : ranks) {
+    CHECK_MESSAGE(r.error.empty(), r.error);
+    CHECK(r.finished == requests);
+  }
+  for (const auto& a : ranks)
+    for (const auto& b : ranks) {
+      if (&a == &b || a.group_key != b.group_key) continue;
+      std::size_t compared = 0;
+      for (const auto& [k, d] : a.digests) {
+        auto it = b.digests.find(k);
+        if (it == b.digests.end()) continue;
+        ++compared;
+        if (it->second != d) {
+          FAIL_CHECK("ranks " << a.api->global_rank() << " and " << b.api->global_rank() << " got different rounds at step " << k);
+          break;
+        }
+      }
+      CHECK(compared > 10);
+    }
+}
+
+}  // namespace
+
 TEST_CASE("api: poll(k) is the same record on every rank of a group, for every k (random topologies and paces)") {
   std::mt19937_64 rng(20261201);
   const int cases = 6;
@@ -94,7 +211,6 @@ TEST_CASE("api: poll(k) is the same record on every rank of a group, for every k
     const int dtp = 1 << (rng() % 2);
     auto top = small(ptp, pcp, ppp, dtp);
     top.model = "mla:" + std::to_string(2 * ppp) + ":64";
-    const int layers = 2 * ppp;
     CAPTURE(ptp);
     CAPTURE(pcp);
     CAPTURE(ppp);
@@ -104,107 +220,53 @@ TEST_CASE("api: poll(k) is the same record on every rank of a group, for every k
     auto started = kvflow::node::start(top, o);
     REQUIRE(started);
     auto node = started.value();
-    const int pages = 64, request_pages = 5, requests = 6;
-    const std::uint64_t page_bytes = 16 * 64;
-    struct rank_run {
-      bool prefill;
-      int group_key;  // which group (for comparing)
-      std::shared_ptr<kvflow::rank> api;
-      std::unique_ptr<engine_memory> mem;
-      std::map<std::uint64_t, std::uint64_t> digests;  // step -> digest
-      int finished = 0;
-      std::string error;
-    };
-    std::vector<rank_run> ranks;
-    for (int pp = 0; pp < ppp; ++pp)
-      for (int cp = 0; cp < pcp; ++cp)
-        for (int tp = 0; tp < ptp; ++tp) {
-          rank_run r{true, 0, nullptr, std::make_unique<engine_memory>(layers, pages, page_bytes, 8), {}, 0, {}};
-          r.mem->desc.layer_begin = pp * 2;
-          r.mem->desc.layer_end = pp * 2 + 2;
-          r.mem->desc.buffers.erase(r.mem->desc.buffers.begin(), r.mem->desc.buffers.begin() + pp * 2);
-          r.mem->desc.buffers.erase(r.mem->desc.buffers.begin() + 2, r.mem->desc.buffers.end() - 1);
-          auto a = node->add_prefill({tp, cp, pp, 0}, r.mem->desc);
-          REQUIRE_MESSAGE(a, a.err().message());
-          r.api = a.value();
-          ranks.push_back(std::move(r));
-        }
-    for (int tp = 0; tp < dtp; ++tp) {
-      rank_run r{false, 1, nullptr, std::make_unique<engine_memory>(layers, pages, page_bytes, 8), {}, 0, {}};
-      auto a = node->add_decode({tp, 0, 0, 0}, r.mem->desc);
-      REQUIRE_MESSAGE(a, a.err().message());
-      r.api = a.value();
-      ranks.push_back(std::move(r));
-    }
-    std::vector<std::thread> threads;
-    for (std::size_t i = 0; i < ranks.size(); ++i)
-      threads.emplace_back([&, i, seed = rng()] {
-        auto& me = ranks[i];
-        std::mt19937_64 pace(seed);
-        auto* pre = me.prefill ? static_cast<kvflow::prefill_rank*>(me.api.get()) : nullptr;
-        auto* dec = me.prefill ? nullptr : static_cast<kvflow::decode_rank*>(me.api.get());
-        std::map<std::uint64_t, bool> started;  // room -> init / destinations done
-        const auto until = std::chrono::steady_clock::now() + 20s;
-        for (std::uint64_t k = 1; me.finished < requests && std::chrono::steady_clock::now() < until;) {
-          // Requests enter at fixed steps on every rank (the same batch).
-          if (k % 3 == 1 && static_cast<int>(k / 3) < requests) {
-            kvflow::request_id id{100 + k / 3, 1};
-            auto e = pre ? pre->create(id, 0) : dec->create(id, 0);
-            if (e) me.error = e.message();
-          }
-          auto v = me.api->poll(k, 200ms);
-          if (!v) {
-            if (v.err().code() == kvflow::errc::timeout) continue;  // the same step again
-            me.error = v.err().message();
-            break;
-          }
-          me.digests[k] = digest(v.value());
-          for (const auto& r : v.value()) {
-            if (r.state == kvflow::poll_state::waiting_for_input && !started[r.id.room]) {
-              started[r.id.room] = true;
-              std::vector<std::int32_t> pg;
-              for (int p = 0; p < request_pages; ++p) pg.push_back(static_cast<int>(r.id.room % 8) * 6 + p);
-              if (pre) {
-                auto prefix = pre->decode_prefix_pages(r.id);
-                if (auto e = pre->init(r.id, request_pages - (prefix ? prefix.value() : 0), 0)) me.error = e.message();
-                if (auto e = pre->send(r.id, pg, true)) me.error = e.message();
-              } else if (auto e = dec->send_destinations(r.id, pg, static_cast<int>(r.id.room % 8))) {
-                me.error = e.message();
-              }
-            }
-            if ((r.state == kvflow::poll_state::success || r.state == kvflow::poll_state::failed) && r.released &&
-                started.count(r.id.room) && started[r.id.room]) {
-              started[r.id.room] = false;
-              started.erase(r.id.room);
-              ++me.finished;
-            }
-          }
-          ++k;
-          std::this_thread::sleep_for(std::chrono::microseconds(pace() % 400));
-        }
-      });
-    for (auto& t : threads) t.join();
-    // Identical rounds within each group; every request finished on every rank.
-    for (const auto& r : ranks) {
-      CHECK_MESSAGE(r.error.empty(), r.error);
-      CHECK(r.finished == requests);
-    }
-    for (const auto& a : ranks)
-      for (const auto& b : ranks) {
-        if (&a == &b || a.group_key != b.group_key) continue;
-        std::size_t compared = 0;
-        for (const auto& [k, d] : a.digests) {
-          auto it = b.digests.find(k);
-          if (it == b.digests.end()) continue;
-          ++compared;
-          if (it->second != d) {
-            FAIL_CHECK("ranks " << a.api->global_rank() << " and " << b.api->global_rank() << " got different rounds at step " << k);
-            break;
-          }
-        }
-        CHECK(compared > 10);
-      }
+    run_groups(rng, ptp, pcp, ppp, dtp, [&](bool, int) -> kvflow::node& { return *node; });
     node->stop();
+  }
+}
+
+// The same property with each rank on one of three networked nodes (an actor system each, linked
+// over loopback TCP, KV over UCX): the ranks of the leader's host agree through its group's
+// shared-memory segment, a node told KVFLOW_AGREEMENT_VIA=2 reports by message to the same merge,
+// and a group whose leader sits on such a node agrees through the tree of supervisors.
+TEST_CASE("api: poll(k) is the same record on every rank across networked nodes: shared memory, messages, and both") {
+  std::mt19937_64 rng(20261202);
+  const int cases = 4;
+  for (int c = 0; c < cases; ++c) {
+    const int ptp = 1 << (rng() % 2), pcp = 1 + static_cast<int>(rng() % 3), ppp = 1 + static_cast<int>(rng() % 2);
+    const int dtp = 1 + static_cast<int>(rng() % 2);
+    auto top = small(ptp, pcp, ppp, dtp);
+    top.model = "mla:" + std::to_string(2 * ppp) + ":64";
+    const int messages_node = static_cast<int>(rng() % 3);  // this node's ranks post by message
+    CAPTURE(c);
+    CAPTURE(ptp);
+    CAPTURE(pcp);
+    CAPTURE(ppp);
+    CAPTURE(dtp);
+    CAPTURE(messages_node);
+    std::vector<std::shared_ptr<kvflow::node>> nodes;
+    for (int i = 0; i < 3; ++i) {
+      kvflow::node_options o;
+      o.transport = "ucx";
+      o.tunables = {{"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "5000"},
+                    {"KVFLOW_WAITING_TIMEOUT_MS", "5000"},
+                    {"KVFLOW_AGREEMENT_VIA", i == messages_node ? "2" : "1"}};
+      if (i == 0)
+        o.listen = "127.0.0.1:0";
+      else
+        o.bootstrap = nodes[0]->address();
+      auto started = kvflow::node::start(top, o);
+      REQUIRE_MESSAGE(started, started.err().message());
+      nodes.push_back(started.value());
+    }
+    std::vector<int> where;  // node of each rank, prefill then decode
+    run_groups(rng, ptp, pcp, ppp, dtp, [&](bool prefill, int index) -> kvflow::node& {
+      (void)prefill;
+      (void)index;
+      where.push_back(static_cast<int>(rng() % 3));
+      return *nodes[where.back()];
+    });
+    for (int i = 2; i >= 0; --i) nodes[i]->stop();
   }
 }
 

@@ -3,14 +3,21 @@
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <array>
+#include <csignal>
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "actors/agreed_ring.hpp"
+#include "actors/shm_agreement.hpp"
 #include "actors/step_board.hpp"
 #include "transport/inproc_transport.hpp"
 
@@ -126,6 +133,283 @@ TEST_CASE("agreed_ring: a round published after a later one is still served, a l
   ring.publish(std::make_shared<agreed_view>(agreed_view{1, 0, {}}));
   CHECK(ring.get(1) == nullptr);
   REQUIRE(ring.get(5) != nullptr);
+}
+
+namespace {
+
+// Child c's post for round r: rooms 1..6, each present or not, at a state and release that
+// depend on (c, r, room) only, so that a sequential reference can compute every round.
+step_states post_of(int c, std::uint64_t r) {
+  step_states out;
+  for (std::uint64_t room = 1; room <= 6; ++room) {
+    std::uint64_t h = (r * 1000003u + static_cast<std::uint64_t>(c) * 7919u + room * 104729u) * 0x9E3779B97F4A7C15ULL;
+    h ^= h >> 29;
+    if (h % 7 == 0) continue;  // this child has not created it (Bootstrapping in the merge)
+    out.push_back({room, 1, static_cast<std::uint8_t>(1 + (h >> 8) % 4), ((h >> 16) & 1) != 0});
+  }
+  return out;
+}
+
+// The rounds the message tree would agree: every child's post merged, then the agreed table.
+std::vector<step_states> reference_rounds(int children, std::uint64_t rounds) {
+  round_collector collector(children);
+  agreed_table table;
+  std::vector<step_states> out(rounds + 1);
+  for (std::uint64_t r = 1; r <= rounds; ++r) {
+    for (int c = 0; c < children; ++c) collector.add(c, r, post_of(c, r));
+    out[r] = table.apply(collector.take(r));
+  }
+  return out;
+}
+
+// Beyond every wait of the tests: a lost wake-up of the combiner fails them instead of costing
+// the combiner's safety-net interval.
+constexpr std::chrono::milliseconds no_idle_check{std::chrono::hours(1)};
+
+std::string segment_name(const char* what) {
+  return "/kvflow-test-" + std::string(what) + "-" + std::to_string(std::random_device{}());
+}
+
+}  // namespace
+
+TEST_CASE("shm agreement: every rank reads the tree's merge of every round, some children reporting by message") {
+  // Children 0..n-1 are scheduler threads at random paces; the odd ones (of the larger groups)
+  // report as a rank of another host would, through the combiner, and the rest post into the
+  // segment. Every child reads round k - 1 at step k, and it must be the reference's round.
+  for (int n : {1, 3, 6}) {
+    CAPTURE(n);
+    constexpr std::uint64_t rounds = 1500;
+    shm_shape shape;
+    shape.ranks = n;
+    shape.post_slots = 4;
+    shape.ring_slots = 8;  // small: the combiner wraps around both rings many times
+    shape.max_rooms = 8;
+    auto seg = shm_segment::create(segment_name("merge"), 7, shape);
+    REQUIRE_MESSAGE(seg, seg.error().reason());
+    const auto expected = reference_rounds(n, rounds);
+    std::atomic<int> agreed_calls{0};
+    shm_combiner combiner(seg.value(), 7, [&](const std::shared_ptr<const agreed_view>& v) {
+      if (v->states != expected[v->round]) ++agreed_calls;  // counts wrong rounds only
+    }, no_idle_check);
+    std::atomic<std::uint64_t> bad{0};
+    std::vector<std::thread> ranks;
+    for (int c = 0; c < n; ++c)
+      ranks.emplace_back([&, c] {
+        std::mt19937 pace(static_cast<unsigned>(c + 17 * n));
+        const bool by_message = n > 1 && c % 2 == 1;
+        // A rank of this host maps the segment on its own, as another process would.
+        auto mine = shm_segment::open(seg.value()->name(), 7);
+        if (!mine) {
+          ++bad;
+          return;
+        }
+        agreed_view view;
+        for (std::uint64_t k = 1; k <= rounds + 1; ++k) {
+          if (k <= rounds) {
+            if (by_message) {
+              combiner.post_remote(c, k, post_of(c, k));
+            } else if (mine.value()->post(c, k, post_of(c, k), std::chrono::seconds(10)) !=
+                       shm_segment::post_result::posted) {
+              ++bad;
+            }
+          }
+          if (pace() % 8 == 0) std::this_thread::yield();
+          if (k == 1 || by_message) continue;  // by message, rounds come by message (on_agreed)
+          if (!mine.value()->read(k - 1, view)) {
+            if (!mine.value()->wait(k - 1, std::chrono::seconds(10)) || !mine.value()->read(k - 1, view)) {
+              ++bad;
+              continue;
+            }
+          }
+          if (view.round != k - 1 || view.states != expected[k - 1]) ++bad;
+        }
+      });
+    for (auto& t : ranks) t.join();
+    CHECK(bad == 0);
+    CHECK(agreed_calls == 0);
+    CHECK(combiner.merged() == rounds);
+    // Lapped, or not agreed yet: never another round's record.
+    agreed_view v;
+    CHECK_FALSE(seg.value()->read(rounds - 8, v));
+    CHECK_FALSE(seg.value()->read(rounds + 1, v));
+    CHECK_FALSE(seg.value()->wait(rounds + 1, std::chrono::milliseconds(10)));
+  }
+}
+
+TEST_CASE("shm agreement: a child dying mid-run completes the rounds that waited for it, and fails its rooms") {
+  for (int trial = 0; trial < 20; ++trial) {
+    CAPTURE(trial);
+    const int n = 4;
+    const std::uint64_t rounds = 200, dies_after = 50 + static_cast<std::uint64_t>(trial);
+    shm_shape shape;
+    shape.ranks = n;
+    shape.max_rooms = 8;
+    auto seg = shm_segment::create(segment_name("death"), 1, shape);
+    REQUIRE_MESSAGE(seg, seg.error().reason());
+    shm_combiner combiner(seg.value(), 1, {}, no_idle_check);
+    std::atomic<std::uint64_t> bad{0};
+    std::vector<std::vector<step_states>> seen(n, std::vector<step_states>(rounds + 1));
+    std::vector<std::thread> ranks;
+    for (int c = 0; c < n; ++c)
+      ranks.emplace_back([&, c] {
+        agreed_view view;
+        for (std::uint64_t k = 1; k <= rounds + 1; ++k) {
+          if (c == 0 && k > dies_after) {
+            combiner.child_down(0);  // its node went down: posts no more
+            return;
+          }
+          if (k <= rounds && seg.value()->post(c, k, post_of(c, k), std::chrono::seconds(10)) !=
+                                 shm_segment::post_result::posted)
+            ++bad;
+          if (k == 1) continue;
+          if (!seg.value()->wait(k - 1, std::chrono::seconds(10)) || !seg.value()->read(k - 1, view)) {
+            ++bad;
+            continue;
+          }
+          seen[c][k - 1] = view.states;
+        }
+      });
+    for (auto& t : ranks) t.join();
+    REQUIRE(bad == 0);
+    CHECK(combiner.merged() == rounds);
+    for (std::uint64_t r = 1; r <= rounds; ++r)
+      for (int c = 2; c < n; ++c) CHECK(seen[c][r] == seen[1][r]);  // the survivors agree
+    // From the death on, every room the group holds is Failed (agreed: it stays so).
+    for (const auto& s : seen[1][rounds]) CHECK(s.state == static_cast<std::uint8_t>(kv_poll::failed));
+    CHECK_FALSE(seen[1][rounds].empty());
+  }
+}
+
+namespace {
+
+std::uint64_t digest_of(const step_states& states) {
+  std::uint64_t h = 1469598103934665603ULL;
+  for (const auto& s : states)
+    for (std::uint64_t x : {s.room, s.incarnation, std::uint64_t(s.state), std::uint64_t(s.released)})
+      h = (h ^ x) * 1099511628211ULL;
+  return h;
+}
+
+// A rank in a process of its own: maps the segment by name, posts `rounds` rounds, reads round
+// k - 1 at step k, and writes the digest of every round it read to `out`. With `die_after`, it
+// kills itself (SIGKILL: no clean-up) once it posted that round.
+[[noreturn]] void rank_process(const std::string& name, int child, std::uint64_t rounds, std::uint64_t die_after,
+                               int out) {
+  auto seg = shm_segment::open(name, 5);
+  if (!seg) _exit(3);
+  std::vector<std::uint64_t> digests(rounds + 1, 0);
+  agreed_view view;
+  for (std::uint64_t k = 1; k <= rounds + 1; ++k) {
+    if (k <= rounds && seg.value()->post(child, k, post_of(child, k), std::chrono::seconds(20)) !=
+                           shm_segment::post_result::posted)
+      _exit(4);
+    if (die_after != 0 && k == die_after + 1) raise(SIGKILL);
+    if (k > 1 && seg.value()->wait(k - 1, std::chrono::seconds(20)) && seg.value()->read(k - 1, view))
+      digests[k - 1] = digest_of(view.states);
+    if (k % 7 == static_cast<std::uint64_t>(child)) usleep(50);
+  }
+  const auto bytes = digests.size() * sizeof(std::uint64_t);
+  if (write(out, digests.data(), bytes) != static_cast<ssize_t>(bytes)) _exit(5);
+  _exit(0);
+}
+
+}  // namespace
+
+#if !defined(__SANITIZE_THREAD__)
+TEST_CASE("shm agreement: ranks in processes of their own read the same rounds, one of them killed mid-run") {
+  // As `kvflow launch` runs them: a process per rank, the combiner in the leader's. The rounds
+  // before anyone died are the tree's; the survivors read identical rounds to the end, and once
+  // the dead rank is known every room is Failed.
+  constexpr int n = 5;
+  constexpr std::uint64_t rounds = 400;
+  for (std::uint64_t die_after : {std::uint64_t(0), std::uint64_t(120)}) {
+    CAPTURE(die_after);
+    shm_shape shape;
+    shape.ranks = n;
+    shape.max_rooms = 8;
+    auto seg = shm_segment::create(segment_name("processes"), 5, shape);
+    REQUIRE_MESSAGE(seg, seg.error().reason());
+    const int victim = die_after ? n - 1 : -1;
+    std::vector<pid_t> pids;
+    std::vector<int> pipes;
+    for (int c = 0; c < n; ++c) {  // forked before any thread of this test exists
+      int fds[2];
+      REQUIRE(pipe(fds) == 0);
+      pid_t pid = fork();
+      REQUIRE(pid >= 0);
+      if (pid == 0) {
+        close(fds[0]);
+        rank_process(seg.value()->name(), c, rounds, c == victim ? die_after : 0, fds[1]);
+      }
+      close(fds[1]);
+      pids.push_back(pid);
+      pipes.push_back(fds[0]);
+    }
+    shm_combiner combiner(seg.value(), 5, {}, no_idle_check);
+    // What the leader's supervisor does when a rank's node goes down.
+    std::thread watcher([&] {
+      if (victim < 0) return;
+      int st = 0;
+      waitpid(pids[static_cast<std::size_t>(victim)], &st, 0);
+      combiner.child_down(victim);
+    });
+    std::vector<std::vector<std::uint64_t>> got(n);
+    for (int c = 0; c < n; ++c) {
+      if (c == victim) continue;
+      got[c].assign(rounds + 1, 0);
+      std::size_t want = got[c].size() * sizeof(std::uint64_t), have = 0;
+      auto* p = reinterpret_cast<char*>(got[c].data());
+      while (have < want) {
+        auto r = read(pipes[c], p + have, want - have);
+        if (r <= 0) break;
+        have += static_cast<std::size_t>(r);
+      }
+      CHECK(have == want);
+      int st = 0;
+      waitpid(pids[c], &st, 0);
+      CHECK(WIFEXITED(st));
+      CHECK(WEXITSTATUS(st) == 0);
+    }
+    watcher.join();
+    for (int fd : pipes) close(fd);
+    const auto expected = reference_rounds(n, rounds);
+    for (std::uint64_t r = 1; r <= rounds; ++r) {
+      for (int c = 1; c < n; ++c)
+        if (c != victim) CHECK(got[c][r] == got[0][r]);
+      if (victim < 0) CHECK(got[0][r] == digest_of(expected[r]));
+    }
+    if (victim >= 0) {
+      agreed_view v;
+      REQUIRE(seg.value()->read(rounds, v));
+      for (const auto& s : v.states) CHECK(s.state == static_cast<std::uint8_t>(kv_poll::failed));
+      CHECK(got[0][rounds] == digest_of(v.states));
+    }
+  }
+}
+#endif
+
+TEST_CASE("shm agreement: a segment is refused when it is not the one its leader registered") {
+  shm_shape shape;
+  shape.ranks = 2;
+  const auto name = segment_name("open");
+  auto seg = shm_segment::create(name, 3, shape);
+  REQUIRE(seg);
+  auto again = shm_segment::create(name, 3, shape);
+  CHECK_FALSE(again);  // the name is taken: never two groups in one segment
+  CHECK(shm_segment::open(name, 3));
+  auto other = shm_segment::open(name, 4);
+  REQUIRE_FALSE(other);
+  CHECK(other.error().reason().find("belongs to group 3") != std::string::npos);
+  CHECK_FALSE(shm_segment::open(name + "-absent", 3));
+  // A post that holds more rooms than the segment's slots is refused, not cut.
+  step_states many(static_cast<std::size_t>(shape.max_rooms) + 1, room_state{1, 1, 1, false});
+  CHECK(seg.value()->post(0, 1, many, std::chrono::microseconds(0)) == shm_segment::post_result::too_many_rooms);
+  // A rank a whole post ring ahead of the group is told so, within its wait.
+  for (std::uint64_t r = 1; r <= static_cast<std::uint64_t>(shape.post_slots); ++r)
+    CHECK(seg.value()->post(0, r, {}, std::chrono::microseconds(0)) == shm_segment::post_result::posted);
+  CHECK(seg.value()->post(0, shape.post_slots + 1, {}, std::chrono::milliseconds(5)) == shm_segment::post_result::full);
+  seg.value()->unlink();
+  CHECK_FALSE(shm_segment::open(name, 3));
 }
 
 TEST_CASE("inproc transport: pushes race a deregistration without touching freed memory") {

@@ -178,7 +178,7 @@ TEST_CASE("messages: agreement messages round-trip") {
 
 TEST_CASE("messages: room_state.released survives the wire, inside rounds and on its own") {
   sys_fixture f;
-  CHECK(wire_version == 3);  // states carry `released` since version 3
+  CHECK(wire_version >= 3);  // states carry `released` since version 3 (4: supervisor entries name a segment)
   for (bool released : {false, true}) {
     CAPTURE(released);
     const room_state s{9, 2, 4, released};
@@ -310,16 +310,20 @@ TEST_CASE("messages: node and supervisor registry messages round-trip (with the 
     CHECK(b.engine == a.engine);
   });
   f.round_trip(node_query{}, [](const auto&, const auto&) {});
-  f.round_trip(register_supervisor{100003, -1, f.dummy}, [](const auto& a, const auto& b) {
+  f.round_trip(register_supervisor{100003, -1, f.dummy, "/kvflow-1-00ff-g3"}, [](const auto& a, const auto& b) {
     CHECK(b.group == a.group);
     CHECK(b.index == a.index);
     CHECK(b.handle == a.handle);
+    CHECK(b.shared_memory == a.shared_memory);
   });
   f.round_trip(lookup_supervisor{5, 7}, [](const auto& a, const auto& b) {
     CHECK(b.group == a.group);
     CHECK(b.index == a.index);
   });
-  f.round_trip(supervisor_entry{5, 7, caf::actor{}}, [](const auto&, const auto& b) { CHECK_FALSE(b.handle); });
+  f.round_trip(supervisor_entry{5, 7, caf::actor{}, "/kvflow-2-g5"}, [](const auto& a, const auto& b) {
+    CHECK_FALSE(b.handle);
+    CHECK(b.shared_memory == a.shared_memory);
+  });
   f.round_trip(set_registry{f.dummy}, [](const auto& a, const auto& b) { CHECK(b.registry == a.registry); });
 }
 

@@ -43,6 +43,9 @@ std::size_t round_up(std::size_t n, std::size_t to) { return (n + to - 1) / to *
 constexpr std::uint64_t count_bits = 24;
 constexpr std::uint64_t count_mask = (1ULL << count_bits) - 1;
 
+// A post slot's count that says: the same states as this child's post of the round before.
+constexpr std::uint32_t unchanged_post = 0xffffffffu;
+
 }  // namespace
 
 struct shm_segment::header {
@@ -71,6 +74,7 @@ struct shm_segment::slot {
   std::atomic<std::uint64_t> round;  // 0: empty, or being written
   std::uint32_t count;
   std::uint32_t pad;
+  std::uint64_t same_since;  // ring: rounds same_since..round agreed the very same states
   room_state* states() { return reinterpret_cast<room_state*>(this + 1); }
 };
 
@@ -218,7 +222,7 @@ bool shm_segment::wait_published(const std::function<bool()>& done, std::chrono:
 }
 
 shm_segment::post_result shm_segment::post(int child, std::uint64_t round, const step_states& states,
-                                           std::chrono::microseconds wait) {
+                                           std::chrono::microseconds wait, bool unchanged) {
   auto& h = head();
   if (child < 0 || child >= h.ranks || round == 0) return post_result::duplicate;
   if (states.size() > static_cast<std::size_t>(h.max_rooms)) return post_result::too_many_rooms;
@@ -228,8 +232,12 @@ shm_segment::post_result shm_segment::post(int child, std::uint64_t round, const
   const std::uint64_t need = round > static_cast<std::uint64_t>(h.post_slots) ? round - h.post_slots : 0;
   if (!wait_published([&] { return h.merged.load(std::memory_order_acquire) >= need; }, wait))
     return post_result::full;
-  s.count = static_cast<std::uint32_t>(states.size());
-  if (!states.empty()) std::memcpy(static_cast<void*>(s.states()), states.data(), states.size() * sizeof(room_state));
+  if (unchanged && round > 1) {
+    s.count = unchanged_post;
+  } else {
+    s.count = static_cast<std::uint32_t>(states.size());
+    if (!states.empty()) std::memcpy(static_cast<void*>(s.states()), states.data(), states.size() * sizeof(room_state));
+  }
   // seq_cst: paired with child_down's store of `live` and the combiner's scan (one of the two
   // sees the other, so the round's last post is never left unmerged).
   s.round.store(round);
@@ -245,9 +253,17 @@ bool shm_segment::read(std::uint64_t round, agreed_view& out) const {
   out.group = head().group;
   out.states.assign(s.states(), s.states() + std::min<std::uint32_t>(count, 2 * head().max_rooms));
   // The combiner clears the round before it rewrites a slot (round + ring_slots): a reader
-  // that was lapped sees it here and drops the copy.
-  std::atomic_thread_fence(std::memory_order_acquire);
-  return s.round.load(std::memory_order_relaxed) == round;
+  // that was lapped sees it here and drops the copy. (A reader at step k is never lapped while
+  // it reads round k - L, see agreed_ring; only a rank the group counts as dead can be.) The
+  // release half orders the copy before this check, as a fence would.
+  return s.round.fetch_add(0, std::memory_order_acq_rel) == round;
+}
+
+bool shm_segment::same_as(std::uint64_t round, std::uint64_t held) const {
+  auto& s = ring_slot(round);
+  if (round == 0 || held >= round || s.round.load(std::memory_order_acquire) != round) return false;
+  const bool same = s.same_since <= held;
+  return s.round.fetch_add(0, std::memory_order_acq_rel) == round && same;
 }
 
 bool shm_segment::wait(std::uint64_t round, std::chrono::microseconds timeout) const {
@@ -278,7 +294,8 @@ shm_combiner::shm_combiner(std::shared_ptr<shm_segment> segment, int group, agre
       collector_(seg_->shape().ranks),
       dead_(seg_->shape().ranks, false),
       by_message_(seg_->shape().ranks, false),
-      remote_(seg_->shape().ranks) {
+      remote_(seg_->shape().ranks),
+      last_post_(seg_->shape().ranks) {
   thread_ = std::thread([this] { run(); });
 }
 
@@ -350,8 +367,11 @@ void shm_combiner::advance() {
         remote_[c].erase(it);
         continue;
       }
+      // Rounds are merged in order, so last_post_ holds this child's post of round - 1.
       auto& s = seg_->post_slot(c, round);
-      collector_.add(c, round, step_states(s.states(), s.states() + std::min<std::uint32_t>(s.count, seg_->shape().max_rooms)));
+      if (s.count != unchanged_post)
+        last_post_[c].assign(s.states(), s.states() + std::min<std::uint32_t>(s.count, seg_->shape().max_rooms));
+      collector_.add(c, round, last_post_[c]);
     }
     publish(round, table_.apply(collector_.take(round)));
     ++next_;
@@ -365,8 +385,13 @@ void shm_combiner::publish(std::uint64_t round, const step_states& agreed) {
   if (agreed.size() > 2 * static_cast<std::size_t>(h.max_rooms)) {
     h.broken.store(1);
   } else {
+    if (round == 1 || agreed != last_) {
+      same_since_ = round;
+      last_ = agreed;
+    }
     auto& s = seg_->ring_slot(round);
     s.round.store(0);  // a reader of the lapped round sees it leave
+    s.same_since = same_since_;
     s.count = static_cast<std::uint32_t>(agreed.size());
     if (!agreed.empty()) std::memcpy(static_cast<void*>(s.states()), agreed.data(), agreed.size() * sizeof(room_state));
     s.round.store(round, std::memory_order_release);

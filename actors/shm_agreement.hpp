@@ -52,9 +52,15 @@ class shm_segment {
   enum class post_result { posted, full, too_many_rooms, duplicate };
   // Child `child` posts its states for `round` (rounds rise by one per child). `full`: the
   // group merged nothing for post_slots rounds; waits up to `wait` for a slot first.
-  post_result post(int child, std::uint64_t round, const step_states& states, std::chrono::microseconds wait);
+  // `unchanged`: the states are those of its post of round - 1 (nothing is copied).
+  post_result post(int child, std::uint64_t round, const step_states& states, std::chrono::microseconds wait,
+                   bool unchanged = false);
   // Copies agreed round `round` into `out`; false when it is not published (or was lapped).
   bool read(std::uint64_t round, agreed_view& out) const;
+  // Whether agreed round `round` is published and holds the very states of round `held` (an
+  // earlier round the caller read): then there is nothing to copy. The common step changes
+  // nothing, and a copy out of memory another core wrote costs a cache miss per line.
+  bool same_as(std::uint64_t round, std::uint64_t held) const;
   // Waits up to `timeout` for round `round`; true once it is published.
   bool wait(std::uint64_t round, std::chrono::microseconds timeout) const;
   // Why the group can no longer agree here (empty while it can).
@@ -122,6 +128,9 @@ class shm_combiner {
   std::vector<bool> dead_;
   std::vector<bool> by_message_;  // reported by message at least once
   std::vector<std::map<std::uint64_t, step_states>> remote_;
+  std::vector<step_states> last_post_;  // each child's last post read from the segment
+  step_states last_;                    // the last round published
+  std::uint64_t same_since_ = 0;        // the first round of the run that holds last_
   std::uint64_t next_ = 1;
   std::atomic<bool> stop_{false};
   std::thread thread_;

@@ -157,6 +157,7 @@ struct rank::impl {
   // The agreement client, touched only by the thread that polls.
   std::uint64_t posted = 0;
   std::uint64_t snapshot_version = ~0ULL;
+  std::uint64_t posted_version = ~0ULL;  // the snapshot's version at the last post into shm
   step_states snapshot;
   std::uint64_t view_round = 0;
   agreed_view shm_view;  // the last round read from the segment

@@ -94,7 +94,7 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
     if (r.shm) {
       // Into the group's segment; a rank a whole post ring ahead of the group waits here (within
       // the poll's wait) and, still ahead, answers not_ready without posting the step.
-      switch (r.shm->post(r.child, step, r.snapshot, wait)) {
+      switch (r.shm->post(r.child, step, r.snapshot, wait, r.posted_version == r.snapshot_version)) {
         case shm_segment::post_result::posted:
         case shm_segment::post_result::duplicate: break;
         case shm_segment::post_result::full:
@@ -109,6 +109,7 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
                                                    " (KVFLOW_AGREEMENT_SHM_ROOMS)"};
       }
       r.posted = step;
+      r.posted_version = r.snapshot_version;
     } else if (r.board) {
       r.posted = step;
       // In one process: the post that completes the step wakes the supervisor, once.
@@ -123,7 +124,9 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
   out.step = step;
   out.round = round;
   if (round == 0) return out;
-  if (r.view_round != round) {
+  if (r.view_round != round && r.shm && r.view_round != 0 && r.shm->same_as(round, r.view_round)) {
+    r.view_round = round;  // the group agreed nothing new: the view stands, nothing to act on
+  } else if (r.view_round != round) {
     // The round where this rank reads it: the segment (copied out), or the ring.
     auto get = [&]() -> const agreed_view* {
       if (!r.shm) return r.ring->get(round);
@@ -169,12 +172,16 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
       }
     }
     if (!apply.forget.empty() || !apply.fail.empty()) caf::anon_send(r.actor, std::move(apply));
-    r.previous = v->states;
     r.view.resize(v->states.size());
     for (std::size_t i = 0; i < v->states.size(); ++i) {
       const auto& s = v->states[i];
       r.view[i] = {{s.room, s.incarnation}, static_cast<poll_state>(s.state), s.released};
     }
+    // The segment's copy is this rank's own: taken, not copied again.
+    if (v == &r.shm_view)
+      std::swap(r.previous, r.shm_view.states);
+    else
+      r.previous = v->states;
     r.view_round = round;
   }
   out.rooms = r.view.data();

@@ -1,11 +1,13 @@
 // `kvflow bench control --processes`: the per-step agreement of one prefill group whose ranks are
 // separate processes (TP x CP), each a networked node of the public API (kvflow/kvflow.hpp) with
 // one rank, as a serving engine runs them: worker 0 hosts the registry, the others join it; the
-// supervisors live in the processes of the ranks that lead them. Each worker's thread is its
+// group's leader makes its shared-memory segment and runs its merge (KVFLOW_AGREEMENT_VIA=2 in
+// the environment measures the tree of supervisors by message instead). Each worker's thread is its
 // rank's scheduler: a poll per step. Anchor, same run: SGLang's way, torch.distributed gloo
 // all_reduce MIN over the TP group then the CP group, one process per rank
 // (bench/gloo_allreduce.py, Debian's python3-torch: bench/setup.sh installs it).
 #include <cstdio>
+#include <cstdlib>
 #include <sstream>
 #include <thread>
 
@@ -183,9 +185,14 @@ int run_bench_control_worker(const control_worker_flags& w) {
 int run_bench_control_processes(const bench_flags& f) {
   auto rooms = f.rooms.empty() ? std::vector<int>{1, 64} : f.rooms;
   const int rounds = f.rounds;
-  std::printf("bench control --processes: prefill group TP%d x CP%d, one process per rank (%d), supervisors in the "
-              "leading ranks' processes, networked nodes of the public API over loopback TCP (CAF middleman), %u hardware threads, %d rounds each\n",
-              f.tp, f.cp, f.tp * f.cp, std::thread::hardware_concurrency(), rounds);
+  const char* via = std::getenv("KVFLOW_AGREEMENT_VIA");
+  const bool tree = via != nullptr && std::string(via) == "2";
+  std::printf("bench control --processes: prefill group TP%d x CP%d, one process per rank (%d), networked nodes of "
+              "the public API, agreeing %s, %u hardware threads, %d rounds each\n",
+              f.tp, f.cp, f.tp * f.cp,
+              tree ? "through the tree of supervisors by message (loopback TCP, CAF middleman; KVFLOW_AGREEMENT_VIA=2)"
+                   : "through the group's shared-memory segment (the merge in the leader's process)",
+              std::thread::hardware_concurrency(), rounds);
   std::printf("%7s %12s %12s %14s %14s %12s %12s %10s\n", "rooms", "kvflow_p50", "kvflow_p99", "sched_cost_p50",
               "sched_cost_p99", "gloo_p50", "gloo_p99", "gloo/kvflow");
   for (int n : rooms) {

@@ -146,6 +146,14 @@ case "$case_" in
     check "r['topology']['prefill']['pp'] == 2 and r['topology']['decode']['pp'] == 2" "not PP2/PP2"
     verify
     ;;
+  pp_tree)
+    # The same, every rank agreeing through the tree of supervisors by message (how ranks of
+    # different hosts agree; ranks of one host use their group's shared memory by default).
+    export KVFLOW_AGREEMENT_VIA=2
+    launch --prefill tp=2,cp=2,pp=2 --decode tp=2,pp=2 --cp-send all --requests 12
+    all_succeeded
+    verify
+    ;;
   mha)
     # Heterogeneous TP with MHA heads split across ranks: each decode rank reads 2 prefill ranks.
     launch --prefill tp=4 --decode tp=2 --model mha:8:8:128 --dtype bf16 --requests 12

@@ -23,6 +23,9 @@ struct agreed_view {
   std::uint64_t round = 0;
   int group = 0;
   step_states states;  // sorted by (room, incarnation)
+  // Rounds same_since..round agreed these very states (0: not known). A reader that holds one
+  // of them has nothing to copy or act on: the common step changes nothing.
+  std::uint64_t same_since = 0;
 };
 
 class agreed_ring {

@@ -71,7 +71,7 @@ caf::message_handler rank_handlers(Self* self, Fail fail, Forget forget) {
       [self](msg::agreed_round& a) {
         if (self->state.args.ring)
           self->state.args.ring->publish(
-              std::make_shared<const agreed_view>(agreed_view{a.round, a.group, std::move(a.states)}));
+              std::make_shared<const agreed_view>(agreed_view{a.round, a.group, std::move(a.states), 0}));
       },
       [self, fail, forget](msg::api_apply& a) {
         auto& st = self->state;

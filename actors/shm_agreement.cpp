@@ -403,7 +403,7 @@ void shm_combiner::publish(std::uint64_t round, const step_states& agreed) {
   // nothing is left in /dev/shm if this process is killed.
   if (round == 1) seg_->unlink();
   if (on_agreed_ && h.broken.load() == 0)
-    on_agreed_(std::make_shared<const agreed_view>(agreed_view{round, group_, agreed}));
+    on_agreed_(std::make_shared<const agreed_view>(agreed_view{round, group_, agreed, same_since_}));
 }
 
 }  // namespace kvflow

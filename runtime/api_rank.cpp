@@ -124,8 +124,16 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
   out.step = step;
   out.round = round;
   if (round == 0) return out;
-  if (r.view_round != round && r.shm && r.view_round != 0 && r.shm->same_as(round, r.view_round)) {
-    r.view_round = round;  // the group agreed nothing new: the view stands, nothing to act on
+  // The group agreed nothing new since the round this rank holds: the view stands, nothing to
+  // act on (the common step; it copies nothing).
+  auto unchanged = [&] {
+    if (r.view_round == 0) return false;
+    if (r.shm) return r.shm->same_as(round, r.view_round);
+    const agreed_view* v = r.ring->get(round);
+    return v != nullptr && v->same_since != 0 && v->same_since <= r.view_round;
+  };
+  if (r.view_round != round && unchanged()) {
+    r.view_round = round;
   } else if (r.view_round != round) {
     // The round where this rank reads it: the segment (copied out), or the ring.
     auto get = [&]() -> const agreed_view* {

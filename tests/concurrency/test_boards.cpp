@@ -102,7 +102,7 @@ TEST_CASE("agreed_ring: every reader gets round k - 1 at step k, whole, while th
   // Not published (yet), lapped, or repeated: never another round's record.
   CHECK(ring.get(rounds + 1) == nullptr);
   CHECK(ring.get(rounds - 8) == nullptr);
-  ring.publish(std::make_shared<agreed_view>(agreed_view{rounds - 1, 0, {}}));
+  ring.publish(std::make_shared<agreed_view>(agreed_view{rounds - 1, 0, {}, 0}));
   CHECK(ring.get(rounds)->round == rounds);
   CHECK(ring.wait_for(rounds + 1, std::chrono::milliseconds(20)) == nullptr);
 }
@@ -110,8 +110,8 @@ TEST_CASE("agreed_ring: every reader gets round k - 1 at step k, whole, while th
 TEST_CASE("agreed_ring: a round published after a later one is still served, a lapped one is not") {
   // Rounds by message may arrive out of order (a route between processes changed).
   agreed_ring ring(4);
-  ring.publish(std::make_shared<agreed_view>(agreed_view{2, 0, {}}));
-  ring.publish(std::make_shared<agreed_view>(agreed_view{1, 0, {}}));
+  ring.publish(std::make_shared<agreed_view>(agreed_view{2, 0, {}, 0}));
+  ring.publish(std::make_shared<agreed_view>(agreed_view{1, 0, {}, 0}));
   REQUIRE(ring.get(1) != nullptr);
   CHECK(ring.get(1)->round == 1);
   REQUIRE(ring.get(2) != nullptr);
@@ -120,17 +120,17 @@ TEST_CASE("agreed_ring: a round published after a later one is still served, a l
   // A waiter for round 3 wakes when round 3 comes, not when any later round does.
   std::thread late([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    ring.publish(std::make_shared<agreed_view>(agreed_view{4, 0, {}}));
+    ring.publish(std::make_shared<agreed_view>(agreed_view{4, 0, {}, 0}));
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    ring.publish(std::make_shared<agreed_view>(agreed_view{3, 0, {}}));
+    ring.publish(std::make_shared<agreed_view>(agreed_view{3, 0, {}, 0}));
   });
   const agreed_view* three = ring.wait_for(3, std::chrono::seconds(10));
   late.join();
   REQUIRE(three != nullptr);
   CHECK(three->round == 3);
   // Round 5 takes round 1's slot; round 1, late again, does not take it back.
-  ring.publish(std::make_shared<agreed_view>(agreed_view{5, 0, {}}));
-  ring.publish(std::make_shared<agreed_view>(agreed_view{1, 0, {}}));
+  ring.publish(std::make_shared<agreed_view>(agreed_view{5, 0, {}, 0}));
+  ring.publish(std::make_shared<agreed_view>(agreed_view{1, 0, {}, 0}));
   CHECK(ring.get(1) == nullptr);
   REQUIRE(ring.get(5) != nullptr);
 }

@@ -18,6 +18,7 @@
 
 #include "actors/agreed_ring.hpp"
 #include "actors/shm_agreement.hpp"
+#include "runtime/agreement_checker.hpp"
 #include "actors/step_board.hpp"
 #include "transport/inproc_transport.hpp"
 
@@ -297,13 +298,7 @@ TEST_CASE("shm agreement: a child dying mid-run completes the rounds that waited
 #if !defined(__SANITIZE_THREAD__)  // fork under TSan's runtime threads: not here
 namespace {
 
-std::uint64_t digest_of(const step_states& states) {
-  std::uint64_t h = 1469598103934665603ULL;
-  for (const auto& s : states)
-    for (std::uint64_t x : {s.room, s.incarnation, std::uint64_t(s.state), std::uint64_t(s.released)})
-      h = (h ^ x) * 1099511628211ULL;
-  return h;
-}
+using runtime::round_digest;
 
 // A rank in a process of its own: maps the segment by name, posts `rounds` rounds, reads round
 // k - 1 at step k, and writes the digest of every round it read to `out`. With `die_after`, it
@@ -320,7 +315,7 @@ std::uint64_t digest_of(const step_states& states) {
       _exit(4);
     if (die_after != 0 && k == die_after + 1) raise(SIGKILL);
     if (k > 1 && seg.value()->wait(k - 1, std::chrono::seconds(20)) && seg.value()->read(k - 1, view))
-      digests[k - 1] = digest_of(view.states);
+      digests[k - 1] = round_digest(view.states);
     if (k % 7 == static_cast<std::uint64_t>(child)) usleep(50);
   }
   const auto bytes = digests.size() * sizeof(std::uint64_t);
@@ -390,13 +385,13 @@ TEST_CASE("shm agreement: ranks in processes of their own read the same rounds, 
     for (std::uint64_t r = 1; r <= rounds; ++r) {
       for (int c = 1; c < n; ++c)
         if (c != victim) CHECK(got[c][r] == got[0][r]);
-      if (victim < 0) CHECK(got[0][r] == digest_of(expected[r]));
+      if (victim < 0) CHECK(got[0][r] == round_digest(expected[r]));
     }
     if (victim >= 0) {
       agreed_view v;
       REQUIRE(seg.value()->read(rounds, v));
       for (const auto& s : v.states) CHECK(s.state == static_cast<std::uint8_t>(kv_poll::failed));
-      CHECK(got[0][rounds] == digest_of(v.states));
+      CHECK(got[0][rounds] == round_digest(v.states));
     }
   }
 }

@@ -169,8 +169,23 @@ class process_cluster final : public cluster_control {
       const int nodes_expected = c.prefill.ranks() + c.decode.ranks();
       complete = complete && static_cast<int>(dialed.size()) == nodes_expected && meshed == nodes_expected;
       if (complete) return {};
-      if (std::chrono::steady_clock::now() >= until)
-        return status::error("ranks did not all register within " + std::to_string(timeout.count()) + " ms");
+      if (std::chrono::steady_clock::now() >= until) {
+        // Which part of start-up is missing, for the one who reads this line.
+        std::string missing;
+        auto add = [&](const std::string& what) { missing += (missing.empty() ? "" : ", ") + what; };
+        for (std::size_t r = 0; r < h.prefill.size(); ++r)
+          if (!h.prefill[r]) add("prefill " + std::to_string(r) + " has no engine");
+        for (std::size_t r = 0; r < h.decode.size(); ++r)
+          if (!h.decode[r]) add("decode " + std::to_string(r) + " has no engine");
+        for (const auto& n : nodes.nodes) {
+          if (!n.meshed) add(n.name + " not meshed");
+          if (!dialed.count(n.name)) add(n.name + " not reachable from the launcher");
+        }
+        if (static_cast<int>(nodes.nodes.size()) != nodes_expected)
+          add(std::to_string(nodes.nodes.size()) + " of " + std::to_string(nodes_expected) + " nodes in the table");
+        return status::error("ranks did not all register within " + std::to_string(timeout.count()) +
+                             " ms: " + missing);
+      }
       std::this_thread::sleep_for(50ms);
     }
   }

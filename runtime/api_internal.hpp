@@ -101,6 +101,8 @@ caf::actor current_registry(node::impl& n);
 std::string network_address(node::impl& n);  // HOST:PORT peers reach this node at
 // The process's serving engine, announced in the node table (what a launcher hands requests to).
 void set_node_engine(node& n, const caf::actor& engine);
+// The actor that keeps a networked node's registrations (what set_node_engine goes through).
+caf::actor node_keeper(node& n);
 
 }  // namespace kvflow::runtime
 

@@ -109,11 +109,20 @@ void connect_peers(caf::actor_system& sys, const caf::actor& registry, network_n
     }
     dialed_before += net.dialed.count(n.name) != 0;
   }
-  std::lock_guard<std::mutex> g(net.mutex);
-  if (net.meshed || dialed_before != before_me) return;
-  if (net.expected_nodes > 0 && listed != net.expected_nodes - 1) return;
-  net.meshed = true;
-  if (auto s = register_node(sys, registry, net.registration()); !s) spdlog::warn("{}: {}", net.name, s.reason());
+  msg::register_node me;
+  {
+    std::lock_guard<std::mutex> g(net.mutex);
+    if (net.meshed || dialed_before != before_me) return;
+    if (net.expected_nodes > 0 && listed != net.expected_nodes - 1) return;
+    net.meshed = true;
+    me = net.registration();
+  }
+  if (auto s = register_node(sys, registry, me); !s) {
+    // The table must learn it: the next tick tries again.
+    spdlog::warn("{}: {}", net.name, s.reason());
+    std::lock_guard<std::mutex> g(net.mutex);
+    net.meshed = false;
+  }
 }
 
 // Everything this node registered, again, with a restarted registry.
@@ -176,8 +185,16 @@ caf::behavior keeper(caf::event_based_actor* self, node::impl* n, std::shared_pt
         }
         self->delayed_send(self, 200ms, keeper_tick{});
       },
-      [=](msg::register_node& m) {  // the engine changed: the table learns it
-        caf::anon_send(current_registry(*n), std::move(m));
+      [=](msg::register_node&) {  // the engine changed: the table learns it
+        // What the node is now, not what it was when the engine was set: a registration made
+        // before this node meshed, forwarded after the tick that registered it meshed, would
+        // mark it unmeshed for good (a launch then waits for it until its timeout).
+        msg::register_node now;
+        {
+          std::lock_guard<std::mutex> g(net->mutex);
+          now = net->registration();
+        }
+        caf::anon_send(current_registry(*n), std::move(now));
       },
   };
 }
@@ -397,6 +414,13 @@ caf::actor current_registry(node::impl& n) {
   if (!n.net) return n.registry;
   std::lock_guard<std::mutex> g(n.net->mutex);
   return n.registry;
+}
+
+caf::actor node_keeper(node& nd) {
+  auto& n = internals(nd);
+  if (!n.net) return {};
+  std::lock_guard<std::mutex> g(n.net->mutex);
+  return n.net->keeper;
 }
 
 void set_node_engine(node& nd, const caf::actor& engine) {

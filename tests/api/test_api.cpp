@@ -11,10 +11,12 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
 #include "kvflow/kvflow.hpp"
+#include "actors/messages.hpp"
 #include "runtime/agreement_checker.hpp"
 #include "runtime/api_internal.hpp"
 #include "transport/inproc_transport.hpp"
@@ -268,6 +270,69 @@ TEST_CASE("api: poll(k) is the same record on every rank across networked nodes:
     });
     for (int i = 2; i >= 0; --i) nodes[i]->stop();
   }
+}
+
+namespace {
+
+// The joining node's row of the registry's node table, as a launcher reads it.
+std::optional<kvflow::msg::node_entry> table_row(kvflow::node& host, const std::string& name) {
+  auto& n = kvflow::runtime::internals(host);
+  caf::scoped_actor self{n.system()};
+  std::optional<kvflow::msg::node_entry> out;
+  self->request(n.registry, 2s, kvflow::msg::node_query{})
+      .receive(
+          [&](kvflow::msg::node_table& t) {
+            for (auto& e : t.nodes)
+              if (e.name == name) out = e;
+          },
+          [](caf::error&) {});
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("api: a node's engine announced before it meshed does not mark it unmeshed after it did") {
+  // A rank process sets its engine once, right after its rank: that registration can be queued
+  // behind the keeper's tick that registers the node meshed. Forwarded as it was made, it set the
+  // row back to unmeshed for good, and `kvflow launch` waited for that node until its timeout
+  // ("prefill 4 not meshed", once in some 90 loaded launches).
+  auto top = small(1, 1, 1, 1);
+  kvflow::node_options o;
+  o.transport = "ucx";
+  o.listen = "127.0.0.1:0";
+  auto host = kvflow::node::start(top, o);
+  REQUIRE_MESSAGE(host, host.err().message());
+  kvflow::node_options j;
+  j.transport = "ucx";
+  j.bootstrap = host.value()->address();
+  kvflow::runtime::internal_options in;
+  in.node_name = "joiner";
+  auto joiner = kvflow::runtime::start_node(top, j, in);
+  REQUIRE_MESSAGE(joiner, joiner.err().message());
+  auto& sys = kvflow::runtime::internals(*joiner.value()).system();
+  auto engine = sys.spawn([]() -> caf::behavior { return {[](int) {}}; });
+  // The registration as set_node_engine made it before the node meshed.
+  kvflow::msg::register_node stale;
+  {
+    auto row = table_row(*host.value(), "joiner");
+    REQUIRE(row);
+    stale = {kvflow::msg::wire_version, row->name, row->host, row->port, false, engine};
+  }
+  const auto until = std::chrono::steady_clock::now() + 10s;
+  while (std::chrono::steady_clock::now() < until) {
+    auto row = table_row(*host.value(), "joiner");
+    if (row && row->meshed) break;
+    std::this_thread::sleep_for(20ms);
+  }
+  REQUIRE(table_row(*host.value(), "joiner")->meshed);
+  caf::anon_send(kvflow::runtime::node_keeper(*joiner.value()), stale);
+  std::this_thread::sleep_for(300ms);
+  auto row = table_row(*host.value(), "joiner");
+  REQUIRE(row);
+  CHECK(row->meshed);
+  caf::anon_send_exit(engine, caf::exit_reason::user_shutdown);
+  joiner.value()->stop();
+  host.value()->stop();
 }
 
 namespace {

@@ -186,6 +186,7 @@ step_states agreed_table::apply(const step_states& merged) {
       out.push_back(rule(&agreed_[j++], m));
     }
   }
+  if (++applied_ == 1 || out != agreed_) same_since_ = applied_;
   agreed_ = out;
   return out;
 }

@@ -76,6 +76,10 @@ class agreed_table {
   // Applies a round's merged states; returns the agreed states of the round (sorted).
   step_states apply(const step_states& merged);
   std::size_t size() const { return agreed_.size(); }
+  // The apply (counted from 1) since which every apply agreed the very states of the last one.
+  // Its callers apply rounds 1, 2, ... in order, so it is a round: what lets a reader that holds
+  // one of those rounds skip the copy and the comparison (agreed_view::same_since).
+  std::uint64_t same_since() const { return same_since_; }
 
  private:
   using key = std::pair<std::uint64_t, std::uint64_t>;
@@ -85,6 +89,7 @@ class agreed_table {
     }
   };
   step_states agreed_;  // sorted, like every round's merge
+  std::uint64_t applied_ = 0, same_since_ = 0;
   std::unordered_map<key, room_state, key_hash> tombstones_;
   std::deque<key> tombstone_order_;
   std::size_t max_tombstones_;

@@ -204,7 +204,8 @@ void shm_segment::wake_combiner() const {
   futex_wake(h.combine_word, 1);
 }
 
-bool shm_segment::wait_published(const std::function<bool()>& done, std::chrono::microseconds timeout) const {
+template <class Done>
+bool shm_segment::wait_published(const Done& done, std::chrono::microseconds timeout) const {
   if (done()) return true;
   auto& h = head();
   const auto until = std::chrono::steady_clock::now() + timeout;
@@ -385,13 +386,9 @@ void shm_combiner::publish(std::uint64_t round, const step_states& agreed) {
   if (agreed.size() > 2 * static_cast<std::size_t>(h.max_rooms)) {
     h.broken.store(1);
   } else {
-    if (round == 1 || agreed != last_) {
-      same_since_ = round;
-      last_ = agreed;
-    }
     auto& s = seg_->ring_slot(round);
     s.round.store(0);  // a reader of the lapped round sees it leave
-    s.same_since = same_since_;
+    s.same_since = table_.same_since();  // rounds are merged in order, from 1
     s.count = static_cast<std::uint32_t>(agreed.size());
     if (!agreed.empty()) std::memcpy(static_cast<void*>(s.states()), agreed.data(), agreed.size() * sizeof(room_state));
     s.round.store(round, std::memory_order_release);
@@ -403,7 +400,7 @@ void shm_combiner::publish(std::uint64_t round, const step_states& agreed) {
   // nothing is left in /dev/shm if this process is killed.
   if (round == 1) seg_->unlink();
   if (on_agreed_ && h.broken.load() == 0)
-    on_agreed_(std::make_shared<const agreed_view>(agreed_view{round, group_, agreed, same_since_}));
+    on_agreed_(std::make_shared<const agreed_view>(agreed_view{round, group_, agreed, table_.same_since()}));
 }
 
 }  // namespace kvflow

@@ -79,7 +79,9 @@ class shm_segment {
   // combiner is woken).
   bool arrive(std::uint64_t round) const;
   void wake_combiner() const;
-  bool wait_published(const std::function<bool()>& done, std::chrono::microseconds timeout) const;
+  // Until done() or `timeout` (a template: the post of every step asks it once, without waiting).
+  template <class Done>
+  bool wait_published(const Done& done, std::chrono::microseconds timeout) const;
 
   std::string name_;
   void* base_ = nullptr;
@@ -129,8 +131,6 @@ class shm_combiner {
   std::vector<bool> by_message_;  // reported by message at least once
   std::vector<std::map<std::uint64_t, step_states>> remote_;
   std::vector<step_states> last_post_;  // each child's last post read from the segment
-  step_states last_;                    // the last round published
-  std::uint64_t same_since_ = 0;        // the first round of the run that holds last_
   std::uint64_t next_ = 1;
   std::atomic<bool> stop_{false};
   std::thread thread_;

@@ -28,7 +28,6 @@ struct supervisor_state {
   // Root over a segment: the merge, and how many ranks want its rounds by message.
   std::shared_ptr<std::atomic<int>> message_ranks = std::make_shared<std::atomic<int>>(0);
   std::unique_ptr<shm_combiner> combiner;
-  std::shared_ptr<const agreed_view> last;  // root: the last round agreed
   static inline const char* name = "kvflow.supervisor";
 };
 
@@ -57,9 +56,8 @@ void finish_one(supervisor_actor* self, std::uint64_t round) {
     self->send(st.parent, msg::step_report{round, st.args.index_in_parent, std::move(merged)});
     return;
   }
-  auto agreed = std::make_shared<agreed_view>(agreed_view{round, st.args.group, st.table.apply(merged), round});
-  if (st.last && st.last->round + 1 == round && st.last->states == agreed->states) agreed->same_since = st.last->same_since;
-  st.last = agreed;
+  auto agreed = std::make_shared<agreed_view>(agreed_view{round, st.args.group, st.table.apply(merged), 0});
+  agreed->same_since = st.table.same_since();  // rounds are finished in order, from 1
   if (st.args.publish) st.args.publish->publish(agreed);
   if (st.args.ranks == 0) return;
   // One message object shared by every attached rank: CAF messages are copy-on-write.

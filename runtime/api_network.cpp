@@ -327,8 +327,7 @@ expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
       ra.children = ranks_in_group;
       ra.ranks = 0;
     }
-    auto seg = ra.shared_memory;
-    lead(-1, spawn_supervisor(sys, ra, {}), std::move(seg));
+    lead(-1, spawn_supervisor(sys, ra, {}), ra.shared_memory);
   }
   auto root = find(-1);
   if (!root) return unavailable(root.error());

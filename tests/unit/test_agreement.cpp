@@ -195,6 +195,21 @@ TEST_CASE("agreement: agreed_table is monotone and a terminal agreement is final
   CHECK(at.size() == 1);
 }
 
+TEST_CASE("agreement: agreed_table says since which apply it agreed the very same states") {
+  agreed_table at;
+  CHECK(at.same_since() == 0);
+  at.apply({});
+  CHECK(at.same_since() == 1);  // the first apply starts a run, even an empty one
+  at.apply({{1, 1, W}});
+  CHECK(at.same_since() == 2);
+  at.apply({{1, 1, B}});  // agreed stays W: the same states
+  CHECK(at.same_since() == 2);
+  at.apply({{1, 1, T}});
+  CHECK(at.same_since() == 4);
+  at.apply({{1, 1, T, true}});  // a release alone is a change
+  CHECK(at.same_since() == 5);
+}
+
 TEST_CASE("agreement: agreed_table keeps a tombstone for a dropped terminal key") {
   agreed_table at;
   at.apply({{1, 1, S}, {2, 1, F}, {3, 1, T}});

@@ -3,11 +3,11 @@
 // KV, decode TP8 reading both pipeline stages, and one decode rank killed midway.
 #include <cstdio>
 
-#include "runtime/simulation.hpp"
+#include "command/simulation.hpp"
 
 int main() {
   using namespace kvflow;
-  runtime::simulation_options o;
+  command::simulation_options o;
   o.cluster.prefill = config::parse_prefill("pp=2,cp=8,tp=8");
   o.cluster.decode = config::parse_decode("tp=8,dp=2");
   o.cluster.dtype = config::kv_dtype::fp8;
@@ -17,8 +17,8 @@ int main() {
   o.prompt_max = 1024;
   o.concurrency = 4;
   o.tunables.bootstrap_timeout_ms = o.tunables.waiting_timeout_ms = 5000;
-  o.faults.push_back(runtime::parse_fault("kill:decode:9@6"));
-  auto r = runtime::run_simulation(o);
+  o.faults.push_back(command::parse_fault("kill:decode:9@6"));
+  auto r = command::run_simulation(o);
   std::printf("%d requests: %d succeeded, %d failed (%d not explained by the fault), %d stalled; "
               "%.1f MB verified, %llu pages leaked\n",
               r.requests, r.succeeded, r.failed, r.unexpected_failures, r.stalled,

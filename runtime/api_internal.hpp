@@ -1,8 +1,7 @@
 #pragma once
 // What stands behind the public API (include/kvflow/kvflow.hpp): the node's actor system,
 // transport, registry and agreement groups, and a rank's actor and agreement client. Internal to
-// runtime/ (the simulator's engines use it to share the node's actor system and to inject its
-// test faults); never installed.
+// runtime/ and its tests (kvflow's own engines use runtime/engine_host.hpp); never installed.
 #include <caf/all.hpp>
 
 #include <atomic>
@@ -20,35 +19,15 @@
 #include "config/status.hpp"
 #include "config/tunables.hpp"
 #include "kvflow/kvflow.hpp"
+#include "runtime/engine_host.hpp"
 #include "transport/transport.hpp"
 
 namespace kvflow::runtime {
 
-// Options only kvflow's own engines set.
-struct internal_options {
-  // Run the node's actors on CAF's deterministic test scheduler (the simulator drives it).
-  bool deterministic = false;
-  std::shared_ptr<transport::transport> transport;  // instead of the one options.transport names
-  dst_filter drop_dst;                              // the drop-dst-info fault seam
-  std::optional<config::tunables> tunables;         // instead of options.tunables
-  // A networked node: its name in the registry's node table (default "node HOST:PORT"), the
-  // wire version it claims (0: this build's; a test claims another), and how many nodes the
-  // cluster has (0: unknown; else it reports itself meshed only once it saw them all).
-  std::string node_name;
-  std::uint32_t wire_version = 0;
-  int expected_nodes = 0;
-};
-
 struct network_node;  // runtime/api_network.cpp: a node's registrations, anchor and keeper
-
-expected<std::shared_ptr<node>> start_node(const topology& t, node_options options, internal_options internal);
 
 // The engine's buffers in kvflow's own types (host memory only in this build).
 expected<std::vector<buffer_spec>> to_buffer_specs(const memory_desc& m);
-
-// Parses the public topology into kvflow's own (errors name the field), and back.
-expected<config::cluster_config> to_cluster(const topology& t);
-topology topology_of(const config::cluster_config& c);
 
 // What a rank needs from the process it lives in.
 struct rank_context {
@@ -81,9 +60,6 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
                                                 const memory_desc& memory, const agreement_link& link,
                                                 std::shared_ptr<const void> owner = {});
 
-// node::add_prefill / add_decode with an owner of the memory (see make_rank).
-expected<std::shared_ptr<rank::impl>> add_rank(node& n, bool prefill, const coords& where,
-                                               const memory_desc& memory, std::shared_ptr<const void> owner);
 std::size_t ring_rounds(const config::tunables& t);
 
 // A networked node (runtime/api_network.cpp). start_network joins the registry at
@@ -99,8 +75,6 @@ void stop_network(node::impl& n);
 // The registry (a networked node's keeper replaces it when the bootstrap restarts).
 caf::actor current_registry(node::impl& n);
 std::string network_address(node::impl& n);  // HOST:PORT peers reach this node at
-// The process's serving engine, announced in the node table (what a launcher hands requests to).
-void set_node_engine(node& n, const caf::actor& engine);
 // The actor that keeps a networked node's registrations (what set_node_engine goes through).
 caf::actor node_keeper(node& n);
 

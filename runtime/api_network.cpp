@@ -435,4 +435,19 @@ void set_node_engine(node& nd, const caf::actor& engine) {
   caf::anon_send(n.net->keeper, std::move(m));
 }
 
+expected<std::vector<node_listing>> list_nodes(caf::actor_system& sys, const caf::actor& registry,
+                                               std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{sys};
+  expected<std::vector<node_listing>> out{error{errc::unavailable, "the registry did not answer"}};
+  self->request(registry, timeout, msg::node_query{})
+      .receive(
+          [&](msg::node_table& t) {
+            std::vector<node_listing> rows;
+            for (auto& e : t.nodes) rows.push_back({std::move(e.name), std::move(e.host), e.port, e.meshed, e.engine});
+            out = std::move(rows);
+          },
+          [&](caf::error& e) { out = error{errc::unavailable, "the registry did not answer: " + sys.render(e)}; });
+  return out;
+}
+
 }  // namespace kvflow::runtime

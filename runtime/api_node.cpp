@@ -175,6 +175,7 @@ expected<std::shared_ptr<node>> start_node(const topology& t, node_options optio
     runtime::configure_node(*n->cfg, n->tunables);  // the middleman, with heartbeats
   else
     runtime::configure_actor_system(*n->cfg);
+  if (n->internal.add_message_types) n->internal.add_message_types(*n->cfg);
   if (n->internal.deterministic) n->cfg->set("scheduler.policy", caf::atom("testing"));
   if (options.worker_threads > 0) n->cfg->set("scheduler.max-threads", options.worker_threads);
   n->sys = std::make_unique<caf::actor_system>(*n->cfg);
@@ -352,8 +353,11 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   // and every rank reports by message. In one process, through the group's boards.
   auto link = n.net ? runtime::link_network(n, prefill, r) : local_link(n, prefill, r);
   if (!link) return link.err();
-  runtime::rank_context ctx{n.system(),        n.plan,           n.tunables, n.transport,
-                            runtime::current_registry(n), n.internal.drop_dst, n.stopped};
+  dst_filter drop;
+  if (n.internal.drop_dst)
+    drop = [seam = n.internal.drop_dst](const msg::dst_info& d) { return seam(d.room, d.incarnation); };
+  runtime::rank_context ctx{n.system(), n.plan, n.tunables, n.transport, runtime::current_registry(n),
+                            std::move(drop), n.stopped};
   auto ri = runtime::make_rank(ctx, prefill, r, memory, link.value(), std::move(owner));
   if (!ri) return ri.err();
   n.taken[{prefill, r}] = true;
@@ -375,10 +379,23 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   return ri;
 }
 
-expected<std::shared_ptr<rank::impl>> runtime::add_rank(node& n, bool prefill, const coords& where,
-                                                        const memory_desc& memory, std::shared_ptr<const void> owner) {
-  return kvflow::add_rank(runtime::internals(n), prefill, where, memory, std::move(owner));
+expected<runtime::added_rank> runtime::add_rank(node& n, bool prefill, const coords& where, const memory_desc& memory,
+                                                std::shared_ptr<const void> owner) {
+  auto ri = kvflow::add_rank(runtime::internals(n), prefill, where, memory, std::move(owner));
+  if (!ri) return ri.err();
+  added_rank out;
+  out.actor = ri.value()->actor;
+  out.group = ri.value()->group;
+  if (prefill)
+    out.prefill = std::make_shared<prefill_rank>(std::move(ri.value()));
+  else
+    out.decode = std::make_shared<decode_rank>(std::move(ri.value()));
+  return out;
 }
+
+caf::actor_system& runtime::system_of(node& n) { return runtime::internals(n).system(); }
+std::shared_ptr<const config::routing_plan> runtime::plan_of(node& n) { return runtime::internals(n).plan; }
+std::shared_ptr<transport::transport> runtime::transport_of(node& n) { return runtime::internals(n).transport; }
 
 expected<std::shared_ptr<prefill_rank>> node::add_prefill(const coords& where, const memory_desc& memory) {
   auto r = add_rank(*impl_, true, where, memory, {});

@@ -1,7 +1,5 @@
 #include "runtime/node.hpp"
 
-#include <atomic>
-#include <csignal>
 #include <thread>
 
 #include "config/topology.hpp"
@@ -56,20 +54,5 @@ result<std::uint16_t> publish_on(caf::actor_system& sys, const caf::actor& a, co
   if (!port) return status::error("cannot listen on " + where.text() + ": " + sys.render(port.error()));
   return *port;
 }
-
-namespace {
-std::atomic<bool> stop_flag{false};
-extern "C" void on_stop_signal(int) { stop_flag.store(true); }
-}  // namespace
-
-void install_stop_signals() {
-  struct sigaction sa {};
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  for (int s : {SIGTERM, SIGINT, SIGHUP}) sigaction(s, &sa, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);
-}
-
-bool stop_requested() { return stop_flag.load(); }
 
 }  // namespace kvflow::runtime

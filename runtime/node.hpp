@@ -1,7 +1,7 @@
 #pragma once
 // What every kvflow process on the network shares: addresses, the networked actor system
-// (middleman with heartbeats), connecting with retries, and stopping on SIGTERM/SIGINT.
-// Internal to runtime/.
+// (middleman with heartbeats), and connecting with retries. Internal to runtime/ and kvflow's own
+// engines (command/: launch connects to its rank processes with these).
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 #include <chrono>
@@ -32,10 +32,5 @@ result<caf::actor> connect_with_retry(caf::actor_system& sys, const host_port& w
 
 // Publishes `a` on `where` (port 0: any); the port it got.
 result<std::uint16_t> publish_on(caf::actor_system& sys, const caf::actor& a, const host_port& where);
-
-// SIGTERM, SIGINT and SIGHUP set a flag instead of ending the process, so it can shut down in
-// order (its peers then see a clean departure, not a lost connection).
-void install_stop_signals();
-bool stop_requested();
 
 }  // namespace kvflow::runtime

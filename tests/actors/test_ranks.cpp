@@ -21,7 +21,7 @@
 #include "cuda/host_memory.hpp"
 #include "kvflow/kvflow.hpp"
 #include "runtime/api_internal.hpp"
-#include "runtime/sim_memory.hpp"
+#include "command/sim_memory.hpp"
 #include "transport/inproc_transport.hpp"
 
 // Readable API errors in failed assertions: "code: message".
@@ -217,7 +217,7 @@ class scheduler {
 struct tested_rank {
   bool prefill = true;
   int rank = 0;
-  std::shared_ptr<runtime::sim_memory> memory;
+  std::shared_ptr<command::sim_memory> memory;
   caf::actor actor;
   caf::actor parent;
   inbox_ptr parent_box = std::make_shared<inbox>();
@@ -241,7 +241,7 @@ struct tested_rank {
           for (std::int64_t k = 0; k < m.item_bytes(); ++k)
             item[k] = pattern_byte(room, l, first + static_cast<int>(i), k);
         }
-    runtime::sim_aux_row a{room, incarnation, static_cast<std::int32_t>(room % 32000), -0.5f};
+    command::sim_aux_row a{room, incarnation, static_cast<std::int32_t>(room % 32000), -0.5f};
     std::memcpy(m.aux_row(row), &a, sizeof a);
   }
 };
@@ -252,7 +252,7 @@ struct fake_decode {
   int rank = 0;
   caf::actor handle;
   inbox_ptr box;
-  std::unique_ptr<runtime::sim_memory> memory;
+  std::unique_ptr<command::sim_memory> memory;
   cuda::host_memory receipts;  // one aux_record per aux row (kvflow's own memory on a decode rank)
   remote_pool remote;
   std::vector<transport::region_desc> regions;
@@ -421,7 +421,7 @@ struct rank_fixture : actor_fixture {
     t->prefill = prefill;
     t->rank = r;
     const int pages = o.pages > 0 ? o.pages : prefill ? prefill_pages : 16;
-    t->memory = std::make_shared<runtime::sim_memory>(*p, prefill, r, pages, o.aux_rows);
+    t->memory = std::make_shared<command::sim_memory>(*p, prefill, r, pages, o.aux_rows);
     const auto& c = p->config();
     runtime::agreement_link link;
     if (prefill) {
@@ -459,7 +459,7 @@ struct rank_fixture : actor_fixture {
   fake_decode& fake_decode_rank(int d, int pages = 16, int rows = aux_rows) {
     auto f = std::make_unique<fake_decode>();
     f->rank = d;
-    f->memory = std::make_unique<runtime::sim_memory>(*plan, false, d, pages, rows);
+    f->memory = std::make_unique<command::sim_memory>(*plan, false, d, pages, rows);
     auto specs = runtime::to_buffer_specs(f->memory->desc());
     REQUIRE(specs.has_value());
     auto mem = rank_memory::create(*plan, false, d, f->memory->layers(), specs.value());
@@ -534,7 +534,7 @@ std::vector<std::int32_t> iota_pages(int first, int n) {
 // KV bytes of `pages` pages of every layer of an mla:4:16 prefill rank, and what the last chunk
 // adds on an aux writer: its aux row and the receipt.
 constexpr std::uint64_t mla_page_bytes = 4 * 64;
-constexpr std::uint64_t aux_bytes = runtime::sim_aux_row_bytes + sizeof(aux_record);
+constexpr std::uint64_t aux_bytes = command::sim_aux_row_bytes + sizeof(aux_record);
 
 }  // namespace
 
@@ -781,7 +781,7 @@ TEST_CASE("prefill authoritative rank: Bootstrapping, WaitingForInput, Success, 
       CHECK(std::all_of(item, item + m.item_bytes(), [](std::byte b) { return b == std::byte{0}; }));
     }
   // The engine's aux row went to the destination's row 1, and the receipt names the request.
-  runtime::sim_aux_row row;
+  command::sim_aux_row row;
   std::memcpy(&row, m.aux_row(1), sizeof row);
   CHECK(row.room == room);
   CHECK(row.incarnation == 1);

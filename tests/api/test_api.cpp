@@ -17,7 +17,7 @@
 
 #include "kvflow/kvflow.hpp"
 #include "actors/messages.hpp"
-#include "runtime/agreement_checker.hpp"
+#include "command/agreement_checker.hpp"
 #include "runtime/api_internal.hpp"
 #include "transport/inproc_transport.hpp"
 
@@ -478,17 +478,54 @@ TEST_CASE("api: an aborted request's decode pages stay quarantined while a push 
 }
 
 TEST_CASE("api: the launcher's agreement check counts ranks that report different digests of one round") {
-  kvflow::runtime::agreement_checker c;
-  kvflow::step_states a{{7, 1, 2, false}}, b{{7, 1, 3, false}};
-  c.on_digest(0, 5, kvflow::runtime::round_digest(a));
-  c.on_digest(0, 5, kvflow::runtime::round_digest(a));
+  kvflow::command::agreement_checker c;
+  using kvflow::poll_state;
+  auto round_of = [](const std::vector<kvflow::room_poll>& rooms) {
+    kvflow::round_view v;
+    v.round = 5;
+    v.rooms = rooms.data();
+    v.count = rooms.size();
+    return v;
+  };
+  std::vector<kvflow::room_poll> a{{{7, 1}, poll_state::waiting_for_input, false}};
+  std::vector<kvflow::room_poll> b{{{7, 1}, poll_state::transferring, false}};
+  c.on_digest(0, 5, kvflow::command::round_digest(round_of(a)));
+  c.on_round(0, round_of(a));
   CHECK(c.violations() == 0);
-  c.on_digest(0, 5, kvflow::runtime::round_digest(b));
+  c.on_digest(0, 5, kvflow::command::round_digest(round_of(b)));
   CHECK(c.violations() == 1);
   // The released flag is part of the record.
-  kvflow::step_states r{{7, 1, 2, true}};
-  CHECK(kvflow::runtime::round_digest(a) != kvflow::runtime::round_digest(r));
+  std::vector<kvflow::room_poll> r{{{7, 1}, poll_state::waiting_for_input, true}};
+  CHECK(kvflow::command::round_digest(round_of(a)) != kvflow::command::round_digest(round_of(r)));
   CHECK(c.rounds_checked() == 1);
+}
+
+TEST_CASE("api: the agreement check counts a room whose agreed state goes back, or leaves a terminal state") {
+  using kvflow::poll_state;
+  auto feed = [](kvflow::command::agreement_checker& c, std::uint64_t round, poll_state s) {
+    std::vector<kvflow::room_poll> rooms{{{7, 1}, s, false}};
+    kvflow::round_view v;
+    v.round = round;
+    v.rooms = rooms.data();
+    v.count = rooms.size();
+    c.on_round(0, v);
+  };
+  kvflow::command::agreement_checker rising;
+  feed(rising, 1, poll_state::bootstrapping);
+  feed(rising, 2, poll_state::transferring);
+  feed(rising, 3, poll_state::failed);  // Failed may come from any state
+  feed(rising, 4, poll_state::failed);
+  CHECK(rising.violations() == 0);
+  CHECK(rising.rounds_checked() == 4);
+  kvflow::command::agreement_checker back;
+  feed(back, 1, poll_state::transferring);
+  feed(back, 2, poll_state::waiting_for_input);
+  CHECK(back.violations() == 1);
+  kvflow::command::agreement_checker terminal;
+  feed(terminal, 1, poll_state::success);
+  feed(terminal, 2, poll_state::failed);
+  CHECK(terminal.violations() == 1);
+  CHECK(terminal.problems().at(0).find("Success then Failed") != std::string::npos);
 }
 
 TEST_CASE("api: destinations for a request the prefill side already failed are answered at once, not at a timeout") {

@@ -18,7 +18,6 @@
 
 #include "actors/agreed_ring.hpp"
 #include "actors/shm_agreement.hpp"
-#include "runtime/agreement_checker.hpp"
 #include "actors/step_board.hpp"
 #include "transport/inproc_transport.hpp"
 
@@ -298,7 +297,14 @@ TEST_CASE("shm agreement: a child dying mid-run completes the rounds that waited
 #if !defined(__SANITIZE_THREAD__)  // fork under TSan's runtime threads: not here
 namespace {
 
-using runtime::round_digest;
+// What a rank process writes back for each round it read: the round's content, hashed.
+std::uint64_t round_digest(const step_states& states) {
+  std::uint64_t h = 1469598103934665603ULL;
+  for (const auto& s : states)
+    for (std::uint64_t x : {s.room, s.incarnation, std::uint64_t(s.state), std::uint64_t(s.released)})
+      h = (h ^ x) * 1099511628211ULL;
+  return h;
+}
 
 // A rank in a process of its own: maps the segment by name, posts `rounds` rounds, reads round
 // k - 1 at step k, and writes the digest of every round it read to `out`. With `die_after`, it

@@ -5,14 +5,14 @@
 #include <string>
 
 #include "config/topology.hpp"
-#include "runtime/simulation.hpp"
+#include "command/simulation.hpp"
 
 namespace kvflow::test {
 
 // A small, fast workload: few layers, short prompts, several chunks per request.
-inline runtime::simulation_options small_run(const std::string& prefill, const std::string& decode,
+inline command::simulation_options small_run(const std::string& prefill, const std::string& decode,
                                              const std::string& model = "mla:4:64") {
-  runtime::simulation_options o;
+  command::simulation_options o;
   o.cluster.prefill = config::parse_prefill(prefill);
   o.cluster.decode = config::parse_decode(decode);
   o.cluster.dtype = config::kv_dtype::bf16;
@@ -29,7 +29,7 @@ inline runtime::simulation_options small_run(const std::string& prefill, const s
   return o;
 }
 
-inline std::string problems(const runtime::simulation_report& r) {
+inline std::string problems(const command::simulation_report& r) {
   std::string s;
   for (const auto& p : r.problems) s += p + "; ";
   int shown = 0;
@@ -40,7 +40,7 @@ inline std::string problems(const runtime::simulation_report& r) {
 }
 
 // Every request succeeded and every byte verified; nothing leaked or stalled.
-inline void check_clean(const runtime::simulation_report& r) {
+inline void check_clean(const command::simulation_report& r) {
   INFO(problems(r));
   CHECK(r.exit_code() == 0);
   CHECK(r.succeeded == r.requests);
@@ -55,7 +55,7 @@ inline void check_clean(const runtime::simulation_report& r) {
 }
 
 // Faults ran: whatever failed was touched by a fault, nothing stalled, nothing leaked.
-inline void check_survived(const runtime::simulation_report& r) {
+inline void check_survived(const command::simulation_report& r) {
   INFO(problems(r));
   CHECK(r.exit_code() == 0);
   CHECK(r.stalled == 0);

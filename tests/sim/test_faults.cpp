@@ -1,12 +1,12 @@
 // Faults: requests a fault did not touch succeed, none stalls, nothing leaks.
 #include "sim_helpers.hpp"
 
-using kvflow::runtime::parse_fault;
+using kvflow::command::parse_fault;
 using kvflow::test::check_survived;
 using kvflow::test::small_run;
 
 namespace {
-kvflow::runtime::simulation_report run_with(kvflow::runtime::simulation_options o,
+kvflow::command::simulation_report run_with(kvflow::command::simulation_options o,
                                             std::initializer_list<const char*> faults) {
   for (auto f : faults) o.faults.push_back(parse_fault(f));
   return run_simulation(o);
@@ -72,7 +72,7 @@ TEST_CASE("fault: several faults at once on the random interleaving") {
 TEST_CASE("fault specs parse or are refused with one line naming the fault") {
   CHECK(parse_fault("kill:prefill:3@5").rank == 3);
   CHECK(parse_fault("kill:decode:0@1").at == 1);
-  CHECK(parse_fault("abort:decode@4").what == kvflow::runtime::fault_spec::kind::abort_decode);
+  CHECK(parse_fault("abort:decode@4").what == kvflow::command::fault_spec::kind::abort_decode);
   for (const char* bad : {"kill:prefill:x@1", "kill:prefill:1", "abort:decode@0", "explode@1", "kill:decode:-1@2"}) {
     try {
       parse_fault(bad);

@@ -7,7 +7,7 @@
 
 #include "sim_helpers.hpp"
 
-using kvflow::runtime::parse_fault;
+using kvflow::command::parse_fault;
 
 namespace {
 

@@ -1,7 +1,7 @@
 // The upstream failures of semantics.md section 7 that apply to the core, each a test.
 #include "sim_helpers.hpp"
 
-using kvflow::runtime::parse_fault;
+using kvflow::command::parse_fault;
 using kvflow::test::check_clean;
 using kvflow::test::check_survived;
 using kvflow::test::small_run;

@@ -1,4 +1,4 @@
-// actors/messages.hpp: every message type survives CAF 0.17 binary serialization, both directly
+// actors/messages.hpp and the command's command/engine_messages.hpp: every message type survives CAF 0.17 binary serialization, both directly
 // through its inspector and wrapped in a caf::message (which needs add_message_types).
 #include <doctest/doctest.h>
 
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "actors/messages.hpp"
+#include "command/engine_messages.hpp"
 
 using namespace kvflow;
 using namespace kvflow::msg;
@@ -23,6 +24,7 @@ constexpr auto u64_max = std::numeric_limits<std::uint64_t>::max();
 struct sys_fixture {
   static caf::actor_system_config& config(caf::actor_system_config& cfg) {
     add_message_types(cfg);
+    kvflow::command::msg::add_engine_message_types(cfg);
     cfg.set("scheduler.max-threads", std::size_t{2});
     return cfg;
   }
@@ -408,7 +410,7 @@ TEST_CASE("messages: decode -> prefill messages round-trip") {
   });
 }
 
-TEST_CASE("messages: prefill -> decode and simulator messages round-trip") {
+TEST_CASE("messages: prefill -> decode and the command's router messages round-trip") {
   sys_fixture f;
   f.round_trip(kv_status{9, 2, 31, 4, "ok"}, [](const auto& a, const auto& b) {
     CHECK(b.room == a.room);
@@ -422,7 +424,7 @@ TEST_CASE("messages: prefill -> decode and simulator messages round-trip") {
     CHECK(b.incarnation == a.incarnation);
     CHECK(b.prefill_rank == a.prefill_rank);
   });
-  f.round_trip(new_request{77, 2, 32768, 1, 3, 5, 0x81}, [](const auto& a, const auto& b) {
+  f.round_trip(command::msg::new_request{77, 2, 32768, 1, 3, 5, 0x81}, [](const auto& a, const auto& b) {
     CHECK(b.room == a.room);
     CHECK(b.incarnation == a.incarnation);
     CHECK(b.prompt_tokens == a.prompt_tokens);
@@ -431,12 +433,12 @@ TEST_CASE("messages: prefill -> decode and simulator messages round-trip") {
     CHECK(b.prefix_pages == a.prefix_pages);
     CHECK(b.fault == a.fault);
   });
-  f.round_trip(abort_request{5, 6, "client went away"}, [](const auto& a, const auto& b) {
+  f.round_trip(command::msg::abort_request{5, 6, "client went away"}, [](const auto& a, const auto& b) {
     CHECK(b.room == a.room);
     CHECK(b.incarnation == a.incarnation);
     CHECK(b.reason == a.reason);
   });
-  rank_released r;
+  command::msg::rank_released r;
   r.prefill = false;
   r.rank = 63;
   r.room = 1ULL << 50;
@@ -459,8 +461,8 @@ TEST_CASE("messages: prefill -> decode and simulator messages round-trip") {
     CHECK(b.bytes_verified == a.bytes_verified);
     CHECK(b.mismatched_pages == a.mismatched_pages);
   });
-  f.round_trip(pool_usage_query{}, [](const auto&, const auto&) {});
-  f.round_trip(pool_usage{false, 7, 1 << 20, 3, 12, u64_max, 1ULL << 33, 5}, [](const auto& a, const auto& b) {
+  f.round_trip(command::msg::pool_usage_query{}, [](const auto&, const auto&) {});
+  f.round_trip(command::msg::pool_usage{false, 7, 1 << 20, 3, 12, u64_max, 1ULL << 33, 5}, [](const auto& a, const auto& b) {
     CHECK(b.prefill == a.prefill);
     CHECK(b.rank == a.rank);
     CHECK(b.used_pages == a.used_pages);

@@ -13,7 +13,7 @@
 #include "actors/rank_memory.hpp"
 #include "config/routing.hpp"
 #include "runtime/api_internal.hpp"
-#include "runtime/sim_memory.hpp"
+#include "command/sim_memory.hpp"
 
 using namespace kvflow;
 
@@ -369,7 +369,7 @@ TEST_CASE("rank_memory: make_receipt names the request and checks out, others do
 // ---- runtime/sim_memory.hpp: the simulated engine's memory -----------------------------------
 
 TEST_CASE("page_allocator: a fresh allocator hands out consecutive pages") {
-  runtime::page_allocator a(16);
+  command::page_allocator a(16);
   CHECK(a.used() == 0);
   auto x = a.take(4);
   REQUIRE(x);
@@ -381,7 +381,7 @@ TEST_CASE("page_allocator: a fresh allocator hands out consecutive pages") {
 }
 
 TEST_CASE("page_allocator: LIFO reuse: the pages freed last come back first") {
-  runtime::page_allocator p(16);
+  command::page_allocator p(16);
   auto a = p.take(4);
   auto b = p.take(4);
   REQUIRE(a);
@@ -402,7 +402,7 @@ TEST_CASE("page_allocator: LIFO reuse: the pages freed last come back first") {
 }
 
 TEST_CASE("page_allocator: accounting returns to zero and no page is handed out twice") {
-  runtime::page_allocator p(16);
+  command::page_allocator p(16);
   auto a = p.take(5);
   auto b = p.take(3);
   REQUIRE(a);
@@ -424,7 +424,7 @@ TEST_CASE("page_allocator: accounting returns to zero and no page is handed out 
 }
 
 TEST_CASE("page_allocator: taking more than is free fails and changes nothing") {
-  runtime::page_allocator p(6);
+  command::page_allocator p(6);
   auto a = p.take(4);
   REQUIRE(a);
   CHECK_FALSE(p.take(3));
@@ -435,7 +435,7 @@ TEST_CASE("page_allocator: taking more than is free fails and changes nothing") 
   REQUIRE(b);
   CHECK(p.used() == 6);
   CHECK_FALSE(p.take(1));
-  runtime::page_allocator empty;  // a model without state has no state pages to give
+  command::page_allocator empty;  // a model without state has no state pages to give
   CHECK(empty.used() == 0);
   CHECK_FALSE(empty.take(1));
   CHECK(empty.take(0));
@@ -444,7 +444,7 @@ TEST_CASE("page_allocator: taking more than is free fails and changes nothing") 
 TEST_CASE("sim_memory: its description makes a rank_memory addressing the same bytes") {
   SUBCASE("MLA with state, decode side") {
     const auto plan = mla_plan(5);
-    runtime::sim_memory sm(plan, false, 0, 6, 3);
+    command::sim_memory sm(plan, false, 0, 6, 3);
     auto specs = runtime::to_buffer_specs(sm.desc());
     REQUIRE(specs);
     auto made = rank_memory::create(plan, false, 0, sm.layers(), specs.value());
@@ -453,7 +453,7 @@ TEST_CASE("sim_memory: its description makes a rank_memory addressing the same b
     CHECK(m.pages() == 6);
     CHECK(m.state_pages() == 6);
     CHECK(m.aux_rows() == 3);
-    CHECK(m.aux_buffers().front().page_bytes == runtime::sim_aux_row_bytes);
+    CHECK(m.aux_buffers().front().page_bytes == command::sim_aux_row_bytes);
     for (int l = 0; l < 3; ++l)
       for (int pg = 0; pg < 6; ++pg) {
         CHECK(m.item(l, 0, pg) == sm.item(l, 0, pg));
@@ -471,7 +471,7 @@ TEST_CASE("sim_memory: its description makes a rank_memory addressing the same b
   SUBCASE("MHA stage, prefill side; no aux rows, no aux buffer") {
     const auto plan = mha_plan();
     const int r = config::prefill_rank_of(plan.config().prefill, {0, 1, 0, 0});
-    runtime::sim_memory sm(plan, true, r, 4, 0);
+    command::sim_memory sm(plan, true, r, 4, 0);
     CHECK(sm.layers() == config::range{4, 8});
     CHECK_FALSE(sm.has_state());
     auto specs = runtime::to_buffer_specs(sm.desc());
@@ -488,7 +488,7 @@ TEST_CASE("sim_memory: its description makes a rank_memory addressing the same b
   }
   SUBCASE("buffers kvflow cannot reach in this build are refused by name") {
     const auto plan = mla_plan(0);
-    runtime::sim_memory sm(plan, false, 0, 2, 1);
+    command::sim_memory sm(plan, false, 0, 2, 1);
     auto desc = sm.desc();
     desc.buffers[0].kind = memory_kind::cuda;
     auto specs = runtime::to_buffer_specs(desc);

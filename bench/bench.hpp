@@ -1,0 +1,37 @@
+#pragma once
+// `kvflow bench ...`: benchmarks that print their figure beside an anchor measured in the same run.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kvflow::bench {
+
+struct bench_flags {
+  int tp = 8;
+  int cp = 8;
+  std::vector<int> rooms;  // empty: 1, 64, 1024
+  int rounds = 2000;
+  int workers = 1;  // actor worker threads (0: one per core); the calling thread plays the schedulers
+};
+
+int run_bench_control(const bench_flags& f);
+// The same agreement across real processes, beside the gloo all_reduce anchor.
+int run_bench_control_processes(const bench_flags& f);
+
+// One rank process of run_bench_control_processes (started by it; not for users).
+struct control_worker_flags {
+  std::string bootstrap;  // worker 0: empty (it hosts the registry)
+  int index = 0, tp = 8, cp = 1, rooms = 1, rounds = 2000;
+};
+int run_bench_control_worker(const control_worker_flags& w);
+
+struct transfer_flags {
+  std::vector<std::uint64_t> sizes{16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20};
+  std::uint64_t bytes_per_size = 512ull << 20;  // moved per block size and mode
+  std::vector<int> request_tokens{4096, 32768};
+  bool perftest = true;  // run the ucx_perftest anchor
+};
+
+int run_bench_transfer(const transfer_flags& f);
+
+}  // namespace kvflow::bench

@@ -1,0 +1,67 @@
+#include "command/agreement_checker.hpp"
+
+namespace kvflow::command {
+
+std::uint64_t round_digest(const round_view& round) {
+  std::uint64_t h = 1469598103934665603ULL;
+  for (const auto& s : round)
+    for (std::uint64_t x : {s.id.room, s.id.incarnation, std::uint64_t(s.state), std::uint64_t(s.released)})
+      h = (h ^ x) * 1099511628211ULL;
+  return h;
+}
+
+bool agreement_checker::first_of_round(int group, std::uint64_t round, std::uint64_t digest) {
+  auto [it, fresh] = rounds_.emplace(std::make_pair(group, round), digest);
+  if (!fresh) {
+    if (it->second != digest)
+      problem("group " + std::to_string(group) + " round " + std::to_string(round) +
+              ": ranks received different agreed states");
+    return false;
+  }
+  ++checked_;
+  return true;
+}
+
+void agreement_checker::on_digest(int group, std::uint64_t round, std::uint64_t digest) {
+  std::lock_guard<std::mutex> g(mutex_);
+  first_of_round(group, round, digest);
+}
+
+void agreement_checker::on_round(int group, const round_view& round) {
+  const auto h = round_digest(round);
+  std::lock_guard<std::mutex> g(mutex_);
+  if (!first_of_round(group, round.round, h)) return;
+  for (const auto& s : round) {
+    auto [prev, first] = last_.emplace(std::make_tuple(group, s.id.room, s.id.incarnation), s.state);
+    if (first) continue;
+    const poll_state old = prev->second, now = s.state;
+    const bool terminal = old == poll_state::success || old == poll_state::failed;
+    const bool ok = terminal ? now == old : (now == poll_state::failed || now >= old);
+    if (!ok)
+      problem("group " + std::to_string(group) + " room " + std::to_string(s.id.room) + ": agreed " +
+              to_string(old) + " then " + to_string(now) + " at round " + std::to_string(round.round));
+    prev->second = s.state;
+  }
+}
+
+std::vector<std::string> agreement_checker::problems() const {
+  std::lock_guard<std::mutex> g(mutex_);
+  return problems_;
+}
+
+std::uint64_t agreement_checker::violations() const {
+  std::lock_guard<std::mutex> g(mutex_);
+  return violations_;
+}
+
+std::uint64_t agreement_checker::rounds_checked() const {
+  std::lock_guard<std::mutex> g(mutex_);
+  return checked_;
+}
+
+void agreement_checker::problem(std::string p) {
+  ++violations_;
+  if (problems_.size() < 10) problems_.push_back(std::move(p));
+}
+
+}  // namespace kvflow::command

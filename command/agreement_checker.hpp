@@ -1,0 +1,40 @@
+#pragma once
+// Checks, across threads, what the agreement promises (semantics.md section 3): every rank of a
+// group receives the identical agreed states for each round, and a room's agreed state only
+// rises (or drops to Failed) and stays once terminal. The simulator feeds it every agreed round
+// every rank receives.
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kvflow/kvflow.hpp"
+
+namespace kvflow::command {
+
+// What identifies an agreed round's content (rooms, incarnations, states, released flags).
+std::uint64_t round_digest(const round_view& round);
+
+class agreement_checker {
+ public:
+  // A rank of `group` (in this process) received `round` from its poll.
+  void on_round(int group, const round_view& round);
+  // A rank elsewhere received a round with this digest: only its identity can be checked.
+  void on_digest(int group, std::uint64_t round, std::uint64_t digest);
+  std::vector<std::string> problems() const;  // the first few, one line each
+  std::uint64_t violations() const;
+  std::uint64_t rounds_checked() const;
+
+ private:
+  void problem(std::string p);
+  bool first_of_round(int group, std::uint64_t round, std::uint64_t digest);  // under mutex_
+  mutable std::mutex mutex_;
+  std::map<std::pair<int, std::uint64_t>, std::uint64_t> rounds_;  // (group, round) -> digest
+  std::map<std::tuple<int, std::uint64_t, std::uint64_t>, poll_state> last_;
+  std::vector<std::string> problems_;
+  std::uint64_t violations_ = 0, checked_ = 0;
+};
+
+}  // namespace kvflow::command

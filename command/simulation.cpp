@@ -1,0 +1,637 @@
+// The simulated cluster: spawns the registry, the agreement trees and every rank, drives the
+// synthetic workload as the router and schedulers would, and checks what came out.
+#include "command/simulation.hpp"
+
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <random>
+#include <mutex>
+#include <set>
+#include <tuple>
+
+#include <caf/scheduler/test_coordinator.hpp>
+
+#include "command/agreement_checker.hpp"
+#include "command/driver.hpp"
+#include "command/engine_messages.hpp"
+#include "command/percentile.hpp"
+#include "command/sim_engine.hpp"
+#include "runtime/engine_host.hpp"
+#include "transport/inproc_transport.hpp"
+#include "transport/ucx_transport.hpp"
+
+namespace kvflow::command {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+struct deadline_reached {};
+struct fire_abort {
+  int index = 0;
+};
+template <class I>
+typename I::result_type inspect(I& f, deadline_reached&) {
+  return f(caf::meta::type_name("deadline_reached"));
+}
+template <class I>
+typename I::result_type inspect(I& f, fire_abort& x) {
+  return f(caf::meta::type_name("fire_abort"), x.index);
+}
+
+struct sim_request {
+  int index = 0;
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  int tokens = 0;
+  int prefill_dp = 0, decode_dp = 0;
+  std::uint8_t fault = 0;
+  bool started = false, finished = false;
+  clock_type::time_point start, end;
+  std::vector<int> prefill_ranks, decode_ranks;  // participants
+  std::set<std::pair<bool, int>> released;       // (prefill?, rank)
+  bool any_failed = false;
+  int decode_success = 0;
+  std::string reason;
+  // (prefill?, group) -> (round, state) of the first rank that acted: the others must match
+  std::map<std::pair<bool, int>, std::pair<std::uint64_t, std::uint8_t>> group_action;
+};
+
+struct driver_state {
+  simulation_options opt;
+  std::shared_ptr<const config::routing_plan> plan;
+  std::shared_ptr<cluster_control> control;
+  std::shared_ptr<simulation_report> report;
+  std::shared_ptr<agreement_checker> checker;
+  cluster_handles h;
+  std::vector<sim_request> requests;
+  std::map<std::pair<std::uint64_t, std::uint64_t>, int> by_key;  // (room, incarnation) -> index
+  std::multiset<std::uint64_t> live_rooms;
+  std::set<std::pair<bool, int>> dead;
+  std::set<std::pair<bool, int>> killed;  // by a fault: their death is expected
+  int next = 0, running = 0, started = 0, finished = 0;
+  std::mt19937_64 rng;
+  clock_type::time_point first_start, last_end;
+  bool finalizing = false;
+  caf::response_promise done;
+};
+using driver_actor = caf::stateful_actor<driver_state>;
+
+int pages_of(const config::cluster_config& c, int tokens) {
+  return (tokens + c.page_size - 1) / c.page_size;
+}
+
+// The cluster in this process: one node of the public API holding every rank, and a simulated
+// engine per rank driving it (the router is the driver).
+class inproc_cluster final : public cluster_control {
+ public:
+  inproc_cluster(simulation_options opt, std::shared_ptr<agreement_checker> checker, std::shared_ptr<node> n,
+                 std::shared_ptr<transport::transport> t, std::shared_ptr<dst_drops> drops)
+      : opt_(std::move(opt)), checker_(std::move(checker)), node_(std::move(n)), transport_(std::move(t)),
+        drops_(std::move(drops)) {}
+
+  cluster_handles start(caf::event_based_actor* self) override {
+    const auto& c = opt_.cluster;
+    auto plan = std::make_shared<const config::routing_plan>(c);
+    // Each rank's pool holds the pages of the requests in flight at once.
+    const int in_flight = std::min(opt_.concurrency, opt_.requests);
+    const int pages = in_flight * pages_of(c, opt_.prompt_max);
+    cluster_handles h;
+    h.prefill.resize(c.prefill.ranks());
+    h.decode.resize(c.decode.ranks());
+    auto engine = [&](bool prefill, int r) -> caf::actor {
+      sim_engine_args a;
+      a.plan = plan;
+      a.prefill = prefill;
+      a.rank = r;
+      a.memory = std::make_shared<sim_memory>(*plan, prefill, r, pages, in_flight + 1, transport_);
+      a.chunk_tokens = opt_.chunk_tokens;
+      a.step_interval_us = opt_.tunables.step_interval_us;
+      a.observer = caf::actor_cast<caf::actor>(self);
+      a.checker = checker_;
+      a.drops = drops_;
+      coords where;
+      if (prefill) {
+        auto pc = config::prefill_coord_of(c.prefill, r);
+        where = {pc.tp, pc.cp, pc.pp, pc.dp};
+      } else {
+        auto dc = config::decode_coord_of(c.decode, r);
+        where = {dc.tp, 0, dc.pp, dc.dp};
+      }
+      auto added = runtime::add_rank(*node_, prefill, where, a.memory->desc(), a.memory);
+      if (!added)
+        return spdlog::error("simulate: {} rank {}: {}", prefill ? "prefill" : "decode", r, added.err().message()),
+               caf::actor{};
+      a.rank_api = added.value();
+      return spawn_sim_engine(self->system(), std::move(a));
+    };
+    for (int r = 0; r < c.prefill.ranks(); ++r)
+      if (!(h.prefill[r] = engine(true, r))) return {};
+    for (int r = 0; r < c.decode.ranks(); ++r)
+      if (!(h.decode[r] = engine(false, r))) return {};
+    h_ = h;
+    return h;
+  }
+  status kill(caf::event_based_actor* self, bool prefill, int rank) override {
+    // The engine and its rank die together (linked), as one process would.
+    self->send_exit(prefill ? h_.prefill.at(rank) : h_.decode.at(rank), caf::exit_reason::kill);
+    return {};
+  }
+  status freeze(bool, int) override { return status::error("freeze needs rank processes"); }
+  status restart_bootstrap() override { return status::error("restart needs a bootstrap process"); }
+  std::uint64_t transfer_bytes(const std::vector<msg::pool_usage>&) const override {
+    return transport_->bytes_moved();
+  }
+  double copy_seconds() const override {
+    auto* inproc = dynamic_cast<const transport::inproc_transport*>(transport_.get());
+    return inproc != nullptr ? inproc->copy_seconds() : 0;
+  }
+  void stop(caf::event_based_actor* self) override {
+    for (auto* list : {&h_.prefill, &h_.decode})
+      for (auto& a : *list)
+        if (a) self->send_exit(a, caf::exit_reason::user_shutdown);
+  }
+
+ private:
+  simulation_options opt_;
+  std::shared_ptr<agreement_checker> checker_;
+  std::shared_ptr<node> node_;
+  std::shared_ptr<transport::transport> transport_;
+  std::shared_ptr<dst_drops> drops_;
+  cluster_handles h_;
+};
+
+bool touched(const simulation_options& o, const sim_request& r) {
+  for (const auto& f : o.faults) {
+    switch (f.what) {
+      case fault_spec::kind::kill_prefill:
+      case fault_spec::kind::freeze_prefill:
+        if (std::find(r.prefill_ranks.begin(), r.prefill_ranks.end(), f.rank) != r.prefill_ranks.end()) return true;
+        break;
+      case fault_spec::kind::kill_decode:
+      case fault_spec::kind::freeze_decode:
+        if (std::find(r.decode_ranks.begin(), r.decode_ranks.end(), f.rank) != r.decode_ranks.end()) return true;
+        break;
+      case fault_spec::kind::restart_bootstrap:
+        break;  // running requests do not need the registry: none may fail for it
+      default:
+        if (f.at == r.index + 1) return true;
+    }
+  }
+  return false;
+}
+
+void start_more(driver_actor* self);
+
+void check_finished(driver_actor* self, sim_request& r) {
+  auto& st = self->state;
+  if (!r.started || r.finished) return;
+  for (int p : r.prefill_ranks)
+    if (!r.released.count({true, p}) && !st.dead.count({true, p})) return;
+  for (int d : r.decode_ranks)
+    if (!r.released.count({false, d}) && !st.dead.count({false, d})) return;
+  r.finished = true;
+  r.end = clock_type::now();
+  st.last_end = r.end;
+  ++st.finished;
+  --st.running;
+  st.live_rooms.erase(st.live_rooms.find(r.room));
+  st.by_key.erase({r.room, r.incarnation});
+  start_more(self);
+}
+
+void start_request(driver_actor* self, sim_request& r) {
+  auto& st = self->state;
+  const auto& c = st.opt.cluster;
+  ++st.started;
+  // dup-room: the router hands out the room of a live request (n>1 sampling, client reuse).
+  for (const auto& f : st.opt.faults)
+    if (f.what == fault_spec::kind::duplicate_room && f.at == st.started && !st.live_rooms.empty()) {
+      r.room = *st.live_rooms.rbegin();
+      r.prefill_dp = static_cast<int>(r.room % c.prefill.dp);
+      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
+    }
+  r.started = true;
+  r.start = clock_type::now();
+  if (st.started == 1) st.first_start = r.start;
+  for (const auto& f : st.opt.faults) {
+    if (f.at != st.started) continue;
+    if (f.what == fault_spec::kind::drop_dst_info) r.fault |= fault_drop_dst_info;
+    if (f.what == fault_spec::kind::corrupt) r.fault |= fault_corrupt;
+  }
+  for (int p = 0; p < c.prefill.ranks(); ++p)
+    if (config::prefill_coord_of(c.prefill, p).dp == r.prefill_dp) r.prefill_ranks.push_back(p);
+  for (int d = 0; d < c.decode.ranks(); ++d)
+    if (config::decode_coord_of(c.decode, d).dp == r.decode_dp) r.decode_ranks.push_back(d);
+  ++st.running;
+  st.live_rooms.insert(r.room);
+  st.by_key[{r.room, r.incarnation}] = r.index;
+
+  msg::new_request q{r.room, r.incarnation, r.tokens, r.prefill_dp, r.decode_dp, 0, r.fault};
+  // drop-dst-info loses one message: the first decode rank's first destination message.
+  for (int d : r.decode_ranks) {
+    self->send(st.h.decode[d], q);
+    q.fault &= static_cast<std::uint8_t>(~fault_drop_dst_info);
+  }
+  for (int p : r.prefill_ranks) self->send(st.h.prefill[p], q);
+  for (const auto& f : st.opt.faults) {
+    if (f.at != st.started) continue;
+    if (f.what == fault_spec::kind::abort_decode) {
+      self->delayed_send(self, std::chrono::milliseconds(1), fire_abort{r.index});
+      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
+    } else if (f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::kill_decode ||
+               f.what == fault_spec::kind::freeze_prefill || f.what == fault_spec::kind::freeze_decode) {
+      bool pre = f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::freeze_prefill;
+      bool kill = f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::kill_decode;
+      st.killed.insert({pre, f.rank});
+      auto done = kill ? st.control->kill(self, pre, f.rank) : st.control->freeze(pre, f.rank);
+      if (done)
+        st.report->faults_applied.push_back(f.text);
+      else
+        st.report->problems.push_back("fault " + f.text + ": " + done.reason());
+    } else if (f.what == fault_spec::kind::restart_bootstrap) {
+      auto done = st.control->restart_bootstrap();
+      if (done)
+        st.report->faults_applied.push_back(f.text);
+      else
+        st.report->problems.push_back("fault " + f.text + ": " + done.reason());
+    } else if (f.what == fault_spec::kind::drop_dst_info || f.what == fault_spec::kind::corrupt) {
+      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
+    }
+  }
+}
+
+void finalize(driver_actor* self);
+
+void start_more(driver_actor* self) {
+  auto& st = self->state;
+  if (st.finalizing) return;
+  while (st.running < st.opt.concurrency && st.next < static_cast<int>(st.requests.size())) {
+    auto& r = st.requests[st.next++];
+    // With a room pool, a room is reused only once every rank cleared it.
+    if (st.opt.room_pool > 0 && st.live_rooms.count(r.room) != 0) {
+      --st.next;
+      break;
+    }
+    start_request(self, r);
+  }
+  if (st.finished == static_cast<int>(st.requests.size())) finalize(self);
+}
+
+void on_released(driver_actor* self, const msg::rank_released& ev) {
+  auto& st = self->state;
+  auto it = st.by_key.find({ev.room, ev.incarnation});
+  if (it == st.by_key.end()) return;
+  auto& r = st.requests[it->second];
+  if (!r.released.insert({ev.prefill, ev.rank}).second) return;
+  auto state = static_cast<poll_state>(ev.state);
+  if (state == poll_state::failed) {
+    r.any_failed = true;
+    // Keep the most telling reason: a rank's own, decode's first, not a group echo.
+    auto echo = [](const std::string& why) { return why.find("another rank of the") != std::string::npos; };
+    std::string why = (ev.prefill ? "prefill rank " : "decode rank ") + std::to_string(ev.rank) + ": " + ev.reason;
+    if (!ev.reason.empty() && (r.reason.empty() || (echo(r.reason) && !echo(why)))) r.reason = why;
+  } else if (!ev.prefill) {
+    ++r.decode_success;
+  }
+  auto& rep = *st.report;
+  rep.bytes_expected += ev.bytes_expected;
+  rep.bytes_verified += ev.bytes_verified;
+  rep.mismatched_pages += ev.mismatched_pages;
+  // Agreement: every rank of one group acts on a room at the same round with the same state.
+  if (ev.round > 0) {
+    const auto& c = st.opt.cluster;
+    int group = ev.prefill ? config::prefill_coord_of(c.prefill, ev.rank).pp
+                           : config::decode_coord_of(c.decode, ev.rank).pp;
+    auto [g, fresh] = r.group_action.emplace(std::make_pair(ev.prefill, group), std::make_pair(ev.round, ev.state));
+    if (!fresh && g->second != std::make_pair(ev.round, ev.state)) {
+      ++rep.agreement_violations;
+      rep.problems.push_back("room " + std::to_string(r.room) + ": " + (ev.prefill ? "prefill" : "decode") +
+                             " rank " + std::to_string(ev.rank) + " acted at round " + std::to_string(ev.round) +
+                             " with " + to_string(state) + ", its group at round " +
+                             std::to_string(g->second.first) + " with " +
+                             to_string(static_cast<poll_state>(g->second.second)));
+    }
+  }
+  check_finished(self, r);
+}
+
+void on_rank_down(driver_actor* self, const caf::down_msg& dm) {
+  auto& st = self->state;
+  auto died = [&](bool prefill, int i) {
+    st.dead.insert({prefill, i});
+    if (!st.killed.count({prefill, i}) && !st.finalizing)
+      st.report->problems.push_back((prefill ? "prefill rank " : "decode rank ") + std::to_string(i) +
+                                    " stopped with no fault: " + self->system().render(dm.reason));
+  };
+  for (int i = 0; i < static_cast<int>(st.h.prefill.size()); ++i)
+    if (st.h.prefill[i].address() == dm.source) died(true, i);
+  for (int i = 0; i < static_cast<int>(st.h.decode.size()); ++i)
+    if (st.h.decode[i].address() == dm.source) died(false, i);
+  for (auto& r : st.requests) check_finished(self, r);
+}
+
+void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage) {
+  auto& st = self->state;
+  auto& rep = *st.report;
+  rep.requests = static_cast<int>(st.requests.size());
+  std::vector<double> lat;
+  for (const auto& r : st.requests) {
+    request_outcome o;
+    o.room = r.room;
+    o.index = r.index;
+    o.prefill_dp = r.prefill_dp;
+    o.decode_dp = r.decode_dp;
+    o.touched = touched(st.opt, r);
+    if (!r.finished) {
+      o.state = "Stalled";
+      o.reason = r.started ? "not terminal at the deadline" : "never started before the deadline";
+      ++rep.stalled;
+    } else if (!r.any_failed && r.decode_success > 0) {
+      o.state = "Success";
+      ++rep.succeeded;
+    } else {
+      o.state = "Failed";
+      o.reason = r.reason.empty() ? "every decode rank of the request died" : r.reason;
+      ++rep.failed;
+      if (!o.touched) ++rep.unexpected_failures;
+    }
+    if (r.finished) {
+      o.latency_ms = std::chrono::duration<double, std::milli>(r.end - r.start).count();
+      lat.push_back(o.latency_ms);
+    }
+    rep.outcomes.push_back(std::move(o));
+  }
+  rep.latency_p50_ms = percentile(lat, 0.5);
+  rep.latency_p99_ms = percentile(lat, 0.99);
+  rep.latency_max_ms = lat.empty() ? 0 : *std::max_element(lat.begin(), lat.end());
+  for (const auto& u : usage) {
+    rep.leaked_pages += u.used_pages;
+    rep.leaked_aux_slots += u.used_aux;
+    rep.leaked_rooms += u.live_rooms;
+  }
+  if (st.checker) {
+    rep.agreement_violations += st.checker->violations();
+    rep.agreement_rounds_checked = st.checker->rounds_checked();
+    for (auto& p : st.checker->problems()) rep.problems.push_back(p);
+  }
+  rep.transfer_bytes = st.control->transfer_bytes(usage);
+  rep.copy_seconds = st.control->copy_seconds();
+  if (st.finished > 0)
+    rep.transfer_seconds = std::chrono::duration<double>(st.last_end - st.first_start).count();
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  rep.peak_rss_bytes = std::uint64_t(ru.ru_maxrss) * 1024;
+  for (const auto& u : usage) rep.peak_rss_bytes = std::max(rep.peak_rss_bytes, u.peak_rss_bytes);  // rank processes
+
+  auto problem = [&](bool bad, const std::string& what) {
+    if (bad) rep.problems.push_back(what);
+  };
+  problem(rep.stalled > 0, std::to_string(rep.stalled) + " requests stalled");
+  problem(rep.unexpected_failures > 0,
+          std::to_string(rep.unexpected_failures) + " requests no fault touched failed");
+  problem(rep.mismatched_pages > 0, std::to_string(rep.mismatched_pages) + " pages mismatched");
+  problem(rep.bytes_verified != rep.bytes_expected,
+          std::to_string(rep.bytes_expected - rep.bytes_verified) + " bytes not verified");
+  problem(rep.leaked_pages > 0, std::to_string(rep.leaked_pages) + " KV pages leaked");
+  problem(rep.leaked_aux_slots > 0, std::to_string(rep.leaked_aux_slots) + " aux slots leaked");
+  problem(rep.leaked_rooms > 0, std::to_string(rep.leaked_rooms) + " rooms left in state stores");
+}
+
+void shutdown(driver_actor* self) {
+  auto& st = self->state;
+  st.control->stop(self);
+  st.report->complete = true;
+  st.done.deliver(true);
+  self->quit();
+}
+
+struct account_usage {  // ask the ranks again (pushes of released rooms still draining)
+  int attempt = 0;
+};
+template <class I>
+typename I::result_type inspect(I& f, account_usage& x) {
+  return f(caf::meta::type_name("account_usage"), x.attempt);
+}
+
+// Leak accounting: ask every live rank what it still holds (a dead rank's memory went with
+// it). Pages a rank still lends to pushes in flight (a room released while its transport was
+// writing) come back when the transport completes: ask again, for up to 5 s, before counting
+// anything held as leaked.
+void collect_usage(driver_actor* self, int attempt) {
+  auto& st = self->state;
+  auto usage = std::make_shared<std::vector<msg::pool_usage>>();
+  auto pending = std::make_shared<int>(0);
+  std::vector<caf::actor> live;
+  for (int i = 0; i < static_cast<int>(st.h.prefill.size()); ++i)
+    if (!st.dead.count({true, i})) live.push_back(st.h.prefill[i]);
+  for (int i = 0; i < static_cast<int>(st.h.decode.size()); ++i)
+    if (!st.dead.count({false, i})) live.push_back(st.h.decode[i]);
+  *pending = static_cast<int>(live.size());
+  auto done = [self, usage, attempt] {
+    std::int64_t draining = 0;
+    for (const auto& u : *usage) draining += u.draining_pages;
+    if (draining > 0 && attempt < 100) {
+      self->delayed_send(self, std::chrono::milliseconds(50), account_usage{attempt + 1});
+      return;
+    }
+    write_report(self, *usage);
+    shutdown(self);
+  };
+  if (live.empty()) {
+    done();
+    return;
+  }
+  for (auto& a : live)
+    self->request(a, std::chrono::seconds(10), msg::pool_usage_query{})
+        .then(
+            [usage, pending, done](msg::pool_usage& u) {
+              usage->push_back(u);
+              if (--*pending == 0) done();
+            },
+            [pending, done](caf::error&) {
+              if (--*pending == 0) done();
+            });
+}
+
+void finalize(driver_actor* self) {
+  auto& st = self->state;
+  if (st.finalizing) return;
+  st.finalizing = true;
+  collect_usage(self, 0);
+}
+
+caf::behavior driver(driver_actor* self, simulation_options opt, std::shared_ptr<simulation_report> report,
+                     std::shared_ptr<cluster_control> control, std::shared_ptr<agreement_checker> checker) {
+  auto& st = self->state;
+  st.opt = std::move(opt);
+  st.report = std::move(report);
+  st.report->options = st.opt;
+  st.plan = std::make_shared<const config::routing_plan>(st.opt.cluster);
+  st.control = std::move(control);
+  st.checker = std::move(checker);
+  st.rng.seed(st.opt.seed);
+  // The router: rooms are random 64-bit ids (or drawn from a small pool to exercise reuse).
+  std::uniform_int_distribution<int> tokens(st.opt.prompt_min, st.opt.prompt_max);
+  std::set<std::uint64_t> used;
+  for (int i = 0; i < st.opt.requests; ++i) {
+    sim_request r;
+    r.index = i;
+    r.incarnation = static_cast<std::uint64_t>(i) + 1;
+    if (st.opt.room_pool > 0) {
+      r.room = 1 + st.rng() % static_cast<std::uint64_t>(st.opt.room_pool);
+    } else {
+      do r.room = st.rng() >> 1; while (r.room == 0 || !used.insert(r.room).second);
+    }
+    r.tokens = tokens(st.rng);
+    r.prefill_dp = static_cast<int>(r.room % st.opt.cluster.prefill.dp);
+    r.decode_dp = i % st.opt.cluster.decode.dp;
+    st.requests.push_back(std::move(r));
+  }
+  self->set_down_handler([self](caf::down_msg& dm) { on_rank_down(self, dm); });
+  self->delayed_send(self, std::chrono::milliseconds(static_cast<std::int64_t>(st.opt.deadline_s * 1000)), deadline_reached{});
+  return {
+      [self](msg::start_atom) -> caf::result<bool> {
+        auto& st = self->state;
+        st.h = st.control->start(self);
+        st.done = self->make_response_promise();
+        const auto& c = st.opt.cluster;
+        if (static_cast<int>(st.h.prefill.size()) != c.prefill.ranks() ||
+            static_cast<int>(st.h.decode.size()) != c.decode.ranks()) {
+          st.report->problems.push_back("the cluster did not start");
+          finalize(self);
+          return st.done;
+        }
+        for (auto& a : st.h.prefill) self->monitor(a);
+        for (auto& a : st.h.decode) self->monitor(a);
+        start_more(self);
+        return st.done;
+      },
+      [self](const msg::rank_released& ev) { on_released(self, ev); },
+      [self](account_usage& a) { collect_usage(self, a.attempt); },
+      [self](const msg::round_digests& d) {
+        auto& st = self->state;
+        if (!st.checker) return;
+        for (std::size_t i = 0; i < d.rounds.size() && i < d.digests.size(); ++i)
+          st.checker->on_digest(d.group, d.rounds[i], d.digests[i]);
+      },
+      [self](fire_abort& a) {
+        auto& st = self->state;
+        auto& r = st.requests[a.index];
+        if (r.finished) return;
+        for (int d : r.decode_ranks)
+          self->send(st.h.decode[d], msg::abort_request{r.room, r.incarnation, "abort:decode fault"});
+      },
+      [self](deadline_reached) {
+        spdlog::warn("simulate: deadline reached with {} of {} requests finished",
+                     self->state.finished, self->state.requests.size());
+        finalize(self);
+      },
+  };
+}
+
+}  // namespace
+
+void drive(caf::actor_system& sys, const simulation_options& options,
+           const std::shared_ptr<simulation_report>& report, std::shared_ptr<cluster_control> control,
+           std::shared_ptr<agreement_checker> checker) {
+  auto d = sys.spawn(driver, options, report, std::move(control), std::move(checker));
+  caf::scoped_actor self{sys};
+  self->request(d, caf::infinite, msg::start_atom::value)
+      .receive([](bool) {}, [&](caf::error& e) { report->problems.push_back("driver: " + sys.render(e)); });
+}
+
+namespace {
+
+// The node every rank of the simulated cluster joins, and the cluster over it.
+struct simulated_node {
+  std::shared_ptr<node> n;
+  std::shared_ptr<cluster_control> control;
+};
+
+simulated_node make_inproc_cluster(const simulation_options& o, const std::shared_ptr<simulation_report>& report,
+                                   std::shared_ptr<agreement_checker> checker, bool deterministic) {
+  std::shared_ptr<transport::transport> t;
+  if (o.transport == "ucx") {
+    auto made = transport::ucx_transport::create(
+        transport::ucx_options{std::chrono::milliseconds(o.tunables.ucx_flush_timeout_ms)});
+    if (!made) {
+      report->problems.push_back("transport ucx: " + made.error().reason());
+      return {};
+    }
+    t = std::move(made.value());
+  } else {
+    t = std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
+  }
+  auto drops = std::make_shared<dst_drops>();
+  runtime::internal_options in;
+  in.add_message_types = msg::add_engine_message_types;
+  in.deterministic = deterministic;
+  in.transport = t;
+  in.tunables = o.tunables;
+  in.drop_dst = drop_filter(drops);
+  auto n = runtime::start_node(runtime::topology_of(o.cluster), {}, std::move(in));
+  if (!n) {
+    report->problems.push_back("node: " + n.err().message());
+    return {};
+  }
+  auto control = std::make_shared<inproc_cluster>(o, std::move(checker), n.value(), t, drops);
+  return {n.value(), control};
+}
+
+void run_interleaved(const simulation_options& options, const std::shared_ptr<simulation_report>& report) {
+  std::mt19937_64 pick(options.interleave_seed);
+  auto checker = std::make_shared<agreement_checker>();
+  auto cluster = make_inproc_cluster(options, report, checker, true);
+  if (!cluster.control) return;
+  auto& sys = runtime::system_of(*cluster.n);
+  auto& sched = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
+  auto d = sys.spawn(driver, options, report, cluster.control, checker);
+  caf::anon_send(d, msg::start_atom::value);
+  std::uint64_t events = 0;
+  while (!report->complete) {
+    if (sched.jobs.empty()) {
+      if (!sched.trigger_timeout()) break;
+      continue;
+    }
+    // Time also passes between messages (up to one scheduler step), so timers that fall due
+    // then (steps, not the long timeouts) interleave with the messages in flight.
+    if (pick() % 8 == 0) {
+      sched.advance_time(std::chrono::microseconds(pick() % (options.tunables.step_interval_us + 1)));
+      continue;
+    }
+    auto i = pick() % sched.jobs.size();
+    std::rotate(sched.jobs.begin(), sched.jobs.begin() + static_cast<long>(i),
+                sched.jobs.begin() + static_cast<long>(i) + 1);
+    sched.run_once();
+    ++events;
+  }
+  sched.run();  // let every actor see its exit message
+  report->scheduled_events = events;
+  if (!report->complete) report->problems.push_back("interleaved run stopped: nothing left to run");
+  cluster.n->stop();
+}
+
+}  // namespace
+
+simulation_report run_simulation(const simulation_options& options) {
+  validate(options);
+  auto report = std::make_shared<simulation_report>();
+  if (options.interleave_seed != 0) {
+    run_interleaved(options, report);
+    return *report;
+  }
+  auto checker = std::make_shared<agreement_checker>();
+  auto cluster = make_inproc_cluster(options, report, checker, false);
+  if (!cluster.control) return *report;
+  drive(runtime::system_of(*cluster.n), options, report, cluster.control, checker);
+  cluster.control.reset();
+  cluster.n->stop();
+  return *report;
+}
+
+}  // namespace kvflow::command

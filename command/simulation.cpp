@@ -541,8 +541,16 @@ void drive(caf::actor_system& sys, const simulation_options& options,
            std::shared_ptr<agreement_checker> checker) {
   auto d = sys.spawn(driver, options, report, std::move(control), std::move(checker));
   caf::scoped_actor self{sys};
-  self->request(d, caf::infinite, msg::start_atom::value)
-      .receive([](bool) {}, [&](caf::error& e) { report->problems.push_back("driver: " + sys.render(e)); });
+  // Until its answer, or until it stops without one (the run then fails, saying why).
+  self->monitor(d);
+  self->send(d, msg::start_atom::value);
+  bool answered = false;
+  self->receive_while([&] { return !answered; })(
+      [&](bool) { answered = true; },
+      [&](caf::down_msg& dm) {
+        report->problems.push_back("the driver stopped before its report: " + sys.render(dm.reason));
+        answered = true;
+      });
 }
 
 namespace {

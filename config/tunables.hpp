@@ -37,9 +37,9 @@ namespace kvflow::config {
     "longest a poll waits for a round that is not complete yet (counted as a stall; then it "   \
     "answers timeout, never another round)")                                                     \
   X(agreement_via, "KVFLOW_AGREEMENT_VIA", 1,                                                    \
-    "1: ranks of one host in several processes agree through shared memory (a group's leader "  \
-    "makes a segment; ranks elsewhere reach it by message); 2: every rank through the tree of " \
-    "supervisors, by message")                                                                   \
+    "1: ranks of one host agree through shared memory, in one process or several (a group's "  \
+    "leader makes a segment; ranks elsewhere reach it by message); 2: every rank through the "  \
+    "tree of supervisors, by message (the simulator's deterministic runs always do)")           \
   X(agreement_shm_rooms, "KVFLOW_AGREEMENT_SHM_ROOMS", 4096,                                     \
     "rooms one rank's step post holds in a shared-memory agreement (its segment is allocated "  \
     "at once: 24 B x rooms x (4 x ranks + 32)); a rank holding more refuses new rooms")          \

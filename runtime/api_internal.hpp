@@ -62,6 +62,17 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
 
 std::size_t ring_rounds(const config::tunables& t);
 
+// Where rank `r` sits in its agreement group: the group, how many ranks it has, and the rank's
+// index among all of them (its child index under a root whose children are every rank).
+struct group_place {
+  int group = 0, ranks = 0, flat = 0;
+};
+group_place place_in_group(const config::cluster_config& c, bool prefill, int r);
+
+// A segment for group `group` of `ranks` ranks to agree through (KVFLOW_AGREEMENT_VIA=1); null,
+// with a warning, where /dev/shm cannot take it (the group then uses the tree of supervisors).
+std::shared_ptr<shm_segment> make_segment(node::impl& n, int group, int ranks);
+
 // A networked node (runtime/api_network.cpp). start_network joins the registry at
 // options.bootstrap, or publishes this node's registry at options.listen; link_network finds or
 // spawns the supervisors rank `r` leads or reports to (through the registry: the group may span
@@ -89,6 +100,7 @@ struct local_group {
   std::map<int, caf::actor> shards;        // prefill: by shard index
   std::map<int, std::shared_ptr<step_board>> shard_boards;
   std::shared_ptr<agreed_ring> ring;
+  std::shared_ptr<shm_segment> shm;  // set: the group agrees through it (the root's merge thread)
 };
 
 struct node::impl {

@@ -249,6 +249,8 @@ std::string segment_name(int group) {
   return buf;
 }
 
+}  // namespace
+
 // The group's segment, made by its leader: a group whose ranks will all post by message costs
 // a few MiB of /dev/shm for nothing, one whose ranks share the host saves every round two
 // processes' network threads. Null (and messages, the tree of supervisors) where /dev/shm
@@ -262,38 +264,30 @@ std::shared_ptr<shm_segment> make_segment(node::impl& n, int group, int ranks) {
   shape.max_rooms = static_cast<int>(std::min<std::int64_t>(n.tunables.agreement_shm_rooms, 1 << 24));
   auto seg = shm_segment::create(segment_name(group), group, shape);
   if (!seg) {
-    spdlog::warn("{}: agreement group {} agrees through messages: {}", n.net->name, group, seg.error().reason());
+    spdlog::warn("{}: agreement group {} agrees through messages: {}", n.net ? n.net->name : std::string("node"), group, seg.error().reason());
     return nullptr;
   }
   return seg.value();
 }
 
-}  // namespace
-
 expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
   auto& net = *n.net;
   const auto& c = n.cluster;
   auto& sys = *n.sys;
-  int group = 0, shard = -1, child = 0, flat = 0, ranks_in_group = 0, root_children = 0;
+  const auto place = place_in_group(c, prefill, r);
+  const int group = place.group, flat = place.flat, ranks_in_group = place.ranks;
+  int shard = -1, child = flat, root_children = ranks_in_group;
   bool lead_shard = false, lead_group = false;
   if (prefill) {
     auto pc = config::prefill_coord_of(c.prefill, r);
-    group = config::prefill_group_of(c.prefill, pc);
     shard = config::prefill_shard_of(c.prefill, pc);
     lead_shard = pc.cp == 0;
     lead_group = pc.cp == 0 && pc.tp == 0 && pc.pp == 0;
-    ranks_in_group = c.prefill.tp * c.prefill.cp * c.prefill.pp;
     root_children = c.prefill.tp * c.prefill.pp;
     child = pc.cp;
-    flat = (pc.pp * c.prefill.tp + pc.tp) * c.prefill.cp + pc.cp;
   } else {
     auto dc = config::decode_coord_of(c.decode, r);
-    group = config::decode_group_of(c.decode, dc);
     lead_group = dc.tp == 0 && dc.pp == 0;
-    ranks_in_group = c.decode.tp * c.decode.pp;
-    root_children = ranks_in_group;
-    child = config::decode_child_of(c.decode, dc);
-    flat = child;
   }
   auto unavailable = [](const status& s) { return error{errc::unavailable, s.reason()}; };
   // A supervisor led in this node, else the registry's (its leader may be in another process).

@@ -277,7 +277,50 @@ std::size_t ring_rounds(const config::tunables& t) {
 // Rank r's place in its group's agreement tree in one process: the group's TP supervisor and
 // ring come with its first rank (decode ranks post on its board, prefill shards report to it
 // by message), a prefill shard's supervisor and board with the shard's first rank.
+runtime::group_place runtime::place_in_group(const config::cluster_config& c, bool prefill, int r) {
+  if (prefill) {
+    auto pc = config::prefill_coord_of(c.prefill, r);
+    return {config::prefill_group_of(c.prefill, pc), c.prefill.tp * c.prefill.cp * c.prefill.pp,
+            (pc.pp * c.prefill.tp + pc.tp) * c.prefill.cp + pc.cp};
+  }
+  auto dc = config::decode_coord_of(c.decode, r);
+  return {config::decode_group_of(c.decode, dc), c.decode.tp * c.decode.pp, config::decode_child_of(c.decode, dc)};
+}
+
+// A group of this process agrees through a segment of shared memory, as the ranks of one host do
+// across processes: every rank posts into it, and the merge thread of the group's root writes each
+// round into it for every rank to read in place (no actor hop per round). Not on the
+// deterministic scheduler (the simulator's interleavings schedule every hop, and a merge thread
+// is not theirs to schedule), with KVFLOW_AGREEMENT_VIA=2, or where /dev/shm cannot take the
+// segment: then through the tree of supervisors (local_link below).
+static std::optional<runtime::agreement_link> shm_link(node::impl& n, bool prefill, int r) {
+  if (n.internal.deterministic || n.tunables.agreement_via != 1) return std::nullopt;
+  const auto place = runtime::place_in_group(n.cluster, prefill, r);
+  auto& grp = n.group(place.group);
+  if (!grp.root) {
+    auto seg = runtime::make_segment(n, place.group, place.ranks);
+    if (!seg) return std::nullopt;
+    supervisor_args ra;
+    ra.children = place.ranks;
+    ra.group = place.group;
+    ra.root = true;
+    ra.shared_memory = seg;
+    grp.root = spawn_supervisor(n.system(), ra, {});
+    grp.shm = std::move(seg);
+    n.infrastructure.push_back(grp.root);
+  }
+  if (!grp.shm) return std::nullopt;  // the group's first rank found no room for a segment
+  runtime::agreement_link link;
+  link.group = place.group;
+  link.parent = link.root = grp.root;
+  link.child = place.flat;
+  link.shm = grp.shm;
+  link.ring = std::make_shared<agreed_ring>(runtime::ring_rounds(n.tunables));
+  return link;
+}
+
 static expected<runtime::agreement_link> local_link(node::impl& n, bool prefill, int r) {
+  if (auto via_shm = shm_link(n, prefill, r)) return *via_shm;
   const auto& c = n.cluster;
   auto& sys = n.system();
   auto root_of = [&](int group, int children, bool ranks_board) -> local_group& {

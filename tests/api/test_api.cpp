@@ -217,8 +217,14 @@ TEST_CASE("api: poll(k) is the same record on every rank of a group, for every k
     CAPTURE(pcp);
     CAPTURE(ppp);
     CAPTURE(dtp);
+    // In one process a group agrees through a segment of shared memory (1), or through the tree
+    // of supervisors (2): both paths, alternately.
+    const char* via = c % 2 == 0 ? "1" : "2";
+    CAPTURE(via);
     kvflow::node_options o;
-    o.tunables = {{"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "5000"}, {"KVFLOW_WAITING_TIMEOUT_MS", "5000"}};
+    o.tunables = {{"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "5000"},
+                  {"KVFLOW_WAITING_TIMEOUT_MS", "5000"},
+                  {"KVFLOW_AGREEMENT_VIA", via}};
     auto started = kvflow::node::start(top, o);
     REQUIRE(started);
     auto node = started.value();

@@ -1,5 +1,7 @@
 #include "actors/agreement.hpp"
 
+#include <cstring>
+
 #include <algorithm>
 
 namespace kvflow {
@@ -8,10 +10,19 @@ namespace {
 
 // The common case: every rank of a group holds the same rooms, so the inputs have identical
 // keys in the same order and the merge is an element-wise MIN.
+// The common case of a group at rest: every rank reports the very states of the first. Bytes
+// equal means every field equal (padding that differs only sends a list down the slower path).
+bool identical_to_first(const step_states& first, const step_states& in) {
+  return in.size() == first.size() &&
+         (in.empty() || std::memcmp(static_cast<const void*>(in.data()), static_cast<const void*>(first.data()),
+                                    in.size() * sizeof(room_state)) == 0);
+}
+
 bool same_keys(const std::vector<const step_states*>& inputs) {
   const auto& first = *inputs[0];
   for (std::size_t i = 1; i < inputs.size(); ++i) {
     const auto& in = *inputs[i];
+    if (identical_to_first(first, in)) continue;
     if (in.size() != first.size()) return false;
     for (std::size_t k = 0; k < in.size(); ++k)
       if (in[k].room != first[k].room || in[k].incarnation != first[k].incarnation) return false;
@@ -29,6 +40,7 @@ step_states merge_min(const std::vector<const step_states*>& inputs) {
     out = *inputs[0];
     for (std::size_t i = 1; i < inputs.size(); ++i) {
       const auto& in = *inputs[i];
+      if (identical_to_first(*inputs[0], in)) continue;  // MIN with itself
       for (std::size_t k = 0; k < out.size(); ++k) {
         out[k].state = std::min(out[k].state, in[k].state);
         out[k].released = out[k].released && in[k].released;
@@ -70,6 +82,24 @@ step_states merge_min(const std::vector<const step_states*>& inputs) {
     out.push_back(merged);
   }
   return out;
+}
+
+step_states fail_with_dead(step_states merged, const std::vector<const step_states*>& dead_reports) {
+  step_states dead_rooms;
+  for (const auto* r : dead_reports) dead_rooms.insert(dead_rooms.end(), r->begin(), r->end());
+  // A dead child writes nothing any more: it holds none of the rooms' memory (released); where
+  // live children hold the room too, their entry (first in the merge) decides.
+  for (auto& s : dead_rooms) s.released = true;
+  std::sort(dead_rooms.begin(), dead_rooms.end(), key_less);
+  step_states all;
+  std::merge(merged.begin(), merged.end(), dead_rooms.begin(), dead_rooms.end(), std::back_inserter(all), key_less);
+  all.erase(std::unique(all.begin(), all.end(),
+                        [](const room_state& a, const room_state& b) {
+                          return a.room == b.room && a.incarnation == b.incarnation;
+                        }),
+            all.end());
+  for (auto& s : all) s.state = static_cast<std::uint8_t>(kv_poll::failed);
+  return all;
 }
 
 round_collector::round_collector(int children)
@@ -120,25 +150,11 @@ step_states round_collector::take(std::uint64_t round) {
     if (!dead_[c] && p.got[c]) inputs.push_back(&p.parts[c]);
   step_states merged = merge_min(inputs);
   // A dead child fails every room it or the others still hold.
-  bool any_dead = live_ < children_;
-  if (any_dead) {
-    step_states dead_rooms;
+  if (live_ < children_) {
+    std::vector<const step_states*> dead_reports;
     for (int c = 0; c < children_; ++c)
-      if (dead_[c]) dead_rooms.insert(dead_rooms.end(), last_[c].begin(), last_[c].end());
-    // A dead child writes nothing any more: it holds none of the rooms' memory (released); where
-    // live children hold the room too, their entry (first in the merge) decides.
-    for (auto& s : dead_rooms) s.released = true;
-    std::sort(dead_rooms.begin(), dead_rooms.end(), key_less);
-    step_states all;
-    std::merge(merged.begin(), merged.end(), dead_rooms.begin(), dead_rooms.end(),
-               std::back_inserter(all), key_less);
-    all.erase(std::unique(all.begin(), all.end(),
-                          [](const room_state& a, const room_state& b) {
-                            return a.room == b.room && a.incarnation == b.incarnation;
-                          }),
-              all.end());
-    for (auto& s : all) s.state = static_cast<std::uint8_t>(kv_poll::failed);
-    merged = std::move(all);
+      if (dead_[c]) dead_reports.push_back(&last_[c]);
+    merged = fail_with_dead(std::move(merged), dead_reports);
   }
   // Each child's latest report stays, so its rooms can be failed if it dies later.
   for (int c = 0; c < children_; ++c)

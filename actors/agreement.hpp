@@ -37,6 +37,10 @@ inline bool key_less(const room_state& a, const room_state& b) {
 // the group released it; the root keeps terminal states monotone) and as released.
 step_states merge_min(const std::vector<const step_states*>& inputs);
 
+// A round's merge once some children died: every room a live child (in `merged`) or a dead one
+// (its last report, in `dead_reports`) holds is Failed; a dead child holds none of their memory.
+step_states fail_with_dead(step_states merged, const std::vector<const step_states*>& dead_reports);
+
 // Collects one round from `children` children; children may be declared dead, after which they
 // count as Failed for every room of every round and are no longer waited for.
 class round_collector {

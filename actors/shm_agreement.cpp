@@ -292,7 +292,6 @@ shm_combiner::shm_combiner(std::shared_ptr<shm_segment> segment, int group, agre
       group_(group),
       on_agreed_(std::move(on_agreed)),
       idle_check_(idle_check),
-      collector_(seg_->shape().ranks),
       dead_(seg_->shape().ranks, false),
       by_message_(seg_->shape().ranks, false),
       remote_(seg_->shape().ranks),
@@ -336,7 +335,6 @@ void shm_combiner::child_down(int child) {
   std::lock_guard<std::mutex> g(mutex_);
   if (child < 0 || child >= static_cast<int>(dead_.size()) || dead_[child]) return;
   dead_[child] = true;
-  collector_.child_down(child);
   remote_[child].clear();
   if (!by_message_[child]) seg_->head().live.fetch_sub(1);
   advance();
@@ -361,20 +359,31 @@ void shm_combiner::advance() {
   if (seg_->head().broken.load() != 0) return;
   while (!std::all_of(dead_.begin(), dead_.end(), [](bool d) { return d; }) && ready(next_)) {
     const std::uint64_t round = next_;
+    // Rounds are merged in order and only once every live child's post is there, so each
+    // child's post of the round can be merged where it lies: last_post_ holds the child's
+    // latest post (an unchanged one is its post of round - 1), read from the segment only
+    // when it changed, and a dead child's last post fails its rooms (round_collector's rules,
+    // without a copy of every post per round).
+    inputs_.clear();
+    dead_posts_.clear();
     for (int c = 0; c < static_cast<int>(dead_.size()); ++c) {
-      if (dead_[c]) continue;
-      if (auto it = remote_[c].find(round); it != remote_[c].end()) {
-        collector_.add(c, round, std::move(it->second));
-        remote_[c].erase(it);
+      if (dead_[c]) {
+        dead_posts_.push_back(&last_post_[c]);
         continue;
       }
-      // Rounds are merged in order, so last_post_ holds this child's post of round - 1.
-      auto& s = seg_->post_slot(c, round);
-      if (s.count != unchanged_post)
-        last_post_[c].assign(s.states(), s.states() + std::min<std::uint32_t>(s.count, seg_->shape().max_rooms));
-      collector_.add(c, round, last_post_[c]);
+      if (auto it = remote_[c].find(round); it != remote_[c].end()) {
+        last_post_[c] = std::move(it->second);
+        remote_[c].erase(it);
+      } else {
+        auto& s = seg_->post_slot(c, round);
+        if (s.count != unchanged_post)
+          last_post_[c].assign(s.states(), s.states() + std::min<std::uint32_t>(s.count, seg_->shape().max_rooms));
+      }
+      inputs_.push_back(&last_post_[c]);
     }
-    publish(round, table_.apply(collector_.take(round)));
+    auto merged = merge_min(inputs_);
+    if (!dead_posts_.empty()) merged = fail_with_dead(std::move(merged), dead_posts_);
+    publish(round, table_.apply(merged));
     ++next_;
   }
 }

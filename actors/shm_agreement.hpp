@@ -125,12 +125,12 @@ class shm_combiner {
   agreed_fn on_agreed_;
   std::chrono::milliseconds idle_check_;
   mutable std::mutex mutex_;
-  round_collector collector_;
   agreed_table table_;
   std::vector<bool> dead_;
   std::vector<bool> by_message_;  // reported by message at least once
   std::vector<std::map<std::uint64_t, step_states>> remote_;
-  std::vector<step_states> last_post_;  // each child's last post read from the segment
+  std::vector<step_states> last_post_;  // each child's latest post (a dead child's: its last)
+  std::vector<const step_states*> inputs_, dead_posts_;  // advance()'s, kept for their capacity
   std::uint64_t next_ = 1;
   std::atomic<bool> stop_{false};
   std::thread thread_;

@@ -104,6 +104,45 @@ TEST_CASE("agreement: merge_min output is sorted and unique for random inputs") 
   }
 }
 
+TEST_CASE("agreement: merge_min over lists with the same keys, many of them identical, is the element-wise MIN and AND") {
+  // A group at rest: most ranks report the very same list (the merge skips those), a few differ
+  // in a state or a released flag, here and there one holds other rooms.
+  std::mt19937 rng(11);
+  for (int iter = 0; iter < 300; ++iter) {
+    step_states base;
+    const int rooms = std::uniform_int_distribution<int>(0, 20)(rng);
+    for (int r = 0; r < rooms; ++r)
+      base.push_back({static_cast<std::uint64_t>(10 + 3 * r), 1, static_cast<std::uint8_t>(rng() % 5), rng() % 2 == 0});
+    const int n = std::uniform_int_distribution<int>(1, 12)(rng);
+    std::vector<step_states> ins(static_cast<std::size_t>(n), base);
+    for (auto& in : ins) {
+      const auto roll = rng() % 10;
+      if (roll == 0 && !in.empty()) in[rng() % in.size()].state = static_cast<std::uint8_t>(rng() % 5);
+      if (roll == 1 && !in.empty()) in[rng() % in.size()].released = !in[rng() % in.size()].released;
+      if (roll == 2) in.push_back({1000, 1, S, true});  // keys differ: the general merge
+    }
+    std::vector<const step_states*> ptrs;
+    for (const auto& in : ins) ptrs.push_back(&in);
+    auto m = merge_min(ptrs);
+    // Reference: per key MIN of states (a missing key counts as Bootstrapping, released) and
+    // AND of the released flags.
+    std::map<std::pair<std::uint64_t, std::uint64_t>, std::pair<std::uint8_t, bool>> expected;
+    for (const auto& in : ins)
+      for (const auto& x : in) expected[{x.room, x.incarnation}] = {S, true};
+    for (auto& [key, v] : expected)
+      for (const auto& in : ins) {
+        auto it = std::find_if(in.begin(), in.end(), [&](const room_state& x) {
+          return x.room == key.first && x.incarnation == key.second;
+        });
+        v.first = std::min(v.first, it != in.end() ? it->state : B);
+        v.second = v.second && (it == in.end() || it->released);
+      }
+    step_states want;
+    for (const auto& [key, v] : expected) want.push_back({key.first, key.second, v.first, v.second});
+    CHECK(m == want);
+  }
+}
+
 TEST_CASE("agreement: round_collector completes only when every live child reported") {
   round_collector rc(3);
   CHECK(rc.live_children() == 3);

@@ -47,8 +47,9 @@ struct room_timeout {  // bootstrap (prefill) or waiting (decode) timer of one r
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
 };
-struct early_expiry {  // destinations buffered for a room this rank never saw: give up on them
+struct early_expiry {  // destinations buffered for a request this rank never saw: give up on them
   std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
 };
 struct push_done {  // a transport push of a room's chunk finished
   std::uint64_t room = 0;
@@ -252,7 +253,7 @@ typename I::result_type inspect(I& f, room_timeout& x) {
 }
 template <class I>
 typename I::result_type inspect(I& f, early_expiry& x) {
-  return f(caf::meta::type_name("early_expiry"), x.room);
+  return f(caf::meta::type_name("early_expiry"), x.room, x.incarnation);
 }
 template <class I>
 typename I::result_type inspect(I& f, push_done& x) {

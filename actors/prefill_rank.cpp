@@ -46,7 +46,13 @@ struct prefill_state {
   rank_args args;
   const config::prefill_rank_plan* me = nullptr;
   std::map<std::uint64_t, prefill_room> rooms;
-  std::map<std::uint64_t, std::vector<msg::dst_info>> early;  // destinations before the request
+  // Destinations that came before their request, by (room, incarnation), each refused once it
+  // waited the bootstrap timeout (its own: a room reused, or another incarnation's, keeps its time).
+  struct early_dst {
+    msg::dst_info d;
+    caf::actor_clock::time_point expires;
+  };
+  std::map<std::pair<std::uint64_t, std::uint64_t>, std::vector<early_dst>> early;
   std::map<int, decode_peer> peers;                             // by global decode rank
   // Failed requests this rank already cleared, and requests aborted by a decode rank before they
   // arrived here: destinations arriving later are refused at once with the reason, and an early
@@ -423,10 +429,10 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         if (st.me->authoritative)
           self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms),
                              msg::room_timeout{q.room, q.incarnation});
-        if (auto early = st.early.find(q.room); early != st.early.end()) {
+        if (auto early = st.early.find({q.room, q.incarnation}); early != st.early.end()) {
           auto list = std::move(early->second);
           st.early.erase(early);
-          for (auto& d : list) accept_dst(self, room, std::move(d));
+          for (auto& e : list) accept_dst(self, room, std::move(e.d));
         }
       },
       [self](msg::api_init& i) {
@@ -515,13 +521,12 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           refuse(self, d.decode_rank, d.room, d.incarnation, "too many destinations for unknown rooms");
           return;
         }
-        auto& waiting = st.early[d.room];
+        auto& waiting = st.early[{d.room, d.incarnation}];
         // The request may never come here (lost, or routed elsewhere): after the bootstrap
         // timeout the buffered destinations are refused, so their decode ranks fail now.
-        if (waiting.empty())
-          self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms),
-                             msg::early_expiry{d.room});
-        waiting.push_back(std::move(d));
+        const auto timeout = std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms);
+        if (waiting.empty()) self->delayed_send(self, timeout, msg::early_expiry{d.room, d.incarnation});
+        waiting.push_back({std::move(d), self->clock().now() + timeout});
       },
       [self](msg::push_done& p) {
         auto& st = self->state;
@@ -544,12 +549,10 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
       [self](msg::abort_room& a) {
         auto& st = self->state;
         auto g = detail::lock(*st.args.shared);
-        if (auto e = st.early.find(a.room); e != st.early.end()) {
+        if (auto e = st.early.find({a.room, a.incarnation}); e != st.early.end()) {
           auto& list = e->second;
           list.erase(std::remove_if(list.begin(), list.end(),
-                                    [&](const msg::dst_info& d) {
-                                      return d.decode_rank == a.decode_rank && d.incarnation == a.incarnation;
-                                    }),
+                                    [&](const auto& w) { return w.d.decode_rank == a.decode_rank; }),
                      list.end());
           if (list.empty()) st.early.erase(e);
         }
@@ -574,10 +577,25 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
       [self](msg::early_expiry& x) {
         auto& st = self->state;
         auto g = detail::lock(*st.args.shared);
-        auto e = st.early.find(x.room);
+        auto e = st.early.find({x.room, x.incarnation});
         if (e == st.early.end()) return;
-        auto stale = std::move(e->second);
-        st.early.erase(e);
+        // Only what waited its whole timeout goes; a later arrival (the list emptied and filled
+        // again since this timer was set) is given the rest of its own.
+        const auto now = self->clock().now();
+        auto& list = e->second;
+        auto keep = std::stable_partition(list.begin(), list.end(), [&](const auto& w) { return w.expires > now; });
+        std::vector<msg::dst_info> stale;
+        for (auto it = keep; it != list.end(); ++it) stale.push_back(std::move(it->d));
+        list.erase(keep, list.end());
+        if (list.empty()) {
+          st.early.erase(e);
+        } else {
+          auto next = std::min_element(list.begin(), list.end(),
+                                       [](const auto& a, const auto& b) { return a.expires < b.expires; });
+          self->delayed_send(self, std::chrono::duration_cast<std::chrono::milliseconds>(next->expires - now) +
+                                       std::chrono::milliseconds(1),
+                             msg::early_expiry{x.room, x.incarnation});
+        }
         for (const auto& d : stale)
           refuse(self, d.decode_rank, d.room, d.incarnation,
                  "no request for this room reached prefill rank " + std::to_string(st.args.rank) +

@@ -640,6 +640,45 @@ TEST_CASE("prefill: destinations for a request that never arrives are refused at
   CHECK(status_of(d, 112, kv_poll::success));
 }
 
+TEST_CASE("regression: early destinations wait their own bootstrap timeout, not an earlier one's of the same room") {
+  // The expiry timer was keyed by room alone: destinations of another incarnation, or of the
+  // same (room, incarnation) once the room was reused (SGLang's incarnation is always 0), that
+  // came after the first were refused when the first timed out, however briefly they had
+  // waited, and their request, arriving in time, stayed in Bootstrapping.
+  rank_fixture f(mla_config(1, 1, 1));
+  f.tunables.bootstrap_timeout_ms = 600;
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  const auto start = std::chrono::steady_clock::now();
+  f.send_dst(p, 31, 1, 0, {1, 2}, 0);  // incarnation 1's request never comes here
+  f.send_dst(p, 33, 0, 0, {1, 2}, 0);  // the first use of room 33: its request comes, ends, is cleared
+  const request_id first{33, 0};
+  REQUIRE_FALSE(p.p->create(first, 0));
+  REQUIRE(p.steps().reaches(first, poll_state::waiting_for_input));
+  CHECK_FALSE(p.p->init(first, 2, 0));
+  CHECK_FALSE(p.p->send(first, {0, 1}, true));
+  REQUIRE(p.steps().until([&](const round_copy& c) { return c.find(33, 0) == nullptr; }));
+  REQUIRE(std::chrono::steady_clock::now() - start < ms(300));
+  std::this_thread::sleep_until(start + ms(350));
+  f.send_dst(p, 31, 2, 0, {3, 4}, 1);  // another incarnation of room 31
+  f.send_dst(p, 33, 0, 0, {5, 6}, 2);  // room 33 reused
+  // Incarnation 1 of room 31 is refused at its own timeout (600 ms)...
+  auto refused = status_of(d, 31, kv_poll::failed, 1);
+  REQUIRE(refused);
+  CHECK(contains(refused->reason, "no request for this room"));
+  // ... while the later ones, 400 ms into their 600, still serve their requests.
+  std::this_thread::sleep_until(start + ms(750));
+  const request_id second{31, 2}, reused{33, 0};
+  REQUIRE_FALSE(p.p->create(second, 0));
+  REQUIRE_FALSE(p.p->create(reused, 0));
+  CHECK(p.steps().reaches(second, poll_state::waiting_for_input, ms(150)));
+  CHECK(p.steps().reaches(reused, poll_state::waiting_for_input, ms(150)));
+  CHECK_FALSE(p.p->init(second, 2, 0));
+  CHECK_FALSE(p.p->send(second, {0, 1}, true));
+  CHECK(status_of(d, 31, kv_poll::success, 2));
+}
+
 TEST_CASE("prefill: a room failed while its push is in flight is not released until the push completes") {
   // A room aborted by decode is agreed Failed while its push is still in flight: the rank must
   // not report it released (the engine would reuse the pages the transport still reads), nor

@@ -159,7 +159,10 @@ TEST_CASE("messages: agreement messages round-trip") {
     CHECK(b.room == a.room);
     CHECK(b.incarnation == a.incarnation);
   });
-  f.round_trip(early_expiry{u64_max}, [](const auto& a, const auto& b) { CHECK(b.room == a.room); });
+  f.round_trip(early_expiry{u64_max, 7}, [](const auto& a, const auto& b) {
+    CHECK(b.room == a.room);
+    CHECK(b.incarnation == a.incarnation);
+  });
   f.round_trip(board_round{77}, [](const auto& a, const auto& b) { CHECK(b.round == a.round); });
   f.round_trip(push_done{3, 4, 5, false, "transport: région refusée", 0, 0.0},
                [](const auto& a, const auto& b) {

@@ -106,7 +106,9 @@ round_collector::round_collector(int children)
     : children_(children), live_(children), dead_(children, false), last_(children) {}
 
 bool round_collector::add(int child, std::uint64_t round, step_states states) {
-  if (child < 0 || child >= children_ || dead_[child]) return false;
+  // A round is taken once, in order: a report for one taken already (a replay, or a forgery)
+  // must not open it again.
+  if (child < 0 || child >= children_ || dead_[child] || round <= taken_) return false;
   auto& p = rounds_[round];
   if (p.got.empty()) {
     p.got.assign(children_, false);
@@ -160,6 +162,7 @@ step_states round_collector::take(std::uint64_t round) {
   for (int c = 0; c < children_; ++c)
     if (!dead_[c] && p.got[c]) last_[c] = std::move(p.parts[c]);
   rounds_.erase(it);
+  taken_ = std::max(taken_, round);
   return merged;
 }
 

@@ -51,7 +51,8 @@ class round_collector {
   bool add(int child, std::uint64_t round, step_states states);
   // Marks a child dead. Returns the rounds this completed, in order.
   std::vector<std::uint64_t> child_down(int child);
-  // Merged result of a complete round; removes it.
+  // Merged result of a complete round; removes it. Rounds are taken in order: a report for a
+  // round taken already is ignored.
   step_states take(std::uint64_t round);
   bool complete(std::uint64_t round) const;
   int live_children() const { return live_; }
@@ -68,6 +69,7 @@ class round_collector {
   std::vector<bool> dead_;
   std::vector<step_states> last_;  // each child's last report (its rooms fail when it dies)
   std::map<std::uint64_t, pending> rounds_;
+  std::uint64_t taken_ = 0;  // the last round taken
 };
 
 // The root's memory: agreed states only rise, except to Failed; a terminal agreed state is final

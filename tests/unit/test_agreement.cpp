@@ -165,6 +165,24 @@ TEST_CASE("agreement: round_collector completes only when every live child repor
   CHECK_FALSE(rc.complete(2));
 }
 
+TEST_CASE("regression: a replayed report of a round already taken does not open it again") {
+  // It used to make a new pending round of it: memory for every replayed or forged round, and
+  // once the children that did not replay died, the round counted as complete again.
+  round_collector rc(3);
+  for (int c = 0; c < 3; ++c) rc.add(c, 1, {{1, 1, T}});
+  REQUIRE(rc.complete(1));
+  CHECK(rc.take(1) == step_states{{1, 1, T}});
+  CHECK_FALSE(rc.add(0, 1, {{1, 1, S}}));
+  CHECK_FALSE(rc.add(1, 1, {{1, 1, S}}));
+  CHECK_FALSE(rc.complete(1));
+  CHECK(rc.child_down(2).empty());  // nothing pending: round 1 does not complete a second time
+  CHECK_FALSE(rc.complete(1));
+  // Later rounds are collected as before.
+  CHECK_FALSE(rc.add(0, 2, {{1, 1, S}}));
+  CHECK(rc.add(1, 2, {{1, 1, S}}));
+  CHECK(rc.take(2) == step_states{{1, 1, F}});  // child 2 died holding room 1: it fails
+}
+
 TEST_CASE("agreement: round_collector child_down completes pending rounds and fails every room") {
   round_collector rc(3);
   // Round 1 completes normally; child 2 reported room 7 in it.

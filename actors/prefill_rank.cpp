@@ -525,8 +525,10 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         // The request may never come here (lost, or routed elsewhere): after the bootstrap
         // timeout the buffered destinations are refused, so their decode ranks fail now.
         const auto timeout = std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms);
-        if (waiting.empty()) self->delayed_send(self, timeout, msg::early_expiry{d.room, d.incarnation});
-        waiting.push_back({std::move(d), self->clock().now() + timeout});
+        // Its own timer, set after its expiry is taken, so the timer never comes before it.
+        const auto expires = self->clock().now() + timeout;
+        self->delayed_send(self, timeout, msg::early_expiry{d.room, d.incarnation});
+        waiting.push_back({std::move(d), expires});
       },
       [self](msg::push_done& p) {
         auto& st = self->state;
@@ -579,23 +581,14 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         auto g = detail::lock(*st.args.shared);
         auto e = st.early.find({x.room, x.incarnation});
         if (e == st.early.end()) return;
-        // Only what waited its whole timeout goes; a later arrival (the list emptied and filled
-        // again since this timer was set) is given the rest of its own.
+        // Only what waited its whole timeout goes (each arrival set its own timer).
         const auto now = self->clock().now();
         auto& list = e->second;
         auto keep = std::stable_partition(list.begin(), list.end(), [&](const auto& w) { return w.expires > now; });
         std::vector<msg::dst_info> stale;
         for (auto it = keep; it != list.end(); ++it) stale.push_back(std::move(it->d));
         list.erase(keep, list.end());
-        if (list.empty()) {
-          st.early.erase(e);
-        } else {
-          auto next = std::min_element(list.begin(), list.end(),
-                                       [](const auto& a, const auto& b) { return a.expires < b.expires; });
-          self->delayed_send(self, std::chrono::duration_cast<std::chrono::milliseconds>(next->expires - now) +
-                                       std::chrono::milliseconds(1),
-                             msg::early_expiry{x.room, x.incarnation});
-        }
+        if (list.empty()) st.early.erase(e);
         for (const auto& d : stale)
           refuse(self, d.decode_rank, d.room, d.incarnation,
                  "no request for this room reached prefill rank " + std::to_string(st.args.rank) +

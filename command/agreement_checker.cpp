@@ -2,14 +2,6 @@
 
 namespace kvflow::command {
 
-std::uint64_t round_digest(const round_view& round) {
-  std::uint64_t h = 1469598103934665603ULL;
-  for (const auto& s : round)
-    for (std::uint64_t x : {s.id.room, s.id.incarnation, std::uint64_t(s.state), std::uint64_t(s.released)})
-      h = (h ^ x) * 1099511628211ULL;
-  return h;
-}
-
 bool agreement_checker::first_of_round(int group, std::uint64_t round, std::uint64_t digest) {
   auto [it, fresh] = rounds_.emplace(std::make_pair(group, round), digest);
   if (!fresh) {

@@ -4,6 +4,7 @@
 // rises (or drops to Failed) and stays once terminal. The simulator feeds it every agreed round
 // every rank receives.
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <string>
@@ -14,8 +15,21 @@
 
 namespace kvflow::command {
 
-// What identifies an agreed round's content (rooms, incarnations, states, released flags).
-std::uint64_t round_digest(const round_view& round);
+// What identifies an agreed round's content (rooms, incarnations, states, released flags):
+// FNV-1a over its entries, whichever type holds them (`to_poll` makes a room_poll of one).
+template <class Entries, class ToPoll>
+std::uint64_t digest_of(const Entries& entries, ToPoll to_poll) {
+  std::uint64_t h = 1469598103934665603ULL;
+  for (const auto& e : entries) {
+    const room_poll p = to_poll(e);
+    for (std::uint64_t x : {p.id.room, p.id.incarnation, std::uint64_t(p.state), std::uint64_t(p.released)})
+      h = (h ^ x) * 1099511628211ULL;
+  }
+  return h;
+}
+inline std::uint64_t round_digest(const round_view& round) {
+  return digest_of(round, [](const room_poll& p) { return p; });
+}
 
 class agreement_checker {
  public:

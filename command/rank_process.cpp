@@ -62,15 +62,8 @@ class rank_node {
     }
     auto memory = std::make_shared<sim_memory>(*plan_, o_.prefill, o_.rank, o_.pool_pages, std::max(1, o_.aux_slots),
                                                runtime::transport_of(*node_));
-    coords where;
-    if (o_.prefill) {
-      auto pc = config::prefill_coord_of(o_.cluster.prefill, o_.rank);
-      where = {pc.tp, pc.cp, pc.pp, pc.dp};
-    } else {
-      auto dc = config::decode_coord_of(o_.cluster.decode, o_.rank);
-      where = {dc.tp, 0, dc.pp, dc.dp};
-    }
-    auto made = runtime::add_rank(*node_, o_.prefill, where, memory->desc(), memory);
+    auto made = runtime::add_rank(*node_, o_.prefill, runtime::coords_of(o_.cluster, o_.prefill, o_.rank),
+                                  memory->desc(), memory);
     if (!made) return status::error(made.err().message());
     rank_ = made.value().actor;
     sim_engine_args a;

@@ -114,15 +114,7 @@ class inproc_cluster final : public cluster_control {
       a.observer = caf::actor_cast<caf::actor>(self);
       a.checker = checker_;
       a.drops = drops_;
-      coords where;
-      if (prefill) {
-        auto pc = config::prefill_coord_of(c.prefill, r);
-        where = {pc.tp, pc.cp, pc.pp, pc.dp};
-      } else {
-        auto dc = config::decode_coord_of(c.decode, r);
-        where = {dc.tp, 0, dc.pp, dc.dp};
-      }
-      auto added = runtime::add_rank(*node_, prefill, where, a.memory->desc(), a.memory);
+      auto added = runtime::add_rank(*node_, prefill, runtime::coords_of(c, prefill, r), a.memory->desc(), a.memory);
       if (!added)
         return spdlog::error("simulate: {} rank {}: {}", prefill ? "prefill" : "decode", r, added.err().message()),
                caf::actor{};

@@ -436,6 +436,15 @@ expected<runtime::added_rank> runtime::add_rank(node& n, bool prefill, const coo
   return out;
 }
 
+coords runtime::coords_of(const config::cluster_config& c, bool prefill, int r) {
+  if (prefill) {
+    auto pc = config::prefill_coord_of(c.prefill, r);
+    return {pc.tp, pc.cp, pc.pp, pc.dp};
+  }
+  auto dc = config::decode_coord_of(c.decode, r);
+  return {dc.tp, 0, dc.pp, dc.dp};
+}
+
 caf::actor_system& runtime::system_of(node& n) { return runtime::internals(n).system(); }
 std::shared_ptr<const config::routing_plan> runtime::plan_of(node& n) { return runtime::internals(n).plan; }
 std::shared_ptr<transport::transport> runtime::transport_of(node& n) { return runtime::internals(n).transport; }

@@ -54,6 +54,9 @@ caf::actor_system& system_of(node& n);
 std::shared_ptr<const config::routing_plan> plan_of(node& n);
 std::shared_ptr<transport::transport> transport_of(node& n);
 
+// The coordinates of global prefill (or decode) rank `r` of cluster `c`.
+coords coords_of(const config::cluster_config& c, bool prefill, int r);
+
 // A rank as node::add_prefill / add_decode make it, with what an engine actor needs besides.
 struct added_rank {
   std::shared_ptr<prefill_rank> prefill;  // set for a prefill rank

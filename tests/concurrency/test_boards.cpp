@@ -19,6 +19,7 @@
 #include "actors/agreed_ring.hpp"
 #include "actors/shm_agreement.hpp"
 #include "actors/step_board.hpp"
+#include "command/agreement_checker.hpp"
 #include "transport/inproc_transport.hpp"
 
 using namespace kvflow;
@@ -297,13 +298,11 @@ TEST_CASE("shm agreement: a child dying mid-run completes the rounds that waited
 #if !defined(__SANITIZE_THREAD__)  // fork under TSan's runtime threads: not here
 namespace {
 
-// What a rank process writes back for each round it read: the round's content, hashed.
+// What a rank process writes back for each round it read: the launcher's digest of its content.
 std::uint64_t round_digest(const step_states& states) {
-  std::uint64_t h = 1469598103934665603ULL;
-  for (const auto& s : states)
-    for (std::uint64_t x : {s.room, s.incarnation, std::uint64_t(s.state), std::uint64_t(s.released)})
-      h = (h ^ x) * 1099511628211ULL;
-  return h;
+  return command::digest_of(states, [](const room_state& s) {
+    return room_poll{{s.room, s.incarnation}, static_cast<poll_state>(s.state), s.released};
+  });
 }
 
 // A rank in a process of its own: maps the segment by name, posts `rounds` rounds, reads round

@@ -262,8 +262,14 @@ caf::behavior sim_engine(engine_actor* self, sim_engine_args args) {
         auto& st = self->state;
         const auto& cfg = st.args.plan->config();
         sim_req r;
-        r.view = {q.room, q.incarnation, (q.prompt_tokens + cfg.page_size - 1) / cfg.page_size, q.prefix_pages,
-                  q.prefill_dp};
+        r.view = {q.room, q.incarnation, 0, 0, q.prefill_dp};
+        if (auto why = request_problem(q, cfg.page_size, st.args.memory->pages.total()); !why.empty()) {
+          spdlog::error("simulated engine, {} rank {}: {}", st.args.prefill ? "prefill" : "decode", st.args.rank, why);
+          report(self, r, 0, poll_state::failed, why);
+          return;
+        }
+        r.view.n_pages = static_cast<int>((std::int64_t{q.prompt_tokens} + cfg.page_size - 1) / cfg.page_size);
+        r.view.prefix_pages = q.prefix_pages;
         r.fault = q.fault;
         const request_id id{q.room, q.incarnation};
         auto e = st.args.prefill ? st.args.rank_api.prefill->create(id, q.decode_dp) : st.args.rank_api.decode->create(id, q.prefill_dp);
@@ -315,6 +321,18 @@ std::function<bool(std::uint64_t, std::uint64_t)> drop_filter(std::shared_ptr<ds
     std::lock_guard<std::mutex> g(drops->mutex);
     return drops->pending.erase({room, incarnation}) != 0;
   };
+}
+
+std::string request_problem(const msg::new_request& q, int page_size, int pool_pages) {
+  if (q.prompt_tokens <= 0) return "prompt of " + std::to_string(q.prompt_tokens) + " tokens";
+  const std::int64_t pages = (std::int64_t{q.prompt_tokens} + page_size - 1) / page_size;
+  if (q.prefix_pages < 0 || q.prefix_pages > pages)
+    return "prefix of " + std::to_string(q.prefix_pages) + " pages outside [0, " + std::to_string(pages) +
+           "] for a prompt of " + std::to_string(q.prompt_tokens) + " tokens";
+  if (pages - q.prefix_pages > pool_pages)
+    return "prompt of " + std::to_string(q.prompt_tokens) + " tokens needs " + std::to_string(pages - q.prefix_pages) +
+           " pages, the rank's pool has " + std::to_string(pool_pages);
+  return {};
 }
 
 caf::actor spawn_sim_engine(caf::actor_system& sys, sim_engine_args args) {

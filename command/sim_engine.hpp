@@ -50,6 +50,14 @@ struct sim_engine_args {
   std::shared_ptr<dst_drops> drops;            // may be null
 };
 
+namespace msg {
+struct new_request;
+}
+// Why the engine cannot serve `q` with pages of `page_size` tokens and a pool of `pool_pages`
+// pages (empty: it can). In launch mode the request comes from another process: it is checked
+// before any arithmetic on it, and one that cannot be served fails alone.
+std::string request_problem(const msg::new_request& q, int page_size, int pool_pages);
+
 caf::actor spawn_sim_engine(caf::actor_system& sys, sim_engine_args args);
 
 }  // namespace kvflow::command

@@ -21,6 +21,7 @@ class page_allocator {
   std::optional<std::vector<std::int32_t>> take(int n);
   void give_back(const std::vector<std::int32_t>& pages);
   int used() const { return total_ - static_cast<int>(free_.size()); }
+  int total() const { return total_; }
 
  private:
   int total_ = 0;

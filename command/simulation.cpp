@@ -558,7 +558,7 @@ simulated_node make_inproc_cluster(const simulation_options& o, const std::share
   std::shared_ptr<transport::transport> t;
   if (o.transport == "ucx") {
     auto made = transport::ucx_transport::create(
-        transport::ucx_options{std::chrono::milliseconds(o.tunables.ucx_flush_timeout_ms)});
+        transport::ucx_options_from(o.tunables));
     if (!made) {
       report->problems.push_back("transport ucx: " + made.error().reason());
       return {};

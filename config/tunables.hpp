@@ -27,6 +27,11 @@ namespace kvflow::config {
   X(ucx_flush_timeout_ms, "KVFLOW_UCX_FLUSH_TIMEOUT_MS", 30000,                                  \
     "ucx transport: a push not flushed in this time fails and its peer counts as unreachable "   \
     "(UCX alone does not notice a frozen peer; an event-driven worker runs no keepalive)")       \
+  X(ucx_probe_interval_ms, "KVFLOW_UCX_PROBE_INTERVAL_MS", 1000,                                 \
+    "ucx transport: an unreachable peer is probed this long after it failed, then at doubling "  \
+    "intervals; once it answers it serves pushes again (SGLang 0.5.23: 30 s doubling to 300 s)") \
+  X(ucx_probe_interval_max_ms, "KVFLOW_UCX_PROBE_INTERVAL_MAX_MS", 30000,                        \
+    "ucx transport: the longest interval between two probes of an unreachable peer")            \
   X(step_interval_us, "KVFLOW_STEP_INTERVAL_US", 2000,                                           \
     "simulated engines: pause between scheduler steps while requests are in flight (a real "    \
     "step is milliseconds; shorter ones only add agreement traffic, 20x longer when idle)")     \

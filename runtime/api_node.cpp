@@ -164,7 +164,7 @@ expected<std::shared_ptr<node>> start_node(const topology& t, node_options optio
     n->transport = std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
   } else if (options.transport == "ucx") {
     auto made = transport::ucx_transport::create(
-        transport::ucx_options{std::chrono::milliseconds(n->tunables.ucx_flush_timeout_ms)});
+        transport::ucx_options_from(n->tunables));
     if (!made) return error{errc::unavailable, "transport ucx: " + made.error().reason()};
     n->transport = std::move(made.value());
   } else {

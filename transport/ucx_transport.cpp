@@ -91,6 +91,14 @@ result<unpacked_endpoint> unpack_endpoint(const std::string& e) {
 
 }  // namespace
 
+ucx_options ucx_options_from(const config::tunables& t) {
+  ucx_options o;
+  o.flush_timeout = std::chrono::milliseconds(t.ucx_flush_timeout_ms);
+  o.probe_interval = std::chrono::milliseconds(t.ucx_probe_interval_ms);
+  o.probe_interval_max = std::chrono::milliseconds(t.ucx_probe_interval_max_ms);
+  return o;
+}
+
 struct ucx_transport::impl {
   // ---- Shared with callers (mutex_) --------------------------------------------------------
   // What a peer described at connect: pushes are checked against it on the caller's thread.
@@ -117,6 +125,19 @@ struct ucx_transport::impl {
     bool same_worker = false;
     std::unordered_map<std::uint64_t, remote_region> regions;
     std::string failure;
+    // Pushes in flight on the endpoint, oldest first. UCX moves an endpoint's puts in order, so
+    // only the oldest one's data is moving: its flush deadline counts from when it became the
+    // oldest (`head_since`), not from when it was queued behind the others.
+    std::deque<std::uint64_t> in_flight;
+    clock::time_point head_since{};
+    // What the peer described (connect), kept to reopen the endpoint when probing it.
+    std::string endpoint;
+    std::vector<region_desc> descs;
+    // A failed link: when it is probed next, the wait before that, and a probe in flight.
+    clock::time_point probe_at = clock::time_point::max();
+    std::chrono::milliseconds backoff{0};
+    bool probing = false;
+    clock::time_point probe_deadline{};
   };
   struct local_region {
     std::uint64_t owner = 0;
@@ -169,8 +190,8 @@ struct ucx_transport::impl {
   std::unordered_map<std::uint64_t, push_op*> live;  // issued, not completed
   std::unordered_map<std::uint64_t, std::unique_ptr<retiring>> retiring_eps;
   std::uint64_t next_retiring = 1;
-  // Deadlines of live pushes and draining endpoints, each in order (one timeout for all).
-  std::deque<std::pair<clock::time_point, std::uint64_t>> push_deadlines, drain_deadlines;
+  // Deadlines of draining endpoints, in order (one timeout for all); pushes' are per link.
+  std::deque<std::pair<clock::time_point, std::uint64_t>> drain_deadlines;
 
   std::unique_ptr<ucx_worker> worker;
 
@@ -218,6 +239,7 @@ struct ucx_transport::impl {
     live.erase(op->id);
     status st;
     auto l = links.find(op->peer);
+    if (l != links.end() && l->second.generation == op->generation) retire_head(l->second);
     if (op->status != UCS_OK) {
       st = status::error("push to " + peer_name(op->peer) +
                          " failed: " + ucs_status_string(op->status));
@@ -238,11 +260,25 @@ struct ucx_transport::impl {
     delete op;
   }
 
+  // Drops finished pushes from the front of the link's queue; the next one's data starts
+  // moving now, so its deadline starts now.
+  void retire_head(link& l) {
+    bool moved = false;
+    while (!l.in_flight.empty() && live.count(l.in_flight.front()) == 0) {
+      l.in_flight.pop_front();
+      moved = true;
+    }
+    if (!moved) return;
+    if (!l.in_flight.empty()) l.head_since = clock::now();
+    arm_watchdog();
+  }
+
   // The peer's endpoint failed: later pushes fail at once until a new connect().
   void mark_unreachable(std::uint64_t peer, link& l, std::string reason) {
     if (!l.failure.empty()) return;
     spdlog::warn("ucx: {}", reason);
     l.failure = reason;
+    schedule_probe(l);
     std::lock_guard guard(mutex);
     auto it = peers.find(peer);
     if (it != peers.end() && it->second.generation == l.generation)
@@ -334,8 +370,14 @@ struct ucx_transport::impl {
     close_ep(l);
     l = link{};
     l.generation = gen;
+    l.endpoint = endpoint;
+    l.descs = descs;
+    if (auto st = open_ep(l); !st) mark_unreachable(peer, l, peer_name(peer) + " unreachable: " + st.reason());
+  }
 
-    auto unpacked = unpack_endpoint(endpoint);  // connect() checked it
+  // Creates the link's endpoint and unpacks its remote keys from the description it keeps.
+  status open_ep(link& l) {
+    auto unpacked = unpack_endpoint(l.endpoint);  // connect() checked it
     const auto& u = unpacked.value();
     // Peer error handling makes a dead peer fail its pushes instead of hanging them, but in UCX
     // 1.13 it admits only transports that detect peer failure (tcp; not self, sysv, posix), over
@@ -346,7 +388,7 @@ struct ucx_transport::impl {
     // death is detected by the control plane (CAF monitors and heartbeats), which disconnects it.
     l.same_worker = u.worker_address == worker->address();
     bool shared = options.shared_memory && !domain.empty() && u.domain == domain;
-    for (const auto& d : descs)
+    for (const auto& d : l.descs)
       if (d.size > 0 && d.remote_key[0] != key_kind_allocated) shared = false;
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
@@ -360,23 +402,95 @@ struct ucx_transport::impl {
     }
     if (auto st = ucp_ep_create(worker->worker(), &ep, &l.ep); st != UCS_OK) {
       l.ep = nullptr;
-      mark_unreachable(peer, l,
-                       peer_name(peer) + " unreachable: ucp_ep_create: " + ucs_status_string(st));
-      return;
+      return status::error(std::string("ucp_ep_create: ") + ucs_status_string(st));
     }
-    for (const auto& d : descs) {
+    l.regions.clear();
+    for (const auto& d : l.descs) {
       remote_region r{d.address, d.size, nullptr};
       if (d.size > 0) {
         if (auto st = ucp_ep_rkey_unpack(l.ep, d.remote_key.data() + 1, &r.rkey); st != UCS_OK) {
-          mark_unreachable(peer, l,
-                           peer_name(peer) + " unreachable: remote key of region " +
-                               std::to_string(d.id) + ": " + ucs_status_string(st));
-          close_ep(l);
-          return;
+          close_ep(l, false);
+          return status::error("remote key of region " + std::to_string(d.id) + ": " + ucs_status_string(st));
         }
       }
       l.regions.emplace(d.id, r);
     }
+    return {};
+  }
+
+  // ---- Probing a failed peer (upstream #13054 kept a failed peer failed) ----------------------
+  // A failed link is probed with backoff (probe_interval, doubling up to probe_interval_max): a
+  // new endpoint reads one byte of the peer's first region, which needs the peer's worker to
+  // answer (UCX 1.13 emulates the get with active messages over tcp). Once it answers, the link
+  // serves pushes again; until then they fail at once with the failure.
+  struct probe_op {
+    impl* self = nullptr;
+    std::uint64_t peer = 0;
+    std::uint64_t generation = 0;
+    std::byte byte{};
+  };
+
+  void schedule_probe(link& l) {
+    if (options.probe_interval.count() <= 0 || dying) return;
+    l.backoff = l.backoff.count() == 0 ? options.probe_interval
+                                       : std::min(l.backoff * 2, std::max(options.probe_interval_max, options.probe_interval));
+    l.probe_at = clock::now() + l.backoff;
+    arm_watchdog();
+  }
+
+  void start_probe(std::uint64_t peer, link& l) {
+    l.probe_at = clock::time_point::max();
+    close_ep(l, false);
+    if (auto st = open_ep(l); !st) {
+      spdlog::debug("ucx: probe of {}: {}", peer_name(peer), st.reason());
+      return schedule_probe(l);
+    }
+    const remote_region* target = nullptr;
+    for (const auto& d : l.descs)
+      if (d.size > 0 && (target = &l.regions.at(d.id))) break;
+    if (target == nullptr) return probe_answered(peer, l);  // nothing to read: the endpoint is all
+    auto* op = new probe_op{this, peer, l.generation};
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.send = on_probe_done;
+    p.user_data = op;
+    void* req = ucp_get_nbx(l.ep, &op->byte, 1, target->address, target->rkey, &p);
+    if (!UCS_PTR_IS_PTR(req)) {
+      delete op;
+      if (UCS_PTR_STATUS(req) == UCS_OK) return probe_answered(peer, l);
+      close_ep(l, false);
+      return schedule_probe(l);
+    }
+    l.probing = true;
+    l.probe_deadline = clock::now() + options.flush_timeout;
+    arm_watchdog();
+  }
+
+  static void on_probe_done(void* request, ucs_status_t st, void* user_data) {
+    auto* op = static_cast<probe_op*>(user_data);
+    ucp_request_free(request);
+    auto* self = op->self;
+    if (self->dying) return delete op;
+    self->worker->defer([self, peer = op->peer, gen = op->generation, st] {
+      auto it = self->links.find(peer);
+      if (it == self->links.end() || it->second.generation != gen || !it->second.probing) return;
+      auto& l = it->second;
+      l.probing = false;
+      if (st == UCS_OK) return self->probe_answered(peer, l);
+      spdlog::debug("ucx: probe of {}: {}", peer_name(peer), ucs_status_string(st));
+      self->close_ep(l, false);
+      self->schedule_probe(l);
+    });
+    delete op;
+  }
+
+  void probe_answered(std::uint64_t peer, link& l) {
+    spdlog::info("ucx: {} answers again after: {}", peer_name(peer), l.failure);
+    l.failure.clear();
+    l.backoff = std::chrono::milliseconds{0};
+    std::lock_guard guard(mutex);
+    auto it = peers.find(peer);
+    if (it != peers.end() && it->second.generation == l.generation) it->second.failure.clear();
   }
 
   void run_disconnect(std::uint64_t peer) {
@@ -441,20 +555,29 @@ struct ucx_transport::impl {
     op->issued = true;
     if (op->pending > 0) {
       live.emplace(op->id, op);
-      push_deadlines.emplace_back(clock::now() + options.flush_timeout, op->id);
-      if (push_deadlines.size() == 1) arm_watchdog();
+      l.in_flight.push_back(op->id);
+      if (l.in_flight.size() == 1) {
+        l.head_since = clock::now();
+        arm_watchdog();
+      }
     }
     maybe_finish(op);
   }
 
-  // Wakes the thread at the earliest deadline of a live push or a draining endpoint.
+  // The link has a push in flight that can still time out (a closing link's are completing).
+  static bool times_out(const link& l) {
+    return !l.in_flight.empty() && l.ep != nullptr && l.failure.empty();
+  }
+
+  // Wakes the thread at the earliest deadline of a link's oldest push or a draining endpoint.
   void arm_watchdog() {
-    while (!push_deadlines.empty() && live.count(push_deadlines.front().second) == 0)
-      push_deadlines.pop_front();
     while (!drain_deadlines.empty() && retiring_eps.count(drain_deadlines.front().second) == 0)
       drain_deadlines.pop_front();
     auto next = clock::time_point::max();
-    if (!push_deadlines.empty()) next = push_deadlines.front().first;
+    for (const auto& [peer, l] : links) {
+      if (times_out(l)) next = std::min(next, l.head_since + options.flush_timeout);
+      next = std::min(next, l.probing ? l.probe_deadline : l.probe_at);
+    }
     if (!drain_deadlines.empty()) next = std::min(next, drain_deadlines.front().first);
     worker->set_deadline(
         next, next == clock::time_point::max() ? ucx_worker::command{} : [this] { on_watchdog(); });
@@ -462,20 +585,19 @@ struct ucx_transport::impl {
 
   void on_watchdog() {
     auto now = clock::now();
-    while (!push_deadlines.empty() && push_deadlines.front().first <= now) {
-      auto id = push_deadlines.front().second;
-      push_deadlines.pop_front();
-      auto it = live.find(id);
-      if (it == live.end()) continue;
-      auto* op = it->second;
-      auto l = links.find(op->peer);
-      if (l == links.end() || l->second.generation != op->generation || l->second.ep == nullptr)
-        continue;  // already closing: its requests are completing
-      // A frozen or overloaded peer: a forced close is the only way to get the request back.
-      mark_unreachable(op->peer, l->second,
-                       peer_name(op->peer) + " unreachable: a push was not flushed within " +
+    for (auto& [peer, l] : links) {
+      if (!times_out(l) || l.head_since + options.flush_timeout > now) continue;
+      // A frozen or overloaded peer: a forced close is the only way to get the requests back.
+      mark_unreachable(peer, l,
+                       peer_name(peer) + " unreachable: a push was not flushed within " +
                            std::to_string(options.flush_timeout.count()) + " ms");
-      close_ep(l->second);
+      close_ep(l);
+    }
+    for (auto& [peer, l] : links) {
+      if (l.probing && l.probe_deadline <= now)
+        close_ep(l, false);  // completes the probe's get with an error: probed again later
+      else if (!l.probing && l.probe_at <= now)
+        start_probe(peer, l);
     }
     while (!drain_deadlines.empty() && drain_deadlines.front().first <= now) {
       auto it = retiring_eps.find(drain_deadlines.front().second);
@@ -676,7 +798,9 @@ status ucx_transport::connect(std::uint64_t peer, const std::string& endpoint,
 
   std::lock_guard guard(impl_->mutex);
   auto it = impl_->peers.find(peer);
-  if (it != impl_->peers.end() && it->second.endpoint == endpoint &&
+  // The same description again is a no-op unless the peer failed: a peer that registers again
+  // gets a new endpoint (upstream #13054 kept a peer failed until it registered differently).
+  if (it != impl_->peers.end() && it->second.failure.empty() && it->second.endpoint == endpoint &&
       same_regions(it->second.regions, regions))
     return {};
   impl::described d;

@@ -10,9 +10,10 @@
 // is refused before anything was queued (bad block, unknown or unreachable peer). They must not
 // block: post a message and return. They may call the transport again.
 //
-// A peer whose endpoint fails (UCX error callback, or a push not flushed within
-// flush_timeout_ms) is unreachable: its pushes in flight complete with an error and later ones
-// fail at once until connect() gives a different description (a restarted peer).
+// A peer whose endpoint fails (UCX error callback, or a push not flushed within flush_timeout
+// of its data starting to move) is unreachable: its pushes in flight complete with an error and
+// later ones fail at once, until a probe finds it answering again (probe_interval, with
+// backoff) or connect() is called for it again (a re-registration or a restarted peer).
 #include <chrono>
 #include <memory>
 #include <string>
@@ -29,12 +30,20 @@ struct ucx_options {
   // UCX reports a dead peer when its connection breaks, but not a frozen one, and an
   // event-driven worker that sleeps runs no keepalive.
   std::chrono::milliseconds flush_timeout{config::tunables{}.ucx_flush_timeout_ms};
+  // An unreachable peer is probed this long after it failed, then at doubling intervals up to
+  // probe_interval_max; it serves pushes again once it answers (KVFLOW_UCX_PROBE_INTERVAL_MS,
+  // KVFLOW_UCX_PROBE_INTERVAL_MAX_MS). 0: never probed (only a new connect() revives it).
+  std::chrono::milliseconds probe_interval{config::tunables{}.ucx_probe_interval_ms};
+  std::chrono::milliseconds probe_interval_max{config::tunables{}.ucx_probe_interval_max_ms};
   // Peers in this process's shared-memory domain (same boot and IPC namespace, shared memory
   // not excluded by UCX_TLS) whose regions all came from allocate_memory are written through
   // UCX's shared-memory transports without peer error handling (UCX 1.13 has none for them);
   // their death is the control plane's to detect. false: every peer gets peer error handling.
   bool shared_memory = true;
 };
+
+// The options the tunables give (every other field at its default).
+ucx_options ucx_options_from(const config::tunables& t);
 
 class ucx_transport final : public transport {
  public:
@@ -63,7 +72,8 @@ class ucx_transport final : public transport {
   void deregister_memory(std::uint64_t region) override;
   // Checks the description here; the endpoint is created (and the rkeys unpacked) on the
   // progress thread, so this never waits for the network. The same description again is a
-  // no-op; a different one force-closes the old endpoint first.
+  // no-op unless the peer is unreachable (then it reconnects); a different one force-closes
+  // the old endpoint first.
   status connect(std::uint64_t peer, const std::string& endpoint,
                  const std::vector<region_desc>& regions) override;
   void disconnect(std::uint64_t peer) override;

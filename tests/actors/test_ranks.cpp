@@ -540,9 +540,9 @@ constexpr std::uint64_t aux_bytes = command::sim_aux_row_bytes + sizeof(aux_reco
 
 // ---- prefill ---------------------------------------------------------------------------------
 
-TEST_CASE("regression #13054: a transient transport error fails that room only, the peer keeps serving") {
-  // SGLang marked the peer session bad until decode re-registered: one error, then every later
-  // request to that peer failed. Here the error fails the room it hit and nothing else.
+TEST_CASE("prefill: a failed push fails the room it carried, the next room to the same peer is pushed") {
+  // The rank keeps no mark of a peer whose push failed: whether the peer is usable is the
+  // transport's to say (the real path of upstream #13054 is tested in test_ucx_transport.cpp).
   rank_fixture f(mla_config(1, 1, 1));
   auto& d = f.fake_decode_rank(0);
   auto& p = f.add_prefill(0, through(std::make_shared<flaky_transport>(f.transport, 1)));

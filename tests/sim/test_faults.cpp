@@ -1,4 +1,8 @@
 // Faults: requests a fault did not touch succeed, none stalls, nothing leaks.
+#include <limits>
+
+#include "command/engine_messages.hpp"
+#include "command/sim_engine.hpp"
 #include "sim_helpers.hpp"
 
 using kvflow::command::parse_fault;
@@ -83,4 +87,27 @@ TEST_CASE("fault specs parse or are refused with one line naming the fault") {
       CHECK(what.find('\n') == std::string::npos);
     }
   }
+}
+
+// Issue 9: a request from the router (another process under `kvflow launch`) with a prompt
+// length near INT32_MAX overflowed the engine's page count (signed overflow, then a negative
+// allocation); one longer than the pool waited for pages forever. Each is refused alone.
+TEST_CASE("regression: a request the engine cannot serve is refused with the reason, before any arithmetic") {
+  using kvflow::command::request_problem;
+  kvflow::command::msg::new_request q;
+  q.prompt_tokens = 300;
+  CHECK(request_problem(q, 16, 100).empty());
+  q.prefix_pages = 19;
+  CHECK(request_problem(q, 16, 100).empty());  // the whole prompt cached at decode
+  q.prefix_pages = 20;
+  CHECK(request_problem(q, 16, 100) == "prefix of 20 pages outside [0, 19] for a prompt of 300 tokens");
+  q.prefix_pages = -1;
+  CHECK_FALSE(request_problem(q, 16, 100).empty());
+  q.prefix_pages = 0;
+  q.prompt_tokens = std::numeric_limits<std::int32_t>::max();
+  CHECK(request_problem(q, 16, 100) == "prompt of 2147483647 tokens needs 134217728 pages, the rank's pool has 100");
+  q.prompt_tokens = 0;
+  CHECK(request_problem(q, 16, 100) == "prompt of 0 tokens");
+  q.prompt_tokens = -5;
+  CHECK_FALSE(request_problem(q, 16, 100).empty());
 }

@@ -195,6 +195,52 @@ TEST_CASE("ucx: pushes from 4 B to 8 MiB into a second instance land every byte"
   CHECK(dst.holds_exactly(src, blocks));
 }
 
+// Issue 9: the flush deadline counted from when a push was queued, so a healthy peer timed out
+// once the pushes queued before a push took longer than the timeout to move (64 queued 1.3 GB
+// pushes at 1 GB/s). Each push's deadline now starts when its data starts moving.
+TEST_CASE("regression: pushes queued behind others each get the whole flush timeout") {
+  auto receiver = make_transport();
+  ucx_options options;
+  options.flush_timeout = 1500ms;
+  auto sender = make_transport(options);
+  constexpr std::uint64_t len = 16u << 20;
+  auto src = pattern(len, 5);
+  target dst(*receiver, len);
+  REQUIRE(sender->connect(receiver_id, receiver->endpoint(), {dst.desc}).ok());
+  const std::vector<block> one{{src.data(), dst.desc.id, 0, len}};
+
+  // As many pushes as take about three flush timeouts to move, each well within one.
+  auto t0 = std::chrono::steady_clock::now();
+  auto st = push_and_wait(*sender, receiver_id, one);
+  const double single = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE(st.has_value());
+  REQUIRE_MESSAGE(st->ok(), st->reason());
+  REQUIRE_MESSAGE(single < 0.5, "one 16 MiB push took " << single << " s: too slow to queue many");
+  const int n = std::clamp(static_cast<int>(4.5 / std::max(single, 1e-3)), 4, 400);
+
+  std::vector<std::future<status>> done;
+  t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < n; ++i) {
+    auto p = std::make_shared<std::promise<status>>();
+    done.push_back(p->get_future());
+    sender->push(receiver_id, one, [p](status s) { p->set_value(std::move(s)); });
+  }
+  int ok = 0;
+  std::string first_error;
+  for (auto& f : done) {
+    REQUIRE(f.wait_for(completion_timeout + 30s) == std::future_status::ready);
+    auto s = f.get();
+    ok += s.ok();
+    if (!s.ok() && first_error.empty()) first_error = s.reason();
+  }
+  const double all = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  MESSAGE(n << " queued pushes of 16 MiB moved in " << all << " s (one alone: " << single << " s)");
+  CHECK_MESSAGE(ok == n, first_error);
+  CHECK(dst.holds_exactly(src, one));
+  // Only a queue that took longer than one timeout to move shows anything.
+  CHECK(all > 1.5);
+}
+
 TEST_CASE("ucx: one instance pushes into its own memory") {
   auto t = make_transport();
   auto size = mixed_region_size();
@@ -565,6 +611,7 @@ struct child_receiver {
     REQUIRE(::waitpid(pid, &wstatus, WUNTRACED) == pid);
     REQUIRE(WIFSTOPPED(wstatus));
   }
+  void resume() { REQUIRE(::kill(pid, SIGCONT) == 0); }
   void exit_now() {
     char cmd = 'x';
     REQUIRE(write_all(to_child, &cmd, 1));
@@ -685,14 +732,63 @@ TEST_CASE("ucx: a push to a frozen peer fails at the flush timeout") {
   CHECK(took < 10);
   auto reason = unreachable_reason(*sender, receiver_id, src.data());
   CHECK(reason == "peer 7 unreachable: a push was not flushed within 1000 ms");
-  // Not resumed: UCX 1.13 would abort the child when it acknowledges the buffered puts over
-  // the connection this side force-closed (ucp_progress_rma_cmpl -> ucs_fatal). It is killed.
 
-  // The same description again does not revive it; a new one (a restarted peer) would.
+  // The same description again (a re-registration) reconnects: the push is tried again, not
+  // refused at once with the old failure (upstream #13054), and fails again only at the flush
+  // timeout since the child is still frozen.
   REQUIRE(sender->connect(receiver_id, child.endpoint, {child.desc}).ok());
+  t0 = std::chrono::steady_clock::now();
   st = push_and_wait(*sender, receiver_id, {{src.data(), child.desc.id, 0, 8}});
+  took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   REQUIRE(st.has_value());
-  CHECK(st->reason() == reason);
+  CHECK_FALSE(st->ok());
+  CHECK(st->reason() != reason);
+  CHECK(took >= 0.9);
+}
+
+// Upstream #13054 on the real path: a transient failure (a peer frozen past the flush timeout,
+// then resumed) marked the peer unreachable for good. It is probed with backoff and serves
+// pushes again once it answers, without a new connect().
+TEST_CASE("regression #13054: a peer that failed and answers again serves pushes again") {
+  spdlog::cfg::load_env_levels();
+  WARN_MESSAGE(thread_count() == 1,
+               "forking with other threads alive: the child may inherit a held lock");
+  child_receiver child;
+  ucx_options options;
+  options.flush_timeout = 1s;
+  options.probe_interval = 200ms;
+  options.probe_interval_max = 800ms;
+  auto sender = make_transport(options);
+  REQUIRE(sender->connect(receiver_id, child.endpoint, {child.desc}).ok());
+  auto src = pattern(child_region, 9);
+  const std::vector<block> all{{src.data(), child.desc.id, 0, child_region}};
+
+  child.freeze();
+  auto st = push_and_wait(*sender, receiver_id, all);
+  REQUIRE(st.has_value());
+  CHECK_FALSE(st->ok());
+  CHECK(unreachable_reason(*sender, receiver_id, src.data()) ==
+        "peer 7 unreachable: a push was not flushed within 1000 ms");
+  // Still frozen: the probes do not answer, pushes keep failing at once.
+  std::this_thread::sleep_for(1500ms);
+  st = push_and_wait(*sender, receiver_id, all, 1s);
+  REQUIRE(st.has_value());
+  CHECK(st->reason().find("unreachable") != std::string::npos);
+
+  child.resume();
+  bool served = false;
+  auto t0 = std::chrono::steady_clock::now();
+  while (!served && std::chrono::steady_clock::now() - t0 < 20s) {
+    st = push_and_wait(*sender, receiver_id, all);
+    REQUIRE(st.has_value());
+    served = st->ok();
+    if (!served) std::this_thread::sleep_for(100ms);
+  }
+  CHECK_MESSAGE(served, st->reason());
+  MESSAGE("pushes served again "
+          << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
+          << " s after the peer resumed");
+  CHECK(child.verify());
 }
 
 // The progress thread sleeps in epoll: an idle transport (connected, nothing in flight) costs

@@ -62,6 +62,7 @@ struct registry_state {
   std::map<std::int32_t, caf::actor> decode;    // decode ranks (kept after they die: watchers
                                                 // that monitor a dead handle learn it at once)
   std::set<std::int32_t> decode_down;           // decode ranks seen going down (until re-registered)
+  std::map<registry_key, kv_handshake> shapes;  // what each key's latest owner registered
   std::map<std::string, msg::node_entry> nodes;  // rank processes by name: where they listen
   std::map<std::pair<std::int32_t, std::int32_t>, msg::register_supervisor> supervisors;  // (group, index)
   static inline const char* name = "kvflow.bootstrap_registry";
@@ -76,14 +77,12 @@ msg::topology_reply make_reply(registry_actor* self) {
   r.cp = c.prefill.cp;
   r.pp = c.prefill.pp;
   r.dp = c.prefill.dp;
-  r.page_size = c.page_size;
-  r.dtype = config::to_string(c.dtype);
-  r.layout = config::describe(c.model);
   for (const auto& [k, o] : st.table.entries()) {
     msg::registry_entry e;
     e.key = k;
     e.name = o.name;
     e.generation = o.generation;
+    if (auto sh = st.shapes.find(k); sh != st.shapes.end()) e.shape = sh->second;
     if (auto it = st.actors.find(o.id); it != st.actors.end()) e.rank = it->second;
     r.entries.push_back(std::move(e));
   }
@@ -121,6 +120,7 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
           spdlog::error("bootstrap: {}", res.error().reason());
           return {false, 0, res.error().reason()};
         }
+        st.shapes[r.key] = r.shape;
         if (!known) {
           st.actors.emplace(owner, r.rank);
           self->monitor(r.rank);

@@ -18,6 +18,7 @@ namespace {
 struct prefill_peer {
   caf::actor handle;
   bool down = false;
+  std::string refused;  // it registered another KV configuration: its rooms fail with this
 };
 
 struct decode_room {
@@ -116,8 +117,11 @@ void check_done(decode_actor* self, decode_room& r) {
 void ready(decode_actor* self, decode_room& r) {
   auto& st = self->state;
   if (!st.fatal.empty()) return fail_room(self, r.room, st.fatal);
-  for (int p : r.peers)
+  for (int p : r.peers) {
     if (peer_down(st, p)) return fail_room(self, r.room, "prefill rank " + std::to_string(p) + " down");
+    if (auto it = st.peers.find(p); it != st.peers.end() && !it->second.refused.empty())
+      return fail_room(self, r.room, it->second.refused);
+  }
   st.store().update(r.room, kv_poll::waiting_for_input);
 }
 
@@ -171,17 +175,12 @@ void on_topology(decode_actor* self, const msg::topology_reply& t) {
   const auto& cfg = st.args.plan->config();
   if (t.version != msg::wire_version)
     st.fatal = "bootstrap registry speaks wire version " + std::to_string(t.version);
-  else if (t.page_size != cfg.page_size)
-    st.fatal = "prefill page size " + std::to_string(t.page_size) + " != decode page size " + std::to_string(cfg.page_size);
-  else if (t.dtype != config::to_string(cfg.dtype))
-    st.fatal = "prefill KV dtype " + t.dtype + " != decode KV dtype " + config::to_string(cfg.dtype);
-  else if (t.layout != config::describe(cfg.model))
-    st.fatal = "prefill KV layout " + t.layout + " != decode KV layout " + config::describe(cfg.model);
   else if (t.tp != cfg.prefill.tp || t.cp != cfg.prefill.cp || t.pp != cfg.prefill.pp || t.dp != cfg.prefill.dp)
-    st.fatal = "prefill topology differs from the one this decode rank was configured for";
+    st.fatal = "the bootstrap registry holds another prefill topology than this decode rank was configured for";
   if (st.fatal.empty()) {
-    std::map<msg::rank_key, caf::actor> table;
-    for (const auto& e : t.entries) table[e.key] = e.rank;
+    std::map<msg::rank_key, const msg::registry_entry*> table;
+    for (const auto& e : t.entries) table[e.key] = &e;
+    const auto mine = handshake_of(cfg);
     msg::kv_registration reg;
     reg.decode_rank = st.args.rank;
     reg.dp = st.me->coord.dp;
@@ -192,13 +191,22 @@ void on_topology(decode_actor* self, const msg::topology_reply& t) {
     reg.decode = caf::actor_cast<caf::actor>(self);
     reg.endpoint = st.args.transport->endpoint();
     reg.regions = st.described_regions;
+    reg.shape = mine;
     for (int g = 0; g < cfg.prefill.dp; ++g)
       for (const auto& pe : st.me->peers) {
         int p = config::prefill_rank_of(cfg.prefill, {g, pe.pp, pe.cp, pe.tp});
-        auto h = table[msg::rank_key{g, pe.cp, pe.tp, pe.pp}];
+        const auto* e = table[msg::rank_key{g, pe.cp, pe.tp, pe.pp}];
+        auto h = e != nullptr ? e->rank : caf::actor{};
         auto& peer = st.peers[p];
         peer.handle = h;
         peer.down = !h;
+        // What the prefill rank registered itself, not the registry's own flags.
+        // Its rooms fail here at once; the registration still goes, so that the prefill rank
+        // refuses this side too and fails its own rooms instead of waiting for destinations.
+        if (auto why = h ? handshake_mismatch(mine, e->shape) : std::string{}; !why.empty()) {
+          peer.refused = "prefill rank " + std::to_string(p) + " registered another KV configuration: " + why;
+          spdlog::error("{}: {}", st.name, peer.refused);
+        }
         if (h) {
           self->send(h, reg);  // once per connection
           self->monitor(h);

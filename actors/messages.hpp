@@ -10,6 +10,7 @@
 #include "actors/rank_memory.hpp"
 #include "actors/block_plan.hpp"
 #include "actors/bootstrap_registry.hpp"
+#include "actors/handshake.hpp"
 #include "transport/transport.hpp"
 
 namespace kvflow::msg {
@@ -18,7 +19,8 @@ namespace kvflow::msg {
 // supervisors (ranks in their own processes).
 // 3: engine-owned memory (a registration lists every buffer), states carry `released`, one
 // agreement group per dp group across PP stages.
-constexpr std::uint32_t wire_version = 4;
+// 5: each side's kv_handshake in its own registration (register_rank, kv_registration).
+constexpr std::uint32_t wire_version = 5;
 
 using start_atom = caf::atom_constant<caf::atom("start")>;
 
@@ -68,6 +70,7 @@ struct register_rank {
   rank_key key;
   std::string name;  // who registers ("prefill rank 3"), named in collision errors
   caf::actor rank;
+  kv_handshake shape;  // as this prefill rank was configured
 };
 struct registration_reply {
   bool ok = false;
@@ -136,13 +139,11 @@ struct registry_entry {
   std::string name;
   caf::actor rank;
   std::uint64_t generation = 0;
+  kv_handshake shape;  // what that prefill rank registered
 };
 struct topology_reply {
   std::uint32_t version = wire_version;
-  std::int32_t tp = 0, cp = 0, pp = 0, dp = 0;
-  std::int32_t page_size = 0;
-  std::string dtype;
-  std::string layout;  // model name / layout, e.g. "dsv32" or "mha:32:8:128"
+  std::int32_t tp = 0, cp = 0, pp = 0, dp = 0;  // the prefill side the registry's table holds
   std::vector<registry_entry> entries;
 };
 
@@ -155,6 +156,7 @@ struct kv_registration {  // once per connection
   caf::actor decode;
   std::string endpoint;                          // transport endpoint (UCX worker address)
   std::vector<transport::region_desc> regions;   // KV, aux, state (ids as in `pool`)
+  kv_handshake shape;                            // as this decode rank was configured
 };
 struct dst_info {
   std::uint32_t version = wire_version;
@@ -262,7 +264,7 @@ typename I::result_type inspect(I& f, push_done& x) {
 }
 template <class I>
 typename I::result_type inspect(I& f, register_rank& x) {
-  return f(caf::meta::type_name("register_rank"), x.version, x.key, x.name, x.rank);
+  return f(caf::meta::type_name("register_rank"), x.version, x.key, x.name, x.rank, x.shape);
 }
 template <class I>
 typename I::result_type inspect(I& f, registration_reply& x) {
@@ -318,17 +320,16 @@ typename I::result_type inspect(I& f, topology_query& x) {
 }
 template <class I>
 typename I::result_type inspect(I& f, registry_entry& x) {
-  return f(caf::meta::type_name("registry_entry"), x.key, x.name, x.rank, x.generation);
+  return f(caf::meta::type_name("registry_entry"), x.key, x.name, x.rank, x.generation, x.shape);
 }
 template <class I>
 typename I::result_type inspect(I& f, topology_reply& x) {
-  return f(caf::meta::type_name("topology_reply"), x.version, x.tp, x.cp, x.pp, x.dp,
-           x.page_size, x.dtype, x.layout, x.entries);
+  return f(caf::meta::type_name("topology_reply"), x.version, x.tp, x.cp, x.pp, x.dp, x.entries);
 }
 template <class I>
 typename I::result_type inspect(I& f, kv_registration& x) {
   return f(caf::meta::type_name("kv_registration"), x.version, x.decode_rank, x.dp, x.pp, x.tp,
-           x.tp_size, x.pool, x.decode, x.endpoint, x.regions);
+           x.tp_size, x.pool, x.decode, x.endpoint, x.regions, x.shape);
 }
 template <class I>
 typename I::result_type inspect(I& f, dst_info& x) {
@@ -379,6 +380,11 @@ void add_message_types(caf::actor_system_config& cfg);
 }  // namespace kvflow::msg
 
 namespace kvflow {
+template <class I>
+typename I::result_type inspect(I& f, kv_handshake& x) {
+  return f(caf::meta::type_name("kv_handshake"), x.page_size, x.dtype, x.layout, x.cp_send_all, x.prefill_tp,
+           x.prefill_cp, x.prefill_pp, x.prefill_dp, x.decode_tp, x.decode_pp, x.decode_dp);
+}
 template <class I>
 typename I::result_type inspect(I& f, registry_key& x) {
   return f(caf::meta::type_name("rank_key"), x.dp_group, x.cp, x.tp, x.pp);

@@ -288,6 +288,18 @@ void forget(prefill_actor* self, std::uint64_t room) {
   st.rooms.erase(it);
 }
 
+// Every unfinished room that expects destinations from decode rank `d` fails with `reason`.
+void fail_rooms_expecting(prefill_actor* self, int d, const std::string& reason) {
+  auto& st = self->state;
+  std::vector<std::uint64_t> doomed;
+  for (auto& [room, r] : st.rooms) {
+    const auto* en = st.store().find(room);
+    if (en != nullptr && !is_terminal(en->state) && std::find(r.expected.begin(), r.expected.end(), d) != r.expected.end())
+      doomed.push_back(room);
+  }
+  for (auto room : doomed) fail_room(self, room, reason);
+}
+
 void watch_decode(prefill_actor* self, int d) {
   // Not connected yet: watch it through the registry, so its death fails the room now instead
   // of at the bootstrap timeout.
@@ -302,14 +314,7 @@ void watch_decode(prefill_actor* self, int d) {
             if (e.down && !peer.registered && !peer.down) {
               // Dead before it ever connected here: its rooms fail now.
               peer.down = true;
-              std::vector<std::uint64_t> doomed;
-              for (auto& [room, r] : st.rooms) {
-                const auto* en = st.store().find(room);
-                if (en != nullptr && !is_terminal(en->state) &&
-                    std::find(r.expected.begin(), r.expected.end(), e.rank) != r.expected.end())
-                  doomed.push_back(room);
-              }
-              for (auto room : doomed) fail_room(self, room, "decode rank " + std::to_string(e.rank) + " down");
+              fail_rooms_expecting(self, e.rank, "decode rank " + std::to_string(e.rank) + " down");
               return;
             }
             if (e.handle && !peer.handle) {
@@ -331,7 +336,8 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
   st.name = "prefill rank " + std::to_string(st.args.rank);
   const auto& c = st.me->coord;
   self->send(st.args.registry, msg::register_rank{msg::wire_version, {c.dp, c.cp, c.tp, c.pp}, st.name,
-                                                  caf::actor_cast<caf::actor>(self)});
+                                                  caf::actor_cast<caf::actor>(self),
+                                                  handshake_of(st.args.plan->config())});
   self->send(st.args.parent, msg::attach_child{st.args.child_index, caf::actor_cast<caf::actor>(self)});
 
   self->monitor(st.args.parent);
@@ -376,7 +382,9 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         peer.down = false;
         self->monitor(reg.decode);
         peer.refused.clear();
-        if (auto ok = check_remote_pool(reg.pool); !ok) {
+        if (auto why = handshake_mismatch(handshake_of(st.args.plan->config()), reg.shape); !why.empty()) {
+          peer.refused = "decode rank " + std::to_string(reg.decode_rank) + " registered another KV configuration: " + why;
+        } else if (auto ok = check_remote_pool(reg.pool); !ok) {
           peer.refused = "invalid registration of decode rank " + std::to_string(reg.decode_rank) + ": " + ok.reason();
         } else {
           peer.pool = reg.pool;
@@ -388,8 +396,12 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
             peer.refused = "transport cannot reach decode rank " + std::to_string(reg.decode_rank) + ": " +
                            connected.reason();
         }
-        if (!peer.refused.empty()) spdlog::error("{}: {}", st.name, peer.refused);
         peer.registered = true;
+        if (!peer.refused.empty()) {
+          spdlog::error("{}: {}", st.name, peer.refused);
+          // Its destinations would be refused: the rooms waiting for them fail now.
+          fail_rooms_expecting(self, reg.decode_rank, peer.refused);
+        }
       },
       [self](msg::api_create& q) {
         // The store entry exists already (the API created it, refusing duplicates at once).
@@ -422,6 +434,10 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           auto it = st.peers.find(d);
           if (it != st.peers.end() && it->second.down) {
             fail_room(self, q.room, "decode rank " + std::to_string(d) + " down");
+            return;
+          }
+          if (it != st.peers.end() && !it->second.refused.empty()) {
+            fail_room(self, q.room, it->second.refused);
             return;
           }
           if (it == st.peers.end()) watch_decode(self, d);

@@ -376,7 +376,7 @@ void registered_network(node::impl& n, bool prefill, int r, const caf::actor& ra
     if (prefill) {
       auto pc = config::prefill_coord_of(c.prefill, r);
       net.prefill_ranks.push_back(
-          {msg::wire_version, {pc.dp, pc.cp, pc.tp, pc.pp}, "prefill rank " + std::to_string(r), rank});
+          {msg::wire_version, {pc.dp, pc.cp, pc.tp, pc.pp}, "prefill rank " + std::to_string(r), rank, handshake_of(c)});
     } else {
       net.decode_ranks.push_back({r, rank});
     }

@@ -415,7 +415,7 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   if (prefill) {
     auto pc = config::prefill_coord_of(c.prefill, r);
     caf::anon_send(n.registry, msg::register_rank{msg::wire_version, {pc.dp, pc.cp, pc.tp, pc.pp},
-                                                  "prefill rank " + std::to_string(r), actor});
+                                                  "prefill rank " + std::to_string(r), actor, handshake_of(c)});
   } else {
     caf::anon_send(n.registry, msg::register_decode{r, actor});
   }

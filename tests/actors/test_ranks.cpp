@@ -486,8 +486,9 @@ struct rank_fixture : actor_fixture {
     return *fakes.back();
   }
 
-  // The fake decode rank registers its memory with `rank` (as a decode rank's on_topology does).
-  void connect(const fake_decode& d, const tested_rank& rank) {
+  // The fake decode rank registers its memory with `rank` (as a decode rank's on_topology does),
+  // with the KV configuration `shape` (the fixture's own unless given).
+  void connect(const fake_decode& d, const tested_rank& rank, std::optional<kv_handshake> shape = {}) {
     const auto& me = plan->decode(d.rank);
     msg::kv_registration reg;
     reg.decode_rank = d.rank;
@@ -499,6 +500,7 @@ struct rank_fixture : actor_fixture {
     reg.decode = d.handle;
     reg.endpoint = peer_transport->endpoint();
     reg.regions = d.regions;
+    reg.shape = shape ? *shape : handshake_of(config);
     caf::anon_send(rank.actor, reg);
   }
 
@@ -1069,7 +1071,7 @@ struct decode_fixture : rank_fixture {
       std::optional<msg::registration_reply> reply;
       self->request(registry, long_wait,
                     msg::register_rank{msg::wire_version, {0, 0, tp, 0}, "fake prefill " + std::to_string(tp),
-                                       p.handle})
+                                       p.handle, handshake_of(config)})
           .receive([&](msg::registration_reply& r) { reply = r; },
                    [&](caf::error& e) { FAIL_CHECK(sys.render(e)); });
       REQUIRE(reply);
@@ -1319,7 +1321,9 @@ TEST_CASE("regression: a decode abort for a stale incarnation leaves the reused 
 
 TEST_CASE("decode rank: a prefill side with another page size fails every request with a clear reason") {
   // semantics.md section 4: a page-size or dtype mismatch is a clear error, not corrupt data.
-  decode_fixture f;  // registry and fake prefill ranks: page size 4
+  // What counts is what each prefill rank registered (issue 9: the check compared the
+  // registry's own flags), here page size 4.
+  decode_fixture f;
   auto other = f.config;
   other.page_size = 8;
   auto plan = std::make_shared<const config::routing_plan>(other);
@@ -1333,11 +1337,37 @@ TEST_CASE("decode rank: a prefill side with another page size fails every reques
   CHECK(failed->state == poll_state::failed);
   const auto why = d.api().failure_reason(id);
   INFO(why);
-  CHECK(contains(why, "page size 4 != decode page size 8"));
-  // It never registered memory with, nor sent destinations to, an incompatible prefill side.
+  CHECK(contains(why, "prefill rank 0 registered another KV configuration: page size 4 there, 8 here"));
+  // It sent no destinations to an incompatible prefill side; its registration went, with its
+  // own configuration, so that the prefill side refuses it too.
   for (const auto& p : f.prefill) {
-    CHECK(p.box->all<msg::kv_registration>().empty());
     CHECK(p.box->all<msg::dst_info>().empty());
+    auto reg = p.box->wait_any<msg::kv_registration>();
+    REQUIRE(reg);
+    CHECK(reg->shape.page_size == 8);
+  }
+}
+
+TEST_CASE("regression: a decode rank that registered another CP send mode fails the prefill rooms at once") {
+  // semantics.md section 7, 17: SGLang never exchanges its per-side CP-send flag, and a P/D
+  // mismatch stalls 300 s. The prefill rank refuses the registration and fails the rooms that
+  // wait for that decode rank's destinations now, not at the bootstrap timeout.
+  rank_fixture f(mla_config(1, 1, 1));
+  f.tunables.bootstrap_timeout_ms = 60000;
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  const request_id before{31, 1};
+  REQUIRE_FALSE(p.p->create(before, 0));
+  auto other = handshake_of(f.config);
+  other.cp_send_all = !other.cp_send_all;
+  f.connect(d, p, other);
+  const request_id after{32, 1};
+  REQUIRE_FALSE(p.p->create(after, 0));
+  for (const auto& id : {before, after}) {
+    CHECK(p.steps().reaches(id, poll_state::failed, ms(2000)));
+    const auto why = p.api().failure_reason(id);
+    INFO(why);
+    CHECK(contains(why, "decode rank 0 registered another KV configuration: CP send mode"));
   }
 }
 
@@ -1443,7 +1473,7 @@ TEST_CASE("quarantine: a decode abort while the prefill push is held releases de
   auto tap = f.own(f.sys.spawn(wire_tap, wire));
   {
     std::optional<msg::registration_reply> reply;
-    f.self->request(f.registry, long_wait, msg::register_rank{msg::wire_version, {0, 0, 0, 0}, "tap", tap})
+    f.self->request(f.registry, long_wait, msg::register_rank{msg::wire_version, {0, 0, 0, 0}, "tap", tap, handshake_of(f.config)})
         .receive([&](msg::registration_reply& r) { reply = r; }, [&](caf::error& e) { FAIL_CHECK(f.sys.render(e)); });
     REQUIRE(reply);
     REQUIRE(reply->ok);

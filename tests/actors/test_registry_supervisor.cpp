@@ -35,9 +35,10 @@ config::cluster_config registry_config() {
 std::optional<msg::registration_reply> register_as(actor_fixture& f, const caf::actor& registry,
                                                    msg::rank_key key, const std::string& name,
                                                    const caf::actor& who,
-                                                   std::uint32_t version = msg::wire_version) {
+                                                   std::uint32_t version = msg::wire_version,
+                                                   const kv_handshake& shape = {}) {
   std::optional<msg::registration_reply> out;
-  f.self->request(registry, long_wait, msg::register_rank{version, key, name, who})
+  f.self->request(registry, long_wait, msg::register_rank{version, key, name, who, shape})
       .receive([&](msg::registration_reply& r) { out = r; },
                [&](caf::error& e) { FAIL_CHECK("registry did not answer: " << f.sys.render(e)); });
   return out;
@@ -251,7 +252,9 @@ TEST_CASE("registry actor: topology query answered only once every key is regist
     CHECK_FALSE(box->wait_any<msg::topology_reply>(i == 0 ? short_wait : ms(50)));
     auto who = f.spawn_recorder().first;
     owners[keys[i]] = who;
-    auto r = register_as(f, registry, keys[i], "prefill rank " + std::to_string(i), who);
+    kv_handshake shape = handshake_of(c);
+    shape.page_size = 10 + static_cast<int>(i);  // each entry carries its own rank's registration
+    auto r = register_as(f, registry, keys[i], "prefill rank " + std::to_string(i), who, msg::wire_version, shape);
     REQUIRE(r);
     REQUIRE(r->ok);
   }
@@ -263,9 +266,6 @@ TEST_CASE("registry actor: topology query answered only once every key is regist
   CHECK(reply->cp == 2);
   CHECK(reply->pp == 1);
   CHECK(reply->dp == 1);
-  CHECK(reply->page_size == 4);
-  CHECK(reply->dtype == "fp8");
-  CHECK(reply->layout == "mla:4:16");
   REQUIRE(reply->entries.size() == 4);
   std::set<msg::rank_key> seen;
   for (const auto& e : reply->entries) {
@@ -274,6 +274,9 @@ TEST_CASE("registry actor: topology query answered only once every key is regist
     CHECK(e.rank == owners[e.key]);
     CHECK(e.generation == 1);
     CHECK(contains(e.name, "prefill rank"));
+    const auto i = std::find(keys.begin(), keys.end(), e.key) - keys.begin();
+    CHECK(e.shape.page_size == 10 + i);
+    CHECK(e.shape.layout == "mla:4:16");
   }
   CHECK(seen.size() == 4);
 

@@ -215,12 +215,26 @@ TEST_CASE("messages: bootstrap registry messages round-trip") {
   sys_fixture f;
   // rank_key only travels inside other messages: its inspector, not the types list.
   CHECK(f.direct(rank_key{1, 2, 3, 4}) == rank_key{1, 2, 3, 4});
-  f.round_trip(register_rank{7, {1, 7, 3, 1}, "prefill rank 59", f.dummy},
+  kvflow::kv_handshake shape;
+  shape.page_size = 64;
+  shape.dtype = "fp8";
+  shape.layout = "mha:32:8:128";
+  shape.cp_send_all = true;
+  shape.prefill_tp = 8;
+  shape.prefill_cp = 4;
+  shape.prefill_pp = 2;
+  shape.prefill_dp = 3;
+  shape.decode_tp = 2;
+  shape.decode_pp = 5;
+  shape.decode_dp = 7;
+  f.round_trip(register_rank{7, {1, 7, 3, 1}, "prefill rank 59", f.dummy, shape},
                [](const auto& a, const auto& b) {
                  CHECK(b.version == a.version);  // a foreign version survives, not defaulted
                  CHECK(b.key == a.key);
                  CHECK(b.name == a.name);
                  CHECK(b.rank == a.rank);
+                 CHECK(kvflow::handshake_mismatch(a.shape, b.shape).empty());
+                 CHECK(b.shape.decode_dp == 7);
                });
   f.round_trip(registration_reply{true, u64_max, ""}, [](const auto& a, const auto& b) {
     CHECK(b.ok == a.ok);
@@ -253,26 +267,21 @@ TEST_CASE("messages: bootstrap registry messages round-trip") {
   t.cp = 8;
   t.pp = 2;
   t.dp = 1;
-  t.page_size = 64;
-  t.dtype = "fp8";
-  t.layout = "mha:32:8:128";
-  t.entries = {{{0, 0, 0, 0}, "prefill rank 0", f.dummy, 1},
-               {{0, 7, 3, 1}, "prefill rank 123", caf::actor{}, u64_max}};
+  t.entries = {{{0, 0, 0, 0}, "prefill rank 0", f.dummy, 1, shape},
+               {{0, 7, 3, 1}, "prefill rank 123", caf::actor{}, u64_max, {}}};
   f.round_trip(t, [](const auto& a, const auto& b) {
     CHECK(b.version == a.version);
     CHECK(b.tp == a.tp);
     CHECK(b.cp == a.cp);
     CHECK(b.pp == a.pp);
     CHECK(b.dp == a.dp);
-    CHECK(b.page_size == a.page_size);
-    CHECK(b.dtype == a.dtype);
-    CHECK(b.layout == a.layout);
     REQUIRE(b.entries.size() == a.entries.size());
     for (std::size_t i = 0; i < a.entries.size(); ++i) {
       CHECK(b.entries[i].key == a.entries[i].key);
       CHECK(b.entries[i].name == a.entries[i].name);
       CHECK(b.entries[i].rank == a.entries[i].rank);
       CHECK(b.entries[i].generation == a.entries[i].generation);
+      CHECK(kvflow::handshake_mismatch(a.entries[i].shape, b.entries[i].shape).empty());
     }
   });
   f.round_trip(topology_reply{}, [](const auto&, const auto& b) { CHECK(b.entries.empty()); });
@@ -345,7 +354,12 @@ TEST_CASE("messages: decode -> prefill messages round-trip") {
   reg.decode = f.dummy;
   reg.endpoint = std::string("\x00\x01ucx-worker\xff", 14);  // binary: carried byte for byte
   reg.regions = {{11, u64_max, 0x7f0000001000, "rkey\x00packed"}, {40, 408, 1, ""}};
+  reg.shape.layout = "dsv32";
+  reg.shape.page_size = 64;
+  reg.shape.decode_tp = 8;
   f.round_trip(reg, [](const auto& a, const auto& b) {
+    CHECK(kvflow::handshake_mismatch(a.shape, b.shape).empty());
+    CHECK(b.shape.layout == "dsv32");
     CHECK(b.version == a.version);
     CHECK(b.decode_rank == a.decode_rank);
     CHECK(b.dp == a.dp);

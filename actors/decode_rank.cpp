@@ -40,6 +40,13 @@ struct decode_state {
   bool connected = false;
   std::string fatal;  // set when the prefill side is incompatible: every room fails with it
   std::vector<std::uint64_t> waiting_connect;
+  // The registry could not answer the topology query (down, or restarted before it was ready):
+  // why, and the wait before asking again. Rooms fail with it meanwhile; set_registry or the
+  // retry timer asks again.
+  std::string registry_problem;
+  std::chrono::milliseconds retry_after{0};
+  std::uint64_t query = 0;  // the latest topology query; answers to earlier ones are ignored
+  bool querying = false;
   // One aux_record per aux row: where prefill marks a slot landed.
   std::byte* receipts_base = nullptr;
   cuda::host_memory receipts_mapped;  // when the transport allocates none
@@ -172,6 +179,8 @@ status register_memory(decode_state& st) {
 
 void on_topology(decode_actor* self, const msg::topology_reply& t) {
   auto& st = self->state;
+  st.registry_problem.clear();
+  st.retry_after = std::chrono::milliseconds{0};
   const auto& cfg = st.args.plan->config();
   if (t.version != msg::wire_version)
     st.fatal = "bootstrap registry speaks wire version " + std::to_string(t.version);
@@ -221,6 +230,51 @@ void on_topology(decode_actor* self, const msg::topology_reply& t) {
     if (auto it = st.rooms.find(room); it != st.rooms.end()) ready(self, it->second);
 }
 
+// Asks the registry for the prefill side's topology (parked there until every prefill rank
+// registered). An error does not end the rank: rooms waiting fail with the reason, and it asks
+// again after a backoff, or at once when a restarted registry is set.
+void registry_failed(decode_actor* self, std::string why);
+
+// `again`: a new registry, whose answer replaces that of a query still out to the old one (a
+// registry on a dead node may never answer).
+void query_topology(decode_actor* self, bool again = false) {
+  auto& st = self->state;
+  if (st.connected || (st.querying && !again)) return;
+  st.querying = true;
+  const auto id = ++st.query;
+  self->request(st.args.registry, caf::infinite, msg::topology_query{})
+      .then(
+          [self, id](msg::topology_reply& t) {
+            auto& st = self->state;
+            auto g = detail::lock(*st.args.shared);
+            if (id != st.query || st.connected) return;
+            st.querying = false;
+            on_topology(self, t);
+          },
+          [self, id](caf::error& e) {
+            auto& st = self->state;
+            auto g = detail::lock(*st.args.shared);
+            if (id != st.query || st.connected) return;
+            registry_failed(self, "bootstrap registry unavailable: " + self->system().render(e));
+          });
+}
+
+// The topology query failed, or the registry went down with it parked (CAF 0.17 answers a
+// request parked in an actor that dies with nothing): the rooms waiting fail with the reason,
+// and the query goes again after a backoff.
+void registry_failed(decode_actor* self, std::string why) {
+  auto& st = self->state;
+  st.querying = false;
+  ++st.query;
+  st.registry_problem = std::move(why);
+  spdlog::error("{}: {}", st.name, st.registry_problem);
+  auto waiting = std::move(st.waiting_connect);
+  for (auto room : waiting) fail_room(self, room, st.registry_problem);
+  const std::chrono::milliseconds first{200}, most{10000};
+  st.retry_after = st.retry_after.count() == 0 ? first : std::min(st.retry_after * 2, most);
+  self->delayed_send(self, st.retry_after, msg::topology_retry{});
+}
+
 caf::behavior decode_rank(decode_actor* self, rank_args args) {
   auto& st = self->state;
   st.args = std::move(args);
@@ -232,24 +286,8 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
   }
   self->send(st.args.parent, msg::attach_child{st.args.child_index, caf::actor_cast<caf::actor>(self)});
   self->send(st.args.registry, msg::register_decode{st.args.rank, caf::actor_cast<caf::actor>(self)});
-  self->request(st.args.registry, caf::infinite, msg::topology_query{})
-      .then(
-          [self](msg::topology_reply& t) {
-            auto g = detail::lock(*self->state.args.shared);
-            on_topology(self, t);
-          },
-          [self](caf::error& e) {
-            // No registry to ask (it went down before answering): requests fail with the reason
-            // instead of this rank going down with the error.
-            auto& st = self->state;
-            auto g = detail::lock(*st.args.shared);
-            st.fatal = "bootstrap registry unavailable: " + self->system().render(e);
-            spdlog::error("{}: {}", st.name, st.fatal);
-            st.connected = true;
-            auto waiting = std::move(st.waiting_connect);
-            for (auto room : waiting)
-              if (auto it = st.rooms.find(room); it != st.rooms.end()) ready(self, it->second);
-          });
+  query_topology(self);
+  if (st.args.registry) self->monitor(st.args.registry);
 
   self->monitor(st.args.parent);
   self->set_down_handler([self](const caf::down_msg& dm) {
@@ -257,6 +295,10 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
     auto g = detail::lock(*st.args.shared);
     if (detail::on_parent_down(self, dm, [self](std::uint64_t room, const std::string& why) { fail_room(self, room, why); }))
       return;
+    if (st.args.registry && dm.source == st.args.registry.address()) {
+      if (!st.connected) registry_failed(self, "bootstrap registry down: " + self->system().render(dm.reason));
+      return;
+    }
     for (auto& [p, peer] : st.peers)
       if (peer.handle && peer.handle.address() == dm.source && !peer.down) {
         peer.down = true;
@@ -295,10 +337,38 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
           settle(self, room);
           return;
         }
-        if (st.connected)
+        if (st.connected) {
           ready(self, room);
-        else
+        } else if (!st.registry_problem.empty()) {
+          fail_room(self, q.room, st.registry_problem);
+        } else {
           st.waiting_connect.push_back(q.room);
+          self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.waiting_timeout_ms),
+                             msg::connect_expiry{q.room, q.incarnation});
+        }
+      },
+      [self](msg::connect_expiry& x) {
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        auto it = st.rooms.find(x.room);
+        if (st.connected || it == st.rooms.end() || it->second.inc != x.incarnation) return;
+        auto& w = st.waiting_connect;
+        w.erase(std::remove(w.begin(), w.end(), x.room), w.end());
+        fail_room(self, x.room, "no prefill topology from the bootstrap registry within the waiting timeout "
+                                "(a prefill rank has not registered)");
+      },
+      [self](msg::topology_retry&) {
+        auto g = detail::lock(*self->state.args.shared);
+        query_topology(self);
+      },
+      [self](msg::set_registry& r) {
+        // A restarted registry: ask it at once if the topology is still missing.
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        if (!r.registry) return;
+        st.args.registry = r.registry;
+        self->monitor(r.registry);
+        query_topology(self, true);
       },
       [self](msg::api_destinations& d) {
         auto& st = self->state;

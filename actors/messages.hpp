@@ -49,6 +49,11 @@ struct room_timeout {  // bootstrap (prefill) or waiting (decode) timer of one r
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
 };
+struct connect_expiry {  // decode: a request still waits for the prefill side's topology
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+};
+struct topology_retry {};  // decode: ask the registry for the topology again
 struct early_expiry {  // destinations buffered for a request this rank never saw: give up on them
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
@@ -252,6 +257,14 @@ typename I::result_type inspect(I& f, board_round& x) {
 template <class I>
 typename I::result_type inspect(I& f, room_timeout& x) {
   return f(caf::meta::type_name("room_timeout"), x.room, x.incarnation);
+}
+template <class I>
+typename I::result_type inspect(I& f, connect_expiry& x) {
+  return f(caf::meta::type_name("connect_expiry"), x.room, x.incarnation);
+}
+template <class I>
+typename I::result_type inspect(I& f, topology_retry&) {
+  return f(caf::meta::type_name("topology_retry"));
 }
 template <class I>
 typename I::result_type inspect(I& f, early_expiry& x) {

@@ -1348,6 +1348,33 @@ TEST_CASE("decode rank: a prefill side with another page size fails every reques
   }
 }
 
+TEST_CASE("regression: a decode rank whose registry dies before it is ready works with the restarted one") {
+  // Issue 9: a registry error left the decode rank failing every request for good (and a query
+  // parked in a registry that died was never answered: CAF 0.17 sends nothing). The rooms
+  // waiting fail with the reason; a restarted registry (set_registry) is asked again.
+  decode_fixture f;  // its registry is ready: both fake prefill ranks registered
+  rank_options o;
+  o.registry = spawn_bootstrap_registry(f.sys, f.config);  // no prefill rank registers in it
+  auto& d = f.add_decode(0, o);
+  const request_id first{41, 1};
+  REQUIRE_FALSE(d.d->create(first, 0));
+  CHECK_FALSE(d.steps().reaches(first, poll_state::failed, ms(200)));  // waits for the topology
+  caf::anon_send_exit(o.registry, caf::exit_reason::kill);
+  REQUIRE(d.steps().reaches(first, poll_state::failed, ms(3000)));
+  CHECK(contains(d.api().failure_reason(first), "bootstrap registry down"));
+
+  caf::anon_send(d.actor, msg::set_registry{f.registry});
+  const request_id second{42, 1};
+  bool ready = false;
+  for (int i = 0; i < 50 && !ready; ++i) {  // a room created before the new topology came fails
+    const request_id id{second.room + static_cast<std::uint64_t>(i), 1};
+    REQUIRE_FALSE(d.d->create(id, 0));
+    ready = d.steps().reaches(id, poll_state::waiting_for_input, ms(200)).has_value();
+  }
+  CHECK(ready);
+  for (const auto& p : f.prefill) CHECK(p.box->wait_any<msg::kv_registration>());
+}
+
 TEST_CASE("regression: a decode rank that registered another CP send mode fails the prefill rooms at once") {
   // semantics.md section 7, 17: SGLang never exchanges its per-side CP-send flag, and a P/D
   // mismatch stalls 300 s. The prefill rank refuses the registration and fails the rooms that

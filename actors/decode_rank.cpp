@@ -55,6 +55,7 @@ struct decode_state {
   std::vector<std::uint64_t> regions;  // registered with the transport; removed before the memory
   std::string name;
   const char* side = "decode";
+  bool leaving = false;  // asked to stop: it goes once no peer can write into its memory
   detail::actor_store<decode_state> store() { return {*this}; }
 
   decode_state() = default;
@@ -67,6 +68,8 @@ struct decode_state {
   }
 };
 using decode_actor = caf::stateful_actor<decode_state>;
+
+void leave_if_drained(decode_actor* self);
 
 bool peer_down(const decode_state& st, int p) {
   auto it = st.peers.find(p);
@@ -86,6 +89,17 @@ void settle(decode_actor* self, decode_room& r) {
   st.store().set_released(r.room);
   if (e->state == kv_poll::failed && !r.sent_to.empty() && st.args.shared->counters.quarantined > 0)
     --st.args.shared->counters.quarantined;
+  if (st.leaving) leave_if_drained(self);
+}
+
+// A stopping rank goes once every room it holds is released: then no peer can still write into
+// its memory, which the state's destructor deregisters (and frees, where the transport
+// allocated it). Until then the memory stays registered and mapped.
+void leave_if_drained(decode_actor* self) {
+  auto& st = self->state;
+  for (const auto& [room, r] : st.rooms)
+    if (const auto* e = st.store().find(room); e != nullptr && !e->released) return;
+  self->quit(caf::exit_reason::user_shutdown);
 }
 
 void fail_room(decode_actor* self, std::uint64_t room, const std::string& reason) {
@@ -289,6 +303,22 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
   query_topology(self);
   if (st.args.registry) self->monitor(st.args.registry);
 
+  // Asked to stop (the node stops, or the engine linked to it went): every unfinished room fails
+  // and its peers are told, and the rank stays until their writes drained (each acknowledged its
+  // abort or is down) or the flush timeout passed, instead of unmapping memory a push may still
+  // be writing (UCX 1.13's emulated puts write whatever address they carry).
+  self->set_exit_handler([self](caf::exit_msg& m) {
+    auto& st = self->state;
+    auto g = detail::lock(*st.args.shared);
+    if (st.leaving) return;
+    st.leaving = true;
+    std::vector<std::uint64_t> live;
+    for (const auto& [room, r] : st.rooms)
+      if (const auto* e = st.store().find(room); e != nullptr && !is_terminal(e->state)) live.push_back(room);
+    for (auto room : live) fail_room(self, room, "decode rank stopping: " + self->system().render(m.reason));
+    self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.ucx_flush_timeout_ms), msg::leave_expiry{});
+    leave_if_drained(self);
+  });
   self->monitor(st.args.parent);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
@@ -356,6 +386,13 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
         w.erase(std::remove(w.begin(), w.end(), x.room), w.end());
         fail_room(self, x.room, "no prefill topology from the bootstrap registry within the waiting timeout "
                                 "(a prefill rank has not registered)");
+      },
+      [self](msg::leave_expiry&) {
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        if (!st.leaving) return;
+        spdlog::warn("{}: stopping with prefill writes not acknowledged within the flush timeout", st.name);
+        self->quit(caf::exit_reason::user_shutdown);
       },
       [self](msg::topology_retry&) {
         auto g = detail::lock(*self->state.args.shared);

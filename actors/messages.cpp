@@ -12,6 +12,7 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<early_expiry>("kvflow.early_expiry");
   cfg.add_message_type<connect_expiry>("kvflow.connect_expiry");
   cfg.add_message_type<topology_retry>("kvflow.topology_retry");
+  cfg.add_message_type<leave_expiry>("kvflow.leave_expiry");
   cfg.add_message_type<push_done>("kvflow.push_done");
   cfg.add_message_type<register_rank>("kvflow.register_rank");
   cfg.add_message_type<registration_reply>("kvflow.registration_reply");

@@ -54,6 +54,7 @@ struct connect_expiry {  // decode: a request still waits for the prefill side's
   std::uint64_t incarnation = 0;
 };
 struct topology_retry {};  // decode: ask the registry for the topology again
+struct leave_expiry {};    // decode: stopping, it waited long enough for its peers' writes to drain
 struct early_expiry {  // destinations buffered for a request this rank never saw: give up on them
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
@@ -261,6 +262,10 @@ typename I::result_type inspect(I& f, room_timeout& x) {
 template <class I>
 typename I::result_type inspect(I& f, connect_expiry& x) {
   return f(caf::meta::type_name("connect_expiry"), x.room, x.incarnation);
+}
+template <class I>
+typename I::result_type inspect(I& f, leave_expiry&) {
+  return f(caf::meta::type_name("leave_expiry"));
 }
 template <class I>
 typename I::result_type inspect(I& f, topology_retry&) {

@@ -1246,6 +1246,35 @@ TEST_CASE("decode rank: a Failed status from one prefill rank fails the room and
   CHECK(f.api().stats().live_requests == 0);
 }
 
+TEST_CASE("regression: a stopping decode rank keeps its memory registered until its prefill peers' writes drained") {
+  // Issue 9: the decode rank deregistered (and, for memory its transport allocated, freed) its
+  // regions the moment it stopped, while a prefill peer could still be writing into them (UCX
+  // 1.13's emulated puts write whatever address they carry). Asked to stop, it fails its rooms,
+  // tells its peers and goes only once each acknowledged that its writes drained.
+  decode_fixture f;
+  f.spawn_decode();
+  const std::uint64_t room = 58;
+  const request_id id{room, 1};
+  f.start(id, {1, 2}, 0);
+  f.destinations(room);
+  f.self->monitor(f.dec->actor);
+  caf::anon_send_exit(f.dec->actor, caf::exit_reason::user_shutdown);
+  auto a = f.aborted_on_both(room);
+  CHECK(contains(a.reason, "decode rank stopping"));
+  auto gone = [&](ms wait) {
+    bool down = false;
+    f.self->receive([&](const caf::down_msg& dm) { down = dm.source == f.dec->actor.address(); },
+                    caf::after(wait) >> [] {});
+    return down;
+  };
+  CHECK_FALSE(gone(ms(300)));
+  f.land_aux(room, 1, 0);  // a late write of prefill rank 0 still lands in registered memory
+  f.ack_from(0, room);
+  CHECK_FALSE(gone(ms(200)));
+  f.ack_from(1, room);
+  CHECK(gone(long_wait));
+}
+
 TEST_CASE("decode rank: waiting timeout fails the room and aborts every prefill peer") {
   config::tunables t;
   t.waiting_timeout_ms = 150;

@@ -56,6 +56,9 @@ struct rank_shared {
   std::deque<std::pair<std::pair<std::uint64_t, std::uint64_t>, std::string>> cleared_reasons;
   rank_counters counters;
   bool lost = false;  // the group's agreement is gone: the rank refuses new requests
+  // The latest step this rank posted by message (the engine's thread writes it before the post
+  // goes): no round above it can have completed, so an agreed round above it is forged.
+  std::atomic<std::uint64_t> posted_step{0};
   std::string lost_reason;
   void remember_reason(std::uint64_t room, std::uint64_t incarnation, const std::string& reason) {
     if (reason.empty()) return;
@@ -84,6 +87,7 @@ struct rank_args {
   std::shared_ptr<rank_shared> shared;
   caf::actor parent;    // shard supervisor (prefill) or TP supervisor (decode)
   int child_index = 0;  // index among the parent's children
+  int group = 0;        // the agreement group, named by every agreed round of it
   // In one process: the parent's step board. Null: steps go by message (parent elsewhere).
   std::shared_ptr<step_board> board;
   // Where the group's agreed rounds are read; with a remote parent the rank publishes the

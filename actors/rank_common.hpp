@@ -69,9 +69,17 @@ caf::message_handler rank_handlers(Self* self, Fail fail, Forget forget) {
       },
       // Rounds of a TP supervisor in another process: the engine reads them from the ring.
       [self](msg::agreed_round& a) {
-        if (self->state.args.ring)
-          self->state.args.ring->publish(
-              std::make_shared<const agreed_view>(agreed_view{a.round, a.group, std::move(a.states), 0}));
+        auto& st = self->state;
+        if (!st.args.ring) return;
+        // Round k merges this rank's own step-k post: a round it has not posted, or of another
+        // group, is forged or misrouted. Taken, round 2^64-1 would hold its ring slot for good.
+        const auto posted = st.args.shared->posted_step.load(std::memory_order_acquire);
+        if (a.round == 0 || a.round > posted || a.group != st.args.group) {
+          spdlog::warn("{}: agreed round {} of group {} refused (posted {}, group {})", st.name, a.round, a.group,
+                       posted, st.args.group);
+          return;
+        }
+        st.args.ring->publish(std::make_shared<const agreed_view>(agreed_view{a.round, a.group, std::move(a.states), 0}));
       },
       [self, fail, forget](msg::api_apply& a) {
         auto& st = self->state;

@@ -259,6 +259,7 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
   a.shared = ri->shared;
   a.parent = link.parent;
   a.child_index = link.child;
+  a.group = link.group;
   a.board = link.board;
   a.ring = link.ring;
   a.registry = ctx.registry;

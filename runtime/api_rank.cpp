@@ -116,6 +116,7 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
       if (r.board->post(r.child, step, r.snapshot)) caf::anon_send(r.parent, msg::board_round{step});
     } else {
       r.posted = step;
+      r.shared->posted_step.store(step, std::memory_order_release);
       caf::anon_send(r.parent, msg::step_report{step, r.child, r.snapshot});
     }
   }

@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -1402,6 +1403,23 @@ TEST_CASE("regression: a decode rank whose registry dies before it is ready work
   }
   CHECK(ready);
   for (const auto& p : f.prefill) CHECK(p.box->wait_any<msg::kv_registration>());
+}
+
+TEST_CASE("regression: a forged agreed round does not wedge the rank's ring") {
+  // Issue 9: round 2^64-1 sent to a rank whose rounds come by message took its ring slot
+  // (255 of 256) for good: every later round of that slot was refused as older, and the
+  // scheduler stalled from step 256 on. A round this rank has not posted, or of another group,
+  // is refused.
+  rank_fixture f(mla_config(1, 1, 1));
+  auto& p = f.add_prefill(0);
+  caf::anon_send(p.actor, msg::agreed_round{std::numeric_limits<std::uint64_t>::max(), 0, {}});
+  caf::anon_send(p.actor, msg::agreed_round{300, 0, {}});
+  caf::anon_send(p.actor, msg::agreed_round{2, 5, {}});  // another group's
+  for (std::uint64_t k = 1; k <= 300; ++k) {
+    auto v = p.api().poll(k, std::chrono::microseconds(2000000));
+    REQUIRE_MESSAGE(v.has_value(), "step " << k << ": " << v.err().message());
+    CHECK(v->round == k - 1);
+  }
 }
 
 TEST_CASE("regression: a decode rank that registered another CP send mode fails the prefill rooms at once") {

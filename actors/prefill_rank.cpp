@@ -585,8 +585,9 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
             r.ack_when_drained.push_back(a.decode_rank);
             return;
           }
-        } else if (it == st.rooms.end()) {
-          // Before the request: it fails at once when it comes (semantics.md section 5).
+        } else {
+          // Before the request (none of the room here, or an earlier incarnation of it still
+          // live): it fails at once when it comes (semantics.md section 5).
           remember_failure(st, a.room, a.incarnation,
                            "aborted by decode rank " + std::to_string(a.decode_rank) + " before it arrived: " + a.reason);
         }

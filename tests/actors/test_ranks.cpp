@@ -1771,4 +1771,26 @@ TEST_CASE("regression: an abort that reaches prefill before the request fails it
   CHECK(p.steps().reaches(id, poll_state::failed, ms(1000)));
 }
 
+TEST_CASE("regression: an abort of a later incarnation that comes while an earlier one is live is remembered") {
+  // The abort_room handler remembered an early abort only when the room was not held at all;
+  // with an earlier incarnation still live, the next incarnation then waited out its bootstrap
+  // timeout (issue 9: "other incarnations").
+  rank_fixture f(mla_config(1, 1, 1));
+  f.tunables.bootstrap_timeout_ms = 5000;
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  const request_id first{24, 1}, second{24, 2};
+  REQUIRE_FALSE(p.p->create(first, 0));
+  REQUIRE(p.steps().first_state(first) == poll_state::bootstrapping);
+  caf::anon_send(p.actor, msg::abort_room{24, 2, 0, "client went away"});
+  REQUIRE(d.box->wait_for<msg::abort_ack>([](const msg::abort_ack& a) { return a.room == 24 && a.incarnation == 2; }));
+  REQUIRE_FALSE(p.p->abort(first, "engine gave up"));
+  REQUIRE(p.steps().released(first, ms(2000)));
+  REQUIRE_FALSE(p.api().clear(first));
+  REQUIRE_FALSE(p.p->create(second, 0));
+  CHECK(p.steps().reaches(second, poll_state::failed, ms(1000)));
+  CHECK(contains(p.api().failure_reason(second), "before it arrived"));
+}
+
 }  // namespace kvflow::actor_test

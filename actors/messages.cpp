@@ -2,18 +2,14 @@
 
 namespace kvflow::msg {
 
+// Only what crosses processes is registered. A type CAF does not know cannot be deserialized,
+// so what a rank takes only from its own process (the engine's calls, its timers, transport
+// completions, the local step board) cannot come from a peer.
 void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<step_report>("kvflow.step_report");
   cfg.add_message_type<agreed_round>("kvflow.agreed_round");
   cfg.add_message_type<attach_child>("kvflow.attach_child");
   cfg.add_message_type<attach_rank>("kvflow.attach_rank");
-  cfg.add_message_type<board_round>("kvflow.board_round");
-  cfg.add_message_type<room_timeout>("kvflow.room_timeout");
-  cfg.add_message_type<early_expiry>("kvflow.early_expiry");
-  cfg.add_message_type<connect_expiry>("kvflow.connect_expiry");
-  cfg.add_message_type<topology_retry>("kvflow.topology_retry");
-  cfg.add_message_type<leave_expiry>("kvflow.leave_expiry");
-  cfg.add_message_type<push_done>("kvflow.push_done");
   cfg.add_message_type<register_rank>("kvflow.register_rank");
   cfg.add_message_type<registration_reply>("kvflow.registration_reply");
   cfg.add_message_type<register_decode>("kvflow.register_decode");
@@ -36,12 +32,6 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<abort_room>("kvflow.abort_room");
   cfg.add_message_type<kv_status>("kvflow.kv_status");
   cfg.add_message_type<abort_ack>("kvflow.abort_ack");
-  cfg.add_message_type<api_create>("kvflow.api_create");
-  cfg.add_message_type<api_init>("kvflow.api_init");
-  cfg.add_message_type<api_send>("kvflow.api_send");
-  cfg.add_message_type<api_destinations>("kvflow.api_destinations");
-  cfg.add_message_type<api_abort>("kvflow.api_abort");
-  cfg.add_message_type<api_apply>("kvflow.api_apply");
 }
 
 }  // namespace kvflow::msg

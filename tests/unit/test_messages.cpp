@@ -72,6 +72,12 @@ struct sys_fixture {
     return back.get_as<T>(0);
   }
 
+  // A type that never leaves its process: through its inspector only (it is not registered).
+  template <class T, class Check>
+  void local_trip(const T& x, Check same) {
+    same(x, direct(x));
+  }
+
   // Both paths, each result checked by `same`.
   template <class T, class Check>
   void round_trip(const T& x, Check same) {
@@ -155,16 +161,16 @@ TEST_CASE("messages: agreement messages round-trip") {
     CHECK(b.group == a.group);
     CHECK(b.states == a.states);
   });
-  f.round_trip(room_timeout{u64_max, 9}, [](const auto& a, const auto& b) {
+  f.local_trip(room_timeout{u64_max, 9}, [](const auto& a, const auto& b) {
     CHECK(b.room == a.room);
     CHECK(b.incarnation == a.incarnation);
   });
-  f.round_trip(early_expiry{u64_max, 7}, [](const auto& a, const auto& b) {
+  f.local_trip(early_expiry{u64_max, 7}, [](const auto& a, const auto& b) {
     CHECK(b.room == a.room);
     CHECK(b.incarnation == a.incarnation);
   });
-  f.round_trip(board_round{77}, [](const auto& a, const auto& b) { CHECK(b.round == a.round); });
-  f.round_trip(push_done{3, 4, 5, false, "transport: région refusée", 0, 0.0},
+  f.local_trip(board_round{77}, [](const auto& a, const auto& b) { CHECK(b.round == a.round); });
+  f.local_trip(push_done{3, 4, 5, false, "transport: région refusée", 0, 0.0},
                [](const auto& a, const auto& b) {
                  CHECK(b.room == a.room);
                  CHECK(b.incarnation == a.incarnation);
@@ -173,7 +179,7 @@ TEST_CASE("messages: agreement messages round-trip") {
                  CHECK(b.reason == a.reason);
                  CHECK(b.bytes == 0);
                });
-  f.round_trip(push_done{3, 4, 5, true, "", u64_max, 1.0 / 3}, [](const auto& a, const auto& b) {
+  f.local_trip(push_done{3, 4, 5, true, "", u64_max, 1.0 / 3}, [](const auto& a, const auto& b) {
     CHECK(b.ok);
     CHECK(b.reason.empty());
     CHECK(b.bytes == a.bytes);      // the push's payload and duration travel too
@@ -491,60 +497,37 @@ TEST_CASE("messages: prefill -> decode and the command's router messages round-t
   });
 }
 
-TEST_CASE("messages: engine -> rank API messages round-trip") {
+// The engine's calls, a rank's timers and transport completions reach a rank only from its own
+// process: their types are not registered, so a peer that sends one (here: bytes from a system
+// that registered them under the same names) arrives as nothing.
+TEST_CASE("messages: what a rank takes only from its own process cannot come from another") {
   sys_fixture f;
-  f.round_trip(api_create{u64_max, 3, 7}, [](const auto& a, const auto& b) {
-    CHECK(b.room == a.room);
-    CHECK(b.incarnation == a.incarnation);
-    CHECK(b.other_dp == a.other_dp);
-  });
-  f.round_trip(api_init{5, 1, 32768, 63}, [](const auto& a, const auto& b) {
-    CHECK(b.room == a.room);
-    CHECK(b.incarnation == a.incarnation);
-    CHECK(b.pages == a.pages);
-    CHECK(b.aux_row == a.aux_row);
-  });
-  api_send s;
-  s.room = 5;
-  s.incarnation = 1;
-  for (std::int32_t i = 0; i < 600; ++i) s.pages.push_back(i * 13 % 4099);
-  s.pages.push_back(-1);  // whatever the engine passed: carried as is, checked by the rank
-  s.is_last = true;
-  s.state_pages = {9, 8, 7};
-  f.round_trip(s, [](const auto& a, const auto& b) {
-    CHECK(b.room == a.room);
-    CHECK(b.incarnation == a.incarnation);
-    CHECK(b.pages == a.pages);
-    CHECK(b.is_last == a.is_last);
-    CHECK(b.state_pages == a.state_pages);
-  });
-  f.round_trip(api_send{}, [](const auto&, const auto& b) {
-    CHECK(b.pages.empty());
-    CHECK_FALSE(b.is_last);
-    CHECK(b.state_pages.empty());
-  });
-  f.round_trip(api_destinations{6, 2, {4, 5, 6, std::numeric_limits<std::int32_t>::max()}, 17, {1, 2}, 3},
-               [](const auto& a, const auto& b) {
-                 CHECK(b.room == a.room);
-                 CHECK(b.incarnation == a.incarnation);
-                 CHECK(b.pages == a.pages);
-                 CHECK(b.aux_slot == a.aux_slot);
-                 CHECK(b.state_pages == a.state_pages);
-                 CHECK(b.prefix_pages == a.prefix_pages);
-               });
-  f.round_trip(api_abort{6, 2, "engine: client went away"}, [](const auto& a, const auto& b) {
-    CHECK(b.room == a.room);
-    CHECK(b.incarnation == a.incarnation);
-    CHECK(b.reason == a.reason);
-  });
-  f.round_trip(api_apply{sample_states(), {{4, 4, 4, true}}}, [](const auto& a, const auto& b) {
-    CHECK(b.fail == a.fail);
-    CHECK(b.forget == a.forget);
-  });
-  f.round_trip(api_apply{}, [](const auto&, const auto& b) {
-    CHECK(b.fail.empty());
-    CHECK(b.forget.empty());
-  });
+  caf::actor_system_config forger_cfg;
+  kvflow::msg::add_message_types(forger_cfg);
+  forger_cfg.add_message_type<api_create>("kvflow.api_create");
+  forger_cfg.add_message_type<api_abort>("kvflow.api_abort");
+  forger_cfg.add_message_type<api_apply>("kvflow.api_apply");
+  forger_cfg.add_message_type<room_timeout>("kvflow.room_timeout");
+  forger_cfg.add_message_type<push_done>("kvflow.push_done");
+  caf::actor_system forger{forger_cfg};
+  // CAF 0.17 reads an element of a type it does not know as nothing (an empty message), which
+  // no handler of a rank takes.
+  auto refused = [&](auto x) {
+    std::vector<char> buf;
+    caf::binary_serializer sink{forger, buf};
+    REQUIRE_FALSE(sink(caf::make_message(x)));
+    caf::message back;
+    caf::binary_deserializer source{f.sys, buf};
+    auto err = source(back);
+    return static_cast<bool>(err) || back.size() != 1 || !back.match_element<decltype(x)>(0);
+  };
+  CHECK(refused(api_create{5, 1, 0}));
+  CHECK(refused(api_abort{5, 1, "forged"}));
+  CHECK(refused(api_apply{sample_states(), {}}));
+  CHECK(refused(room_timeout{5, 1}));
+  CHECK(refused(push_done{5, 1, 0, true, "", 1, 0.0}));
+  // A type peers do send still comes through from the same forger.
+  CHECK_FALSE(refused(abort_room{5, 1, 0, "a decode rank's abort"}));
 }
 
 TEST_CASE("messages: a truncated buffer is an error, not garbage") {

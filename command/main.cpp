@@ -68,7 +68,8 @@ struct simulate_flags : cluster_flags {
   int requests = 64, chunk_tokens = 1024, concurrency = 8, rooms = 0;
   std::string prompt_tokens = "512:2048", transport = "inproc", report;
   std::vector<std::string> faults;
-  double deadline = 60;
+  double deadline = 60, soak = 0;
+  int soak_fault_every = 8;
   std::uint64_t seed = 1, interleave = 0;
 };
 
@@ -89,6 +90,8 @@ command::simulation_options to_options(const simulate_flags& f, bool processes) 
   o.transport = processes ? "ucx" : f.transport;  // only UCX crosses processes
   for (const auto& s : f.faults) o.faults.push_back(command::parse_fault(s));
   o.deadline_s = f.deadline;
+  o.soak_s = f.soak;
+  o.soak_fault_every = f.soak_fault_every;
   o.seed = f.seed;
   o.room_pool = f.rooms;
   o.interleave_seed = f.interleave;
@@ -131,6 +134,12 @@ int run_simulate(const simulate_flags& f, const command::launch_options* launch)
       static_cast<unsigned long long>(rep.leaked_aux_slots), double(rep.transfer_bytes) / 1e9,
       rep.transfer_seconds,
       rep.goodput_gbps(), rep.copy_gbps(), rep.latency_p50_ms, rep.latency_p99_ms, double(rep.peak_rss_bytes) / (1 << 20));
+  if (o.soak_s > 0)
+    std::printf("  soak %.1f s: %.1f requests/s held, %zu faults applied, resident memory%s %.0f MiB at a quarter, "
+                "%.0f MiB at the end\n",
+                rep.soak_seconds, rep.requests_per_second, rep.faults_applied.size(),
+                launch != nullptr ? " (the launcher's)" : "",
+                double(rep.rss_warm_bytes) / (1 << 20), double(rep.rss_end_bytes) / (1 << 20));
   for (const auto& p : rep.problems) std::fprintf(stderr, "kvflow: FAIL: %s\n", p.c_str());
   return rep.exit_code();
 }
@@ -160,6 +169,11 @@ int main(int argc, char** argv) {
     a->add_option("--seed", sf.seed, "workload seed")->capture_default_str();
     a->add_option("--rooms", sf.rooms, "draw rooms from N values, reused once cleared (0: unique)")->capture_default_str();
     a->add_option("--report", sf.report, "write the JSON report here");
+    a->add_option("--soak", sf.soak,
+                  "SECONDS: keep the load on this long (batches of --requests) with random request faults")
+        ->capture_default_str();
+    a->add_option("--soak-fault-every", sf.soak_fault_every, "soak: a fault about every N requests")
+        ->capture_default_str();
   };
   auto* sim = app.add_subcommand("simulate", "run a whole P/D cluster in one process, byte-verified");
   add_workload(sim, true);

@@ -38,6 +38,12 @@ std::string simulation_report::to_json() const {
   j["latency_ms"] = {{"p50", latency_p50_ms}, {"p99", latency_p99_ms}, {"max", latency_max_ms}};
   j["peak_rss_bytes"] = peak_rss_bytes;
   j["faults"] = faults_applied;
+  if (options.soak_s > 0)
+    j["soak"] = {{"seconds", soak_seconds},
+                 {"requests_per_second", requests_per_second},
+                 {"faults_applied", faults_applied.size()},
+                 {"rss_warm_bytes", rss_warm_bytes},
+                 {"rss_end_bytes", rss_end_bytes}};
   j["problems"] = problems;
   json outs = json::array();
   for (const auto& o : outcomes) {

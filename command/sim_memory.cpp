@@ -1,5 +1,7 @@
 #include "command/sim_memory.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 
 namespace kvflow::command {
@@ -23,6 +25,7 @@ void page_allocator::give_back(const std::vector<std::int32_t>& pages) {
 
 sim_memory::region sim_memory::make(std::uint64_t bytes, std::uint64_t owner) {
   region r;
+  r.bytes = bytes;
   if (transport_ && bytes > 0)
     if (auto a = transport_->allocate_memory(owner, bytes)) {
       r.base = a->base;
@@ -32,6 +35,16 @@ sim_memory::region sim_memory::make(std::uint64_t bytes, std::uint64_t owner) {
   r.mapped = cuda::host_memory(bytes);
   r.base = r.mapped.data();
   return r;
+}
+
+void sim_memory::prefault() {
+  const auto step = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  for (auto* r : {&kv_, &state_, &aux_})
+    for (std::uint64_t off = 0; off < r->bytes; off += step) {
+      // A read-modify-write of the byte there: it may already hold data (not here, at start).
+      volatile std::byte* p = r->base + off;
+      *p = *p;
+    }
 }
 
 sim_memory::~sim_memory() {

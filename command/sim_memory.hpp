@@ -58,6 +58,9 @@ class sim_memory {
   std::byte* item(int layer, int buffer, int page) const;
   std::byte* state_item(int layer, int page) const;
   std::byte* aux_row(int row) const { return aux_.base + std::uint64_t(row) * sim_aux_row_bytes; }
+  // Touches every page of the memory once, so that its resident size no longer grows with the
+  // pages requests happen to use first (a soak measures the growth that is left).
+  void prefault();
 
   page_allocator pages, state_pages, aux_rows;
 
@@ -70,6 +73,7 @@ class sim_memory {
     cuda::host_memory mapped;
     std::byte* base = nullptr;
     std::uint64_t id = 0;  // the transport's allocation (0: mapped)
+    std::uint64_t bytes = 0;
   };
   region make(std::uint64_t bytes, std::uint64_t owner);
   std::shared_ptr<transport::transport> transport_;

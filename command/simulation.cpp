@@ -4,9 +4,11 @@
 
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <random>
@@ -50,6 +52,7 @@ struct sim_request {
   int tokens = 0;
   int prefill_dp = 0, decode_dp = 0;
   std::uint8_t fault = 0;
+  std::vector<fault_spec> soak_faults;  // request faults a soak drew for this request
   bool started = false, finished = false;
   clock_type::time_point start, end;
   std::vector<int> prefill_ranks, decode_ranks;  // participants
@@ -75,7 +78,9 @@ struct driver_state {
   std::set<std::pair<bool, int>> killed;  // by a fault: their death is expected
   int next = 0, running = 0, started = 0, finished = 0;
   std::mt19937_64 rng;
+  std::set<std::uint64_t> used_rooms;
   clock_type::time_point first_start, last_end;
+  bool warm_sampled = false;
   bool finalizing = false;
   caf::response_promise done;
 };
@@ -109,6 +114,7 @@ class inproc_cluster final : public cluster_control {
       a.prefill = prefill;
       a.rank = r;
       a.memory = std::make_shared<sim_memory>(*plan, prefill, r, pages, in_flight + 1, transport_);
+      if (opt_.soak_s > 0) a.memory->prefault();
       a.chunk_tokens = opt_.chunk_tokens;
       a.step_interval_us = opt_.tunables.step_interval_us;
       a.observer = caf::actor_cast<caf::actor>(self);
@@ -157,7 +163,51 @@ class inproc_cluster final : public cluster_control {
   cluster_handles h_;
 };
 
+// This process's resident memory now (bytes).
+std::uint64_t resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  std::uint64_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+}
+
+// Appends `n` requests to the workload: rooms random 64-bit ids (or drawn from a small pool to
+// exercise reuse), prompt lengths uniform in the options' range.
+void add_requests(driver_state& st, int n) {
+  std::uniform_int_distribution<int> tokens(st.opt.prompt_min, st.opt.prompt_max);
+  for (int k = 0; k < n; ++k) {
+    sim_request r;
+    const int i = static_cast<int>(st.requests.size());
+    r.index = i;
+    r.incarnation = static_cast<std::uint64_t>(i) + 1;
+    if (st.opt.room_pool > 0) {
+      r.room = 1 + st.rng() % static_cast<std::uint64_t>(st.opt.room_pool);
+    } else {
+      do r.room = st.rng() >> 1; while (r.room == 0 || !st.used_rooms.insert(r.room).second);
+    }
+    r.tokens = tokens(st.rng);
+    r.prefill_dp = static_cast<int>(r.room % st.opt.cluster.prefill.dp);
+    r.decode_dp = i % st.opt.cluster.decode.dp;
+    st.requests.push_back(std::move(r));
+  }
+}
+
+// A soak's next batch, each request drawing a request fault with probability 1/soak_fault_every.
+void add_soak_batch(driver_state& st) {
+  const auto first = st.requests.size();
+  add_requests(st, st.opt.requests);
+  // Faults of the runtime's inputs; corrupt@N is left out (it tests the simulator's own
+  // verification, and fails the run by design).
+  static const char* kinds[] = {"abort:decode", "drop-dst-info", "dup-room"};
+  for (auto i = first; i < st.requests.size(); ++i) {
+    if (st.rng() % static_cast<std::uint64_t>(st.opt.soak_fault_every) != 0) continue;
+    auto f = parse_fault(std::string(kinds[st.rng() % 3]) + "@" + std::to_string(i + 1));
+    st.requests[i].soak_faults.push_back(f);
+  }
+}
+
 bool touched(const simulation_options& o, const sim_request& r) {
+  if (!r.soak_faults.empty()) return true;
   for (const auto& f : o.faults) {
     switch (f.what) {
       case fault_spec::kind::kill_prefill:
@@ -200,8 +250,12 @@ void start_request(driver_actor* self, sim_request& r) {
   auto& st = self->state;
   const auto& c = st.opt.cluster;
   ++st.started;
-  // dup-room: the router hands out the room of a live request (n>1 sampling, client reuse).
+  // The faults of this request: the run's, and those a soak drew for it.
+  std::vector<fault_spec> faults = r.soak_faults;
   for (const auto& f : st.opt.faults)
+    if (f.at == st.started) faults.push_back(f);
+  // dup-room: the router hands out the room of a live request (n>1 sampling, client reuse).
+  for (const auto& f : faults)
     if (f.what == fault_spec::kind::duplicate_room && f.at == st.started && !st.live_rooms.empty()) {
       r.room = *st.live_rooms.rbegin();
       r.prefill_dp = static_cast<int>(r.room % c.prefill.dp);
@@ -210,8 +264,7 @@ void start_request(driver_actor* self, sim_request& r) {
   r.started = true;
   r.start = clock_type::now();
   if (st.started == 1) st.first_start = r.start;
-  for (const auto& f : st.opt.faults) {
-    if (f.at != st.started) continue;
+  for (const auto& f : faults) {
     if (f.what == fault_spec::kind::drop_dst_info) r.fault |= fault_drop_dst_info;
     if (f.what == fault_spec::kind::corrupt) r.fault |= fault_corrupt;
   }
@@ -230,8 +283,7 @@ void start_request(driver_actor* self, sim_request& r) {
     q.fault &= static_cast<std::uint8_t>(~fault_drop_dst_info);
   }
   for (int p : r.prefill_ranks) self->send(st.h.prefill[p], q);
-  for (const auto& f : st.opt.faults) {
-    if (f.at != st.started) continue;
+  for (const auto& f : faults) {
     if (f.what == fault_spec::kind::abort_decode) {
       self->delayed_send(self, std::chrono::milliseconds(1), fire_abort{r.index});
       st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
@@ -262,6 +314,14 @@ void finalize(driver_actor* self);
 void start_more(driver_actor* self) {
   auto& st = self->state;
   if (st.finalizing) return;
+  if (st.opt.soak_s > 0 && st.started > 0) {
+    const double on = std::chrono::duration<double>(clock_type::now() - st.first_start).count();
+    if (!st.warm_sampled && on >= st.opt.soak_s / 4) {
+      st.warm_sampled = true;
+      st.report->rss_warm_bytes = resident_bytes();
+    }
+    if (st.next == static_cast<int>(st.requests.size()) && on < st.opt.soak_s) add_soak_batch(st);
+  }
   while (st.running < st.opt.concurrency && st.next < static_cast<int>(st.requests.size())) {
     auto& r = st.requests[st.next++];
     // With a room pool, a room is reused only once every rank cleared it.
@@ -375,6 +435,11 @@ void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage)
   rep.copy_seconds = st.control->copy_seconds();
   if (st.finished > 0)
     rep.transfer_seconds = std::chrono::duration<double>(st.last_end - st.first_start).count();
+  if (st.opt.soak_s > 0) {
+    rep.soak_seconds = rep.transfer_seconds;
+    rep.requests_per_second = rep.soak_seconds > 0 ? st.finished / rep.soak_seconds : 0;
+    rep.rss_end_bytes = resident_bytes();
+  }
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   rep.peak_rss_bytes = std::uint64_t(ru.ru_maxrss) * 1024;
@@ -467,25 +532,14 @@ caf::behavior driver(driver_actor* self, simulation_options opt, std::shared_ptr
   st.control = std::move(control);
   st.checker = std::move(checker);
   st.rng.seed(st.opt.seed);
-  // The router: rooms are random 64-bit ids (or drawn from a small pool to exercise reuse).
-  std::uniform_int_distribution<int> tokens(st.opt.prompt_min, st.opt.prompt_max);
-  std::set<std::uint64_t> used;
-  for (int i = 0; i < st.opt.requests; ++i) {
-    sim_request r;
-    r.index = i;
-    r.incarnation = static_cast<std::uint64_t>(i) + 1;
-    if (st.opt.room_pool > 0) {
-      r.room = 1 + st.rng() % static_cast<std::uint64_t>(st.opt.room_pool);
-    } else {
-      do r.room = st.rng() >> 1; while (r.room == 0 || !used.insert(r.room).second);
-    }
-    r.tokens = tokens(st.rng);
-    r.prefill_dp = static_cast<int>(r.room % st.opt.cluster.prefill.dp);
-    r.decode_dp = i % st.opt.cluster.decode.dp;
-    st.requests.push_back(std::move(r));
-  }
+  if (st.opt.soak_s > 0)
+    add_soak_batch(st);
+  else
+    add_requests(st, st.opt.requests);
   self->set_down_handler([self](caf::down_msg& dm) { on_rank_down(self, dm); });
-  self->delayed_send(self, std::chrono::milliseconds(static_cast<std::int64_t>(st.opt.deadline_s * 1000)), deadline_reached{});
+  // A soak's deadline counts from the end of its load.
+  const double deadline_s = st.opt.deadline_s + st.opt.soak_s;
+  self->delayed_send(self, std::chrono::milliseconds(static_cast<std::int64_t>(deadline_s * 1000)), deadline_reached{});
   return {
       [self](msg::start_atom) -> caf::result<bool> {
         auto& st = self->state;

@@ -43,6 +43,12 @@ struct simulation_options {
   // random interleaving of every rank's events (the property tests use it).
   std::uint64_t interleave_seed = 0;
   bool processes = false;  // one process per rank (`kvflow launch`), not actors in this one
+  // > 0: a soak. The load stays on for this many seconds (batches of `requests` requests, the
+  // next batch once the last one started) with a random request fault (abort:decode,
+  // drop-dst-info, dup-room) about every `soak_fault_every` requests. Simulate touches every
+  // page of its pools first, so the resident-memory growth it reports is not first use.
+  double soak_s = 0;
+  int soak_fault_every = 8;
   config::tunables tunables;
 };
 
@@ -73,6 +79,10 @@ struct simulation_report {
   double latency_p50_ms = 0, latency_p99_ms = 0, latency_max_ms = 0;
   std::uint64_t peak_rss_bytes = 0;
   std::vector<std::string> faults_applied;
+  // Soak: how long the load was on, requests finished per second over it, and this process's
+  // resident memory once a quarter of the soak had passed and at its end.
+  double soak_seconds = 0, requests_per_second = 0;
+  std::uint64_t rss_warm_bytes = 0, rss_end_bytes = 0;
   std::vector<request_outcome> outcomes;
   std::vector<std::string> problems;  // why the exit code is 1, one line each
   bool complete = false;              // the driver finished (set by the simulation)

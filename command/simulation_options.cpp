@@ -71,6 +71,9 @@ void validate(const simulation_options& o) {
   need(o.chunk_tokens >= 1, "chunk-tokens", "must be >= 1");
   need(o.concurrency >= 1, "concurrency", "must be >= 1");
   need(o.deadline_s > 0, "deadline", "must be > 0");
+  need(o.soak_s >= 0, "soak", "must be >= 0");
+  need(o.soak_fault_every >= 1, "soak-fault-every", "must be >= 1");
+  need(o.soak_s == 0 || o.interleave_seed == 0, "soak", "needs real threads, not --interleave");
   need(o.transport == "inproc" || o.transport == "ucx", "transport",
        "'" + o.transport + "' is not inproc or ucx");
   need(!o.processes || o.transport == "ucx", "transport",

@@ -57,6 +57,21 @@ case "$case_" in
     [ "$(json "{'decode_dp','prefill_dp','room','state'} <= set(r['outcomes'][0])")" = True ] ||
       fail "outcome lacks fields"
     ;;
+  soak)
+    # --soak: the load stays on with random request faults; every fault-free request succeeds,
+    # nothing stalls or leaks, and resident memory (pools touched first) stays flat.
+    "$kvflow" simulate --prefill tp=2,cp=2 --decode tp=2,dp=2 --model mla:8:656 --prompt-tokens 64:1024 \
+      --requests 16 --soak 20 --soak-fault-every 4 --deadline 20 --report "$tmp/r.json" >"$tmp/out" 2>&1 ||
+      fail "soak exited $?: $(tail -5 "$tmp/out")"
+    cat "$tmp/out"
+    [ "$(json "r['soak']['seconds'] >= 20")" = True ] || fail "the load was not on for 20 s"
+    [ "$(json "r['soak']['faults_applied'] > 0 and r['soak']['requests_per_second'] > 0")" = True ] ||
+      fail "no fault applied or no request finished"
+    [ "$(json "r['stalled'] + r['unexpected_failures'] + r['leaked_pages'] + r['leaked_aux_slots'] + r['leaked_rooms']")" = 0 ] ||
+      fail "stalls, unexpected failures or leaks"
+    [ "$(json "r['soak']['rss_end_bytes'] - r['soak']['rss_warm_bytes'] < max(64 * 2**20, r['soak']['rss_warm_bytes'] // 10)")" = True ] ||
+      fail "resident memory grew: $(json "r['soak']")"
+    ;;
   corrupt_exit_1)
     "$kvflow" simulate --requests 4 --prompt-tokens 256 --fault corrupt@2 --report "$tmp/r.json" >/dev/null 2>&1
     rc=$?

@@ -69,8 +69,12 @@ case "$case_" in
       fail "no fault applied or no request finished"
     [ "$(json "r['stalled'] + r['unexpected_failures'] + r['leaked_pages'] + r['leaked_aux_slots'] + r['leaked_rooms']")" = 0 ] ||
       fail "stalls, unexpected failures or leaks"
-    [ "$(json "r['soak']['rss_end_bytes'] - r['soak']['rss_warm_bytes'] < max(64 * 2**20, r['soak']['rss_warm_bytes'] // 10)")" = True ] ||
-      fail "resident memory grew: $(json "r['soak']")"
+    # Under AddressSanitizer freed memory sits in its quarantine (256 MiB), so resident memory
+    # grows by design there: the bound holds for the plain build only.
+    if ! ldd "$kvflow" | grep -q libasan; then
+      [ "$(json "r['soak']['rss_end_bytes'] - r['soak']['rss_warm_bytes'] < max(64 * 2**20, r['soak']['rss_warm_bytes'] // 10)")" = True ] ||
+        fail "resident memory grew: $(json "r['soak']")"
+    fi
     ;;
   corrupt_exit_1)
     "$kvflow" simulate --requests 4 --prompt-tokens 256 --fault corrupt@2 --report "$tmp/r.json" >/dev/null 2>&1

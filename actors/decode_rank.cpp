@@ -367,25 +367,16 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
           settle(self, room);
           return;
         }
-        if (st.connected) {
+        // Bounded until its group agrees past Bootstrapping (the topology may not come, or a
+        // rank of the group may not hold the request).
+        self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms),
+                           msg::agreement_expiry{q.room, q.incarnation});
+        if (st.connected)
           ready(self, room);
-        } else if (!st.registry_problem.empty()) {
+        else if (!st.registry_problem.empty())
           fail_room(self, q.room, st.registry_problem);
-        } else {
+        else
           st.waiting_connect.push_back(q.room);
-          self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.waiting_timeout_ms),
-                             msg::connect_expiry{q.room, q.incarnation});
-        }
-      },
-      [self](msg::connect_expiry& x) {
-        auto& st = self->state;
-        auto g = detail::lock(*st.args.shared);
-        auto it = st.rooms.find(x.room);
-        if (st.connected || it == st.rooms.end() || it->second.inc != x.incarnation) return;
-        auto& w = st.waiting_connect;
-        w.erase(std::remove(w.begin(), w.end(), x.room), w.end());
-        fail_room(self, x.room, "no prefill topology from the bootstrap registry within the waiting timeout "
-                                "(a prefill rank has not registered)");
       },
       [self](msg::leave_expiry&) {
         auto& st = self->state;

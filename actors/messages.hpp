@@ -49,7 +49,7 @@ struct room_timeout {  // bootstrap (prefill) or waiting (decode) timer of one r
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
 };
-struct connect_expiry {  // decode: a request still waits for the prefill side's topology
+struct agreement_expiry {  // a request its group has not agreed past Bootstrapping yet
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
 };
@@ -260,8 +260,8 @@ typename I::result_type inspect(I& f, room_timeout& x) {
   return f(caf::meta::type_name("room_timeout"), x.room, x.incarnation);
 }
 template <class I>
-typename I::result_type inspect(I& f, connect_expiry& x) {
-  return f(caf::meta::type_name("connect_expiry"), x.room, x.incarnation);
+typename I::result_type inspect(I& f, agreement_expiry& x) {
+  return f(caf::meta::type_name("agreement_expiry"), x.room, x.incarnation);
 }
 template <class I>
 typename I::result_type inspect(I& f, leave_expiry&) {

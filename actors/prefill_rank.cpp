@@ -445,6 +445,10 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         if (st.me->authoritative)
           self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms),
                              msg::room_timeout{q.room, q.incarnation});
+        // Every rank: bounded until the group agrees past Bootstrapping (a rank of the group may
+        // not hold the request, and then no round of it leaves Bootstrapping).
+        self->delayed_send(self, std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms),
+                           msg::agreement_expiry{q.room, q.incarnation});
         if (auto early = st.early.find({q.room, q.incarnation}); early != st.early.end()) {
           auto list = std::move(early->second);
           st.early.erase(early);

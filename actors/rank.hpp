@@ -37,6 +37,7 @@ struct engine_room {
   int sent = 0;              // prefill: pages handed over in chunks so far
   bool last = false;         // prefill: the last chunk came
   int prefix_pages = -1;     // prefill: the decode prefix, once every destination arrived
+  bool agreed_ready = false; // a round showed the group past Bootstrapping for it
 };
 
 // Counters for the engine's metrics (under rank_shared::mutex).

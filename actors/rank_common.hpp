@@ -81,6 +81,21 @@ caf::message_handler rank_handlers(Self* self, Fail fail, Forget forget) {
         }
         st.args.ring->publish(std::make_shared<const agreed_view>(agreed_view{a.round, a.group, std::move(a.states), 0}));
       },
+      [self, fail](msg::agreement_expiry& x) {
+        auto& st = self->state;
+        auto g = lock(*st.args.shared);
+        auto it = st.rooms.find(x.room);
+        if (it == st.rooms.end() || it->second.incarnation() != x.incarnation) return;
+        const auto* e = st.store().find(x.room);
+        if (e == nullptr || is_terminal(e->state)) return;
+        const auto& engine = st.args.shared->engine;
+        if (auto en = engine.find(x.room); en != engine.end() && en->second.incarnation == x.incarnation &&
+                                           en->second.agreed_ready)
+          return;
+        fail(x.room, std::string("the ") + st.side +
+                         " group did not agree on the request within the bootstrap timeout (a rank of the group "
+                         "may not hold it)");
+      },
       [self, fail, forget](msg::api_apply& a) {
         auto& st = self->state;
         auto g = lock(*st.args.shared);

@@ -11,11 +11,11 @@ namespace kvflow::config {
 // X(member, env var, default, doc)
 #define KVFLOW_TUNABLES(X)                                                                       \
   X(bootstrap_timeout_ms, "KVFLOW_BOOTSTRAP_TIMEOUT_MS", 300000,                                 \
-    "prefill: fail a room whose destinations did not all arrive in this time (SGLang: 300 s)")   \
+    "prefill: fail a room whose destinations did not all arrive in this time; every rank: fail " \
+    "a room its group has not agreed past Bootstrapping this long after it came (SGLang: 300 s)") \
   X(waiting_timeout_ms, "KVFLOW_WAITING_TIMEOUT_MS", 300000,                                     \
     "decode: fail (and abort on every prefill peer) a room not done this long after sending "    \
-    "its destinations, or still without the prefill side's topology this long after it was "    \
-    "created (SGLang: 300 s)")                                                                   \
+    "its destinations (SGLang: 300 s)")                                                          \
   X(heartbeat_interval_ms, "KVFLOW_HEARTBEAT_INTERVAL_MS", 1000,                                 \
     "rank processes: CAF middleman heartbeat between nodes (in one process ranks monitor "     \
     "each other's actors and see a death at once)")                                              \

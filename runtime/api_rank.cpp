@@ -158,17 +158,23 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
     // Act on what changed since the last round handed out: rooms the group failed (fail them
     // here too) and rooms the group released (clear them).
     msg::api_apply apply;
+    std::vector<const room_state*> ready;  // past Bootstrapping in this round for the first time
     std::size_t j = 0;
     for (const auto& s : v->states) {
       while (j < r.previous.size() && key_less(r.previous[j], s)) ++j;
       const bool was = j < r.previous.size() && !key_less(s, r.previous[j]);
       const auto state = static_cast<kv_poll>(s.state);
+      if (state != kv_poll::bootstrapping && (!was || static_cast<kv_poll>(r.previous[j].state) == kv_poll::bootstrapping))
+        ready.push_back(&s);
       if (state == kv_poll::failed && (!was || r.previous[j].state != s.state)) apply.fail.push_back(s);
       if (is_terminal(state) && s.released && (!was || !r.previous[j].released || r.previous[j].state != s.state))
         apply.forget.push_back(s);
     }
-    if (!apply.forget.empty() || !apply.fail.empty()) {
+    if (!apply.forget.empty() || !apply.fail.empty() || !ready.empty()) {
       std::lock_guard<std::mutex> g(sh.mutex);
+      for (const auto* s : ready)
+        if (auto it = sh.engine.find(s->room); it != sh.engine.end() && it->second.incarnation == s->incarnation)
+          it->second.agreed_ready = true;
       for (const auto& s : apply.forget) {
         const auto* e = sh.store.find(s.room);
         if (e == nullptr || e->incarnation != s.incarnation) continue;

@@ -560,10 +560,12 @@ TEST_CASE("api: destinations for a request the prefill side already failed are a
       CHECK(p.stats().live_requests == 0);
     }
     REQUIRE_FALSE(d.create(id, 0));
-    // At most 400 steps of <= 20 ms: well inside the 30 s timeouts, so a failure seen here is
-    // the prefill side's answer, and its reason says so.
+    // 400 steps of 5 to 25 ms, a scheduler's pace (a step that does not wait for anything can
+    // take microseconds, and 400 of them ended before the answer came on a loaded machine):
+    // well inside the 30 s timeouts, so a failure seen here is the prefill side's answer.
     bool sent = false, failed = false;
     for (int i = 0; i < 400 && !failed; ++i) {
+      std::this_thread::sleep_for(5ms);
       auto dv = d.poll(++dk, 20ms);
       REQUIRE(dv);
       const auto* r = dv.value().find(id);
@@ -579,4 +581,41 @@ TEST_CASE("api: destinations for a request the prefill side already failed are a
     CHECK(d.failure_reason(id).find("prefill gave up") != std::string::npos);
     node->stop();
   }
+}
+
+TEST_CASE("regression: a request one rank of a group does not hold fails on the others within the bootstrap timeout") {
+  // Found by the soak (a duplicate room that some ranks of a group refused while the others
+  // took it): the merge counts a room a rank does not hold as Bootstrapping, so the ranks that
+  // held it waited without end. Every rank bounds the time its group takes to agree past
+  // Bootstrapping on a request.
+  kvflow::node_options o;
+  o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "600"}};
+  auto started = kvflow::node::start(small(1, 1, 1, 2), o);
+  REQUIRE(started);
+  auto node = started.value();
+  engine_memory pm(4, 32, 16 * 64, 4), dm0(4, 32, 16 * 64, 4), dm1(4, 32, 16 * 64, 4);
+  auto pre = node->add_prefill({0, 0, 0, 0}, pm.desc);
+  auto d0 = node->add_decode({0, 0, 0, 0}, dm0.desc);
+  auto d1 = node->add_decode({1, 0, 0, 0}, dm1.desc);
+  REQUIRE(pre);
+  REQUIRE(d0);
+  REQUIRE(d1);
+  const kvflow::request_id id{9, 1};
+  REQUIRE_FALSE(d0.value()->create(id, 0));  // decode rank 1 never creates it
+  bool failed = false;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (std::uint64_t k = 1; k <= 400 && !failed; ++k) {
+    auto v0 = d0.value()->poll(k, 50ms);
+    auto v1 = d1.value()->poll(k, 50ms);
+    REQUIRE(v0);
+    REQUIRE(v1);
+    if (const auto* r = v0.value().find(id)) failed = r->state == kvflow::poll_state::failed;
+    std::this_thread::sleep_for(5ms);
+  }
+  REQUIRE(failed);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CHECK(took < 5);
+  CHECK(d0.value()->failure_reason(id).find("did not agree on the request within the bootstrap timeout") !=
+        std::string::npos);
+  node->stop();
 }

@@ -784,7 +784,14 @@ status ucx_transport::connect(std::uint64_t peer, const std::string& endpoint,
     return status::error("connect " + peer_name(peer) + ": " + why);
   };
   if (endpoint.empty()) return refuse("empty endpoint");
-  if (auto u = unpack_endpoint(endpoint); !u) return refuse(u.error().reason());
+  auto u = unpack_endpoint(endpoint);
+  if (!u) return refuse(u.error().reason());
+  // UCX 1.13 aborts the process (ucs_assertv_always) on a worker address of an address version
+  // it does not know: the version (the header byte's low 4 bits) must be this worker's own.
+  const auto version = [](const std::string& a) { return static_cast<unsigned char>(a[0]) & 0x0f; };
+  if (version(u->worker_address) != version(impl_->worker->address()))
+    return refuse("worker address of UCX address version " + std::to_string(version(u->worker_address)) +
+                  ", this worker's is " + std::to_string(version(impl_->worker->address())));
   std::unordered_map<std::uint64_t, region_desc> by_id;
   for (const auto& r : regions) {
     auto id = std::to_string(r.id);

@@ -371,6 +371,18 @@ TEST_CASE("ucx: connect checks the description") {
   CHECK_FALSE(t->connect(1, t->endpoint(), {region_desc{1, 64, max - 10, "key"}}).ok());
   auto st = t->connect(1, "", {});
   CHECK(st.reason().find("peer 1") != std::string::npos);
+  // A worker address of an unknown address version: refused here (UCX 1.13 asserts on it and
+  // aborts the process; found by the ucx_connect fuzz target).
+  {
+    std::string e = t->endpoint();
+    const auto tag = e.find('\0') + 1;
+    std::uint32_t n = 0;
+    std::memcpy(&n, e.data() + tag, sizeof n);
+    auto& header = e[tag + 4 + n];
+    header = static_cast<char>((static_cast<unsigned char>(header) & 0xf0) | 0x0f);
+    auto bad = t->connect(1, e, {ok});
+    CHECK(bad.reason().find("worker address of UCX address version 15") != std::string::npos);
+  }
   // A refused connect leaves the peer unknown.
   std::vector<std::byte> src(8);
   auto pst = push_and_wait(*t, 1, {{src.data(), 1, 0, 8}});

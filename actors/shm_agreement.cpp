@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstddef>
 #include <cstring>
 #include <ctime>
 #include <type_traits>
@@ -45,6 +46,18 @@ constexpr std::uint64_t count_mask = (1ULL << count_bits) - 1;
 
 // A post slot's count that says: the same states as this child's post of the round before.
 constexpr std::uint32_t unchanged_post = 0xffffffffu;
+
+// States another process wrote into the segment, copied out as bytes. Its `released` byte may
+// be anything that process wrote, and one other than 0 or 1 is no bool (reading it as one is
+// undefined): a non-zero byte counts as released.
+void copy_states(const room_state* from, std::size_t n, step_states& out) {
+  out.resize(n);
+  if (n > 0) std::memcpy(static_cast<void*>(out.data()), from, n * sizeof(room_state));
+  for (auto& s : out) {
+    auto* flag = reinterpret_cast<unsigned char*>(&s) + offsetof(room_state, released);
+    *flag = *flag != 0 ? 1 : 0;
+  }
+}
 
 }  // namespace
 
@@ -252,7 +265,7 @@ bool shm_segment::read(std::uint64_t round, agreed_view& out) const {
   const std::uint32_t count = s.count;
   out.round = round;
   out.group = head().group;
-  out.states.assign(s.states(), s.states() + std::min<std::uint32_t>(count, 2 * head().max_rooms));
+  copy_states(s.states(), std::min<std::uint32_t>(count, 2 * head().max_rooms), out.states);
   // The combiner clears the round before it rewrites a slot (round + ring_slots): a reader
   // that was lapped sees it here and drops the copy. (A reader at step k is never lapped while
   // it reads round k - L, see agreed_ring; only a rank the group counts as dead can be.) The
@@ -377,7 +390,7 @@ void shm_combiner::advance() {
       } else {
         auto& s = seg_->post_slot(c, round);
         if (s.count != unchanged_post)
-          last_post_[c].assign(s.states(), s.states() + std::min<std::uint32_t>(s.count, seg_->shape().max_rooms));
+          copy_states(s.states(), std::min<std::uint32_t>(s.count, seg_->shape().max_rooms), last_post_[c]);
       }
       inputs_.push_back(&last_post_[c]);
     }

@@ -10,6 +10,7 @@
 #include <csignal>
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <cstring>
 #include <random>
 #include <string>
@@ -424,6 +425,32 @@ TEST_CASE("shm agreement: a segment is refused when it is not the one its leader
   CHECK(seg.value()->post(0, shape.post_slots + 1, {}, std::chrono::milliseconds(5)) == shm_segment::post_result::full);
   seg.value()->unlink();
   CHECK_FALSE(shm_segment::open(name, 3));
+}
+
+// Found by the shm_segment fuzz target (tests/fuzz): a post is bytes another process wrote, and
+// a `released` byte other than 0 or 1 was merged, published and read back as a bool (undefined;
+// UBSan stops at it, a plain build carries the byte into the agreed round).
+TEST_CASE("regression: shm agreement: a post's released byte other than 0 or 1 reads back as released") {
+  shm_shape shape;
+  shape.ranks = 1;
+  shape.max_rooms = 4;
+  const auto name = segment_name("flag");
+  auto seg = shm_segment::create(name, 9, shape);
+  REQUIRE(seg);
+  step_states odd(1, room_state{1, 1, static_cast<std::uint8_t>(kv_poll::success), false});
+  const unsigned char two = 2;  // what a post of another build (or a stray write) may hold
+  std::memcpy(reinterpret_cast<unsigned char*>(odd.data()) + offsetof(room_state, released), &two, 1);
+  shm_combiner combiner(seg.value(), 9, nullptr, no_idle_check);
+  auto member = shm_segment::open(name, 9);
+  REQUIRE(member);
+  REQUIRE(member.value()->post(0, 1, odd, std::chrono::seconds(10)) == shm_segment::post_result::posted);
+  REQUIRE(member.value()->wait(1, std::chrono::seconds(10)));
+  agreed_view v;
+  REQUIRE(member.value()->read(1, v));
+  REQUIRE(v.states.size() == 1);
+  unsigned char flag = 0;
+  std::memcpy(&flag, reinterpret_cast<const unsigned char*>(v.states.data()) + offsetof(room_state, released), 1);
+  CHECK(flag == 1);
 }
 
 TEST_CASE("inproc transport: pushes race a deregistration without touching freed memory") {

@@ -3,6 +3,8 @@
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -11,7 +13,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <thread>
@@ -451,6 +456,40 @@ TEST_CASE("regression: shm agreement: a post's released byte other than 0 or 1 r
   unsigned char flag = 0;
   std::memcpy(&flag, reinterpret_cast<const unsigned char*>(v.states.data()) + offsetof(room_state, released), 1);
   CHECK(flag == 1);
+}
+
+// Found by the shm_segment fuzz target: open() took a header whose offsets lie outside the
+// mapping (here: a post slot's size of ~5.6e18 bytes), and the member's first post faulted.
+// The inputs are the fuzz target's: a real segment made by create(), and that segment with its
+// header's post slot size overwritten; the fixed name in their headers is made unique here.
+TEST_CASE("regression: shm agreement: a segment whose header does not add up to its size is refused") {
+  const std::string dir = KVFLOW_FUZZ_DIR;
+  for (const std::string file : {"/corpus/shm_segment/seed-01", "/regressions/shm_segment/layout-post-bytes-beyond-mapping"}) {
+    CAPTURE(file);
+    std::ifstream in(dir + file, std::ios::binary);
+    REQUIRE(in);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string fixed = "/kvflow-fuzz-segment";
+    char unique[32];
+    std::snprintf(unique, sizeof unique, "/kvflow-t%011u", std::random_device{}());
+    REQUIRE(std::strlen(unique) == fixed.size());
+    const auto at = bytes.find(fixed + '\0');
+    REQUIRE(at != std::string::npos);
+    bytes.replace(at, fixed.size(), unique);
+    int fd = shm_open(unique, O_RDWR | O_CREAT | O_EXCL, 0600);
+    REQUIRE(fd >= 0);
+    REQUIRE(write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
+    close(fd);
+    auto seg = shm_segment::open(unique, 5);
+    shm_unlink(unique);
+    if (file.find("seed") != std::string::npos) {
+      REQUIRE_MESSAGE(seg, seg.error().reason());  // the segment as its leader made it
+      CHECK(seg.value()->post(0, 2, {}, std::chrono::microseconds(0)) == shm_segment::post_result::posted);
+    } else {
+      REQUIRE_FALSE(seg);
+      CHECK(seg.error().reason().find("does not add up") != std::string::npos);
+    }
+  }
 }
 
 TEST_CASE("inproc transport: pushes race a deregistration without touching freed memory") {

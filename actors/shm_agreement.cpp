@@ -10,8 +10,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstddef>
 #include <cstring>
 #include <ctime>
+#include <limits>
 #include <type_traits>
 
 namespace kvflow {
@@ -37,14 +39,24 @@ void futex_wake(std::atomic<std::uint32_t>& word, int count) {
   syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE, count, nullptr, nullptr, 0);
 }
 
-std::size_t round_up(std::size_t n, std::size_t to) { return (n + to - 1) / to * to; }
-
 // Arrivals of a round, packed: the round in the high 40 bits, its count in the low 24.
 constexpr std::uint64_t count_bits = 24;
 constexpr std::uint64_t count_mask = (1ULL << count_bits) - 1;
 
 // A post slot's count that says: the same states as this child's post of the round before.
 constexpr std::uint32_t unchanged_post = 0xffffffffu;
+
+// States another process wrote into the segment, copied out as bytes. Its `released` byte may
+// be anything that process wrote, and one other than 0 or 1 is no bool (reading it as one is
+// undefined): a non-zero byte counts as released.
+void copy_states(const room_state* from, std::size_t n, step_states& out) {
+  out.resize(n);
+  if (n > 0) std::memcpy(static_cast<void*>(out.data()), from, n * sizeof(room_state));
+  for (auto& s : out) {
+    auto* flag = reinterpret_cast<unsigned char*>(&s) + offsetof(room_state, released);
+    *flag = *flag != 0 ? 1 : 0;
+  }
+}
 
 }  // namespace
 
@@ -78,10 +90,25 @@ struct shm_segment::slot {
   room_state* states() { return reinterpret_cast<room_state*>(this + 1); }
 };
 
-shm_segment::shm_segment(std::string name, void* base, std::size_t size, bool owner)
-    : name_(std::move(name)), base_(base), size_(size), owner_(owner), linked_(true) {
-  const auto& h = head();
-  shape_ = {h.ranks, h.post_slots, h.ring_slots, h.max_rooms};
+shm_segment::shm_segment(std::string name, void* base, const shm_shape& shape, const layout& at, bool owner)
+    : name_(std::move(name)), base_(base), size_(at.total), owner_(owner), linked_(true), shape_(shape), at_(at) {}
+
+std::optional<shm_segment::layout> shm_segment::layout_of(const shm_shape& s) {
+  if (s.ranks < 1 || s.post_slots < 2 || s.ring_slots < 2 || s.max_rooms < 1) return std::nullopt;
+  // In 128 bits: a shape read from another process's header may claim anything.
+  using u128 = unsigned __int128;
+  auto up = [](u128 n, u128 to) { return (n + to - 1) / to * to; };
+  const u128 entry = sizeof(room_state);
+  const u128 post_bytes = up(sizeof(slot) + entry * u128(s.max_rooms), 64);
+  const u128 ring_bytes = up(sizeof(slot) + entry * 2 * u128(s.max_rooms), 64);
+  const u128 arrivals_offset = up(sizeof(header), 64);
+  const u128 posts_offset = up(arrivals_offset + 8 * u128(s.post_slots), 4096);
+  const u128 ring_offset = up(posts_offset + post_bytes * u128(s.ranks) * u128(s.post_slots), 4096);
+  const u128 total = up(ring_offset + ring_bytes * u128(s.ring_slots), 4096);
+  if (total > static_cast<u128>(std::numeric_limits<std::ptrdiff_t>::max())) return std::nullopt;
+  return layout{static_cast<std::size_t>(post_bytes),      static_cast<std::size_t>(ring_bytes),
+                static_cast<std::size_t>(arrivals_offset), static_cast<std::size_t>(posts_offset),
+                static_cast<std::size_t>(ring_offset),     static_cast<std::size_t>(total)};
 }
 
 shm_segment::~shm_segment() {
@@ -98,31 +125,26 @@ void shm_segment::unlink() {
 shm_segment::header& shm_segment::head() const { return *static_cast<header*>(base_); }
 
 shm_segment::slot& shm_segment::post_slot(int child, std::uint64_t round) const {
-  const auto& h = head();
-  auto index = static_cast<std::uint64_t>(child) * h.post_slots + round % h.post_slots;
-  return *reinterpret_cast<slot*>(static_cast<char*>(base_) + h.posts_offset + index * h.post_bytes);
+  const auto slots = static_cast<std::uint64_t>(shape_.post_slots);
+  auto index = static_cast<std::uint64_t>(child) * slots + round % slots;
+  return *reinterpret_cast<slot*>(static_cast<char*>(base_) + at_.posts_offset + index * at_.post_bytes);
 }
 
 shm_segment::slot& shm_segment::ring_slot(std::uint64_t round) const {
-  const auto& h = head();
-  return *reinterpret_cast<slot*>(static_cast<char*>(base_) + h.ring_offset + (round % h.ring_slots) * h.ring_bytes);
+  const auto slots = static_cast<std::uint64_t>(shape_.ring_slots);
+  return *reinterpret_cast<slot*>(static_cast<char*>(base_) + at_.ring_offset + (round % slots) * at_.ring_bytes);
 }
 
 std::atomic<std::uint64_t>& shm_segment::arrivals(std::uint64_t round) const {
-  const auto& h = head();
-  return reinterpret_cast<std::atomic<std::uint64_t>*>(static_cast<char*>(base_) + h.arrivals_offset)[round % h.post_slots];
+  return reinterpret_cast<std::atomic<std::uint64_t>*>(static_cast<char*>(base_) +
+                                                       at_.arrivals_offset)[round % static_cast<std::uint64_t>(shape_.post_slots)];
 }
 
 result<std::shared_ptr<shm_segment>> shm_segment::create(const std::string& name, int group, const shm_shape& s) {
-  if (s.ranks < 1 || s.post_slots < 2 || s.ring_slots < 2 || s.max_rooms < 1 || name.size() >= sizeof(header::name))
+  const auto at = layout_of(s);
+  if (!at || name.size() >= sizeof(header::name))
     return status::error("shared-memory agreement: invalid shape for segment " + name);
-  const std::size_t post_bytes = round_up(sizeof(slot) + sizeof(room_state) * s.max_rooms, 64);
-  const std::size_t ring_bytes = round_up(sizeof(slot) + sizeof(room_state) * 2 * s.max_rooms, 64);
-  const std::size_t arrivals_offset = round_up(sizeof(header), 64);
-  const std::size_t posts_offset = round_up(arrivals_offset + 8 * s.post_slots, 4096);
-  const std::size_t ring_offset =
-      round_up(posts_offset + post_bytes * static_cast<std::size_t>(s.ranks) * s.post_slots, 4096);
-  const std::size_t total = round_up(ring_offset + ring_bytes * s.ring_slots, 4096);
+  const std::size_t total = at->total;
   int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
   if (fd < 0) return status::error("shared-memory agreement: shm_open " + name + ": " + std::strerror(errno));
   auto fail = [&](const char* what, int err) -> status {
@@ -146,17 +168,17 @@ result<std::shared_ptr<shm_segment>> shm_segment::create(const std::string& name
   h->post_slots = s.post_slots;
   h->ring_slots = s.ring_slots;
   h->max_rooms = s.max_rooms;
-  h->post_bytes = post_bytes;
-  h->ring_bytes = ring_bytes;
-  h->arrivals_offset = arrivals_offset;
-  h->posts_offset = posts_offset;
-  h->ring_offset = ring_offset;
+  h->post_bytes = at->post_bytes;
+  h->ring_bytes = at->ring_bytes;
+  h->arrivals_offset = at->arrivals_offset;
+  h->posts_offset = at->posts_offset;
+  h->ring_offset = at->ring_offset;
   h->total = total;
   std::memcpy(h->name, name.c_str(), name.size() + 1);
   h->live.store(static_cast<std::uint32_t>(s.ranks));
   // The fresh file is zero: every slot reads round 0 (empty), every arrival word round 0.
   h->magic.store(magic, std::memory_order_release);
-  return std::shared_ptr<shm_segment>(new shm_segment(name, base, total, true));
+  return std::shared_ptr<shm_segment>(new shm_segment(name, base, s, *at, true));
 }
 
 result<std::shared_ptr<shm_segment>> shm_segment::open(const std::string& name, int group) {
@@ -183,7 +205,16 @@ result<std::shared_ptr<shm_segment>> shm_segment::open(const std::string& name, 
   if (h->group != group) return reject("belongs to group " + std::to_string(h->group));
   if (h->total != size || std::strncmp(h->name, name.c_str(), sizeof(h->name)) != 0)
     return reject("is not the one its leader registered");
-  return std::shared_ptr<shm_segment>(new shm_segment(name, base, size, false));
+  // Every offset this process will use comes from the shape, checked against the mapping: a
+  // header that does not add up (another build, a stray write) would send posts and reads
+  // outside it. What was checked is kept; the header is not read for it again.
+  const shm_shape shape{h->ranks, h->post_slots, h->ring_slots, h->max_rooms};
+  const auto at = layout_of(shape);
+  if (!at || at->total != size || at->post_bytes != h->post_bytes || at->ring_bytes != h->ring_bytes ||
+      at->arrivals_offset != h->arrivals_offset || at->posts_offset != h->posts_offset ||
+      at->ring_offset != h->ring_offset)
+    return reject("has a shape or layout that does not add up to its size");
+  return std::shared_ptr<shm_segment>(new shm_segment(name, base, shape, *at, false));
 }
 
 bool shm_segment::arrive(std::uint64_t round) const {
@@ -225,12 +256,13 @@ bool shm_segment::wait_published(const Done& done, std::chrono::microseconds tim
 shm_segment::post_result shm_segment::post(int child, std::uint64_t round, const step_states& states,
                                            std::chrono::microseconds wait, bool unchanged) {
   auto& h = head();
-  if (child < 0 || child >= h.ranks || round == 0) return post_result::duplicate;
-  if (states.size() > static_cast<std::size_t>(h.max_rooms)) return post_result::too_many_rooms;
+  if (child < 0 || child >= shape_.ranks || round == 0) return post_result::duplicate;
+  if (states.size() > static_cast<std::size_t>(shape_.max_rooms)) return post_result::too_many_rooms;
   auto& s = post_slot(child, round);
   if (s.round.load(std::memory_order_acquire) >= round) return post_result::duplicate;
   // The slot is free once the round it held (round - post_slots) is merged.
-  const std::uint64_t need = round > static_cast<std::uint64_t>(h.post_slots) ? round - h.post_slots : 0;
+  const auto slots = static_cast<std::uint64_t>(shape_.post_slots);
+  const std::uint64_t need = round > slots ? round - slots : 0;
   if (!wait_published([&] { return h.merged.load(std::memory_order_acquire) >= need; }, wait))
     return post_result::full;
   if (unchanged && round > 1) {
@@ -252,7 +284,7 @@ bool shm_segment::read(std::uint64_t round, agreed_view& out) const {
   const std::uint32_t count = s.count;
   out.round = round;
   out.group = head().group;
-  out.states.assign(s.states(), s.states() + std::min<std::uint32_t>(count, 2 * head().max_rooms));
+  copy_states(s.states(), std::min<std::uint64_t>(count, 2 * std::uint64_t(shape_.max_rooms)), out.states);
   // The combiner clears the round before it rewrites a slot (round + ring_slots): a reader
   // that was lapped sees it here and drops the copy. (A reader at step k is never lapped while
   // it reads round k - L, see agreed_ring; only a rank the group counts as dead can be.) The
@@ -272,7 +304,7 @@ bool shm_segment::wait(std::uint64_t round, std::chrono::microseconds timeout) c
   return wait_published(
       [&] {
         return ring_slot(round).round.load(std::memory_order_acquire) == round ||
-               h.latest.load(std::memory_order_acquire) >= round + h.ring_slots;  // lapped: never
+               h.latest.load(std::memory_order_acquire) >= round + std::uint64_t(shape_.ring_slots);  // lapped: never
       },
       timeout) &&
          ring_slot(round).round.load(std::memory_order_acquire) == round;
@@ -281,7 +313,7 @@ bool shm_segment::wait(std::uint64_t round, std::chrono::microseconds timeout) c
 std::string shm_segment::broken() const {
   if (head().broken.load() == 0) return {};
   return "an agreed round of group " + std::to_string(head().group) + " held more than " +
-         std::to_string(2 * head().max_rooms) + " rooms (KVFLOW_AGREEMENT_SHM_ROOMS)";
+         std::to_string(2 * std::uint64_t(shape_.max_rooms)) + " rooms (KVFLOW_AGREEMENT_SHM_ROOMS)";
 }
 
 // ---- the combiner ----
@@ -377,7 +409,7 @@ void shm_combiner::advance() {
       } else {
         auto& s = seg_->post_slot(c, round);
         if (s.count != unchanged_post)
-          last_post_[c].assign(s.states(), s.states() + std::min<std::uint32_t>(s.count, seg_->shape().max_rooms));
+          copy_states(s.states(), std::min<std::uint32_t>(s.count, seg_->shape().max_rooms), last_post_[c]);
       }
       inputs_.push_back(&last_post_[c]);
     }
@@ -392,7 +424,7 @@ void shm_combiner::publish(std::uint64_t round, const step_states& agreed) {
   auto& h = seg_->head();
   // The posts of `round` are copied: their slots are free for round + post_slots.
   h.merged.store(round);
-  if (agreed.size() > 2 * static_cast<std::size_t>(h.max_rooms)) {
+  if (agreed.size() > 2 * static_cast<std::size_t>(seg_->shape().max_rooms)) {
     h.broken.store(1);
   } else {
     auto& s = seg_->ring_slot(round);

@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -70,7 +71,15 @@ class shm_segment {
   friend class shm_combiner;
   struct header;
   struct slot;
-  shm_segment(std::string name, void* base, std::size_t size, bool owner);
+  // Where a segment of a shape keeps its parts. create() lays a segment out so and open() takes
+  // only one whose header says so; kept here, not read from the header again (it lies in memory
+  // other processes write).
+  struct layout {
+    std::size_t post_bytes = 0, ring_bytes = 0, arrivals_offset = 0, posts_offset = 0, ring_offset = 0, total = 0;
+  };
+  // Empty for an invalid shape, or one whose segment could not be mapped.
+  static std::optional<layout> layout_of(const shm_shape& s);
+  shm_segment(std::string name, void* base, const shm_shape& shape, const layout& at, bool owner);
   header& head() const;
   slot& post_slot(int child, std::uint64_t round) const;
   slot& ring_slot(std::uint64_t round) const;
@@ -89,6 +98,7 @@ class shm_segment {
   bool owner_ = false;
   bool linked_ = false;
   shm_shape shape_;
+  layout at_;
 };
 
 // The group's merge, in the leader's process: a thread that sleeps until a post completes a

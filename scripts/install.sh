@@ -3,8 +3,10 @@
 # missing, and runs apt-get update only then. CUDA is optional (found at /usr/local/cuda).
 # Extra packages (the benchmarks' own) may be named as arguments.
 set -euo pipefail
+# clang-14 with its runtimes builds the libFuzzer targets (tests/fuzz, KVFLOW_FUZZ=ON).
 packages=(g++ make cmake python3 libcaf-dev libucx-dev ucx-utils libspdlog-dev libfmt-dev
-          doctest-dev libcli11-dev nlohmann-json3-dev iproute2 pkg-config "$@")
+          doctest-dev libcli11-dev nlohmann-json3-dev iproute2 pkg-config
+          clang-14 libclang-rt-14-dev libfuzzer-14-dev "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

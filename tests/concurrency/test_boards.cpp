@@ -3,6 +3,8 @@
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -10,7 +12,11 @@
 #include <csignal>
 #include <atomic>
 #include <chrono>
+#include <cstddef>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <thread>
@@ -424,6 +430,66 @@ TEST_CASE("shm agreement: a segment is refused when it is not the one its leader
   CHECK(seg.value()->post(0, shape.post_slots + 1, {}, std::chrono::milliseconds(5)) == shm_segment::post_result::full);
   seg.value()->unlink();
   CHECK_FALSE(shm_segment::open(name, 3));
+}
+
+// Found by the shm_segment fuzz target (tests/fuzz): a post is bytes another process wrote, and
+// a `released` byte other than 0 or 1 was merged, published and read back as a bool (undefined;
+// UBSan stops at it, a plain build carries the byte into the agreed round).
+TEST_CASE("regression: shm agreement: a post's released byte other than 0 or 1 reads back as released") {
+  shm_shape shape;
+  shape.ranks = 1;
+  shape.max_rooms = 4;
+  const auto name = segment_name("flag");
+  auto seg = shm_segment::create(name, 9, shape);
+  REQUIRE(seg);
+  step_states odd(1, room_state{1, 1, static_cast<std::uint8_t>(kv_poll::success), false});
+  const unsigned char two = 2;  // what a post of another build (or a stray write) may hold
+  std::memcpy(reinterpret_cast<unsigned char*>(odd.data()) + offsetof(room_state, released), &two, 1);
+  shm_combiner combiner(seg.value(), 9, nullptr, no_idle_check);
+  auto member = shm_segment::open(name, 9);
+  REQUIRE(member);
+  REQUIRE(member.value()->post(0, 1, odd, std::chrono::seconds(10)) == shm_segment::post_result::posted);
+  REQUIRE(member.value()->wait(1, std::chrono::seconds(10)));
+  agreed_view v;
+  REQUIRE(member.value()->read(1, v));
+  REQUIRE(v.states.size() == 1);
+  unsigned char flag = 0;
+  std::memcpy(&flag, reinterpret_cast<const unsigned char*>(v.states.data()) + offsetof(room_state, released), 1);
+  CHECK(flag == 1);
+}
+
+// Found by the shm_segment fuzz target: open() took a header whose offsets lie outside the
+// mapping (here: a post slot's size of ~5.6e18 bytes), and the member's first post faulted.
+// The inputs are the fuzz target's: a real segment made by create(), and that segment with its
+// header's post slot size overwritten; the fixed name in their headers is made unique here.
+TEST_CASE("regression: shm agreement: a segment whose header does not add up to its size is refused") {
+  const std::string dir = KVFLOW_FUZZ_DIR;
+  for (const std::string file : {"/corpus/shm_segment/seed-01", "/regressions/shm_segment/layout-post-bytes-beyond-mapping"}) {
+    CAPTURE(file);
+    std::ifstream in(dir + file, std::ios::binary);
+    REQUIRE(in);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string fixed = "/kvflow-fuzz-segment";
+    char unique[32];
+    std::snprintf(unique, sizeof unique, "/kvflow-t%011u", std::random_device{}());
+    REQUIRE(std::strlen(unique) == fixed.size());
+    const auto at = bytes.find(fixed + '\0');
+    REQUIRE(at != std::string::npos);
+    bytes.replace(at, fixed.size(), unique);
+    int fd = shm_open(unique, O_RDWR | O_CREAT | O_EXCL, 0600);
+    REQUIRE(fd >= 0);
+    REQUIRE(write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
+    close(fd);
+    auto seg = shm_segment::open(unique, 5);
+    shm_unlink(unique);
+    if (file.find("seed") != std::string::npos) {
+      REQUIRE_MESSAGE(seg, seg.error().reason());  // the segment as its leader made it
+      CHECK(seg.value()->post(0, 2, {}, std::chrono::microseconds(0)) == shm_segment::post_result::posted);
+    } else {
+      REQUIRE_FALSE(seg);
+      CHECK(seg.error().reason().find("does not add up") != std::string::npos);
+    }
+  }
 }
 
 TEST_CASE("inproc transport: pushes race a deregistration without touching freed memory") {

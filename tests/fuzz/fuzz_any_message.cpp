@@ -3,13 +3,13 @@
 // message, whichever actor it was meant for), then each element through its inspector. Its
 // seeds hold one message of every registered kvflow type, so this target also covers the types
 // that have no target of their own because every byte string of their size is a valid value
-// (abort_ack, lookup_decode, lookup_supervisor, topology_query, node_query, board_round,
-// room_timeout, early_expiry, api_create, api_init) and those only one's own process should
-// send but any peer can (push_done, api_*). Property: no crash, bounded memory, and a message
-// that decoded round-trips, except one holding a push_done whose `seconds` is not finite: CAF
-// 0.17's serializer (caf/detail/ieee_754.hpp, pack754) loops forever on an infinite double and
-// does not keep a NaN, and no kvflow process serializes a push_done (a rank sends it to itself).
-// regressions/any_message/ holds such a message.
+// (abort_ack, lookup_decode, lookup_supervisor, topology_query, node_query). Its seeds also
+// hold the types only a rank's own process sends (board_round, room_timeout, early_expiry,
+// push_done, api_*): they are not registered, so they decode as nothing. Property: no crash,
+// bounded memory, and a message that decoded round-trips, except one holding a push_done whose
+// `seconds` is not finite (CAF 0.17's serializer, caf/detail/ieee_754.hpp pack754, loops forever
+// on an infinite double); regressions/any_message/ holds such a message, from when push_done
+// was registered.
 #include <cmath>
 
 #include "actors/messages.hpp"
@@ -38,7 +38,7 @@ std::vector<bytes> kvflow::fuzz::seeds() {
       caf::make_message(room_timeout{4, 1}),
       caf::make_message(early_expiry{4, 1}),
       caf::make_message(push_done{4, 1, 0, false, "peer 0 unreachable", 4096, 0.25}),
-      caf::make_message(register_rank{wire_version, {0, 0, 0, 0}, "prefill rank 0", a}),
+      caf::make_message(register_rank{wire_version, {0, 0, 0, 0}, "prefill rank 0", a, {}}),
       caf::make_message(registration_reply{true, 1, ""}),
       caf::make_message(register_decode{0, a}),
       caf::make_message(lookup_decode{0}),
@@ -54,8 +54,8 @@ std::vector<bytes> kvflow::fuzz::seeds() {
       caf::make_message(transport::region_desc{1, 4096, 0x7f0000000000, "Rkey"}),
       caf::make_message(remote_buffer{1, 0, 128, 64}),
       caf::make_message(topology_query{wire_version}),
-      caf::make_message(topology_reply{wire_version, 1, 1, 1, 1, 4, "fp8", "dsv32", {{{0, 0, 0, 0}, "prefill rank 0", a, 1}}}),
-      caf::make_message(kv_registration{wire_version, 0, 0, 0, 0, 1, pool, a, "", {{1, 128, 0, ""}, {2, 24, 0, ""}}}),
+      caf::make_message(topology_reply{wire_version, 1, 1, 1, 1, {{{0, 0, 0, 0}, "prefill rank 0", a, 1, {}}}}),
+      caf::make_message(kv_registration{wire_version, 0, 0, 0, 0, 1, pool, a, "", {{1, 128, 0, ""}, {2, 24, 0, ""}}, {}}),
       caf::make_message(dst_info{wire_version, 4, 1, 0, {0, 1}, 0, {}, 0}),
       caf::make_message(abort_room{4, 1, 0, "aborted"}),
       caf::make_message(kv_status{4, 1, 0, 4, ""}),

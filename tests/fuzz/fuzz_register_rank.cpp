@@ -37,9 +37,9 @@ void receive(const msg::register_rank& r) {
 
 std::vector<bytes> kvflow::fuzz::seeds() {
   std::vector<msg::register_rank> v{
-      {msg::wire_version, {0, 1, 0, 1}, "prefill rank 3", some_actor()},
-      {msg::wire_version, {0, 0, 0, 0}, "prefill rank 0", caf::actor{}},
-      {msg::wire_version - 1, {1, 0, 0, 0}, "prefill rank 4 (another build)", some_actor()},
+      {msg::wire_version, {0, 1, 0, 1}, "prefill rank 3", some_actor(), {64, "fp8", "dsv32", false, 1, 2, 1, 1, 1, 1, 2}},
+      {msg::wire_version, {0, 0, 0, 0}, "prefill rank 0", caf::actor{}, {}},
+      {msg::wire_version - 1, {1, 0, 0, 0}, "prefill rank 4 (another build)", some_actor(), {}},
   };
   std::vector<bytes> out;
   for (auto& r : v) out.push_back(serialize(r));

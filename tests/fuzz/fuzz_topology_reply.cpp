@@ -11,9 +11,10 @@ using namespace kvflow::fuzz;
 
 std::vector<bytes> kvflow::fuzz::seeds() {
   std::vector<msg::topology_reply> v{
-      {msg::wire_version, 1, 2, 2, 1, 4, "fp8", "mla:4:40:8",
-       {{{0, 0, 0, 0}, "prefill rank 0", some_actor(), 1}, {{0, 1, 0, 1}, "prefill rank 3", caf::actor{}, 2}}},
-      {msg::wire_version, 0, 0, 0, 0, 0, "", "", {}}};
+      {msg::wire_version, 1, 2, 2, 1,
+       {{{0, 0, 0, 0}, "prefill rank 0", some_actor(), 1, {4, "fp8", "mla:4:40:8", false, 1, 2, 2, 1, 1, 1, 1}},
+        {{0, 1, 0, 1}, "prefill rank 3", caf::actor{}, 2, {}}}},
+      {msg::wire_version, 0, 0, 0, 0, {}}};
   std::vector<bytes> out;
   for (auto& m : v) out.push_back(serialize(m));
   return out;

@@ -32,8 +32,16 @@ done
 
 failed=()
 printf '%-20s %10s %8s %6s %7s %6s  %s\n' target executions exec/s cov ft corpus result
+# KVFLOW_FUZZ_SKIP: targets not run (space-separated), each named in the output. CI skips
+# ucx_connect: UCX 1.13 itself faults (SEGV in libuct) on malformed worker addresses past the
+# version check ucx_transport makes; that is open in issue 9 (docs/fuzzing.md).
+skip=" ${KVFLOW_FUZZ_SKIP:-} "
 for t in "${targets[@]}"; do
   exe="$bin/fuzz_$t"
+  if [[ "$skip" == *" $t "* ]]; then
+    printf '%-20s %10s %8s %6s %7s %6s  %s\n' "$t" - - - - - "skipped (KVFLOW_FUZZ_SKIP)"
+    continue
+  fi
   corpus="$here/corpus/$t"
   artifacts="$build/fuzz-artifacts/$t/"
   log="$scratch/$t.log"

@@ -244,13 +244,13 @@ void on_topology(decode_actor* self, const msg::topology_reply& t) {
     if (auto it = st.rooms.find(room); it != st.rooms.end()) ready(self, it->second);
 }
 
-// Asks the registry for the prefill side's topology (parked there until every prefill rank
-// registered). An error does not end the rank: rooms waiting fail with the reason, and it asks
-// again after a backoff, or at once when a restarted registry is set.
 void registry_failed(decode_actor* self, std::string why);
 
-// `again`: a new registry, whose answer replaces that of a query still out to the old one (a
-// registry on a dead node may never answer).
+// Asks the registry for the prefill side's topology (parked there until every prefill rank
+// registered). An error does not end the rank: rooms waiting fail with the reason, and it asks
+// again after a backoff, or at once when a restarted registry is set. `again`: a new registry,
+// whose answer replaces that of a query still out to the old one (a registry on a dead node may
+// never answer).
 void query_topology(decode_actor* self, bool again = false) {
   auto& st = self->state;
   if (st.connected || (st.querying && !again)) return;

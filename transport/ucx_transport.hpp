@@ -25,7 +25,8 @@
 namespace kvflow::transport {
 
 struct ucx_options {
-  // A push whose puts and flush have not completed in this time fails and marks its peer
+  // A push whose puts and flush have not completed in this time, counted from when its data
+  // starts moving (the endpoint's pushes before it completed), fails and marks its peer
   // unreachable; draining a closing endpoint waits as long (KVFLOW_UCX_FLUSH_TIMEOUT_MS).
   // UCX reports a dead peer when its connection breaks, but not a frozen one, and an
   // event-driven worker that sleeps runs no keepalive.

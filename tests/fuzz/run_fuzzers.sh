@@ -19,7 +19,8 @@ flags=(-rss_limit_mb=2048 -malloc_limit_mb=512 -timeout=10 -print_final_stats=1)
 
 targets=()
 for exe in "$bin"/fuzz_*; do
-  [ -x "$exe" ] && targets+=("${exe##*/fuzz_}")
+  # (not the fuzz_*.dir CMake leaves beside the target whose precompiled header others reuse)
+  [ -f "$exe" ] && [ -x "$exe" ] && targets+=("${exe##*/fuzz_}")
 done
 if ((${#targets[@]} == 0)); then
   echo "run_fuzzers.sh: no fuzz targets in $bin (build with --target kvflow_fuzz)" >&2

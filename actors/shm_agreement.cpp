@@ -339,8 +339,11 @@ shm_combiner::~shm_combiner() {
 
 void shm_combiner::run() {
   auto& h = seg_->head();
-  while (!stop_.load()) {
+  for (;;) {
+    // The word first, then `stop`: the destructor sets `stop` before it bumps the word, so a stop
+    // this check misses has changed the word, and the wait below returns at once.
     const std::uint32_t seen = h.combine_word.load();
+    if (stop_.load()) break;
     {
       std::lock_guard<std::mutex> g(mutex_);
       advance();

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <csignal>
 #include <atomic>
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -490,6 +492,30 @@ TEST_CASE("regression: shm agreement: a segment whose header does not add up to 
       CHECK(seg.error().reason().find("does not add up") != std::string::npos);
     }
   }
+}
+
+// Found by the shm_segment fuzz target as a timeout: the merging thread checked `stop` before
+// it read the word it sleeps on, so a destructor that came between the two woke nobody, and
+// the thread slept its whole idle check (the destructor with it).
+TEST_CASE("regression: shm agreement: a combiner stopped at once does not wait out its idle check") {
+  shm_shape shape;
+  shape.ranks = 2;
+  auto seg = shm_segment::create(segment_name("stop"), 4, shape);
+  REQUIRE(seg);
+  constexpr std::chrono::milliseconds idle_check{2000};
+  auto slowest = std::chrono::steady_clock::duration::zero();
+  std::mt19937 pace(11);
+  for (int i = 0; i < 20000 && slowest < idle_check / 2; ++i) {
+    auto combiner = std::make_unique<shm_combiner>(seg.value(), 4, nullptr, idle_check);
+    // Stop it at some point of its thread's start: the window is a few instructions wide.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(pace() % 20000);
+    while (std::chrono::steady_clock::now() < until) {
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    combiner.reset();
+    slowest = std::max(slowest, std::chrono::steady_clock::now() - t0);
+  }
+  CHECK(std::chrono::duration_cast<std::chrono::milliseconds>(slowest).count() < idle_check.count() / 2);
 }
 
 TEST_CASE("inproc transport: pushes race a deregistration without touching freed memory") {

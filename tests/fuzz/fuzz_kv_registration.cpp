@@ -1,7 +1,8 @@
 // Target kv_registration: a decode rank's registration (msg::kv_registration: its memory as
 // remote_pool, its transport endpoint and regions), as a prefill rank receives it. What the
-// prefill rank's handler runs on it is reachable: the wire version and rank checks,
-// check_remote_pool, and the transport's connect (here the in-process transport, whose fabric
+// prefill rank's handler runs on it is reachable: the wire version and rank checks, the
+// handshake (handshake_mismatch against the sender's own configuration: refused exactly when a
+// field differs), check_remote_pool, and the transport's connect (here the in-process transport, whose fabric
 // holds the fixture decode rank's real regions; the UCX connect has a target of its own). A
 // registration the checks accept is then planned against as send_chunk plans: a chunk of
 // pages, the state pages and the aux row at the first and the last pages and rows the
@@ -12,6 +13,7 @@
 
 #include "actors/messages.hpp"
 #include "tests/fuzz/fuzz_support.hpp"
+#include "tests/fuzz/handshake_check.hpp"
 #include "tests/fuzz/plan_fixture.hpp"
 
 using namespace kvflow;
@@ -31,6 +33,7 @@ void receive(const msg::kv_registration& reg) {
   const plan_fixture& f = reg.pool.buffers_per_layer == 2 ? mha_fixture() : mla_fixture();
   if (reg.version != msg::wire_version) return;
   if (reg.decode_rank < 0 || reg.decode_rank >= f.plan->decode_ranks()) return;
+  if (!handshake_accepts(handshake_of(f.plan->config()), reg.shape)) return;
   if (!check_remote_pool(reg.pool)) return;
   const auto& pool = reg.pool;
   const bool connected = f.transport->connect(static_cast<std::uint64_t>(reg.decode_rank), reg.endpoint, reg.regions).ok();
@@ -76,6 +79,7 @@ msg::kv_registration registration(const plan_fixture& f) {
   r.pool = f.pool;
   r.decode = some_actor();
   r.regions = f.regions;
+  r.shape = handshake_of(f.plan->config());
   return r;
 }
 
@@ -89,6 +93,10 @@ std::vector<bytes> kvflow::fuzz::seeds() {
   shifted.pool.state.clear();
   shifted.pool.state_pages = 0;
   v.push_back(shifted);
+  // A decode rank configured with another page size (refused at the handshake).
+  auto other = registration(mha_fixture());
+  other.shape.page_size = 8;
+  v.push_back(other);
   std::vector<bytes> out;
   for (auto& r : v) out.push_back(serialize(r));
   return out;

@@ -19,7 +19,8 @@ flags=(-rss_limit_mb=2048 -malloc_limit_mb=512 -timeout=10 -print_final_stats=1)
 
 targets=()
 for exe in "$bin"/fuzz_*; do
-  [ -x "$exe" ] && targets+=("${exe##*/fuzz_}")
+  # (not the fuzz_*.dir CMake leaves beside the target whose precompiled header others reuse)
+  [ -f "$exe" ] && [ -x "$exe" ] && targets+=("${exe##*/fuzz_}")
 done
 if ((${#targets[@]} == 0)); then
   echo "run_fuzzers.sh: no fuzz targets in $bin (build with --target kvflow_fuzz)" >&2
@@ -31,6 +32,7 @@ for dir in "$here"/corpus/*/; do
 done
 
 failed=()
+skipped=()
 printf '%-20s %10s %8s %6s %7s %6s  %s\n' target executions exec/s cov ft corpus result
 # KVFLOW_FUZZ_SKIP: targets not run (space-separated), each named in the output. CI skips
 # ucx_connect: UCX 1.13 itself faults (SEGV in libuct) on malformed worker addresses past the
@@ -40,6 +42,7 @@ for t in "${targets[@]}"; do
   exe="$bin/fuzz_$t"
   if [[ "$skip" == *" $t "* ]]; then
     printf '%-20s %10s %8s %6s %7s %6s  %s\n' "$t" - - - - - "skipped (KVFLOW_FUZZ_SKIP)"
+    skipped+=("$t")
     continue
   fi
   corpus="$here/corpus/$t"
@@ -72,4 +75,5 @@ if ((${#failed[@]})); then
   echo "run_fuzzers.sh: failed: ${failed[*]}" >&2
   exit 1
 fi
-echo "run_fuzzers.sh: ${#targets[@]} targets, ${seconds} s each: no crash, leak, timeout or out-of-memory"
+echo "run_fuzzers.sh: $((${#targets[@]} - ${#skipped[@]})) targets, ${seconds} s each: no crash, leak, timeout or" \
+     "out-of-memory${skipped[*]:+ (not run: ${skipped[*]})}"

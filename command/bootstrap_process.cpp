@@ -20,6 +20,7 @@ int run_bootstrap(const bootstrap_options& o) {
   runtime::internal_options in;
   in.add_message_types = msg::add_engine_message_types;
   in.tunables = o.tunables;
+  in.links = o.links;
   auto n = runtime::start_node(runtime::topology_of(o.cluster), no, std::move(in));
   if (!n) {
     std::fprintf(stderr, "kvflow: bootstrap: %s\n", n.err().message().c_str());

@@ -81,7 +81,11 @@ class process_cluster final : public cluster_control {
   const std::string& problem() const { return problem_; }
 
  private:
-  std::vector<std::pair<std::string, std::string>> child_env() const { return config::to_env(o_.tunables); }
+  std::vector<std::pair<std::string, std::string>> child_env() const {
+    auto env = config::to_env(o_.tunables);
+    for (auto& kv : config::to_env(l_.links)) env.push_back(std::move(kv));
+    return env;
+  }
 
   status start_bootstrap(std::uint16_t port) {
     std::vector<std::string> argv{self_executable(), "--log-level", l_.log_level, "bootstrap", "--listen",
@@ -157,7 +161,7 @@ class process_cluster final : public cluster_control {
       // Requests go to each rank process's engine (it drives its rank through the public API).
       int meshed = 0;
       for (const auto& n : nodes) {
-        if (!dialed.count(n.name) && sys.middleman().remote_actor(n.host, n.port)) dialed.insert(n.name);
+        if (!dialed.count(n.name) && runtime::guarded_connect(sys, {n.host, n.port}, 5s)) dialed.insert(n.name);
         meshed += n.meshed;
         const bool pre = n.name.rfind("prefill ", 0) == 0;
         if (!n.engine || (!pre && n.name.rfind("decode ", 0) != 0)) continue;
@@ -202,19 +206,26 @@ class process_cluster final : public cluster_control {
 
 }  // namespace
 
-simulation_report run_launch(const simulation_options& o, const launch_options& l) {
+simulation_report run_launch(const simulation_options& o, const launch_options& given) {
   validate(o);
+  auto l = given;
+  // The cluster this launcher starts is its own: unless told otherwise, its nodes prove a
+  // token only they got (from this process's environment, never on a command line).
+  if (!l.links.authenticated()) l.links.auth_token = config::random_token();
   auto report = std::make_shared<simulation_report>();
   install_stop_signals();
   auto control = std::make_shared<process_cluster>(o, l);
   {
     caf::actor_system_config cfg;
-    runtime::configure_node(cfg, o.tunables);
+    const auto links = runtime::link_settings_of(l.links, o.tunables);
+    runtime::configure_node(cfg, o.tunables, links);
     msg::add_engine_message_types(cfg);  // the router speaks to the rank processes' engines
     caf::actor_system sys{cfg};
+    auto guard = runtime::link_guard::start(sys, links);
     // Every rank's engine reports the digests of the rounds it received: every rank of a group
     // must have received the same record for each round, across processes.
     drive(sys, o, report, control, std::make_shared<agreement_checker>());
+    guard->stop();
   }
   if (!control->problem().empty()) report->problems.insert(report->problems.begin(), "launch: " + control->problem());
   return *report;

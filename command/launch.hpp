@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "command/simulation.hpp"
+#include "config/link_security.hpp"
 
 namespace kvflow::command {
 
@@ -17,6 +18,8 @@ struct launch_options {
   // The topology and model flags as given (--prefill ..., --model ...), passed to every process.
   std::vector<std::string> cluster_flags;
   std::string log_level = "warn";
+  // Node links of the cluster; without a token the launcher makes a random one for it.
+  config::link_security links;
 };
 
 // Starts the bootstrap and every rank as processes of this binary, drives the workload, stops

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "config/link_security.hpp"
 #include "config/tunables.hpp"
 #include "bench/bench.hpp"
 #include "command/launch.hpp"
@@ -48,6 +49,34 @@ void add_cluster_options(CLI::App* app, cluster_flags& f) {
   app->add_option("--dtype", f.dtype, "bf16 | fp8")->capture_default_str();
   app->add_option("--page-size", f.page_size, "tokens per KV page")->capture_default_str();
   app->add_option("--cp-send", f.cp_send, "rank0 | all (CP-parallel sending)")->capture_default_str();
+}
+
+// Node-link security: flags over the environment (KVFLOW_AUTH_TOKEN... in --help). The token
+// has no flag of its own: a command line is visible to every user of the machine.
+struct link_flags {
+  std::string token_file, cert, key, ca;
+  bool allow_insecure = false;
+  config::link_security resolve() const {
+    config::link_security s;
+    s.auth_token_file = token_file;
+    s.tls_certificate = cert;
+    s.tls_key = key;
+    s.tls_ca = ca;
+    if (allow_insecure) s.allow_insecure_listen = "1";
+    return config::resolve_link_security(s, ::getenv);
+  }
+};
+
+// HOST of HOST:PORT (the rest of the address is checked where it is used).
+std::string runtime_host(const std::string& host_port) { return host_port.substr(0, host_port.rfind(':')); }
+
+void add_link_options(CLI::App* app, link_flags& f) {
+  app->add_option("--auth-token-file", f.token_file, "file holding the cluster token (env KVFLOW_AUTH_TOKEN[_FILE])");
+  app->add_option("--tls-cert", f.cert, "PEM certificate of this node: mutual TLS on node links (env KVFLOW_TLS_CERT)");
+  app->add_option("--tls-key", f.key, "PEM private key of --tls-cert (env KVFLOW_TLS_KEY)");
+  app->add_option("--tls-ca", f.ca, "PEM CA that peers' certificates chain to (env KVFLOW_TLS_CA)");
+  app->add_flag("--allow-insecure-listen", f.allow_insecure,
+                "listen beyond loopback with neither TLS nor a token (env KVFLOW_ALLOW_INSECURE_LISTEN=1)");
 }
 
 config::cluster_config to_cluster(const cluster_flags& f) {
@@ -151,7 +180,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::string log_level = std::getenv("KVFLOW_LOG_LEVEL") ? std::getenv("KVFLOW_LOG_LEVEL") : "warn";
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error|off (env KVFLOW_LOG_LEVEL)");
-  app.footer("Tunables (environment):\n" + config::tunables_help());
+  app.footer("Tunables (environment):\n" + config::tunables_help() + "Node links (environment):\n" +
+             config::link_settings_help());
 
   simulate_flags sf;
   auto add_workload = [&](CLI::App* a, bool one_process) {
@@ -189,6 +219,8 @@ int main(int argc, char** argv) {
   launch->add_option("--decode-host", lo.decode_host, "where decode ranks listen (default: --host)");
   launch->add_option("--prefill-exec", lo.prefill_exec, "command prefix for prefill rank processes (e.g. 'ip netns exec A')");
   launch->add_option("--decode-exec", lo.decode_exec, "command prefix for decode rank processes");
+  link_flags launch_links;
+  add_link_options(launch, launch_links);
 
   cluster_flags planf;
   bool plan_json = false;
@@ -202,6 +234,8 @@ int main(int argc, char** argv) {
   boot->add_option("--log-level", log_level, "trace|debug|info|warn|error|off");
   boot->add_option("--listen", boot_listen, "HOST:PORT (port 0: any free one, printed)")->capture_default_str();
   add_cluster_options(boot, bootf);
+  link_flags boot_links;
+  add_link_options(boot, boot_links);
 
   cluster_flags rankf;
   command::rank_options ro;
@@ -219,6 +253,8 @@ int main(int argc, char** argv) {
   rank->add_option("--chunk-tokens", ro.chunk_tokens, "prefill: tokens per chunk")->capture_default_str();
   rank->add_option("--wire-version", ro.wire_version, "speak this wire version (compatibility tests; 0: this build's)");
   add_cluster_options(rank, rankf);
+  link_flags rank_links;
+  add_link_options(rank, rank_links);
 
   bench::bench_flags bf;
   auto* bench = app.add_subcommand("bench", "benchmarks: figures beside their anchors");
@@ -266,6 +302,7 @@ int main(int argc, char** argv) {
     if (launch->parsed()) {
       lo.cluster_flags = sf.args();
       lo.log_level = log_level;
+      lo.links = launch_links.resolve();
       return run_simulate(sf, &lo);
     }
     if (plan->parsed()) return command::run_plan(to_cluster(planf), plan_json);
@@ -274,6 +311,8 @@ int main(int argc, char** argv) {
       b.cluster = to_cluster(bootf);
       b.listen = boot_listen;
       b.tunables = config::load_tunables();
+      b.links = boot_links.resolve();
+      config::check_listen_address(b.links, runtime_host(b.listen), "listen");
       return command::run_bootstrap(b);
     }
     if (rank->parsed()) {
@@ -281,6 +320,8 @@ int main(int argc, char** argv) {
       ro.prefill = role == "prefill";
       ro.cluster = to_cluster(rankf);
       ro.tunables = config::load_tunables();
+      ro.links = rank_links.resolve();
+      config::check_listen_address(ro.links, runtime_host(ro.listen), "listen");
       const int ranks = ro.prefill ? ro.cluster.prefill.ranks() : ro.cluster.decode.ranks();
       if (ro.rank < 0 || ro.rank >= ranks)
         throw config::config_error("rank: " + std::to_string(ro.rank) + " is not a " + role + " rank (0.." +

@@ -44,6 +44,7 @@ class rank_node {
     runtime::internal_options in;
     in.add_message_types = msg::add_engine_message_types;
     in.tunables = o_.tunables;
+    in.links = o_.links;
     in.drop_dst = drop_filter(drops_);
     in.node_name = name_;
     in.wire_version = o_.wire_version;

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "config/topology.hpp"
+#include "config/link_security.hpp"
 #include "config/tunables.hpp"
 
 namespace kvflow::command {
@@ -13,6 +14,7 @@ struct bootstrap_options {
   config::cluster_config cluster;
   std::string listen = "127.0.0.1:0";
   config::tunables tunables;
+  config::link_security links;
 };
 
 // Publishes the registry, prints "kvflow bootstrap listening on HOST:PORT" on stdout (the port
@@ -32,6 +34,7 @@ struct rank_options {
   int chunk_tokens = 1024;             // prefill: tokens per chunk of the simulated engine
   std::uint32_t wire_version = 0;      // 0: this build's; else pretend another (compatibility tests)
   config::tunables tunables;
+  config::link_security links;
 };
 
 // Runs one rank until SIGTERM/SIGINT: joins the registry, hosts the agreement supervisors its

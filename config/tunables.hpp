@@ -52,7 +52,16 @@ namespace kvflow::config {
   X(max_rooms_per_rank, "KVFLOW_MAX_ROOMS_PER_RANK", 65536,                                      \
     "live rooms one rank accepts; more are refused with an error (bounds the state store)")      \
   X(max_pages_per_request, "KVFLOW_MAX_PAGES_PER_REQUEST", 1 << 20,                              \
-    "largest page list a destination or chunk message may carry; longer ones fail the room")
+    "largest page list a destination or chunk message may carry; longer ones fail the room")    \
+  X(link_max_frame_bytes, "KVFLOW_LINK_MAX_FRAME_BYTES", 64 << 20,                               \
+    "node links: a frame whose header claims more payload than this closes its link before "    \
+    "anything is allocated for it")                                                              \
+  X(link_auth_timeout_ms, "KVFLOW_LINK_AUTH_TIMEOUT_MS", 10000,                                  \
+    "node links: an accepted connection that has not proved the cluster token in this time is " \
+    "closed")                                                                                    \
+  X(link_max_pending, "KVFLOW_LINK_MAX_PENDING", 64,                                             \
+    "node links: accepted connections still proving themselves at once; more are closed on "    \
+    "accept (bounds what unauthenticated peers can hold)")
 
 struct tunables {
 #define KVFLOW_TUNABLE_MEMBER(name, env, def, doc) std::int64_t name = def;

@@ -20,6 +20,7 @@
 #include "config/tunables.hpp"
 #include "kvflow/kvflow.hpp"
 #include "runtime/engine_host.hpp"
+#include "runtime/link_guard.hpp"
 #include "transport/transport.hpp"
 
 namespace kvflow::runtime {
@@ -110,6 +111,7 @@ struct node::impl {
   runtime::internal_options internal;
   std::unique_ptr<caf::actor_system_config> cfg;
   std::unique_ptr<caf::actor_system> sys;
+  std::unique_ptr<runtime::link_guard> links;  // a networked node's guarded middleman
   std::shared_ptr<transport::transport> transport;
   caf::actor registry;
   std::mutex mutex;  // guards groups, ranks

@@ -100,11 +100,11 @@ void connect_peers(caf::actor_system& sys, const caf::actor& registry, network_n
     if (n.name > net.name) continue;
     ++before_me;
     if (!net.dialed.count(n.name)) {
-      auto a = sys.middleman().remote_actor(n.host, n.port);
+      auto a = guarded_connect(sys, {n.host, n.port}, net.connect_timeout);
       if (a) {
         net.dialed.insert(n.name);
       } else if (net.dial_failed.insert(n.name).second) {
-        spdlog::warn("{}: cannot reach node {} at {}:{}: {}", net.name, n.name, n.host, n.port, sys.render(a.error()));
+        spdlog::warn("{}: node {}: {}", net.name, n.name, a.error().reason());
       }
     }
     dialed_before += net.dialed.count(n.name) != 0;
@@ -167,14 +167,14 @@ caf::behavior keeper(caf::event_based_actor* self, node::impl* n, std::shared_pt
         if (*registry_up) {
           if (net->bootstrap) connect_peers(*n->sys, current_registry(*n), *net);
         } else if (net->bootstrap) {
-          auto back = n->sys->middleman().remote_actor(net->bootstrap->host, net->bootstrap->port);
+          auto back = guarded_connect(*n->sys, *net->bootstrap, net->connect_timeout);
           // The middleman may still answer with the old registry until it saw it go.
-          if (back && back->node() != net->lost_registry) {
+          if (back && back.value().node() != net->lost_registry) {
             {
               std::lock_guard<std::mutex> g(net->mutex);
-              n->registry = *back;
+              n->registry = back.value();
             }
-            self->monitor(*back);
+            self->monitor(back.value());
             if (auto s = reregister(*n, *net); !s) {
               spdlog::warn("{}: registering again: {}", net->name, s.reason());
             } else {

@@ -69,6 +69,30 @@ expected<config::tunables> tunables_of(const node_options& o) {
   }
 }
 
+// The node-link settings: the command's resolved ones, else the options' (and the environment's
+// when read_environment), checked (errors name the variable), listening beyond loopback refused
+// without TLS or a token.
+expected<config::link_security> links_of(const node_options& o, const runtime::internal_options& in) {
+  try {
+    config::link_security s;
+    if (in.links) {
+      s = *in.links;
+    } else {
+      s.auth_token = o.auth_token;
+      s.auth_token_file = o.auth_token_file;
+      s.tls_certificate = o.tls_certificate;
+      s.tls_key = o.tls_key;
+      s.tls_ca = o.tls_ca;
+      if (o.allow_insecure_listen) s.allow_insecure_listen = "1";
+      s = config::resolve_link_security(s, o.read_environment ? config::link_env_lookup(::getenv) : nullptr);
+    }
+    if (!o.listen.empty()) config::check_listen_address(s, runtime::parse_host_port(o.listen, "listen").host, "listen");
+    return s;
+  } catch (const config::config_error& e) {
+    return invalid(e.what());
+  }
+}
+
 }  // namespace
 
 local_group& node::impl::group(int id) { return groups[id]; }
@@ -100,6 +124,7 @@ void node::stop() {
   n.decode_actors.clear();
   n.infrastructure.clear();
   runtime::stop_network(n);
+  if (n.links) n.links->stop();
   n.registry = nullptr;
   n.groups.clear();
   n.sys.reset();  // waits for every actor
@@ -141,6 +166,12 @@ expected<std::shared_ptr<node>> start_node(const topology& t, node_options optio
   auto tun = internal.tunables ? expected<config::tunables>(*internal.tunables) : tunables_of(options);
   if (!tun) return tun.err();
   const bool networked = !options.bootstrap.empty() || !options.listen.empty();
+  config::link_security links;
+  if (networked) {
+    auto given = links_of(options, internal);
+    if (!given) return given.err();
+    links = given.value();
+  }
   if (networked && !internal.transport && options.transport != "ucx")
     return invalid("transport: '" + options.transport + "' cannot cross processes (a node with a bootstrap or listen address needs ucx)");
   if (networked && internal.deterministic) return invalid("listen: a deterministic node runs in one process");
@@ -171,14 +202,20 @@ expected<std::shared_ptr<node>> start_node(const topology& t, node_options optio
     return invalid("transport: '" + options.transport + "' is not inproc or ucx");
   }
   n->cfg = std::make_unique<caf::actor_system_config>();
-  if (networked)
-    runtime::configure_node(*n->cfg, n->tunables);  // the middleman, with heartbeats
-  else
+  const auto link_set = runtime::link_settings_of(links, n->tunables);
+  if (networked) {
+    try {
+      runtime::configure_node(*n->cfg, n->tunables, link_set);  // the middleman, with heartbeats
+    } catch (const config::config_error& e) {
+      return invalid(e.what());
+    }
+  } else
     runtime::configure_actor_system(*n->cfg);
   if (n->internal.add_message_types) n->internal.add_message_types(*n->cfg);
   if (n->internal.deterministic) n->cfg->set("scheduler.policy", caf::atom("testing"));
   if (options.worker_threads > 0) n->cfg->set("scheduler.max-threads", options.worker_threads);
   n->sys = std::make_unique<caf::actor_system>(*n->cfg);
+  if (networked) n->links = runtime::link_guard::start(*n->sys, link_set);
   if (options.bootstrap.empty()) {  // this node hosts the registry (joining nodes find it at listen)
     n->registry = spawn_bootstrap_registry(*n->sys, n->cluster);
     n->infrastructure.push_back(n->registry);

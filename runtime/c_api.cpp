@@ -304,6 +304,12 @@ int kvflow_node_options_init(kvflow_node_options* o) noexcept {
     o->log = nullptr;
     o->log_user = nullptr;
     o->min_level = static_cast<int>(d.min_level);
+    o->auth_token = nullptr;
+    o->auth_token_file = nullptr;
+    o->tls_certificate = nullptr;
+    o->tls_key = nullptr;
+    o->tls_ca = nullptr;
+    o->allow_insecure_listen = 0;
     return succeed();
   });
 }
@@ -341,6 +347,12 @@ int kvflow_node_start(const kvflow_topology* t, const kvflow_node_options* optio
       }
       o.read_environment = options->read_environment != 0;
       o.worker_threads = options->worker_threads;
+      o.auth_token = str_or(options->auth_token, "");
+      o.auth_token_file = str_or(options->auth_token_file, "");
+      o.tls_certificate = str_or(options->tls_certificate, "");
+      o.tls_key = str_or(options->tls_key, "");
+      o.tls_ca = str_or(options->tls_ca, "");
+      o.allow_insecure_listen = options->allow_insecure_listen != 0;
       if (options->min_level < KVFLOW_LOG_TRACE || options->min_level > KVFLOW_LOG_OFF)
         return record(KVFLOW_EINVAL, ("options.min_level: not a KVFLOW_LOG_* value: " +
                                       std::to_string(options->min_level)).c_str());

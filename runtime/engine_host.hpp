@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "config/link_security.hpp"
 #include "config/routing.hpp"
 #include "config/tunables.hpp"
 #include "kvflow/kvflow.hpp"
@@ -33,6 +34,9 @@ struct internal_options {
   // on its way from a decode rank to its prefill peers.
   std::function<bool(std::uint64_t room, std::uint64_t incarnation)> drop_dst;
   std::optional<config::tunables> tunables;  // instead of options.tunables
+  // Resolved node-link security (the command read its flags and the environment), instead of
+  // options.auth_token ... allow_insecure_listen.
+  std::optional<config::link_security> links;
   // A networked node: its name in the registry's node table (default "node HOST:PORT"), the
   // wire version it claims (0: this build's; a test claims another), and how many nodes the
   // cluster has (0: unknown; else it reports itself meshed only once it saw them all).

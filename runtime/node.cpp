@@ -25,9 +25,10 @@ host_port parse_host_port(const std::string& text, const std::string& field) {
   return hp;
 }
 
-void configure_node(caf::actor_system_config& cfg, const config::tunables& t) {
+void configure_node(caf::actor_system_config& cfg, const config::tunables& t, const link_settings& links) {
   configure_actor_system(cfg);
   cfg.load<caf::io::middleman>();
+  configure_links(cfg, links);
   auto interval = std::chrono::milliseconds(t.heartbeat_interval_ms);
   cfg.set("middleman.heartbeat-interval", caf::timespan{interval});
   cfg.set("middleman.connection-timeout", caf::timespan{interval * t.heartbeat_misses});
@@ -39,20 +40,19 @@ void configure_node(caf::actor_system_config& cfg, const config::tunables& t) {
 
 result<caf::actor> connect_with_retry(caf::actor_system& sys, const host_port& where,
                                       std::chrono::milliseconds timeout) {
-  auto until = std::chrono::steady_clock::now() + timeout;
+  using clock = std::chrono::steady_clock;
+  const auto until = clock::now() + timeout;
   for (;;) {
-    auto a = sys.middleman().remote_actor(where.host, where.port);
-    if (a) return *a;
-    if (std::chrono::steady_clock::now() >= until)
-      return status::error("cannot reach " + where.text() + ": " + sys.render(a.error()));
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - clock::now());
+    auto a = guarded_connect(sys, where, std::max(left, std::chrono::milliseconds(100)));
+    if (a) return a;
+    if (clock::now() >= until || a.error().reason().find(link_refused) != std::string::npos) return a;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
 }
 
 result<std::uint16_t> publish_on(caf::actor_system& sys, const caf::actor& a, const host_port& where) {
-  auto port = sys.middleman().publish(a, where.port, where.host.c_str(), true);
-  if (!port) return status::error("cannot listen on " + where.text() + ": " + sys.render(port.error()));
-  return *port;
+  return guarded_publish(sys, a, where);
 }
 
 }  // namespace kvflow::runtime

@@ -10,6 +10,7 @@
 
 #include "config/status.hpp"
 #include "config/tunables.hpp"
+#include "runtime/link_guard.hpp"
 
 namespace kvflow::runtime {
 
@@ -23,14 +24,18 @@ struct host_port {
 host_port parse_host_port(const std::string& text, const std::string& field);
 
 // configure_actor_system plus the middleman, with heartbeats every heartbeat_interval_ms and a
-// connection that stays silent for heartbeat_misses intervals closed (its actors go down).
-void configure_node(caf::actor_system_config& cfg, const config::tunables& t);
+// connection that stays silent for heartbeat_misses intervals closed (its actors go down), and
+// the node links' TLS (runtime/link_guard.hpp). Once the system runs, start its link_guard: the
+// two functions below go through it.
+void configure_node(caf::actor_system_config& cfg, const config::tunables& t, const link_settings& links);
 
-// remote_actor(host, port), tried again every 100 ms until `timeout`; the last error if never.
+// Reaches the actor published at `where`, tried again every 100 ms until `timeout`; the last
+// error if never. A peer that refused this node's link handshake is not tried again (a token or
+// certificate does not change by waiting).
 result<caf::actor> connect_with_retry(caf::actor_system& sys, const host_port& where,
                                       std::chrono::milliseconds timeout);
 
-// Publishes `a` on `where` (port 0: any); the port it got.
+// Publishes `a` on `where` (port 0: any) behind the link guard; the port it got.
 result<std::uint16_t> publish_on(caf::actor_system& sys, const caf::actor& a, const host_port& where);
 
 }  // namespace kvflow::runtime

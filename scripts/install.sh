@@ -5,7 +5,7 @@
 set -euo pipefail
 # clang-14 with its runtimes builds the libFuzzer targets (tests/fuzz, KVFLOW_FUZZ=ON).
 packages=(g++ make cmake python3 libcaf-dev libucx-dev ucx-utils libspdlog-dev libfmt-dev
-          doctest-dev libcli11-dev nlohmann-json3-dev iproute2 pkg-config
+          doctest-dev libcli11-dev nlohmann-json3-dev iproute2 pkg-config libssl-dev openssl
           clang-14 libclang-rt-14-dev libfuzzer-14-dev "$@")
 missing=()
 for p in "${packages[@]}"; do

@@ -130,6 +130,15 @@ typedef struct kvflow_node_options {
   kvflow_log_fn log;    /* NULL: kvflow logs nothing */
   void* log_user;       /* passed to `log` */
   int min_level;        /* KVFLOW_LOG_*; default KVFLOW_LOG_WARN */
+  /* Node links, as kvflow::node_options: a cluster token (or a file holding it) every peer must
+   * prove, TLS files for mutual TLS, and leave to listen beyond loopback with neither. NULL:
+   * none (or, with read_environment, the KVFLOW_AUTH_TOKEN... variables). */
+  const char* auth_token;
+  const char* auth_token_file;
+  const char* tls_certificate;
+  const char* tls_key;
+  const char* tls_ca;
+  int allow_insecure_listen;
 } kvflow_node_options;
 
 /* Fills the defaults of kvflow::node_options (everything NULL/0, min_level KVFLOW_LOG_WARN). */

@@ -183,6 +183,15 @@ struct node_options {
   std::vector<std::pair<std::string, std::string>> tunables;
   bool read_environment = false;
   int worker_threads = 0;  // actor scheduler threads (0: one per core, at most 4)
+  // Node links (a node with a bootstrap or listen address). With a cluster token (at least 16
+  // bytes) every peer proves it before any message of its is accepted: an HMAC challenge, the
+  // token never crosses the link. With TLS files every link is mutual TLS; a peer's certificate
+  // must chain to tls_ca. Empty fields come from KVFLOW_AUTH_TOKEN, KVFLOW_AUTH_TOKEN_FILE,
+  // KVFLOW_TLS_CERT, KVFLOW_TLS_KEY, KVFLOW_TLS_CA when read_environment is set. Listening on a
+  // non-loopback address with neither is refused unless allow_insecure_listen.
+  std::string auth_token, auth_token_file;
+  std::string tls_certificate, tls_key, tls_ca;
+  bool allow_insecure_listen = false;
   // Receives kvflow's log lines (level, text) from any thread. Empty: kvflow logs nothing.
   std::function<void(log_level, const std::string&)> log;
   log_level min_level = log_level::warn;

@@ -118,6 +118,38 @@ case "$case_" in
     expect_usage_error "bootstrap" rank --role decode --rank 0 --bootstrap nowhere --pool-pages 4 --aux-slots 1
     expect_usage_error "listen" bootstrap --listen 127.0.0.1:99999
     ;;
+  node_links)
+    # Node links: listening beyond loopback needs a token or TLS; bad settings are usage errors
+    # naming the variable; a rank with another token is refused with the reason, exit 1.
+    unset KVFLOW_AUTH_TOKEN KVFLOW_AUTH_TOKEN_FILE KVFLOW_TLS_CERT KVFLOW_TLS_KEY KVFLOW_TLS_CA
+    unset KVFLOW_ALLOW_INSECURE_LISTEN
+    expect_usage_error "listen" bootstrap --listen 0.0.0.0:0
+    expect_usage_error "listen" rank --role decode --rank 0 --bootstrap 127.0.0.1:1 --listen 0.0.0.0:0 \
+      --pool-pages 4 --aux-slots 1
+    KVFLOW_AUTH_TOKEN=short expect_usage_error "KVFLOW_AUTH_TOKEN" bootstrap
+    expect_usage_error "KVFLOW_TLS_KEY" bootstrap --tls-cert /etc/hostname
+    expect_usage_error "KVFLOW_AUTH_TOKEN_FILE" bootstrap --auth-token-file "$tmp/none"
+    printf 'the-cluster-token-0123456789\n' >"$tmp/token"
+    "$kvflow" bootstrap --listen 0.0.0.0:0 --auth-token-file "$tmp/token" >"$tmp/boot" 2>"$tmp/boot.err" &
+    boot=$!
+    for _ in $(seq 100); do grep -q listening "$tmp/boot" && break; sleep 0.1; done
+    port=$(sed -n 's/.*listening on .*:\([0-9]*\)$/\1/p' "$tmp/boot")
+    [ -n "$port" ] || { kill $boot; fail "bootstrap with a token did not listen: $(cat "$tmp/boot.err")"; }
+    KVFLOW_AUTH_TOKEN=another-cluster-token-0123 KVFLOW_CONNECT_TIMEOUT_MS=3000 "$kvflow" rank --role decode \
+      --rank 0 --bootstrap 127.0.0.1:$port --pool-pages 4 --aux-slots 1 >"$tmp/out" 2>"$tmp/err"
+    rc=$?
+    kill $boot; wait $boot
+    [ $rc -eq 1 ] || fail "a rank with another token exited $rc, want 1"
+    grep -q "tokens differ" "$tmp/err" || fail "the refused rank does not say why: $(cat "$tmp/err")"
+    cat "$tmp/boot" "$tmp/boot.err" | grep -q "node link from .*tokens differ" ||
+      fail "the bootstrap does not say why: $(cat "$tmp/boot" "$tmp/boot.err")"
+    # The explicit leave.
+    "$kvflow" bootstrap --listen 0.0.0.0:0 --allow-insecure-listen >"$tmp/boot" 2>&1 &
+    boot=$!
+    for _ in $(seq 100); do grep -q listening "$tmp/boot" && break; sleep 0.1; done
+    grep -q listening "$tmp/boot" || { kill $boot; fail "--allow-insecure-listen: $(cat "$tmp/boot")"; }
+    kill $boot; wait $boot
+    ;;
   plan)
     # `kvflow plan` on the seed topology: one block per rank, CP rank 0 the only sender.
     "$kvflow" plan >"$tmp/out" 2>"$tmp/err" || fail "plan exited $?"

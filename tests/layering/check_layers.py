@@ -15,9 +15,10 @@ LOWER = {
     "cuda": {"config"},
     "actors": {"config", "transport", "cuda"},
     "runtime": {"config", "transport", "cuda", "actors", "include"},
-    # The command is a client of the library: the public API and the two headers meant for
+    # The command is a client of the library: the public API and the headers meant for
     # kvflow's own engines, nothing from actors/ and no other part of runtime/.
     "command": {"config", "transport", "cuda", "include", "runtime/engine_host.hpp", "runtime/node.hpp",
+                "runtime/link_guard.hpp",
                 "bench/bench.hpp"},
     "bench": {"config", "transport", "cuda", "actors", "runtime", "command", "include"},
 }

@@ -1,0 +1,238 @@
+// runtime/link_auth.hpp (the node links' token handshake and frame guard, without sockets) and
+// config/link_security.hpp (where the token and TLS files come from, and what is refused).
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "config/link_security.hpp"
+#include "runtime/link_auth.hpp"
+#include "unit_helpers.hpp"
+
+using kvflow::runtime::frame_guard;
+using kvflow::runtime::link_auth;
+using role = link_auth::role;
+
+namespace {
+
+const std::string token_a = "0123456789abcdef-cluster-a";
+const std::string token_b = "0123456789abcdef-cluster-b";
+
+// Moves bytes both ways (`chunk` at a time) until neither end has anything to say or to read.
+// Returns every byte that crossed, to check what never does.
+std::string exchange(link_auth& a, link_auth& b, std::size_t chunk = 1 << 20) {
+  std::string wire;
+  auto move = [&](link_auth& from, link_auth& to) {
+    bool moved = false;
+    while (from.output_size() > 0) {
+      std::size_t n = std::min({chunk, from.output_size()});
+      const std::size_t w = to.wants();
+      if (w == 0) {  // the receiver is done: what is left is not read (the socket closes)
+        from.output_sent(from.output_size());
+        break;
+      }
+      n = std::min(n, w);
+      wire.append(reinterpret_cast<const char*>(from.output()), n);
+      to.feed(from.output(), n);
+      from.output_sent(n);
+      moved = true;
+    }
+    return moved;
+  };
+  for (int i = 0; i < 100; ++i) {
+    bool any = move(a, b);
+    any = move(b, a) || any;
+    if (!any) break;
+  }
+  return wire;
+}
+
+std::array<std::uint8_t, link_auth::nonce_size> nonce_of(std::uint8_t fill) {
+  std::array<std::uint8_t, link_auth::nonce_size> n{};
+  n.fill(fill);
+  return n;
+}
+
+kvflow::config::link_env_lookup fake_env(std::map<std::string, std::string> vars) {
+  auto shared = std::make_shared<std::map<std::string, std::string>>(std::move(vars));
+  return [shared](const char* name) -> const char* {
+    auto it = shared->find(name);
+    return it == shared->end() ? nullptr : it->second.c_str();
+  };
+}
+
+}  // namespace
+
+TEST_CASE("link auth: the same token on both ends is accepted, and the token never crosses") {
+  for (std::size_t chunk : {std::size_t{1}, std::size_t{7}, std::size_t{1} << 20}) {
+    link_auth c(role::connector, token_a), s(role::acceptor, token_a);
+    auto wire = exchange(c, s, chunk);
+    CHECK(c.accepted());
+    CHECK(s.accepted());
+    CHECK(c.reason().empty());
+    CHECK(wire.find(token_a) == std::string::npos);
+    CHECK(wire.find(token_a.substr(0, 16)) == std::string::npos);
+  }
+}
+
+TEST_CASE("link auth: different tokens are refused on both ends, each saying why") {
+  link_auth c(role::connector, token_a), s(role::acceptor, token_b);
+  exchange(c, s);
+  CHECK(c.state() == link_auth::outcome::refused);
+  CHECK(s.state() == link_auth::outcome::refused);
+  CHECK(s.reason().find("tokens differ") != std::string::npos);
+  CHECK(c.reason().find("tokens differ") != std::string::npos);
+}
+
+TEST_CASE("link auth: a token on one end only is refused on both, naming the missing token") {
+  link_auth c(role::connector, ""), s(role::acceptor, token_a);
+  exchange(c, s);
+  CHECK(c.state() == link_auth::outcome::refused);
+  CHECK(s.state() == link_auth::outcome::refused);
+  CHECK(c.reason().find("none is configured here") != std::string::npos);
+  CHECK(s.reason().find("has no cluster token") != std::string::npos);
+  link_auth c2(role::connector, token_a), s2(role::acceptor, "");
+  exchange(c2, s2);
+  CHECK(c2.state() == link_auth::outcome::refused);
+  CHECK(s2.state() == link_auth::outcome::refused);
+}
+
+TEST_CASE("link auth: two ends without a token agree (loopback development)") {
+  link_auth c(role::connector, ""), s(role::acceptor, "");
+  exchange(c, s);
+  CHECK(c.accepted());
+  CHECK(s.accepted());
+}
+
+TEST_CASE("link auth: a peer that reflects an end's own bytes back is refused") {
+  // An attacker without the token answers the acceptor with the acceptor's own greeting and
+  // proof: same role, same nonce, a proof made for the other direction.
+  link_auth s(role::acceptor, token_a);
+  std::vector<std::uint8_t> mine(s.output(), s.output() + s.output_size());
+  s.output_sent(s.output_size());
+  s.feed(mine.data(), mine.size());
+  CHECK(s.state() == link_auth::outcome::refused);
+  CHECK_FALSE(s.accepted());
+}
+
+TEST_CASE("link auth: a proof recorded from another session does not pass") {
+  // Record a good session between c1 and s1, then replay c1's bytes to a fresh acceptor: its
+  // nonce differs, so the recorded proof does not match.
+  link_auth c1(role::connector, token_a, nonce_of(1)), s1(role::acceptor, token_a, nonce_of(2));
+  std::string recorded;
+  {
+    // c1's greeting and proof, as it sends them.
+    std::string c_out(reinterpret_cast<const char*>(c1.output()), c1.output_size());
+    s1.feed(c1.output(), c1.output_size());
+    c1.output_sent(c1.output_size());
+    c1.feed(s1.output(), link_auth::hello_size);
+    c_out.append(reinterpret_cast<const char*>(c1.output()), link_auth::proof_size);
+    recorded = c_out;
+  }
+  link_auth s2(role::acceptor, token_a, nonce_of(3));
+  s2.feed(reinterpret_cast<const std::uint8_t*>(recorded.data()), recorded.size());
+  CHECK(s2.state() == link_auth::outcome::refused);
+  CHECK(s2.reason().find("tokens differ") != std::string::npos);
+}
+
+TEST_CASE("link auth: garbage instead of a greeting is refused at once") {
+  link_auth s(role::acceptor, token_a);
+  std::vector<std::uint8_t> junk(link_auth::hello_size, 0x41);
+  s.feed(junk.data(), junk.size());
+  CHECK(s.state() == link_auth::outcome::refused);
+  CHECK(s.reason().find("not a kvflow node link") != std::string::npos);
+  CHECK(s.wants() == 0);
+  // A CAF BASP header (a peer speaking plain CAF) is not a greeting either.
+  link_auth s2(role::acceptor, "");
+  std::vector<std::uint8_t> basp(link_auth::hello_size, 0);
+  basp[0] = 0;  // server_handshake
+  s2.feed(basp.data(), basp.size());
+  CHECK(s2.state() == link_auth::outcome::refused);
+}
+
+TEST_CASE("frame guard: frames within the cap pass; the first header over it is refused") {
+  frame_guard g(100);
+  auto header = [](std::uint32_t len) {
+    std::vector<std::uint8_t> h(frame_guard::header_size, 0);
+    h[4] = static_cast<std::uint8_t>(len >> 24);
+    h[5] = static_cast<std::uint8_t>(len >> 16);
+    h[6] = static_cast<std::uint8_t>(len >> 8);
+    h[7] = static_cast<std::uint8_t>(len);
+    return h;
+  };
+  auto h = header(100);
+  std::vector<std::uint8_t> payload(100, 0xff);  // payload bytes that look like a huge header
+  CHECK(g.pass(h.data(), 10));
+  CHECK(g.pass(h.data() + 10, h.size() - 10));
+  CHECK(g.pass(payload.data(), payload.size()));
+  auto zero = header(0);
+  CHECK(g.pass(zero.data(), zero.size()));
+  auto big = header(0xffffffffu);
+  CHECK_FALSE(g.pass(big.data(), big.size()));
+  CHECK(g.reason().find("4294967295") != std::string::npos);
+  CHECK_FALSE(g.pass(zero.data(), zero.size()));  // stays refused
+  frame_guard g2(100);
+  auto over = header(101);
+  CHECK_FALSE(g2.pass(over.data(), over.size()));
+}
+
+TEST_CASE("link security: the token, its file and the TLS files are checked, naming the variable") {
+  using namespace kvflow::config;
+  using kvflow::unit::config_error_of;
+  CHECK(resolve_link_security({}, fake_env({})).auth_token.empty());
+  CHECK(resolve_link_security({}, fake_env({{"KVFLOW_AUTH_TOKEN", token_a}})).auth_token == token_a);
+  CHECK(config_error_of([] { resolve_link_security({}, fake_env({{"KVFLOW_AUTH_TOKEN", "short"}})); })
+            .rfind("KVFLOW_AUTH_TOKEN: ", 0) == 0);
+  char path[] = "/tmp/kvflow-token-XXXXXX";
+  int fd = ::mkstemp(path);
+  REQUIRE(fd >= 0);
+  ::close(fd);
+  { std::ofstream(path) << token_b << "\n"; }
+  CHECK(resolve_link_security({}, fake_env({{"KVFLOW_AUTH_TOKEN_FILE", path}})).auth_token == token_b);
+  link_security flag_over_env;
+  flag_over_env.auth_token_file = path;
+  CHECK(config_error_of([&] { resolve_link_security(flag_over_env, fake_env({{"KVFLOW_AUTH_TOKEN", token_a}})); })
+            .rfind("KVFLOW_AUTH_TOKEN_FILE: ", 0) == 0);
+  // A child of `kvflow launch` gets the token and an emptied file variable.
+  link_security parent;
+  parent.auth_token = token_a;
+  std::map<std::string, std::string> child{{"KVFLOW_AUTH_TOKEN_FILE", path}};  // inherited from the parent
+  for (auto& [k, v] : to_env(parent)) child[k] = v;
+  CHECK(resolve_link_security({}, fake_env(child)).auth_token == token_a);
+  std::remove(path);
+  CHECK(config_error_of([&] { resolve_link_security({}, fake_env({{"KVFLOW_AUTH_TOKEN_FILE", path}})); })
+            .rfind("KVFLOW_AUTH_TOKEN_FILE: ", 0) == 0);
+  CHECK(config_error_of([] { resolve_link_security({}, fake_env({{"KVFLOW_TLS_CERT", "/etc/hostname"}})); })
+            .rfind("KVFLOW_TLS_KEY: ", 0) == 0);
+  CHECK(config_error_of([] {
+          resolve_link_security({}, fake_env({{"KVFLOW_TLS_CERT", "/nonexistent/c.pem"},
+                                              {"KVFLOW_TLS_KEY", "/nonexistent/k.pem"},
+                                              {"KVFLOW_TLS_CA", "/nonexistent/ca.pem"}}));
+        }).rfind("KVFLOW_TLS_CERT: ", 0) == 0);
+  CHECK(config_error_of([] { resolve_link_security({}, fake_env({{"KVFLOW_ALLOW_INSECURE_LISTEN", "yes"}})); })
+            .rfind("KVFLOW_ALLOW_INSECURE_LISTEN: ", 0) == 0);
+  CHECK(random_token().size() == 64);
+  CHECK(random_token() != random_token());
+}
+
+TEST_CASE("link security: listening beyond loopback needs TLS or a token, or an explicit leave") {
+  using namespace kvflow::config;
+  link_security none;
+  CHECK_NOTHROW(check_listen_address(none, "127.0.0.1", "listen"));
+  CHECK_NOTHROW(check_listen_address(none, "localhost", "listen"));
+  kvflow::unit::check_one_line_error(kvflow::unit::config_error_of([&] { check_listen_address(none, "0.0.0.0", "listen"); }),
+                                     "listen");
+  CHECK_THROWS(check_listen_address(none, "10.1.2.3", "listen"));
+  link_security token;
+  token.auth_token = token_a;
+  CHECK_NOTHROW(check_listen_address(token, "0.0.0.0", "listen"));
+  link_security leave;
+  leave.allow_insecure_listen = "1";
+  CHECK_NOTHROW(check_listen_address(leave, "0.0.0.0", "listen"));
+}

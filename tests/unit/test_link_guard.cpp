@@ -1,0 +1,361 @@
+// runtime/link_guard.hpp over real loopback TCP: two actor systems in this process, each behind
+// its guard, and raw sockets playing hostile peers (garbage, forged frame headers, silence, a
+// plain CAF peer), with and without TLS.
+#include <doctest/doctest.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <spdlog/sinks/ringbuffer_sink.h>
+#include <spdlog/spdlog.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "runtime/link_auth.hpp"
+#include "runtime/link_guard.hpp"
+#include "config/topology.hpp"
+#include "runtime/node.hpp"
+
+using namespace std::chrono_literals;
+using kvflow::runtime::host_port;
+using kvflow::runtime::link_auth;
+using kvflow::runtime::link_guard;
+using kvflow::runtime::link_settings;
+
+namespace {
+
+const std::string token_a = "0123456789abcdef-cluster-a";
+const std::string token_b = "0123456789abcdef-cluster-b";
+
+link_settings settings_with(const std::string& token) {
+  link_settings s;
+  s.security.auth_token = token;
+  s.auth_timeout = 2000ms;
+  return s;
+}
+
+// One node: an actor system behind its link guard, with an actor that answers x with x + 1.
+struct guarded_node {
+  explicit guarded_node(const link_settings& s) {
+    kvflow::runtime::configure_node(cfg, kvflow::config::tunables{}, s);
+    sys = std::make_unique<caf::actor_system>(cfg);
+    guard = link_guard::start(*sys, s);
+    echo = sys->spawn([]() -> caf::behavior { return {[](int x) { return x + 1; }}; });
+  }
+  ~guarded_node() {
+    caf::anon_send_exit(echo, caf::exit_reason::user_shutdown);
+    echo = nullptr;
+    guard->stop();
+    sys.reset();
+  }
+  std::uint16_t publish() {
+    auto p = kvflow::runtime::publish_on(*sys, echo, {"127.0.0.1", 0});
+    REQUIRE(p);
+    return p.value();
+  }
+  // Connects to `port` and asks 41; the answer (42), or -1 with `why` set.
+  int ask(std::uint16_t port, std::string* why = nullptr) {
+    auto a = kvflow::runtime::guarded_connect(*sys, {"127.0.0.1", port}, 5s);
+    if (!a) {
+      if (why) *why = a.error().reason();
+      return -1;
+    }
+    int out = -1;
+    caf::scoped_actor self{*sys};
+    self->request(a.value(), 5s, 41).receive([&](int x) { out = x; }, [&](caf::error& e) {
+      if (why) *why = sys->render(e);
+    });
+    return out;
+  }
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  std::unique_ptr<link_guard> guard;
+  caf::actor echo;
+};
+
+// Log lines, to check that each end said why it refused.
+struct captured_log {
+  captured_log() : sink(std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(256)) {
+    previous = spdlog::default_logger();
+    spdlog::set_default_logger(std::make_shared<spdlog::logger>("test", sink));
+  }
+  ~captured_log() { spdlog::set_default_logger(previous); }
+  bool has(const std::string& a, const std::string& b) const {
+    for (const auto& line : sink->last_formatted())
+      if (line.find(a) != std::string::npos && line.find(b) != std::string::npos) return true;
+    return false;
+  }
+  std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> sink;
+  std::shared_ptr<spdlog::logger> previous;
+};
+
+int raw_connect(std::uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  return fd;
+}
+
+void send_all(int fd, const void* p, std::size_t n) {
+  auto c = static_cast<const char*>(p);
+  while (n > 0) {
+    auto w = ::send(fd, c, n, MSG_NOSIGNAL);
+    if (w <= 0) return;  // the peer closed: what the tests look for next
+    c += w;
+    n -= static_cast<std::size_t>(w);
+  }
+}
+
+// Reads until the peer closes (true) or `within` passes (false); what it sent goes to `got`.
+bool closed_within(int fd, std::chrono::milliseconds within, std::string* got = nullptr) {
+  const auto until = std::chrono::steady_clock::now() + within;
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return false;
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
+    char buf[4096];
+    auto r = ::recv(fd, buf, sizeof buf, 0);
+    if (r <= 0) return true;
+    if (got) got->append(buf, static_cast<std::size_t>(r));
+  }
+}
+
+std::size_t resident_bytes() {
+  std::ifstream in("/proc/self/statm");
+  std::size_t pages = 0, resident = 0;
+  in >> pages >> resident;
+  return resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+// A BASP header claiming `len` payload bytes (CAF 0.17: 32 bytes, length at 4..7, big-endian).
+std::vector<std::uint8_t> basp_header(std::uint8_t op, std::uint32_t len) {
+  std::vector<std::uint8_t> h(32, 0);
+  h[0] = op;
+  h[4] = static_cast<std::uint8_t>(len >> 24);
+  h[5] = static_cast<std::uint8_t>(len >> 16);
+  h[6] = static_cast<std::uint8_t>(len >> 8);
+  h[7] = static_cast<std::uint8_t>(len);
+  return h;
+}
+
+// Plays the connector's side of the token handshake over a raw socket (a peer that holds the
+// token and then lies). True once both ends accepted.
+bool raw_handshake(int fd, const std::string& token) {
+  link_auth me(link_auth::role::connector, token);
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (!me.accepted() && me.state() == link_auth::outcome::pending && std::chrono::steady_clock::now() < until) {
+    if (me.output_size() > 0) {
+      send_all(fd, me.output(), me.output_size());
+      me.output_sent(me.output_size());
+    }
+    if (me.wants() == 0) continue;
+    std::vector<std::uint8_t> buf(me.wants());
+    auto r = ::recv(fd, buf.data(), buf.size(), 0);
+    if (r <= 0) return false;
+    me.feed(buf.data(), static_cast<std::size_t>(r));
+  }
+  if (me.output_size() > 0) send_all(fd, me.output(), me.output_size());
+  return me.accepted();
+}
+
+}  // namespace
+
+TEST_CASE("link guard: nodes with the same token reach each other's actors") {
+  guarded_node a(settings_with(token_a)), b(settings_with(token_a));
+  auto port = a.publish();
+  std::string why;
+  CHECK(b.ask(port, &why) == 42);
+  CHECK(why.empty());
+}
+
+TEST_CASE("link guard: a node with another token is refused, both ends say why, the others are served") {
+  captured_log log;
+  guarded_node a(settings_with(token_a)), b(settings_with(token_b)), c(settings_with(token_a));
+  auto port = a.publish();
+  std::string why;
+  CHECK(b.ask(port, &why) == -1);
+  INFO(why);
+  CHECK(why.find("link refused") != std::string::npos);
+  CHECK(why.find("tokens differ") != std::string::npos);
+  CHECK(log.has("node link from", "tokens differ"));
+  CHECK(c.ask(port) == 42);
+  // connect_with_retry gives up at once on a refusal: a token does not change by waiting.
+  auto t0 = std::chrono::steady_clock::now();
+  auto r = kvflow::runtime::connect_with_retry(*b.sys, {"127.0.0.1", port}, 20s);
+  CHECK_FALSE(r);
+  CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+}
+
+TEST_CASE("link guard: a token on one end only is refused in both directions") {
+  guarded_node with(settings_with(token_a)), without(settings_with(""));
+  std::string why;
+  CHECK(without.ask(with.publish(), &why) == -1);
+  CHECK(why.find("none is configured here") != std::string::npos);
+  why.clear();
+  CHECK(with.ask(without.publish(), &why) == -1);
+  CHECK(why.find("no cluster token") != std::string::npos);
+}
+
+TEST_CASE("link guard: a plain CAF peer (no guard) reaches nothing") {
+  guarded_node a(settings_with(token_a));
+  auto port = a.publish();
+  caf::actor_system_config cfg;
+  cfg.load<caf::io::middleman>();
+  caf::actor_system plain{cfg};
+  // It speaks BASP at once; the guard waits for a greeting, gets a BASP header, and closes.
+  auto r = plain.middleman().remote_actor("127.0.0.1", port);
+  CHECK_FALSE(r);
+  guarded_node c(settings_with(token_a));
+  CHECK(c.ask(port) == 42);
+}
+
+TEST_CASE("link guard: garbage and an unauthenticated forged frame header close that connection only") {
+  guarded_node a(settings_with(token_a)), c(settings_with(token_a));
+  auto port = a.publish();
+  const auto before = resident_bytes();
+  int junk = raw_connect(port);
+  std::vector<char> noise(4096);
+  for (std::size_t i = 0; i < noise.size(); ++i) noise[i] = static_cast<char>(i * 7919 % 251);
+  send_all(junk, noise.data(), noise.size());
+  CHECK(closed_within(junk, 5s));
+  ::close(junk);
+  // Three connections that each claim a 4 GiB frame at once (once: 11 MB -> 4.1 GB resident).
+  for (int i = 0; i < 3; ++i) {
+    int forged = raw_connect(port);
+    auto h = basp_header(1, 0xfffffff0u);
+    h.resize(h.size() + 256, 0x5a);  // and the start of its payload
+    send_all(forged, h.data(), h.size());
+    CHECK(closed_within(forged, 5s));
+    ::close(forged);
+  }
+  CHECK(resident_bytes() < before + (256u << 20));
+  CHECK(c.ask(port) == 42);
+}
+
+TEST_CASE("link guard: a peer that proved the token and then claims a 4 GiB frame is cut off before the allocation") {
+  captured_log log;
+  guarded_node a(settings_with(token_a)), c(settings_with(token_a));
+  auto port = a.publish();
+  const auto before = resident_bytes();
+  for (int i = 0; i < 3; ++i) {
+    int liar = raw_connect(port);
+    REQUIRE(raw_handshake(liar, token_a));
+    auto h = basp_header(1, 0xfffffff0u);  // a client handshake that claims 4 GiB
+    send_all(liar, h.data(), h.size());
+    CHECK(closed_within(liar, 5s));
+    ::close(liar);
+  }
+  CHECK(resident_bytes() < before + (256u << 20));
+  CHECK(log.has("node link from", "KVFLOW_LINK_MAX_FRAME_BYTES"));
+  CHECK(c.ask(port) == 42);
+}
+
+TEST_CASE("link guard: silent connections expire, and no more than the cap wait at once") {
+  auto s = settings_with(token_a);
+  s.auth_timeout = 400ms;
+  s.max_pending = 4;
+  guarded_node a(s), c(settings_with(token_a));
+  auto port = a.publish();
+  std::vector<int> silent;
+  for (int i = 0; i < 4; ++i) silent.push_back(raw_connect(port));
+  std::this_thread::sleep_for(100ms);  // accepted, all four in their handshake
+  int over = raw_connect(port);
+  CHECK(closed_within(over, 2s));  // the fifth is refused on accept
+  ::close(over);
+  for (int fd : silent) {
+    CHECK(closed_within(fd, 3s));  // expired by the sweep though they never sent a byte
+    ::close(fd);
+  }
+  CHECK(c.ask(port) == 42);
+}
+
+namespace {
+
+// A CA, a node certificate it signed, and a second CA with its own node: made with the openssl
+// command in a fresh directory.
+struct test_pki {
+  test_pki() {
+    char tmpl[] = "/tmp/kvflow-pki-XXXXXX";
+    REQUIRE(::mkdtemp(tmpl) != nullptr);
+    dir = tmpl;
+    const std::string make = "cd " + dir +
+                             " && for ca in a b; do"
+                             " openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+                             " -keyout ca-$ca.key -out ca-$ca.pem -days 2 -subj /CN=kvflow-test-ca-$ca &&"
+                             " openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+                             " -keyout node-$ca.key -out node-$ca.csr -subj /CN=kvflow-node-$ca &&"
+                             " openssl x509 -req -in node-$ca.csr -CA ca-$ca.pem -CAkey ca-$ca.key -CAcreateserial"
+                             " -out node-$ca.pem -days 2 || exit 1; done >/dev/null 2>&1";
+    REQUIRE(std::system(make.c_str()) == 0);
+  }
+  ~test_pki() { std::system(("rm -rf " + dir).c_str()); }
+  link_settings node(const std::string& signed_by, const std::string& trusts, const std::string& token) const {
+    auto s = settings_with(token);
+    s.security.tls_certificate = dir + "/node-" + signed_by + ".pem";
+    s.security.tls_key = dir + "/node-" + signed_by + ".key";
+    s.security.tls_ca = dir + "/ca-" + trusts + ".pem";
+    return s;
+  }
+  std::string dir;
+};
+
+}  // namespace
+
+TEST_CASE("link guard: mutual TLS with certificates of the cluster's CA; another CA's or none is refused") {
+  test_pki pki;
+  guarded_node a(pki.node("a", "a", token_a)), b(pki.node("a", "a", token_a));
+  auto port = a.publish();
+  std::string why;
+  CHECK(b.ask(port, &why) == 42);
+  INFO(why);
+  // A node whose certificate another CA signed (and that trusts only that CA).
+  guarded_node rogue(pki.node("b", "b", token_a));
+  CHECK(rogue.ask(port) == -1);
+  // A node that trusts the cluster's CA but shows another CA's certificate.
+  guarded_node wrong_cert(pki.node("b", "a", token_a));
+  CHECK(wrong_cert.ask(port) == -1);
+  // The right token without TLS.
+  guarded_node plain(settings_with(token_a));
+  CHECK(plain.ask(port) == -1);
+  why.clear();
+  CHECK(b.ask(port, &why) == 42);
+  INFO(why);
+}
+
+TEST_CASE("link guard: TLS files that do not load are a configuration error naming the variable") {
+  test_pki pki;
+  auto s = pki.node("a", "a", token_a);
+  s.security.tls_key = pki.dir + "/node-b.key";  // another certificate's key
+  caf::actor_system_config cfg;
+  std::string what;
+  try {
+    kvflow::runtime::configure_links(cfg, s);
+  } catch (const kvflow::config::config_error& e) {
+    what = e.what();
+  }
+  CHECK(what.rfind("KVFLOW_TLS_KEY: ", 0) == 0);
+  auto s2 = pki.node("a", "a", token_a);
+  s2.security.tls_ca = pki.dir + "/node-a.key";
+  what.clear();
+  try {
+    kvflow::runtime::configure_links(cfg, s2);
+  } catch (const kvflow::config::config_error& e) {
+    what = e.what();
+  }
+  CHECK(what.rfind("KVFLOW_TLS_CA: ", 0) == 0);
+}

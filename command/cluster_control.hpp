@@ -25,10 +25,12 @@ class cluster_control {
   // observer).
   virtual cluster_handles start(caf::event_based_actor* self) = 0;
   // Fault injection. kill: the rank stops at once; freeze: its process stops answering;
-  // restart_bootstrap: the registry goes away and comes back. Unsupported kinds return a reason.
+  // restart_bootstrap: the registry goes away and comes back; stop_bootstrap: it goes for good
+  // (freeze false) or stops answering (true). Unsupported kinds return a reason.
   virtual status kill(caf::event_based_actor* self, bool prefill, int rank) = 0;
   virtual status freeze(bool prefill, int rank) = 0;
   virtual status restart_bootstrap() = 0;
+  virtual status stop_bootstrap(bool freeze) = 0;
   // Bytes the transports moved, given every live rank's pool usage reply.
   virtual std::uint64_t transfer_bytes(const std::vector<msg::pool_usage>& usage) const = 0;
   virtual double copy_seconds() const { return 0; }

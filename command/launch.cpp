@@ -60,6 +60,9 @@ class process_cluster final : public cluster_control {
     (void)bootstrap_.wait(5s);
     return start_bootstrap(bootstrap_at_.port);
   }
+  status stop_bootstrap(bool freeze) override {
+    return bootstrap_.signal(freeze ? SIGSTOP : SIGKILL) ? status{} : status::error("the bootstrap is not running");
+  }
   std::uint64_t transfer_bytes(const std::vector<msg::pool_usage>& usage) const override {
     std::uint64_t sum = 0;
     for (const auto& u : usage)
@@ -76,6 +79,7 @@ class process_cluster final : public cluster_control {
       }
       for (auto& c : *group) c.stop(5s);
     }
+    bootstrap_.signal(SIGCONT);
     bootstrap_.stop(5s);
   }
   const std::string& problem() const { return problem_; }

@@ -141,6 +141,7 @@ class inproc_cluster final : public cluster_control {
   }
   status freeze(bool, int) override { return status::error("freeze needs rank processes"); }
   status restart_bootstrap() override { return status::error("restart needs a bootstrap process"); }
+  status stop_bootstrap(bool) override { return status::error("needs a bootstrap process"); }
   std::uint64_t transfer_bytes(const std::vector<msg::pool_usage>&) const override {
     return transport_->bytes_moved();
   }
@@ -219,7 +220,9 @@ bool touched(const simulation_options& o, const sim_request& r) {
         if (std::find(r.decode_ranks.begin(), r.decode_ranks.end(), f.rank) != r.decode_ranks.end()) return true;
         break;
       case fault_spec::kind::restart_bootstrap:
-        break;  // running requests do not need the registry: none may fail for it
+      case fault_spec::kind::kill_bootstrap:
+      case fault_spec::kind::freeze_bootstrap:
+        break;  // ranks that registered do not need the registry for requests: none may fail for it
       default:
         if (f.at == r.index + 1) return true;
     }
@@ -297,8 +300,11 @@ void start_request(driver_actor* self, sim_request& r) {
         st.report->faults_applied.push_back(f.text);
       else
         st.report->problems.push_back("fault " + f.text + ": " + done.reason());
-    } else if (f.what == fault_spec::kind::restart_bootstrap) {
-      auto done = st.control->restart_bootstrap();
+    } else if (f.what == fault_spec::kind::restart_bootstrap || f.what == fault_spec::kind::kill_bootstrap ||
+               f.what == fault_spec::kind::freeze_bootstrap) {
+      auto done = f.what == fault_spec::kind::restart_bootstrap
+                      ? st.control->restart_bootstrap()
+                      : st.control->stop_bootstrap(f.what == fault_spec::kind::freeze_bootstrap);
       if (done)
         st.report->faults_applied.push_back(f.text);
       else

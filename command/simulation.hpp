@@ -14,7 +14,8 @@ struct fault_spec {
   enum class kind {
     kill_prefill, kill_decode, abort_decode, drop_dst_info, corrupt, duplicate_room,
     freeze_prefill, freeze_decode,  // SIGSTOP the rank's process (launch only)
-    restart_bootstrap               // kill the bootstrap process and start it again (launch only)
+    restart_bootstrap,              // kill the bootstrap process and start it again (launch only)
+    kill_bootstrap, freeze_bootstrap  // SIGKILL (for good) / SIGSTOP the bootstrap (launch only)
   };
   kind what = kind::kill_prefill;
   int rank = -1;  // kill faults
@@ -23,7 +24,8 @@ struct fault_spec {
 };
 
 // kill:prefill:R@N | kill:decode:R@N | abort:decode@N | drop-dst-info@N | corrupt@N | dup-room@N
-// | freeze:prefill:R@N | freeze:decode:R@N | restart:bootstrap@N (the last three: launch only)
+// | freeze:prefill:R@N | freeze:decode:R@N | restart:bootstrap@N | kill:bootstrap@N
+// | freeze:bootstrap@N (the last five: launch only)
 fault_spec parse_fault(const std::string& text);
 
 struct simulation_options {

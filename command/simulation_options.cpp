@@ -45,6 +45,10 @@ fault_spec parse_fault(const std::string& text) {
     rank_after("freeze:decode:");
   } else if (head == "restart:bootstrap") {
     f.what = fault_spec::kind::restart_bootstrap;
+  } else if (head == "kill:bootstrap") {
+    f.what = fault_spec::kind::kill_bootstrap;
+  } else if (head == "freeze:bootstrap") {
+    f.what = fault_spec::kind::freeze_bootstrap;
   } else if (head == "abort:decode") {
     f.what = fault_spec::kind::abort_decode;
   } else if (head == "drop-dst-info") {
@@ -55,7 +59,7 @@ fault_spec parse_fault(const std::string& text) {
     f.what = fault_spec::kind::duplicate_room;
   } else {
     throw bad("is not kill:prefill:R@N, kill:decode:R@N, freeze:prefill:R@N, freeze:decode:R@N, "
-              "restart:bootstrap@N, abort:decode@N, drop-dst-info@N, corrupt@N or dup-room@N");
+              "restart:bootstrap@N, kill:bootstrap@N, freeze:bootstrap@N, abort:decode@N, drop-dst-info@N, corrupt@N or dup-room@N");
   }
   return f;
 }
@@ -97,7 +101,8 @@ void validate(const simulation_options& o) {
   for (const auto& f : o.faults) {
     using k = fault_spec::kind;
     const bool process_fault = f.what == k::freeze_prefill || f.what == k::freeze_decode ||
-                               f.what == k::restart_bootstrap;
+                               f.what == k::restart_bootstrap || f.what == k::kill_bootstrap ||
+                               f.what == k::freeze_bootstrap;
     need(!process_fault || o.processes, "fault", "'" + f.text + "' needs rank processes (kvflow launch)");
     if (f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::freeze_prefill)
       need(f.rank < o.cluster.prefill.ranks(), "fault", "'" + f.text + "' names prefill rank " +

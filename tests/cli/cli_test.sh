@@ -112,6 +112,8 @@ case "$case_" in
     expect_usage_error "transport" launch --fault freeze:decode:0@1 --transport ucx
     expect_usage_error "fault" simulate --fault freeze:decode:0@1
     expect_usage_error "fault" simulate --fault restart:bootstrap@2
+    expect_usage_error "fault" simulate --fault kill:bootstrap@2
+    expect_usage_error "fault" simulate --fault freeze:bootstrap@2
     expect_usage_error "interleave\|fault" launch --fault kill:decode:9@1
     expect_usage_error "rank" rank --role decode --rank 8 --bootstrap 127.0.0.1:1 --pool-pages 4 --aux-slots 1
     expect_usage_error "role" rank --role middle --rank 0 --bootstrap 127.0.0.1:1 --pool-pages 4

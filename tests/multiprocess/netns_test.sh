@@ -71,29 +71,47 @@ done
 
 # Byte counter of one veth end, read inside its namespace.
 counter() { ip netns exec "$1" cat "/sys/class/net/$2/statistics/$3"; }
-a_tx0=$(counter "$A" kva tx_bytes) && b_rx0=$(counter "$B" kvb rx_bytes) || fail "cannot read the veth counters"
-
-t0=$SECONDS
-UCX_TLS=tcp ip netns exec "$A" "$kvflow" launch --host "$ipa" --prefill-host "$ipa" --decode-host "$ipb" \
-  --decode-exec "ip netns exec $B" --prefill tp=1,cp=2 --decode dp=2 --requests 8 \
-  --report "$tmp/r.json" >"$tmp/out" 2>&1 &
-launcher=$!
-wait $launcher
-rc=$?
-launcher=
-echo "kvflow launch across $A/$B ($ipa -> $ipb) -> exit $rc in $((SECONDS - t0))s"
-
-a_tx1=$(counter "$A" kva tx_bytes) && b_rx1=$(counter "$B" kvb rx_bytes) || fail "cannot read the veth counters"
-[ -s "$tmp/r.json" ] || fail "no report written (exit $rc)"
 json() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print($1)" "$tmp/r.json"; }
-verified=$(json "r['bytes_verified']")
-echo "bytes verified $verified; veth: $A kva tx +$((a_tx1 - a_tx0)), $B kvb rx +$((b_rx1 - b_rx0))"
-[ $rc -eq 0 ] || fail "exit $rc, want 0"
-[ "$(json "r['succeeded'] == r['requests'] > 0")" = True ] || fail "not every request succeeded"
-[ "$(json "r['bytes_verified'] == r['bytes_expected'] > 0")" = True ] || fail "bytes not all verified"
-[ "$(json "r['stalled'] + r['unexpected_failures'] + r['mismatched_pages'] + r['leaked_pages'] + r['leaked_aux_slots']")" = 0 ] ||
-  fail "stalls, failures, mismatches or leaks"
-# The KV moves prefill (A) -> decode (B): both ends of the veth counted at least that much.
-[ $((b_rx1 - b_rx0)) -ge "$verified" ] || fail "$B received $((b_rx1 - b_rx0)) bytes on kvb, less than the $verified verified"
-[ $((a_tx1 - a_tx0)) -ge "$verified" ] || fail "$A sent $((a_tx1 - a_tx0)) bytes on kva, less than the $verified verified"
+
+# Runs the launch across the namespaces (ARGS after the fixed ones) and checks its report and
+# that the KV bytes crossed the veth.
+across() {
+  local what=$1 a_tx0 b_rx0 a_tx1 b_rx1 t0 rc verified
+  shift
+  a_tx0=$(counter "$A" kva tx_bytes) && b_rx0=$(counter "$B" kvb rx_bytes) || fail "cannot read the veth counters"
+  t0=$SECONDS
+  rm -f "$tmp/r.json"
+  UCX_TLS=tcp ip netns exec "$A" "$kvflow" launch --host "$ipa" --prefill-host "$ipa" --decode-host "$ipb" \
+    --decode-exec "ip netns exec $B" --prefill tp=1,cp=2 --decode dp=2 --requests 8 "$@" \
+    --report "$tmp/r.json" >"$tmp/out" 2>&1 &
+  launcher=$!
+  wait $launcher
+  rc=$?
+  launcher=
+  echo "$what: kvflow launch across $A/$B ($ipa -> $ipb) $* -> exit $rc in $((SECONDS - t0))s"
+  a_tx1=$(counter "$A" kva tx_bytes) && b_rx1=$(counter "$B" kvb rx_bytes) || fail "cannot read the veth counters"
+  [ -s "$tmp/r.json" ] || fail "$what: no report written (exit $rc)"
+  verified=$(json "r['bytes_verified']")
+  echo "$what: bytes verified $verified; veth: $A kva tx +$((a_tx1 - a_tx0)), $B kvb rx +$((b_rx1 - b_rx0))"
+  [ $rc -eq 0 ] || fail "$what: exit $rc, want 0"
+  [ "$(json "r['succeeded'] == r['requests'] > 0")" = True ] || fail "$what: not every request succeeded"
+  [ "$(json "r['bytes_verified'] == r['bytes_expected'] > 0")" = True ] || fail "$what: bytes not all verified"
+  [ "$(json "r['stalled'] + r['unexpected_failures'] + r['mismatched_pages'] + r['leaked_pages'] + r['leaked_aux_slots']")" = 0 ] ||
+    fail "$what: stalls, failures, mismatches or leaks"
+  # The KV moves prefill (A) -> decode (B): both ends of the veth counted at least that much.
+  [ $((b_rx1 - b_rx0)) -ge "$verified" ] || fail "$what: $B received $((b_rx1 - b_rx0)) bytes on kvb, less than the $verified verified"
+  [ $((a_tx1 - a_tx0)) -ge "$verified" ] || fail "$what: $A sent $((a_tx1 - a_tx0)) bytes on kva, less than the $verified verified"
+}
+
+across "fast link"
+# A slow link: the KV direction shaped to 100 Mbit/s by a token bucket (this kernel has no netem
+# for delay and loss). The shaper must have held packets back, and every request still succeeds.
+if ip netns exec "$A" tc qdisc add dev kva root tbf rate 100mbit burst 64kb latency 200ms 2>"$tmp/err"; then
+  across "slow link" --model mla:8:656 --prompt-tokens 256:2048
+  overlimits=$(ip netns exec "$A" tc -s qdisc show dev kva | sed -n 's/.*overlimits \([0-9]*\).*/\1/p' | head -1)
+  echo "slow link: the shaper held packets back $overlimits times"
+  [ "${overlimits:-0}" -gt 0 ] || fail "slow link: the token bucket never held a packet back (not shaped?)"
+else
+  echo "slow link: not run (tc tbf: $(cat "$tmp/err"))"
+fi
 echo "PASS: netns"

@@ -35,6 +35,7 @@ class stray_message_cluster final : public cluster_control {
   kvflow::status kill(caf::event_based_actor*, bool, int) override { return {}; }
   kvflow::status freeze(bool, int) override { return {}; }
   kvflow::status restart_bootstrap() override { return {}; }
+  kvflow::status stop_bootstrap(bool) override { return {}; }
   std::uint64_t transfer_bytes(const std::vector<kvflow::command::msg::pool_usage>&) const override { return 0; }
   void stop(caf::event_based_actor* self) override {
     for (auto* side : {&engines_.prefill, &engines_.decode})

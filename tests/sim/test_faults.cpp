@@ -77,7 +77,10 @@ TEST_CASE("fault specs parse or are refused with one line naming the fault") {
   CHECK(parse_fault("kill:prefill:3@5").rank == 3);
   CHECK(parse_fault("kill:decode:0@1").at == 1);
   CHECK(parse_fault("abort:decode@4").what == kvflow::command::fault_spec::kind::abort_decode);
-  for (const char* bad : {"kill:prefill:x@1", "kill:prefill:1", "abort:decode@0", "explode@1", "kill:decode:-1@2"}) {
+  CHECK(parse_fault("kill:bootstrap@3").what == kvflow::command::fault_spec::kind::kill_bootstrap);
+  CHECK(parse_fault("freeze:bootstrap@3").what == kvflow::command::fault_spec::kind::freeze_bootstrap);
+  for (const char* bad : {"kill:prefill:x@1", "kill:prefill:1", "abort:decode@0", "explode@1", "kill:decode:-1@2",
+                          "kill:bootstrap:0@1", "freeze:bootstrap"}) {
     try {
       parse_fault(bad);
       FAIL("accepted " << bad);

@@ -90,9 +90,16 @@ std::array<std::uint8_t, link_auth::proof_size> link_auth::proof_of(role who, co
 void link_auth::refuse(verdict_code told, std::string why) {
   const std::uint8_t v = told;
   emit(&v, 1);
-  state_ = outcome::refused;
-  step_ = step::done;
   reason_ = std::move(why);
+  if (told == bad_greeting) {  // not a kvflow peer: nothing more to hear from it
+    state_ = outcome::refused;
+    step_ = step::done;
+    return;
+  }
+  // A kvflow peer sends its verdict too: read it before the link closes, or closing with it
+  // unread resets the connection, and the peer loses this end's verdict and proof unread.
+  refusing_ = true;
+  step_ = step::verdict;
 }
 
 void link_auth::on_hello() {
@@ -135,6 +142,10 @@ void link_auth::on_proof() {
 
 void link_auth::on_verdict() {
   step_ = step::done;
+  if (refusing_) {  // this end's own reason stands, whatever the peer says
+    state_ = outcome::refused;
+    return;
+  }
   switch (in_[0]) {
     case ok:
       state_ = peer_verified_ ? outcome::accepted : outcome::refused;

@@ -40,7 +40,8 @@ class link_auth {
   outcome state() const { return state_; }
   // Accepted: the peer proved the token and accepted this end's proof (or neither end has one).
   bool accepted() const { return state_ == outcome::accepted; }
-  // Why it was refused, for a log line and an error ("" while pending or accepted).
+  // Why this end refuses or was refused, for a log line and an error ("" while accepted). Set
+  // as soon as this end refuses; state() turns refused once the peer's verdict was read too.
   const std::string& reason() const { return reason_; }
 
  private:
@@ -63,6 +64,7 @@ class link_auth {
   std::array<std::uint8_t, hello_size> in_{};
   std::size_t in_len_ = 0;
   bool peer_verified_ = false;
+  bool refusing_ = false;  // this end refused; it still reads the peer's verdict
   std::array<std::uint8_t, hello_size + proof_size + verdict_size> out_{};
   std::size_t out_len_ = 0, out_sent_ = 0;
   outcome state_ = outcome::pending;

@@ -15,6 +15,14 @@
 #include <openssl/ssl.h>
 #include <spdlog/spdlog.h>
 
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <set>
@@ -349,6 +357,47 @@ class guarded_doorman final : public net::doorman_impl {
   std::shared_ptr<guard_state> guard_;
 };
 
+// A non-blocking TCP connect that gives up after `timeout`. CAF's blocks until the kernel does:
+// a listener whose queue is full (a frozen process) drops SYNs, and the kernel retries for two
+// minutes, while this process's every other dial waits behind it.
+caf::expected<net::native_socket> dial(const std::string& host, uint16_t port, std::chrono::milliseconds timeout) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found) != 0 || found == nullptr)
+    return caf::make_error(caf::sec::cannot_connect_to_node, "cannot resolve " + host);
+  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> list(found, &::freeaddrinfo);
+  std::string why = "no address";
+  for (auto* a = found; a != nullptr; a = a->ai_next) {
+    int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    caf::detail::socket_guard g{fd};
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (::connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
+      if (errno != EINPROGRESS) {
+        why = std::strerror(errno);
+        continue;
+      }
+      pollfd p{fd, POLLOUT, 0};
+      const int ready = ::poll(&p, 1, static_cast<int>(timeout.count()));
+      int err = 0;
+      socklen_t len = sizeof err;
+      if (ready <= 0) {
+        why = "no TCP answer within " + std::to_string(timeout.count()) + " ms";
+        continue;
+      }
+      if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
+        why = std::strerror(err != 0 ? err : errno);
+        continue;
+      }
+    }
+    return g.release();
+  }
+  return caf::make_error(caf::sec::cannot_connect_to_node, "cannot connect to " + host + ":" + std::to_string(port) + ": " + why);
+}
+
 class guarded_middleman final : public io::middleman_actor_impl {
  public:
   guarded_middleman(caf::actor_config& cfg, caf::actor broker, std::shared_ptr<guard_state> g)
@@ -357,10 +406,9 @@ class guarded_middleman final : public io::middleman_actor_impl {
 
  protected:
   caf::expected<io::scribe_ptr> connect(const std::string& host, uint16_t port) override {
-    auto fd = net::new_tcp_connection(host, port);
+    auto fd = dial(host, port, guard_->settings.auth_timeout);
     if (!fd) return std::move(fd.error());
     caf::detail::socket_guard sguard{*fd};
-    net::nonblocking(*fd, true);
     caf::openssl::session_ptr tls;
     if (guard_->settings.security.tls()) {
       ERR_clear_error();
@@ -420,7 +468,9 @@ std::unique_ptr<link_guard> link_guard::start(caf::actor_system& sys, const link
   auto p = std::make_unique<impl>();
   p->sys = &sys;
   auto broker = sys.middleman().named_broker<io::basp_broker>(caf::atom("BASP"));
-  p->middleman = sys.spawn<guarded_middleman, caf::hidden>(std::move(broker), state);
+  // Detached, as CAF's own: connect() dials with a blocking TCP connect, which must not hold one
+  // of the scheduler's few threads (and the ranks on it) while a SYN goes unanswered.
+  p->middleman = sys.spawn<guarded_middleman, caf::detached + caf::hidden>(std::move(broker), state);
   // Links that never finish their handshake send nothing, so no event of theirs expires them:
   // a sweep does, in the event loop, a few times per timeout.
   const auto period = std::max(std::chrono::milliseconds(50), s.auth_timeout / 4);
@@ -452,6 +502,9 @@ void link_guard::stop() {
   self->send_exit(impl_->sweeper, caf::exit_reason::kill);
   self->send_exit(impl_->middleman, caf::exit_reason::kill);
   self->wait_for(impl_->sweeper, impl_->middleman);
+  // A detached actor's thread ends only once nothing refers to it; the system waits for it.
+  impl_->sweeper = nullptr;
+  impl_->middleman = nullptr;
   impl_->sys = nullptr;
 }
 

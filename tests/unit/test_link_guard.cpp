@@ -90,9 +90,14 @@ struct captured_log {
     spdlog::set_default_logger(std::make_shared<spdlog::logger>("test", sink));
   }
   ~captured_log() { spdlog::set_default_logger(previous); }
+  // Waits up to 2 s: the accepting end logs from its own event loop, maybe after the connecting
+  // end returned.
   bool has(const std::string& a, const std::string& b) const {
-    for (const auto& line : sink->last_formatted())
-      if (line.find(a) != std::string::npos && line.find(b) != std::string::npos) return true;
+    for (int i = 0; i < 200; ++i) {
+      for (const auto& line : sink->last_formatted())
+        if (line.find(a) != std::string::npos && line.find(b) != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
     return false;
   }
   std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> sink;
@@ -358,4 +363,37 @@ TEST_CASE("link guard: TLS files that do not load are a configuration error nami
     what = e.what();
   }
   CHECK(what.rfind("KVFLOW_TLS_CA: ", 0) == 0);
+}
+
+TEST_CASE("link guard: a dial to a listener that never answers gives up in time, and the next dial still goes") {
+  // A listener whose accept queue is full drops further SYNs (as a frozen process's does): a
+  // blocking connect waits out the kernel's retries, two minutes, and every dial behind it too.
+  int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(listener >= 0);
+  sockaddr_in at{};
+  at.sin_family = AF_INET;
+  at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&at), sizeof at) == 0);
+  REQUIRE(::listen(listener, 0) == 0);
+  socklen_t len = sizeof at;
+  REQUIRE(::getsockname(listener, reinterpret_cast<sockaddr*>(&at), &len) == 0);
+  const std::uint16_t frozen = ntohs(at.sin_port);
+  std::vector<int> fillers;
+  for (int i = 0; i < 4; ++i) {
+    int f = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    ::connect(f, reinterpret_cast<sockaddr*>(&at), sizeof at);
+    fillers.push_back(f);
+  }
+  std::this_thread::sleep_for(200ms);
+  auto s = settings_with(token_a);
+  s.auth_timeout = 1000ms;
+  guarded_node a(settings_with(token_a)), b(s);
+  auto port = a.publish();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = kvflow::runtime::guarded_connect(*b.sys, {"127.0.0.1", frozen}, 20s);
+  CHECK_FALSE(r);
+  CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+  CHECK(b.ask(port) == 42);
+  for (int f : fillers) ::close(f);
+  ::close(listener);
 }

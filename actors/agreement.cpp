@@ -32,6 +32,16 @@ bool same_keys(const std::vector<const step_states*>& inputs) {
 
 }  // namespace
 
+std::string malformed(const step_states& s) {
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i].state > static_cast<std::uint8_t>(kv_poll::success))
+      return "room " + std::to_string(s[i].room) + " has state " + std::to_string(s[i].state) + ", no kv_poll";
+    if (i > 0 && !key_less(s[i - 1], s[i]))
+      return "room " + std::to_string(s[i].room) + " is out of order or listed twice";
+  }
+  return {};
+}
+
 step_states merge_min(const std::vector<const step_states*>& inputs) {
   step_states out;
   if (inputs.empty()) return out;

@@ -7,6 +7,7 @@
 #include <map>
 #include <unordered_map>
 #include <unordered_set>
+#include <string>
 #include <vector>
 
 #include "actors/kv_poll.hpp"
@@ -31,6 +32,10 @@ using step_states = std::vector<room_state>;
 inline bool key_less(const room_state& a, const room_state& b) {
   return a.room != b.room ? a.room < b.room : a.incarnation < b.incarnation;
 }
+
+// Why `s` is not a well-formed report (sorted by key, each key once, every state a kv_poll);
+// empty when it is. The merge below relies on all three.
+std::string malformed(const step_states& s);
 
 // MIN-merge of sorted lists (states by MIN, `released` by AND). A key missing from one input
 // counts as Bootstrapping there (that child has not created the room yet, or cleared it after

@@ -86,6 +86,22 @@ void drain_board(supervisor_actor* self, std::uint64_t round) {
   if (done || st.collector.complete(round)) finish_round(self, round);
 }
 
+// Child i no longer reports (it went down, or sent what cannot be merged): every room of the
+// rounds it has not reported fails, and those rounds complete without it.
+void child_gone(supervisor_actor* self, int i) {
+  auto& st = self->state;
+  if (st.combiner) {
+    st.children[i] = caf::actor_addr{};
+    st.combiner->child_down(i);
+    if (st.combiner->all_down()) self->quit(caf::exit_reason::user_shutdown);
+    return;
+  }
+  std::vector<std::uint64_t> rounds;
+  if (st.args.board) rounds = st.args.board->child_down(i);
+  for (auto round : st.collector.child_down(i)) finish_round(self, round);
+  for (auto round : rounds) drain_board(self, round);
+}
+
 caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::actor parent) {
   auto& st = self->state;
   st.args = std::move(args);
@@ -124,16 +140,7 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
           spdlog::debug("agreement group {}: child {} left", st.args.group, i);
         else
           spdlog::warn("agreement group {}: child {} down; its group fails every room", st.args.group, i);
-        if (st.combiner) {
-          st.children[i] = caf::actor_addr{};
-          st.combiner->child_down(i);
-          if (st.combiner->all_down()) self->quit(caf::exit_reason::user_shutdown);
-          continue;
-        }
-        std::vector<std::uint64_t> rounds;
-        if (st.args.board) rounds = st.args.board->child_down(i);
-        for (auto round : st.collector.child_down(i)) finish_round(self, round);
-        for (auto round : rounds) drain_board(self, round);
+        child_gone(self, i);
       }
     auto before = st.ranks.size();
     st.ranks.erase(std::remove_if(st.ranks.begin(), st.ranks.end(),
@@ -159,6 +166,20 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
       },
       [self](msg::step_report& r) {
         auto& st = self->state;
+        if (r.child < 0 || r.child >= static_cast<int>(st.children.size())) {
+          spdlog::warn("agreement group {}: a step report names child {} of {}; ignored", st.args.group, r.child,
+                       st.children.size());
+          return;
+        }
+        if (auto why = malformed(r.states); !why.empty()) {
+          // Merged, it would corrupt every rank's round; dropped, the round would wait for it
+          // for good. The child counts as down: its rooms fail, the group goes on.
+          spdlog::error("agreement group {}: child {}'s step report {} is malformed ({}); the child counts as down",
+                        st.args.group, r.child, r.round, why);
+          child_gone(self, r.child);
+          if (!st.combiner && st.collector.live_children() == 0) self->quit(caf::exit_reason::user_shutdown);
+          return;
+        }
         if (st.combiner) {
           st.combiner->post_remote(r.child, r.round, std::move(r.states));
           return;

@@ -355,6 +355,10 @@ struct group_tree {
 
   void report(int i, std::uint64_t round, step_states states) {
     std::sort(states.begin(), states.end(), key_less);
+    report_as_is(i, round, std::move(states));
+  }
+  // Unsorted, duplicated or with states no rank posts: what a lying or broken peer sends.
+  void report_as_is(int i, std::uint64_t round, step_states states) {
     caf::anon_send(children[i], msg::step_report{round, i % cp, std::move(states)});
   }
 
@@ -490,6 +494,29 @@ TEST_CASE("supervisors: a rank that dies fails every room of the pending and lat
   auto four = agreed_by_all(g, survivors, 4);
   CHECK(state_of(four, 10) == F);
   for (const auto& s : four) CHECK(s.state == F);
+}
+
+// Issue 9: the merge walks sorted lists; an unsorted, duplicated or out-of-range report from one
+// child made every rank's round wrong (a room listed twice or missing, a state no kv_poll), and
+// dropping it would have stalled the round for good. The child counts as down instead.
+TEST_CASE("regression: a malformed step report fails its child's rooms, and the group goes on") {
+  const std::vector<step_states> bad{
+      {rs(8, W), rs(7, W)},          // out of order
+      {rs(7, W), rs(7, W), rs(8, W)},  // a key twice
+      {rs(7, W), {8, 1, 9, false}},  // state 9: no kv_poll
+  };
+  for (const auto& states : bad) {
+    actor_fixture f;
+    group_tree g(f, 2, 2, 9, 4);
+    const std::vector<int> survivors{0, 1, 2};
+    for (int i : survivors) g.report(i, 1, {rs(7, W), rs(8, W)});
+    g.report_as_is(3, 1, states);
+    CHECK(agreed_by_all(g, survivors, 1) == step_states{rs(7, F), rs(8, F)});
+    for (int i : survivors) g.report(i, 2, {rs(7, T), rs(9, W)});
+    g.report(3, 2, {rs(7, T), rs(9, W)});  // well-formed again: it counts as down all the same
+    auto two = agreed_by_all(g, survivors, 2);
+    for (const auto& s : two) CHECK(s.state == F);
+  }
 }
 
 TEST_CASE("supervisors PP2 x TP2: one agreement across pipeline stages, on the group's ring, released by AND") {

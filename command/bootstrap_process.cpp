@@ -12,7 +12,8 @@
 namespace kvflow::command {
 
 int run_bootstrap(const bootstrap_options& o) {
-  (void)runtime::parse_host_port(o.listen, "listen");  // a malformed address is a usage error (exit 2)
+  // A malformed address, or one beyond loopback with unprotected links, is a usage error (exit 2).
+  config::check_listen_address(o.links, runtime::parse_host_port(o.listen, "listen").host, "listen");
   install_stop_signals();
   node_options no;
   no.listen = o.listen;

@@ -67,9 +67,6 @@ struct link_flags {
   }
 };
 
-// HOST of HOST:PORT (the rest of the address is checked where it is used).
-std::string runtime_host(const std::string& host_port) { return host_port.substr(0, host_port.rfind(':')); }
-
 void add_link_options(CLI::App* app, link_flags& f) {
   app->add_option("--auth-token-file", f.token_file, "file holding the cluster token (env KVFLOW_AUTH_TOKEN[_FILE])");
   app->add_option("--tls-cert", f.cert, "PEM certificate of this node: mutual TLS on node links (env KVFLOW_TLS_CERT)");
@@ -312,7 +309,6 @@ int main(int argc, char** argv) {
       b.listen = boot_listen;
       b.tunables = config::load_tunables();
       b.links = boot_links.resolve();
-      config::check_listen_address(b.links, runtime_host(b.listen), "listen");
       return command::run_bootstrap(b);
     }
     if (rank->parsed()) {
@@ -321,7 +317,6 @@ int main(int argc, char** argv) {
       ro.cluster = to_cluster(rankf);
       ro.tunables = config::load_tunables();
       ro.links = rank_links.resolve();
-      config::check_listen_address(ro.links, runtime_host(ro.listen), "listen");
       const int ranks = ro.prefill ? ro.cluster.prefill.ranks() : ro.cluster.decode.ranks();
       if (ro.rank < 0 || ro.rank >= ranks)
         throw config::config_error("rank: " + std::to_string(ro.rank) + " is not a " + role + " rank (0.." +

@@ -123,7 +123,7 @@ int run_rank(const rank_options& o) {
   }
   // Malformed addresses are usage errors (config_error: exit 2), not start-up failures.
   (void)runtime::parse_host_port(o.bootstrap, "bootstrap");
-  (void)runtime::parse_host_port(o.listen, "listen");
+  config::check_listen_address(o.links, runtime::parse_host_port(o.listen, "listen").host, "listen");
   if (!o.report_to.empty()) (void)runtime::parse_host_port(o.report_to, "report-to");
   install_stop_signals();
   return rank_node(o).run();

@@ -25,6 +25,7 @@
 #include "runtime/link_guard.hpp"
 #include "config/topology.hpp"
 #include "runtime/node.hpp"
+#include "unit_helpers.hpp"
 
 using namespace std::chrono_literals;
 using kvflow::runtime::host_port;
@@ -347,21 +348,11 @@ TEST_CASE("link guard: TLS files that do not load are a configuration error nami
   auto s = pki.node("a", "a", token_a);
   s.security.tls_key = pki.dir + "/node-b.key";  // another certificate's key
   caf::actor_system_config cfg;
-  std::string what;
-  try {
-    kvflow::runtime::configure_links(cfg, s);
-  } catch (const kvflow::config::config_error& e) {
-    what = e.what();
-  }
-  CHECK(what.rfind("KVFLOW_TLS_KEY: ", 0) == 0);
+  using kvflow::unit::config_error_of;
+  CHECK(config_error_of([&] { kvflow::runtime::configure_links(cfg, s); }).rfind("KVFLOW_TLS_KEY: ", 0) == 0);
   auto s2 = pki.node("a", "a", token_a);
   s2.security.tls_ca = pki.dir + "/node-a.key";
-  what.clear();
-  try {
-    kvflow::runtime::configure_links(cfg, s2);
-  } catch (const kvflow::config::config_error& e) {
-    what = e.what();
-  }
+  const std::string what = config_error_of([&] { kvflow::runtime::configure_links(cfg, s2); });
   CHECK(what.rfind("KVFLOW_TLS_CA: ", 0) == 0);
 }
 

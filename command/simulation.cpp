@@ -393,6 +393,19 @@ void on_rank_down(driver_actor* self, const caf::down_msg& dm) {
   for (auto& r : st.requests) check_finished(self, r);
 }
 
+// Which of a stalled request's ranks never reported releasing it (where to look first).
+std::string unreleased_by(const sim_request& r) {
+  std::string out;
+  auto add = [&](bool prefill, const std::vector<int>& ranks) {
+    for (int k : ranks)
+      if (!r.released.count({prefill, k}))
+        out += (out.empty() ? "; not released by " : ", ") + std::string(prefill ? "prefill " : "decode ") + std::to_string(k);
+  };
+  add(true, r.prefill_ranks);
+  add(false, r.decode_ranks);
+  return out;
+}
+
 void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage) {
   auto& st = self->state;
   auto& rep = *st.report;
@@ -407,7 +420,7 @@ void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage)
     o.touched = touched(st.opt, r);
     if (!r.finished) {
       o.state = "Stalled";
-      o.reason = r.started ? "not terminal at the deadline" : "never started before the deadline";
+      o.reason = r.started ? "not terminal at the deadline" + unreleased_by(r) : "never started before the deadline";
       ++rep.stalled;
     } else if (!r.any_failed && r.decode_success > 0) {
       o.state = "Success";
@@ -489,11 +502,11 @@ void collect_usage(driver_actor* self, int attempt) {
   auto& st = self->state;
   auto usage = std::make_shared<std::vector<msg::pool_usage>>();
   auto pending = std::make_shared<int>(0);
-  std::vector<caf::actor> live;
+  std::vector<std::pair<caf::actor, std::string>> live;
   for (int i = 0; i < static_cast<int>(st.h.prefill.size()); ++i)
-    if (!st.dead.count({true, i})) live.push_back(st.h.prefill[i]);
+    if (!st.dead.count({true, i})) live.emplace_back(st.h.prefill[i], "prefill rank " + std::to_string(i));
   for (int i = 0; i < static_cast<int>(st.h.decode.size()); ++i)
-    if (!st.dead.count({false, i})) live.push_back(st.h.decode[i]);
+    if (!st.dead.count({false, i})) live.emplace_back(st.h.decode[i], "decode rank " + std::to_string(i));
   *pending = static_cast<int>(live.size());
   auto done = [self, usage, attempt] {
     std::int64_t draining = 0;
@@ -509,14 +522,18 @@ void collect_usage(driver_actor* self, int attempt) {
     done();
     return;
   }
-  for (auto& a : live)
+  for (auto& [a, name] : live)
     self->request(a, std::chrono::seconds(10), msg::pool_usage_query{})
         .then(
             [usage, pending, done](msg::pool_usage& u) {
               usage->push_back(u);
               if (--*pending == 0) done();
             },
-            [pending, done](caf::error&) {
+            // A live rank that does not answer has pools nobody counted: that is not "no leak".
+            [self, who = name, pending, done](caf::error& e) {
+              auto& problems = self->state.report->problems;
+              auto line = who + " did not answer the pool-usage query: " + self->system().render(e);
+              if (std::find(problems.begin(), problems.end(), line) == problems.end()) problems.push_back(line);
               if (--*pending == 0) done();
             });
 }

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "actors/messages.hpp"
+#include "actors/sender_check.hpp"
 
 namespace kvflow {
 
@@ -92,6 +93,7 @@ msg::topology_reply make_reply(registry_actor* self) {
 caf::behavior registry(registry_actor* self, config::cluster_config c) {
   self->state.config = c;
   self->state.table = registry_table(c.prefill);
+  detail::refuse_stray_errors(self, "bootstrap registry");
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
     for (const auto& [rank, h] : st.decode)
@@ -110,6 +112,8 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
           return {false, 0, "wire version " + std::to_string(r.version) + " != registry's " +
                                 std::to_string(msg::wire_version)};
         if (!r.rank) return {false, 0, "registration of " + r.name + " without an actor handle"};
+        if (!detail::from_node_of(self, r.rank))
+          return {false, 0, "registration of " + r.name + " refused: it names an actor of another process"};
         std::uint64_t owner = 0;
         for (const auto& [id, a] : st.actors)
           if (a == r.rank) owner = id;
@@ -135,6 +139,16 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
       [self](msg::register_decode& r) {
         auto& st = self->state;
         if (!r.handle) return;
+        if (!detail::from_node_of(self, r.handle)) {
+          spdlog::warn("bootstrap: a registration of decode rank {} naming an actor of another process refused", r.rank);
+          return;
+        }
+        // A live decode rank keeps its entry; one seen down may be replaced (a restart).
+        if (auto it = st.decode.find(r.rank); it != st.decode.end() && it->second && it->second != r.handle &&
+                                              !st.decode_down.count(r.rank)) {
+          spdlog::warn("bootstrap: decode rank {} registered again while its live owner holds it; refused", r.rank);
+          return;
+        }
         auto& h = st.decode[r.rank];
         if (h == r.handle) return;
         h = r.handle;
@@ -145,6 +159,8 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
         if (n.version != msg::wire_version)
           return {false, 0, "wire version " + std::to_string(n.version) + " != registry's " +
                                 std::to_string(msg::wire_version)};
+        if (n.engine && !detail::from_node_of(self, n.engine))
+          return {false, 0, "node " + n.name + " refused: its engine is an actor of another process"};
         self->state.nodes[n.name] = msg::node_entry{n.name, n.host, n.port, n.meshed, n.engine};
         return {true, 1, {}};
       },
@@ -154,7 +170,13 @@ caf::behavior registry(registry_actor* self, config::cluster_config c) {
         return t;
       },
       [self](msg::register_supervisor& r) {
-        if (r.handle) self->state.supervisors[{r.group, r.index}] = r;
+        if (!r.handle) return;
+        if (!detail::from_node_of(self, r.handle)) {
+          spdlog::warn("bootstrap: a registration of supervisor {} of group {} naming an actor of another process refused",
+                       r.index, r.group);
+          return;
+        }
+        self->state.supervisors[{r.group, r.index}] = r;
       },
       [self](msg::lookup_supervisor& l) -> msg::supervisor_entry {
         auto& s = self->state.supervisors;

@@ -307,6 +307,7 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
   // and its peers are told, and the rank stays until their writes drained (each acknowledged its
   // abort or is down) or the flush timeout passed, instead of unmapping memory a push may still
   // be writing (UCX 1.13's emulated puts write whatever address they carry).
+  detail::refuse_stray_errors(self, st.name);
   self->set_exit_handler([self](caf::exit_msg& m) {
     auto& st = self->state;
     auto g = detail::lock(*st.args.shared);
@@ -393,7 +394,7 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
         // A restarted registry: ask it at once if the topology is still missing.
         auto& st = self->state;
         auto g = detail::lock(*st.args.shared);
-        if (!r.registry) return;
+        if (!r.registry || !detail::from_this_process(self)) return;
         st.args.registry = r.registry;
         self->monitor(r.registry);
         query_topology(self, true);

@@ -341,6 +341,7 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
   self->send(st.args.parent, msg::attach_child{st.args.child_index, caf::actor_cast<caf::actor>(self)});
 
   self->monitor(st.args.parent);
+  detail::refuse_stray_errors(self, st.name);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
     auto g = detail::lock(*st.args.shared);

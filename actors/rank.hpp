@@ -94,6 +94,7 @@ struct rank_args {
   // Where the group's agreed rounds are read; with a remote parent the rank publishes the
   // rounds it receives here.
   std::shared_ptr<agreed_ring> ring;
+  caf::actor root;  // the group's TP supervisor: the only sender of its agreed rounds by message
   caf::actor registry;
   dst_filter drop_dst;  // decode only
 };

@@ -13,6 +13,7 @@
 #include "actors/agreement.hpp"
 #include "actors/messages.hpp"
 #include "actors/rank.hpp"
+#include "actors/sender_check.hpp"
 #include "actors/state_store.hpp"
 
 namespace kvflow::detail {
@@ -65,12 +66,17 @@ template <class Self, class Fail, class Forget>
 caf::message_handler rank_handlers(Self* self, Fail fail, Forget forget) {
   return {
       [self](msg::set_registry& r) {
-        if (r.registry) self->state.args.registry = r.registry;
+        // Only this process's keeper knows the registry restarted.
+        if (r.registry && from_this_process(self)) self->state.args.registry = r.registry;
       },
       // Rounds of a TP supervisor in another process: the engine reads them from the ring.
       [self](msg::agreed_round& a) {
         auto& st = self->state;
         if (!st.args.ring) return;
+        if (!sent_by(self, st.args.root.address())) {
+          spdlog::warn("{}: an agreed round {} not sent by the group's supervisor refused", st.name, a.round);
+          return;
+        }
         // Round k merges this rank's own step-k post: a round it has not posted, or of another
         // group, is forged or misrouted. Taken, round 2^64-1 would hold its ring slot for good.
         const auto posted = st.args.shared->posted_step.load(std::memory_order_acquire);

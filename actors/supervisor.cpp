@@ -6,6 +6,7 @@
 
 #include "actors/agreed_ring.hpp"
 #include "actors/messages.hpp"
+#include "actors/sender_check.hpp"
 #include "actors/shm_agreement.hpp"
 #include "actors/step_board.hpp"
 
@@ -19,6 +20,7 @@ struct supervisor_state {
   agreed_table table;
   std::vector<caf::actor> ranks;  // root: ranks in other processes, sent every agreed round
   std::vector<caf::actor_addr> children;
+  std::set<int> gone;  // children that went down (their index may be attached again)
   int ranks_gone = 0;                      // attached ranks that died
   std::vector<caf::message> held;          // rounds agreed before every rank attached
   // Rounds are finished in order: a report can overtake an earlier round's when the route
@@ -90,6 +92,7 @@ void drain_board(supervisor_actor* self, std::uint64_t round) {
 // rounds it has not reported fails, and those rounds complete without it.
 void child_gone(supervisor_actor* self, int i) {
   auto& st = self->state;
+  st.gone.insert(i);
   if (st.combiner) {
     st.children[i] = caf::actor_addr{};
     st.combiner->child_down(i);
@@ -100,6 +103,18 @@ void child_gone(supervisor_actor* self, int i) {
   if (st.args.board) rounds = st.args.board->child_down(i);
   for (auto round : st.collector.child_down(i)) finish_round(self, round);
   for (auto round : rounds) drain_board(self, round);
+}
+
+// Child `i` is `who` from now on, unless a live child other than `who` holds the index.
+bool bind_child(supervisor_actor* self, int i, const caf::actor_addr& who) {
+  auto& st = self->state;
+  auto& slot = st.children[static_cast<std::size_t>(i)];
+  if (slot == who) return true;
+  if (slot && !st.gone.count(i)) return false;
+  slot = who;
+  st.gone.erase(i);
+  self->monitor(who);
+  return true;
 }
 
 caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::actor parent) {
@@ -118,9 +133,12 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
     st.combiner = std::make_unique<shm_combiner>(
         st.args.shared_memory, group, [me, wanted, group](const std::shared_ptr<const agreed_view>& v) {
           if (wanted->load() == 0) return;
-          if (auto p = caf::actor_cast<caf::actor>(me)) caf::anon_send(p, msg::agreed_round{v->round, group, v->states});
+          // As the supervisor itself: the only agreed rounds it forwards are its own.
+          if (auto p = caf::actor_cast<caf::actor>(me)) caf::send_as(p, p, msg::agreed_round{v->round, group, v->states});
         });
   }
+  const std::string who = "agreement group " + std::to_string(st.args.group) + " supervisor";
+  detail::refuse_stray_errors(self, who);
   self->set_down_handler([self](const caf::down_msg& dm) {
     auto& st = self->state;
     if (st.parent && dm.source == st.parent.address()) {
@@ -152,23 +170,40 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
     if (!st.combiner && st.collector.live_children() == 0) self->quit(caf::exit_reason::user_shutdown);
   });
   return {
-      [self](msg::attach_child& a) {
+      [self, who](msg::attach_child& a) {
         auto& st = self->state;
         if (a.index < 0 || a.index >= static_cast<int>(st.children.size())) return;
-        st.children[a.index] = a.child.address();
-        self->monitor(a.child);
+        // A child attaches itself; an index a live child holds is not taken over.
+        if (!detail::sent_by(self, a.child.address())) {
+          spdlog::warn("{}: an attach of child {} not sent by that child refused", who, a.index);
+          return;
+        }
+        bind_child(self, a.index, a.child.address());
       },
-      [self](msg::attach_rank& a) {
+      [self, who](msg::attach_rank& a) {
+        if (!detail::sent_by(self, a.rank.address())) {
+          spdlog::warn("{}: an attach of a rank not sent by that rank refused", who);
+          return;
+        }
         ++*self->state.message_ranks;
         self->state.ranks.push_back(a.rank);
         self->monitor(a.rank);
         flush_held(self);
       },
-      [self](msg::step_report& r) {
+      [self, who](msg::step_report& r) {
         auto& st = self->state;
         if (r.child < 0 || r.child >= static_cast<int>(st.children.size())) {
           spdlog::warn("agreement group {}: a step report names child {} of {}; ignored", st.args.group, r.child,
                        st.children.size());
+          return;
+        }
+        // Only child i reports as child i. A report may overtake its child's attach (they can
+        // take different routes between processes): the first sender binds an unbound index.
+        const auto& sender = self->current_sender();
+        const auto from = caf::actor_cast<caf::actor_addr>(sender);
+        if (!sender || !bind_child(self, r.child, from)) {
+          spdlog::warn("{}: a step report for child {} from {} refused", who, r.child,
+                       sender ? "another actor" : "an anonymous sender");
           return;
         }
         if (auto why = malformed(r.states); !why.empty()) {
@@ -187,6 +222,7 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
         if (st.collector.add(r.child, r.round, std::move(r.states))) finish_round(self, r.round);
       },
       [self](msg::agreed_round& a) {  // from the combiner: for the ranks attached by message
+        if (!detail::sent_by(self, self->address())) return;
         for (const auto& r : self->state.ranks) self->send(r, a);
       },
       [self](msg::board_round& b) {

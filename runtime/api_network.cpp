@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "actors/messages.hpp"
+#include "actors/sender_check.hpp"
 #include "actors/supervisor.hpp"
 #include "runtime/api_internal.hpp"
 #include "runtime/node.hpp"
@@ -126,7 +127,9 @@ void connect_peers(caf::actor_system& sys, const caf::actor& registry, network_n
 }
 
 // Everything this node registered, again, with a restarted registry.
-status reregister(node::impl& n, network_node& net) {
+// Each registration goes as the actor it registers (the registry checks that it comes from
+// that actor's process), and set_registry from the keeper (a rank takes it only from here).
+status reregister(node::impl& n, network_node& net, const caf::actor& keeper) {
   msg::register_node me;
   std::vector<caf::actor> ranks;
   std::vector<msg::register_supervisor> sups;
@@ -142,16 +145,17 @@ status reregister(node::impl& n, network_node& net) {
   }
   auto registry = current_registry(n);
   if (auto s = register_node(*n.sys, registry, me); !s) return s;
-  for (const auto& r : ranks) caf::anon_send(r, msg::set_registry{registry});
-  for (const auto& s : sups) caf::anon_send(registry, s);
-  for (const auto& r : pre) caf::anon_send(registry, r);
-  for (const auto& r : dec) caf::anon_send(registry, r);
+  for (const auto& r : ranks) caf::send_as(keeper, r, msg::set_registry{registry});
+  for (const auto& s : sups) caf::send_as(s.handle, registry, s);
+  for (const auto& r : pre) caf::send_as(r.rank, registry, r);
+  for (const auto& r : dec) caf::send_as(r.handle, registry, r);
   return {};
 }
 
 // The keeper: a thread of its own (it dials, and waits for answers), every 200 ms.
 caf::behavior keeper(caf::event_based_actor* self, node::impl* n, std::shared_ptr<network_node> net) {
   auto registry_up = std::make_shared<bool>(true);
+  detail::refuse_stray_errors(self, net->name + " keeper");
   self->monitor(n->registry);
   self->set_down_handler([=](caf::down_msg& dm) {
     auto registry = current_registry(*n);
@@ -175,7 +179,7 @@ caf::behavior keeper(caf::event_based_actor* self, node::impl* n, std::shared_pt
               n->registry = back.value();
             }
             self->monitor(back.value());
-            if (auto s = reregister(*n, *net); !s) {
+            if (auto s = reregister(*n, *net, caf::actor_cast<caf::actor>(self)); !s) {
               spdlog::warn("{}: registering again: {}", net->name, s.reason());
             } else {
               *registry_up = true;
@@ -184,6 +188,9 @@ caf::behavior keeper(caf::event_based_actor* self, node::impl* n, std::shared_pt
           }
         }
         self->delayed_send(self, 200ms, keeper_tick{});
+      },
+      [=](msg::registration_reply& r) {  // the registry's answer to a register_node sent below
+        if (!r.ok) spdlog::warn("{}: the bootstrap registry refused this node: {}", net->name, r.reason);
       },
       [=](msg::register_node&) {  // the engine changed: the table learns it
         // What the node is now, not what it was when the engine was set: a registration made
@@ -194,7 +201,7 @@ caf::behavior keeper(caf::event_based_actor* self, node::impl* n, std::shared_pt
           std::lock_guard<std::mutex> g(net->mutex);
           now = net->registration();
         }
-        caf::anon_send(current_registry(*n), std::move(now));
+        self->send(current_registry(*n), std::move(now));
       },
   };
 }
@@ -214,7 +221,10 @@ status start_network(node::impl& n, const node_options& options) {
       auto reg = connect_with_retry(sys, *net->bootstrap, net->connect_timeout);
       if (!reg) return reg.error();
       n.registry = reg.value();
-      net->anchor = sys.spawn([]() -> caf::behavior { return {[](msg::node_query) {}}; });
+      net->anchor = sys.spawn([](caf::event_based_actor* self) -> caf::behavior {
+        detail::refuse_stray_errors(self, "node anchor");
+        return {[](msg::node_query) {}};
+      });
       n.infrastructure.push_back(net->anchor);
     } else {
       net->anchor = n.registry;  // peers and joining nodes reach this node's registry
@@ -305,7 +315,7 @@ expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
     msg::register_supervisor m{group, index, h, seg ? seg->name() : std::string{}};
     net.supervisors[{group, index}] = m;
     if (seg) net.segments[group] = std::move(seg);
-    caf::anon_send(n.registry, std::move(m));  // under the lock
+    caf::send_as(h, n.registry, std::move(m));  // under the lock
   };
   if (lead_group) {
     supervisor_args ra;
@@ -359,7 +369,7 @@ expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
     sa.group = group;
     sa.index_in_parent = shard;
     auto h = spawn_supervisor(sys, sa, link.root);
-    caf::anon_send(link.root, msg::attach_child{shard, h});
+    caf::send_as(h, link.root, msg::attach_child{shard, h});
     lead(shard, h, nullptr);
   }
   auto parent = find(shard);
@@ -383,7 +393,7 @@ void registered_network(node::impl& n, bool prefill, int r, const caf::actor& ra
     net.rank_actors.push_back(rank);
   }
   // A rank that reads its rounds in the group's segment needs none by message.
-  if (!link.shm) caf::anon_send(link.root, msg::attach_rank{rank});
+  if (!link.shm) caf::send_as(rank, link.root, msg::attach_rank{rank});
 }
 
 void stop_network(node::impl& n) {

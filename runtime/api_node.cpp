@@ -114,8 +114,12 @@ void node::stop() {
   if (!n.sys || n.stopped->exchange(true)) return;
   // Prefill ranks before decode ranks (a writer leaves before the memory it writes goes), then
   // the supervisors and the registry.
-  for (auto* list : {&n.prefill_actors, &n.decode_actors, &n.infrastructure})
-    for (auto& a : *list) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+  {
+    // From an actor of this process: the node's actors take an exit only from here.
+    caf::scoped_actor stopper{*n.sys};
+    for (auto* list : {&n.prefill_actors, &n.decode_actors, &n.infrastructure})
+      for (auto& a : *list) stopper->send_exit(a, caf::exit_reason::user_shutdown);
+  }
   if (n.internal.deterministic) {
     auto& sched = dynamic_cast<caf::scheduler::test_coordinator&>(n.sys->scheduler());
     sched.run();
@@ -295,6 +299,7 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
   a.memory = memv;
   a.shared = ri->shared;
   a.parent = link.parent;
+  a.root = link.root;
   a.child_index = link.child;
   a.group = link.group;
   a.board = link.board;
@@ -389,7 +394,7 @@ static expected<runtime::agreement_link> local_link(node::impl& n, bool prefill,
       sa.index_in_parent = shard;
       sa.board = std::make_shared<step_board>(c.prefill.cp);
       auto h = spawn_supervisor(sys, sa, grp.root);
-      caf::anon_send(grp.root, msg::attach_child{shard, h});
+      caf::send_as(h, grp.root, msg::attach_child{shard, h});
       grp.shards[shard] = h;
       grp.shard_boards[shard] = sa.board;
       n.infrastructure.push_back(h);
@@ -452,10 +457,10 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   // before it ever runs still completes the table, as down.
   if (prefill) {
     auto pc = config::prefill_coord_of(c.prefill, r);
-    caf::anon_send(n.registry, msg::register_rank{msg::wire_version, {pc.dp, pc.cp, pc.tp, pc.pp},
-                                                  "prefill rank " + std::to_string(r), actor, handshake_of(c)});
+    caf::send_as(actor, n.registry, msg::register_rank{msg::wire_version, {pc.dp, pc.cp, pc.tp, pc.pp},
+                                                       "prefill rank " + std::to_string(r), actor, handshake_of(c)});
   } else {
-    caf::anon_send(n.registry, msg::register_decode{r, actor});
+    caf::send_as(actor, n.registry, msg::register_decode{r, actor});
   }
   return ri;
 }

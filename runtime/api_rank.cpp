@@ -117,7 +117,8 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
     } else {
       r.posted = step;
       r.shared->posted_step.store(step, std::memory_order_release);
-      caf::anon_send(r.parent, msg::step_report{step, r.child, r.snapshot});
+      // As the rank: its supervisor takes child r.child's reports only from that child.
+      caf::send_as(r.actor, r.parent, msg::step_report{step, r.child, r.snapshot});
     }
   }
   const std::uint64_t round = step > r.lag ? step - r.lag : 0;

@@ -121,7 +121,7 @@ struct parent_control {
 // Stands in for a rank's parent (shard or TP supervisor): records every step report and answers
 // it with an agreed round of the same number, sent to the rank that attached itself
 // (msg::attach_child, which every rank sends its parent when it starts). The engine's polls post
-// their reports anonymously, so reports that come before the rank attached wait for it.
+// their reports from the engine's thread, so reports that come before the rank attached wait for it.
 inline caf::behavior loopback_parent(caf::event_based_actor* self, inbox_ptr box,
                                      std::shared_ptr<parent_control> control, int group) {
   struct state {

@@ -435,7 +435,7 @@ struct rank_fixture : actor_fixture {
       link.child = config::decode_child_of(c.decode, dc);
     }
     t->parent = own(sys.spawn(loopback_parent, t->parent_box, t->control, link.group));
-    link.parent = t->parent;
+    link.parent = link.root = t->parent;
     link.board = nullptr;  // the rank reports each step by message
     link.ring = std::make_shared<agreed_ring>();
     runtime::rank_context ctx{sys,      p,  tunables, o.transport ? o.transport : transport,
@@ -960,7 +960,7 @@ TEST_CASE("prefill: bootstrap timeout fails the room with a reason and tells the
   f.tunables.bootstrap_timeout_ms = 300;
   auto& d = f.fake_decode_rank(0);
   // Known to the registry (so the prefill rank can watch it) but never sends destinations.
-  caf::anon_send(f.registry, msg::register_decode{0, d.handle});
+  caf::send_as(d.handle, f.registry, msg::register_decode{0, d.handle});
   auto& p = f.add_prefill(0);
   const request_id id{41, 1};
   REQUIRE_FALSE(p.p->create(id, 0));
@@ -1259,7 +1259,7 @@ TEST_CASE("regression: a stopping decode rank keeps its memory registered until 
   f.start(id, {1, 2}, 0);
   f.destinations(room);
   f.self->monitor(f.dec->actor);
-  caf::anon_send_exit(f.dec->actor, caf::exit_reason::user_shutdown);
+  f.self->send_exit(f.dec->actor, caf::exit_reason::user_shutdown);
   auto a = f.aborted_on_both(room);
   CHECK(contains(a.reason, "decode rank stopping"));
   auto gone = [&](ms wait) {
@@ -1389,11 +1389,17 @@ TEST_CASE("regression: a decode rank whose registry dies before it is ready work
   const request_id first{41, 1};
   REQUIRE_FALSE(d.d->create(first, 0));
   CHECK_FALSE(d.steps().reaches(first, poll_state::failed, ms(200)));  // waits for the topology
-  caf::anon_send_exit(o.registry, caf::exit_reason::kill);
+  f.self->send_exit(o.registry, caf::exit_reason::kill);
   REQUIRE(d.steps().reaches(first, poll_state::failed, ms(3000)));
   CHECK(contains(d.api().failure_reason(first), "bootstrap registry down"));
 
+  // Only this process's keeper says the registry restarted: from nobody (a peer's anonymous
+  // message), it is not taken.
   caf::anon_send(d.actor, msg::set_registry{f.registry});
+  const request_id early{40, 1};
+  REQUIRE_FALSE(d.d->create(early, 0));
+  CHECK_FALSE(d.steps().reaches(early, poll_state::waiting_for_input, ms(300)));
+  f.self->send(d.actor, msg::set_registry{f.registry});
   const request_id second{42, 1};
   bool ready = false;
   for (int i = 0; i < 50 && !ready; ++i) {  // a room created before the new topology came fails
@@ -1412,14 +1418,37 @@ TEST_CASE("regression: a forged agreed round does not wedge the rank's ring") {
   // is refused.
   rank_fixture f(mla_config(1, 1, 1));
   auto& p = f.add_prefill(0);
-  caf::anon_send(p.actor, msg::agreed_round{std::numeric_limits<std::uint64_t>::max(), 0, {}});
-  caf::anon_send(p.actor, msg::agreed_round{300, 0, {}});
-  caf::anon_send(p.actor, msg::agreed_round{2, 5, {}});  // another group's
+  // As the rank's own supervisor: these are refused by what they claim, not by who sent them.
+  caf::send_as(p.parent, p.actor, msg::agreed_round{std::numeric_limits<std::uint64_t>::max(), 0, {}});
+  caf::send_as(p.parent, p.actor, msg::agreed_round{300, 0, {}});
+  caf::send_as(p.parent, p.actor, msg::agreed_round{2, 5, {}});  // another group's
   for (std::uint64_t k = 1; k <= 300; ++k) {
     auto v = p.api().poll(k, std::chrono::microseconds(2000000));
     REQUIRE_MESSAGE(v.has_value(), "step " << k << ": " << v.err().message());
     CHECK(v->round == k - 1);
   }
+}
+
+TEST_CASE("hostile: a rank takes agreed rounds only from its group's supervisor, and outlives a stray error") {
+  rank_fixture f(mla_config(1, 1, 1));
+  auto& p = f.add_prefill(0);
+  p.control->answer.store(false);  // its supervisor stays silent: only forged rounds come
+  REQUIRE(p.api().poll(1, std::chrono::microseconds(0)));
+  f.self->send(p.actor, msg::agreed_round{1, 0, {}});  // another actor's
+  caf::anon_send(p.actor, msg::agreed_round{1, 0, {}});  // nobody's
+  auto forged = p.api().poll(2, std::chrono::microseconds(300000));
+  CHECK_FALSE(forged.has_value());
+  caf::send_as(p.parent, p.actor, msg::agreed_round{1, 0, {}});
+  auto real = p.api().poll(2, std::chrono::microseconds(2000000));
+  REQUIRE_MESSAGE(real.has_value(), real.err().message());
+  CHECK(real->round == 1);
+
+  f.self->monitor(p.actor);
+  caf::anon_send(p.actor, caf::make_error(caf::sec::runtime_error));
+  bool down = false;
+  f.self->receive([&](const caf::down_msg&) { down = true; }, caf::after(short_wait) >> [] {});
+  CHECK_FALSE(down);
+  CHECK_FALSE(p.p->create({77, 1}, 0));  // not "agreement group lost"
 }
 
 TEST_CASE("regression: a decode rank that registered another CP send mode fails the prefill rooms at once") {

@@ -202,7 +202,7 @@ TEST_CASE("registry actor: a decode rank that died is looked up as down") {
   actor_fixture f;
   auto registry = f.own(spawn_bootstrap_registry(f.sys, registry_config()));
   auto d = f.spawn_recorder().first;
-  caf::anon_send(registry, msg::register_decode{1, d});
+  caf::send_as(d, registry, msg::register_decode{1, d});
   auto lookup = [&] {
     std::optional<msg::decode_entry> out;
     f.self->request(registry, long_wait, msg::lookup_decode{1})
@@ -225,7 +225,7 @@ TEST_CASE("registry actor: a decode rank that died is looked up as down") {
   CHECK(seen->down);
   // A restarted decode rank registering again is live.
   auto d2 = f.spawn_recorder().first;
-  caf::anon_send(registry, msg::register_decode{1, d2});
+  caf::send_as(d2, registry, msg::register_decode{1, d2});
   std::optional<msg::decode_entry> back;
   const auto deadline2 = std::chrono::steady_clock::now() + long_wait;
   while (std::chrono::steady_clock::now() < deadline2) {
@@ -339,11 +339,11 @@ struct group_tree {
       sa.index_in_parent = t;
       auto shard = f.own(spawn_supervisor(f.sys, sa, root));
       shards.push_back(shard);
-      caf::anon_send(root, msg::attach_child{t, shard});
+      caf::send_as(shard, root, msg::attach_child{t, shard});
       for (int k = 0; k < cp; ++k) {
         auto box = std::make_shared<inbox>();
         auto child = f.own(f.sys.spawn(child_stub, box, shard));
-        caf::anon_send(shard, msg::attach_child{k, child});
+        caf::send_as(child, shard, msg::attach_child{k, child});
         children.push_back(child);
         boxes.push_back(box);
       }
@@ -351,7 +351,7 @@ struct group_tree {
     for (int i = 0; i < attach; ++i) attach_rank(i);
   }
 
-  void attach_rank(int i) { caf::anon_send(root, msg::attach_rank{children[i]}); }
+  void attach_rank(int i) { caf::send_as(children[i], root, msg::attach_rank{children[i]}); }
 
   void report(int i, std::uint64_t round, step_states states) {
     std::sort(states.begin(), states.end(), key_less);
@@ -561,6 +561,90 @@ TEST_CASE("supervisors: the root holds agreed rounds until every rank attached")
   for (int i = 0; i < 4; ++i) g.report(i, 2, {rs(1, T)});
   CHECK(agreed_by_all(g, {0, 1, 2, 3}, 2) == step_states{rs(1, T)});
   for (int i = 0; i < 4; ++i) CHECK(g.boxes[i]->all<msg::agreed_round>().size() == 2);
+}
+
+// ---- senders are who they say (issue 9, hostile peers) --------------------------------------
+// A peer that proved the token can still claim what it is not. Each check below is against the
+// sender CAF saw; an impostor is another actor (a peer's, across processes) or nobody.
+
+TEST_CASE("hostile: a step report claiming another child, or an attach of it, is refused; the round waits for the child") {
+  actor_fixture f;
+  group_tree g(f, 1, 2, 9, 2);
+  auto impostor = f.own(f.sys.spawn(child_stub, std::make_shared<inbox>(), g.shards[0]));
+  // As child 0: Failed for room 7 would win the MIN merge of every rank's round.
+  caf::send_as(impostor, g.shards[0], msg::attach_child{0, impostor});
+  caf::anon_send(g.shards[0], msg::attach_child{1, impostor});
+  caf::anon_send(impostor, msg::step_report{1, 0, {rs(7, F)}});
+  caf::anon_send(g.shards[0], msg::step_report{1, 1, {rs(7, F)}});  // anonymous
+  g.report(1, 1, {rs(7, W)});
+  CHECK_FALSE(g.agreed(1, 1, short_wait));  // child 0 has not reported: the round waits
+  g.report(0, 1, {rs(7, W)});
+  CHECK(agreed_by_all(g, {0, 1}, 1) == step_states{rs(7, W)});
+}
+
+TEST_CASE("hostile: an attach of a rank not sent by that rank gets it no rounds, and holds none back") {
+  actor_fixture f;
+  group_tree g(f, 1, 2, 5, 1);  // rank 1 not attached
+  auto [spy, spy_box] = f.spawn_recorder();
+  caf::anon_send(g.root, msg::attach_rank{spy});                         // anonymous
+  caf::send_as(g.children[0], g.root, msg::attach_rank{spy});             // as another rank
+  caf::send_as(spy, g.root, msg::attach_rank{g.children[1]});             // naming a rank it is not
+  for (int i = 0; i < 2; ++i) g.report(i, 1, {rs(1, W)});
+  // None of those counted: the root still holds round 1 for its second rank.
+  CHECK_FALSE(g.agreed(0, 1, short_wait));
+  g.attach_rank(1);
+  CHECK(agreed_by_all(g, {0, 1}, 1) == step_states{rs(1, W)});
+  CHECK(spy_box->all<msg::agreed_round>().empty());
+}
+
+TEST_CASE("hostile: a stray error message does not stop a supervisor") {
+  actor_fixture f;
+  group_tree g(f, 1, 2, 3, 2);
+  auto shard = g.shards[0];
+  f.self->monitor(shard);
+  // CAF's default error handler stops an actor on any error message nobody asked for. (A peer's
+  // exit and down messages never reach it: the link guard cuts the link that carries one.)
+  caf::anon_send(shard, caf::make_error(caf::sec::runtime_error));
+  f.self->send(shard, caf::make_error(caf::sec::unexpected_message));
+  bool down = false;
+  f.self->receive([&](const caf::down_msg&) { down = true; }, caf::after(short_wait) >> [] {});
+  CHECK_FALSE(down);
+  // It still agrees rounds.
+  for (int i = 0; i < 2; ++i) g.report(i, 1, {rs(4, T)});
+  CHECK(agreed_by_all(g, {0, 1}, 1) == step_states{rs(4, T)});
+  // An exit from this process still stops it.
+  CHECK(f.stop(shard));
+}
+
+TEST_CASE("hostile: the registry refuses registrations from nobody, and a second live owner of a decode rank") {
+  actor_fixture f;
+  auto registry = f.own(spawn_bootstrap_registry(f.sys, registry_config()));
+  auto lookup = [&] {
+    msg::decode_entry out;
+    f.self->request(registry, long_wait, msg::lookup_decode{1})
+        .receive([&](msg::decode_entry& e) { out = e; }, [&](caf::error& e) { FAIL_CHECK(f.sys.render(e)); });
+    return out;
+  };
+  auto d = f.spawn_recorder().first;
+  auto squatter = f.spawn_recorder().first;
+  caf::anon_send(registry, msg::register_decode{1, squatter});
+  caf::anon_send(registry, msg::register_supervisor{0, 0, squatter, {}});
+  CHECK_FALSE(lookup().handle);
+  caf::send_as(d, registry, msg::register_decode{1, d});
+  CHECK(lookup().handle == d);
+  caf::send_as(squatter, registry, msg::register_decode{1, squatter});  // d is live
+  CHECK(lookup().handle == d);
+  // Nor does a stray error stop it (it did: a reply it could not take came back as one).
+  f.self->monitor(registry);
+  caf::anon_send(registry, caf::make_error(caf::sec::unexpected_message));
+  bool down = false;
+  f.self->receive([&](const caf::down_msg&) { down = true; }, caf::after(short_wait) >> [] {});
+  CHECK_FALSE(down);
+  CHECK(lookup().handle == d);
+  msg::supervisor_entry sup;
+  f.self->request(registry, long_wait, msg::lookup_supervisor{0, 0})
+      .receive([&](msg::supervisor_entry& e) { sup = e; }, [&](caf::error&) {});
+  CHECK_FALSE(sup.handle);
 }
 
 }  // namespace kvflow::actor_test

@@ -1,5 +1,7 @@
 #include "runtime/link_auth.hpp"
 
+#include "runtime/basp_message_check.hpp"
+
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -162,6 +164,23 @@ void link_auth::on_verdict() {
 bool frame_guard::pass(const std::uint8_t* p, std::size_t n) {
   if (!reason_.empty()) return false;
   while (n > 0) {
+    if (inspecting_) {
+      const auto want = static_cast<std::size_t>(std::min<std::uint64_t>(payload_len_, basp_inspect_window));
+      const auto take = std::min(n, want - inspect_.size());
+      inspect_.insert(inspect_.end(), p, p + take);
+      payload_left_ -= take;
+      p += take;
+      n -= take;
+      if (inspect_.size() < want) break;
+      inspecting_ = false;
+      auto why = basp_message_refusal(routed_, inspect_.data(), inspect_.size(), payload_len_);
+      std::vector<std::uint8_t>().swap(inspect_);
+      if (!why.empty()) {
+        reason_ = "the peer sent " + why;
+        return false;
+      }
+      continue;
+    }
     if (payload_left_ > 0) {
       const auto skip = static_cast<std::size_t>(std::min<std::uint64_t>(n, payload_left_));
       payload_left_ -= skip;
@@ -184,6 +203,12 @@ bool frame_guard::pass(const std::uint8_t* p, std::size_t n) {
       return false;
     }
     payload_left_ = len;
+    const auto op = header_[0];
+    if (len > 0 && (op == basp_direct_message || op == basp_routed_message)) {
+      inspecting_ = true;
+      routed_ = op == basp_routed_message;
+      payload_len_ = len;
+    }
   }
   return true;
 }

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace kvflow::runtime {
 
@@ -71,9 +72,10 @@ class link_auth {
   std::string reason_;
 };
 
-// Follows the BASP framing of CAF 0.17 (a 32-byte header whose bytes 4..7 hold the payload
-// length, big-endian; then that many payload bytes) over the bytes that reach CAF, and refuses
-// the first header that claims more than `max_payload`.
+// Follows the BASP framing of CAF 0.17 (a 32-byte header: byte 0 the operation, bytes 4..7 the
+// payload length, big-endian; then that many payload bytes) over the bytes that reach CAF. It
+// refuses the first header that claims more than `max_payload`, and the first message that
+// basp_message_refusal refuses (read from the start of its payload).
 class frame_guard {
  public:
   static constexpr std::size_t header_size = 32;
@@ -87,6 +89,10 @@ class frame_guard {
   std::array<std::uint8_t, header_size> header_{};
   std::size_t header_len_ = 0;
   std::uint64_t payload_left_ = 0;
+  // The start of the current message's payload, until it can be checked.
+  bool inspecting_ = false, routed_ = false;
+  std::uint64_t payload_len_ = 0;
+  std::vector<std::uint8_t> inspect_;
   std::string reason_;
 };
 

@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "config/link_security.hpp"
+#include "runtime/basp_message_check.hpp"
 #include "runtime/link_auth.hpp"
 #include "unit_helpers.hpp"
 
@@ -186,6 +188,79 @@ TEST_CASE("frame guard: frames within the cap pass; the first header over it is 
   frame_guard g2(100);
   auto over = header(101);
   CHECK_FALSE(g2.pass(over.data(), over.size()));
+}
+
+namespace {
+
+// A BASP frame (operation `op`) whose payload is a message of type names `types`, after `stack`
+// forwarding-stack entries, laid out as CAF 0.17 writes them (test_link_guard checks this layout
+// against CAF's own serializer).
+std::vector<std::uint8_t> message_frame(std::uint8_t op, const std::string& types, std::size_t stack = 0,
+                                        std::size_t content = 16) {
+  std::vector<std::uint8_t> payload;
+  auto node = [&] {  // a default node id: its kind, a process id, a 20-byte host id
+    for (std::uint8_t b : {0x00, 0x00, 0x3e, 0x9a, 0xab, 0x9b, 0xac, 0x79}) payload.push_back(b);
+    payload.insert(payload.end(), 24, 0x11);
+  };
+  if (op == kvflow::runtime::basp_routed_message) {
+    node();
+    node();
+  }
+  payload.push_back(static_cast<std::uint8_t>(stack));  // varint, < 128 here
+  for (std::size_t i = 0; i < stack; ++i) {
+    payload.insert(payload.end(), 8, 0);  // actor id
+    node();
+  }
+  payload.push_back(0);
+  payload.push_back(0);
+  payload.push_back(static_cast<std::uint8_t>(types.size()));
+  payload.insert(payload.end(), types.begin(), types.end());
+  payload.insert(payload.end(), content, 0x5a);
+  std::vector<std::uint8_t> f(frame_guard::header_size, 0);
+  f[0] = op;
+  const auto len = static_cast<std::uint32_t>(payload.size());
+  for (int i = 0; i < 4; ++i) f[4 + i] = static_cast<std::uint8_t>(len >> (24 - 8 * i));
+  f.insert(f.end(), payload.begin(), payload.end());
+  return f;
+}
+
+// The frame guard's verdict on `bytes` fed `chunk` bytes at a time; its reason when refused.
+std::string refused(const std::vector<std::uint8_t>& bytes, std::size_t chunk = 1 << 20) {
+  frame_guard g(1 << 20);
+  for (std::size_t i = 0; i < bytes.size(); i += chunk)
+    if (!g.pass(bytes.data() + i, std::min(chunk, bytes.size() - i))) return g.reason();
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("frame guard: an exit or down message from a peer is refused, however it is split; others pass") {
+  using kvflow::runtime::basp_direct_message;
+  using kvflow::runtime::basp_routed_message;
+  for (std::size_t chunk : {std::size_t{1}, std::size_t{7}, std::size_t{1} << 20}) {
+    INFO("chunk " << chunk);
+    CHECK(refused(message_frame(basp_direct_message, "@<>+kvflow.step_report"), chunk).empty());
+    CHECK(refused(message_frame(basp_direct_message, "@<>+@error"), chunk).empty());  // a failed request's answer
+    CHECK(refused(message_frame(basp_direct_message, "@<>+@exit+@i32"), chunk).empty());  // not an exit to CAF
+    CHECK(refused(message_frame(basp_direct_message, "@<>+@exit"), chunk).find("an exit message") != std::string::npos);
+    CHECK(refused(message_frame(basp_direct_message, "@<>+@down"), chunk).find("a down message") != std::string::npos);
+    CHECK(refused(message_frame(basp_routed_message, "@<>+@exit", 2), chunk).find("an exit message") != std::string::npos);
+    CHECK(refused(message_frame(basp_routed_message, "@<>+kvflow.dst_info", 2), chunk).empty());
+  }
+  // Several messages in a row: each is read.
+  auto two = message_frame(basp_direct_message, "@<>+kvflow.kv_status");
+  auto exit = message_frame(basp_direct_message, "@<>+@exit");
+  two.insert(two.end(), exit.begin(), exit.end());
+  CHECK_FALSE(refused(two, 5).empty());
+  // A message the guard cannot read far enough is refused too (it fails closed).
+  CHECK(refused(message_frame(basp_direct_message, "@<>+@exit", 100)).find("forwarding stack of 100") != std::string::npos);
+  auto cut = message_frame(basp_direct_message, "@<>+kvflow.kv_status", 0, 0);
+  cut.resize(cut.size() - 4);  // the type name runs past the payload's end
+  const auto len = static_cast<std::uint32_t>(cut.size() - frame_guard::header_size);
+  for (int i = 0; i < 4; ++i) cut[4 + i] = static_cast<std::uint8_t>(len >> (24 - 8 * i));
+  CHECK(refused(cut).find("malformed") != std::string::npos);
+  // Handshakes and other operations are not messages: their payload is not read.
+  CHECK(refused(message_frame(0x00, "@<>+@exit")).empty());
 }
 
 TEST_CASE("link security: the token, its file and the TLS files are checked, naming the variable") {

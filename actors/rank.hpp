@@ -6,6 +6,8 @@
 #include <caf/fwd.hpp>
 #include <caf/actor.hpp>
 #include <cstdint>
+#include <algorithm>
+#include <chrono>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -65,6 +67,29 @@ struct rank_shared {
     if (reason.empty()) return;
     cleared_reasons.emplace_back(std::make_pair(room, incarnation), reason);
     while (cleared_reasons.size() > 4096) cleared_reasons.pop_front();
+  }
+  // Requests the group finished (terminal and released in an agreed round) while this rank did
+  // not hold them: its engine's create that comes after that is late, and taken it would be a
+  // room no other rank holds. Each is kept for a while only, and answers one create: a room
+  // reused under the same key (SGLang's incarnation is always 0) is a new request.
+  struct finished_elsewhere {
+    std::uint64_t room, incarnation;
+    std::chrono::steady_clock::time_point at;
+  };
+  std::deque<finished_elsewhere> finished;
+  void remember_finished(std::uint64_t room, std::uint64_t incarnation) {
+    finished.push_back({room, incarnation, std::chrono::steady_clock::now()});
+    while (finished.size() > 4096) finished.pop_front();
+  }
+  // True once for a create of a request finished elsewhere within `window`.
+  bool take_finished(std::uint64_t room, std::uint64_t incarnation, std::chrono::milliseconds window) {
+    const auto now = std::chrono::steady_clock::now();
+    while (!finished.empty() && now - finished.front().at > window) finished.pop_front();
+    auto it = std::find_if(finished.begin(), finished.end(),
+                           [&](const finished_elsewhere& f) { return f.room == room && f.incarnation == incarnation; });
+    if (it == finished.end()) return false;
+    finished.erase(it);
+    return true;
   }
   // Why (room, incarnation) failed: from the store, or from the cleared requests' reasons.
   std::string failure_of(std::uint64_t room, std::uint64_t incarnation) const {

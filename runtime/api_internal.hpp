@@ -142,6 +142,8 @@ struct rank::impl {
   std::shared_ptr<std::atomic<bool>> stopped;
   std::uint64_t lag = 1;
   std::chrono::microseconds default_wait{100000};
+  // How long a request the group finished without this rank refuses this rank's late create.
+  std::chrono::milliseconds late_create_window{300000};
   bool authoritative = true;  // prefill: some decode rank reads it; decode: expects aux
 
   // The agreement client, touched only by the thread that polls.

@@ -283,6 +283,7 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
   ri->stopped = ctx.stopped;
   ri->lag = static_cast<std::uint64_t>(ctx.tunables.agreement_lag);
   ri->default_wait = std::chrono::microseconds(ctx.tunables.poll_wait_us);
+  ri->late_create_window = std::chrono::milliseconds(ctx.tunables.bootstrap_timeout_ms);
   ri->authoritative = needs_aux;
   ri->shared = std::make_shared<rank_shared>();
   ri->shared->store = state_store(static_cast<std::size_t>(ctx.tunables.max_rooms_per_rank));

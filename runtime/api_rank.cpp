@@ -40,6 +40,11 @@ error create_room(rank::impl& r, const request_id& id, int other_dp, int other_d
     if (r.shared->lost) return {errc::unavailable, r.shared->lost_reason};
     if (r.shared->engine.count(id.room) != 0 || r.shared->store.find(id.room) != nullptr)
       return {errc::exists, "duplicate room " + std::to_string(id.room) + ": a live request holds it"};
+    // This rank's create came after its group had already finished the request (the others
+    // failed and let go of it first): taken, it would be a room only this rank holds.
+    if (r.shared->take_finished(id.room, id.incarnation, r.late_create_window))
+      return {errc::exists, "room " + std::to_string(id.room) + " incarnation " + std::to_string(id.incarnation) +
+                                ": its group already finished this request"};
     // Refused here rather than failing the step post that would carry it.
     if (r.shm && r.shared->store.size() >= static_cast<std::size_t>(r.shm->shape().max_rooms))
       return {errc::unavailable, "room " + std::to_string(id.room) + ": this rank holds " +
@@ -178,7 +183,10 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
           it->second.agreed_ready = true;
       for (const auto& s : apply.forget) {
         const auto* e = sh.store.find(s.room);
-        if (e == nullptr || e->incarnation != s.incarnation) continue;
+        if (e == nullptr || e->incarnation != s.incarnation) {
+          sh.remember_finished(s.room, s.incarnation);
+          continue;
+        }
         (static_cast<kv_poll>(s.state) == kv_poll::success ? sh.counters.succeeded : sh.counters.failed)++;
         sh.remember_reason(s.room, s.incarnation, e->reason.empty() && s.state == 0
                                                        ? "another rank of the group failed the room"

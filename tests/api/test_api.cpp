@@ -619,3 +619,42 @@ TEST_CASE("regression: a request one rank of a group does not hold fails on the 
         std::string::npos);
   node->stop();
 }
+
+TEST_CASE("regression: a create that comes after its group finished the request is refused, not left held alone") {
+  // Seen under load in launch.kill_decode_early and the abort storm: one rank's engine created a
+  // request only after the others had failed and released it (a room a rank does not hold
+  // counts as released in the merge). That rank then acted on it a round after its group, and
+  // its room was left in its store for good.
+  kvflow::node_options o;
+  o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "30000"}};
+  auto started = kvflow::node::start(small(1, 1, 1, 2), o);
+  REQUIRE(started);
+  auto node = started.value();
+  engine_memory pm(4, 32, 16 * 64, 4), dm0(4, 32, 16 * 64, 4), dm1(4, 32, 16 * 64, 4);
+  auto pre = node->add_prefill({0, 0, 0, 0}, pm.desc);
+  auto d0 = node->add_decode({0, 0, 0, 0}, dm0.desc);
+  auto d1 = node->add_decode({1, 0, 0, 0}, dm1.desc);
+  REQUIRE(pre);
+  REQUIRE(d0);
+  REQUIRE(d1);
+  const kvflow::request_id id{12, 1};
+  REQUIRE_FALSE(d0.value()->create(id, 0));
+  REQUIRE_FALSE(d0.value()->abort(id, "client went away"));
+  bool finished = false;
+  std::uint64_t k = 1;
+  for (; k <= 400 && !finished; ++k) {
+    auto v0 = d0.value()->poll(k, 50ms);
+    auto v1 = d1.value()->poll(k, 50ms);
+    REQUIRE(v0);
+    REQUIRE(v1);
+    if (const auto* r = v1.value().find(id)) finished = r->state == kvflow::poll_state::failed && r->released;
+    std::this_thread::sleep_for(2ms);
+  }
+  REQUIRE(finished);
+  auto late = d1.value()->create(id, 0);
+  REQUIRE(late);
+  CHECK(late.message().find("already finished") != std::string::npos);
+  // A new incarnation of the room is a new request.
+  CHECK_FALSE(d1.value()->create({12, 2}, 0));
+  node->stop();
+}

@@ -583,39 +583,62 @@ TEST_CASE("api: destinations for a request the prefill side already failed are a
   }
 }
 
+// One prefill rank and a decode group of two ranks (decode tp 2) in one node, with the given
+// bootstrap timeout.
+struct decode_pair {
+  explicit decode_pair(const std::string& bootstrap_timeout_ms) {
+    kvflow::node_options o;
+    o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", bootstrap_timeout_ms}};
+    auto started = kvflow::node::start(small(1, 1, 1, 2), o);
+    REQUIRE(started);
+    node = started.value();
+    auto p = node->add_prefill({0, 0, 0, 0}, pm.desc);
+    auto a = node->add_decode({0, 0, 0, 0}, dm0.desc);
+    auto b = node->add_decode({1, 0, 0, 0}, dm1.desc);
+    REQUIRE(p);
+    REQUIRE(a);
+    REQUIRE(b);
+    pre = p.value();
+    d0 = a.value();
+    d1 = b.value();
+  }
+  // Steps both decode ranks (a scheduler step each, `pause` apart) until `done` holds for what
+  // decode rank `which` sees of `id`; false after 400 steps.
+  template <class Done>
+  bool step_until(int which, const kvflow::request_id& id, Done done, std::chrono::milliseconds pause) {
+    for (int i = 0; i < 400; ++i) {
+      ++step;
+      auto v0 = d0->poll(step, 50ms);
+      auto v1 = d1->poll(step, 50ms);
+      REQUIRE(v0);
+      REQUIRE(v1);
+      if (const auto* r = (which == 0 ? v0 : v1).value().find(id); r != nullptr && done(*r)) return true;
+      std::this_thread::sleep_for(pause);
+    }
+    return false;
+  }
+  engine_memory pm{4, 32, 16 * 64, 4}, dm0{4, 32, 16 * 64, 4}, dm1{4, 32, 16 * 64, 4};
+  std::uint64_t step = 0;
+  std::shared_ptr<kvflow::node> node;
+  std::shared_ptr<kvflow::prefill_rank> pre;
+  std::shared_ptr<kvflow::decode_rank> d0, d1;
+};
+
 TEST_CASE("regression: a request one rank of a group does not hold fails on the others within the bootstrap timeout") {
   // Found by the soak (a duplicate room that some ranks of a group refused while the others
   // took it): the merge counts a room a rank does not hold as Bootstrapping, so the ranks that
   // held it waited without end. Every rank bounds the time its group takes to agree past
   // Bootstrapping on a request.
-  kvflow::node_options o;
-  o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "600"}};
-  auto started = kvflow::node::start(small(1, 1, 1, 2), o);
-  REQUIRE(started);
-  auto node = started.value();
-  engine_memory pm(4, 32, 16 * 64, 4), dm0(4, 32, 16 * 64, 4), dm1(4, 32, 16 * 64, 4);
-  auto pre = node->add_prefill({0, 0, 0, 0}, pm.desc);
-  auto d0 = node->add_decode({0, 0, 0, 0}, dm0.desc);
-  auto d1 = node->add_decode({1, 0, 0, 0}, dm1.desc);
-  REQUIRE(pre);
-  REQUIRE(d0);
-  REQUIRE(d1);
+  decode_pair g("600");
+  auto& node = g.node;
+  auto& d0 = g.d0;
   const kvflow::request_id id{9, 1};
-  REQUIRE_FALSE(d0.value()->create(id, 0));  // decode rank 1 never creates it
-  bool failed = false;
+  REQUIRE_FALSE(d0->create(id, 0));  // decode rank 1 never creates it
   const auto t0 = std::chrono::steady_clock::now();
-  for (std::uint64_t k = 1; k <= 400 && !failed; ++k) {
-    auto v0 = d0.value()->poll(k, 50ms);
-    auto v1 = d1.value()->poll(k, 50ms);
-    REQUIRE(v0);
-    REQUIRE(v1);
-    if (const auto* r = v0.value().find(id)) failed = r->state == kvflow::poll_state::failed;
-    std::this_thread::sleep_for(5ms);
-  }
-  REQUIRE(failed);
+  REQUIRE(g.step_until(0, id, [](const auto& r) { return r.state == kvflow::poll_state::failed; }, 5ms));
   const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   CHECK(took < 5);
-  CHECK(d0.value()->failure_reason(id).find("did not agree on the request within the bootstrap timeout") !=
+  CHECK(d0->failure_reason(id).find("did not agree on the request within the bootstrap timeout") !=
         std::string::npos);
   node->stop();
 }
@@ -625,36 +648,19 @@ TEST_CASE("regression: a create that comes after its group finished the request 
   // request only after the others had failed and released it (a room a rank does not hold
   // counts as released in the merge). That rank then acted on it a round after its group, and
   // its room was left in its store for good.
-  kvflow::node_options o;
-  o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "30000"}};
-  auto started = kvflow::node::start(small(1, 1, 1, 2), o);
-  REQUIRE(started);
-  auto node = started.value();
-  engine_memory pm(4, 32, 16 * 64, 4), dm0(4, 32, 16 * 64, 4), dm1(4, 32, 16 * 64, 4);
-  auto pre = node->add_prefill({0, 0, 0, 0}, pm.desc);
-  auto d0 = node->add_decode({0, 0, 0, 0}, dm0.desc);
-  auto d1 = node->add_decode({1, 0, 0, 0}, dm1.desc);
-  REQUIRE(pre);
-  REQUIRE(d0);
-  REQUIRE(d1);
+  decode_pair g("30000");
+  auto& node = g.node;
+  auto& d0 = g.d0;
+  auto& d1 = g.d1;
   const kvflow::request_id id{12, 1};
-  REQUIRE_FALSE(d0.value()->create(id, 0));
-  REQUIRE_FALSE(d0.value()->abort(id, "client went away"));
-  bool finished = false;
-  std::uint64_t k = 1;
-  for (; k <= 400 && !finished; ++k) {
-    auto v0 = d0.value()->poll(k, 50ms);
-    auto v1 = d1.value()->poll(k, 50ms);
-    REQUIRE(v0);
-    REQUIRE(v1);
-    if (const auto* r = v1.value().find(id)) finished = r->state == kvflow::poll_state::failed && r->released;
-    std::this_thread::sleep_for(2ms);
-  }
-  REQUIRE(finished);
-  auto late = d1.value()->create(id, 0);
+  REQUIRE_FALSE(d0->create(id, 0));
+  REQUIRE_FALSE(d0->abort(id, "client went away"));
+  REQUIRE(g.step_until(
+      1, id, [](const auto& r) { return r.state == kvflow::poll_state::failed && r.released; }, 2ms));
+  auto late = d1->create(id, 0);
   REQUIRE(late);
   CHECK(late.message().find("already finished") != std::string::npos);
   // A new incarnation of the room is a new request.
-  CHECK_FALSE(d1.value()->create({12, 2}, 0));
+  CHECK_FALSE(d1->create({12, 2}, 0));
   node->stop();
 }

@@ -174,7 +174,7 @@ bool frame_guard::pass(const std::uint8_t* p, std::size_t n) {
       if (inspect_.size() < want) break;
       inspecting_ = false;
       auto why = basp_message_refusal(routed_, inspect_.data(), inspect_.size(), payload_len_);
-      std::vector<std::uint8_t>().swap(inspect_);
+      inspect_.clear();  // keeps its capacity (at most the window): no allocation per message
       if (!why.empty()) {
         reason_ = "the peer sent " + why;
         return false;

@@ -115,7 +115,7 @@ void node::stop() {
   // Prefill ranks before decode ranks (a writer leaves before the memory it writes goes), then
   // the supervisors and the registry.
   {
-    // From an actor of this process: the node's actors take an exit only from here.
+    // Sent from an actor of this process, so each exit names its sender (not anonymous).
     caf::scoped_actor stopper{*n.sys};
     for (auto* list : {&n.prefill_actors, &n.decode_actors, &n.infrastructure})
       for (auto& a : *list) stopper->send_exit(a, caf::exit_reason::user_shutdown);

@@ -97,6 +97,7 @@ struct simulate_flags : cluster_flags {
   double deadline = 60, soak = 0;
   int soak_fault_every = 8;
   std::uint64_t seed = 1, interleave = 0;
+  bool delay_transfers = false;
 };
 
 command::simulation_options to_options(const simulate_flags& f, bool processes) {
@@ -121,6 +122,7 @@ command::simulation_options to_options(const simulate_flags& f, bool processes) 
   o.seed = f.seed;
   o.room_pool = f.rooms;
   o.interleave_seed = f.interleave;
+  o.delay_transfers = f.delay_transfers;
   o.tunables = config::load_tunables();
   // Unless set explicitly, the SGLang-sized 300 s timeouts shrink to fit the run's deadline, so
   // a lost message fails its request (and is counted) instead of stalling past the deadline.
@@ -189,9 +191,9 @@ int main(int argc, char** argv) {
     a->add_option("--chunk-tokens", sf.chunk_tokens, "tokens per prefill chunk")->capture_default_str();
     a->add_option("--concurrency", sf.concurrency, "requests in flight")->capture_default_str();
     a->add_option("--fault", sf.faults,
-                  one_process ? "kill:prefill:R@N kill:decode:R@N abort:decode@N drop-dst-info@N corrupt@N dup-room@N"
+                  one_process ? "kill:prefill:R@N kill:decode:R@N abort:decode@N abort-in-transfer:decode@N drop-dst-info@N corrupt@N dup-room@N"
                               : "kill:prefill:R@N kill:decode:R@N freeze:prefill:R@N freeze:decode:R@N "
-                                "restart:bootstrap@N abort:decode@N drop-dst-info@N corrupt@N dup-room@N");
+                                "restart:bootstrap@N abort:decode@N abort-in-transfer:decode@N drop-dst-info@N corrupt@N dup-room@N");
     a->add_option("--deadline", sf.deadline, "seconds until unfinished requests count as stalled")->capture_default_str();
     a->add_option("--seed", sf.seed, "workload seed")->capture_default_str();
     a->add_option("--rooms", sf.rooms, "draw rooms from N values, reused once cleared (0: unique)")->capture_default_str();
@@ -207,6 +209,8 @@ int main(int argc, char** argv) {
   sim->add_option("--transport", sf.transport, "inproc | ucx")->capture_default_str();
   sim->add_option("--interleave", sf.interleave,
                   "run every message on CAF's deterministic scheduler in a random order from this seed");
+  sim->add_flag("--delay-transfers", sf.delay_transfers,
+                "with --interleave: hold every push in flight and land the held pushes in random order");
 
   command::launch_options lo;
   auto* launch = app.add_subcommand("launch", "run the cluster as one process per rank (bootstrap + ranks), byte-verified");

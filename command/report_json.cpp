@@ -31,6 +31,7 @@ std::string simulation_report::to_json() const {
   j["agreement_violations"] = agreement_violations;
   j["agreement_rounds_checked"] = agreement_rounds_checked;
   if (options.interleave_seed != 0) j["scheduled_events"] = scheduled_events;
+  if (options.delay_transfers) j["transfers_delayed"] = transfers_delayed;
   // gbps: bytes over the workload's wall time (goodput, bounded here by filling and verifying);
   // copy_gbps: bytes over the time the transport spent copying them.
   j["transfer"] = {{"bytes", transfer_bytes}, {"seconds", transfer_seconds}, {"gbps", goodput_gbps()},

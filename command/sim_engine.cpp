@@ -27,6 +27,8 @@ struct sim_req {
   std::int32_t aux = -1;
   int next_page = 0;                    // prefill: next request page to send
   bool last_sent = false;
+  int rounds_since_dst = 0;             // decode: rounds seen since its destinations went
+  bool aborted = false;                 // decode: the abort-in-transfer fault fired
 };
 
 struct engine_state {
@@ -217,6 +219,15 @@ void on_round(engine_actor* self, const round_view& round) {
     spdlog::trace("engine {} {}: round {} room {} {} released {}", st.args.prefill ? "prefill" : "decode", st.args.rank,
                   round.round, key.first, to_string(p->state), p->released);
     if (p->state < poll_state::waiting_for_input) continue;
+    // The client goes away while KV may be moving into this rank's pages: 1 to 6 rounds (by
+    // room) after its destinations went, with no Success agreed yet.
+    if (!st.args.prefill && (r.fault & fault_abort_in_transfer) != 0 && !r.aborted && r.started &&
+        ++r.rounds_since_dst > static_cast<int>(key.first % 6)) {
+      r.aborted = true;
+      if (auto e = st.args.rank_api.decode->abort({key.first, key.second}, "abort-in-transfer:decode fault"))
+        spdlog::error("simulated engine, decode rank {}: abort: {}", st.args.rank, e.message());
+      continue;
+    }
     if (!r.started) {
       st.args.prefill ? start_prefill(self, r) : start_decode(self, r);
     } else if (st.args.prefill && !r.last_sent) {

@@ -24,6 +24,7 @@ enum request_fault : std::uint8_t {
   fault_none = 0,
   fault_drop_dst_info = 1,  // decode: the first destination message of the request is lost
   fault_corrupt = 2,        // prefill: one byte of the request's KV is flipped before sending
+  fault_abort_in_transfer = 4,  // decode: the engine aborts a few rounds after its destinations went
 };
 
 // Requests whose first destination message is lost (the drop-dst-info fault), shared with the

@@ -47,6 +47,12 @@ void sim_memory::prefault() {
     }
 }
 
+bool sim_memory::holds(const std::byte* p) const {
+  for (const auto* r : {&kv_, &state_, &aux_})
+    if (r->base != nullptr && p >= r->base && p < r->base + r->bytes) return true;
+  return false;
+}
+
 sim_memory::~sim_memory() {
   for (auto* r : {&kv_, &state_, &aux_})
     if (r->id != 0) transport_->deregister_memory(r->id);

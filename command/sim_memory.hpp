@@ -61,6 +61,8 @@ class sim_memory {
   // Touches every page of the memory once, so that its resident size no longer grows with the
   // pages requests happen to use first (a soak measures the growth that is left).
   void prefault();
+  // Whether `p` lies in this rank's memory (the simulator drops a killed rank's pushes by it).
+  bool holds(const std::byte* p) const;
 
   page_allocator pages, state_pages, aux_rows;
 

@@ -24,13 +24,15 @@
 #include "command/percentile.hpp"
 #include "command/sim_engine.hpp"
 #include "runtime/engine_host.hpp"
+#include "command/sim_delayed_transport.hpp"
 #include "transport/inproc_transport.hpp"
 #include "transport/ucx_transport.hpp"
 
 namespace kvflow::command {
 namespace {
 
-using clock_type = std::chrono::steady_clock;
+// The actor clock: real time, or the interleaved run's simulated time (latencies stay meaningful there).
+using clock_type = caf::actor_clock;
 
 struct deadline_reached {};
 struct fire_abort {
@@ -114,6 +116,7 @@ class inproc_cluster final : public cluster_control {
       a.prefill = prefill;
       a.rank = r;
       a.memory = std::make_shared<sim_memory>(*plan, prefill, r, pages, in_flight + 1, transport_);
+      (prefill ? memory_.first : memory_.second).push_back(a.memory);
       if (opt_.soak_s > 0) a.memory->prefault();
       a.chunk_tokens = opt_.chunk_tokens;
       a.step_interval_us = opt_.tunables.step_interval_us;
@@ -135,8 +138,13 @@ class inproc_cluster final : public cluster_control {
     return h;
   }
   status kill(caf::event_based_actor* self, bool prefill, int rank) override {
-    // The engine and its rank die together (linked), as one process would.
+    // The engine and its rank die together (linked), as one process would; so do the pushes
+    // it still had in flight.
     self->send_exit(prefill ? h_.prefill.at(rank) : h_.decode.at(rank), caf::exit_reason::kill);
+    if (auto* d = dynamic_cast<delayed_transport*>(transport_.get())) {
+      const auto mem = (prefill ? memory_.first : memory_.second).at(static_cast<std::size_t>(rank));
+      d->drop_from([&](const std::byte* p) { return mem->holds(p); });
+    }
     return {};
   }
   status freeze(bool, int) override { return status::error("freeze needs rank processes"); }
@@ -162,6 +170,7 @@ class inproc_cluster final : public cluster_control {
   std::shared_ptr<transport::transport> transport_;
   std::shared_ptr<dst_drops> drops_;
   cluster_handles h_;
+  std::pair<std::vector<std::shared_ptr<sim_memory>>, std::vector<std::shared_ptr<sim_memory>>> memory_;  // prefill, decode
 };
 
 // This process's resident memory now (bytes).
@@ -199,10 +208,10 @@ void add_soak_batch(driver_state& st) {
   add_requests(st, st.opt.requests);
   // Faults of the runtime's inputs; corrupt@N is left out (it tests the simulator's own
   // verification, and fails the run by design).
-  static const char* kinds[] = {"abort:decode", "drop-dst-info", "dup-room"};
+  static const char* kinds[] = {"abort:decode", "abort-in-transfer:decode", "drop-dst-info", "dup-room"};
   for (auto i = first; i < st.requests.size(); ++i) {
     if (st.rng() % static_cast<std::uint64_t>(st.opt.soak_fault_every) != 0) continue;
-    auto f = parse_fault(std::string(kinds[st.rng() % 3]) + "@" + std::to_string(i + 1));
+    auto f = parse_fault(std::string(kinds[st.rng() % std::size(kinds)]) + "@" + std::to_string(i + 1));
     st.requests[i].soak_faults.push_back(f);
   }
 }
@@ -240,7 +249,7 @@ void check_finished(driver_actor* self, sim_request& r) {
   for (int d : r.decode_ranks)
     if (!r.released.count({false, d}) && !st.dead.count({false, d})) return;
   r.finished = true;
-  r.end = clock_type::now();
+  r.end = self->clock().now();
   st.last_end = r.end;
   ++st.finished;
   --st.running;
@@ -265,11 +274,12 @@ void start_request(driver_actor* self, sim_request& r) {
       st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
     }
   r.started = true;
-  r.start = clock_type::now();
+  r.start = self->clock().now();
   if (st.started == 1) st.first_start = r.start;
   for (const auto& f : faults) {
     if (f.what == fault_spec::kind::drop_dst_info) r.fault |= fault_drop_dst_info;
     if (f.what == fault_spec::kind::corrupt) r.fault |= fault_corrupt;
+    if (f.what == fault_spec::kind::abort_decode_in_transfer) r.fault |= fault_abort_in_transfer;
   }
   for (int p = 0; p < c.prefill.ranks(); ++p)
     if (config::prefill_coord_of(c.prefill, p).dp == r.prefill_dp) r.prefill_ranks.push_back(p);
@@ -280,10 +290,11 @@ void start_request(driver_actor* self, sim_request& r) {
   st.by_key[{r.room, r.incarnation}] = r.index;
 
   msg::new_request q{r.room, r.incarnation, r.tokens, r.prefill_dp, r.decode_dp, 0, r.fault};
-  // drop-dst-info loses one message: the first decode rank's first destination message.
+  // drop-dst-info loses one message: the first decode rank's first destination message; the
+  // first decode rank is also the one that aborts in transfer.
   for (int d : r.decode_ranks) {
     self->send(st.h.decode[d], q);
-    q.fault &= static_cast<std::uint8_t>(~fault_drop_dst_info);
+    q.fault &= static_cast<std::uint8_t>(~(fault_drop_dst_info | fault_abort_in_transfer));
   }
   for (int p : r.prefill_ranks) self->send(st.h.prefill[p], q);
   for (const auto& f : faults) {
@@ -311,6 +322,8 @@ void start_request(driver_actor* self, sim_request& r) {
         st.report->problems.push_back("fault " + f.text + ": " + done.reason());
     } else if (f.what == fault_spec::kind::drop_dst_info || f.what == fault_spec::kind::corrupt) {
       st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
+    } else if (f.what == fault_spec::kind::abort_decode_in_transfer) {
+      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ", once its KV moves)");
     }
   }
 }
@@ -321,7 +334,7 @@ void start_more(driver_actor* self) {
   auto& st = self->state;
   if (st.finalizing) return;
   if (st.opt.soak_s > 0 && st.started > 0) {
-    const double on = std::chrono::duration<double>(clock_type::now() - st.first_start).count();
+    const double on = std::chrono::duration<double>(self->clock().now() - st.first_start).count();
     if (!st.warm_sampled && on >= st.opt.soak_s / 4) {
       st.warm_sampled = true;
       st.report->rss_warm_bytes = resident_bytes();
@@ -644,6 +657,7 @@ simulated_node make_inproc_cluster(const simulation_options& o, const std::share
   } else {
     t = std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
   }
+  if (o.delay_transfers) t = std::make_shared<delayed_transport>(std::move(t), o.interleave_seed);
   auto drops = std::make_shared<dst_drops>();
   runtime::internal_options in;
   in.add_message_types = msg::add_engine_message_types;
@@ -667,11 +681,13 @@ void run_interleaved(const simulation_options& options, const std::shared_ptr<si
   if (!cluster.control) return;
   auto& sys = runtime::system_of(*cluster.n);
   auto& sched = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
+  auto* delayed = dynamic_cast<delayed_transport*>(runtime::transport_of(*cluster.n).get());
   auto d = sys.spawn(driver, options, report, cluster.control, checker);
   caf::anon_send(d, msg::start_atom::value);
   std::uint64_t events = 0;
   while (!report->complete) {
-    if (sched.jobs.empty()) {
+    const std::size_t held = delayed != nullptr ? delayed->held() : 0;
+    if (sched.jobs.empty() && held == 0) {
       if (!sched.trigger_timeout()) break;
       continue;
     }
@@ -681,7 +697,12 @@ void run_interleaved(const simulation_options& options, const std::shared_ptr<si
       sched.advance_time(std::chrono::microseconds(pick() % (options.tunables.step_interval_us + 1)));
       continue;
     }
-    auto i = pick() % sched.jobs.size();
+    // A held push is one more event to pick: it lands, and its completion joins the messages.
+    auto i = pick() % (sched.jobs.size() + held);
+    if (i >= sched.jobs.size()) {
+      delayed->pick(i - sched.jobs.size());
+      continue;
+    }
     std::rotate(sched.jobs.begin(), sched.jobs.begin() + static_cast<long>(i),
                 sched.jobs.begin() + static_cast<long>(i) + 1);
     sched.run_once();
@@ -689,6 +710,7 @@ void run_interleaved(const simulation_options& options, const std::shared_ptr<si
   }
   sched.run();  // let every actor see its exit message
   report->scheduled_events = events;
+  if (delayed != nullptr) report->transfers_delayed = delayed->held_total();
   if (!report->complete) report->problems.push_back("interleaved run stopped: nothing left to run");
   cluster.n->stop();
 }

@@ -13,6 +13,7 @@ namespace kvflow::command {
 struct fault_spec {
   enum class kind {
     kill_prefill, kill_decode, abort_decode, drop_dst_info, corrupt, duplicate_room,
+    abort_decode_in_transfer,       // a decode rank aborts a few rounds after sending destinations
     freeze_prefill, freeze_decode,  // SIGSTOP the rank's process (launch only)
     restart_bootstrap,              // kill the bootstrap process and start it again (launch only)
     kill_bootstrap, freeze_bootstrap  // SIGKILL (for good) / SIGSTOP the bootstrap (launch only)
@@ -23,7 +24,7 @@ struct fault_spec {
   std::string text;
 };
 
-// kill:prefill:R@N | kill:decode:R@N | abort:decode@N | drop-dst-info@N | corrupt@N | dup-room@N
+// kill:prefill:R@N | kill:decode:R@N | abort:decode@N | abort-in-transfer:decode@N | drop-dst-info@N | corrupt@N | dup-room@N
 // | freeze:prefill:R@N | freeze:decode:R@N | restart:bootstrap@N | kill:bootstrap@N
 // | freeze:bootstrap@N (the last five: launch only)
 fault_spec parse_fault(const std::string& text);
@@ -44,6 +45,9 @@ struct simulation_options {
   // scheduler, one at a time, the next one picked at random from this seed: a reproducible
   // random interleaving of every rank's events (the property tests use it).
   std::uint64_t interleave_seed = 0;
+  // Interleaved runs: every push is held in flight and lands later, the held pushes in random
+  // order among the messages (command/sim_delayed_transport.hpp).
+  bool delay_transfers = false;
   bool processes = false;  // one process per rank (`kvflow launch`), not actors in this one
   // > 0: a soak. The load stays on for this many seconds (batches of `requests` requests, the
   // next batch once the last one started) with a random request fault (abort:decode,
@@ -89,6 +93,7 @@ struct simulation_report {
   std::vector<std::string> problems;  // why the exit code is 1, one line each
   bool complete = false;              // the driver finished (set by the simulation)
   std::uint64_t scheduled_events = 0; // interleaved mode: messages run
+  std::uint64_t transfers_delayed = 0; // delay_transfers: pushes held in flight
 
   int exit_code() const { return problems.empty() ? 0 : 1; }
   // Bytes over the workload's wall time (goodput), and over the time spent copying them.

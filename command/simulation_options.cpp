@@ -51,6 +51,8 @@ fault_spec parse_fault(const std::string& text) {
     f.what = fault_spec::kind::freeze_bootstrap;
   } else if (head == "abort:decode") {
     f.what = fault_spec::kind::abort_decode;
+  } else if (head == "abort-in-transfer:decode") {
+    f.what = fault_spec::kind::abort_decode_in_transfer;
   } else if (head == "drop-dst-info") {
     f.what = fault_spec::kind::drop_dst_info;
   } else if (head == "corrupt") {
@@ -59,7 +61,7 @@ fault_spec parse_fault(const std::string& text) {
     f.what = fault_spec::kind::duplicate_room;
   } else {
     throw bad("is not kill:prefill:R@N, kill:decode:R@N, freeze:prefill:R@N, freeze:decode:R@N, "
-              "restart:bootstrap@N, kill:bootstrap@N, freeze:bootstrap@N, abort:decode@N, drop-dst-info@N, corrupt@N or dup-room@N");
+              "restart:bootstrap@N, kill:bootstrap@N, freeze:bootstrap@N, abort:decode@N, abort-in-transfer:decode@N, drop-dst-info@N, corrupt@N or dup-room@N");
   }
   return f;
 }
@@ -78,6 +80,8 @@ void validate(const simulation_options& o) {
   need(o.soak_s >= 0, "soak", "must be >= 0");
   need(o.soak_fault_every >= 1, "soak-fault-every", "must be >= 1");
   need(o.soak_s == 0 || o.interleave_seed == 0, "soak", "needs real threads, not --interleave");
+  need(!o.delay_transfers || o.interleave_seed != 0, "delay-transfers", "needs --interleave (the run lands the held pushes)");
+  need(!o.delay_transfers || o.transport == "inproc", "delay-transfers", "needs --transport inproc");
   need(o.transport == "inproc" || o.transport == "ucx", "transport",
        "'" + o.transport + "' is not inproc or ucx");
   need(!o.processes || o.transport == "ucx", "transport",

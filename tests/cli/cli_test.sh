@@ -31,6 +31,8 @@ case "$case_" in
     expect_usage_error "decode.cp" simulate --decode cp=2
     expect_usage_error "page-size\|page_size" simulate --page-size 0
     expect_usage_error "model" simulate --model mha:4:8
+    expect_usage_error "delay-transfers" simulate --delay-transfers
+    expect_usage_error "fault" simulate --fault abort-in-transfer:prefill@2
     expect_usage_error "model.kv_heads" simulate --model mha:4:6:64 --prefill tp=4
     expect_usage_error "dtype" simulate --dtype fp4
     expect_usage_error "fault" simulate --fault kill:prefill:99@1

@@ -2,16 +2,19 @@
 
 namespace kvflow::command {
 
+void agreement_checker::add_rank(int group) {
+  std::lock_guard<std::mutex> g(mutex_);
+  ++ranks_[group];
+}
+
 bool agreement_checker::first_of_round(int group, std::uint64_t round, std::uint64_t digest) {
-  auto [it, fresh] = rounds_.emplace(std::make_pair(group, round), digest);
-  if (!fresh) {
-    if (it->second != digest)
-      problem("group " + std::to_string(group) + " round " + std::to_string(round) +
-              ": ranks received different agreed states");
-    return false;
-  }
-  ++checked_;
-  return true;
+  auto [it, fresh] = rounds_.emplace(std::make_pair(group, round), seen{digest, 0});
+  if (!fresh && it->second.digest != digest)
+    problem("group " + std::to_string(group) + " round " + std::to_string(round) +
+            ": ranks received different agreed states");
+  if (auto n = ranks_.find(group); n != ranks_.end() && ++it->second.reports >= n->second) rounds_.erase(it);
+  if (fresh) ++checked_;
+  return fresh;
 }
 
 void agreement_checker::on_digest(int group, std::uint64_t round, std::uint64_t digest) {
@@ -34,6 +37,11 @@ void agreement_checker::on_round(int group, const round_view& round) {
               to_string(old) + " then " + to_string(now) + " at round " + std::to_string(round.round));
     prev->second = s.state;
   }
+}
+
+std::size_t agreement_checker::rounds_tracked() const {
+  std::lock_guard<std::mutex> g(mutex_);
+  return rounds_.size();
 }
 
 std::vector<std::string> agreement_checker::problems() const {

@@ -33,6 +33,9 @@ inline std::uint64_t round_digest(const round_view& round) {
 
 class agreement_checker {
  public:
+  // One more rank reports rounds of `group`: once all of them reported a round, the checker
+  // forgets it (a soak checks millions). A group never counted keeps every round.
+  void add_rank(int group);
   // A rank of `group` (in this process) received `round` from its poll.
   void on_round(int group, const round_view& round);
   // A rank elsewhere received a round with this digest: only its identity can be checked.
@@ -40,12 +43,18 @@ class agreement_checker {
   std::vector<std::string> problems() const;  // the first few, one line each
   std::uint64_t violations() const;
   std::uint64_t rounds_checked() const;
+  std::size_t rounds_tracked() const;  // rounds held, not yet reported by every rank
 
  private:
   void problem(std::string p);
   bool first_of_round(int group, std::uint64_t round, std::uint64_t digest);  // under mutex_
   mutable std::mutex mutex_;
-  std::map<std::pair<int, std::uint64_t>, std::uint64_t> rounds_;  // (group, round) -> digest
+  struct seen {
+    std::uint64_t digest = 0;
+    int reports = 0;
+  };
+  std::map<std::pair<int, std::uint64_t>, seen> rounds_;  // (group, round) -> digest, reports so far
+  std::map<int, int> ranks_;                              // group -> ranks that report
   std::map<std::tuple<int, std::uint64_t, std::uint64_t>, poll_state> last_;
   std::vector<std::string> problems_;
   std::uint64_t violations_ = 0, checked_ = 0;

@@ -128,6 +128,7 @@ class inproc_cluster final : public cluster_control {
         return spdlog::error("simulate: {} rank {}: {}", prefill ? "prefill" : "decode", r, added.err().message()),
                caf::actor{};
       a.rank_api = added.value();
+      checker_->add_rank(added.value().group);
       return spawn_sim_engine(self->system(), std::move(a));
     };
     for (int r = 0; r < c.prefill.ranks(); ++r)

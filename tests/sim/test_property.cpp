@@ -16,6 +16,41 @@ std::string pick(std::mt19937_64& g, std::initializer_list<const char*> xs) {
   return *(xs.begin() + i);
 }
 
+// Adds up to `most` faults of `kinds`, each at a random request (a kill at a random rank).
+void draw_faults(std::mt19937_64& g, kvflow::command::simulation_options& o, int most,
+                 std::initializer_list<const char*> kinds) {
+  const int faults = static_cast<int>(g() % static_cast<std::uint64_t>(most + 1));
+  for (int f = 0; f < faults; ++f) {
+    const int at = 1 + static_cast<int>(g() % static_cast<std::uint64_t>(o.requests));
+    const auto kind = pick(g, kinds);
+    std::string spec;
+    if (kind == "kill:prefill")
+      spec = kind + ":" + std::to_string(g() % o.cluster.prefill.ranks()) + "@" + std::to_string(at);
+    else if (kind == "kill:decode")
+      spec = kind + ":" + std::to_string(g() % o.cluster.decode.ranks()) + "@" + std::to_string(at);
+    else
+      spec = kind + "@" + std::to_string(at);
+    o.faults.push_back(parse_fault(spec));
+  }
+}
+
+// The command that replays case `k` (small_run's workload, the case's draws).
+std::string replay(int k, const std::string& prefill, const std::string& decode, const std::string& model,
+                   const kvflow::command::simulation_options& o) {
+  std::string s = "case " + std::to_string(k) + ": KVFLOW_BOOTSTRAP_TIMEOUT_MS=" +
+                  std::to_string(o.tunables.bootstrap_timeout_ms) + " KVFLOW_WAITING_TIMEOUT_MS=" +
+                  std::to_string(o.tunables.waiting_timeout_ms) + " kvflow simulate --prefill " + prefill +
+                  " --decode " + decode + " --model " + model +
+                  " --dtype bf16 --page-size 16 --prompt-tokens 40:300 --chunk-tokens 64 --deadline " +
+                  std::to_string(static_cast<int>(o.deadline_s)) + (o.cluster.cp_send_all ? " --cp-send all" : "") +
+                  " --requests " + std::to_string(o.requests) + " --concurrency " + std::to_string(o.concurrency) +
+                  (o.room_pool > 0 ? " --rooms " + std::to_string(o.room_pool) : "") + " --seed " +
+                  std::to_string(o.seed) + " --interleave " + std::to_string(o.interleave_seed) +
+                  (o.delay_transfers ? " --delay-transfers" : "");
+  for (const auto& f : o.faults) s += " --fault " + f.text;
+  return s;
+}
+
 }  // namespace
 
 TEST_CASE("property: agreement and delivery over random topologies and interleavings") {
@@ -49,26 +84,8 @@ TEST_CASE("property: agreement and delivery over random topologies and interleav
     o.concurrency = 1 + static_cast<int>(g() % 4);
     o.interleave_seed = g() | 1;
     o.seed = g();
-    // Up to two faults, at random requests.
-    int faults = static_cast<int>(g() % 3);
-    for (int f = 0; f < faults; ++f) {
-      int at = 1 + static_cast<int>(g() % o.requests);
-      auto kind = pick(g, {"kill:prefill", "kill:decode", "abort:decode", "drop-dst-info"});
-      std::string spec;
-      if (kind == "kill:prefill")
-        spec = kind + ":" + std::to_string(g() % o.cluster.prefill.ranks()) + "@" + std::to_string(at);
-      else if (kind == "kill:decode")
-        spec = kind + ":" + std::to_string(g() % o.cluster.decode.ranks()) + "@" + std::to_string(at);
-      else
-        spec = kind + "@" + std::to_string(at);
-      o.faults.push_back(parse_fault(spec));
-    }
-    std::string what = "case " + std::to_string(k) + ": --prefill " + prefill + " --decode " + decode +
-                       " --model " + model +
-                       (o.cluster.cp_send_all ? " --cp-send all" : "") + " --requests " +
-                       std::to_string(o.requests) + " --concurrency " + std::to_string(o.concurrency) +
-                       " --seed " + std::to_string(o.seed) + " --interleave " + std::to_string(o.interleave_seed);
-    for (const auto& f : o.faults) what += " --fault " + f.text;
+    draw_faults(g, o, 2, {"kill:prefill", "kill:decode", "abort:decode", "drop-dst-info"});
+    const std::string what = replay(k, prefill, decode, model, o);
     INFO(what);
     auto r = run_simulation(o);
     kvflow::test::check_survived(r);
@@ -134,28 +151,9 @@ TEST_CASE("property: transfers in flight, late and reordered; rooms reused and d
     o.interleave_seed = g() | 1;
     o.delay_transfers = true;
     o.seed = g();
-    int faults = static_cast<int>(g() % 4);
-    for (int f = 0; f < faults; ++f) {
-      int at = 1 + static_cast<int>(g() % o.requests);
-      auto kind = pick(g, {"kill:prefill", "kill:decode", "abort:decode", "abort-in-transfer:decode",
-                           "drop-dst-info", "dup-room"});
-      std::string spec;
-      if (kind == "kill:prefill")
-        spec = kind + ":" + std::to_string(g() % o.cluster.prefill.ranks()) + "@" + std::to_string(at);
-      else if (kind == "kill:decode")
-        spec = kind + ":" + std::to_string(g() % o.cluster.decode.ranks()) + "@" + std::to_string(at);
-      else
-        spec = kind + "@" + std::to_string(at);
-      o.faults.push_back(parse_fault(spec));
-    }
-    std::string what = "case " + std::to_string(k) + ": --prefill " + prefill + " --decode " + decode +
-                       " --model " + model + " --page-size 16 --prompt-tokens 40:300 --chunk-tokens 64" +
-                       (o.cluster.cp_send_all ? " --cp-send all" : "") + " --requests " +
-                       std::to_string(o.requests) + " --concurrency " + std::to_string(o.concurrency) +
-                       (o.room_pool > 0 ? " --rooms " + std::to_string(o.room_pool) : "") +
-                       " --seed " + std::to_string(o.seed) + " --interleave " + std::to_string(o.interleave_seed) +
-                       " --delay-transfers";
-    for (const auto& f : o.faults) what += " --fault " + f.text;
+    draw_faults(g, o, 3, {"kill:prefill", "kill:decode", "abort:decode", "abort-in-transfer:decode",
+                          "drop-dst-info", "dup-room"});
+    const std::string what = replay(k, prefill, decode, model, o);
     INFO(what);
     auto r = run_simulation(o);
     kvflow::test::check_survived(r);

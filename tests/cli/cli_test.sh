@@ -87,10 +87,11 @@ case "$case_" in
   faults_exit_0)
     "$kvflow" simulate --prefill tp=2,dp=2 --decode tp=2,dp=2 --requests 16 --prompt-tokens 64:512 \
       --fault kill:prefill:1@3 --fault kill:decode:3@6 --fault abort:decode@2 --fault drop-dst-info@9 \
+      --fault abort-in-transfer:decode@12 \
       --deadline 8 --report "$tmp/r.json" >/dev/null 2>&1 || fail "faulted run exited $?"
     [ "$(json "r['stalled'] == 0 and r['unexpected_failures'] == 0 and r['succeeded'] > 0")" = True ] ||
       fail "faulted run stalled or failed untouched requests"
-    [ "$(json "len(r['faults'])")" = 4 ] || fail "faults not all applied"
+    [ "$(json "len(r['faults'])")" = 5 ] || fail "faults not all applied"
     ;;
   simulate_ucx)
     # The same cluster in one process, bytes through UCX (every rank's transport is one worker).

@@ -13,6 +13,7 @@
 #include "command/driver.hpp"
 #include "command/engine_messages.hpp"
 #include "command/stop_signals.hpp"
+#include "config/routing.hpp"
 #include "runtime/engine_host.hpp"
 #include "runtime/node.hpp"
 
@@ -230,7 +231,13 @@ simulation_report run_launch(const simulation_options& o, const launch_options& 
     auto guard = runtime::link_guard::start(sys, links);
     // Every rank's engine reports the digests of the rounds it received: every rank of a group
     // must have received the same record for each round, across processes.
-    drive(sys, o, report, control, std::make_shared<agreement_checker>());
+    // Counting each group's ranks lets the checker forget a round all of them reported.
+    auto checker = std::make_shared<agreement_checker>();
+    for (int r = 0; r < o.cluster.prefill.ranks(); ++r)
+      checker->add_rank(config::prefill_group_of(o.cluster.prefill, config::prefill_coord_of(o.cluster.prefill, r)));
+    for (int r = 0; r < o.cluster.decode.ranks(); ++r)
+      checker->add_rank(config::decode_group_of(o.cluster.decode, config::decode_coord_of(o.cluster.decode, r)));
+    drive(sys, o, report, control, checker);
     guard->stop();
   }
   if (!control->problem().empty()) report->problems.insert(report->problems.begin(), "launch: " + control->problem());

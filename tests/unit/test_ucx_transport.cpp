@@ -216,29 +216,34 @@ TEST_CASE("regression: pushes queued behind others each get the whole flush time
   REQUIRE(st.has_value());
   REQUIRE_MESSAGE(st->ok(), st->reason());
   REQUIRE_MESSAGE(single < 0.5, "one 16 MiB push took " << single << " s: too slow to queue many");
-  const int n = std::clamp(static_cast<int>(4.5 / std::max(single, 1e-3)), 4, 400);
+  int n = std::clamp(static_cast<int>(4.5 / std::max(single, 1e-3)), 4, 400);
 
-  std::vector<std::future<status>> done;
-  t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < n; ++i) {
-    auto p = std::make_shared<std::promise<status>>();
-    done.push_back(p->get_future());
-    sender->push(receiver_id, one, [p](status s) { p->set_value(std::move(s)); });
+  // Queued pushes can move faster than one alone (the first pays for warm-up), so a queue that
+  // drained within one timeout shows nothing: queue twice as many and try again.
+  double all = 0;
+  for (int round = 0; round < 4; ++round, n *= 2) {
+    std::vector<std::future<status>> done;
+    t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i) {
+      auto p = std::make_shared<std::promise<status>>();
+      done.push_back(p->get_future());
+      sender->push(receiver_id, one, [p](status s) { p->set_value(std::move(s)); });
+    }
+    int ok = 0;
+    std::string first_error;
+    for (auto& f : done) {
+      REQUIRE(f.wait_for(completion_timeout + 60s) == std::future_status::ready);
+      auto s = f.get();
+      ok += s.ok();
+      if (!s.ok() && first_error.empty()) first_error = s.reason();
+    }
+    all = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    MESSAGE(n << " queued pushes of 16 MiB moved in " << all << " s (one alone: " << single << " s)");
+    CHECK_MESSAGE(ok == n, first_error);
+    CHECK(dst.holds_exactly(src, one));
+    if (all > 1.5) break;
   }
-  int ok = 0;
-  std::string first_error;
-  for (auto& f : done) {
-    REQUIRE(f.wait_for(completion_timeout + 30s) == std::future_status::ready);
-    auto s = f.get();
-    ok += s.ok();
-    if (!s.ok() && first_error.empty()) first_error = s.reason();
-  }
-  const double all = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  MESSAGE(n << " queued pushes of 16 MiB moved in " << all << " s (one alone: " << single << " s)");
-  CHECK_MESSAGE(ok == n, first_error);
-  CHECK(dst.holds_exactly(src, one));
-  // Only a queue that took longer than one timeout to move shows anything.
-  CHECK(all > 1.5);
+  REQUIRE_MESSAGE(all > 1.5, "no queue took longer than one flush timeout to move");
 }
 
 TEST_CASE("ucx: one instance pushes into its own memory") {

@@ -185,14 +185,17 @@ double perftest_gbps(std::uint64_t size, std::uint64_t iters, bool error_handlin
   std::vector<std::string> common{"-t", "ucp_put_bw", "-s", std::to_string(size), "-n", std::to_string(iters),
                                   "-p", std::to_string(port)};
   if (error_handling) common.push_back("-e");
-  std::vector<std::string> srv{"ucx_perftest"};
+  // The ucx_perftest of the UCX kvflow is built against, with that UCX's libraries (the wheel's
+  // binaries carry no RUNPATH to them).
+  const std::vector<std::pair<std::string, std::string>> env{{"LD_LIBRARY_PATH", KVFLOW_UCX_LIBDIR}};
+  std::vector<std::string> srv{KVFLOW_UCX_PERFTEST};
   srv.insert(srv.end(), common.begin(), common.end());
-  auto server = child_process::start(srv, {}, true);
+  auto server = child_process::start(srv, env, true);
   if (!server) return 0;
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  std::vector<std::string> cli{"ucx_perftest", "127.0.0.1"};
+  std::vector<std::string> cli{KVFLOW_UCX_PERFTEST, "127.0.0.1"};
   cli.insert(cli.end(), common.begin(), common.end());
-  auto client = child_process::start(cli, {}, true);
+  auto client = child_process::start(cli, env, true);
   if (!client) return 0;
   double mbps = 0;
   for (;;) {

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Installs every Debian package kvflow's build and tests need. Idempotent: installs only what is
-# missing, and runs apt-get update only then. CUDA is optional (found at /usr/local/cuda).
+# Installs every Debian package kvflow's build and tests need, then kvflow's own UCX (1.22 with
+# CUDA, from PyPI: scripts/install_ucx.sh). Idempotent: installs only what is missing, and runs
+# apt-get update only then. CUDA is optional (found at /usr/local/cuda).
 # Extra packages (the benchmarks' own) may be named as arguments.
 set -euo pipefail
-# clang-14 with its runtimes builds the libFuzzer targets (tests/fuzz, KVFLOW_FUZZ=ON).
-packages=(g++ make cmake python3 libcaf-dev libucx-dev ucx-utils libspdlog-dev libfmt-dev
+cd "$(dirname "$0")/.."
+# python3-pip fetches UCX's wheel (install_ucx.sh); clang-14 with its runtimes builds the libFuzzer
+# targets (tests/fuzz, KVFLOW_FUZZ=ON).
+packages=(g++ make cmake python3 python3-pip binutils libcaf-dev libspdlog-dev libfmt-dev
           doctest-dev libcli11-dev nlohmann-json3-dev iproute2 pkg-config libssl-dev openssl
           clang-14 libclang-rt-14-dev libfuzzer-14-dev "$@")
 missing=()
@@ -18,3 +21,4 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+scripts/install_ucx.sh

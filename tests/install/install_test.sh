@@ -42,6 +42,8 @@ while read -r f; do
     "$librel"/cmake/kvflow/kvflow-config.cmake | "$librel"/cmake/kvflow/kvflow-config-version.cmake) ;;
     "$librel"/cmake/kvflow/kvflow-targets.cmake | "$librel"/cmake/kvflow/kvflow-targets-*.cmake) ;;
     "$librel"/pkgconfig/kvflow.pc) ;;
+    "$librel"/kvflow/ucx/libucx/lib/libuc[pstm].so.0* | "$librel"/kvflow/ucx/libucx/lib/ucx/libuc*.so.0*) ;;
+    "$librel"/kvflow/ucx/libucx_cu13.libs/libcudart-*) ;;
     *) fail "unexpected installed file: $f" ;;
   esac
 done < <(cd "$prefix" && find . \( -type f -o -type l \) | sed 's|^\./||')

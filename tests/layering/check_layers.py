@@ -41,11 +41,13 @@ def deps_of(entry, src):
     words = text.replace("\\\n", " ").split()
     files = set()
     for w in words:
-        if w.endswith(":"):
+        if w.endswith(":") or w.endswith(".o"):  # the rule's target (nvcc writes "x.o :")
             continue
         p = os.path.realpath(os.path.join(entry["directory"], w))
         if p.startswith(src + os.sep):
-            files.add(os.path.relpath(p, src))
+            rel = os.path.relpath(p, src)
+            if not rel.startswith(".deps" + os.sep):  # dependencies unpacked into the checkout
+                files.add(rel)
     return files
 
 

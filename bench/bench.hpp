@@ -34,4 +34,14 @@ struct transfer_flags {
 
 int run_bench_transfer(const transfer_flags& f);
 
+struct gpu_flags {
+  int device = 0;
+  std::vector<int> request_tokens{32768};
+  int reps = 10;  // timed repetitions per path (best of)
+};
+
+// The GPU copy paths beside cudaMemcpyAsync, per-page copies and pinned device-to-host; exits 77
+// without a device.
+int run_bench_gpu(const gpu_flags& f);
+
 }  // namespace kvflow::bench

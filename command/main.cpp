@@ -286,6 +286,12 @@ int main(int argc, char** argv) {
   transfer->add_option("--tokens", tf.request_tokens, "whole-request sizes in tokens (repeatable)");
   transfer->add_flag("--no-perftest", no_perftest, "skip the ucx_perftest anchor");
 
+  bench::gpu_flags gf;
+  auto* gpu = bench->add_subcommand("gpu", "GPU copy paths of one DSv3.2 request vs cudaMemcpyAsync and pinned copies");
+  gpu->add_option("--device", gf.device, "CUDA device")->capture_default_str();
+  gpu->add_option("--tokens", gf.request_tokens, "request sizes in tokens (repeatable)");
+  gpu->add_option("--reps", gf.reps, "timed repetitions per path (best of)")->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -335,6 +341,7 @@ int main(int argc, char** argv) {
       tf.perftest = !no_perftest;
       return bench::run_bench_transfer(tf);
     }
+    if (gpu->parsed()) return bench::run_bench_gpu(gf);
   } catch (const config::config_error& e) {
     return usage_error(e.what());
   }

@@ -1,0 +1,203 @@
+// `kvflow bench gpu`: the GPU copy paths for one DeepSeek-V3.2 fp8 request (61 layers of 64-token
+// pages of 41,984 B; destination pages scattered over a pool, as in a real one), each beside the
+// raw anchors of the same run:
+//   coalesced  one cudaMemcpyAsync per layer (contiguous pages on both sides: the upper bound)
+//   per-page   one cudaMemcpyAsync per page (what a transfer engine that issues a copy per page gets)
+//   gather     kvflow's gather kernel over the whole block list, the list already on the device
+//   gather+upload  the same with the block list copied up first, as a push does
+//   d2h pinned one cudaMemcpyAsync of the request into pinned host memory (the staging bound)
+// plus a block-size sweep of the gather kernel. Bytes are checked on the GPU after each path.
+#include <algorithm>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "bench/bench.hpp"
+#include "cuda/device.hpp"
+#include "cuda/gpu.hpp"
+#include "cuda/kernels.hpp"
+
+namespace kvflow::bench {
+
+namespace {
+
+using namespace kvflow::cuda;
+
+constexpr int layers = 61;
+constexpr std::uint64_t page_bytes = 64 * 656;
+
+struct failure {
+  std::string reason;
+};
+
+template <class T>
+T must(result<T> r) {
+  if (!r) throw failure{r.error().reason()};
+  return std::move(r.value());
+}
+void must(const status& s) {
+  if (!s) throw failure{s.reason()};
+}
+
+// Best-of-`reps` GPU time in ms of `enqueue` on `s` (timed by events).
+template <class F>
+double best_ms(const stream& s, int reps, F&& enqueue) {
+  auto a = must(event::create(s.device(), true)), b = must(event::create(s.device(), true));
+  double best = 1e30;
+  for (int i = 0; i < reps + 1; ++i) {  // the first is a warm-up
+    must(a.record(s));
+    enqueue();
+    must(b.record(s));
+    must(b.synchronize());
+    if (i > 0) best = std::min<double>(best, must(event::elapsed_ms(a, b)));
+  }
+  return best;
+}
+
+template <class T>
+device_buffer upload(const std::vector<T>& v, const stream& s) {
+  auto b = must(device_buffer::create(s.device(), std::max<std::uint64_t>(1, v.size() * sizeof(T))));
+  must(copy_async(b.data(), v.data(), v.size() * sizeof(T), s));
+  must(s.synchronize());
+  return b;
+}
+
+std::uint64_t mismatches(const std::vector<pattern_run>& runs, std::uint64_t seed, const stream& s) {
+  std::vector<pattern_run> split;
+  for (const auto& r : runs) append_split(split, r);
+  auto d = upload(split, s);
+  auto count = must(device_buffer::create(s.device(), sizeof(unsigned long long)));
+  unsigned long long zero = 0, out = 0;
+  must(copy_async(count.data(), &zero, sizeof zero, s));
+  must(launch_verify(reinterpret_cast<const pattern_run*>(d.data()), static_cast<std::uint32_t>(split.size()), seed,
+                     reinterpret_cast<unsigned long long*>(count.data()), s.handle()));
+  must(copy_async(&out, count.data(), sizeof out, s));
+  must(s.synchronize());
+  return out;
+}
+
+double gbps(std::uint64_t bytes, double ms) { return ms > 0 ? double(bytes) / (ms * 1e6) : 0; }
+
+int run(const gpu_flags& f) {
+  const int dev = f.device;
+  must(set_device(dev));
+  auto s = must(stream::create(dev));
+  for (int tokens : f.request_tokens) {
+    const std::uint64_t pages = std::max(1, tokens / 64);
+    const std::uint64_t pool_pages = pages * 2;  // the destination pool: twice the request
+    const std::uint64_t bytes = layers * pages * page_bytes;
+    auto src = must(device_buffer::create(dev, bytes));
+    auto dst = must(device_buffer::create(dev, layers * pool_pages * page_bytes));
+    auto pinned = must(pinned_buffer::create(bytes));
+    auto base = [](const device_buffer& b) { return reinterpret_cast<std::uint64_t>(b.data()); };
+
+    std::mt19937_64 rng(static_cast<std::uint64_t>(tokens));
+    std::vector<std::uint64_t> slots(pool_pages);
+    std::iota(slots.begin(), slots.end(), 0);
+    std::shuffle(slots.begin(), slots.end(), rng);
+    std::vector<copy_desc> frag, coalesced;
+    std::vector<pattern_run> src_runs, dst_runs;
+    for (int l = 0; l < layers; ++l) {
+      const std::uint64_t s0 = base(src) + l * pages * page_bytes;
+      const std::uint64_t d0 = base(dst) + l * pool_pages * page_bytes;
+      coalesced.push_back({s0, d0, pages * page_bytes});
+      src_runs.push_back({s0, l * pages * page_bytes, pages * page_bytes});
+      for (std::uint64_t p = 0; p < pages; ++p) {
+        frag.push_back({s0 + p * page_bytes, d0 + slots[p] * page_bytes, page_bytes});
+        dst_runs.push_back({d0 + slots[p] * page_bytes, (l * pages + p) * page_bytes, page_bytes});
+      }
+    }
+    std::vector<pattern_run> fill_split;
+    for (const auto& r : src_runs) append_split(fill_split, r);
+    auto fill_list = upload(fill_split, s);
+    must(launch_fill(reinterpret_cast<const pattern_run*>(fill_list.data()), static_cast<std::uint32_t>(fill_split.size()),
+                     7, 0, s.handle()));
+    must(s.synchronize());
+
+    const int reps = f.reps;
+    double coalesced_ms = best_ms(s, reps, [&] {
+      for (const auto& c : coalesced)
+        must(copy_async(reinterpret_cast<void*>(c.dst), reinterpret_cast<const void*>(c.src), c.len, s));
+    });
+    double per_page_ms = best_ms(s, std::min(reps, 3), [&] {
+      for (const auto& c : frag) must(copy_async(reinterpret_cast<void*>(c.dst), reinterpret_cast<const void*>(c.src), c.len, s));
+    });
+    const std::uint64_t bad_per_page = mismatches(dst_runs, 7, s);
+
+    auto frag_list = upload(frag, s);
+    const auto* list = reinterpret_cast<const copy_desc*>(frag_list.data());
+    const auto n = static_cast<std::uint32_t>(frag.size());
+    double gather_ms = best_ms(s, reps, [&] { must(launch_gather(list, n, s.handle())); });
+    // As a push does it: the block list goes up from pinned memory on the same stream first.
+    auto list_host = must(pinned_buffer::create(frag.size() * sizeof(copy_desc)));
+    std::copy(frag.begin(), frag.end(), reinterpret_cast<copy_desc*>(list_host.data()));
+    auto list_dev = must(device_buffer::create(dev, list_host.size()));
+    double gather_upload_ms = best_ms(s, reps, [&] {
+      must(copy_async(list_dev.data(), list_host.data(), list_host.size(), s));
+      must(launch_gather(reinterpret_cast<const copy_desc*>(list_dev.data()), n, s.handle()));
+    });
+    const std::uint64_t bad_gather = mismatches(dst_runs, 7, s);
+    double d2h_ms = best_ms(s, reps, [&] { must(copy_async(pinned.data(), src.data(), bytes, s)); });
+
+    std::printf("bench gpu: DSv3.2 fp8 request of %d tokens = %d layers x %llu pages x %llu B = %.3f GB "
+                "(destination pages scattered over a pool of %llu), device %d\n",
+                tokens, layers, static_cast<unsigned long long>(pages), static_cast<unsigned long long>(page_bytes),
+                double(bytes) / 1e9, static_cast<unsigned long long>(pool_pages), dev);
+    std::printf("  anchor coalesced cudaMemcpyAsync x%d      %9.3f ms  %8.1f GB/s\n", layers, coalesced_ms,
+                gbps(bytes, coalesced_ms));
+    std::printf("  anchor per-page cudaMemcpyAsync x%-6u  %9.3f ms  %8.1f GB/s  (%s)\n", n, per_page_ms,
+                gbps(bytes, per_page_ms), bad_per_page == 0 ? "bytes verified" : "BYTES WRONG");
+    std::printf("  kvflow gather kernel, list on device      %9.3f ms  %8.1f GB/s  %.2fx coalesced\n", gather_ms,
+                gbps(bytes, gather_ms), coalesced_ms / gather_ms);
+    std::printf("  kvflow gather kernel + list upload        %9.3f ms  %8.1f GB/s  %.2fx coalesced  (%s)\n",
+                gather_upload_ms, gbps(bytes, gather_upload_ms), coalesced_ms / gather_upload_ms,
+                bad_gather == 0 ? "bytes verified" : "BYTES WRONG");
+    std::printf("  anchor pinned device-to-host              %9.3f ms  %8.1f GB/s\n", d2h_ms, gbps(bytes, d2h_ms));
+    if (bad_per_page != 0 || bad_gather != 0) return 1;
+  }
+
+  // The gather kernel over blocks of one size, scattered over a 2 GiB pool.
+  std::printf("bench gpu: gather kernel by block size (512 MiB scattered per size) vs one cudaMemcpyAsync of 512 MiB\n");
+  const std::uint64_t total = 512ull << 20, pool = 2 * total;
+  auto src = must(device_buffer::create(dev, total)), dst = must(device_buffer::create(dev, pool));
+  double one_ms = best_ms(s, f.reps, [&] { must(copy_async(dst.data(), src.data(), total, s)); });
+  std::printf("  anchor cudaMemcpyAsync 512 MiB  %8.3f ms  %8.1f GB/s\n", one_ms, gbps(total, one_ms));
+  std::mt19937_64 rng(99);
+  for (std::uint64_t bs : {4096ull, 16384ull, 41984ull, 65536ull, 262144ull, 1048576ull}) {
+    const std::uint64_t blocks = total / bs, slots = pool / bs;
+    std::vector<std::uint64_t> perm(slots);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<copy_desc> list;
+    for (std::uint64_t i = 0; i < blocks; ++i)
+      list.push_back({reinterpret_cast<std::uint64_t>(src.data()) + i * bs,
+                      reinterpret_cast<std::uint64_t>(dst.data()) + perm[i] * bs, bs});
+    auto d = upload(list, s);
+    double ms = best_ms(s, f.reps, [&] {
+      must(launch_gather(reinterpret_cast<const copy_desc*>(d.data()), static_cast<std::uint32_t>(list.size()), s.handle()));
+    });
+    std::printf("  gather %7llu B blocks x%-7llu %8.3f ms  %8.1f GB/s  %.2fx one copy\n",
+                static_cast<unsigned long long>(bs), static_cast<unsigned long long>(blocks), ms, gbps(blocks * bs, ms),
+                gbps(blocks * bs, ms) / gbps(total, one_ms));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_bench_gpu(const gpu_flags& f) {
+  auto devices = probe_devices();
+  if (devices.count == 0) {
+    std::fprintf(stderr, "bench gpu: %s\n", devices.reason.c_str());
+    return 77;
+  }
+  try {
+    return run(f);
+  } catch (const failure& e) {
+    std::fprintf(stderr, "bench gpu: %s\n", e.reason.c_str());
+    return 1;
+  }
+}
+
+}  // namespace kvflow::bench

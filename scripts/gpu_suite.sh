@@ -15,7 +15,8 @@ if compgen -G ".debs/*.deb" >/dev/null; then
   for f in .debs/*.deb; do dpkg -x "$f" /opt/deps; done
   export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   export CPATH=/opt/deps/usr/include
-  prefix=(-DCMAKE_PREFIX_PATH=/opt/deps/usr)
+  # CAF 0.17's headers lean on <cstdint> arriving transitively, which g++ 13 no longer does.
+  prefix=(-DCMAKE_PREFIX_PATH=/opt/deps/usr "-DCMAKE_CXX_FLAGS=-include cstdint")
 fi
 [ -f .deps/ucx/libucx/lib/libucp.so.0 ] || scripts/install_ucx.sh || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"

@@ -36,6 +36,14 @@ struct block {
 enum class memory_type : std::uint8_t { host, cuda, cuda_managed, rocm };
 const char* to_string(memory_type m);
 
+// What a transport can do, asked before it is chosen for a peer (as UCX's iface query and
+// NCCL's canConnect are).
+struct capabilities {
+  std::vector<memory_type> memory_types;  // what push() reads from and writes into directly
+  bool cross_host = false;                // reaches peers on other hosts
+  bool gpu_ordered = false;               // push_after() orders a push after a CUDA event on the GPU
+};
+
 // Memory a transport allocated and registered (see transport::allocate_memory).
 struct allocation {
   region_desc desc;
@@ -52,6 +60,9 @@ class transport {
   // How a peer reaches this endpoint (UCX: the packed worker address); empty in-process.
   virtual std::string endpoint() const = 0;
   virtual std::vector<memory_type> memory_types() const = 0;
+  virtual capabilities query() const { return {memory_types(), false, false}; }
+  // Whether a peer with this endpoint can be connected at all (same host, same device kind...).
+  virtual bool can_connect(const std::string& /*endpoint*/) const { return true; }
   // Registers local memory peers may write into; `owner` is this endpoint's id.
   virtual result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) = 0;
   // Allocates and registers `len` bytes where this transport's peers write fastest (UCX: shared
@@ -80,6 +91,14 @@ class transport {
   // Pushes blocks into the regions `peer` registered. Every block is checked against the
   // registered bounds and owner before any byte is written; a violation fails the whole push.
   virtual void push(std::uint64_t peer, const std::vector<block>& blocks, completion done) = 0;
+  // The same push, its bytes read only once the CUDA event `ready_fence` (a cudaEvent_t, recorded
+  // by the engine after the KV was written) completed. Transports without gpu_ordered refuse a
+  // fence rather than read early; no fence (0) is a plain push.
+  virtual void push_after(std::uintptr_t ready_fence, std::uint64_t peer, const std::vector<block>& blocks,
+                          completion done) {
+    if (ready_fence != 0) return done(status::error(std::string(name()) + " cannot order a push after a CUDA event"));
+    push(peer, blocks, std::move(done));
+  }
   // Payload bytes that landed through this endpoint's pushes.
   virtual std::uint64_t bytes_moved() const = 0;
 };

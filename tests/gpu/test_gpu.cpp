@@ -10,7 +10,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -20,6 +25,7 @@
 #include "cuda/device.hpp"
 #include "cuda/gpu.hpp"
 #include "cuda/kernels.hpp"
+#include "transport/cuda_ipc_transport.hpp"
 
 using namespace kvflow;
 using namespace kvflow::cuda;
@@ -153,6 +159,7 @@ TEST_CASE("gpu: device, pinned memory, streams and events work and report errors
   auto e = must(event::create(0));
   std::memset(h.data(), 0x5a, h.size());
   must(copy_async(d.data(), h.data(), h.size(), s));
+  must(s.synchronize());  // the host may touch the source again only once the copy read it
   std::memset(h.data(), 0, h.size());
   must(copy_async(h.data(), d.data(), h.size(), s));
   must(e.record(s));
@@ -338,8 +345,237 @@ TEST_CASE("gpu: a second process gathers a request into this process's memory th
   CHECK(std::all_of(head.begin(), head.end(), [](std::byte b) { return b == std::byte{0}; }));
 }
 
+
+// ---- the CUDA IPC transport -------------------------------------------------------------------
+
+namespace {
+
+using kvflow::transport::block;
+using kvflow::transport::cuda_ipc_transport;
+using kvflow::transport::region_desc;
+
+std::unique_ptr<cuda_ipc_transport> make_ipc() {
+  auto t = cuda_ipc_transport::create({0});
+  REQUIRE_MESSAGE(t.ok(), t.error().reason());
+  return std::move(t.value());
+}
+
+status push_and_wait(kvflow::transport::transport& t, std::uintptr_t fence, std::uint64_t peer,
+                     const std::vector<block>& blocks) {
+  std::mutex m;
+  std::condition_variable cv;
+  std::optional<status> got;
+  t.push_after(fence, peer, blocks, [&](status s) {
+    std::lock_guard<std::mutex> g(m);
+    got = std::move(s);
+    cv.notify_one();
+  });
+  std::unique_lock<std::mutex> g(m);
+  REQUIRE(cv.wait_for(g, std::chrono::seconds(30), [&] { return got.has_value(); }));
+  return *got;
+}
+
+// A request's blocks from a source pool into the region that holds a destination pool (pages
+// chosen at random), with the runs that check them.
+struct request_blocks {
+  std::vector<block> blocks;
+  std::vector<pattern_run> src_runs, dst_runs;
+};
+
+request_blocks request_into(const pool& src, std::uint64_t dst_base, std::uint64_t dst_pool_pages, std::uint64_t region,
+                            std::uint64_t pages, std::uint64_t seed) {
+  request_blocks r;
+  std::mt19937_64 rng(seed);
+  auto dp = random_pages(pages, dst_pool_pages, rng);
+  for (int layer = 0; layer < layers; ++layer)
+    for (std::uint64_t i = 0; i < pages; ++i) {
+      const std::uint64_t logical = (layer * pages + i) * page_bytes;
+      const std::uint64_t off = (layer * dst_pool_pages + dp[i]) * page_bytes;
+      r.blocks.push_back({reinterpret_cast<const std::byte*>(src.page(layer, i)), region, off, page_bytes});
+      r.src_runs.push_back({src.page(layer, i), logical, page_bytes});
+      r.dst_runs.push_back({dst_base + off, logical, page_bytes});
+    }
+  return r;
+}
+
+std::string pack_regions(const std::vector<region_desc>& regions) {
+  std::string out;
+  for (const auto& d : regions) {
+    out += std::to_string(d.id) + " " + std::to_string(d.size) + " " + std::to_string(d.address) + " " +
+           hex(d.remote_key) + "\n";
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("gpu: cuda_ipc pushes a request after its ready event, and refuses blocks outside the region") {
+  auto receiver = make_ipc();
+  auto sender = make_ipc();
+  CHECK(sender->query().gpu_ordered);
+  CHECK(sender->can_connect(receiver->endpoint()));
+  CHECK_FALSE(sender->can_connect("kvflow-ucx-1"));
+  const std::uint64_t pages = 512, dst_pages = 1024;
+  auto src = make_pool(pages);
+  auto dst = make_pool(dst_pages);
+  auto region = receiver->register_memory(5, dst.mem.data(), dst.mem.size());
+  REQUIRE_MESSAGE(region.ok(), region.error().reason());
+  // Host memory is not this transport's.
+  std::vector<std::byte> host(4096);
+  CHECK_FALSE(receiver->register_memory(5, host.data(), host.size()).ok());
+  REQUIRE(sender->connect(5, receiver->endpoint(), {region.value()}).ok());
+
+  auto s = must(stream::create(0));
+  auto producer = must(stream::create(0));
+  auto ready = must(event::create(0));
+  auto r = request_into(src, reinterpret_cast<std::uint64_t>(dst.mem.data()), dst_pages, region.value().id, pages, 21);
+  device_buffer keep;
+  fill(r.src_runs, 21, 100'000'000, producer, keep);  // written 100 ms of GPU time later
+  must(ready.record(producer));
+  auto st = push_and_wait(*sender, reinterpret_cast<std::uintptr_t>(ready.handle()), 5, r.blocks);
+  CHECK_MESSAGE(st.ok(), st.reason());
+  CHECK(mismatches(r.dst_runs, 21, s) == 0);
+  CHECK(sender->bytes_moved() == layers * pages * page_bytes);
+
+  // Hostile blocks: each fails its push with a reason and writes nothing.
+  const std::uint64_t size = region.value().size;
+  const auto* p = reinterpret_cast<const std::byte*>(src.page(0, 0));
+  for (auto bad : {block{p, region.value().id, size - 8, 16}, block{p, region.value().id, size + 1, 1},
+                   block{p, region.value().id, 8, ~0ull}, block{p, 999, 0, 16}}) {
+    std::vector<block> blocks = r.blocks;
+    blocks.push_back(bad);
+    auto e = push_and_wait(*sender, 0, 5, blocks);
+    CHECK_FALSE(e.ok());
+    CHECK(e.reason().find("cuda_ipc") != std::string::npos);
+  }
+  CHECK(sender->bytes_moved() == layers * pages * page_bytes);
+  CHECK_FALSE(push_and_wait(*sender, 0, 6, r.blocks).ok());  // never connected
+  sender->disconnect(5);
+  CHECK_FALSE(push_and_wait(*sender, 0, 5, r.blocks).ok());
+}
+
+// The receiving process of the next test: registers a pool, prints its endpoint and region, and
+// on "check SEED PAGES" verifies the request's pages and that the page before them is untouched.
+static int ipc_receiver() {
+  auto t = cuda_ipc_transport::create({0});
+  if (!t) return 3;
+  const std::uint64_t dst_pages = 1024;
+  auto whole = device_buffer::create(0, (layers * dst_pages + 1) * page_bytes);
+  auto s = stream::create(0);
+  if (!whole || !s) return 4;
+  std::vector<std::byte> zero(whole.value().size());
+  if (!copy_async(whole.value().data(), zero.data(), zero.size(), s.value()) || !s.value().synchronize()) return 5;
+  std::byte* pool_base = whole.value().data() + page_bytes;  // inside the allocation, as a caching allocator's
+  auto region = t.value()->register_memory(9, pool_base, layers * dst_pages * page_bytes);
+  if (!region) return 6;
+  std::printf("%s\n%s", hex(t.value()->endpoint()).c_str(), pack_regions({region.value()}).c_str());
+  std::fflush(stdout);
+  char line[256];
+  while (std::fgets(line, sizeof line, stdin) != nullptr) {
+    unsigned long long seed = 0, pages = 0;
+    if (std::sscanf(line, "check %llu %llu", &seed, &pages) != 2) break;
+    std::mt19937_64 rng(seed);
+    auto dp = random_pages(pages, dst_pages, rng);
+    std::vector<pattern_run> runs;
+    for (int layer = 0; layer < layers; ++layer)
+      for (std::uint64_t i = 0; i < pages; ++i)
+        runs.push_back({reinterpret_cast<std::uint64_t>(pool_base) + (layer * dst_pages + dp[i]) * page_bytes,
+                        (layer * pages + i) * page_bytes, page_bytes});
+    std::uint64_t bad = 0;
+    {
+      std::vector<pattern_run> split;
+      for (const auto& r : runs) append_split(split, r);
+      auto d = device_buffer::create(0, split.size() * sizeof(pattern_run));
+      auto c = device_buffer::create(0, sizeof(unsigned long long));
+      unsigned long long z = 0, out = 0;
+      if (!d || !c) return 7;
+      if (!copy_async(d.value().data(), split.data(), split.size() * sizeof(pattern_run), s.value()) ||
+          !copy_async(c.value().data(), &z, sizeof z, s.value()) ||
+          !launch_verify(reinterpret_cast<const pattern_run*>(d.value().data()), static_cast<std::uint32_t>(split.size()),
+                         seed, reinterpret_cast<unsigned long long*>(c.value().data()), s.value().handle()) ||
+          !copy_async(&out, c.value().data(), sizeof out, s.value()) || !s.value().synchronize())
+        return 8;
+      bad = out;
+    }
+    std::vector<std::byte> head(page_bytes);
+    if (!copy_async(head.data(), whole.value().data(), page_bytes, s.value()) || !s.value().synchronize()) return 9;
+    const bool head_clean = std::all_of(head.begin(), head.end(), [](std::byte b) { return b == std::byte{0}; });
+    std::printf("mismatches %llu head %s\n", static_cast<unsigned long long>(bad), head_clean ? "clean" : "written");
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+TEST_CASE("gpu: cuda_ipc pushes into another process's pool inside a larger allocation") {
+  int to_child[2], from_child[2];
+  REQUIRE(::pipe(to_child) == 0);
+  REQUIRE(::pipe(from_child) == 0);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::dup2(to_child[0], 0);
+    ::dup2(from_child[1], 1);
+    ::close(to_child[1]);
+    ::close(from_child[0]);
+    ::execl(self_exe, self_exe, "--ipc-receiver", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ::close(to_child[0]);
+  ::close(from_child[1]);
+  FILE* in = ::fdopen(from_child[0], "r");
+  FILE* out = ::fdopen(to_child[1], "w");
+  REQUIRE(in != nullptr);
+  REQUIRE(out != nullptr);
+  char line[4096];
+  REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
+  std::string endpoint = unhex(std::string(line, std::strlen(line) - 1));
+  REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
+  region_desc d;
+  char key_hex[1024] = {};
+  unsigned long long id = 0, size = 0, address = 0;
+  REQUIRE(std::sscanf(line, "%llu %llu %llu %1023s", &id, &size, &address, key_hex) == 4);
+  d.id = id;
+  d.size = size;
+  d.address = address;
+  d.remote_key = unhex(key_hex);
+
+  auto sender = make_ipc();
+  REQUIRE(sender->can_connect(endpoint));
+  // A peer that claims more bytes than its allocation holds is refused at connect.
+  region_desc inflated = d;
+  inflated.size = d.size + 2 * page_bytes;
+  CHECK_FALSE(sender->connect(9, endpoint, {inflated}).ok());
+  auto c = sender->connect(9, endpoint, {d});
+  REQUIRE_MESSAGE(c.ok(), c.reason());
+
+  const std::uint64_t dst_pages = 1024;
+  auto src = make_pool(512);
+  auto s = must(stream::create(0));
+  for (std::uint64_t pages : {16u, 512u}) {
+    const std::uint64_t seed = 300 + pages;
+    auto r = request_into(src, d.address, dst_pages, d.id, pages, seed);
+    device_buffer keep;
+    fill(r.src_runs, seed, 0, s, keep);
+    auto ready = must(event::create(0));
+    must(ready.record(s));
+    auto st = push_and_wait(*sender, reinterpret_cast<std::uintptr_t>(ready.handle()), 9, r.blocks);
+    CHECK_MESSAGE(st.ok(), st.reason());
+    std::fprintf(out, "check %llu %llu\n", static_cast<unsigned long long>(seed), static_cast<unsigned long long>(pages));
+    std::fflush(out);
+    REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
+    CHECK(std::string(line) == "mismatches 0 head clean\n");
+  }
+  std::fclose(out);
+  int wstatus = 0;
+  REQUIRE(::waitpid(pid, &wstatus, 0) == pid);
+  CHECK(WIFEXITED(wstatus));
+  CHECK(WEXITSTATUS(wstatus) == 0);
+  std::fclose(in);
+}
+
 int main(int argc, char** argv) {
   if (argc >= 7 && std::strcmp(argv[1], "--ipc-child") == 0) return ipc_child(argv);
+  if (argc >= 2 && std::strcmp(argv[1], "--ipc-receiver") == 0) return ipc_receiver();
   auto devices = probe_devices();
   if (devices.count == 0) {
     std::printf("SKIP: %s\n", devices.reason.c_str());

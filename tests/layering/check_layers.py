@@ -11,7 +11,7 @@ import sys
 # What each folder's files may include from the project, besides their own folder.
 LOWER = {
     "config": set(),
-    "transport": {"config"},
+    "transport": {"config", "cuda"},
     "cuda": {"config"},
     "actors": {"config", "transport", "cuda"},
     "runtime": {"config", "transport", "cuda", "actors", "include"},

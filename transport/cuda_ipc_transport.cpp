@@ -1,0 +1,378 @@
+#include "transport/cuda_ipc_transport.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "cuda/gpu.hpp"
+#include "cuda/kernels.hpp"
+
+namespace kvflow::transport {
+
+namespace {
+
+constexpr char endpoint_tag[] = "kvflow-cudaipc-1";
+constexpr char key_kind_ipc = 'I';
+constexpr std::size_t key_bytes = 1 + cuda::ipc_handle_bytes + 8 + 4;
+
+std::string boot_id() {
+  std::string boot;
+  if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
+    char buf[64] = {};
+    if (std::fgets(buf, sizeof buf, f) != nullptr) boot = buf;
+    std::fclose(f);
+  }
+  while (!boot.empty() && (boot.back() == '\n' || boot.back() == ' ')) boot.pop_back();
+  return boot;
+}
+
+template <class T>
+void put(std::string& out, T v) {
+  out.append(reinterpret_cast<const char*>(&v), sizeof v);
+}
+template <class T>
+bool get(const std::string& in, std::size_t& at, T& v) {
+  if (in.size() < at || in.size() - at < sizeof v) return false;
+  std::memcpy(&v, in.data() + at, sizeof v);
+  at += sizeof v;
+  return true;
+}
+
+struct peer_endpoint {
+  std::string boot;
+  std::uint64_t pid = 0;
+  std::int32_t device = -1;
+};
+
+result<peer_endpoint> unpack_endpoint(const std::string& e) {
+  const std::size_t tag = sizeof endpoint_tag;  // with its terminating zero
+  if (e.size() < tag || std::memcmp(e.data(), endpoint_tag, tag) != 0)
+    return status::error("not a cuda_ipc endpoint");
+  std::size_t at = tag;
+  std::uint32_t n = 0;
+  peer_endpoint p;
+  if (!get(e, at, n) || n > 64 || e.size() - at < n) return status::error("cuda_ipc endpoint: bad host identity");
+  p.boot.assign(e.data() + at, n);
+  at += n;
+  if (!get(e, at, p.pid) || !get(e, at, p.device) || at != e.size())
+    return status::error("cuda_ipc endpoint: truncated or trailing bytes");
+  return p;
+}
+
+}  // namespace
+
+struct cuda_ipc_transport::impl {
+  struct local_region {
+    std::uint64_t owner;
+    std::byte* base;
+    std::uint64_t len;
+  };
+  struct remote_region {
+    std::byte* base;
+    std::uint64_t size;
+  };
+  struct link {
+    std::vector<std::shared_ptr<cuda::ipc_mapping>> mappings;  // kept open while pushes use them
+    std::unordered_map<std::uint64_t, remote_region> regions;
+  };
+  // A pinned block list and its device copy, reused across pushes (no allocation in steady state).
+  struct staging {
+    cuda::pinned_buffer host;
+    cuda::device_buffer dev;
+  };
+  struct inflight {
+    impl* self = nullptr;
+    completion done;
+    std::shared_ptr<link> l;
+    std::unique_ptr<staging> st;
+    cuda::event ev;
+    std::uint64_t bytes = 0;
+  };
+
+  cuda_ipc_options options;
+  std::string boot = boot_id();
+  cuda::stream stream;
+
+  std::mutex m;  // everything below, and the order of work queued on the stream
+  std::uint64_t next_region = 1;
+  std::unordered_map<std::uint64_t, local_region> regions;
+  std::unordered_map<std::uint64_t, std::shared_ptr<link>> links;
+  std::map<std::string, std::weak_ptr<cuda::ipc_mapping>> opened;  // by handle: one open per allocation
+  std::vector<std::unique_ptr<staging>> free_staging;
+  std::vector<cuda::event> free_events;
+
+  std::mutex done_m;
+  std::condition_variable done_cv;
+  std::deque<inflight*> ready;
+  bool stopping = false;
+  std::thread completer;
+  std::atomic<std::uint64_t> bytes{0};
+
+  // Runs on a CUDA thread once the push's kernel finished: may not call CUDA, only hands over.
+  static void on_stream_done(void* arg) {
+    auto* f = static_cast<inflight*>(arg);
+    {
+      std::lock_guard<std::mutex> g(f->self->done_m);
+      f->self->ready.push_back(f);
+    }
+    f->self->done_cv.notify_one();
+  }
+
+  void complete_loop() {
+    for (;;) {
+      inflight* f = nullptr;
+      {
+        std::unique_lock<std::mutex> g(done_m);
+        done_cv.wait(g, [&] { return stopping || !ready.empty(); });
+        if (ready.empty()) return;
+        f = ready.front();
+        ready.pop_front();
+      }
+      std::unique_ptr<inflight> owned(f);
+      auto landed = f->ev.done();  // an error here is the kernel's (or the stream's) failure
+      status s;
+      if (!landed) s = status::error("cuda_ipc push failed on the GPU: " + landed.error().reason());
+      else if (!landed.value()) s = status::error("cuda_ipc push: completion before its event");
+      if (s) bytes.fetch_add(f->bytes, std::memory_order_relaxed);
+      {
+        std::lock_guard<std::mutex> g(m);
+        free_staging.push_back(std::move(f->st));
+        free_events.push_back(std::move(f->ev));
+        f->l.reset();  // the last push of a disconnected peer closes its mappings here
+      }
+      f->done(std::move(s));
+    }
+  }
+
+  result<std::unique_ptr<staging>> take_staging(std::uint64_t bytes_needed) {
+    for (auto it = free_staging.begin(); it != free_staging.end(); ++it)
+      if ((*it)->host.size() >= bytes_needed) {
+        auto st = std::move(*it);
+        free_staging.erase(it);
+        return st;
+      }
+    std::uint64_t cap = 64u << 10;
+    while (cap < bytes_needed) cap *= 2;
+    auto host = cuda::pinned_buffer::create(cap);
+    if (!host) return host.error();
+    auto dev = cuda::device_buffer::create(options.device, cap);
+    if (!dev) return dev.error();
+    auto st = std::make_unique<staging>();
+    st->host = std::move(host.value());
+    st->dev = std::move(dev.value());
+    return st;
+  }
+
+  result<cuda::event> take_event() {
+    if (!free_events.empty()) {
+      auto e = std::move(free_events.back());
+      free_events.pop_back();
+      return e;
+    }
+    return cuda::event::create(options.device);
+  }
+
+  // Checks every block against the peer's registered regions, then queues the gather.
+  void submit(std::uintptr_t fence, std::uint64_t peer, const std::vector<block>& blocks, completion done) {
+    std::vector<cuda::copy_desc> descs;
+    descs.reserve(blocks.size());
+    std::uint64_t total = 0;
+    std::unique_lock<std::mutex> g(m);
+    auto it = links.find(peer);
+    if (it == links.end()) {
+      g.unlock();
+      return done(status::error("cuda_ipc: peer " + std::to_string(peer) + " is not connected"));
+    }
+    auto l = it->second;
+    for (const auto& b : blocks) {
+      auto r = l->regions.find(b.region);
+      if (r == l->regions.end()) {
+        g.unlock();
+        return done(status::error("cuda_ipc: region " + std::to_string(b.region) + " is not registered by peer " +
+                                  std::to_string(peer)));
+      }
+      if (b.offset > r->second.size || b.len > r->second.size - b.offset) {
+        g.unlock();
+        return done(status::error("cuda_ipc: block [" + std::to_string(b.offset) + ", +" + std::to_string(b.len) +
+                                  ") outside region " + std::to_string(b.region) + " of " +
+                                  std::to_string(r->second.size) + " bytes"));
+      }
+      if (b.len == 0) continue;
+      cuda::append_split(descs, {reinterpret_cast<std::uint64_t>(b.src),
+                                 reinterpret_cast<std::uint64_t>(r->second.base + b.offset), b.len});
+      total += b.len;
+    }
+    auto f = std::make_unique<inflight>();
+    f->self = this;
+    f->done = std::move(done);
+    f->l = std::move(l);
+    f->bytes = total;
+    auto fail = [&](const status& s) {
+      if (f->st) free_staging.push_back(std::move(f->st));
+      g.unlock();
+      f->done(s);
+    };
+    const std::uint64_t list_bytes = descs.size() * sizeof(cuda::copy_desc);
+    auto st = take_staging(std::max<std::uint64_t>(list_bytes, 1));
+    if (!st) return fail(st.error());
+    f->st = std::move(st.value());
+    auto ev = take_event();
+    if (!ev) return fail(ev.error());
+    f->ev = std::move(ev.value());
+    if (!descs.empty()) std::memcpy(f->st->host.data(), descs.data(), list_bytes);
+    status s;
+    if (fence != 0) s = cuda::wait_for_external_event(stream, fence);
+    if (s && !descs.empty()) s = cuda::copy_async(f->st->dev.data(), f->st->host.data(), list_bytes, stream);
+    if (s && !descs.empty())
+      s = cuda::launch_gather(reinterpret_cast<const cuda::copy_desc*>(f->st->dev.data()),
+                              static_cast<std::uint32_t>(descs.size()), stream.handle());
+    if (s) s = f->ev.record(stream);
+    if (s) s = cuda::launch_host_callback(stream, &impl::on_stream_done, f.get());
+    if (!s) return fail(s);
+    f.release();  // owned by the completion thread from here
+  }
+};
+
+result<std::unique_ptr<cuda_ipc_transport>> cuda_ipc_transport::create(const cuda_ipc_options& options) {
+  auto p = std::make_unique<impl>();
+  p->options = options;
+  auto s = cuda::stream::create(options.device);
+  if (!s) return status::error("cuda_ipc: " + s.error().reason());
+  p->stream = std::move(s.value());
+  // The kernels may be missing from this build (no nvcc, or a sanitizer build): find out now.
+  if (auto k = cuda::launch_gather(nullptr, 0, p->stream.handle()); !k) return status::error("cuda_ipc: " + k.reason());
+  auto* raw = p.get();
+  p->completer = std::thread([raw] { raw->complete_loop(); });
+  return std::unique_ptr<cuda_ipc_transport>(new cuda_ipc_transport(std::move(p)));
+}
+
+cuda_ipc_transport::cuda_ipc_transport(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+
+cuda_ipc_transport::~cuda_ipc_transport() {
+  // Every push queued so far completes (its callback runs) before the completion thread stops.
+  (void)impl_->stream.synchronize();
+  {
+    std::lock_guard<std::mutex> g(impl_->done_m);
+    impl_->stopping = true;
+  }
+  impl_->done_cv.notify_one();
+  impl_->completer.join();
+}
+
+std::string cuda_ipc_transport::endpoint() const {
+  std::string out(endpoint_tag, sizeof endpoint_tag);
+  put(out, static_cast<std::uint32_t>(impl_->boot.size()));
+  out += impl_->boot;
+  put(out, static_cast<std::uint64_t>(::getpid()));
+  put(out, static_cast<std::int32_t>(impl_->options.device));
+  return out;
+}
+
+bool cuda_ipc_transport::can_connect(const std::string& endpoint) const {
+  auto p = unpack_endpoint(endpoint);
+  return p && !impl_->boot.empty() && p.value().boot == impl_->boot;
+}
+
+result<region_desc> cuda_ipc_transport::register_memory(std::uint64_t owner, void* base, std::uint64_t len) {
+  auto info = cuda::query_pointer(base);
+  if (info.kind != cuda::pointer_kind::device) return status::error("cuda_ipc: registered memory is not device memory");
+  auto range = cuda::allocation_of(base);
+  if (!range) return status::error("cuda_ipc: " + range.error().reason());
+  const auto addr = reinterpret_cast<std::uintptr_t>(base);
+  const std::uint64_t offset = addr - range.value().base;
+  if (offset > range.value().size || len > range.value().size - offset)
+    return status::error("cuda_ipc: [base, base + len) is not inside one allocation");
+  auto handle = cuda::export_ipc_handle(base);
+  if (!handle) return status::error("cuda_ipc: " + handle.error().reason());
+  std::string key(1, key_kind_ipc);
+  key += handle.value();
+  put(key, offset);
+  put(key, static_cast<std::int32_t>(info.device));
+  std::lock_guard<std::mutex> g(impl_->m);
+  const std::uint64_t id = impl_->next_region++;
+  impl_->regions.emplace(id, impl::local_region{owner, static_cast<std::byte*>(base), len});
+  return region_desc{id, len, addr, std::move(key)};
+}
+
+void cuda_ipc_transport::deregister_memory(std::uint64_t region) {
+  // Peers write through their own mappings: the control plane's release (every sender let go)
+  // is what makes the memory free, as for UCX's one-sided puts.
+  std::lock_guard<std::mutex> g(impl_->m);
+  impl_->regions.erase(region);
+}
+
+status cuda_ipc_transport::connect(std::uint64_t peer, const std::string& endpoint,
+                                   const std::vector<region_desc>& regions) {
+  auto p = unpack_endpoint(endpoint);
+  if (!p) return p.error();
+  if (p.value().boot != impl_->boot) return status::error("cuda_ipc: peer " + std::to_string(peer) + " is on another host");
+  const bool same_process = p.value().pid == static_cast<std::uint64_t>(::getpid());
+  auto l = std::make_shared<impl::link>();
+  std::lock_guard<std::mutex> g(impl_->m);
+  for (const auto& d : regions) {
+    if (d.size == 0) {
+      l->regions.emplace(d.id, impl::remote_region{nullptr, 0});
+      continue;
+    }
+    if (d.remote_key.size() != key_bytes || d.remote_key[0] != key_kind_ipc)
+      return status::error("cuda_ipc: region " + std::to_string(d.id) + " has no IPC key");
+    std::string handle = d.remote_key.substr(1, cuda::ipc_handle_bytes);
+    std::size_t at = 1 + cuda::ipc_handle_bytes;
+    std::uint64_t offset = 0;
+    std::int32_t device = -1;
+    get(d.remote_key, at, offset);
+    get(d.remote_key, at, device);
+    std::byte* base = nullptr;
+    if (same_process) {
+      // A process cannot open its own handles; its pointers are valid as they are.
+      base = reinterpret_cast<std::byte*>(d.address);
+    } else {
+      std::shared_ptr<cuda::ipc_mapping> mapping = impl_->opened[handle].lock();
+      if (!mapping) {
+        auto opened = cuda::ipc_mapping::open(impl_->options.device, handle);
+        if (!opened) return status::error("cuda_ipc: region " + std::to_string(d.id) + ": " + opened.error().reason());
+        mapping = std::make_shared<cuda::ipc_mapping>(std::move(opened.value()));
+        impl_->opened[handle] = mapping;
+      }
+      l->mappings.push_back(mapping);
+      base = mapping->data() + offset;
+    }
+    // The described size is the peer's word: it must fit the allocation as mapped here.
+    auto range = cuda::allocation_of(base);
+    if (!range) return status::error("cuda_ipc: region " + std::to_string(d.id) + ": " + range.error().reason());
+    const auto b = reinterpret_cast<std::uintptr_t>(base);
+    if (b < range.value().base || d.size > range.value().size - (b - range.value().base))
+      return status::error("cuda_ipc: region " + std::to_string(d.id) + " of " + std::to_string(d.size) +
+                           " bytes is larger than its allocation");
+    l->regions.emplace(d.id, impl::remote_region{base, d.size});
+  }
+  impl_->links[peer] = std::move(l);
+  return {};
+}
+
+void cuda_ipc_transport::disconnect(std::uint64_t peer) {
+  std::lock_guard<std::mutex> g(impl_->m);
+  impl_->links.erase(peer);  // pushes in flight keep the mappings until they completed
+}
+
+void cuda_ipc_transport::push(std::uint64_t peer, const std::vector<block>& blocks, completion done) {
+  impl_->submit(0, peer, blocks, std::move(done));
+}
+
+void cuda_ipc_transport::push_after(std::uintptr_t ready_fence, std::uint64_t peer, const std::vector<block>& blocks,
+                                    completion done) {
+  impl_->submit(ready_fence, peer, blocks, std::move(done));
+}
+
+std::uint64_t cuda_ipc_transport::bytes_moved() const { return impl_->bytes.load(std::memory_order_relaxed); }
+
+}  // namespace kvflow::transport

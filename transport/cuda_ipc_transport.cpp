@@ -181,60 +181,77 @@ struct cuda_ipc_transport::impl {
     return cuda::event::create(options.device);
   }
 
-  // Checks every block against the peer's registered regions, then queues the gather.
+  // Checks every block against the peer's registered regions (before any byte moves), then
+  // writes the block list straight into pinned memory in chunks, each uploaded and gathered as
+  // soon as it is written, so the GPU copies while the rest of the list is still being built.
   void submit(std::uintptr_t fence, std::uint64_t peer, const std::vector<block>& blocks, completion done) {
-    std::vector<cuda::copy_desc> descs;
-    descs.reserve(blocks.size());
-    std::uint64_t total = 0;
     std::unique_lock<std::mutex> g(m);
-    auto it = links.find(peer);
-    if (it == links.end()) {
+    auto refuse = [&](std::string reason) {
       g.unlock();
-      return done(status::error("cuda_ipc: peer " + std::to_string(peer) + " is not connected"));
-    }
-    auto l = it->second;
+      done(status::error(std::move(reason)));
+    };
+    auto it = links.find(peer);
+    if (it == links.end()) return refuse("cuda_ipc: peer " + std::to_string(peer) + " is not connected");
+    std::shared_ptr<link> l = it->second;
+    // Blocks of one push mostly name the same region: look it up once per run of them.
+    std::uint64_t last_id = 0;
+    const remote_region* last = nullptr;
+    auto region_of = [&](std::uint64_t id) -> const remote_region* {
+      if (last != nullptr && id == last_id) return last;
+      auto r = l->regions.find(id);
+      last_id = id;
+      last = r == l->regions.end() ? nullptr : &r->second;
+      return last;
+    };
+    std::uint64_t pieces = 0, total = 0;
     for (const auto& b : blocks) {
-      auto r = l->regions.find(b.region);
-      if (r == l->regions.end()) {
-        g.unlock();
-        return done(status::error("cuda_ipc: region " + std::to_string(b.region) + " is not registered by peer " +
-                                  std::to_string(peer)));
-      }
-      if (b.offset > r->second.size || b.len > r->second.size - b.offset) {
-        g.unlock();
-        return done(status::error("cuda_ipc: block [" + std::to_string(b.offset) + ", +" + std::to_string(b.len) +
-                                  ") outside region " + std::to_string(b.region) + " of " +
-                                  std::to_string(r->second.size) + " bytes"));
-      }
-      if (b.len == 0) continue;
-      cuda::append_split(descs, {reinterpret_cast<std::uint64_t>(b.src),
-                                 reinterpret_cast<std::uint64_t>(r->second.base + b.offset), b.len});
+      const remote_region* r = region_of(b.region);
+      if (r == nullptr)
+        return refuse("cuda_ipc: region " + std::to_string(b.region) + " is not registered by peer " + std::to_string(peer));
+      if (b.offset > r->size || b.len > r->size - b.offset)
+        return refuse("cuda_ipc: block [" + std::to_string(b.offset) + ", +" + std::to_string(b.len) + ") outside region " +
+                      std::to_string(b.region) + " of " + std::to_string(r->size) + " bytes");
+      pieces += (b.len + cuda::max_piece - 1) / cuda::max_piece;
       total += b.len;
     }
     auto f = std::make_unique<inflight>();
     f->self = this;
     f->done = std::move(done);
-    f->l = std::move(l);
+    f->l = l;
     f->bytes = total;
     auto fail = [&](const status& s) {
       if (f->st) free_staging.push_back(std::move(f->st));
+      if (f->ev.handle() != nullptr) free_events.push_back(std::move(f->ev));
       g.unlock();
       f->done(s);
     };
-    const std::uint64_t list_bytes = descs.size() * sizeof(cuda::copy_desc);
-    auto st = take_staging(std::max<std::uint64_t>(list_bytes, 1));
+    auto st = take_staging(std::max<std::uint64_t>(pieces, 1) * sizeof(cuda::copy_desc));
     if (!st) return fail(st.error());
     f->st = std::move(st.value());
     auto ev = take_event();
     if (!ev) return fail(ev.error());
     f->ev = std::move(ev.value());
-    if (!descs.empty()) std::memcpy(f->st->host.data(), descs.data(), list_bytes);
     status s;
     if (fence != 0) s = cuda::wait_for_external_event(stream, fence);
-    if (s && !descs.empty()) s = cuda::copy_async(f->st->dev.data(), f->st->host.data(), list_bytes, stream);
-    if (s && !descs.empty())
-      s = cuda::launch_gather(reinterpret_cast<const cuda::copy_desc*>(f->st->dev.data()),
-                              static_cast<std::uint32_t>(descs.size()), stream.handle());
+    auto* host = reinterpret_cast<cuda::copy_desc*>(f->st->host.data());
+    auto* dev = reinterpret_cast<cuda::copy_desc*>(f->st->dev.data());
+    std::uint64_t written = 0, launched = 0;
+    auto flush = [&] {
+      if (!s || written == launched) return;
+      const std::uint64_t n = written - launched;
+      s = cuda::copy_async(dev + launched, host + launched, n * sizeof(cuda::copy_desc), stream);
+      if (s) s = cuda::launch_gather(dev + launched, static_cast<std::uint32_t>(n), stream.handle());
+      launched = written;
+    };
+    for (const auto& b : blocks) {
+      if (!s) break;
+      const std::uint64_t dst = reinterpret_cast<std::uint64_t>(region_of(b.region)->base + b.offset);
+      const std::uint64_t src = reinterpret_cast<std::uint64_t>(b.src);
+      for (std::uint64_t at = 0; at < b.len; at += cuda::max_piece)
+        host[written++] = {src + at, dst + at, std::min(cuda::max_piece, b.len - at)};
+      if (options.chunk_descs != 0 && written - launched >= options.chunk_descs) flush();
+    }
+    flush();
     if (s) s = f->ev.record(stream);
     if (s) s = cuda::launch_host_callback(stream, &impl::on_stream_done, f.get());
     if (!s) return fail(s);

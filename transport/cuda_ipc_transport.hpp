@@ -13,6 +13,9 @@ namespace kvflow::transport {
 
 struct cuda_ipc_options {
   int device = 0;  // the GPU this endpoint's stream runs on (its registered memory's device)
+  // Block-list entries per gather launch: the GPU starts on the first chunk while the host still
+  // writes the rest (0: the whole list in one launch).
+  std::uint64_t chunk_descs = 4096;
 };
 
 class cuda_ipc_transport final : public transport {

@@ -190,3 +190,30 @@ TEST_CASE("transport: the completion may re-enter the transport") {
   CHECK(ok_calls == 1);
   CHECK(err_calls == 1);
 }
+
+TEST_CASE("transport: a transport that cannot order on the GPU refuses a ready fence and writes nothing") {
+  fixture f;
+  auto caps = f.t.query();
+  CHECK_FALSE(caps.gpu_ordered);
+  CHECK_FALSE(caps.cross_host);
+  REQUIRE(caps.memory_types.size() == 1);
+  CHECK(caps.memory_types[0] == memory_type::host);
+  status got = status::error("completion not called");
+  int calls = 0;
+  f.t.push_after(0x1234, alice, {{f.src.data(), f.region, 0, 16}}, [&](status s) {
+    ++calls;
+    got = std::move(s);
+  });
+  CHECK(calls == 1);
+  CHECK_FALSE(got.ok());
+  CHECK(got.reason().find("CUDA event") != std::string::npos);
+  CHECK(f.dst_zero());
+  // Without a fence it is a plain push.
+  f.t.push_after(0, alice, {{f.src.data(), f.region, 0, 16}}, [&](status s) {
+    ++calls;
+    got = std::move(s);
+  });
+  CHECK(calls == 2);
+  CHECK(got.ok());
+  CHECK(f.dst[0] == std::byte{0xAB});
+}

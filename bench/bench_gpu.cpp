@@ -20,6 +20,7 @@
 #include "cuda/device.hpp"
 #include "cuda/gpu.hpp"
 #include "cuda/kernels.hpp"
+#include "cuda/pattern_check.hpp"
 #include "transport/cuda_ipc_transport.hpp"
 
 namespace kvflow::bench {
@@ -61,24 +62,11 @@ double best_ms(const stream& s, int reps, F&& enqueue) {
 
 template <class T>
 device_buffer upload(const std::vector<T>& v, const stream& s) {
-  auto b = must(device_buffer::create(s.device(), std::max<std::uint64_t>(1, v.size() * sizeof(T))));
-  must(copy_async(b.data(), v.data(), v.size() * sizeof(T), s));
-  must(s.synchronize());
-  return b;
+  return must(cuda::upload(v.data(), v.size() * sizeof(T), s));
 }
 
 std::uint64_t mismatches(const std::vector<pattern_run>& runs, std::uint64_t seed, const stream& s) {
-  std::vector<pattern_run> split;
-  for (const auto& r : runs) append_split(split, r);
-  auto d = upload(split, s);
-  auto count = must(device_buffer::create(s.device(), sizeof(unsigned long long)));
-  unsigned long long zero = 0, out = 0;
-  must(copy_async(count.data(), &zero, sizeof zero, s));
-  must(launch_verify(reinterpret_cast<const pattern_run*>(d.data()), static_cast<std::uint32_t>(split.size()), seed,
-                     reinterpret_cast<unsigned long long*>(count.data()), s.handle()));
-  must(copy_async(&out, count.data(), sizeof out, s));
-  must(s.synchronize());
-  return out;
+  return must(count_mismatches(runs, seed, s));
 }
 
 double gbps(std::uint64_t bytes, double ms) { return ms > 0 ? double(bytes) / (ms * 1e6) : 0; }
@@ -112,11 +100,7 @@ int run(const gpu_flags& f) {
         dst_runs.push_back({d0 + slots[p] * page_bytes, (l * pages + p) * page_bytes, page_bytes});
       }
     }
-    std::vector<pattern_run> fill_split;
-    for (const auto& r : src_runs) append_split(fill_split, r);
-    auto fill_list = upload(fill_split, s);
-    must(launch_fill(reinterpret_cast<const pattern_run*>(fill_list.data()), static_cast<std::uint32_t>(fill_split.size()),
-                     7, 0, s.handle()));
+    auto fill_list = must(fill_pattern(src_runs, 7, 0, s));
     must(s.synchronize());
 
     const int reps = f.reps;
@@ -164,11 +148,7 @@ int run(const gpu_flags& f) {
       for (const auto& c : frag)
         blocks.push_back({reinterpret_cast<const std::byte*>(c.src), region.id, c.dst - base(dst), c.len});
       // Overwrite the destination first, so that only the pushes can make it verify again.
-      std::vector<pattern_run> dst_split;
-      for (const auto& r : dst_runs) append_split(dst_split, r);
-      auto dst_list = upload(dst_split, s);
-      must(launch_fill(reinterpret_cast<const pattern_run*>(dst_list.data()), static_cast<std::uint32_t>(dst_split.size()),
-                       8, 0, s.handle()));
+      auto dst_list = must(fill_pattern(dst_runs, 8, 0, s));
       must(s.synchronize());
       push_figure fig{chunk, 1e30, 1e30};
       for (int i = 0; i < reps + 1; ++i) {

@@ -25,6 +25,7 @@
 #include "cuda/device.hpp"
 #include "cuda/gpu.hpp"
 #include "cuda/kernels.hpp"
+#include "cuda/pattern_check.hpp"
 #include "transport/cuda_ipc_transport.hpp"
 
 using namespace kvflow;
@@ -75,33 +76,16 @@ std::vector<std::uint64_t> random_pages(std::uint64_t n, std::uint64_t pool_page
 // Device copies of descriptor arrays (the kernels read them from device memory).
 template <class T>
 device_buffer upload(const std::vector<T>& v, const stream& s) {
-  auto b = must(device_buffer::create(0, std::max<std::uint64_t>(1, v.size() * sizeof(T))));
-  if (!v.empty()) must(copy_async(b.data(), v.data(), v.size() * sizeof(T), s));
-  must(s.synchronize());
-  return b;
+  return must(cuda::upload(v.data(), v.size() * sizeof(T), s));
 }
 
 std::uint64_t mismatches(const std::vector<pattern_run>& runs, std::uint64_t seed, const stream& s) {
-  std::vector<pattern_run> split;
-  for (const auto& r : runs) append_split(split, r);
-  auto d = upload(split, s);
-  auto count = must(device_buffer::create(0, sizeof(unsigned long long)));
-  unsigned long long zero = 0, out = 0;
-  must(copy_async(count.data(), &zero, sizeof zero, s));
-  must(launch_verify(reinterpret_cast<const pattern_run*>(d.data()), static_cast<std::uint32_t>(split.size()), seed,
-                     reinterpret_cast<unsigned long long*>(count.data()), s.handle()));
-  must(copy_async(&out, count.data(), sizeof out, s));
-  must(s.synchronize());
-  return out;
+  return must(count_mismatches(runs, seed, s));
 }
 
 void fill(const std::vector<pattern_run>& runs, std::uint64_t seed, std::uint64_t delay_ns, const stream& s,
           device_buffer& keep) {
-  std::vector<pattern_run> split;
-  for (const auto& r : runs) append_split(split, r);
-  keep = upload(split, s);
-  must(launch_fill(reinterpret_cast<const pattern_run*>(keep.data()), static_cast<std::uint32_t>(split.size()), seed,
-                   delay_ns, s.handle()));
+  keep = must(fill_pattern(runs, seed, delay_ns, s));
 }
 
 // One request's layout: for each layer and page, where it is in the source and destination pools
@@ -481,26 +465,12 @@ static int ipc_receiver() {
       for (std::uint64_t i = 0; i < pages; ++i)
         runs.push_back({reinterpret_cast<std::uint64_t>(pool_base) + (layer * dst_pages + dp[i]) * page_bytes,
                         (layer * pages + i) * page_bytes, page_bytes});
-    std::uint64_t bad = 0;
-    {
-      std::vector<pattern_run> split;
-      for (const auto& r : runs) append_split(split, r);
-      auto d = device_buffer::create(0, split.size() * sizeof(pattern_run));
-      auto c = device_buffer::create(0, sizeof(unsigned long long));
-      unsigned long long z = 0, out = 0;
-      if (!d || !c) return 7;
-      if (!copy_async(d.value().data(), split.data(), split.size() * sizeof(pattern_run), s.value()) ||
-          !copy_async(c.value().data(), &z, sizeof z, s.value()) ||
-          !launch_verify(reinterpret_cast<const pattern_run*>(d.value().data()), static_cast<std::uint32_t>(split.size()),
-                         seed, reinterpret_cast<unsigned long long*>(c.value().data()), s.value().handle()) ||
-          !copy_async(&out, c.value().data(), sizeof out, s.value()) || !s.value().synchronize())
-        return 8;
-      bad = out;
-    }
+    auto bad = count_mismatches(runs, seed, s.value());
+    if (!bad) return 8;
     std::vector<std::byte> head(page_bytes);
     if (!copy_async(head.data(), whole.value().data(), page_bytes, s.value()) || !s.value().synchronize()) return 9;
     const bool head_clean = std::all_of(head.begin(), head.end(), [](std::byte b) { return b == std::byte{0}; });
-    std::printf("mismatches %llu head %s\n", static_cast<unsigned long long>(bad), head_clean ? "clean" : "written");
+    std::printf("mismatches %llu head %s\n", static_cast<unsigned long long>(bad.value()), head_clean ? "clean" : "written");
     std::fflush(stdout);
   }
   return 0;

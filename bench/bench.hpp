@@ -34,6 +34,11 @@ struct transfer_flags {
 
 int run_bench_transfer(const transfer_flags& f);
 
+// ucx_perftest -t ucp_put_bw at `size` between two processes on this host (the UCX kvflow is
+// built against): its average bandwidth in GB/s, 0 when it failed. `memory`: ucx_perftest's -m
+// (e.g. "cuda,cuda"), or null for host memory.
+double perftest_gbps(std::uint64_t size, std::uint64_t iters, bool error_handling, int port, const char* memory);
+
 struct gpu_flags {
   int device = 0;
   std::vector<int> request_tokens{32768};

@@ -22,6 +22,7 @@
 #include "cuda/kernels.hpp"
 #include "cuda/pattern_check.hpp"
 #include "transport/cuda_ipc_transport.hpp"
+#include "transport/ucx_transport.hpp"
 
 namespace kvflow::bench {
 
@@ -177,6 +178,41 @@ int run(const gpu_flags& f) {
       pushes.push_back(fig);
     }
 
+    // The same request through the UCX transport (UCX 1.22's CUDA lanes), two instances here.
+    double ucx_ms = 0;
+    std::uint64_t bad_ucx = 0;
+    {
+      auto receiver = must(transport::ucx_transport::create());
+      auto sender = must(transport::ucx_transport::create());
+      auto region = must(receiver->register_memory(1, dst.data(), dst.size()));
+      must(sender->connect(1, receiver->endpoint(), {region}));
+      std::vector<transport::block> blocks;
+      for (const auto& c : frag)
+        blocks.push_back({reinterpret_cast<const std::byte*>(c.src), region.id, c.dst - base(dst), c.len});
+      auto dst_list = must(fill_pattern(dst_runs, 9, 0, s));
+      must(s.synchronize());
+      ucx_ms = 1e30;
+      for (int i = 0; i < std::min(reps, 3) + 1; ++i) {
+        std::mutex m;
+        std::condition_variable cv;
+        bool done = false;
+        status got;
+        const auto t0 = std::chrono::steady_clock::now();
+        sender->push(1, blocks, [&](status st) {
+          std::lock_guard<std::mutex> g(m);
+          got = std::move(st);
+          done = true;
+          cv.notify_one();
+        });
+        std::unique_lock<std::mutex> g(m);
+        cv.wait(g, [&] { return done; });
+        must(got);
+        if (i > 0)
+          ucx_ms = std::min(ucx_ms, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      bad_ucx = mismatches(dst_runs, 7, s);
+      receiver->deregister_memory(region.id);
+    }
     std::printf("bench gpu: DSv3.2 fp8 request of %d tokens = %d layers x %llu pages x %llu B = %.3f GB "
                 "(destination pages scattered over a pool of %llu), device %d\n",
                 tokens, layers, static_cast<unsigned long long>(pages), static_cast<unsigned long long>(page_bytes),
@@ -195,8 +231,10 @@ int run(const gpu_flags& f) {
                   "(push() returned after %.3f ms; %s)\n",
                   static_cast<unsigned long long>(p.chunk), p.wall_ms, gbps(bytes, p.wall_ms), gather_ms / p.wall_ms,
                   p.wall_ms - gather_ms, p.call_ms, bad_push == 0 ? "bytes verified" : "BYTES WRONG");
+    std::printf("  kvflow ucx push (%u puts, one flush)     %9.3f ms  %8.1f GB/s  %.2fx gather kernel  (%s)\n", n, ucx_ms,
+                gbps(bytes, ucx_ms), gather_ms / ucx_ms, bad_ucx == 0 ? "bytes verified" : "BYTES WRONG");
     std::printf("  anchor pinned device-to-host              %9.3f ms  %8.1f GB/s\n", d2h_ms, gbps(bytes, d2h_ms));
-    if (bad_per_page != 0 || bad_gather != 0 || bad_push != 0) return 1;
+    if (bad_per_page != 0 || bad_gather != 0 || bad_push != 0 || bad_ucx != 0) return 1;
   }
 
   // The gather kernel over blocks of one size, scattered over a 2 GiB pool.
@@ -223,6 +261,11 @@ int run(const gpu_flags& f) {
                 static_cast<unsigned long long>(bs), static_cast<unsigned long long>(blocks), ms, gbps(blocks * bs, ms),
                 gbps(blocks * bs, ms) / gbps(total, one_ms));
   }
+  std::printf("bench gpu: anchor ucx_perftest put_bw cuda -> cuda between two processes\n");
+  int port = 13591;
+  for (std::uint64_t size : {1ull << 20, 64ull << 20, 256ull << 20})
+    std::printf("  %4llu MiB  %8.1f GB/s\n", static_cast<unsigned long long>(size >> 20),
+                perftest_gbps(size, size >= (64ull << 20) ? 200 : 2000, false, port++, "cuda,cuda"));
   return 0;
 }
 

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <sstream>
@@ -180,14 +181,28 @@ class pusher {
   std::string error_;
 };
 
-// ucx_perftest -t ucp_put_bw at `size`: its average bandwidth in GB/s (0 when it failed).
-double perftest_gbps(std::uint64_t size, std::uint64_t iters, bool error_handling, int port) {
+std::string human(std::uint64_t b) {
+  char buf[32];
+  if (b >= MiB) std::snprintf(buf, sizeof buf, "%llu MiB", static_cast<unsigned long long>(b / MiB));
+  else std::snprintf(buf, sizeof buf, "%llu KiB", static_cast<unsigned long long>(b / 1024));
+  return buf;
+}
+
+}  // namespace
+
+double perftest_gbps(std::uint64_t size, std::uint64_t iters, bool error_handling, int port, const char* memory) {
   std::vector<std::string> common{"-t", "ucp_put_bw", "-s", std::to_string(size), "-n", std::to_string(iters),
                                   "-p", std::to_string(port)};
   if (error_handling) common.push_back("-e");
+  if (memory != nullptr) {
+    common.push_back("-m");
+    common.push_back(memory);
+  }
   // The ucx_perftest of the UCX kvflow is built against, with that UCX's libraries (the wheel's
   // binaries carry no RUNPATH to them).
-  const std::vector<std::pair<std::string, std::string>> env{{"LD_LIBRARY_PATH", KVFLOW_UCX_LIBDIR}};
+  // The same lanes as kvflow's transport (transport/ucx_worker.cpp: no cma unless UCX_TLS is set).
+  std::vector<std::pair<std::string, std::string>> env{{"LD_LIBRARY_PATH", KVFLOW_UCX_LIBDIR}};
+  if (const char* tls = std::getenv("UCX_TLS"); tls == nullptr || *tls == '\0') env.emplace_back("UCX_TLS", "^cma");
   std::vector<std::string> srv{KVFLOW_UCX_PERFTEST};
   srv.insert(srv.end(), common.begin(), common.end());
   auto server = child_process::start(srv, env, true);
@@ -212,15 +227,6 @@ double perftest_gbps(std::uint64_t size, std::uint64_t iters, bool error_handlin
   server.value().stop(std::chrono::seconds(2));
   return mbps * double(MiB) / 1e9;
 }
-
-std::string human(std::uint64_t b) {
-  char buf[32];
-  if (b >= MiB) std::snprintf(buf, sizeof buf, "%llu MiB", static_cast<unsigned long long>(b / MiB));
-  else std::snprintf(buf, sizeof buf, "%llu KiB", static_cast<unsigned long long>(b / 1024));
-  return buf;
-}
-
-}  // namespace
 
 int run_bench_transfer(const transfer_flags& f) {
   std::uint64_t max_size = 0;
@@ -301,14 +307,14 @@ int run_bench_transfer(const transfer_flags& f) {
     auto stream = measure(true);
     if (!stream) return fail(stream.error().reason());
     std::uint64_t iters = std::max<std::uint64_t>(50, std::min<std::uint64_t>(100000, f.bytes_per_size / size));
-    double pt = f.perftest ? perftest_gbps(size, iters, false, 13571) : 0;
-    double pte = f.perftest ? perftest_gbps(size, std::max<std::uint64_t>(10, iters / 20), true, 13573) : 0;
+    double pt = f.perftest ? perftest_gbps(size, iters, false, 13571, nullptr) : 0;
+    double pte = f.perftest ? perftest_gbps(size, std::max<std::uint64_t>(10, iters / 20), true, 13573, nullptr) : 0;
     if (size == 64 * MiB) put64 = pt;
     std::printf("%10s %12.2f %14.2f %7.0f%% %13.2f %17.2f\n", human(size).c_str(), same.value(), pt,
                 pt > 0 ? 100 * same.value() / pt : 0, stream.value(), pte);
     std::fflush(stdout);
   }
-  if (put64 == 0 && f.perftest) put64 = perftest_gbps(64 * MiB, 200, false, 13575);
+  if (put64 == 0 && f.perftest) put64 = perftest_gbps(64 * MiB, 200, false, 13575, nullptr);
 
   // ---- whole requests ----------------------------------------------------------------------
   config::routing_plan plan(dsv32_pair());

@@ -60,6 +60,8 @@ class ucx_transport final : public transport {
   // The packed UCX worker address (bytes).
   std::string endpoint() const override;
   std::vector<memory_type> memory_types() const override;
+  // Reaches other hosts (tcp here; a site UCX brings RDMA); cannot order a push on the GPU.
+  capabilities query() const override { return {memory_types(), true, false}; }
   // Shared memory UCX allocates (ucp_mem_map with UCP_MEM_MAP_ALLOCATE: sysv/posix segments),
   // which same-host peers write with plain CPU copies; deregister_memory frees it.
   result<allocation> allocate_memory(std::uint64_t owner, std::uint64_t len) override;

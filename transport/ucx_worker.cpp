@@ -1,5 +1,7 @@
 #include "transport/ucx_worker.hpp"
 
+#include <cstdlib>
+
 #include <spdlog/spdlog.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -40,6 +42,17 @@ result<std::unique_ptr<ucx_worker>> ucx_worker::create(std::uint64_t features) {
   if (auto st = ucp_config_modify(config, "ALLOC_PRIO", "md:sysv,md:posix"); st != UCS_OK) {
     ucp_config_release(config);
     return ucx_error("ucp_config_modify ALLOC_PRIO", st);
+  }
+  // Lanes, chosen deliberately unless UCX_TLS says otherwise: no cma. UCX 1.22 picks cma's
+  // zero-copy (process_vm_writev) for puts over ~4 KiB even into sysv-mapped segments, 3x slower
+  // here than sysv's copy (docs/benchmarks.md), and AddressSanitizer reports cma's reachability
+  // check (process_vm_readv) writing into freed memory for endpoints within one process. Peers
+  // without shared memory use tcp (peer error handling) either way.
+  if (const char* tls = std::getenv("UCX_TLS"); tls == nullptr || *tls == '\0') {
+    if (auto st = ucp_config_modify(config, "TLS", "^cma"); st != UCS_OK) {
+      ucp_config_release(config);
+      return ucx_error("ucp_config_modify TLS", st);
+    }
   }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;

@@ -27,6 +27,7 @@
 #include "cuda/kernels.hpp"
 #include "cuda/pattern_check.hpp"
 #include "transport/cuda_ipc_transport.hpp"
+#include "transport/ucx_transport.hpp"
 
 using namespace kvflow;
 using namespace kvflow::cuda;
@@ -541,6 +542,37 @@ TEST_CASE("gpu: cuda_ipc pushes into another process's pool inside a larger allo
   CHECK(WIFEXITED(wstatus));
   CHECK(WEXITSTATUS(wstatus) == 0);
   std::fclose(in);
+}
+
+// ---- UCX with CUDA memory -----------------------------------------------------------------
+
+TEST_CASE("gpu: the UCX transport reports CUDA memory and puts a fragmented request GPU to GPU") {
+  auto receiver = kvflow::transport::ucx_transport::create();
+  auto sender = kvflow::transport::ucx_transport::create();
+  REQUIRE_MESSAGE(receiver.ok(), receiver.error().reason());
+  REQUIRE_MESSAGE(sender.ok(), sender.error().reason());
+  auto types = sender.value()->memory_types();
+  CHECK(std::find(types.begin(), types.end(), kvflow::transport::memory_type::cuda) != types.end());
+  const std::uint64_t pages = 64, dst_pages = 128;
+  auto src = make_pool(pages);
+  auto dst = make_pool(dst_pages);
+  auto region = receiver.value()->register_memory(3, dst.mem.data(), dst.mem.size());
+  REQUIRE_MESSAGE(region.ok(), region.error().reason());
+  auto c = sender.value()->connect(3, receiver.value()->endpoint(), {region.value()});
+  REQUIRE_MESSAGE(c.ok(), c.reason());
+  auto s = must(stream::create(0));
+  auto r = request_into(src, reinterpret_cast<std::uint64_t>(dst.mem.data()), dst_pages, region.value().id, pages, 55);
+  device_buffer keep;
+  fill(r.src_runs, 55, 0, s, keep);
+  must(s.synchronize());
+  auto st = push_and_wait(*sender.value(), 0, 3, r.blocks);
+  CHECK_MESSAGE(st.ok(), st.reason());
+  CHECK(mismatches(r.dst_runs, 55, s) == 0);
+  // A fence is refused by UCX (it cannot order on the GPU) rather than read early.
+  auto ready = must(event::create(0));
+  must(ready.record(s));
+  CHECK_FALSE(push_and_wait(*sender.value(), reinterpret_cast<std::uintptr_t>(ready.handle()), 3, r.blocks).ok());
+  receiver.value()->deregister_memory(region.value().id);
 }
 
 int main(int argc, char** argv) {

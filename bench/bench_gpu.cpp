@@ -72,6 +72,38 @@ std::uint64_t mismatches(const std::vector<pattern_run>& runs, std::uint64_t see
 
 double gbps(std::uint64_t bytes, double ms) { return ms > 0 ? double(bytes) / (ms * 1e6) : 0; }
 
+// Best-of-`reps` times of one whole push (after a warm-up): until push() returned, and until its
+// completion ran.
+struct push_times {
+  double wall_ms = 1e30, call_ms = 1e30;
+};
+push_times time_push(transport::transport& t, std::uint64_t peer, const std::vector<transport::block>& blocks, int reps) {
+  push_times best;
+  for (int i = 0; i < reps + 1; ++i) {
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    status got;
+    const auto t0 = std::chrono::steady_clock::now();
+    t.push(peer, blocks, [&](status st) {
+      std::lock_guard<std::mutex> g(m);
+      got = std::move(st);
+      done = true;
+      cv.notify_one();
+    });
+    const auto t1 = std::chrono::steady_clock::now();
+    std::unique_lock<std::mutex> g(m);
+    cv.wait(g, [&] { return done; });
+    const auto t2 = std::chrono::steady_clock::now();
+    must(got);
+    if (i > 0) {
+      best.wall_ms = std::min(best.wall_ms, std::chrono::duration<double, std::milli>(t2 - t0).count());
+      best.call_ms = std::min(best.call_ms, std::chrono::duration<double, std::milli>(t1 - t0).count());
+    }
+  }
+  return best;
+}
+
 int run(const gpu_flags& f) {
   const int dev = f.device;
   must(set_device(dev));
@@ -151,29 +183,8 @@ int run(const gpu_flags& f) {
       // Overwrite the destination first, so that only the pushes can make it verify again.
       auto dst_list = must(fill_pattern(dst_runs, 8, 0, s));
       must(s.synchronize());
-      push_figure fig{chunk, 1e30, 1e30};
-      for (int i = 0; i < reps + 1; ++i) {
-        std::mutex m;
-        std::condition_variable cv;
-        bool done = false;
-        status got;
-        const auto t0 = std::chrono::steady_clock::now();
-        sender->push(1, blocks, [&](status st) {
-          std::lock_guard<std::mutex> g(m);
-          got = std::move(st);
-          done = true;
-          cv.notify_one();
-        });
-        const auto t1 = std::chrono::steady_clock::now();
-        std::unique_lock<std::mutex> g(m);
-        cv.wait(g, [&] { return done; });
-        const auto t2 = std::chrono::steady_clock::now();
-        must(got);
-        if (i > 0) {
-          fig.wall_ms = std::min(fig.wall_ms, std::chrono::duration<double, std::milli>(t2 - t0).count());
-          fig.call_ms = std::min(fig.call_ms, std::chrono::duration<double, std::milli>(t1 - t0).count());
-        }
-      }
+      auto times = time_push(*sender, 1, blocks, reps);
+      push_figure fig{chunk, times.wall_ms, times.call_ms};
       bad_push += mismatches(dst_runs, 7, s);
       pushes.push_back(fig);
     }
@@ -191,25 +202,7 @@ int run(const gpu_flags& f) {
         blocks.push_back({reinterpret_cast<const std::byte*>(c.src), region.id, c.dst - base(dst), c.len});
       auto dst_list = must(fill_pattern(dst_runs, 9, 0, s));
       must(s.synchronize());
-      ucx_ms = 1e30;
-      for (int i = 0; i < std::min(reps, 3) + 1; ++i) {
-        std::mutex m;
-        std::condition_variable cv;
-        bool done = false;
-        status got;
-        const auto t0 = std::chrono::steady_clock::now();
-        sender->push(1, blocks, [&](status st) {
-          std::lock_guard<std::mutex> g(m);
-          got = std::move(st);
-          done = true;
-          cv.notify_one();
-        });
-        std::unique_lock<std::mutex> g(m);
-        cv.wait(g, [&] { return done; });
-        must(got);
-        if (i > 0)
-          ucx_ms = std::min(ucx_ms, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-      }
+      ucx_ms = time_push(*sender, 1, blocks, std::min(reps, 3)).wall_ms;
       bad_ucx = mismatches(dst_runs, 7, s);
       receiver->deregister_memory(region.id);
     }

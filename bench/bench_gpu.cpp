@@ -70,6 +70,16 @@ std::uint64_t mismatches(const std::vector<pattern_run>& runs, std::uint64_t see
   return must(count_mismatches(runs, seed, s));
 }
 
+// The request's copies as blocks of a push into the region that starts at `region_base`.
+std::vector<transport::block> blocks_into(const std::vector<copy_desc>& copies, std::uint64_t region,
+                                          std::uint64_t region_base) {
+  std::vector<transport::block> blocks;
+  blocks.reserve(copies.size());
+  for (const auto& c : copies)
+    blocks.push_back({reinterpret_cast<const std::byte*>(c.src), region, c.dst - region_base, c.len});
+  return blocks;
+}
+
 double gbps(std::uint64_t bytes, double ms) { return ms > 0 ? double(bytes) / (ms * 1e6) : 0; }
 
 // Best-of-`reps` times of one whole push (after a warm-up): until push() returned, and until its
@@ -177,9 +187,7 @@ int run(const gpu_flags& f) {
       auto sender = must(transport::cuda_ipc_transport::create(o));
       auto region = must(receiver->register_memory(1, dst.data(), dst.size()));
       must(sender->connect(1, receiver->endpoint(), {region}));
-      std::vector<transport::block> blocks;
-      for (const auto& c : frag)
-        blocks.push_back({reinterpret_cast<const std::byte*>(c.src), region.id, c.dst - base(dst), c.len});
+      auto blocks = blocks_into(frag, region.id, base(dst));
       // Overwrite the destination first, so that only the pushes can make it verify again.
       auto dst_list = must(fill_pattern(dst_runs, 8, 0, s));
       must(s.synchronize());
@@ -197,9 +205,7 @@ int run(const gpu_flags& f) {
       auto sender = must(transport::ucx_transport::create());
       auto region = must(receiver->register_memory(1, dst.data(), dst.size()));
       must(sender->connect(1, receiver->endpoint(), {region}));
-      std::vector<transport::block> blocks;
-      for (const auto& c : frag)
-        blocks.push_back({reinterpret_cast<const std::byte*>(c.src), region.id, c.dst - base(dst), c.len});
+      auto blocks = blocks_into(frag, region.id, base(dst));
       auto dst_list = must(fill_pattern(dst_runs, 9, 0, s));
       must(s.synchronize());
       ucx_ms = time_push(*sender, 1, blocks, std::min(reps, 3)).wall_ms;

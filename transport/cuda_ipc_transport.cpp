@@ -15,6 +15,7 @@
 
 #include "cuda/gpu.hpp"
 #include "cuda/kernels.hpp"
+#include "transport/host_identity.hpp"
 
 namespace kvflow::transport {
 
@@ -23,17 +24,6 @@ namespace {
 constexpr char endpoint_tag[] = "kvflow-cudaipc-1";
 constexpr char key_kind_ipc = 'I';
 constexpr std::size_t key_bytes = 1 + cuda::ipc_handle_bytes + 8 + 4;
-
-std::string boot_id() {
-  std::string boot;
-  if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
-    char buf[64] = {};
-    if (std::fgets(buf, sizeof buf, f) != nullptr) boot = buf;
-    std::fclose(f);
-  }
-  while (!boot.empty() && (boot.back() == '\n' || boot.back() == ' ')) boot.pop_back();
-  return boot;
-}
 
 template <class T>
 void put(std::string& out, T v) {

@@ -14,6 +14,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "transport/host_identity.hpp"
 #include "transport/ucx_worker.hpp"
 
 namespace kvflow::transport {
@@ -42,16 +43,10 @@ std::string shared_memory_domain() {
                t.find("sysv") != std::string::npos || t.find("posix") != std::string::npos;
     if (!shm || t[0] == '^') return {};  // "^..." excludes; shared memory may be among them
   }
-  std::string boot;
-  if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
-    char buf[64] = {};
-    if (std::fgets(buf, sizeof buf, f) != nullptr) boot = buf;
-    std::fclose(f);
-  }
+  const std::string boot = boot_id();
   char ipc[64] = {};
   auto n = ::readlink("/proc/self/ns/ipc", ipc, sizeof ipc - 1);
   if (boot.empty() || n <= 0) return {};
-  while (!boot.empty() && (boot.back() == '\n' || boot.back() == ' ')) boot.pop_back();
   return boot + "/" + std::string(ipc, static_cast<std::size_t>(n));
 }
 

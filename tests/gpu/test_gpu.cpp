@@ -269,17 +269,13 @@ static int ipc_child(char** argv) {
     for (std::uint64_t i = 0; i < pages; ++i) {
       std::uint64_t sp = reinterpret_cast<std::uint64_t>(src.value().data()) + (layer * pages + i) * page_bytes;
       std::uint64_t logical = (layer * pages + i) * page_bytes;
-      append_split(runs, pattern_run{sp, logical, page_bytes});
+      runs.push_back({sp, logical, page_bytes});
       append_split(copies, copy_desc{sp, dst_base + (layer * dst_pages + dp[i]) * page_bytes, page_bytes});
     }
-  auto rd = device_buffer::create(0, runs.size() * sizeof(pattern_run));
-  auto cd = device_buffer::create(0, copies.size() * sizeof(copy_desc));
-  if (!rd || !cd) return 5;
-  bool ok = copy_async(rd.value().data(), runs.data(), runs.size() * sizeof(pattern_run), s.value()).ok() &&
-            copy_async(cd.value().data(), copies.data(), copies.size() * sizeof(copy_desc), s.value()).ok() &&
-            launch_fill(reinterpret_cast<const pattern_run*>(rd.value().data()), static_cast<std::uint32_t>(runs.size()),
-                        seed, 0, s.value().handle()).ok() &&
-            launch_gather(reinterpret_cast<const copy_desc*>(cd.value().data()),
+  auto filled = fill_pattern(runs, seed, 0, s.value());
+  auto cd = cuda::upload(copies.data(), copies.size() * sizeof(copy_desc), s.value());
+  if (!filled || !cd) return 5;
+  bool ok = launch_gather(reinterpret_cast<const copy_desc*>(cd.value().data()),
                           static_cast<std::uint32_t>(copies.size()), s.value().handle()).ok() &&
             s.value().synchronize().ok();
   return ok ? 0 : 6;

@@ -364,6 +364,8 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
           r.peers.push_back(config::prefill_rank_of(cfg.prefill, {q.other_dp, pe.pp, pe.cp, pe.tp}));
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
         if (st.args.shared->lost) fail_room(self, q.room, st.args.shared->lost_reason);
+        if (detail::failed_before_created(st, q.room, q.incarnation))
+          fail_room(self, q.room, detail::group_failed_reason(st.side));
         if (e->state == kv_poll::failed) {
           settle(self, room);
           return;

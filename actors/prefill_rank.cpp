@@ -427,6 +427,8 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         if (auto f = st.failed_before.find({q.room, q.incarnation}); f != st.failed_before.end())
           fail_room(self, q.room, f->second);  // aborted before it came here
         if (st.args.shared->lost) fail_room(self, q.room, st.args.shared->lost_reason);
+        if (detail::failed_before_created(st, q.room, q.incarnation))
+          fail_room(self, q.room, detail::group_failed_reason(st.side));
         if (e->state == kv_poll::failed) {  // failed before the actor saw it (e.g. group lost)
           settle(self, room);
           return;

@@ -51,6 +51,39 @@ struct rank_counters {
   std::uint64_t quarantined = 0, pushes_in_flight = 0;
 };
 
+// (room, incarnation) pairs an agreed round showed while this rank did not hold them, each kept
+// for a while only (bounded) and answering one create: a room reused under the same key
+// (SGLang's incarnation is always 0) is a new request.
+class recent_requests {
+ public:
+  void remember(std::uint64_t room, std::uint64_t incarnation) {
+    seen_.push_back({room, incarnation, std::chrono::steady_clock::now()});
+    while (seen_.size() > 4096) seen_.pop_front();
+  }
+  // True once for (room, incarnation) remembered within `window`.
+  bool take(std::uint64_t room, std::uint64_t incarnation, std::chrono::milliseconds window) {
+    const auto now = std::chrono::steady_clock::now();
+    while (!seen_.empty() && now - seen_.front().at > window) seen_.pop_front();
+    auto it = std::find_if(seen_.begin(), seen_.end(),
+                           [&](const entry& f) { return f.room == room && f.incarnation == incarnation; });
+    if (it == seen_.end()) return false;
+    seen_.erase(it);
+    return true;
+  }
+  void drop(std::uint64_t room, std::uint64_t incarnation) {
+    seen_.erase(std::remove_if(seen_.begin(), seen_.end(),
+                               [&](const entry& f) { return f.room == room && f.incarnation == incarnation; }),
+                seen_.end());
+  }
+
+ private:
+  struct entry {
+    std::uint64_t room, incarnation;
+    std::chrono::steady_clock::time_point at;
+  };
+  std::deque<entry> seen_;
+};
+
 struct rank_shared {
   std::mutex mutex;  // guards everything below; the actor holds it while it handles a message
   state_store store;
@@ -70,27 +103,12 @@ struct rank_shared {
   }
   // Requests the group finished (terminal and released in an agreed round) while this rank did
   // not hold them: its engine's create that comes after that is late, and taken it would be a
-  // room no other rank holds. Each is kept for a while only, and answers one create: a room
-  // reused under the same key (SGLang's incarnation is always 0) is a new request.
-  struct finished_elsewhere {
-    std::uint64_t room, incarnation;
-    std::chrono::steady_clock::time_point at;
-  };
-  std::deque<finished_elsewhere> finished;
-  void remember_finished(std::uint64_t room, std::uint64_t incarnation) {
-    finished.push_back({room, incarnation, std::chrono::steady_clock::now()});
-    while (finished.size() > 4096) finished.pop_front();
-  }
-  // True once for a create of a request finished elsewhere within `window`.
-  bool take_finished(std::uint64_t room, std::uint64_t incarnation, std::chrono::milliseconds window) {
-    const auto now = std::chrono::steady_clock::now();
-    while (!finished.empty() && now - finished.front().at > window) finished.pop_front();
-    auto it = std::find_if(finished.begin(), finished.end(),
-                           [&](const finished_elsewhere& f) { return f.room == room && f.incarnation == incarnation; });
-    if (it == finished.end()) return false;
-    finished.erase(it);
-    return true;
-  }
+  // room no other rank holds, so it is refused.
+  recent_requests finished;
+  // Requests the group failed but had not released yet while this rank did not hold them: this
+  // rank's later create is the group's request and takes part in letting it go, but no later
+  // round tells it the request failed (its view shows it failed already), so it fails at once.
+  recent_requests failed_unheld;
   // Why (room, incarnation) failed: from the store, or from the cleared requests' reasons.
   std::string failure_of(std::uint64_t room, std::uint64_t incarnation) const {
     if (const auto* e = store.find(room); e != nullptr && e->incarnation == incarnation) return e->reason;

@@ -60,6 +60,20 @@ bool on_parent_down(Self* self, const caf::down_msg& dm, Fail fail) {
   return true;
 }
 
+inline std::string group_failed_reason(const char* side) {
+  return std::string("another rank of the ") + side + " group failed the room";
+}
+
+// A request the group failed before this rank's engine created it: the poll that showed it was
+// this rank's only notice of the failure, so the new room fails now (it takes part in letting
+// the request go, and would otherwise wait out the bootstrap timeout). Called as the actor takes
+// the create.
+template <class State>
+bool failed_before_created(State& st, std::uint64_t room, std::uint64_t incarnation) {
+  return st.args.shared->failed_unheld.take(room, incarnation,
+                                            std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms));
+}
+
 // The handlers every rank has. `fail(room, reason)` fails a room here and tells its peers;
 // `forget(room)` drops what the actor keeps of a room the group released.
 template <class Self, class Fail, class Forget>
@@ -110,7 +124,7 @@ caf::message_handler rank_handlers(Self* self, Fail fail, Forget forget) {
           if (it == st.rooms.end() || it->second.incarnation() != s.incarnation) continue;
           const auto* e = st.store().find(s.room);
           if (e != nullptr && e->state != kv_poll::failed)
-            fail(s.room, std::string("another rank of the ") + st.side + " group failed the room");
+            fail(s.room, group_failed_reason(st.side));
         }
         for (const auto& s : a.forget) {
           auto it = st.rooms.find(s.room);

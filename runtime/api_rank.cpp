@@ -42,7 +42,7 @@ error create_room(rank::impl& r, const request_id& id, int other_dp, int other_d
       return {errc::exists, "duplicate room " + std::to_string(id.room) + ": a live request holds it"};
     // This rank's create came after its group had already finished the request (the others
     // failed and let go of it first): taken, it would be a room only this rank holds.
-    if (r.shared->take_finished(id.room, id.incarnation, r.late_create_window))
+    if (r.shared->finished.take(id.room, id.incarnation, r.late_create_window))
       return {errc::exists, "room " + std::to_string(id.room) + " incarnation " + std::to_string(id.incarnation) +
                                 ": its group already finished this request"};
     // Refused here rather than failing the step post that would carry it.
@@ -54,8 +54,10 @@ error create_room(rank::impl& r, const request_id& id, int other_dp, int other_d
     if (auto s = r.shared->store.create(id.room, id.incarnation, initial); !s) return {errc::exists, s.reason()};
     r.shared->engine[id.room] = engine_room{id.incarnation};
     ++r.shared->counters.created;
+    // Sent under the lock, as poll sends what the group failed: the actor sees the two in the
+    // order they happened, so a failure never overtakes the create it is about.
+    caf::anon_send(r.actor, msg::api_create{id.room, id.incarnation, other_dp});
   }
-  caf::anon_send(r.actor, msg::api_create{id.room, id.incarnation, other_dp});
   return {};
 }
 
@@ -181,10 +183,16 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
       for (const auto* s : ready)
         if (auto it = sh.engine.find(s->room); it != sh.engine.end() && it->second.incarnation == s->incarnation)
           it->second.agreed_ready = true;
+      for (const auto& s : apply.fail) {
+        const auto* e = sh.store.find(s.room);
+        if (!s.released && (e == nullptr || e->incarnation != s.incarnation))
+          sh.failed_unheld.remember(s.room, s.incarnation);
+      }
       for (const auto& s : apply.forget) {
         const auto* e = sh.store.find(s.room);
         if (e == nullptr || e->incarnation != s.incarnation) {
-          sh.remember_finished(s.room, s.incarnation);
+          sh.finished.remember(s.room, s.incarnation);
+          sh.failed_unheld.drop(s.room, s.incarnation);  // a create now is refused, not failed
           continue;
         }
         (static_cast<kv_poll>(s.state) == kv_poll::success ? sh.counters.succeeded : sh.counters.failed)++;
@@ -194,8 +202,9 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
         sh.store.clear(s.room);
         sh.engine.erase(s.room);
       }
+      // Under the lock, as create sends its message (see create_room).
+      if (!apply.forget.empty() || !apply.fail.empty()) caf::anon_send(r.actor, std::move(apply));
     }
-    if (!apply.forget.empty() || !apply.fail.empty()) caf::anon_send(r.actor, std::move(apply));
     r.view.resize(v->states.size());
     for (std::size_t i = 0; i < v->states.size(); ++i) {
       const auto& s = v->states[i];

@@ -691,3 +691,57 @@ TEST_CASE("regression: a create that comes after its group finished the request 
   CHECK_FALSE(d1->create({12, 2}, 0));
   node->stop();
 }
+
+TEST_CASE("regression: a create that comes after its group failed the request, before it let go, fails at once") {
+  // launch.kill_decode_early under load: one prefill rank failed a request at once (its decode
+  // peer was down) while another rank of the group held it and a third had not created it yet.
+  // The third rank's poll showed the failure first and its engine created the request after:
+  // no later round tells it the request failed, so its room waited out the bootstrap timeout
+  // (15 s there) and held the whole group's release with it.
+  kvflow::node_options o;
+  o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "30000"}};
+  auto started = kvflow::node::start(small(1, 1, 1, 4), o);
+  REQUIRE(started);
+  auto node = started.value();
+  engine_memory pm{4, 32, 16 * 64, 4};
+  std::vector<std::unique_ptr<engine_memory>> dm;
+  std::vector<std::shared_ptr<kvflow::decode_rank>> d;
+  auto p = node->add_prefill({0, 0, 0, 0}, pm.desc);
+  REQUIRE(p);
+  for (int t = 0; t < 4; ++t) {
+    dm.push_back(std::make_unique<engine_memory>(4, 32, 16 * 64, 4));
+    auto r = node->add_decode({t, 0, 0, 0}, dm.back()->desc);
+    REQUIRE(r);
+    d.push_back(r.value());
+  }
+  const kvflow::request_id id{21, 1};
+  // Rank 1 holds the request (Bootstrapping: nothing comes from prefill) and rank 0 fails it;
+  // ranks 2 and 3 create it only once their view shows it failed and not released yet.
+  REQUIRE_FALSE(d[1]->create(id, 0));
+  REQUIRE_FALSE(d[0]->create(id, 0));
+  REQUIRE_FALSE(d[0]->abort(id, "client went away"));
+  std::uint64_t step = 0;
+  bool late_created = false, released = false;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 400 && !released; ++i) {
+    ++step;
+    for (int t = 0; t < 4; ++t) {
+      auto v = d[t]->poll(step, 50ms);
+      REQUIRE(v);
+      const auto* r = v.value().find(id);
+      if (t == 3 && r != nullptr && r->state == kvflow::poll_state::failed && !r->released && !late_created) {
+        REQUIRE_FALSE(d[2]->create(id, 0));
+        REQUIRE_FALSE(d[3]->create(id, 0));
+        late_created = true;
+      }
+      if (t == 3 && r != nullptr && r->released) released = true;
+    }
+    std::this_thread::sleep_for(5ms);
+  }
+  REQUIRE(late_created);
+  CHECK(released);
+  // Well inside the 30 s bootstrap timeout: the late rooms failed at once.
+  CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < 10);
+  CHECK(d[2]->failure_reason(id).find("another rank of the decode group failed the room") != std::string::npos);
+  node->stop();
+}

@@ -40,6 +40,13 @@ struct decode_state {
   bool connected = false;
   std::string fatal;  // set when the prefill side is incompatible: every room fails with it
   std::vector<std::uint64_t> waiting_connect;
+  // Aborts of requests the engine could not create here, for prefill peers not known yet.
+  struct owed_abort {
+    std::uint64_t room, inc;
+    std::vector<int> peers;
+    std::string reason;
+  };
+  std::vector<owed_abort> owed_aborts;
   // The registry could not answer the topology query (down, or restarted before it was ready):
   // why, and the wait before asking again. Rooms fail with it meanwhile; set_registry or the
   // retry timer asks again.
@@ -102,16 +109,31 @@ void leave_if_drained(decode_actor* self) {
   self->quit(caf::exit_reason::user_shutdown);
 }
 
+// The global prefill ranks this rank reads a request of prefill dp group `dp` from.
+std::vector<int> peers_of(const decode_state& st, int dp) {
+  std::vector<int> out;
+  for (const auto& pe : st.me->peers)
+    out.push_back(config::prefill_rank_of(st.args.plan->config().prefill, {dp, pe.pp, pe.cp, pe.tp}));
+  return out;
+}
+
+// Tells every prefill peer (that can be reached) the request is aborted: they stop sending, and
+// acknowledge once their writes drained.
+void abort_peers(decode_actor* self, std::uint64_t room, std::uint64_t inc, const std::vector<int>& peers,
+                 const std::string& reason) {
+  auto& st = self->state;
+  for (int p : peers)
+    if (auto pi = st.peers.find(p); pi != st.peers.end() && !pi->second.down && pi->second.handle)
+      self->send(pi->second.handle, msg::abort_room{room, inc, st.args.rank, reason});
+}
+
 void fail_room(decode_actor* self, std::uint64_t room, const std::string& reason) {
   auto& st = self->state;
   auto it = st.rooms.find(room);
   if (it == st.rooms.end() || !st.store().fail(room, reason)) return;
   auto& r = it->second;
   spdlog::debug("{}: room {} failed: {}", st.name, room, reason);
-  // Tell every prefill peer: they stop sending, and acknowledge once their writes drained.
-  for (int p : r.peers)
-    if (auto pi = st.peers.find(p); pi != st.peers.end() && !pi->second.down && pi->second.handle)
-      self->send(pi->second.handle, msg::abort_room{r.room, r.inc, st.args.rank, reason});
+  abort_peers(self, r.room, r.inc, r.peers, reason);
   if (!r.sent_to.empty()) ++st.args.shared->counters.quarantined;
   settle(self, r);
 }
@@ -239,6 +261,8 @@ void on_topology(decode_actor* self, const msg::topology_reply& t) {
     spdlog::error("{}: {}", st.name, st.fatal);
   }
   st.connected = true;
+  auto owed = std::move(st.owed_aborts);
+  for (const auto& a : owed) abort_peers(self, a.room, a.inc, a.peers, a.reason);
   auto waiting = std::move(st.waiting_connect);
   for (auto room : waiting)
     if (auto it = st.rooms.find(room); it != st.rooms.end()) ready(self, it->second);
@@ -348,7 +372,6 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
       [self](msg::api_create& q) {
         auto& st = self->state;
         auto g = detail::lock(*st.args.shared);
-        const auto& cfg = st.args.plan->config();
         // The API created the store entry (refusing duplicates at once). Gone or replaced: the
         // engine cleared it already.
         const auto* e = st.args.shared->store.find(q.room);
@@ -360,8 +383,7 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
         decode_room r;
         r.room = q.room;
         r.inc = q.incarnation;
-        for (const auto& pe : st.me->peers)
-          r.peers.push_back(config::prefill_rank_of(cfg.prefill, {q.other_dp, pe.pp, pe.cp, pe.tp}));
+        r.peers = peers_of(st, q.other_dp);
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
         if (st.args.shared->lost) fail_room(self, q.room, st.args.shared->lost_reason);
         if (detail::failed_before_created(st, q.room, q.incarnation))
@@ -457,6 +479,20 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
         if (it == st.rooms.end() || it->second.inc != a.incarnation) return;
         it->second.acked.insert(a.prefill_rank);
         settle(self, it->second);
+      },
+      [self](msg::api_refused& q) {
+        // The engine could not create the request here (its room is held by another live
+        // request): the prefill peers that hold it would wait for this rank's destinations until
+        // their bootstrap timeout. They fail it now.
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        if (q.other_dp < 0 || q.other_dp >= st.args.plan->config().prefill.dp) return;
+        auto peers = peers_of(st, q.other_dp);
+        if (st.connected) {
+          abort_peers(self, q.room, q.incarnation, peers, q.reason);
+        } else if (st.owed_aborts.size() < static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank)) {
+          st.owed_aborts.push_back({q.room, q.incarnation, std::move(peers), q.reason});
+        }
       },
       [self](msg::api_abort& a) {
         auto& st = self->state;

@@ -227,6 +227,15 @@ struct api_abort {
   std::uint64_t incarnation = 0;
   std::string reason;
 };
+// The API refused a create (its room is held by another live request, or the rank cannot take
+// it): peers that hear of the request from the other side are told now, not at a timeout.
+// Never sent for a create of the very (room, incarnation) that is live: it would hit that one.
+struct api_refused {
+  std::uint64_t room = 0;
+  std::uint64_t incarnation = 0;
+  std::int32_t other_dp = 0;
+  std::string reason;
+};
 // A poll saw agreed rounds this rank must act on: rooms the group failed (fail them here too)
 // and rooms the group released (the engine side cleared them; forget them).
 struct api_apply {
@@ -387,6 +396,10 @@ typename I::result_type inspect(I& f, api_destinations& x) {
 template <class I>
 typename I::result_type inspect(I& f, api_abort& x) {
   return f(caf::meta::type_name("api_abort"), x.room, x.incarnation, x.reason);
+}
+template <class I>
+typename I::result_type inspect(I& f, api_refused& x) {
+  return f(caf::meta::type_name("api_refused"), x.room, x.incarnation, x.other_dp, x.reason);
 }
 template <class I>
 typename I::result_type inspect(I& f, api_apply& x) {

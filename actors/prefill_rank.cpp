@@ -514,6 +514,18 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           fail_room(self, a.room, "aborted: " + a.reason);
         }
       },
+      [self](msg::api_refused& q) {
+        // This rank's engine will not hold the request: its destinations are refused, those
+        // that came before it now and later ones as they come.
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        remember_failure(st, q.room, q.incarnation, q.reason);
+        auto early = st.early.find({q.room, q.incarnation});
+        if (early == st.early.end()) return;
+        auto list = std::move(early->second);
+        st.early.erase(early);
+        for (const auto& e : list) refuse(self, e.d.decode_rank, q.room, q.incarnation, q.reason);
+      },
       [self](msg::dst_info& d) {
         auto& st = self->state;
         auto g = detail::lock(*st.args.shared);

@@ -35,29 +35,42 @@ error create_room(rank::impl& r, const request_id& id, int other_dp, int other_d
   if (r.stopped->load()) return stopped_error();
   if (other_dp < 0 || other_dp >= other_dps)
     return invalid("dp group " + std::to_string(other_dp) + " outside [0, " + std::to_string(other_dps) + ")");
-  {
-    std::lock_guard<std::mutex> g(r.shared->mutex);
-    if (r.shared->lost) return {errc::unavailable, r.shared->lost_reason};
-    if (r.shared->engine.count(id.room) != 0 || r.shared->store.find(id.room) != nullptr)
-      return {errc::exists, "duplicate room " + std::to_string(id.room) + ": a live request holds it"};
-    // This rank's create came after its group had already finished the request (the others
-    // failed and let go of it first): taken, it would be a room only this rank holds.
-    if (r.shared->finished.take(id.room, id.incarnation, r.late_create_window))
-      return {errc::exists, "room " + std::to_string(id.room) + " incarnation " + std::to_string(id.incarnation) +
-                                ": its group already finished this request"};
-    // Refused here rather than failing the step post that would carry it.
-    if (r.shm && r.shared->store.size() >= static_cast<std::size_t>(r.shm->shape().max_rooms))
-      return {errc::unavailable, "room " + std::to_string(id.room) + ": this rank holds " +
-                                            std::to_string(r.shared->store.size()) +
-                                            " rooms, what its group's shared-memory agreement posts at most "
-                                            "(KVFLOW_AGREEMENT_SHM_ROOMS)"};
-    if (auto s = r.shared->store.create(id.room, id.incarnation, initial); !s) return {errc::exists, s.reason()};
-    r.shared->engine[id.room] = engine_room{id.incarnation};
-    ++r.shared->counters.created;
-    // Sent under the lock, as poll sends what the group failed: the actor sees the two in the
-    // order they happened, so a failure never overtakes the create it is about.
-    caf::anon_send(r.actor, msg::api_create{id.room, id.incarnation, other_dp});
-  }
+  std::lock_guard<std::mutex> g(r.shared->mutex);
+  auto& sh = *r.shared;
+  // This rank's create came after its group had already finished the request (the others
+  // failed and let go of it first): taken, it would be a room only this rank holds.
+  if (sh.finished.take(id.room, id.incarnation, r.late_create_window))
+    return {errc::exists, "room " + std::to_string(id.room) + " incarnation " + std::to_string(id.incarnation) +
+                              ": its group already finished this request"};
+  // A request this rank will not hold: the peers of the other side still hear of it from their
+  // own engines, so the actor tells them now (unless the refused request is the very one that is
+  // live: nothing tells the two apart).
+  auto refuse = [&](errc code, std::string why) -> error {
+    const auto* e = sh.store.find(id.room);
+    const auto en = sh.engine.find(id.room);
+    const bool same_key = (e != nullptr && e->incarnation == id.incarnation) ||
+                          (en != sh.engine.end() && en->second.incarnation == id.incarnation);
+    if (!same_key) {
+      sh.remember_reason(id.room, id.incarnation, why);
+      caf::anon_send(r.actor, msg::api_refused{id.room, id.incarnation, other_dp, why});
+    }
+    return {code, std::move(why)};
+  };
+  if (sh.lost) return refuse(errc::unavailable, sh.lost_reason);
+  if (sh.engine.count(id.room) != 0 || sh.store.find(id.room) != nullptr)
+    return refuse(errc::exists, "duplicate room " + std::to_string(id.room) + ": a live request holds it");
+  // Refused here rather than failing the step post that would carry it.
+  if (r.shm && sh.store.size() >= static_cast<std::size_t>(r.shm->shape().max_rooms))
+    return refuse(errc::unavailable, "room " + std::to_string(id.room) + ": this rank holds " +
+                                         std::to_string(sh.store.size()) +
+                                         " rooms, what its group's shared-memory agreement posts at most "
+                                         "(KVFLOW_AGREEMENT_SHM_ROOMS)");
+  if (auto s = sh.store.create(id.room, id.incarnation, initial); !s) return refuse(errc::exists, s.reason());
+  sh.engine[id.room] = engine_room{id.incarnation};
+  ++sh.counters.created;
+  // Sent under the lock, as poll sends what the group failed: the actor sees the two in the
+  // order they happened, so a failure never overtakes the create it is about.
+  caf::anon_send(r.actor, msg::api_create{id.room, id.incarnation, other_dp});
   return {};
 }
 

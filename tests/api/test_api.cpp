@@ -745,3 +745,71 @@ TEST_CASE("regression: a create that comes after its group failed the request, b
   CHECK(d[2]->failure_reason(id).find("another rank of the decode group failed the room") != std::string::npos);
   node->stop();
 }
+
+TEST_CASE("regression: upstream 7: a create one side refuses as a duplicate fails the request on the other side at once") {
+  // Two live requests of one room (n>1 sampling): the side whose engine refused the second
+  // create must tell the other side, which otherwise waits out its bootstrap timeout for it
+  // (seen in the upstream-7 simulation: the first request ended on prefill before the second's
+  // destinations came, and they were kept there for a request that never would).
+  auto run = [](bool refused_on_prefill) {
+    kvflow::node_options o;
+    o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "30000"}};
+    auto started = kvflow::node::start(small(1, 1, 1, 1), o);
+    REQUIRE(started);
+    auto node = started.value();
+    one_pair ranks(*node);
+    auto& p = *ranks.pre;
+    auto& d = *ranks.dec;
+    const kvflow::request_id first{31, 1}, second{31, 2};
+    std::uint64_t pk = 0, dk = 0;
+    if (refused_on_prefill) {
+      REQUIRE_FALSE(p.create(first, 0));
+      auto dup = p.create(second, 0);
+      REQUIRE(dup);
+      CHECK(dup.message().find("duplicate room") != std::string::npos);
+      // The first request ends on prefill and is cleared before the second's destinations come.
+      REQUIRE_FALSE(p.abort(first, "sample 1 done"));
+      bool cleared = false;
+      for (int i = 0; i < 400 && !cleared; ++i) {
+        REQUIRE(p.poll(++pk, 20ms));
+        cleared = p.stats().live_requests == 0;
+        std::this_thread::sleep_for(2ms);
+      }
+      REQUIRE(cleared);
+      REQUIRE_FALSE(d.create(second, 0));
+    } else {
+      REQUIRE_FALSE(d.create(first, 0));
+      REQUIRE_FALSE(p.create(second, 0));
+      auto dup = d.create(second, 0);
+      REQUIRE(dup);
+      CHECK(dup.message().find("duplicate room") != std::string::npos);
+    }
+    // 400 steps of about 5 ms: well inside the 30 s timeouts.
+    bool sent = false, failed = false;
+    for (int i = 0; i < 400 && !failed; ++i) {
+      std::this_thread::sleep_for(5ms);
+      auto dv = d.poll(++dk, 20ms);
+      auto pv = p.poll(++pk, 20ms);
+      REQUIRE(dv);
+      REQUIRE(pv);
+      if (refused_on_prefill) {
+        const auto* r = dv.value().find(second);
+        if (r != nullptr && r->state == kvflow::poll_state::waiting_for_input && !sent) {
+          REQUIRE_FALSE(d.send_destinations(second, {0, 1}, 0));
+          sent = true;
+        }
+        failed = r != nullptr && r->state == kvflow::poll_state::failed;
+      } else {
+        const auto* r = pv.value().find(second);
+        failed = r != nullptr && r->state == kvflow::poll_state::failed;
+      }
+    }
+    REQUIRE(failed);
+    const auto why = refused_on_prefill ? d.failure_reason(second) : p.failure_reason(second);
+    CHECK(why.find("duplicate room 31") != std::string::npos);
+    if (refused_on_prefill) CHECK(sent);
+    node->stop();
+  };
+  SUBCASE("refused on prefill") { run(true); }
+  SUBCASE("refused on decode") { run(false); }
+}

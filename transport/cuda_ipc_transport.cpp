@@ -15,6 +15,7 @@
 
 #include "cuda/gpu.hpp"
 #include "cuda/kernels.hpp"
+#include "transport/byte_codec.hpp"
 #include "transport/host_identity.hpp"
 
 namespace kvflow::transport {
@@ -25,17 +26,8 @@ constexpr char endpoint_tag[] = "kvflow-cudaipc-1";
 constexpr char key_kind_ipc = 'I';
 constexpr std::size_t key_bytes = 1 + cuda::ipc_handle_bytes + 8 + 4;
 
-template <class T>
-void put(std::string& out, T v) {
-  out.append(reinterpret_cast<const char*>(&v), sizeof v);
-}
-template <class T>
-bool get(const std::string& in, std::size_t& at, T& v) {
-  if (in.size() < at || in.size() - at < sizeof v) return false;
-  std::memcpy(&v, in.data() + at, sizeof v);
-  at += sizeof v;
-  return true;
-}
+using codec::get;
+using codec::put;
 
 struct peer_endpoint {
   std::string boot;
@@ -48,11 +40,8 @@ result<peer_endpoint> unpack_endpoint(const std::string& e) {
   if (e.size() < tag || std::memcmp(e.data(), endpoint_tag, tag) != 0)
     return status::error("not a cuda_ipc endpoint");
   std::size_t at = tag;
-  std::uint32_t n = 0;
   peer_endpoint p;
-  if (!get(e, at, n) || n > 64 || e.size() - at < n) return status::error("cuda_ipc endpoint: bad host identity");
-  p.boot.assign(e.data() + at, n);
-  at += n;
+  if (!codec::get_string(e, at, p.boot, 64)) return status::error("cuda_ipc endpoint: bad host identity");
   if (!get(e, at, p.pid) || !get(e, at, p.device) || at != e.size())
     return status::error("cuda_ipc endpoint: truncated or trailing bytes");
   return p;
@@ -176,6 +165,11 @@ struct cuda_ipc_transport::impl {
   // soon as it is written, so the GPU copies while the rest of the list is still being built.
   void submit(std::uintptr_t fence, std::uint64_t peer, const std::vector<block>& blocks, completion done) {
     std::unique_lock<std::mutex> g(m);
+    // Pushes come from any thread (an actor's worker): the stream's device must be current there.
+    if (auto s = cuda::set_device(options.device); !s) {
+      g.unlock();
+      return done(status::error("cuda_ipc: " + s.reason()));
+    }
     auto refuse = [&](std::string reason) {
       g.unlock();
       done(status::error(std::move(reason)));
@@ -277,8 +271,7 @@ cuda_ipc_transport::~cuda_ipc_transport() {
 
 std::string cuda_ipc_transport::endpoint() const {
   std::string out(endpoint_tag, sizeof endpoint_tag);
-  put(out, static_cast<std::uint32_t>(impl_->boot.size()));
-  out += impl_->boot;
+  codec::put_string(out, impl_->boot);
   put(out, static_cast<std::uint64_t>(::getpid()));
   put(out, static_cast<std::int32_t>(impl_->options.device));
   return out;

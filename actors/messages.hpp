@@ -20,7 +20,9 @@ namespace kvflow::msg {
 // 3: engine-owned memory (a registration lists every buffer), states carry `released`, one
 // agreement group per dp group across PP stages.
 // 5: each side's kv_handshake in its own registration (register_rank, kv_registration).
-constexpr std::uint32_t wire_version = 5;
+// 6: a decode rank's endpoint and region keys describe every transport of its node (the
+// transport set: CUDA IPC beside UCX).
+constexpr std::uint32_t wire_version = 6;
 
 using start_atom = caf::atom_constant<caf::atom("start")>;
 
@@ -213,6 +215,8 @@ struct api_send {  // prefill: a chunk
   std::vector<std::int32_t> pages;
   bool is_last = false;
   std::vector<std::int32_t> state_pages;
+  // The rank's own CUDA event (cuda::fence_pool) after the engine's ready fence; 0: none.
+  std::uint64_t ready_fence = 0;
 };
 struct api_destinations {  // decode
   std::uint64_t room = 0;
@@ -386,7 +390,8 @@ typename I::result_type inspect(I& f, api_init& x) {
 }
 template <class I>
 typename I::result_type inspect(I& f, api_send& x) {
-  return f(caf::meta::type_name("api_send"), x.room, x.incarnation, x.pages, x.is_last, x.state_pages);
+  return f(caf::meta::type_name("api_send"), x.room, x.incarnation, x.pages, x.is_last, x.state_pages,
+           x.ready_fence);
 }
 template <class I>
 typename I::result_type inspect(I& f, api_destinations& x) {

@@ -10,6 +10,7 @@
 #include "actors/block_plan.hpp"
 #include "actors/rank.hpp"
 #include "actors/rank_common.hpp"
+#include "cuda/fence_pool.hpp"
 
 namespace kvflow {
 namespace {
@@ -137,7 +138,7 @@ config::range intersect(config::range a, config::range b) {
 // Hands the pages at request positions [pos, pos + src.size()) to the transport for every
 // reader (and, on the last chunk, the state pages and the aux rows).
 void send_chunk(prefill_actor* self, prefill_room& r, int pos, const std::vector<std::int32_t>& src,
-                bool is_last, const std::vector<std::int32_t>& state_pages) {
+                bool is_last, const std::vector<std::int32_t>& state_pages, std::uintptr_t ready_fence) {
   auto& st = self->state;
   const auto room = r.room;
   st.store().update(room, kv_poll::transferring);
@@ -193,7 +194,8 @@ void send_chunk(prefill_actor* self, prefill_room& r, int pos, const std::vector
     auto start = clock_type::now();
     // The completion may run on this thread, inside push(): it only sends a message. It keeps
     // the source memory description (and its owner) alive until the transport is done with it.
-    st.args.transport->push(d, blocks, [me, room, inc, d, receipt, start, bytes, memory = st.args.memory](status s) {
+    // With a fence the transport's stream waits for it on the GPU: nothing blocks here.
+    st.args.transport->push_after(ready_fence, d, blocks, [me, room, inc, d, receipt, start, bytes, memory = st.args.memory](status s) {
       caf::anon_send(me, msg::push_done{room, inc, d, s.ok(), s.reason(), bytes,
                                         std::chrono::duration<double>(clock_type::now() - start).count()});
     });
@@ -474,6 +476,16 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
       [self](msg::api_send& c) {
         auto& st = self->state;
         auto g = detail::lock(*st.args.shared);
+        // Every push of the chunk is queued (each waiting on the fence) by the time this
+        // handler returns, whatever it decides: the fence may be recorded again then.
+        const auto fence = static_cast<std::uintptr_t>(c.ready_fence);
+        struct fence_back {
+          cuda::fence_pool* pool;
+          std::uintptr_t f;
+          ~fence_back() {
+            if (pool != nullptr && f != 0) pool->give_back(f);
+          }
+        } back{st.args.fences.get(), fence};
         auto it = st.rooms.find(c.room);
         if (it == st.rooms.end() || it->second.inc != c.incarnation) return;
         auto& r = it->second;
@@ -499,7 +511,7 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           return;
         }
         r.sent += static_cast<int>(c.pages.size());
-        send_chunk(self, r, pos, c.pages, c.is_last, c.state_pages);
+        send_chunk(self, r, pos, c.pages, c.is_last, c.state_pages, fence);
         finish_if_done(self, r);
       },
       [self](msg::api_abort& a) {

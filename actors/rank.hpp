@@ -31,6 +31,14 @@ namespace msg {
 struct dst_info;
 }
 
+}  // namespace kvflow
+
+namespace kvflow::cuda {
+class fence_pool;
+}
+
+namespace kvflow {
+
 // A request as the engine drove it so far (what the API checks calls against).
 struct engine_room {
   std::uint64_t incarnation = 0;
@@ -140,6 +148,9 @@ struct rank_args {
   caf::actor root;  // the group's TP supervisor: the only sender of its agreed rounds by message
   caf::actor registry;
   dst_filter drop_dst;  // decode only
+  // Prefill with GPU memory: where the engine's ready fences were captured (the actor gives
+  // each back once the pushes waiting on it were queued). Null: host memory, no fences.
+  std::shared_ptr<cuda::fence_pool> fences;
 };
 
 caf::actor spawn_prefill_rank(caf::actor_system& sys, rank_args args);

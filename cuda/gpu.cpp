@@ -29,6 +29,15 @@ status set_device(int device) {
   return {};
 }
 
+int current_device() {
+  int d = -1;
+  if (cudaGetDevice(&d) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return d;
+}
+
 result<device_buffer> device_buffer::create(int device, std::uint64_t bytes) {
   if (auto st = set_device(device); !st) return st;
   void* p = nullptr;
@@ -177,6 +186,10 @@ result<allocation_range> allocation_of(const void* device_ptr) {
     return reinterpret_cast<range_fn>(f);
   }();
   if (fn == nullptr) return status::error("cuMemGetAddressRange: not available from this driver");
+  // A driver call needs a current context, which a thread that never used the runtime (an actor's
+  // worker thread) lacks: the pointer's device's primary context, as the runtime would make it.
+  if (const auto at = query_pointer(device_ptr); at.kind == pointer_kind::device)
+    if (auto st = set_device(at.device); !st) return st;
   unsigned long long base = 0;
   std::size_t size = 0;
   if (int e = fn(&base, &size, reinterpret_cast<unsigned long long>(device_ptr)); e != 0)
@@ -231,6 +244,7 @@ status no_cuda() { return status::error("no device: built without CUDA"); }
 
 bool built_with_cuda() { return false; }
 status set_device(int) { return no_cuda(); }
+int current_device() { return -1; }
 result<device_buffer> device_buffer::create(int, std::uint64_t) { return no_cuda(); }
 void device_buffer::reset() {}
 result<pinned_buffer> pinned_buffer::create(std::uint64_t) { return no_cuda(); }

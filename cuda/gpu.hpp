@@ -16,6 +16,25 @@ bool built_with_cuda();
 
 // Makes `device` current on the calling thread.
 status set_device(int device);
+// The device current on the calling thread (-1 when none can be).
+int current_device();
+
+// Makes `device` current for a scope and gives the thread its device back after (for calls made
+// on an engine's thread, whose current device is the engine's business).
+class device_scope {
+ public:
+  explicit device_scope(int device) : previous_(current_device()) { status_ = set_device(device); }
+  ~device_scope() {
+    if (previous_ >= 0) (void)set_device(previous_);
+  }
+  device_scope(const device_scope&) = delete;
+  device_scope& operator=(const device_scope&) = delete;
+  const status& result() const { return status_; }
+
+ private:
+  int previous_;
+  status status_;
+};
 
 // Device memory: cudaMalloc'ed, freed on destruction.
 class device_buffer {

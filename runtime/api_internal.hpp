@@ -22,12 +22,14 @@
 #include "runtime/engine_host.hpp"
 #include "runtime/link_guard.hpp"
 #include "transport/transport.hpp"
+#include "transport/transport_set.hpp"
 
 namespace kvflow::runtime {
 
 struct network_node;  // runtime/api_network.cpp: a node's registrations, anchor and keeper
 
-// The engine's buffers in kvflow's own types (host memory only in this build).
+// The engine's buffers in kvflow's own types; a CUDA buffer must be device memory of the device
+// it names (and needs a build with CUDA).
 expected<std::vector<buffer_spec>> to_buffer_specs(const memory_desc& m);
 
 // What a rank needs from the process it lives in.
@@ -62,6 +64,13 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
                                                 std::shared_ptr<const void> owner = {});
 
 std::size_t ring_rounds(const config::tunables& t);
+
+// The CUDA device of a rank's buffers (-1: host memory only), each CUDA buffer checked to be
+// device memory of the device it names.
+expected<int> gpu_of(const memory_desc& m);
+// Makes the node reach a rank's GPU memory (its first GPU rank brings CUDA IPC); one device per
+// node.
+error reach_gpu(node::impl& n, const memory_desc& memory);
 
 // Where rank `r` sits in its agreement group: the group, how many ranks it has, and the rank's
 // index among all of them (its child index under a root whose children are every rank).
@@ -113,6 +122,10 @@ struct node::impl {
   std::unique_ptr<caf::actor_system> sys;
   std::unique_ptr<runtime::link_guard> links;  // a networked node's guarded middleman
   std::shared_ptr<transport::transport> transport;
+  // The node's own transports (null when a test gave the node one): CUDA IPC joins them with the
+  // first rank whose memory is on a GPU.
+  std::shared_ptr<transport::transport_set> transports;
+  int gpu = -1;  // the CUDA device of this node's GPU ranks (one per node)
   caf::actor registry;
   std::mutex mutex;  // guards groups, ranks
   std::map<int, local_group> groups;
@@ -145,6 +158,7 @@ struct rank::impl {
   // How long a request the group finished without this rank refuses this rank's late create.
   std::chrono::milliseconds late_create_window{300000};
   bool authoritative = true;  // prefill: some decode rank reads it; decode: expects aux
+  std::shared_ptr<cuda::fence_pool> fences;  // prefill with GPU memory: ready fences captured here
 
   // The agreement client, touched only by the thread that polls.
   std::uint64_t posted = 0;

@@ -11,7 +11,11 @@
 #include "runtime/actor_system_setup.hpp"
 #include "runtime/api_internal.hpp"
 #include "runtime/node.hpp"
+#include "cuda/fence_pool.hpp"
+#include "cuda/gpu.hpp"
+#include "transport/cuda_ipc_transport.hpp"
 #include "transport/inproc_transport.hpp"
+#include "transport/transport_set.hpp"
 #include "transport/ucx_transport.hpp"
 
 namespace kvflow {
@@ -195,15 +199,23 @@ expected<std::shared_ptr<node>> start_node(const topology& t, node_options optio
   }
   if (n->internal.transport) {
     n->transport = n->internal.transport;
-  } else if (options.transport == "inproc") {
-    n->transport = std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
-  } else if (options.transport == "ucx") {
-    auto made = transport::ucx_transport::create(
-        transport::ucx_options_from(n->tunables));
-    if (!made) return error{errc::unavailable, "transport ucx: " + made.error().reason()};
-    n->transport = std::move(made.value());
   } else {
-    return invalid("transport: '" + options.transport + "' is not inproc or ucx");
+    std::shared_ptr<transport::transport> base;
+    if (options.transport == "inproc") {
+      base = std::make_shared<transport::inproc_transport>(std::make_shared<transport::inproc_fabric>());
+    } else if (options.transport == "ucx") {
+      auto made = transport::ucx_transport::create(transport::ucx_options_from(n->tunables));
+      if (!made) return error{errc::unavailable, "transport ucx: " + made.error().reason()};
+      base = std::move(made.value());
+    } else {
+      return invalid("transport: '" + options.transport + "' is not inproc or ucx");
+    }
+    n->transports = std::make_shared<transport::transport_set>(
+        std::vector<std::shared_ptr<transport::transport>>{std::move(base)}, [](const void* p) {
+          return cuda::query_pointer(p).kind == cuda::pointer_kind::device ? transport::memory_type::cuda
+                                                                           : transport::memory_type::host;
+        });
+    n->transport = n->transports;
   }
   n->cfg = std::make_unique<caf::actor_system_config>();
   const auto link_set = runtime::link_settings_of(links, n->tunables);
@@ -238,11 +250,37 @@ expected<std::shared_ptr<node>> start_node(const topology& t, node_options optio
 
 namespace runtime {
 
+expected<int> gpu_of(const memory_desc& m) {
+  int gpu = -1;
+  for (std::size_t i = 0; i < m.buffers.size(); ++i) {
+    const auto& b = m.buffers[i];
+    if (b.kind != memory_kind::cuda) continue;
+    const auto name = "memory: buffer " + std::to_string(i);
+    if (!cuda::built_with_cuda()) return error{errc::unsupported, name + " is CUDA memory; this build has no CUDA"};
+    if (gpu >= 0 && b.device != gpu)
+      return invalid(name + " is on CUDA device " + std::to_string(b.device) + ", another buffer on " +
+                     std::to_string(gpu) + " (a rank's buffers share one device)");
+    // The engine's word is checked: a transport would write it as device memory.
+    if (b.bytes > 0) {
+      const auto at = cuda::query_pointer(b.base);
+      if (at.kind != cuda::pointer_kind::device || at.device != b.device)
+        return invalid(name + " is declared memory of CUDA device " + std::to_string(b.device) +
+                       " but its base is not device memory of it");
+    }
+    gpu = b.device;
+  }
+  if (gpu >= 0)
+    for (std::size_t i = 0; i < m.buffers.size(); ++i)
+      if (m.buffers[i].kind == memory_kind::host && m.buffers[i].bytes > 0 &&
+          cuda::query_pointer(m.buffers[i].base).kind == cuda::pointer_kind::device)
+        return invalid("memory: buffer " + std::to_string(i) + " is declared host memory but is device memory");
+  return gpu;
+}
+
 expected<std::vector<buffer_spec>> to_buffer_specs(const memory_desc& m) {
   std::vector<buffer_spec> out;
+  if (auto gpu = gpu_of(m); !gpu) return gpu.err();
   for (const auto& b : m.buffers) {
-    if (b.kind != memory_kind::host)
-      return error{errc::unsupported, "memory: CUDA buffers need the GPU data plane (not in this build)"};
     buffer_kind k = buffer_kind::latent;
     switch (b.role) {
       case buffer_role::k: k = buffer_kind::k; break;
@@ -267,6 +305,13 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
   const auto& plan = *ctx.plan;
   auto specs = to_buffer_specs(memory);
   if (!specs) return specs.err();
+  const int gpu = gpu_of(memory).value();  // checked by to_buffer_specs
+  std::shared_ptr<cuda::fence_pool> fences;
+  if (prefill && gpu >= 0) {
+    auto made = cuda::fence_pool::create(gpu);
+    if (!made) return error{errc::unavailable, "memory: CUDA device " + std::to_string(gpu) + ": " + made.error().reason()};
+    fences = std::move(made.value());
+  }
   auto mem = rank_memory::create(plan, prefill, r, {memory.layer_begin, memory.layer_end}, specs.value());
   if (!mem) return invalid(mem.error().reason());
   mem.value().owner = std::move(owner);
@@ -285,6 +330,7 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
   ri->default_wait = std::chrono::microseconds(ctx.tunables.poll_wait_us);
   ri->late_create_window = std::chrono::milliseconds(ctx.tunables.bootstrap_timeout_ms);
   ri->authoritative = needs_aux;
+  ri->fences = fences;
   ri->shared = std::make_shared<rank_shared>();
   ri->shared->store = state_store(static_cast<std::size_t>(ctx.tunables.max_rooms_per_rank));
   ri->parent = link.parent;
@@ -306,6 +352,7 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
   a.board = link.board;
   a.ring = link.ring;
   a.registry = ctx.registry;
+  a.fences = std::move(fences);
   if (!prefill) a.drop_dst = ctx.drop_dst;
   ri->actor = prefill ? spawn_prefill_rank(ctx.sys, std::move(a)) : spawn_decode_rank(ctx.sys, std::move(a));
   return ri;
@@ -436,6 +483,7 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   }
   std::lock_guard<std::mutex> g(n.mutex);
   if (n.taken[{prefill, r}]) return {error{errc::exists, "coords: that rank was added already"}};
+  if (auto s = runtime::reach_gpu(n, memory); s) return {s};
   // Networked, the group may span processes: its supervisors are found through the registry
   // and every rank reports by message. In one process, through the group's boards.
   auto link = n.net ? runtime::link_network(n, prefill, r) : local_link(n, prefill, r);
@@ -506,3 +554,25 @@ expected<std::shared_ptr<decode_rank>> node::add_decode(const coords& where, con
 }
 
 }  // namespace kvflow
+
+namespace kvflow::runtime {
+
+error reach_gpu(node::impl& n, const memory_desc& memory) {
+  auto gpu = gpu_of(memory);
+  if (!gpu) return gpu.err();
+  if (gpu.value() < 0) return {};
+  if (!n.transports) return {errc::unsupported, "memory: CUDA buffers need the node's own transports"};
+  if (n.gpu >= 0 && n.gpu != gpu.value())
+    return {errc::unsupported, "memory: this node drives CUDA device " + std::to_string(n.gpu) +
+                                   "; a rank on device " + std::to_string(gpu.value()) + " needs a node of its own"};
+  if (n.gpu < 0) {
+    auto ipc = transport::cuda_ipc_transport::create({gpu.value()});
+    if (!ipc) return {errc::unavailable, "memory: " + ipc.error().reason()};
+    // Preferred where it reaches (GPU memory on this host); the node's transport for the rest.
+    n.transports->add(std::shared_ptr<transport::transport>(std::move(ipc.value())), true);
+    n.gpu = gpu.value();
+  }
+  return {};
+}
+
+}  // namespace kvflow::runtime

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "actors/messages.hpp"
+#include "cuda/fence_pool.hpp"
 #include "runtime/api_internal.hpp"
 
 namespace kvflow {
@@ -335,24 +336,36 @@ error prefill_rank::send(const request_id& id, const std::vector<std::int32_t>& 
                          const std::vector<std::int32_t>& state_pages, std::uintptr_t ready_fence) {
   auto& r = *impl_;
   if (r.stopped->load()) return stopped_error();
-  if (ready_fence != 0) return {errc::unsupported, "ready_fence: fences need the GPU data plane (not in this build)"};
+  if (ready_fence != 0 && !r.fences)
+    return {errc::unsupported, "ready_fence: this rank's KV is host memory (a fence orders writes on the GPU)"};
   if (auto e = check_pages(pages, r.memory->pages(), "pages")) return e;
   if (auto e = check_pages(state_pages, r.memory->state_pages(), "state_pages")) return e;
   if (!state_pages.empty() && !is_last) return invalid("state_pages: only on the last chunk");
+  // Taken over now: the engine may record its event again once this call returned.
+  std::uintptr_t fence = 0;
+  if (ready_fence != 0) {
+    auto mine = r.fences->capture(ready_fence);
+    if (!mine) return {errc::internal, "ready_fence: " + mine.error().reason()};
+    fence = mine.value();
+  }
   {
     std::lock_guard<std::mutex> g(r.shared->mutex);
+    auto refuse = [&](error e) {
+      if (fence != 0) r.fences->give_back(fence);
+      return e;
+    };
     auto* e = find(*r.shared, id);
-    if (e == nullptr) return {errc::not_found, id_text(id) + " is not on this rank"};
-    if (!e->inited) return invalid(id_text(id) + ": send before init");
-    if (e->last) return invalid(id_text(id) + ": send after the last chunk");
+    if (e == nullptr) return refuse({errc::not_found, id_text(id) + " is not on this rank"});
+    if (!e->inited) return refuse(invalid(id_text(id) + ": send before init"));
+    if (e->last) return refuse(invalid(id_text(id) + ": send after the last chunk"));
     const int after = e->sent + static_cast<int>(pages.size());
     if (after > e->pages || (is_last && after != e->pages))
-      return invalid(id_text(id) + ": chunks of " + std::to_string(after) + " pages for a request of " +
-                     std::to_string(e->pages) + " (init)");
+      return refuse(invalid(id_text(id) + ": chunks of " + std::to_string(after) + " pages for a request of " +
+                            std::to_string(e->pages) + " (init)"));
     e->sent = after;
     e->last = is_last;
   }
-  caf::anon_send(r.actor, msg::api_send{id.room, id.incarnation, pages, is_last, state_pages});
+  caf::anon_send(r.actor, msg::api_send{id.room, id.incarnation, pages, is_last, state_pages, fence});
   return {};
 }
 

@@ -813,3 +813,27 @@ TEST_CASE("regression: upstream 7: a create one side refuses as a duplicate fail
   SUBCASE("refused on prefill") { run(true); }
   SUBCASE("refused on decode") { run(false); }
 }
+
+TEST_CASE("api: GPU-only inputs on host memory are refused at the call, naming why") {
+  kvflow::node_options o;
+  auto started = kvflow::node::start(small(1, 1, 1, 1), o);
+  REQUIRE(started);
+  auto node = started.value();
+  // A buffer declared CUDA memory that is not device memory: a transport would write it as such.
+  engine_memory pm{4, 16, 16 * 64, 4};
+  auto desc = pm.desc;
+  desc.buffers[1].kind = kvflow::memory_kind::cuda;
+  desc.buffers[1].device = 0;
+  auto bad = node->add_prefill({0, 0, 0, 0}, desc);
+  REQUIRE_FALSE(bad);
+  CHECK(bad.err().message().find("buffer 1") != std::string::npos);
+  // A ready fence on a rank whose KV is host memory: nothing on the GPU to order after.
+  one_pair ranks(*node);
+  const kvflow::request_id id{41, 1};
+  REQUIRE_FALSE(ranks.pre->create(id, 0));
+  auto e = ranks.pre->send(id, {0}, true, {}, 0x1000);
+  REQUIRE(e);
+  CHECK(e.code() == kvflow::errc::unsupported);
+  CHECK(e.message().find("host memory") != std::string::npos);
+  node->stop();
+}

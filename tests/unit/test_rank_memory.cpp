@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/gpu.hpp"
 #include "actors/rank_memory.hpp"
 #include "config/routing.hpp"
 #include "runtime/api_internal.hpp"
@@ -486,13 +487,16 @@ TEST_CASE("sim_memory: its description makes a rank_memory addressing the same b
         for (int pg = 0; pg < 4; ++pg) CHECK(m.item(l, b, pg) == sm.item(l, b, pg));
     CHECK_FALSE(sm.state_pages.take(1));
   }
-  SUBCASE("buffers kvflow cannot reach in this build are refused by name") {
+  SUBCASE("a host buffer declared CUDA memory is refused by name") {
+    // Unsupported in a build without CUDA; with CUDA, the base is checked and is not device memory.
     const auto plan = mla_plan(0);
     command::sim_memory sm(plan, false, 0, 2, 1);
     auto desc = sm.desc();
     desc.buffers[0].kind = memory_kind::cuda;
+    desc.buffers[0].device = 0;
     auto specs = runtime::to_buffer_specs(desc);
     REQUIRE_FALSE(specs);
-    CHECK(specs.err().code() == errc::unsupported);
+    CHECK(specs.err().code() == (cuda::built_with_cuda() ? errc::invalid_argument : errc::unsupported));
+    CHECK(specs.err().message().find("buffer 0") != std::string::npos);
   }
 }

@@ -1,0 +1,158 @@
+// The public API over GPU memory, as an engine drives it: KV buffers on the device (one per
+// layer), aux rows in host memory, a forward pass that writes the pages late on its own stream and
+// hands its CUDA event to send() as the ready fence. The node chooses CUDA IPC for the KV and its
+// host transport for the aux rows; every byte is checked on the GPU.
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "cuda/gpu.hpp"
+#include "cuda/kernels.hpp"
+#include "cuda/pattern_check.hpp"
+#include "kvflow/kvflow.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr int api_layers = 8;
+constexpr std::uint64_t api_page_bytes = 64 * 656;  // DSv3.2: 64 tokens of 656 B
+constexpr int api_pool_pages = 96;
+constexpr int aux_rows = 8;
+constexpr std::uint64_t aux_row_bytes = 64;
+
+template <class T>
+T ok_or_fail(kvflow::result<T> r) {
+  REQUIRE_MESSAGE(r.ok(), r.error().reason());
+  return std::move(r.value());
+}
+
+// One rank's memory as an engine holds it: a device buffer per layer, zeroed, and a host aux buffer.
+struct gpu_memory {
+  std::vector<kvflow::cuda::device_buffer> layers;
+  std::vector<std::byte> aux = std::vector<std::byte>(aux_rows * aux_row_bytes);
+  kvflow::memory_desc desc;
+  gpu_memory() {
+    auto s = ok_or_fail(kvflow::cuda::stream::create(0));
+    std::vector<std::byte> zero(api_pool_pages * api_page_bytes);
+    desc.layer_begin = 0;
+    desc.layer_end = api_layers;
+    for (int l = 0; l < api_layers; ++l) {
+      layers.push_back(ok_or_fail(kvflow::cuda::device_buffer::create(0, zero.size())));
+      REQUIRE(kvflow::cuda::copy_async(layers.back().data(), zero.data(), zero.size(), s).ok());
+      kvflow::buffer_desc b{layers.back().data(), zero.size(), api_page_bytes, kvflow::buffer_role::mla_latent, l};
+      b.kind = kvflow::memory_kind::cuda;
+      b.device = 0;
+      desc.buffers.push_back(b);
+    }
+    REQUIRE(s.synchronize().ok());
+    desc.buffers.push_back({aux.data(), aux.size(), aux_row_bytes, kvflow::buffer_role::aux, -1});
+  }
+  // The pattern runs of a request's pages (layer-major logical offsets, as the fill numbers them).
+  std::vector<kvflow::cuda::pattern_run> runs(const std::vector<std::int32_t>& pages) const {
+    std::vector<kvflow::cuda::pattern_run> out;
+    for (int l = 0; l < api_layers; ++l)
+      for (std::size_t i = 0; i < pages.size(); ++i)
+        out.push_back({reinterpret_cast<std::uint64_t>(layers[l].data()) + std::uint64_t(pages[i]) * api_page_bytes,
+                       (std::uint64_t(l) * pages.size() + i) * api_page_bytes, api_page_bytes});
+    return out;
+  }
+};
+
+std::vector<std::int32_t> random_pages(int n, std::mt19937& rng) {
+  std::vector<std::int32_t> all(api_pool_pages);
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), rng);
+  all.resize(n);
+  return all;
+}
+
+kvflow::topology one_to_one() {
+  kvflow::topology t;
+  t.prefill = {1, 1, 1, 1};
+  t.decode = {1, 1, 1};
+  t.model = "mla:" + std::to_string(api_layers) + ":656";
+  t.dtype = "fp8";
+  t.page_size = 64;
+  return t;
+}
+
+// Steps both ranks (the same step each) until `done` holds for what `which` rank sees of `id`.
+template <class Done>
+const kvflow::room_poll* step_until(kvflow::prefill_rank& p, kvflow::decode_rank& d, std::uint64_t& step, bool decode_side,
+                                    const kvflow::request_id& id, Done done) {
+  for (int i = 0; i < 2000; ++i) {
+    ++step;
+    auto pv = p.poll(step, 50ms);
+    auto dv = d.poll(step, 50ms);
+    REQUIRE(pv);
+    REQUIRE(dv);
+    const auto* r = (decode_side ? dv : pv).value().find(id);
+    if (r != nullptr && done(*r)) return r;
+    if (r != nullptr && r->state == kvflow::poll_state::failed) {
+      FAIL_CHECK("failed: prefill says '" << p.failure_reason(id) << "', decode says '" << d.failure_reason(id) << "'");
+      return nullptr;
+    }
+    std::this_thread::sleep_for(1ms);
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+TEST_CASE("gpu: the API moves GPU KV after the engine's ready fence, with the engine's event gone at once") {
+  for (bool fenced : {true, false}) {
+    CAPTURE(fenced);
+    auto started = kvflow::node::start(one_to_one(), {});
+    REQUIRE_MESSAGE(started, started.err().message());
+    auto node = started.value();
+    gpu_memory pm, dm;
+    auto pa = node->add_prefill({0, 0, 0, 0}, pm.desc);
+    REQUIRE_MESSAGE(pa, pa.err().message());
+    auto da = node->add_decode({0, 0, 0, 0}, dm.desc);
+    REQUIRE_MESSAGE(da, da.err().message());
+    auto& p = *pa.value();
+    auto& d = *da.value();
+    std::mt19937 rng(fenced ? 5 : 6);
+    const int pages = 48;
+    const auto src = random_pages(pages, rng), dst = random_pages(pages, rng);
+    const kvflow::request_id id{fenced ? 100u : 101u, 1};
+    std::uint64_t step = 0;
+    REQUIRE_FALSE(p.create(id, 0));
+    REQUIRE_FALSE(d.create(id, 0));
+    REQUIRE(step_until(p, d, step, true, id, [](const auto& r) { return r.state == kvflow::poll_state::waiting_for_input; }));
+    REQUIRE_FALSE(d.send_destinations(id, dst, 3));
+    REQUIRE(step_until(p, d, step, false, id, [](const auto& r) { return r.state == kvflow::poll_state::waiting_for_input; }));
+    REQUIRE_FALSE(p.init(id, pages, 2));
+    std::memset(pm.aux.data() + 2 * aux_row_bytes, 0x6B, aux_row_bytes);
+    // The forward pass writes the KV after 200 ms of GPU time and records its event.
+    auto forward = ok_or_fail(kvflow::cuda::stream::create(0));
+    const std::uint64_t seed = fenced ? 91 : 92;
+    auto keep = ok_or_fail(kvflow::cuda::fill_pattern(pm.runs(src), seed, 200'000'000, forward));
+    {
+      auto written = ok_or_fail(kvflow::cuda::event::create(0));
+      REQUIRE(written.record(forward).ok());
+      auto e = p.send(id, src, true, {}, fenced ? reinterpret_cast<std::uintptr_t>(written.handle()) : 0);
+      REQUIRE_MESSAGE(!e, e.message());
+    }  // the engine's event is destroyed here: the rank took the fence over at the call
+    const auto* r = step_until(p, d, step, true, id, [](const auto& x) { return x.state == kvflow::poll_state::success || x.state == kvflow::poll_state::failed; });
+    REQUIRE(r != nullptr);
+    REQUIRE_MESSAGE(r->state == kvflow::poll_state::success, d.failure_reason(id));
+    auto check = ok_or_fail(kvflow::cuda::stream::create(0));
+    const auto wrong = ok_or_fail(kvflow::cuda::count_mismatches(dm.runs(dst), seed, check));
+    if (fenced) {
+      CHECK(wrong == 0);
+      CHECK(dm.aux[3 * aux_row_bytes] == std::byte{0x6B});  // the host aux row went its own way
+    } else {
+      CHECK(wrong > 0);  // without the fence the push read the pages before the forward wrote them
+    }
+    REQUIRE(forward.synchronize().ok());
+    node->stop();
+  }
+}

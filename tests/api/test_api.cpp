@@ -389,6 +389,16 @@ class held_transport final : public kvflow::transport::transport {
 };
 
 // One prefill and one decode rank (tp 1) in `node`, over memory of 16 pages each.
+// A node whose waiting and bootstrap timeouts (30 s) are far beyond what a test waits: an
+// answer seen in time is the runtime's, not a timeout's.
+std::shared_ptr<kvflow::node> patient_node(const kvflow::topology& t) {
+  kvflow::node_options o;
+  o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "30000"}};
+  auto started = kvflow::node::start(t, o);
+  REQUIRE(started);
+  return started.value();
+}
+
 struct one_pair {
   engine_memory pm{4, 16, 16 * 64, 4}, dm{4, 16, 16 * 64, 4};
   std::shared_ptr<kvflow::prefill_rank> pre;
@@ -566,11 +576,7 @@ TEST_CASE("api: destinations for a request the prefill side already failed are a
   // cleared already: either way the late destinations get the failure, with its reason.
   for (bool cleared : {false, true}) {
     CAPTURE(cleared);
-    kvflow::node_options o;
-    o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "30000"}};
-    auto started = kvflow::node::start(small(1, 1, 1, 1), o);
-    REQUIRE(started);
-    auto node = started.value();
+    auto node = patient_node(small(1, 1, 1, 1));
     one_pair ranks(*node);
     auto& p = *ranks.pre;
     auto& d = *ranks.dec;
@@ -698,11 +704,7 @@ TEST_CASE("regression: a create that comes after its group failed the request, b
   // The third rank's poll showed the failure first and its engine created the request after:
   // no later round tells it the request failed, so its room waited out the bootstrap timeout
   // (15 s there) and held the whole group's release with it.
-  kvflow::node_options o;
-  o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "30000"}};
-  auto started = kvflow::node::start(small(1, 1, 1, 4), o);
-  REQUIRE(started);
-  auto node = started.value();
+  auto node = patient_node(small(1, 1, 1, 4));
   engine_memory pm{4, 32, 16 * 64, 4};
   std::vector<std::unique_ptr<engine_memory>> dm;
   std::vector<std::shared_ptr<kvflow::decode_rank>> d;
@@ -752,11 +754,7 @@ TEST_CASE("regression: upstream 7: a create one side refuses as a duplicate fail
   // (seen in the upstream-7 simulation: the first request ended on prefill before the second's
   // destinations came, and they were kept there for a request that never would).
   auto run = [](bool refused_on_prefill) {
-    kvflow::node_options o;
-    o.tunables = {{"KVFLOW_WAITING_TIMEOUT_MS", "30000"}, {"KVFLOW_BOOTSTRAP_TIMEOUT_MS", "30000"}};
-    auto started = kvflow::node::start(small(1, 1, 1, 1), o);
-    REQUIRE(started);
-    auto node = started.value();
+    auto node = patient_node(small(1, 1, 1, 1));
     one_pair ranks(*node);
     auto& p = *ranks.pre;
     auto& d = *ranks.dec;

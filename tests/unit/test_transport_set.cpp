@@ -132,6 +132,22 @@ std::pair<status, int> push(transport_if& t, std::uintptr_t fence, std::uint64_t
 
 constexpr std::uint64_t decode_id = 7;
 
+// Both sides, decode's KV and aux registered with its set.
+struct registered : pair_fixture {
+  side d, p;
+  region_desc kv_r, aux_r;
+  explicit registered(const std::string& sender_host = "h1")
+      : d("h1", g, gf, nf), p(sender_host, g, gf, nf) {
+    auto a = d.set->register_memory(decode_id, kv.data(), kv.size());
+    auto b = d.set->register_memory(decode_id, aux.data(), aux.size());
+    REQUIRE(a);
+    REQUIRE(b);
+    kv_r = a.value();
+    aux_r = b.value();
+  }
+  kvflow::status connect_both() { return p.set->connect(decode_id, d.set->endpoint(), {kv_r, aux_r}); }
+};
+
 }  // namespace
 
 TEST_CASE("transport set: GPU memory registers with the GPU member only, host memory with the host one") {
@@ -155,13 +171,11 @@ TEST_CASE("transport set: GPU memory registers with the GPU member only, host me
 }
 
 TEST_CASE("transport set: a mixed push goes GPU KV through the GPU member and host aux through the other, once") {
-  pair_fixture f;
-  side d("h1", f.g, f.gf, f.nf), p("h1", f.g, f.gf, f.nf);
-  auto kv = d.set->register_memory(decode_id, f.kv.data(), f.kv.size());
-  auto aux = d.set->register_memory(decode_id, f.aux.data(), f.aux.size());
-  REQUIRE(kv);
-  REQUIRE(aux);
-  REQUIRE(p.set->connect(decode_id, d.set->endpoint(), {kv.value(), aux.value()}));
+  registered f;
+  auto& p = f.p;
+  const auto* kv = &f.kv_r;
+  const auto* aux = &f.aux_r;
+  REQUIRE(f.connect_both());
   CHECK(p.set->chosen(decode_id, kv->id) == "cuda_ipc");
   CHECK(p.set->chosen(decode_id, aux->id) == "ucx");
   const std::uintptr_t fence = 0x1234;
@@ -183,18 +197,17 @@ TEST_CASE("transport set: a mixed push goes GPU KV through the GPU member and ho
 }
 
 TEST_CASE("transport set: a peer's GPU memory on another host is refused at connect, naming the region") {
-  pair_fixture f;
-  side d("h1", f.g, f.gf, f.nf), p("h2", f.g, f.gf, f.nf);
-  auto kv = d.set->register_memory(decode_id, f.kv.data(), f.kv.size());
-  auto aux = d.set->register_memory(decode_id, f.aux.data(), f.aux.size());
-  REQUIRE(kv);
-  REQUIRE(aux);
-  auto s = p.set->connect(decode_id, d.set->endpoint(), {kv.value(), aux.value()});
+  registered f("h2");
+  auto& d = f.d;
+  auto& p = f.p;
+  const auto* kv = &f.kv_r;
+  const auto* aux = &f.aux_r;
+  auto s = f.connect_both();
   REQUIRE_FALSE(s);
   CHECK(s.reason().find("region " + std::to_string(kv->id)) != std::string::npos);
   CHECK(s.reason().find("offers cuda_ipc") != std::string::npos);
   // Host memory alone reaches the other host.
-  CHECK(p.set->connect(decode_id, d.set->endpoint(), {aux.value()}));
+  CHECK(p.set->connect(decode_id, d.set->endpoint(), {*aux}));
   CHECK(p.set->chosen(decode_id, aux->id) == "ucx");
 }
 
@@ -221,13 +234,11 @@ TEST_CASE("transport set: a fence is refused for GPU memory through a member tha
 }
 
 TEST_CASE("transport set: bounds are the member's to check, a failed part fails the whole push once") {
-  pair_fixture f;
-  side d("h1", f.g, f.gf, f.nf), p("h1", f.g, f.gf, f.nf);
-  auto kv = d.set->register_memory(decode_id, f.kv.data(), f.kv.size());
-  auto aux = d.set->register_memory(decode_id, f.aux.data(), f.aux.size());
-  REQUIRE(kv);
-  REQUIRE(aux);
-  REQUIRE(p.set->connect(decode_id, d.set->endpoint(), {kv.value(), aux.value()}));
+  registered f;
+  auto& p = f.p;
+  const auto* kv = &f.kv_r;
+  const auto* aux = &f.aux_r;
+  REQUIRE(f.connect_both());
   auto [s, calls] = push(*p.set, 0, decode_id, {{f.src_kv.data(), kv->id, 0, 64}, {f.src_aux.data(), aux->id, 250, 64}});
   CHECK_FALSE(s.ok());
   CHECK(s.reason().find("exceeds region") != std::string::npos);
@@ -258,14 +269,13 @@ TEST_CASE("transport set: malformed endpoints and region keys are refused, not r
 }
 
 TEST_CASE("transport set: reconnecting without a member's regions disconnects that member for the peer") {
-  pair_fixture f;
-  side d("h1", f.g, f.gf, f.nf), p("h1", f.g, f.gf, f.nf);
-  auto kv = d.set->register_memory(decode_id, f.kv.data(), f.kv.size());
-  auto aux = d.set->register_memory(decode_id, f.aux.data(), f.aux.size());
-  REQUIRE(kv);
-  REQUIRE(aux);
-  REQUIRE(p.set->connect(decode_id, d.set->endpoint(), {kv.value(), aux.value()}));
-  REQUIRE(p.set->connect(decode_id, d.set->endpoint(), {aux.value()}));
+  registered f;
+  auto& d = f.d;
+  auto& p = f.p;
+  const auto* kv = &f.kv_r;
+  const auto* aux = &f.aux_r;
+  REQUIRE(f.connect_both());
+  REQUIRE(p.set->connect(decode_id, d.set->endpoint(), {*aux}));
   CHECK(p.gpu->disconnects == 1);
   CHECK(p.set->chosen(decode_id, kv->id).empty());
   p.set->disconnect(decode_id);

@@ -571,9 +571,12 @@ TEST_CASE("gpu: the UCX transport reports CUDA memory and puts a fragmented requ
   receiver.value()->deregister_memory(region.value().id);
 }
 
+int api_decode_child(const char* bootstrap, std::uint64_t seed);  // test_gpu_api.cpp
+
 int main(int argc, char** argv) {
   if (argc >= 7 && std::strcmp(argv[1], "--ipc-child") == 0) return ipc_child(argv);
   if (argc >= 2 && std::strcmp(argv[1], "--ipc-receiver") == 0) return ipc_receiver();
+  if (argc >= 4 && std::strcmp(argv[1], "--api-decode-child") == 0) return api_decode_child(argv[2], std::stoull(argv[3]));
   auto devices = probe_devices();
   if (devices.count == 0) {
     std::printf("SKIP: %s\n", devices.reason.c_str());

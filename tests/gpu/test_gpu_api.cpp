@@ -3,8 +3,12 @@
 // hands its CUDA event to send() as the ready fence. The node chooses CUDA IPC for the KV and its
 // host transport for the aux rows; every byte is checked on the GPU.
 #include <doctest/doctest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <csignal>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <numeric>
@@ -155,4 +159,118 @@ TEST_CASE("gpu: the API moves GPU KV after the engine's ready fence, with the en
     REQUIRE(forward.synchronize().ok());
     node->stop();
   }
+}
+
+// The decode process of the next case: joins the prefill process's node at `bootstrap`, holds its
+// KV on the GPU, receives request (room 200, incarnation 1) into pages drawn from `seed`, checks
+// every byte on the GPU. Exit 0: the bytes and the aux row verified; else what failed.
+int api_decode_child(const char* bootstrap, std::uint64_t seed) {
+  kvflow::node_options o;
+  o.transport = "ucx";
+  o.bootstrap = bootstrap;
+  auto started = kvflow::node::start(one_to_one(), o);
+  if (!started) {
+    std::fprintf(stderr, "decode child: %s\n", started.err().message().c_str());
+    return 2;
+  }
+  auto node = started.value();
+  gpu_memory dm;
+  auto da = node->add_decode({0, 0, 0, 0}, dm.desc);
+  if (!da) {
+    std::fprintf(stderr, "decode child: %s\n", da.err().message().c_str());
+    return 3;
+  }
+  auto& d = *da.value();
+  std::mt19937 rng(static_cast<unsigned>(seed));
+  (void)random_pages(48, rng);  // the prefill side's source pages come first from the same seed
+  const auto dst = random_pages(48, rng);
+  const kvflow::request_id id{200, 1};
+  if (d.create(id, 0)) return 4;
+  bool sent = false;
+  for (std::uint64_t step = 1; step < 20000; ++step) {
+    auto v = d.poll(step, 50ms);
+    if (!v) return 5;
+    const auto* r = v.value().find(id);
+    if (r != nullptr && r->state == kvflow::poll_state::waiting_for_input && !sent) {
+      if (d.send_destinations(id, dst, 3)) return 6;
+      sent = true;
+    }
+    if (r != nullptr && r->state == kvflow::poll_state::failed) {
+      std::fprintf(stderr, "decode child: failed: %s\n", d.failure_reason(id).c_str());
+      return 7;
+    }
+    if (r != nullptr && r->state == kvflow::poll_state::success) {
+      auto s = kvflow::cuda::stream::create(0);
+      if (!s) return 8;
+      auto wrong = kvflow::cuda::count_mismatches(dm.runs(dst), seed, s.value());
+      if (!wrong || wrong.value() != 0) {
+        std::fprintf(stderr, "decode child: %llu bytes differ\n", wrong ? static_cast<unsigned long long>(wrong.value()) : 0ULL);
+        return 9;
+      }
+      if (dm.aux[3 * aux_row_bytes] != std::byte{0x6B}) return 10;
+      node->stop();
+      return 0;
+    }
+    std::this_thread::sleep_for(1ms);
+  }
+  return 11;
+}
+
+TEST_CASE("gpu: the API moves GPU KV into another process through CUDA IPC, aux rows through UCX") {
+  kvflow::node_options o;
+  o.transport = "ucx";
+  o.listen = "127.0.0.1:0";
+  auto started = kvflow::node::start(one_to_one(), o);
+  REQUIRE_MESSAGE(started, started.err().message());
+  auto node = started.value();
+  const std::uint64_t seed = 93;
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    // A fresh image: CUDA and CAF's threads do not survive fork, exec does.
+    const std::string addr = node->address(), sd = std::to_string(seed);
+    ::execl("/proc/self/exe", "/proc/self/exe", "--api-decode-child", addr.c_str(), sd.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  gpu_memory pm;
+  auto pa = node->add_prefill({0, 0, 0, 0}, pm.desc);
+  REQUIRE_MESSAGE(pa, pa.err().message());
+  auto& p = *pa.value();
+  std::mt19937 rng(static_cast<unsigned>(seed));
+  const auto src = random_pages(48, rng);
+  const kvflow::request_id id{200, 1};
+  REQUIRE_FALSE(p.create(id, 0));
+  auto forward = ok_or_fail(kvflow::cuda::stream::create(0));
+  kvflow::cuda::device_buffer keep;
+  bool sent = false;
+  int wstatus = 0;
+  pid_t done = 0;
+  for (std::uint64_t step = 1; step < 20000 && done == 0; ++step) {
+    auto v = p.poll(step, 50ms);
+    REQUIRE(v);
+    const auto* r = v.value().find(id);
+    if (r != nullptr && r->state == kvflow::poll_state::waiting_for_input && !sent) {
+      REQUIRE_FALSE(p.init(id, 48, 2));
+      std::memset(pm.aux.data() + 2 * aux_row_bytes, 0x6B, aux_row_bytes);
+      keep = ok_or_fail(kvflow::cuda::fill_pattern(pm.runs(src), seed, 100'000'000, forward));
+      auto written = ok_or_fail(kvflow::cuda::event::create(0));
+      REQUIRE(written.record(forward).ok());
+      auto e = p.send(id, src, true, {}, reinterpret_cast<std::uintptr_t>(written.handle()));
+      REQUIRE_MESSAGE(!e, e.message());
+      sent = true;
+    }
+    if (r != nullptr && r->state == kvflow::poll_state::failed) FAIL("prefill: " << p.failure_reason(id));
+    done = ::waitpid(pid, &wstatus, WNOHANG);
+    std::this_thread::sleep_for(1ms);
+  }
+  if (done == 0) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &wstatus, 0);
+    FAIL("the decode process did not finish");
+  }
+  CHECK(sent);
+  REQUIRE(WIFEXITED(wstatus));
+  CHECK(WEXITSTATUS(wstatus) == 0);
+  REQUIRE(forward.synchronize().ok());
+  node->stop();
 }

@@ -38,24 +38,35 @@ T ok_or_fail(kvflow::result<T> r) {
 }
 
 // One rank's memory as an engine holds it: a device buffer per layer, zeroed, and a host aux buffer.
+// What went wrong making it is in `problem` (the decode child process has no doctest context).
 struct gpu_memory {
   std::vector<kvflow::cuda::device_buffer> layers;
   std::vector<std::byte> aux = std::vector<std::byte>(aux_rows * aux_row_bytes);
   kvflow::memory_desc desc;
+  std::string problem;
   gpu_memory() {
-    auto s = ok_or_fail(kvflow::cuda::stream::create(0));
+    auto s = kvflow::cuda::stream::create(0);
+    if (!s) {
+      problem = s.error().reason();
+      return;
+    }
     std::vector<std::byte> zero(api_pool_pages * api_page_bytes);
     desc.layer_begin = 0;
     desc.layer_end = api_layers;
     for (int l = 0; l < api_layers; ++l) {
-      layers.push_back(ok_or_fail(kvflow::cuda::device_buffer::create(0, zero.size())));
-      REQUIRE(kvflow::cuda::copy_async(layers.back().data(), zero.data(), zero.size(), s).ok());
-      kvflow::buffer_desc b{layers.back().data(), zero.size(), api_page_bytes, kvflow::buffer_role::mla_latent, l};
-      b.kind = kvflow::memory_kind::cuda;
-      b.device = 0;
-      desc.buffers.push_back(b);
+      auto b = kvflow::cuda::device_buffer::create(0, zero.size());
+      if (!b) {
+        problem = b.error().reason();
+        return;
+      }
+      layers.push_back(std::move(b.value()));
+      if (auto c = kvflow::cuda::copy_async(layers.back().data(), zero.data(), zero.size(), s.value()); !c) problem = c.reason();
+      kvflow::buffer_desc d{layers.back().data(), zero.size(), api_page_bytes, kvflow::buffer_role::mla_latent, l};
+      d.kind = kvflow::memory_kind::cuda;
+      d.device = 0;
+      desc.buffers.push_back(d);
     }
-    REQUIRE(s.synchronize().ok());
+    if (auto c = s.value().synchronize(); !c) problem = c.reason();
     desc.buffers.push_back({aux.data(), aux.size(), aux_row_bytes, kvflow::buffer_role::aux, -1});
   }
   // The pattern runs of a request's pages (layer-major logical offsets, as the fill numbers them).
@@ -117,6 +128,8 @@ TEST_CASE("gpu: the API moves GPU KV after the engine's ready fence, with the en
     REQUIRE_MESSAGE(started, started.err().message());
     auto node = started.value();
     gpu_memory pm, dm;
+    REQUIRE_MESSAGE(pm.problem.empty(), pm.problem);
+    REQUIRE_MESSAGE(dm.problem.empty(), dm.problem);
     auto pa = node->add_prefill({0, 0, 0, 0}, pm.desc);
     REQUIRE_MESSAGE(pa, pa.err().message());
     auto da = node->add_decode({0, 0, 0, 0}, dm.desc);
@@ -175,6 +188,10 @@ int api_decode_child(const char* bootstrap, std::uint64_t seed) {
   }
   auto node = started.value();
   gpu_memory dm;
+  if (!dm.problem.empty()) {
+    std::fprintf(stderr, "decode child: %s\n", dm.problem.c_str());
+    return 12;
+  }
   auto da = node->add_decode({0, 0, 0, 0}, dm.desc);
   if (!da) {
     std::fprintf(stderr, "decode child: %s\n", da.err().message().c_str());
@@ -216,7 +233,7 @@ int api_decode_child(const char* bootstrap, std::uint64_t seed) {
   return 11;
 }
 
-TEST_CASE("gpu: the API moves GPU KV into another process through CUDA IPC, aux rows through UCX") {
+TEST_CASE("gpu: a decode engine in another process gets GPU KV by IPC and its aux row by UCX, via the API") {
   kvflow::node_options o;
   o.transport = "ucx";
   o.listen = "127.0.0.1:0";
@@ -233,6 +250,7 @@ TEST_CASE("gpu: the API moves GPU KV into another process through CUDA IPC, aux 
     ::_exit(127);
   }
   gpu_memory pm;
+  REQUIRE_MESSAGE(pm.problem.empty(), pm.problem);
   auto pa = node->add_prefill({0, 0, 0, 0}, pm.desc);
   REQUIRE_MESSAGE(pa, pa.err().message());
   auto& p = *pa.value();

@@ -86,6 +86,7 @@ struct transport_set::impl {
   memory_probe probe;
   mutable std::mutex m;  // everything below
   std::vector<std::shared_ptr<transport>> members;  // only appended: regions and routes name them by index
+  std::vector<char> ordered;                        // members[i]->query().gpu_ordered, asked once at add
   std::vector<std::size_t> order;                   // of preference
   std::uint64_t next_id = 1;
   std::unordered_map<std::uint64_t, local_region> locals;
@@ -116,6 +117,7 @@ void transport_set::add(std::shared_ptr<transport> member, bool preferred) {
   std::lock_guard<std::mutex> g(impl_->m);
   for (const auto& m : impl_->members)
     if (std::string(m->name()) == member->name()) return;
+  impl_->ordered.push_back(member->query().gpu_ordered ? 1 : 0);
   impl_->members.push_back(std::move(member));
   const auto i = impl_->members.size() - 1;
   impl_->order.insert(preferred ? impl_->order.begin() : impl_->order.end(), i);
@@ -312,6 +314,7 @@ void transport_set::push_after(std::uintptr_t ready_fence, std::uint64_t peer, c
                                completion done) {
   // Split by member, the region ids translated to the member's.
   std::vector<std::shared_ptr<transport>> members;
+  std::vector<char> ordered;
   std::vector<std::vector<block>> parts;
   std::string refusal;  // answered outside the lock: a completion may run the caller's code
   {
@@ -322,6 +325,7 @@ void transport_set::push_after(std::uintptr_t ready_fence, std::uint64_t peer, c
     } else {
       const auto& routes = it->second.routes;
       members = impl_->members;
+      ordered = impl_->ordered;
       parts.resize(members.size());
       std::uint64_t last_region = 0;
       const impl::route* last = nullptr;
@@ -348,7 +352,7 @@ void transport_set::push_after(std::uintptr_t ready_fence, std::uint64_t peer, c
   for (std::size_t i = 0; i < parts.size(); ++i) {
     if (parts[i].empty()) continue;
     ++used;
-    if (ready_fence == 0 || members[i]->query().gpu_ordered) continue;
+    if (ready_fence == 0 || ordered[i]) continue;
     for (const auto& b : parts[i])
       if (impl_->probe(b.src) != memory_type::host)
         return done(status::error(std::string(members[i]->name()) +
@@ -356,7 +360,7 @@ void transport_set::push_after(std::uintptr_t ready_fence, std::uint64_t peer, c
   }
   if (used == 0) return done(status{});
   auto send = [&](std::size_t i, completion c) {
-    if (members[i]->query().gpu_ordered)
+    if (ordered[i])
       members[i]->push_after(ready_fence, peer, parts[i], std::move(c));
     else
       members[i]->push(peer, parts[i], std::move(c));

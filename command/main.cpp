@@ -164,10 +164,11 @@ int run_simulate(const simulate_flags& f, const command::launch_options* launch)
       rep.goodput_gbps(), rep.copy_gbps(), rep.latency_p50_ms, rep.latency_p99_ms, double(rep.peak_rss_bytes) / (1 << 20));
   if (o.soak_s > 0)
     std::printf("  soak %.1f s: %.1f requests/s held, %zu faults applied, resident memory%s %.0f MiB at a quarter, "
-                "%.0f MiB at the end\n",
+                "%.0f MiB at the end, heap in use %.1f MiB then %.1f MiB\n",
                 rep.soak_seconds, rep.requests_per_second, rep.faults_applied.size(),
                 launch != nullptr ? " (the launcher's)" : "",
-                double(rep.rss_warm_bytes) / (1 << 20), double(rep.rss_end_bytes) / (1 << 20));
+                double(rep.rss_warm_bytes) / (1 << 20), double(rep.rss_end_bytes) / (1 << 20),
+                double(rep.heap_warm_bytes) / (1 << 20), double(rep.heap_end_bytes) / (1 << 20));
   for (const auto& p : rep.problems) std::fprintf(stderr, "kvflow: FAIL: %s\n", p.c_str());
   return rep.exit_code();
 }

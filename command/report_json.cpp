@@ -44,7 +44,9 @@ std::string simulation_report::to_json() const {
                  {"requests_per_second", requests_per_second},
                  {"faults_applied", faults_applied.size()},
                  {"rss_warm_bytes", rss_warm_bytes},
-                 {"rss_end_bytes", rss_end_bytes}};
+                 {"rss_end_bytes", rss_end_bytes},
+                 {"heap_warm_bytes", heap_warm_bytes},
+                 {"heap_end_bytes", heap_end_bytes}};
   j["problems"] = problems;
   json outs = json::array();
   for (const auto& o : outcomes) {

@@ -86,9 +86,11 @@ struct simulation_report {
   std::uint64_t peak_rss_bytes = 0;
   std::vector<std::string> faults_applied;
   // Soak: how long the load was on, requests finished per second over it, and this process's
-  // resident memory once a quarter of the soak had passed and at its end.
+  // resident memory and its allocator's bytes in use once a quarter of the soak had passed and
+  // at its end.
   double soak_seconds = 0, requests_per_second = 0;
   std::uint64_t rss_warm_bytes = 0, rss_end_bytes = 0;
+  std::uint64_t heap_warm_bytes = 0, heap_end_bytes = 0;
   std::vector<request_outcome> outcomes;
   std::vector<std::string> problems;  // why the exit code is 1, one line each
   bool complete = false;              // the driver finished (set by the simulation)

@@ -61,21 +61,29 @@ case "$case_" in
     ;;
   soak)
     # --soak: the load stays on with random request faults; every fault-free request succeeds,
-    # nothing stalls or leaks, and resident memory (pools touched first) stays flat.
+    # nothing stalls or leaks, and memory stays flat.
     "$kvflow" simulate --prefill tp=2,cp=2 --decode tp=2,dp=2 --model mla:8:656 --prompt-tokens 64:1024 \
       --requests 16 --soak 20 --soak-fault-every 4 --deadline 20 --report "$tmp/r.json" >"$tmp/out" 2>&1 ||
-      fail "soak exited $?: $(tail -5 "$tmp/out")"
-    cat "$tmp/out"
-    [ "$(json "r['soak']['seconds'] >= 20")" = True ] || fail "the load was not on for 20 s"
+      fail "soak exited $?: $(grep -v '^\[' "$tmp/out" | tail -n 20)"
+    # The summary only: the log holds a line per injected fault (hundreds), which would hide the
+    # line saying what failed.
+    grep -v '^\[' "$tmp/out"
+    soak=$(json "r['soak']")
+    [ "$(json "r['soak']['seconds'] >= 20")" = True ] || fail "the load was not on for 20 s: $soak"
     [ "$(json "r['soak']['faults_applied'] > 0 and r['soak']['requests_per_second'] > 0")" = True ] ||
-      fail "no fault applied or no request finished"
+      fail "no fault applied or no request finished: $soak"
     [ "$(json "r['stalled'] + r['unexpected_failures'] + r['leaked_pages'] + r['leaked_aux_slots'] + r['leaked_rooms']")" = 0 ] ||
-      fail "stalls, unexpected failures or leaks"
-    # Under AddressSanitizer freed memory sits in its quarantine (256 MiB), so resident memory
-    # grows by design there: the bound holds for the plain build only.
+      fail "stalls, unexpected failures or leaks: $(json "[r[k] for k in ('stalled', 'unexpected_failures', 'leaked_pages', 'leaked_aux_slots', 'leaked_rooms')]")"
+    # Under AddressSanitizer freed memory sits in its quarantine (256 MiB) and the allocator is
+    # ASan's: the bounds hold for the plain build only. What a leak grows is the allocator's bytes
+    # in use (the driver's own record of each request adds about 1 KiB). Resident memory also
+    # moves with the kernel (transparent huge pages, the allocator's cache), so it gets a coarse
+    # bound: enough to catch a pool or registration left behind per request (each is MiBs).
     if ! ldd "$kvflow" | grep -q libasan; then
-      [ "$(json "r['soak']['rss_end_bytes'] - r['soak']['rss_warm_bytes'] < max(64 * 2**20, r['soak']['rss_warm_bytes'] // 10)")" = True ] ||
-        fail "resident memory grew: $(json "r['soak']")"
+      [ "$(json "r['soak']['heap_end_bytes'] - r['soak']['heap_warm_bytes'] < 8 * 2**20")" = True ] ||
+        fail "the heap grew: $soak"
+      [ "$(json "r['soak']['rss_end_bytes'] - r['soak']['rss_warm_bytes'] < max(128 * 2**20, r['soak']['rss_warm_bytes'] // 4)")" = True ] ||
+        fail "resident memory grew: $soak"
     fi
     ;;
   corrupt_exit_1)

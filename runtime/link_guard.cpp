@@ -79,7 +79,13 @@ struct guard_state {
   std::mutex mutex;
   std::set<guarded_stream*> pending;
   std::size_t pending_accepted = 0;
-  std::map<std::string, std::string> refusals;
+  // Why the last attempt at each address ended, and whether it was a refusal (the peer's verdict
+  // or this end's decision) rather than a connection that dropped mid-handshake.
+  struct ending {
+    std::string why;
+    bool refused = true;
+  };
+  std::map<std::string, ending> refusals;
 
   void sweep();  // in the multiplexer's thread
 };
@@ -140,12 +146,13 @@ class guarded_stream final : public net::stream {
         size_t got = 0;
         auto st = raw_read(got, fd, tmp, std::min(sizeof tmp, auth_.wants()));
         if (st == rw_state::failure)
-          return fail_state(auth_.state() == link_auth::outcome::refused ? auth_.reason()
-                                                                          : "the connection closed during the link handshake");
+          return auth_.state() == link_auth::outcome::refused
+                     ? fail_state(auth_.reason())
+                     : dropped_state("the connection closed during the link handshake");
         if (got == 0) break;
         auth_.feed(tmp, got);
       }
-      if (!flush_auth(fd)) return fail_state("the connection failed during the link handshake");
+      if (!flush_auth(fd)) return dropped_state("the connection failed during the link handshake");
       if (auth_.state() == link_auth::outcome::refused) return fail_state(auth_.reason());
       if (!auth_.accepted()) return rw_state::success;
       leave_pending();
@@ -160,7 +167,7 @@ class guarded_stream final : public net::stream {
   rw_state write_some(size_t& result, net::native_socket fd, const void* buf, size_t len) {
     result = 0;
     if (failed_) return rw_state::failure;
-    if (!flush_auth(fd)) return fail_state("the connection failed during the link handshake");
+    if (!flush_auth(fd)) return dropped_state("the connection failed during the link handshake");
     if (!auth_.accepted()) {
       if (auth_.state() == link_auth::outcome::refused) return fail_state(auth_.reason());
       if (len == 0) return rw_state::indeterminate;
@@ -221,7 +228,7 @@ class guarded_stream final : public net::stream {
     return true;
   }
 
-  void fail(const std::string& why) {
+  void fail(const std::string& why, bool refused = true) {
     if (failed_) return;
     failed_ = true;
     leave_pending();
@@ -231,11 +238,18 @@ class guarded_stream final : public net::stream {
       // The connecting side's caller gets the reason from guarded_connect and decides.
       spdlog::debug("node link to {} refused: {}", peer_, why);
       std::lock_guard<std::mutex> l(guard_->mutex);
-      guard_->refusals[peer_] = why;
+      guard_->refusals[peer_] = {why, refused};
     }
   }
   rw_state fail_state(const std::string& why) {
     fail(why);
+    return rw_state::failure;
+  }
+  // The connection dropped before either end gave a verdict: a listener that closed or reset
+  // it (its cap on pending handshakes, a restart), which a later attempt may pass. Under TLS a
+  // drop is also how a refused certificate shows, so there it stays a refusal.
+  rw_state dropped_state(const std::string& why) {
+    fail(why, tls_ != nullptr);
     return rw_state::failure;
   }
 
@@ -541,7 +555,7 @@ result<caf::actor> guarded_connect(caf::actor_system& sys, const host_port& wher
             std::string why = sys.render(e);
             std::lock_guard<std::mutex> l(state->mutex);
             if (auto it = state->refusals.find(where.text()); it != state->refusals.end())
-              why = link_refused + it->second;
+              why = (it->second.refused ? link_refused : link_dropped) + it->second.why;
             out = status::error("cannot reach " + where.text() + ": " + why);
           });
   return out;

@@ -52,6 +52,9 @@ class link_guard {
 result<std::uint16_t> guarded_publish(caf::actor_system& sys, const caf::actor& a, const host_port& where);
 // What a connect error says when the peer (or this end) refused the link handshake.
 inline constexpr const char* link_refused = "link refused: ";
+// What it says when the connection dropped during the handshake, before any verdict: worth
+// another attempt.
+inline constexpr const char* link_dropped = "link dropped in its handshake: ";
 // One attempt to reach the actor published at `where`; a refused handshake's error says why
 // (both ends log it once).
 result<caf::actor> guarded_connect(caf::actor_system& sys, const host_port& where,

@@ -291,6 +291,35 @@ TEST_CASE("link guard: silent connections expire, and no more than the cap wait 
   CHECK(c.ask(port) == 42);
 }
 
+TEST_CASE("regression: a dial whose connection the listener drops in the handshake is tried again, until it passes") {
+  // Seen in CI under ASan: the launcher's first dial of the bootstrap was dropped during the link
+  // handshake 1 s into start-up, and the launch gave up at once as if the bootstrap had refused
+  // it. A drop is no verdict: here the listener's cap on pending handshakes drops the dial
+  // while a silent connection holds the only place, which frees 300 ms later.
+  auto s = settings_with(token_a);
+  s.max_pending = 1;
+  guarded_node a(s), b(settings_with(token_a));
+  auto port = a.publish();
+  int silent = raw_connect(port);
+  std::this_thread::sleep_for(100ms);  // accepted: the one place is taken
+  std::string first;
+  CHECK(b.ask(port, &first) == -1);
+  INFO(first);
+  CHECK(first.find(kvflow::runtime::link_dropped) != std::string::npos);
+  CHECK(first.find(kvflow::runtime::link_refused) == std::string::npos);
+  std::thread release([&] {
+    std::this_thread::sleep_for(300ms);
+    ::close(silent);
+  });
+  auto r = kvflow::runtime::connect_with_retry(*b.sys, {"127.0.0.1", port}, 10s);
+  release.join();
+  REQUIRE(r);
+  int out = -1;
+  caf::scoped_actor self{*b.sys};
+  self->request(r.value(), 5s, 41).receive([&](int x) { out = x; }, [&](caf::error&) {});
+  CHECK(out == 42);
+}
+
 namespace {
 
 // A CA, a node certificate it signed, and a second CA with its own node: made with the openssl

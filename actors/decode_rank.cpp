@@ -127,13 +127,25 @@ void abort_peers(decode_actor* self, std::uint64_t room, std::uint64_t inc, cons
       self->send(pi->second.handle, msg::abort_room{room, inc, st.args.rank, reason});
 }
 
+// The same, for a rank that may not know its peers yet: then the abort is owed, and goes once
+// the topology came (a peer that holds the request would otherwise wait for destinations that
+// never come, until its bootstrap timeout). Bounded like the rooms a rank may hold.
+void abort_or_owe(decode_actor* self, std::uint64_t room, std::uint64_t inc, std::vector<int> peers,
+                  const std::string& reason) {
+  auto& st = self->state;
+  if (st.connected)
+    abort_peers(self, room, inc, peers, reason);
+  else if (st.owed_aborts.size() < static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank))
+    st.owed_aborts.push_back({room, inc, std::move(peers), reason});
+}
+
 void fail_room(decode_actor* self, std::uint64_t room, const std::string& reason) {
   auto& st = self->state;
   auto it = st.rooms.find(room);
   if (it == st.rooms.end() || !st.store().fail(room, reason)) return;
   auto& r = it->second;
   spdlog::debug("{}: room {} failed: {}", st.name, room, reason);
-  abort_peers(self, r.room, r.inc, r.peers, reason);
+  abort_or_owe(self, r.room, r.inc, r.peers, reason);
   if (!r.sent_to.empty()) ++st.args.shared->counters.quarantined;
   settle(self, r);
 }
@@ -487,12 +499,7 @@ caf::behavior decode_rank(decode_actor* self, rank_args args) {
         auto& st = self->state;
         auto g = detail::lock(*st.args.shared);
         if (q.other_dp < 0 || q.other_dp >= st.args.plan->config().prefill.dp) return;
-        auto peers = peers_of(st, q.other_dp);
-        if (st.connected) {
-          abort_peers(self, q.room, q.incarnation, peers, q.reason);
-        } else if (st.owed_aborts.size() < static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank)) {
-          st.owed_aborts.push_back({q.room, q.incarnation, std::move(peers), q.reason});
-        }
+        abort_or_owe(self, q.room, q.incarnation, peers_of(st, q.other_dp), q.reason);
       },
       [self](msg::api_abort& a) {
         auto& st = self->state;

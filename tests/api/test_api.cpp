@@ -812,6 +812,46 @@ TEST_CASE("regression: upstream 7: a create one side refuses as a duplicate fail
   SUBCASE("refused on decode") { run(false); }
 }
 
+TEST_CASE("regression: a decode request that fails before its rank knows its prefill peers still aborts them") {
+  // The decode rank joins first, so its topology (and with it its peers' handles) comes only
+  // once the prefill rank registered. A request it fails meanwhile told nobody: the prefill
+  // rank that later gets the request waited for its destinations until the bootstrap timeout.
+  auto node = patient_node(small(1, 1, 1, 1));
+  engine_memory pm{4, 16, 16 * 64, 4}, dm{4, 16, 16 * 64, 4};
+  auto dec = node->add_decode({0, 0, 0, 0}, dm.desc);
+  REQUIRE(dec);
+  auto& d = *dec.value();
+  const kvflow::request_id id{53, 1};
+  REQUIRE_FALSE(d.create(id, 0));
+  REQUIRE_FALSE(d.abort(id, "client went away"));
+  std::uint64_t dk = 0, pk = 0;
+  bool failed_here = false;
+  for (int i = 0; i < 400 && !failed_here; ++i) {
+    auto dv = d.poll(++dk, 20ms);
+    REQUIRE(dv);
+    const auto* r = dv.value().find(id);
+    failed_here = r != nullptr && r->state == kvflow::poll_state::failed;
+  }
+  REQUIRE(failed_here);
+  auto pre = node->add_prefill({0, 0, 0, 0}, pm.desc);
+  REQUIRE(pre);
+  auto& p = *pre.value();
+  REQUIRE_FALSE(p.create(id, 0));
+  // 400 steps of about 5 ms: well inside the 30 s timeouts.
+  bool failed_there = false;
+  for (int i = 0; i < 400 && !failed_there; ++i) {
+    std::this_thread::sleep_for(5ms);
+    REQUIRE(d.poll(++dk, 20ms));
+    auto pv = p.poll(++pk, 20ms);
+    REQUIRE(pv);
+    const auto* r = pv.value().find(id);
+    failed_there = r != nullptr && r->state == kvflow::poll_state::failed;
+  }
+  REQUIRE(failed_there);
+  CHECK(p.failure_reason(id).find("client went away") != std::string::npos);
+  node->stop();
+}
+
 TEST_CASE("api: GPU-only inputs on host memory are refused at the call, naming why") {
   kvflow::node_options o;
   auto started = kvflow::node::start(small(1, 1, 1, 1), o);

@@ -109,6 +109,16 @@ result<event> event::create(int device, bool timing) {
   return ev;
 }
 
+result<event> event::create_blocking(int device) {
+  if (auto st = set_device(device); !st) return st;
+  cudaEvent_t h = nullptr;
+  if (auto e = cudaEventCreateWithFlags(&h, cudaEventDisableTiming | cudaEventBlockingSync); e != cudaSuccess)
+    return cuda_error("cudaEventCreateWithFlags", e);
+  event ev;
+  ev.handle_ = h;
+  return ev;
+}
+
 void event::reset() {
   if (handle_ != nullptr) cudaEventDestroy(as_event(handle_));
   handle_ = nullptr;
@@ -150,12 +160,6 @@ status wait_for_external_event(const stream& s, std::uintptr_t cuda_event) {
   auto ev = reinterpret_cast<cudaEvent_t>(cuda_event);
   if (auto e = cudaStreamWaitEvent(as_stream(s.handle()), ev, 0); e != cudaSuccess)
     return cuda_error("cudaStreamWaitEvent (ready fence)", e);
-  return {};
-}
-
-status launch_host_callback(const stream& s, void (*fn)(void*), void* arg) {
-  if (auto e = cudaLaunchHostFunc(as_stream(s.handle()), fn, arg); e != cudaSuccess)
-    return cuda_error("cudaLaunchHostFunc", e);
   return {};
 }
 
@@ -253,6 +257,7 @@ result<stream> stream::create(int) { return no_cuda(); }
 void stream::reset() {}
 status stream::synchronize() const { return no_cuda(); }
 result<event> event::create(int, bool) { return no_cuda(); }
+result<event> event::create_blocking(int) { return no_cuda(); }
 void event::reset() {}
 status event::record(const stream&) const { return no_cuda(); }
 status event::wait_on(const stream&) const { return no_cuda(); }
@@ -260,7 +265,6 @@ result<bool> event::done() const { return no_cuda(); }
 status event::synchronize() const { return no_cuda(); }
 result<float> event::elapsed_ms(const event&, const event&) { return no_cuda(); }
 status wait_for_external_event(const stream&, std::uintptr_t) { return no_cuda(); }
-status launch_host_callback(const stream&, void (*)(void*), void*) { return no_cuda(); }
 status copy_async(void*, const void*, std::uint64_t, const stream&) { return no_cuda(); }
 result<std::string> export_ipc_handle(const void*) { return no_cuda(); }
 result<allocation_range> allocation_of(const void*) { return no_cuda(); }

@@ -105,6 +105,9 @@ class event {
  public:
   event() = default;
   static result<event> create(int device, bool timing = false);
+  // One whose synchronize() puts the calling thread to sleep until the work is done, instead of
+  // spinning on a core (cudaEventBlockingSync): for a thread that waits for completions.
+  static result<event> create_blocking(int device);
   ~event();
   event(event&& o) noexcept;
   event& operator=(event&& o) noexcept;
@@ -130,9 +133,6 @@ class event {
 // API's ready fence is) without blocking the calling thread.
 status wait_for_external_event(const stream& s, std::uintptr_t cuda_event);
 
-// Runs `fn(arg)` on a CUDA-internal thread once the work queued on `s` so far completed
-// (cudaLaunchHostFunc). `fn` must not call CUDA; it learns of failure from a later event query.
-status launch_host_callback(const stream& s, void (*fn)(void*), void* arg);
 
 // Copies (any direction cudaMemcpyDefault resolves) queued on `s`.
 status copy_async(void* dst, const void* src, std::uint64_t bytes, const stream& s);

@@ -69,17 +69,20 @@ struct cuda_ipc_transport::impl {
     cuda::device_buffer dev;
   };
   struct inflight {
-    impl* self = nullptr;
     completion done;
     std::shared_ptr<link> l;
     std::unique_ptr<staging> st;
-    cuda::event ev;
+    cuda::event ev;                       // after the push's last kernel, on `stream`
+    std::vector<cuda::event> uploaded;    // after each chunk's list upload, on `upload_stream`
     std::uint64_t bytes = 0;
   };
 
   cuda_ipc_options options;
   std::string boot = boot_id();
   cuda::stream stream;
+  // Block lists go up on a stream of their own: on `stream` each upload would wait for the
+  // previous chunk's kernel, and every chunk would pay an upload's latency between kernels.
+  cuda::stream upload_stream;
 
   std::mutex m;  // everything below, and the order of work queued on the stream
   std::uint64_t next_region = 1;
@@ -87,49 +90,47 @@ struct cuda_ipc_transport::impl {
   std::unordered_map<std::uint64_t, std::shared_ptr<link>> links;
   std::map<std::string, std::weak_ptr<cuda::ipc_mapping>> opened;  // by handle: one open per allocation
   std::vector<std::unique_ptr<staging>> free_staging;
-  std::vector<cuda::event> free_events;
+  std::vector<cuda::event> free_events;         // blocking: the completion thread sleeps on them
+  std::vector<cuda::event> free_upload_events;  // waited for on the GPU only
 
   std::mutex done_m;
   std::condition_variable done_cv;
-  std::deque<inflight*> ready;
+  std::deque<std::unique_ptr<inflight>> queued;  // in stream order, which is completion order
   bool stopping = false;
   std::thread completer;
   std::atomic<std::uint64_t> bytes{0};
 
-  // Runs on a CUDA thread once the push's kernel finished: may not call CUDA, only hands over.
-  static void on_stream_done(void* arg) {
-    auto* f = static_cast<inflight*>(arg);
-    {
-      std::lock_guard<std::mutex> g(f->self->done_m);
-      f->self->ready.push_back(f);
-    }
-    f->self->done_cv.notify_one();
-  }
-
+  // Sleeps on each queued push's event in turn (pushes share one stream, so they complete in
+  // the order queued): one wake-up per completion, no CUDA callback thread in between.
   void complete_loop() {
+    (void)cuda::set_device(options.device);
     for (;;) {
-      inflight* f = nullptr;
+      std::unique_ptr<inflight> f;
       {
         std::unique_lock<std::mutex> g(done_m);
-        done_cv.wait(g, [&] { return stopping || !ready.empty(); });
-        if (ready.empty()) return;
-        f = ready.front();
-        ready.pop_front();
+        done_cv.wait(g, [&] { return stopping || !queued.empty(); });
+        if (queued.empty()) return;
+        f = std::move(queued.front());
+        queued.pop_front();
       }
-      std::unique_ptr<inflight> owned(f);
-      auto landed = f->ev.done();  // an error here is the kernel's (or the stream's) failure
-      status s;
-      if (!landed) s = status::error("cuda_ipc push failed on the GPU: " + landed.error().reason());
-      else if (!landed.value()) s = status::error("cuda_ipc push: completion before its event");
+      status s = f->ev.synchronize();  // an error here is the kernel's (or the stream's) failure
+      if (!s) s = status::error("cuda_ipc push failed on the GPU: " + s.reason());
       if (s) bytes.fetch_add(f->bytes, std::memory_order_relaxed);
       {
         std::lock_guard<std::mutex> g(m);
-        free_staging.push_back(std::move(f->st));
-        free_events.push_back(std::move(f->ev));
+        give_back(*f);
         f->l.reset();  // the last push of a disconnected peer closes its mappings here
       }
       f->done(std::move(s));
     }
+  }
+
+  // Returns a push's staging and events to the pools (under `m`).
+  void give_back(inflight& f) {
+    if (f.st) free_staging.push_back(std::move(f.st));
+    if (f.ev.handle() != nullptr) free_events.push_back(std::move(f.ev));
+    for (auto& e : f.uploaded) free_upload_events.push_back(std::move(e));
+    f.uploaded.clear();
   }
 
   result<std::unique_ptr<staging>> take_staging(std::uint64_t bytes_needed) {
@@ -151,18 +152,20 @@ struct cuda_ipc_transport::impl {
     return st;
   }
 
-  result<cuda::event> take_event() {
-    if (!free_events.empty()) {
-      auto e = std::move(free_events.back());
-      free_events.pop_back();
+  result<cuda::event> take_event(std::vector<cuda::event>& pool, bool blocking) {
+    if (!pool.empty()) {
+      auto e = std::move(pool.back());
+      pool.pop_back();
       return e;
     }
-    return cuda::event::create(options.device);
+    return blocking ? cuda::event::create_blocking(options.device) : cuda::event::create(options.device);
   }
 
   // Checks every block against the peer's registered regions (before any byte moves), then
   // writes the block list straight into pinned memory in chunks, each uploaded and gathered as
-  // soon as it is written, so the GPU copies while the rest of the list is still being built.
+  // soon as it is written, so the GPU copies while the rest of the list is still being built:
+  // chunk i's upload runs on the upload stream while chunk i-1's kernel runs, and kernel i waits
+  // on the GPU for its upload only.
   void submit(std::uintptr_t fence, std::uint64_t peer, const std::vector<block>& blocks, completion done) {
     std::unique_lock<std::mutex> g(m);
     // Pushes come from any thread (an actor's worker): the stream's device must be current there.
@@ -199,31 +202,41 @@ struct cuda_ipc_transport::impl {
       total += b.len;
     }
     auto f = std::make_unique<inflight>();
-    f->self = this;
     f->done = std::move(done);
     f->l = l;
     f->bytes = total;
+    // Only before any work was queued: once a kernel may run, the push completes through the
+    // completion thread (its staging stays in use until the GPU is done with it).
     auto fail = [&](const status& s) {
-      if (f->st) free_staging.push_back(std::move(f->st));
-      if (f->ev.handle() != nullptr) free_events.push_back(std::move(f->ev));
+      give_back(*f);
       g.unlock();
       f->done(s);
     };
     auto st = take_staging(std::max<std::uint64_t>(pieces, 1) * sizeof(cuda::copy_desc));
     if (!st) return fail(st.error());
     f->st = std::move(st.value());
-    auto ev = take_event();
+    auto ev = take_event(free_events, true);
     if (!ev) return fail(ev.error());
     f->ev = std::move(ev.value());
+    const std::uint64_t chunk = options.chunk_descs == 0 ? std::max<std::uint64_t>(pieces, 1) : options.chunk_descs;
+    for (std::uint64_t c = 0; c < (pieces + chunk - 1) / chunk; ++c) {
+      auto u = take_event(free_upload_events, false);
+      if (!u) return fail(u.error());
+      f->uploaded.push_back(std::move(u.value()));
+    }
     status s;
     if (fence != 0) s = cuda::wait_for_external_event(stream, fence);
     auto* host = reinterpret_cast<cuda::copy_desc*>(f->st->host.data());
     auto* dev = reinterpret_cast<cuda::copy_desc*>(f->st->dev.data());
     std::uint64_t written = 0, launched = 0;
+    std::size_t chunks = 0;
     auto flush = [&] {
       if (!s || written == launched) return;
       const std::uint64_t n = written - launched;
-      s = cuda::copy_async(dev + launched, host + launched, n * sizeof(cuda::copy_desc), stream);
+      const auto& up = f->uploaded[chunks++];
+      s = cuda::copy_async(dev + launched, host + launched, n * sizeof(cuda::copy_desc), upload_stream);
+      if (s) s = up.record(upload_stream);
+      if (s) s = up.wait_on(stream);
       if (s) s = cuda::launch_gather(dev + launched, static_cast<std::uint32_t>(n), stream.handle());
       launched = written;
     };
@@ -233,13 +246,23 @@ struct cuda_ipc_transport::impl {
       const std::uint64_t src = reinterpret_cast<std::uint64_t>(b.src);
       for (std::uint64_t at = 0; at < b.len; at += cuda::max_piece)
         host[written++] = {src + at, dst + at, std::min(cuda::max_piece, b.len - at)};
-      if (options.chunk_descs != 0 && written - launched >= options.chunk_descs) flush();
+      if (written - launched >= chunk) flush();
     }
     flush();
     if (s) s = f->ev.record(stream);
-    if (s) s = cuda::launch_host_callback(stream, &impl::on_stream_done, f.get());
-    if (!s) return fail(s);
-    f.release();  // owned by the completion thread from here
+    if (!s) {
+      // Uploads and kernels may be queued already: wait them out before the staging goes back
+      // to the pool.
+      (void)upload_stream.synchronize();
+      (void)stream.synchronize();
+      return fail(s);
+    }
+    g.unlock();
+    {
+      std::lock_guard<std::mutex> q(done_m);
+      queued.push_back(std::move(f));
+    }
+    done_cv.notify_one();
   }
 };
 
@@ -249,6 +272,9 @@ result<std::unique_ptr<cuda_ipc_transport>> cuda_ipc_transport::create(const cud
   auto s = cuda::stream::create(options.device);
   if (!s) return status::error("cuda_ipc: " + s.error().reason());
   p->stream = std::move(s.value());
+  auto u = cuda::stream::create(options.device);
+  if (!u) return status::error("cuda_ipc: " + u.error().reason());
+  p->upload_stream = std::move(u.value());
   // The kernels may be missing from this build (no nvcc, or a sanitizer build): find out now.
   if (auto k = cuda::launch_gather(nullptr, 0, p->stream.handle()); !k) return status::error("cuda_ipc: " + k.reason());
   auto* raw = p.get();

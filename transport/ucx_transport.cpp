@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "transport/host_identity.hpp"
+#include "transport/local_mapping.hpp"
 #include "transport/ucx_worker.hpp"
 
 namespace kvflow::transport {
@@ -409,7 +410,29 @@ struct ucx_transport::impl {
         }
       }
       l.regions.emplace(d.id, r);
+      if (d.size > 0 && l.shared) {
+        if (auto s = check_mapped(d, r.rkey); !s) {
+          close_ep(l, false);
+          return s;
+        }
+      }
     }
+    return {};
+  }
+
+  // A same-host peer's segment is written through its mapping in this process (UCX attached it
+  // when the key was unpacked), and a put past the segment's end would land in whatever this
+  // process maps after it: the region the peer describes must fit that mapping. UCX's own
+  // rkey_ptr is offset arithmetic only and checks no range, so the bound is the kernel's map.
+  static status check_mapped(const region_desc& d, ucp_rkey_h rkey) {
+    void* local = nullptr;
+    if (ucp_rkey_ptr(rkey, d.address, &local) != UCS_OK) return {};  // not through a local mapping
+    auto m = mapping_of(local);
+    const auto at = reinterpret_cast<std::uintptr_t>(local);
+    if (!m || d.size > m.value().end - at)
+      return status::error("region " + std::to_string(d.id) + " claims " + std::to_string(d.size) + " bytes, but " +
+                           (m ? "its shared segment is mapped here for " + std::to_string(m.value().end - at) + " bytes"
+                              : m.error().reason()));
     return {};
   }
 

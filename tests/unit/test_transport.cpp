@@ -1,5 +1,8 @@
-// transport/inproc_transport.hpp: ownership and bounds checks before any byte is written.
+// transport/inproc_transport.hpp: ownership and bounds checks before any byte is written; and
+// transport/local_mapping.hpp, which bounds a same-host peer's segment.
 #include <doctest/doctest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -8,6 +11,7 @@
 #include <vector>
 
 #include "transport/inproc_transport.hpp"
+#include "transport/local_mapping.hpp"
 
 using namespace kvflow;
 using namespace kvflow::transport;
@@ -216,4 +220,24 @@ TEST_CASE("transport: a transport that cannot order on the GPU refuses a ready f
   CHECK(calls == 2);
   CHECK(got.ok());
   CHECK(f.dst[0] == std::byte{0xAB});
+}
+
+TEST_CASE("local mapping: the kernel's map bounds an address's mapping, and an unmapped address has none") {
+  const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  // Three pages with the middle one unmapped: two mappings, a hole between them.
+  auto* p = static_cast<char*>(::mmap(nullptr, 3 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  REQUIRE(p != MAP_FAILED);
+  REQUIRE(::munmap(p + page, page) == 0);
+  auto first = kvflow::transport::mapping_of(p + 10);
+  REQUIRE(first);
+  CHECK(first.value().begin <= reinterpret_cast<std::uintptr_t>(p));
+  CHECK(first.value().end == reinterpret_cast<std::uintptr_t>(p + page));
+  auto hole = kvflow::transport::mapping_of(p + page + 10);
+  REQUIRE_FALSE(hole);
+  CHECK(hole.error().reason().find("no mapping") != std::string::npos);
+  auto last = kvflow::transport::mapping_of(p + 2 * page);
+  REQUIRE(last);
+  CHECK(last.value().begin == reinterpret_cast<std::uintptr_t>(p + 2 * page));
+  ::munmap(p, page);
+  ::munmap(p + 2 * page, page);
 }

@@ -854,6 +854,33 @@ TEST_CASE("ucx: allocated memory of a same-host peer is written through shared m
   receiver->deregister_memory(a.value().desc.id);
 }
 
+TEST_CASE("hostile: a same-host peer's region is bounded by its segment as mapped here, not by the size it claims") {
+  // A put past the segment's end would write whatever this process maps after it.
+  auto receiver = make_transport();
+  auto a = receiver->allocate_memory(receiver_id, 1 << 20);
+  REQUIRE_MESSAGE(a.ok(), a.error().reason());
+  auto lying = a.value().desc;
+  lying.size = std::uint64_t{1} << 30;
+  auto sender = make_transport();
+  REQUIRE(sender->connect(receiver_id, receiver->endpoint(), {lying}).ok());
+  auto src = pattern(4096, 3);
+  auto st = push_and_wait(*sender, receiver_id, {{src.data(), lying.id, (std::uint64_t{1} << 30) - 4096, 4096}});
+  REQUIRE(st.has_value());
+  REQUIRE_FALSE(st->ok());
+  INFO(st->reason());
+  CHECK(st->reason().find("claims 1073741824 bytes") != std::string::npos);
+  CHECK(st->reason().find("mapped here") != std::string::npos);
+  // The honest description is served, through shared memory.
+  REQUIRE(sender->connect(receiver_id, receiver->endpoint(), {a.value().desc}).ok());
+  st = push_and_wait(*sender, receiver_id, {{src.data(), a.value().desc.id, 0, 4096}});
+  REQUIRE(st.has_value());
+  REQUIRE_MESSAGE(st->ok(), st->reason());
+  CHECK(std::memcmp(a.value().base, src.data(), 4096) == 0);
+  const auto lanes = sender->describe_endpoint(receiver_id);
+  CHECK_MESSAGE((lanes.find("sysv") != std::string::npos || lanes.find("posix") != std::string::npos), lanes);
+  receiver->deregister_memory(a.value().desc.id);
+}
+
 TEST_CASE("ucx: a same-host peer that dies never faults a push, disconnecting it stops them") {
   spdlog::cfg::load_env_levels();
   child_receiver child(true);

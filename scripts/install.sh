@@ -6,9 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # python3-pip fetches UCX's wheel (install_ucx.sh); clang-14 with its runtimes builds the libFuzzer
-# targets (tests/fuzz, KVFLOW_FUZZ=ON).
+# targets (tests/fuzz, KVFLOW_FUZZ=ON); nftables drops packets at random on the netns test's lossy
+# link (this kernel has no netem).
 packages=(g++ make cmake python3 python3-pip binutils libcaf-dev libspdlog-dev libfmt-dev
-          doctest-dev libcli11-dev nlohmann-json3-dev iproute2 pkg-config libssl-dev openssl
+          doctest-dev libcli11-dev nlohmann-json3-dev iproute2 nftables pkg-config libssl-dev openssl
           clang-14 libclang-rt-14-dev libfuzzer-14-dev "$@")
 missing=()
 for p in "${packages[@]}"; do

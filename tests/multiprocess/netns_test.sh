@@ -114,4 +114,28 @@ if ip netns exec "$A" tc qdisc add dev kva root tbf rate 100mbit burst 64kb late
 else
   echo "slow link: not run (tc tbf: $(cat "$tmp/err"))"
 fi
+# A lossy link: each end drops 1 in 50 of the packets it sends on the veth at random (nftables'
+# numgen; netem is not in this kernel). TCP retransmits them, so requests take longer, but each
+# still succeeds and no node is taken for dead. The counters must show that packets were dropped.
+ip netns exec "$A" tc qdisc del dev kva root 2>/dev/null
+if command -v nft >/dev/null && ip netns exec "$A" nft add table inet kvflow_loss 2>"$tmp/err"; then
+  for end in "$A kva" "$B kvb"; do
+    set -- $end
+    ip netns exec "$1" nft add table inet kvflow_loss
+    ip netns exec "$1" nft add chain inet kvflow_loss out '{ type filter hook output priority 0; }' ||
+      fail "cannot add an nftables chain in $1"
+    ip netns exec "$1" nft add rule inet kvflow_loss out oifname "$2" numgen random mod 50 '<' 1 counter drop ||
+      fail "cannot add the loss rule in $1"
+  done
+  across "lossy link"
+  dropped=0
+  for ns in "$A" "$B"; do
+    n=$(ip netns exec "$ns" nft list chain inet kvflow_loss out | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | head -1)
+    dropped=$((dropped + ${n:-0}))
+  done
+  echo "lossy link: $dropped packets dropped"
+  [ "$dropped" -gt 0 ] || fail "lossy link: no packet was dropped (the rule did not match?)"
+else
+  echo "lossy link: not run (nft: $(cat "$tmp/err" 2>/dev/null || echo 'not installed'))"
+fi
 echo "PASS: netns"

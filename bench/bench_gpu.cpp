@@ -172,7 +172,7 @@ int run(const gpu_flags& f) {
     double d2h_ms = best_ms(s, reps, [&] { must(copy_async(pinned.data(), src.data(), bytes, s)); });
 
     // The whole push through the CUDA IPC transport (its block list built from the request's
-    // blocks, bounds-checked, uploaded, gathered, completion learnt by callback), wall clock.
+    // blocks, bounds-checked, uploaded, gathered, completion learnt by its thread), wall clock.
     struct push_figure {
       std::uint64_t chunk;
       double wall_ms, call_ms;

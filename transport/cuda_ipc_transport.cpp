@@ -285,7 +285,7 @@ result<std::unique_ptr<cuda_ipc_transport>> cuda_ipc_transport::create(const cud
 cuda_ipc_transport::cuda_ipc_transport(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 
 cuda_ipc_transport::~cuda_ipc_transport() {
-  // Every push queued so far completes (its callback runs) before the completion thread stops.
+  // Every push queued so far completes (its completion runs) before the completion thread stops.
   (void)impl_->stream.synchronize();
   {
     std::lock_guard<std::mutex> g(impl_->done_m);

@@ -2,9 +2,9 @@
 // CUDA IPC transport: GPU memory to GPU memory on one host. A receiver's device buffers are
 // exported as IPC handles when registered; a sender opens each peer allocation once (cached per
 // peer, closed when the peer is disconnected and its last push completed) and moves a push's
-// whole block list with one gather kernel on its own stream, never one copy call per page.
-// push_after() makes that stream wait for the engine's ready event on the GPU; completion is
-// learnt from a host callback, without a polling loop.
+// whole block list with gather kernels on its own stream (one per chunk of the list), never one
+// copy call per page. push_after() makes that stream wait for the engine's ready event on the
+// GPU; a completion thread learns of each push by sleeping on its event, without a polling loop.
 #include <memory>
 
 #include "transport/transport.hpp"

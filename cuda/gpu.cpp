@@ -98,25 +98,21 @@ status stream::synchronize() const {
   return {};
 }
 
-result<event> event::create(int device, bool timing) {
+result<event> event::with_flags(int device, unsigned flags) {
   if (auto st = set_device(device); !st) return st;
   cudaEvent_t h = nullptr;
-  if (auto e = cudaEventCreateWithFlags(&h, timing ? cudaEventDefault : cudaEventDisableTiming);
-      e != cudaSuccess)
-    return cuda_error("cudaEventCreateWithFlags", e);
+  if (auto e = cudaEventCreateWithFlags(&h, flags); e != cudaSuccess) return cuda_error("cudaEventCreateWithFlags", e);
   event ev;
   ev.handle_ = h;
   return ev;
 }
 
+result<event> event::create(int device, bool timing) {
+  return with_flags(device, timing ? cudaEventDefault : cudaEventDisableTiming);
+}
+
 result<event> event::create_blocking(int device) {
-  if (auto st = set_device(device); !st) return st;
-  cudaEvent_t h = nullptr;
-  if (auto e = cudaEventCreateWithFlags(&h, cudaEventDisableTiming | cudaEventBlockingSync); e != cudaSuccess)
-    return cuda_error("cudaEventCreateWithFlags", e);
-  event ev;
-  ev.handle_ = h;
-  return ev;
+  return with_flags(device, cudaEventDisableTiming | cudaEventBlockingSync);
 }
 
 void event::reset() {

@@ -125,6 +125,7 @@ class event {
   static result<float> elapsed_ms(const event& from, const event& to);
 
  private:
+  static result<event> with_flags(int device, unsigned flags);
   void reset();
   void* handle_ = nullptr;
 };
@@ -132,7 +133,6 @@ class event {
 // Makes stream `s` wait for an engine's event (a cudaEvent_t given as an integer, as the public
 // API's ready fence is) without blocking the calling thread.
 status wait_for_external_event(const stream& s, std::uintptr_t cuda_event);
-
 
 // Copies (any direction cudaMemcpyDefault resolves) queued on `s`.
 status copy_async(void* dst, const void* src, std::uint64_t bytes, const stream& s);

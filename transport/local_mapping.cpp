@@ -19,11 +19,9 @@ result<mapping_extent> mapping_of(const void* address) {
     while ((c = std::fgetc(maps.get())) != EOF && c != '\n') {
     }
   }
-  return status::error("no mapping of this process holds address 0x" + [&] {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%" PRIxPTR, at);
-    return std::string(buf);
-  }());
+  char hex[2 + 2 * sizeof at + 1];
+  std::snprintf(hex, sizeof hex, "0x%" PRIxPTR, at);
+  return status::error(std::string("no mapping of this process holds address ") + hex);
 }
 
 }  // namespace kvflow::transport

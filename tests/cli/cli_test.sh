@@ -76,7 +76,7 @@ case "$case_" in
       fail "stalls, unexpected failures or leaks: $(json "[r[k] for k in ('stalled', 'unexpected_failures', 'leaked_pages', 'leaked_aux_slots', 'leaked_rooms')]")"
     # Under AddressSanitizer freed memory sits in its quarantine (256 MiB) and the allocator is
     # ASan's: the bounds hold for the plain build only. What a leak grows is the allocator's bytes
-    # in use (the driver's own record of each request adds about 1 KiB). Resident memory also
+    # in use (the driver keeps a record of each request, a few KiB over this run). Resident memory also
     # moves with the kernel (transparent huge pages, the allocator's cache), so it gets a coarse
     # bound: enough to catch a pool or registration left behind per request (each is MiBs).
     if ! ldd "$kvflow" | grep -q libasan; then

@@ -1,10 +1,8 @@
 #include "actors/shm_agreement.hpp"
 
 #include <fcntl.h>
-#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,6 +14,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "transport/shared_futex.hpp"
+
 namespace kvflow {
 namespace {
 
@@ -26,18 +26,8 @@ static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std
               "the segment's atomics are shared between processes: they must be lock-free");
 static_assert(std::is_trivially_copyable<room_state>::value, "room states are copied into shared memory as bytes");
 
-// Shared futexes (not FUTEX_PRIVATE: the words live in memory several processes map).
-void futex_wait(std::atomic<std::uint32_t>& word, std::uint32_t seen, std::chrono::microseconds timeout) {
-  if (timeout.count() <= 0) return;
-  timespec ts{};
-  ts.tv_sec = static_cast<time_t>(timeout.count() / 1000000);
-  ts.tv_nsec = static_cast<long>(timeout.count() % 1000000) * 1000;
-  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT, seen, &ts, nullptr, 0);
-}
-
-void futex_wake(std::atomic<std::uint32_t>& word, int count) {
-  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE, count, nullptr, nullptr, 0);
-}
+using transport::futex_wait;
+using transport::futex_wake;
 
 // Arrivals of a round, packed: the round in the high 40 bits, its count in the low 24.
 constexpr std::uint64_t count_bits = 24;

@@ -75,6 +75,23 @@ void pinned_buffer::reset() {
   size_ = 0;
 }
 
+result<host_registration> host_registration::create(void* base, std::uint64_t bytes) {
+  if (auto e = cudaHostRegister(base, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped); e != cudaSuccess)
+    return cuda_error("cudaHostRegister", e);
+  host_registration r;
+  r.host_ = static_cast<std::byte*>(base);
+  void* dev = nullptr;
+  if (auto e = cudaHostGetDevicePointer(&dev, base, 0); e != cudaSuccess) return cuda_error("cudaHostGetDevicePointer", e);
+  r.device_ = static_cast<std::byte*>(dev);
+  return r;
+}
+
+void host_registration::reset() {
+  if (host_ != nullptr) cudaHostUnregister(host_);
+  host_ = nullptr;
+  device_ = nullptr;
+}
+
 result<stream> stream::create(int device) {
   if (auto st = set_device(device); !st) return st;
   cudaStream_t h = nullptr;
@@ -249,6 +266,8 @@ result<device_buffer> device_buffer::create(int, std::uint64_t) { return no_cuda
 void device_buffer::reset() {}
 result<pinned_buffer> pinned_buffer::create(std::uint64_t) { return no_cuda(); }
 void pinned_buffer::reset() {}
+result<host_registration> host_registration::create(void*, std::uint64_t) { return no_cuda(); }
+void host_registration::reset() {}
 result<stream> stream::create(int) { return no_cuda(); }
 void stream::reset() {}
 status stream::synchronize() const { return no_cuda(); }
@@ -290,6 +309,17 @@ pinned_buffer& pinned_buffer::operator=(pinned_buffer&& o) noexcept {
     reset();
     data_ = std::exchange(o.data_, nullptr);
     size_ = std::exchange(o.size_, 0);
+  }
+  return *this;
+}
+
+host_registration::~host_registration() { reset(); }
+host_registration::host_registration(host_registration&& o) noexcept { *this = std::move(o); }
+host_registration& host_registration::operator=(host_registration&& o) noexcept {
+  if (this != &o) {
+    reset();
+    host_ = std::exchange(o.host_, nullptr);
+    device_ = std::exchange(o.device_, nullptr);
   }
   return *this;
 }

@@ -79,6 +79,27 @@ class pinned_buffer {
   std::uint64_t size_ = 0;
 };
 
+// Host memory this process mapped itself (a shared segment another process maps too), pinned
+// and mapped into the GPU's address space (cudaHostRegister), unpinned on destruction: the GPU
+// copies to and from it as from a pinned_buffer, and device_data() is where kernels address it.
+class host_registration {
+ public:
+  host_registration() = default;
+  static result<host_registration> create(void* base, std::uint64_t bytes);
+  ~host_registration();
+  host_registration(host_registration&& o) noexcept;
+  host_registration& operator=(host_registration&& o) noexcept;
+  host_registration(const host_registration&) = delete;
+  host_registration& operator=(const host_registration&) = delete;
+
+  std::byte* device_data() const { return device_; }
+
+ private:
+  void reset();
+  std::byte* host_ = nullptr;
+  std::byte* device_ = nullptr;
+};
+
 // A non-blocking stream on one device (does not synchronise with the legacy default stream).
 class stream {
  public:

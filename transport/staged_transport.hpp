@@ -1,0 +1,64 @@
+#pragma once
+// Staged transport: GPU memory to GPU memory through pinned host memory, for peers no direct GPU
+// path reaches (no CUDA IPC between them, no CUDA-capable UCX). On one host the middle hop is no
+// copy: the receiver's staging ring (transport/staging_ring.hpp) is shared memory both processes
+// map and pin, so a push is one gather kernel from the sender's pages into a ring slot on the
+// sender's stream (after the engine's ready fence) and one from the slot into the receiver's
+// pages on the receiver's stream, the slots of a push pipelined: while the receiver empties one,
+// the sender fills the next. The receiver checks every run against what it registered before it
+// copies, and a push completes once the receiver's copy of its last slot finished, so its bytes
+// are visible to the decode engine's streams from then on.
+//
+// Threads, each asleep when there is nothing to do: per connected peer one that fills slots as
+// the peer frees them (it sleeps on the lane's bell), one that hands filled slots over once the
+// GPU wrote them (it sleeps on their events); on the receiving side one that takes slots (asleep
+// on the ring's doorbell) and one that gives them back once copied.
+//
+// `host_copies` makes both ends copy with memcpy instead of the GPU (memory is host memory): the
+// same protocol and threads, so that machines without a GPU test it.
+#include <chrono>
+#include <memory>
+
+#include "transport/staging_ring.hpp"
+#include "transport/transport.hpp"
+
+namespace kvflow::transport {
+
+struct staged_options {
+  int device = 0;  // the GPU of this endpoint's memory and streams
+  ring_shape ring;  // the ring this endpoint receives into (made at the first registration)
+  // A slot handed to the receiver and not taken in this time fails its push, and the peer with
+  // it until it is connected again (a frozen receiver); a dead receiver fails them at once.
+  std::chrono::milliseconds slot_timeout{30000};
+  bool host_copies = false;
+};
+
+class staged_transport final : public transport {
+ public:
+  static result<std::unique_ptr<staged_transport>> create(const staged_options& options);
+  ~staged_transport() override;
+
+  const char* name() const override { return "staged"; }
+  // Tag, host identity, process id and the name of this endpoint's ring.
+  std::string endpoint() const override;
+  std::vector<memory_type> memory_types() const override;
+  capabilities query() const override;
+  bool can_connect(const std::string& endpoint) const override;
+  result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override;
+  // Returns once no slot taken before can still write into the region.
+  void deregister_memory(std::uint64_t region) override;
+  status connect(std::uint64_t peer, const std::string& endpoint, const std::vector<region_desc>& regions) override;
+  void disconnect(std::uint64_t peer) override;
+  void push(std::uint64_t peer, const std::vector<block>& blocks, completion done) override;
+  void push_after(std::uintptr_t ready_fence, std::uint64_t peer, const std::vector<block>& blocks,
+                  completion done) override;
+  std::uint64_t bytes_moved() const override;
+
+  struct impl;
+
+ private:
+  explicit staged_transport(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace kvflow::transport

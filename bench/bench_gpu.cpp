@@ -5,7 +5,9 @@
 //   per-page   one cudaMemcpyAsync per page (what a transfer engine that issues a copy per page gets)
 //   gather     kvflow's gather kernel over the whole block list, the list already on the device
 //   gather+upload  the same with the block list copied up first, as a push does
-//   d2h pinned one cudaMemcpyAsync of the request into pinned host memory (the staging bound)
+//   d2h pinned one cudaMemcpyAsync of the request into pinned host memory (the staging bound),
+//              and h2d pinned back; gather into pinned: the fragmented pages into pinned memory by
+//              the gather kernel (the staged path's first half)
 // plus a block-size sweep of the gather kernel. Bytes are checked on the GPU after each path.
 #include <algorithm>
 #include <chrono>
@@ -22,6 +24,7 @@
 #include "cuda/kernels.hpp"
 #include "cuda/pattern_check.hpp"
 #include "transport/cuda_ipc_transport.hpp"
+#include "transport/staged_transport.hpp"
 #include "transport/ucx_transport.hpp"
 
 namespace kvflow::bench {
@@ -170,6 +173,22 @@ int run(const gpu_flags& f) {
     });
     const std::uint64_t bad_gather = mismatches(dst_runs, 7, s);
     double d2h_ms = best_ms(s, reps, [&] { must(copy_async(pinned.data(), src.data(), bytes, s)); });
+    double h2d_ms = best_ms(s, reps, [&] { must(copy_async(src.data(), pinned.data(), bytes, s)); });
+    // The fragmented pages gathered straight into mapped pinned memory, contiguous there.
+    double gather_pinned_ms = 0;
+    {
+      std::vector<copy_desc> into;
+      std::uint64_t at = 0;
+      for (const auto& c : frag) {
+        append_split(into, {c.src, reinterpret_cast<std::uint64_t>(pinned.data()) + at, c.len});
+        at += c.len;
+      }
+      auto l = upload(into, s);
+      gather_pinned_ms = best_ms(s, reps, [&] {
+        must(launch_gather(reinterpret_cast<const copy_desc*>(l.data()), static_cast<std::uint32_t>(into.size()),
+                           s.handle()));
+      });
+    }
 
     // The whole push through the CUDA IPC transport (its block list built from the request's
     // blocks, bounds-checked, uploaded, gathered, completion learnt by its thread), wall clock.
@@ -195,6 +214,32 @@ int run(const gpu_flags& f) {
       push_figure fig{chunk, times.wall_ms, times.call_ms};
       bad_push += mismatches(dst_runs, 7, s);
       pushes.push_back(fig);
+    }
+
+    // The whole push through the staged transport (a pinned ring both ends map: gather into a
+    // slot, then out of it into the destination pages), for a few ring shapes.
+    struct staged_figure {
+      transport::ring_shape ring;
+      double wall_ms;
+    };
+    std::vector<staged_figure> staged;
+    std::uint64_t bad_staged = 0;
+    for (auto shape : {transport::ring_shape{2, 4, 4u << 20, 4096}, transport::ring_shape{2, 4, 16u << 20, 4096},
+                       transport::ring_shape{2, 8, 16u << 20, 4096}}) {
+      transport::staged_options o;
+      o.device = dev;
+      o.ring = shape;
+      auto receiver = must(transport::staged_transport::create(o));
+      auto sender = must(transport::staged_transport::create(o));
+      auto region = must(receiver->register_memory(1, dst.data(), dst.size()));
+      must(sender->connect(1, receiver->endpoint(), {region}));
+      auto blocks = blocks_into(frag, region.id, base(dst));
+      auto dst_list = must(fill_pattern(dst_runs, 10, 0, s));
+      must(s.synchronize());
+      staged.push_back({shape, time_push(*sender, 1, blocks, reps).wall_ms});
+      bad_staged += mismatches(dst_runs, 7, s);
+      sender.reset();
+      receiver->deregister_memory(region.id);
     }
 
     // The same request through the UCX transport (UCX 1.22's CUDA lanes), two instances here.
@@ -233,7 +278,14 @@ int run(const gpu_flags& f) {
     std::printf("  kvflow ucx push (%u puts, one flush)     %9.3f ms  %8.1f GB/s  %.2fx gather kernel  (%s)\n", n, ucx_ms,
                 gbps(bytes, ucx_ms), gather_ms / ucx_ms, bad_ucx == 0 ? "bytes verified" : "BYTES WRONG");
     std::printf("  anchor pinned device-to-host              %9.3f ms  %8.1f GB/s\n", d2h_ms, gbps(bytes, d2h_ms));
-    if (bad_per_page != 0 || bad_gather != 0 || bad_push != 0 || bad_ucx != 0) return 1;
+    std::printf("  anchor pinned host-to-device              %9.3f ms  %8.1f GB/s\n", h2d_ms, gbps(bytes, h2d_ms));
+    std::printf("  gather kernel into pinned memory          %9.3f ms  %8.1f GB/s  %.2fx pinned device-to-host\n",
+                gather_pinned_ms, gbps(bytes, gather_pinned_ms), d2h_ms / gather_pinned_ms);
+    for (const auto& p : staged)
+      std::printf("  kvflow staged push, %u slots x %3llu MiB   %9.3f ms  %8.1f GB/s  %.2fx pinned device-to-host  (%s)\n",
+                  p.ring.slots, static_cast<unsigned long long>(p.ring.slot_bytes >> 20), p.wall_ms,
+                  gbps(bytes, p.wall_ms), d2h_ms / p.wall_ms, bad_staged == 0 ? "bytes verified" : "BYTES WRONG");
+    if (bad_per_page != 0 || bad_gather != 0 || bad_push != 0 || bad_ucx != 0 || bad_staged != 0) return 1;
   }
 
   // The gather kernel over blocks of one size, scattered over a 2 GiB pool.

@@ -61,7 +61,22 @@ namespace kvflow::config {
     "closed")                                                                                    \
   X(link_max_pending, "KVFLOW_LINK_MAX_PENDING", 64,                                             \
     "node links: accepted connections still proving themselves at once; more are closed on "    \
-    "accept (bounds what unauthenticated peers can hold)")
+    "accept (bounds what unauthenticated peers can hold)")                                                    \
+  X(gpu_staged, "KVFLOW_GPU_STAGED", 1,                                                          \
+    "GPU KV between processes of one host: 1 through CUDA IPC, else through the staged path "  \
+    "(a pinned ring both map); 2 the staged path first (where CUDA IPC is not allowed between " \
+    "them); 3 never staged (no ring is pinned)")                                                 \
+  X(staged_lanes, "KVFLOW_STAGED_LANES", 8,                                                      \
+    "staged path: sending processes one GPU rank's ring takes at once (a node's ring is made "   \
+    "at its first GPU registration: lanes x slots x slot bytes of pinned host memory)")         \
+  X(staged_slots, "KVFLOW_STAGED_SLOTS", 4,                                                      \
+    "staged path: slots per lane, a sender's data in flight (its credits)")                     \
+  X(staged_slot_bytes, "KVFLOW_STAGED_SLOT_BYTES", 8 << 20,                                      \
+    "staged path: bytes of one slot (a multiple of 64 KiB); each slot is one copy out of the "  \
+    "sender's pages and one into the receiver's")                                                \
+  X(staged_slot_timeout_ms, "KVFLOW_STAGED_SLOT_TIMEOUT_MS", 30000,                              \
+    "staged path: a slot the receiver has not taken in this time fails its push and the peer "  \
+    "(a frozen receiver; a dead one fails them at once)")
 
 struct tunables {
 #define KVFLOW_TUNABLE_MEMBER(name, env, def, doc) std::int64_t name = def;

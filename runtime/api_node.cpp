@@ -1,6 +1,8 @@
 // The node of the public API: parses the topology, starts the actor system, the transport and
 // (in one process) the registry, and wires each rank into its agreement group: written once for
 // every engine (the simulator, rank processes, an embedding serving process).
+#include <chrono>
+
 #include <caf/scheduler/test_coordinator.hpp>
 #include <spdlog/sinks/base_sink.h>
 #include <spdlog/spdlog.h>
@@ -15,6 +17,7 @@
 #include "cuda/gpu.hpp"
 #include "transport/cuda_ipc_transport.hpp"
 #include "transport/inproc_transport.hpp"
+#include "transport/staged_transport.hpp"
 #include "transport/transport_set.hpp"
 #include "transport/ucx_transport.hpp"
 
@@ -568,8 +571,23 @@ error reach_gpu(node::impl& n, const memory_desc& memory) {
   if (n.gpu < 0) {
     auto ipc = transport::cuda_ipc_transport::create({gpu.value()});
     if (!ipc) return {errc::unavailable, "memory: " + ipc.error().reason()};
-    // Preferred where it reaches (GPU memory on this host); the node's transport for the rest.
+    std::shared_ptr<transport::transport> staged;
+    if (n.tunables.gpu_staged != 3) {
+      transport::staged_options o;
+      o.device = gpu.value();
+      o.ring = {static_cast<std::uint32_t>(n.tunables.staged_lanes), static_cast<std::uint32_t>(n.tunables.staged_slots),
+                static_cast<std::uint64_t>(n.tunables.staged_slot_bytes), o.ring.max_descs};
+      o.slot_timeout = std::chrono::milliseconds(n.tunables.staged_slot_timeout_ms);
+      auto made = transport::staged_transport::create(o);
+      if (!made) return {errc::unavailable, "memory: " + made.error().reason()};
+      staged = std::move(made.value());
+    }
+    // Preferred where they reach (GPU memory on this host), CUDA IPC first unless the tunable
+    // says otherwise; the node's transport for the rest (host memory, other hosts).
+    const bool staged_first = n.tunables.gpu_staged == 2;
+    if (staged && !staged_first) n.transports->add(staged, true);
     n.transports->add(std::shared_ptr<transport::transport>(std::move(ipc.value())), true);
+    if (staged && staged_first) n.transports->add(staged, true);
     n.gpu = gpu.value();
   }
   return {};

@@ -6,6 +6,7 @@
 // fragmentation of a real pool), every byte checked on the GPU against its pattern.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -27,6 +28,7 @@
 #include "cuda/kernels.hpp"
 #include "cuda/pattern_check.hpp"
 #include "transport/cuda_ipc_transport.hpp"
+#include "transport/staged_transport.hpp"
 #include "transport/ucx_transport.hpp"
 
 using namespace kvflow;
@@ -435,10 +437,18 @@ TEST_CASE("gpu: cuda_ipc pushes a request after its ready event, and refuses blo
   CHECK_FALSE(push_and_wait(*sender, 0, 5, r.blocks).ok());
 }
 
-// The receiving process of the next test: registers a pool, prints its endpoint and region, and
+// The receiving process of the next tests: registers a pool, prints its endpoint and region, and
 // on "check SEED PAGES" verifies the request's pages and that the page before them is untouched.
-static int ipc_receiver() {
-  auto t = cuda_ipc_transport::create({0});
+// Through CUDA IPC, or with `staged` through the staged transport's ring.
+static int ipc_receiver(bool staged) {
+  result<std::unique_ptr<kvflow::transport::transport>> t = status::error("no transport");
+  if (staged) {
+    auto made = kvflow::transport::staged_transport::create({});
+    if (made) t = std::unique_ptr<kvflow::transport::transport>(std::move(made.value()));
+  } else {
+    auto made = cuda_ipc_transport::create({0});
+    if (made) t = std::unique_ptr<kvflow::transport::transport>(std::move(made.value()));
+  }
   if (!t) return 3;
   const std::uint64_t dst_pages = 1024;
   auto whole = device_buffer::create(0, (layers * dst_pages + 1) * page_bytes);
@@ -473,39 +483,73 @@ static int ipc_receiver() {
   return 0;
 }
 
-TEST_CASE("gpu: cuda_ipc pushes into another process's pool inside a larger allocation") {
-  int to_child[2], from_child[2];
-  REQUIRE(::pipe(to_child) == 0);
-  REQUIRE(::pipe(from_child) == 0);
-  pid_t pid = ::fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    ::dup2(to_child[0], 0);
-    ::dup2(from_child[1], 1);
-    ::close(to_child[1]);
-    ::close(from_child[0]);
-    ::execl(self_exe, self_exe, "--ipc-receiver", static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  ::close(to_child[0]);
-  ::close(from_child[1]);
-  FILE* in = ::fdopen(from_child[0], "r");
-  FILE* out = ::fdopen(to_child[1], "w");
-  REQUIRE(in != nullptr);
-  REQUIRE(out != nullptr);
-  char line[4096];
-  REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
-  std::string endpoint = unhex(std::string(line, std::strlen(line) - 1));
-  REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
-  region_desc d;
-  char key_hex[1024] = {};
-  unsigned long long id = 0, size = 0, address = 0;
-  REQUIRE(std::sscanf(line, "%llu %llu %llu %1023s", &id, &size, &address, key_hex) == 4);
-  d.id = id;
-  d.size = size;
-  d.address = address;
-  d.remote_key = unhex(key_hex);
+namespace {
 
+// The receiving process (ipc_receiver), as the tests talk to it: its endpoint and region, and
+// "check" lines in and "mismatches" lines out.
+struct receiver_process {
+  pid_t pid = -1;
+  FILE* in = nullptr;
+  FILE* out = nullptr;
+  std::string endpoint;
+  region_desc d;
+
+  explicit receiver_process(const char* kind) {
+    int to_child[2], from_child[2];
+    REQUIRE(::pipe(to_child) == 0);
+    REQUIRE(::pipe(from_child) == 0);
+    pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::dup2(to_child[0], 0);
+      ::dup2(from_child[1], 1);
+      ::close(to_child[1]);
+      ::close(from_child[0]);
+      ::execl(self_exe, self_exe, "--ipc-receiver", kind, static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    ::close(to_child[0]);
+    ::close(from_child[1]);
+    in = ::fdopen(from_child[0], "r");
+    out = ::fdopen(to_child[1], "w");
+    REQUIRE(in != nullptr);
+    REQUIRE(out != nullptr);
+    char line[4096];
+    REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
+    endpoint = unhex(std::string(line, std::strlen(line) - 1));
+    REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
+    char key_hex[1024] = {};
+    unsigned long long id = 0, size = 0, address = 0;
+    REQUIRE(std::sscanf(line, "%llu %llu %llu %1023s", &id, &size, &address, key_hex) == 4);
+    d.id = id;
+    d.size = size;
+    d.address = address;
+    d.remote_key = unhex(key_hex);
+  }
+  // What the receiver says of the request of `seed` with `pages` pages.
+  std::string check(std::uint64_t seed, std::uint64_t pages) {
+    std::fprintf(out, "check %llu %llu\n", static_cast<unsigned long long>(seed), static_cast<unsigned long long>(pages));
+    std::fflush(out);
+    char line[256];
+    REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
+    return line;
+  }
+  // Ends it by closing its input; its exit status.
+  int finish() {
+    std::fclose(out);
+    int wstatus = 0;
+    REQUIRE(::waitpid(pid, &wstatus, 0) == pid);
+    std::fclose(in);
+    return WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("gpu: cuda_ipc pushes into another process's pool inside a larger allocation") {
+  receiver_process child("ipc");
+  const std::string& endpoint = child.endpoint;
+  const region_desc& d = child.d;
   auto sender = make_ipc();
   REQUIRE(sender->can_connect(endpoint));
   // A peer that claims more bytes than its allocation holds is refused at connect.
@@ -527,17 +571,106 @@ TEST_CASE("gpu: cuda_ipc pushes into another process's pool inside a larger allo
     must(ready.record(s));
     auto st = push_and_wait(*sender, reinterpret_cast<std::uintptr_t>(ready.handle()), 9, r.blocks);
     CHECK_MESSAGE(st.ok(), st.reason());
-    std::fprintf(out, "check %llu %llu\n", static_cast<unsigned long long>(seed), static_cast<unsigned long long>(pages));
-    std::fflush(out);
-    REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
-    CHECK(std::string(line) == "mismatches 0 head clean\n");
+    CHECK(child.check(seed, pages) == "mismatches 0 head clean\n");
   }
-  std::fclose(out);
-  int wstatus = 0;
-  REQUIRE(::waitpid(pid, &wstatus, 0) == pid);
-  CHECK(WIFEXITED(wstatus));
-  CHECK(WEXITSTATUS(wstatus) == 0);
-  std::fclose(in);
+  CHECK(child.finish() == 0);
+}
+
+// ---- the staged transport (a pinned ring both processes map) ----------------------------------
+
+TEST_CASE("gpu: staged pushes a request written late, and PP and head slices, through a ring smaller than it") {
+  kvflow::transport::staged_options o;
+  o.ring = {2, 2, 4u << 20, 4096};  // 8 MiB of slots per sender: a 512-page request needs 160 of them
+  auto receiver = must(kvflow::transport::staged_transport::create(o));
+  auto sender = must(kvflow::transport::staged_transport::create(o));
+  CHECK(sender->query().gpu_ordered);
+  const std::uint64_t pages = 512, dst_pages = 1024;
+  auto src = make_pool(pages);
+  auto dst = make_pool(dst_pages);
+  auto region = must(receiver->register_memory(5, dst.mem.data(), dst.mem.size()));
+  std::vector<std::byte> host(4096);
+  CHECK_FALSE(receiver->register_memory(5, host.data(), host.size()).ok());  // host memory is not its kind
+  must(sender->connect(5, receiver->endpoint(), {region}));
+  auto s = must(stream::create(0));
+  auto producer = must(stream::create(0));
+  auto ready = must(event::create(0));
+  auto r = request_into(src, reinterpret_cast<std::uint64_t>(dst.mem.data()), dst_pages, region.id, pages, 31);
+  device_buffer keep;
+  fill(r.src_runs, 31, 100'000'000, producer, keep);  // written 100 ms of GPU time later
+  must(ready.record(producer));
+  auto st = push_and_wait(*sender, reinterpret_cast<std::uintptr_t>(ready.handle()), 5, r.blocks);
+  CHECK_MESSAGE(st.ok(), st.reason());
+  CHECK(mismatches(r.dst_runs, 31, s) == 0);
+  CHECK(sender->bytes_moved() == layers * pages * page_bytes);
+
+  // A PP stage's layers and a head slice of each page (an odd one too): only those bytes land.
+  std::mt19937_64 rng(37);
+  auto zero_dst = [&] {
+    std::vector<std::byte> zero(1 << 20);
+    for (std::uint64_t at = 0; at < dst.mem.size(); at += zero.size())
+      must(copy_async(dst.mem.data() + at, zero.data(), std::min<std::uint64_t>(zero.size(), dst.mem.size() - at), s));
+    must(s.synchronize());
+  };
+  for (auto [off, len] : {std::pair<std::uint64_t, std::uint64_t>{8192, 16384}, {333, 777}}) {
+    zero_dst();
+    auto l = layout(src, dst, 64, 20, 41, off, len, rng);
+    device_buffer keep_fill;
+    fill(l.src_runs, 40 + off, 0, s, keep_fill);
+    must(s.synchronize());
+    std::vector<block> blocks;
+    for (const auto& c : l.copies)
+      blocks.push_back({reinterpret_cast<const std::byte*>(c.src), region.id, c.dst - region.address, c.len});
+    auto sl = push_and_wait(*sender, 0, 5, blocks);
+    CHECK_MESSAGE(sl.ok(), sl.reason());
+    CHECK(mismatches(l.dst_runs, 40 + off, s) == 0);
+    std::vector<std::byte> page(page_bytes);
+    auto base = l.dst_runs[0].ptr - off;
+    must(copy_async(page.data(), reinterpret_cast<void*>(base), page_bytes, s));
+    must(s.synchronize());
+    for (std::uint64_t b = 0; b < page_bytes; ++b)
+      if (b < off || b >= off + len) REQUIRE(page[b] == std::byte{0});
+  }
+  // A block outside the region fails its push before any slot.
+  auto bad = push_and_wait(*sender, 0, 5, {{reinterpret_cast<const std::byte*>(src.page(0, 0)), region.id, region.size - 8, 16}});
+  CHECK_FALSE(bad.ok());
+  sender.reset();
+  receiver->deregister_memory(region.id);
+}
+
+TEST_CASE("gpu: staged pushes into another process's pool, bounded by what it registered; its death fails pushes") {
+  receiver_process child("staged");
+  kvflow::transport::staged_options o;
+  auto sender = must(kvflow::transport::staged_transport::create(o));
+  REQUIRE(sender->can_connect(child.endpoint));
+  // A description that claims more than the receiver registered passes the sender's check; the
+  // receiver refuses the slot that goes past its region, writes nothing, and serves the rest.
+  region_desc inflated = child.d;
+  inflated.size = child.d.size + 4 * page_bytes;
+  must(sender->connect(9, child.endpoint, {inflated}));
+  const std::uint64_t dst_pages = 1024;
+  auto src = make_pool(512);
+  auto s = must(stream::create(0));
+  std::vector<block> past{{reinterpret_cast<const std::byte*>(src.page(0, 0)), child.d.id, child.d.size, page_bytes}};
+  auto refused = push_and_wait(*sender, 0, 9, past);
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.reason().find("refused by the receiver") != std::string::npos);
+  for (std::uint64_t pages : {16u, 512u}) {
+    const std::uint64_t seed = 500 + pages;
+    auto r = request_into(src, child.d.address, dst_pages, child.d.id, pages, seed);
+    device_buffer keep;
+    fill(r.src_runs, seed, 20'000'000, s, keep);  // a late writer: 20 ms of GPU time
+    auto ready = must(event::create(0));
+    must(ready.record(s));
+    auto st = push_and_wait(*sender, reinterpret_cast<std::uintptr_t>(ready.handle()), 9, r.blocks);
+    CHECK_MESSAGE(st.ok(), st.reason());
+    CHECK(child.check(seed, pages) == "mismatches 0 head clean\n");
+  }
+  ::kill(child.pid, SIGKILL);
+  CHECK(child.finish() == 128 + SIGKILL);
+  auto r = request_into(src, child.d.address, dst_pages, child.d.id, 16, 1);
+  auto gone = push_and_wait(*sender, 0, 9, r.blocks);
+  REQUIRE_FALSE(gone.ok());
+  CHECK(gone.reason().find("is gone") != std::string::npos);
 }
 
 // ---- UCX with CUDA memory -----------------------------------------------------------------
@@ -575,7 +708,8 @@ int api_decode_child(const char* bootstrap, std::uint64_t seed);  // test_gpu_ap
 
 int main(int argc, char** argv) {
   if (argc >= 7 && std::strcmp(argv[1], "--ipc-child") == 0) return ipc_child(argv);
-  if (argc >= 2 && std::strcmp(argv[1], "--ipc-receiver") == 0) return ipc_receiver();
+  if (argc >= 2 && std::strcmp(argv[1], "--ipc-receiver") == 0)
+    return ipc_receiver(argc >= 3 && std::strcmp(argv[2], "staged") == 0);
   if (argc >= 4 && std::strcmp(argv[1], "--api-decode-child") == 0) return api_decode_child(argv[2], std::stoull(argv[3]));
   auto devices = probe_devices();
   if (devices.count == 0) {

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <numeric>
@@ -20,6 +21,7 @@
 #include "cuda/kernels.hpp"
 #include "cuda/pattern_check.hpp"
 #include "kvflow/kvflow.hpp"
+#include "transport/staging_ring.hpp"
 
 using namespace std::chrono_literals;
 
@@ -177,10 +179,27 @@ TEST_CASE("gpu: the API moves GPU KV after the engine's ready fence, with the en
 // The decode process of the next case: joins the prefill process's node at `bootstrap`, holds its
 // KV on the GPU, receives request (room 200, incarnation 1) into pages drawn from `seed`, checks
 // every byte on the GPU. Exit 0: the bytes and the aux row verified; else what failed.
+// Whether this run asks for the staged path first (the CTest entry gpu.api_process_staged).
+bool staged_first() {
+  const char* v = std::getenv("KVFLOW_GPU_STAGED");
+  return v != nullptr && std::string(v) == "2";
+}
+
+// Slots this process's staged ring gave back (its lanes' bells): how the test tells which path
+// moved the KV. The node's staged transport is the process's first, so its ring is "...-0".
+std::uint64_t staged_slots_returned() {
+  auto ring = kvflow::transport::staging_ring::open("/kvflow-staged-" + std::to_string(::getpid()) + "-0");
+  if (!ring) return 0;
+  std::uint64_t n = 0;
+  for (std::uint32_t l = 0; l < ring.value()->shape().lanes; ++l) n += ring.value()->bell(static_cast<int>(l)).load();
+  return n;
+}
+
 int api_decode_child(const char* bootstrap, std::uint64_t seed) {
   kvflow::node_options o;
   o.transport = "ucx";
   o.bootstrap = bootstrap;
+  o.read_environment = true;
   auto started = kvflow::node::start(one_to_one(), o);
   if (!started) {
     std::fprintf(stderr, "decode child: %s\n", started.err().message().c_str());
@@ -225,6 +244,12 @@ int api_decode_child(const char* bootstrap, std::uint64_t seed) {
         return 9;
       }
       if (dm.aux[3 * aux_row_bytes] != std::byte{0x6B}) return 10;
+      const auto returned = staged_slots_returned();
+      if ((returned > 0) != staged_first()) {
+        std::fprintf(stderr, "decode child: the staged ring gave back %llu slots; expected the %s path\n",
+                     static_cast<unsigned long long>(returned), staged_first() ? "staged" : "CUDA IPC");
+        return 13;
+      }
       node->stop();
       return 0;
     }
@@ -233,10 +258,12 @@ int api_decode_child(const char* bootstrap, std::uint64_t seed) {
   return 11;
 }
 
+// With KVFLOW_GPU_STAGED=2 the GPU KV goes through the staged ring instead (and the child checks so).
 TEST_CASE("gpu: a decode engine in another process gets GPU KV by IPC and its aux row by UCX, via the API") {
   kvflow::node_options o;
   o.transport = "ucx";
   o.listen = "127.0.0.1:0";
+  o.read_environment = true;
   auto started = kvflow::node::start(one_to_one(), o);
   REQUIRE_MESSAGE(started, started.err().message());
   auto node = started.value();

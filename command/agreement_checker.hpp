@@ -33,6 +33,10 @@ inline std::uint64_t round_digest(const round_view& round) {
 
 class agreement_checker {
  public:
+  // A room's agreed state is remembered until no round of its group has shown it for
+  // `forget_after_rounds` rounds (its group forgot it, and so may the check): a soak checks tens of
+  // thousands of rooms. A room that came back later than that would go unchecked.
+  explicit agreement_checker(std::uint64_t forget_after_rounds = 4096) : forget_after_(forget_after_rounds) {}
   // One more rank reports rounds of `group`: once all of them reported a round, the checker
   // forgets it (a soak checks millions). A group never counted keeps every round.
   void add_rank(int group);
@@ -44,6 +48,7 @@ class agreement_checker {
   std::uint64_t violations() const;
   std::uint64_t rounds_checked() const;
   std::size_t rounds_tracked() const;  // rounds held, not yet reported by every rank
+  std::size_t rooms_tracked() const;   // (group, room, incarnation) states held
 
  private:
   void problem(std::string p);
@@ -55,7 +60,14 @@ class agreement_checker {
   };
   std::map<std::pair<int, std::uint64_t>, seen> rounds_;  // (group, round) -> digest, reports so far
   std::map<int, int> ranks_;                              // group -> ranks that report
-  std::map<std::tuple<int, std::uint64_t, std::uint64_t>, poll_state> last_;
+  void forget_old_rooms(int group, std::uint64_t round);  // under mutex_
+  struct room_seen {
+    poll_state state = poll_state::bootstrapping;
+    std::uint64_t round = 0;  // the highest round that showed it
+  };
+  std::uint64_t forget_after_;
+  std::map<std::tuple<int, std::uint64_t, std::uint64_t>, room_seen> last_;
+  std::map<int, std::uint64_t> swept_;  // group -> the round of its last forget_old_rooms
   std::vector<std::string> problems_;
   std::uint64_t violations_ = 0, checked_ = 0;
 };

@@ -165,7 +165,7 @@ int run_simulate(const simulate_flags& f, const command::launch_options* launch)
   if (o.soak_s > 0)
     std::printf("  soak %.1f s: %.1f requests/s held, %zu faults applied, resident memory%s %.0f MiB at a quarter, "
                 "%.0f MiB at the end, heap in use %.1f MiB then %.1f MiB\n",
-                rep.soak_seconds, rep.requests_per_second, rep.faults_applied.size(),
+                rep.soak_seconds, rep.requests_per_second, rep.faults_applied_total,
                 launch != nullptr ? " (the launcher's)" : "",
                 double(rep.rss_warm_bytes) / (1 << 20), double(rep.rss_end_bytes) / (1 << 20),
                 double(rep.heap_warm_bytes) / (1 << 20), double(rep.heap_end_bytes) / (1 << 20));

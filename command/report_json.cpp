@@ -42,7 +42,8 @@ std::string simulation_report::to_json() const {
   if (options.soak_s > 0)
     j["soak"] = {{"seconds", soak_seconds},
                  {"requests_per_second", requests_per_second},
-                 {"faults_applied", faults_applied.size()},
+                 {"faults_applied", faults_applied_total},
+                 {"outcomes_omitted", outcomes_omitted},
                  {"rss_warm_bytes", rss_warm_bytes},
                  {"rss_end_bytes", rss_end_bytes},
                  {"heap_warm_bytes", heap_warm_bytes},

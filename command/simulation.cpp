@@ -74,14 +74,18 @@ struct driver_state {
   std::shared_ptr<simulation_report> report;
   std::shared_ptr<agreement_checker> checker;
   cluster_handles h;
-  std::vector<sim_request> requests;
+  // The requests not finished yet (by index): a finished one is folded into the report's counts,
+  // latencies and outcomes, then forgotten, so that a soak holds no record per request it ran.
+  std::map<int, sim_request> requests;
+  int created = 0;  // requests made so far (the next index)
+  latency_summary latencies;
   std::map<std::pair<std::uint64_t, std::uint64_t>, int> by_key;  // (room, incarnation) -> index
   std::multiset<std::uint64_t> live_rooms;
   std::set<std::pair<bool, int>> dead;
   std::set<std::pair<bool, int>> killed;  // by a fault: their death is expected
   int next = 0, running = 0, started = 0, finished = 0;
   std::mt19937_64 rng;
-  std::set<std::uint64_t> used_rooms;
+  std::multiset<std::uint64_t> used_rooms;  // rooms of the requests not finished (without a room pool)
   clock_type::time_point first_start, last_end;
   bool warm_sampled = false;
   bool finalizing = false;
@@ -197,32 +201,33 @@ void add_requests(driver_state& st, int n) {
   std::uniform_int_distribution<int> tokens(st.opt.prompt_min, st.opt.prompt_max);
   for (int k = 0; k < n; ++k) {
     sim_request r;
-    const int i = static_cast<int>(st.requests.size());
+    const int i = st.created++;
     r.index = i;
     r.incarnation = static_cast<std::uint64_t>(i) + 1;
     if (st.opt.room_pool > 0) {
       r.room = 1 + st.rng() % static_cast<std::uint64_t>(st.opt.room_pool);
     } else {
-      do r.room = st.rng() >> 1; while (r.room == 0 || !st.used_rooms.insert(r.room).second);
+      do r.room = st.rng() >> 1; while (r.room == 0 || st.used_rooms.count(r.room) != 0);
+      st.used_rooms.insert(r.room);
     }
     r.tokens = tokens(st.rng);
     r.prefill_dp = static_cast<int>(r.room % st.opt.cluster.prefill.dp);
     r.decode_dp = i % st.opt.cluster.decode.dp;
-    st.requests.push_back(std::move(r));
+    st.requests.emplace(i, std::move(r));
   }
 }
 
 // A soak's next batch, each request drawing a request fault with probability 1/soak_fault_every.
 void add_soak_batch(driver_state& st) {
-  const auto first = st.requests.size();
+  const int first = st.created;
   add_requests(st, st.opt.requests);
   // Faults of the runtime's inputs; corrupt@N is left out (it tests the simulator's own
   // verification, and fails the run by design).
   static const char* kinds[] = {"abort:decode", "abort-in-transfer:decode", "drop-dst-info", "dup-room"};
-  for (auto i = first; i < st.requests.size(); ++i) {
+  for (int i = first; i < st.created; ++i) {
     if (st.rng() % static_cast<std::uint64_t>(st.opt.soak_fault_every) != 0) continue;
     auto f = parse_fault(std::string(kinds[st.rng() % std::size(kinds)]) + "@" + std::to_string(i + 1));
-    st.requests[i].soak_faults.push_back(f);
+    st.requests.at(i).soak_faults.push_back(f);
   }
 }
 
@@ -251,6 +256,52 @@ bool touched(const simulation_options& o, const sim_request& r) {
 
 void start_more(driver_actor* self);
 
+// What a soak's report keeps of what it counts per request: the first fault texts, and the
+// outcomes other than Success (the first ones). Runs without --soak keep every one.
+constexpr std::size_t soak_texts_kept = 256;
+
+void note_fault(driver_state& st, std::string text) {
+  auto& rep = *st.report;
+  ++rep.faults_applied_total;
+  if (st.opt.soak_s <= 0 || rep.faults_applied.size() < soak_texts_kept) rep.faults_applied.push_back(std::move(text));
+}
+
+void keep_outcome(driver_state& st, request_outcome o) {
+  auto& rep = *st.report;
+  if (st.opt.soak_s <= 0 || (o.state != "Success" && rep.outcomes.size() < soak_texts_kept))
+    rep.outcomes.push_back(std::move(o));
+  else
+    ++rep.outcomes_omitted;
+}
+
+request_outcome outcome_of(const driver_state& st, const sim_request& r) {
+  request_outcome o;
+  o.room = r.room;
+  o.index = r.index;
+  o.prefill_dp = r.prefill_dp;
+  o.decode_dp = r.decode_dp;
+  o.touched = touched(st.opt, r);
+  return o;
+}
+
+// A finished request's outcome goes into the report's counts now; its record is dropped.
+void record_finished(driver_state& st, const sim_request& r) {
+  auto& rep = *st.report;
+  request_outcome o = outcome_of(st, r);
+  if (!r.any_failed && r.decode_success > 0) {
+    o.state = "Success";
+    ++rep.succeeded;
+  } else {
+    o.state = "Failed";
+    o.reason = r.reason.empty() ? "every decode rank of the request died" : r.reason;
+    ++rep.failed;
+    if (!o.touched) ++rep.unexpected_failures;
+  }
+  o.latency_ms = std::chrono::duration<double, std::milli>(r.end - r.start).count();
+  st.latencies.add(o.latency_ms);
+  keep_outcome(st, std::move(o));
+}
+
 void check_finished(driver_actor* self, sim_request& r) {
   auto& st = self->state;
   if (!r.started || r.finished) return;
@@ -265,6 +316,10 @@ void check_finished(driver_actor* self, sim_request& r) {
   --st.running;
   st.live_rooms.erase(st.live_rooms.find(r.room));
   st.by_key.erase({r.room, r.incarnation});
+  if (st.opt.room_pool <= 0) st.used_rooms.erase(st.used_rooms.find(r.room));
+  record_finished(st, r);
+  const int index = r.index;
+  st.requests.erase(index);  // r is gone from here on
   start_more(self);
 }
 
@@ -279,9 +334,13 @@ void start_request(driver_actor* self, sim_request& r) {
   // dup-room: the router hands out the room of a live request (n>1 sampling, client reuse).
   for (const auto& f : faults)
     if (f.what == fault_spec::kind::duplicate_room && f.at == st.started && !st.live_rooms.empty()) {
+      if (st.opt.room_pool <= 0) {
+        st.used_rooms.erase(st.used_rooms.find(r.room));
+        st.used_rooms.insert(*st.live_rooms.rbegin());
+      }
       r.room = *st.live_rooms.rbegin();
       r.prefill_dp = static_cast<int>(r.room % c.prefill.dp);
-      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
+      note_fault(st, f.text + " (room " + std::to_string(r.room) + ")");
     }
   r.started = true;
   r.start = self->clock().now();
@@ -310,7 +369,7 @@ void start_request(driver_actor* self, sim_request& r) {
   for (const auto& f : faults) {
     if (f.what == fault_spec::kind::abort_decode) {
       self->delayed_send(self, std::chrono::milliseconds(1), fire_abort{r.index});
-      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
+      note_fault(st, f.text + " (room " + std::to_string(r.room) + ")");
     } else if (f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::kill_decode ||
                f.what == fault_spec::kind::freeze_prefill || f.what == fault_spec::kind::freeze_decode) {
       bool pre = f.what == fault_spec::kind::kill_prefill || f.what == fault_spec::kind::freeze_prefill;
@@ -318,7 +377,7 @@ void start_request(driver_actor* self, sim_request& r) {
       st.killed.insert({pre, f.rank});
       auto done = kill ? st.control->kill(self, pre, f.rank) : st.control->freeze(pre, f.rank);
       if (done)
-        st.report->faults_applied.push_back(f.text);
+        note_fault(st, f.text);
       else
         st.report->problems.push_back("fault " + f.text + ": " + done.reason());
     } else if (f.what == fault_spec::kind::restart_bootstrap || f.what == fault_spec::kind::kill_bootstrap ||
@@ -327,13 +386,13 @@ void start_request(driver_actor* self, sim_request& r) {
                       ? st.control->restart_bootstrap()
                       : st.control->stop_bootstrap(f.what == fault_spec::kind::freeze_bootstrap);
       if (done)
-        st.report->faults_applied.push_back(f.text);
+        note_fault(st, f.text);
       else
         st.report->problems.push_back("fault " + f.text + ": " + done.reason());
     } else if (f.what == fault_spec::kind::drop_dst_info || f.what == fault_spec::kind::corrupt) {
-      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ")");
+      note_fault(st, f.text + " (room " + std::to_string(r.room) + ")");
     } else if (f.what == fault_spec::kind::abort_decode_in_transfer) {
-      st.report->faults_applied.push_back(f.text + " (room " + std::to_string(r.room) + ", once its KV moves)");
+      note_fault(st, f.text + " (room " + std::to_string(r.room) + ", once its KV moves)");
     }
   }
 }
@@ -350,10 +409,10 @@ void start_more(driver_actor* self) {
       st.report->rss_warm_bytes = resident_bytes();
       st.report->heap_warm_bytes = heap_in_use_bytes();
     }
-    if (st.next == static_cast<int>(st.requests.size()) && on < st.opt.soak_s) add_soak_batch(st);
+    if (st.next == st.created && on < st.opt.soak_s) add_soak_batch(st);
   }
-  while (st.running < st.opt.concurrency && st.next < static_cast<int>(st.requests.size())) {
-    auto& r = st.requests[st.next++];
+  while (st.running < st.opt.concurrency && st.next < st.created) {
+    auto& r = st.requests.at(st.next++);
     // With a room pool, a room is reused only once every rank cleared it.
     if (st.opt.room_pool > 0 && st.live_rooms.count(r.room) != 0) {
       --st.next;
@@ -361,14 +420,14 @@ void start_more(driver_actor* self) {
     }
     start_request(self, r);
   }
-  if (st.finished == static_cast<int>(st.requests.size())) finalize(self);
+  if (st.finished == st.created) finalize(self);
 }
 
 void on_released(driver_actor* self, const msg::rank_released& ev) {
   auto& st = self->state;
   auto it = st.by_key.find({ev.room, ev.incarnation});
   if (it == st.by_key.end()) return;
-  auto& r = st.requests[it->second];
+  auto& r = st.requests.at(it->second);
   if (!r.released.insert({ev.prefill, ev.rank}).second) return;
   auto state = static_cast<poll_state>(ev.state);
   if (state == poll_state::failed) {
@@ -414,7 +473,11 @@ void on_rank_down(driver_actor* self, const caf::down_msg& dm) {
     if (st.h.prefill[i].address() == dm.source) died(true, i);
   for (int i = 0; i < static_cast<int>(st.h.decode.size()); ++i)
     if (st.h.decode[i].address() == dm.source) died(false, i);
-  for (auto& r : st.requests) check_finished(self, r);
+  // check_finished drops the requests it finishes (and start_more adds some): walk a copy of the keys.
+  std::vector<int> live;
+  for (const auto& [i, r] : st.requests) live.push_back(i);
+  for (int i : live)
+    if (auto it = st.requests.find(i); it != st.requests.end()) check_finished(self, it->second);
 }
 
 // Which of a stalled request's ranks never reported releasing it (where to look first).
@@ -433,37 +496,20 @@ std::string unreleased_by(const sim_request& r) {
 void write_report(driver_actor* self, const std::vector<msg::pool_usage>& usage) {
   auto& st = self->state;
   auto& rep = *st.report;
-  rep.requests = static_cast<int>(st.requests.size());
-  std::vector<double> lat;
-  for (const auto& r : st.requests) {
-    request_outcome o;
-    o.room = r.room;
-    o.index = r.index;
-    o.prefill_dp = r.prefill_dp;
-    o.decode_dp = r.decode_dp;
-    o.touched = touched(st.opt, r);
-    if (!r.finished) {
-      o.state = "Stalled";
-      o.reason = r.started ? "not terminal at the deadline" + unreleased_by(r) : "never started before the deadline";
-      ++rep.stalled;
-    } else if (!r.any_failed && r.decode_success > 0) {
-      o.state = "Success";
-      ++rep.succeeded;
-    } else {
-      o.state = "Failed";
-      o.reason = r.reason.empty() ? "every decode rank of the request died" : r.reason;
-      ++rep.failed;
-      if (!o.touched) ++rep.unexpected_failures;
-    }
-    if (r.finished) {
-      o.latency_ms = std::chrono::duration<double, std::milli>(r.end - r.start).count();
-      lat.push_back(o.latency_ms);
-    }
-    rep.outcomes.push_back(std::move(o));
+  rep.requests = st.created;
+  // What is left did not finish: finished requests were counted as they finished.
+  for (const auto& [i, r] : st.requests) {
+    request_outcome o = outcome_of(st, r);
+    o.state = "Stalled";
+    o.reason = r.started ? "not terminal at the deadline" + unreleased_by(r) : "never started before the deadline";
+    ++rep.stalled;
+    keep_outcome(st, std::move(o));
   }
-  rep.latency_p50_ms = percentile(lat, 0.5);
-  rep.latency_p99_ms = percentile(lat, 0.99);
-  rep.latency_max_ms = lat.empty() ? 0 : *std::max_element(lat.begin(), lat.end());
+  std::sort(rep.outcomes.begin(), rep.outcomes.end(),
+            [](const request_outcome& a, const request_outcome& b) { return a.index < b.index; });
+  rep.latency_p50_ms = st.latencies.quantile(0.5);
+  rep.latency_p99_ms = st.latencies.quantile(0.99);
+  rep.latency_max_ms = st.latencies.max();
   for (const auto& u : usage) {
     rep.leaked_pages += u.used_pages;
     rep.leaked_aux_slots += u.used_aux;
@@ -615,14 +661,15 @@ caf::behavior driver(driver_actor* self, simulation_options opt, std::shared_ptr
       },
       [self](fire_abort& a) {
         auto& st = self->state;
-        auto& r = st.requests[a.index];
-        if (r.finished) return;
+        auto it = st.requests.find(a.index);
+        if (it == st.requests.end() || it->second.finished) return;
+        auto& r = it->second;
         for (int d : r.decode_ranks)
           self->send(st.h.decode[d], msg::abort_request{r.room, r.incarnation, "abort:decode fault"});
       },
       [self](deadline_reached) {
         spdlog::warn("simulate: deadline reached with {} of {} requests finished",
-                     self->state.finished, self->state.requests.size());
+                     self->state.finished, self->state.created);
         finalize(self);
       },
   };

@@ -84,14 +84,19 @@ struct simulation_report {
   double copy_seconds = 0;      // time the transport spent copying, summed over threads
   double latency_p50_ms = 0, latency_p99_ms = 0, latency_max_ms = 0;
   std::uint64_t peak_rss_bytes = 0;
+  // Every fault applied; a soak keeps the first 256 texts only (it applies one every few requests).
   std::vector<std::string> faults_applied;
+  std::uint64_t faults_applied_total = 0;
   // Soak: how long the load was on, requests finished per second over it, and this process's
   // resident memory and its allocator's bytes in use once a quarter of the soak had passed and
   // at its end.
   double soak_seconds = 0, requests_per_second = 0;
   std::uint64_t rss_warm_bytes = 0, rss_end_bytes = 0;
   std::uint64_t heap_warm_bytes = 0, heap_end_bytes = 0;
+  // By request index. A soak keeps only the first 256 outcomes other than Success (its counts
+  // above cover every request) and counts the others here.
   std::vector<request_outcome> outcomes;
+  std::uint64_t outcomes_omitted = 0;
   std::vector<std::string> problems;  // why the exit code is 1, one line each
   bool complete = false;              // the driver finished (set by the simulation)
   std::uint64_t scheduled_events = 0; // interleaved mode: messages run

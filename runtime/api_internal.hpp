@@ -22,6 +22,7 @@
 #include "runtime/engine_host.hpp"
 #include "runtime/link_guard.hpp"
 #include "transport/transport.hpp"
+#include "transport/staged_transport.hpp"
 #include "transport/transport_set.hpp"
 
 namespace kvflow::runtime {
@@ -70,7 +71,7 @@ std::size_t ring_rounds(const config::tunables& t);
 expected<int> gpu_of(const memory_desc& m);
 // Makes the node reach a rank's GPU memory (its first GPU rank brings CUDA IPC); one device per
 // node.
-error reach_gpu(node::impl& n, const memory_desc& memory);
+error reach_gpu(node::impl& n, const memory_desc& memory, bool receiving);
 
 // Where rank `r` sits in its agreement group: the group, how many ranks it has, and the rank's
 // index among all of them (its child index under a root whose children are every rank).
@@ -125,6 +126,8 @@ struct node::impl {
   // The node's own transports (null when a test gave the node one): CUDA IPC joins them with the
   // first rank whose memory is on a GPU.
   std::shared_ptr<transport::transport_set> transports;
+  // Of those, the staged path (null unless a GPU rank came and KVFLOW_GPU_STAGED allows it).
+  std::shared_ptr<transport::staged_transport> staged;
   int gpu = -1;  // the CUDA device of this node's GPU ranks (one per node)
   caf::actor registry;
   std::mutex mutex;  // guards groups, ranks

@@ -486,7 +486,7 @@ static expected<std::shared_ptr<rank::impl>> add_rank(node::impl& n, bool prefil
   }
   std::lock_guard<std::mutex> g(n.mutex);
   if (n.taken[{prefill, r}]) return {error{errc::exists, "coords: that rank was added already"}};
-  if (auto s = runtime::reach_gpu(n, memory); s) return {s};
+  if (auto s = runtime::reach_gpu(n, memory, !prefill); s) return {s};
   // Networked, the group may span processes: its supervisors are found through the registry
   // and every rank reports by message. In one process, through the group's boards.
   auto link = n.net ? runtime::link_network(n, prefill, r) : local_link(n, prefill, r);
@@ -560,7 +560,7 @@ expected<std::shared_ptr<decode_rank>> node::add_decode(const coords& where, con
 
 namespace kvflow::runtime {
 
-error reach_gpu(node::impl& n, const memory_desc& memory) {
+error reach_gpu(node::impl& n, const memory_desc& memory, bool receiving) {
   auto gpu = gpu_of(memory);
   if (!gpu) return gpu.err();
   if (gpu.value() < 0) return {};
@@ -571,7 +571,7 @@ error reach_gpu(node::impl& n, const memory_desc& memory) {
   if (n.gpu < 0) {
     auto ipc = transport::cuda_ipc_transport::create({gpu.value()});
     if (!ipc) return {errc::unavailable, "memory: " + ipc.error().reason()};
-    std::shared_ptr<transport::transport> staged;
+    std::shared_ptr<transport::staged_transport> staged;
     if (n.tunables.gpu_staged != 3) {
       transport::staged_options o;
       o.device = gpu.value();
@@ -588,8 +588,11 @@ error reach_gpu(node::impl& n, const memory_desc& memory) {
     if (staged && !staged_first) n.transports->add(staged, true);
     n.transports->add(std::shared_ptr<transport::transport>(std::move(ipc.value())), true);
     if (staged && staged_first) n.transports->add(staged, true);
+    n.staged = std::move(staged);
     n.gpu = gpu.value();
   }
+  if (receiving && n.staged)
+    if (auto s = n.staged->prepare_receiving(); !s) return {errc::unavailable, "memory: " + s.reason()};
   return {};
 }
 

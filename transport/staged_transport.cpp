@@ -56,15 +56,21 @@ result<peer_endpoint> unpack_endpoint(const std::string& e) {
   return p;
 }
 
-// Copies on the GPU (gather kernels on a stream of its own, each batch's list uploaded first),
-// or with memcpy for host memory. A batch's addresses are as the copier sees them.
+// Copies between a contiguous range of the ring (a slot's data) and scattered device pages. On
+// the GPU through a bounce buffer in device memory: the pages are gathered into it (or out of
+// it) by a kernel at device speed, and the slot moves by one cudaMemcpyAsync on a copy engine.
+// A kernel that reads or writes host memory itself is bound by its own PCIe requests and, with
+// the other side's kernel running at once, reached half the link here; copy engines each way
+// run side by side. With host copies it is memcpy.
 class copier {
  public:
   struct ticket {
     cuda::event ev;  // blocking: finish() sleeps on it
     cuda::pinned_buffer host;
     cuda::device_buffer dev;
+    cuda::device_buffer bounce;  // a slot's bytes in device memory
   };
+  enum class direction { into_ring, out_of_ring };
 
   static result<std::unique_ptr<copier>> create(int device, bool host) {
     auto c = std::unique_ptr<copier>(new copier);
@@ -87,7 +93,10 @@ class copier {
     return cuda::wait_for_external_event(stream_, fence);
   }
 
-  result<std::unique_ptr<ticket>> submit(const std::vector<cuda::copy_desc>& copies) {
+  // `copies` write into (or read out of) [range, range + used) of the ring, `range` being where
+  // the ring's host memory is; `slot_bytes` bounds `used`.
+  result<std::unique_ptr<ticket>> submit(direction dir, std::vector<cuda::copy_desc>& copies, std::byte* range,
+                                         std::uint64_t used, std::uint64_t slot_bytes) {
     if (host_) {
       for (const auto& c : copies)
         std::memcpy(reinterpret_cast<void*>(c.dst), reinterpret_cast<const void*>(c.src), c.len);
@@ -95,40 +104,27 @@ class copier {
     }
     std::lock_guard<std::mutex> g(m_);
     if (auto s = cuda::set_device(device_); !s) return s;
-    const std::uint64_t bytes = std::max<std::size_t>(copies.size(), 1) * sizeof(cuda::copy_desc);
-    std::unique_ptr<ticket> t;
-    for (auto it = free_.begin(); it != free_.end(); ++it)
-      if ((*it)->host.size() >= bytes) {
-        t = std::move(*it);
-        free_.erase(it);
-        break;
-      }
-    if (!t) {
-      t = std::make_unique<ticket>();
-      std::uint64_t cap = 64u << 10;
-      while (cap < bytes) cap *= 2;
-      auto ev = cuda::event::create_blocking(device_);
-      if (!ev) return ev.error();
-      auto h = cuda::pinned_buffer::create(cap);
-      if (!h) return h.error();
-      auto d = cuda::device_buffer::create(device_, cap);
-      if (!d) return d.error();
-      t->ev = std::move(ev.value());
-      t->host = std::move(h.value());
-      t->dev = std::move(d.value());
-    }
-    std::memcpy(t->host.data(), copies.data(), copies.size() * sizeof(cuda::copy_desc));
-    status s = cuda::copy_async(t->dev.data(), t->host.data(), copies.size() * sizeof(cuda::copy_desc), stream_);
+    auto t = take(std::max<std::size_t>(copies.size(), 1) * sizeof(cuda::copy_desc), slot_bytes);
+    if (!t) return t.error();
+    auto& k = *t.value();
+    const auto ring = reinterpret_cast<std::uint64_t>(range);
+    const auto bounce = reinterpret_cast<std::uint64_t>(k.bounce.data());
+    for (auto& c : copies) (dir == direction::into_ring ? c.dst : c.src) += bounce - ring;
+    std::memcpy(k.host.data(), copies.data(), copies.size() * sizeof(cuda::copy_desc));
+    status s;
+    if (dir == direction::out_of_ring) s = cuda::copy_async(k.bounce.data(), range, used, stream_);
+    if (s) s = cuda::copy_async(k.dev.data(), k.host.data(), copies.size() * sizeof(cuda::copy_desc), stream_);
     if (s)
-      s = cuda::launch_gather(reinterpret_cast<const cuda::copy_desc*>(t->dev.data()),
+      s = cuda::launch_gather(reinterpret_cast<const cuda::copy_desc*>(k.dev.data()),
                               static_cast<std::uint32_t>(copies.size()), stream_.handle());
-    if (s) s = t->ev.record(stream_);
+    if (s && dir == direction::into_ring) s = cuda::copy_async(range, k.bounce.data(), used, stream_);
+    if (s) s = k.ev.record(stream_);
     if (!s) {
       (void)stream_.synchronize();  // the list may be in use by work queued before the failure
-      free_.push_back(std::move(t));
+      free_.push_back(std::move(t.value()));
       return s;
     }
-    return t;
+    return std::move(t.value());
   }
 
   // Sleeps until the batch's copies finished; an error is the GPU's.
@@ -143,6 +139,33 @@ class copier {
 
  private:
   copier() = default;
+
+  // A ticket from the pool, or a new one (under m_).
+  result<std::unique_ptr<ticket>> take(std::uint64_t list_bytes, std::uint64_t slot_bytes) {
+    for (auto it = free_.begin(); it != free_.end(); ++it)
+      if ((*it)->host.size() >= list_bytes && (*it)->bounce.size() >= slot_bytes) {
+        auto t = std::move(*it);
+        free_.erase(it);
+        return t;
+      }
+    auto t = std::make_unique<ticket>();
+    std::uint64_t cap = 64u << 10;
+    while (cap < list_bytes) cap *= 2;
+    auto ev = cuda::event::create_blocking(device_);
+    if (!ev) return ev.error();
+    auto h = cuda::pinned_buffer::create(cap);
+    if (!h) return h.error();
+    auto d = cuda::device_buffer::create(device_, cap);
+    if (!d) return d.error();
+    auto b = cuda::device_buffer::create(device_, slot_bytes);
+    if (!b) return b.error();
+    t->ev = std::move(ev.value());
+    t->host = std::move(h.value());
+    t->dev = std::move(d.value());
+    t->bounce = std::move(b.value());
+    return t;
+  }
+
   int device_ = 0;
   bool host_ = false;
   std::mutex m_;  // the stream's order, and the pool
@@ -175,8 +198,7 @@ struct staged_transport::impl {
   struct lane_link {
     impl* owner = nullptr;
     std::unique_ptr<staging_ring> ring;
-    cuda::host_registration pinned;
-    std::byte* copy_base = nullptr;  // the ring as the sending copier addresses it
+    cuda::host_registration pinned;  // the ring, pinned here for the copy engines
     int lane = -1;
     std::uint64_t claimant = 0, receiver_pid = 0;
     std::mutex m;  // everything below
@@ -221,7 +243,6 @@ struct staged_transport::impl {
   std::unordered_map<std::uint64_t, local_region> regions;
   std::unique_ptr<staging_ring> ring;  // made at the first registration
   cuda::host_registration ring_pinned;
-  std::byte* ring_copy_base = nullptr;
   std::uint64_t launched = 0;  // slots whose copies were queued...
 
   std::mutex q_m;  // the two hand-over queues below, and `completed`
@@ -263,7 +284,8 @@ struct staged_transport::impl {
     const auto& shape = l.ring->shape();
     std::vector<staged_desc> runs;
     std::vector<cuda::copy_desc> copies;
-    const std::uint64_t dst = reinterpret_cast<std::uint64_t>(l.copy_base + l.ring->data_offset(l.lane, s));
+    std::byte* slot = l.ring->data(l.lane, s);
+    const std::uint64_t dst = reinterpret_cast<std::uint64_t>(slot);
     std::uint64_t used = 0;
     while (j->next < j->blocks.size() && runs.size() < shape.max_descs && used < shape.slot_bytes) {
       const auto& b = j->blocks[j->next];
@@ -282,7 +304,7 @@ struct staged_transport::impl {
       l.queue.pop_front();
     }
     l.ring->write_descs(l.lane, s, runs, ++l.seq);
-    auto t = send_copier->submit(copies);
+    auto t = send_copier->submit(copier::direction::into_ring, copies, slot, used, shape.slot_bytes);
     if (!t) {
       if (j->first) j->first = t.error();
       if (!j->built) {  // the rest of it is not worth moving
@@ -459,7 +481,8 @@ struct staged_transport::impl {
     auto runs = ring->read_descs(l, s);
     if (!runs) return give_back(l, s, runs.error());
     std::vector<cuda::copy_desc> copies;
-    const std::uint64_t src = reinterpret_cast<std::uint64_t>(ring_copy_base + ring->data_offset(l, s));
+    std::byte* slot = ring->data(l, s);
+    const std::uint64_t src = reinterpret_cast<std::uint64_t>(slot);
     std::uint64_t at = 0;
     std::unique_lock<std::mutex> g(m);  // a region deregistered from here on is not written
     for (const auto& run : runs.value()) {
@@ -478,7 +501,7 @@ struct staged_transport::impl {
       cuda::append_split(copies, {src + at, reinterpret_cast<std::uint64_t>(reg.base + run.offset), run.len});
       at += run.len;
     }
-    auto t = recv_copier->submit(copies);
+    auto t = recv_copier->submit(copier::direction::out_of_ring, copies, slot, at, ring->shape().slot_bytes);
     if (!t) {
       g.unlock();
       return give_back(l, s, t.error());
@@ -512,7 +535,6 @@ struct staged_transport::impl {
     auto r = staging_ring::create(ring_name, options.ring);
     if (!r) return r.error();
     ring = std::move(r.value());
-    ring_copy_base = ring->base();
     if (!options.host_copies) {
       auto p = cuda::host_registration::create(ring->base(), ring->bytes());
       if (!p) {
@@ -520,7 +542,6 @@ struct staged_transport::impl {
         return status::error("staged: pinning the ring: " + p.error().reason());
       }
       ring_pinned = std::move(p.value());
-      ring_copy_base = ring_pinned.device_data();
     }
     taker = std::thread([this] { take_loop(); });
     returner = std::thread([this] { return_loop(); });
@@ -535,12 +556,10 @@ struct staged_transport::impl {
     l->ring = std::move(opened.value());
     if (l->ring->creator_pid() != p.pid) return status::error("staged: ring " + p.ring + " is not the peer's");
     l->receiver_pid = p.pid;
-    l->copy_base = l->ring->base();
     if (!options.host_copies) {
       auto pin = cuda::host_registration::create(l->ring->base(), l->ring->bytes());
       if (!pin) return status::error("staged: pinning ring " + p.ring + ": " + pin.error().reason());
       l->pinned = std::move(pin.value());
-      l->copy_base = l->pinned.device_data();
     }
     static std::atomic<std::uint32_t> serial{1};
     l->claimant = (static_cast<std::uint64_t>(::getpid()) << 32) | serial.fetch_add(1);
@@ -679,6 +698,11 @@ capabilities staged_transport::query() const { return {memory_types(), false, !i
 bool staged_transport::can_connect(const std::string& endpoint) const {
   auto p = unpack_endpoint(endpoint);
   return p && !impl_->boot.empty() && p.value().boot == impl_->boot;
+}
+
+status staged_transport::prepare_receiving() {
+  std::lock_guard<std::mutex> g(impl_->m);
+  return impl_->ring ? status{} : impl_->make_ring();
 }
 
 result<region_desc> staged_transport::register_memory(std::uint64_t owner, void* base, std::uint64_t len) {

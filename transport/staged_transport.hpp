@@ -44,6 +44,9 @@ class staged_transport final : public transport {
   std::vector<memory_type> memory_types() const override;
   capabilities query() const override;
   bool can_connect(const std::string& endpoint) const override;
+  // Makes and pins the ring now (a receiver's set-up: pinning takes a while, which the first
+  // registration would otherwise pay, inside a rank that is already taking part in rounds).
+  status prepare_receiving();
   result<region_desc> register_memory(std::uint64_t owner, void* base, std::uint64_t len) override;
   // Returns once no slot taken before can still write into the region.
   void deregister_memory(std::uint64_t region) override;

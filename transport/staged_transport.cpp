@@ -9,6 +9,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -257,6 +258,17 @@ struct staged_transport::impl {
 
   std::thread publisher, returner, taker;
 
+  // The next entry of a hand-over queue, waiting for one; none once stopping left it empty.
+  template <class T>
+  std::optional<T> next_of(std::deque<T>& q) {
+    std::unique_lock<std::mutex> g(q_m);
+    q_cv.wait(g, [&] { return stopping || !q.empty(); });
+    if (q.empty()) return std::nullopt;
+    std::optional<T> v(std::move(q.front()));
+    q.pop_front();
+    return v;
+  }
+
   // ---- sending ----
 
   static void complete(job& j, status s, finished_list& f) {
@@ -413,14 +425,9 @@ struct staged_transport::impl {
   void publish_loop() {
     finished_list f;
     for (;;) {
-      handed_over h;
-      {
-        std::unique_lock<std::mutex> g(q_m);
-        q_cv.wait(g, [&] { return stopping || !to_hand.empty(); });
-        if (to_hand.empty()) return;
-        h = std::move(to_hand.front());
-        to_hand.pop_front();
-      }
+      auto next = next_of(to_hand);
+      if (!next) return;
+      handed_over h = std::move(*next);
       status s = send_copier->finish(std::move(h.t));
       auto& l = *h.l;
       bool handed = false;
@@ -516,14 +523,9 @@ struct staged_transport::impl {
   // Gives each taken slot back once its copy finished (the bytes are in the receiver's memory).
   void return_loop() {
     for (;;) {
-      taken t;
-      {
-        std::unique_lock<std::mutex> g(q_m);
-        q_cv.wait(g, [&] { return stopping || !to_return.empty(); });
-        if (to_return.empty()) return;
-        t = std::move(to_return.front());
-        to_return.pop_front();
-      }
+      auto next = next_of(to_return);
+      if (!next) return;
+      taken t = std::move(*next);
       give_back(t.lane, t.slot, recv_copier->finish(std::move(t.t)));
       std::lock_guard<std::mutex> g(q_m);
       ++completed;

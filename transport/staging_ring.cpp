@@ -196,7 +196,7 @@ std::atomic<std::uint32_t>& staging_ring::state(int l, int s) { return meta(l, s
 
 void staging_ring::write_descs(int l, int s, const std::vector<staged_desc>& runs, std::uint64_t seq) {
   auto& m = meta(l, s);
-  std::memcpy(static_cast<void*>(descs(l, s)), runs.data(), runs.size() * sizeof(staged_desc));
+  if (!runs.empty()) std::memcpy(static_cast<void*>(descs(l, s)), runs.data(), runs.size() * sizeof(staged_desc));
   m.count = static_cast<std::uint32_t>(runs.size());
   m.seq = seq;
 }
@@ -208,7 +208,7 @@ result<std::vector<staged_desc>> staging_ring::read_descs(int l, int s) const {
     return status::error("staged slot names " + std::to_string(count) + " runs; a slot holds at most " +
                          std::to_string(shape_.max_descs));
   std::vector<staged_desc> runs(count);
-  std::memcpy(static_cast<void*>(runs.data()), descs(l, s), count * sizeof(staged_desc));
+  if (count > 0) std::memcpy(static_cast<void*>(runs.data()), descs(l, s), count * sizeof(staged_desc));
   std::uint64_t total = 0;
   for (const auto& r : runs) {
     if (r.len == 0 || r.len > shape_.slot_bytes - total)

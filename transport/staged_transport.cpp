@@ -197,7 +197,6 @@ struct staged_transport::impl {
   };
   // A lane of one receiver's ring, shared by every peer (decode rank) behind that ring.
   struct lane_link {
-    impl* owner = nullptr;
     std::unique_ptr<staging_ring> ring;
     cuda::host_registration pinned;  // the ring, pinned here for the copy engines
     int lane = -1;
@@ -554,7 +553,6 @@ struct staged_transport::impl {
     auto opened = staging_ring::open(p.ring);
     if (!opened) return opened.error();
     auto l = std::make_shared<lane_link>();
-    l->owner = this;
     l->ring = std::move(opened.value());
     if (l->ring->creator_pid() != p.pid) return status::error("staged: ring " + p.ring + " is not the peer's");
     l->receiver_pid = p.pid;

@@ -89,7 +89,13 @@ bool process_alive(std::uint64_t pid) {
 }
 
 staging_ring::staging_ring(std::string name, std::byte* base, std::uint64_t bytes, const ring_shape& shape, bool owner)
-    : name_(std::move(name)), base_(base), bytes_(bytes), shape_(shape), owner_(owner) {}
+    : name_(std::move(name)), base_(base), bytes_(bytes), shape_(shape), owner_(owner) {
+  const auto l = layout_of(shape).value();  // both factories checked the shape
+  lanes_off_ = l.lanes_off;
+  metas_off_ = l.metas_off;
+  meta_bytes_ = l.meta_bytes;
+  data_off_ = l.data_off;
+}
 
 staging_ring::~staging_ring() {
   if (base_ != nullptr) ::munmap(base_, bytes_);
@@ -154,13 +160,12 @@ result<std::unique_ptr<staging_ring>> staging_ring::open(const std::string& name
 staging_ring::header& staging_ring::head() const { return *reinterpret_cast<header*>(base_); }
 
 staging_ring::lane_header& staging_ring::lane(int l) const {
-  return reinterpret_cast<lane_header*>(base_ + layout_of(shape_).value().lanes_off)[l];
+  return reinterpret_cast<lane_header*>(base_ + lanes_off_)[l];
 }
 
 staging_ring::slot_header& staging_ring::meta(int l, int s) const {
-  const auto lay = layout_of(shape_).value();
   const std::uint64_t i = std::uint64_t(l) * shape_.slots + std::uint64_t(s);
-  return *reinterpret_cast<slot_header*>(base_ + lay.metas_off + i * lay.meta_bytes);
+  return *reinterpret_cast<slot_header*>(base_ + metas_off_ + i * meta_bytes_);
 }
 
 staged_desc* staging_ring::descs(int l, int s) const {
@@ -171,7 +176,7 @@ std::uint64_t staging_ring::creator_pid() const { return head().creator_pid; }
 
 std::uint64_t staging_ring::data_offset(int l, int s) const {
   const std::uint64_t i = std::uint64_t(l) * shape_.slots + std::uint64_t(s);
-  return layout_of(shape_).value().data_off + i * shape_.slot_bytes;
+  return data_off_ + i * shape_.slot_bytes;
 }
 
 int staging_ring::claim_lane(std::uint64_t claimant) {

@@ -95,6 +95,7 @@ class staging_ring {
   std::uint64_t bytes_ = 0;
   ring_shape shape_;
   bool owner_ = false;
+  std::uint64_t lanes_off_ = 0, metas_off_ = 0, meta_bytes_ = 0, data_off_ = 0;  // the shape's layout
 };
 
 // Whether the process `pid` still exists (a lane's claimant, a ring's creator).

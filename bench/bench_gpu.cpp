@@ -9,6 +9,8 @@
 //              and h2d pinned back; gather into pinned: the fragmented pages into pinned memory by
 //              the gather kernel (the staged path's first half)
 // plus a block-size sweep of the gather kernel. Bytes are checked on the GPU after each path.
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -25,6 +27,7 @@
 #include "cuda/pattern_check.hpp"
 #include "transport/cuda_ipc_transport.hpp"
 #include "transport/staged_transport.hpp"
+#include "transport/staging_ring.hpp"
 #include "transport/ucx_transport.hpp"
 
 namespace kvflow::bench {
@@ -81,6 +84,51 @@ std::vector<transport::block> blocks_into(const std::vector<copy_desc>& copies, 
   for (const auto& c : copies)
     blocks.push_back({reinterpret_cast<const std::byte*>(c.src), region, c.dst - region_base, c.len});
   return blocks;
+}
+
+// Host wall time in ms of the best of `reps` runs of `enqueue` (after a warm-up), every stream in
+// `wait` synchronised before and after each.
+template <class F>
+double best_wall_ms(const std::vector<const stream*>& wait, int reps, F&& enqueue) {
+  double best = 1e30;
+  for (int i = 0; i < reps + 1; ++i) {
+    for (const auto* w : wait) must(w->synchronize());
+    const auto t0 = std::chrono::steady_clock::now();
+    enqueue();
+    for (const auto* w : wait) must(w->synchronize());
+    const auto t1 = std::chrono::steady_clock::now();
+    if (i > 0) best = std::min(best, std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  return best;
+}
+
+// The staged path's ceiling on this machine: `bytes` from `src` to `dst` (device memory) through
+// `slots` slots of `slot_bytes` at `ring` (pinned host memory), device-to-host on one stream and
+// host-to-device on another, each slot's two copies ordered by events on the GPU alone: no host
+// thread hands anything over, no gather or scatter. Wall ms, best of `reps`.
+double pipeline_ms(std::byte* dst, const std::byte* src, std::uint64_t bytes, std::byte* ring, int slots,
+                   std::uint64_t slot_bytes, int device, int reps) {
+  auto down = must(stream::create(device)), up = must(stream::create(device));
+  std::vector<event> filled, emptied;
+  for (int i = 0; i < slots; ++i) {
+    filled.push_back(must(event::create(device)));
+    emptied.push_back(must(event::create(device)));
+  }
+  return best_wall_ms({&down, &up}, reps, [&] {
+    std::uint64_t at = 0;
+    for (std::uint64_t i = 0; at < bytes; ++i) {
+      const auto k = static_cast<std::size_t>(i % static_cast<std::uint64_t>(slots));
+      const std::uint64_t n = std::min(slot_bytes, bytes - at);
+      std::byte* slot = ring + k * slot_bytes;
+      if (i >= static_cast<std::uint64_t>(slots)) must(emptied[k].wait_on(down));
+      must(copy_async(slot, src + at, n, down));
+      must(filled[k].record(down));
+      must(filled[k].wait_on(up));
+      must(copy_async(dst + at, slot, n, up));
+      must(emptied[k].record(up));
+      at += n;
+    }
+  });
 }
 
 double gbps(std::uint64_t bytes, double ms) { return ms > 0 ? double(bytes) / (ms * 1e6) : 0; }
@@ -174,6 +222,26 @@ int run(const gpu_flags& f) {
     const std::uint64_t bad_gather = mismatches(dst_runs, 7, s);
     double d2h_ms = best_ms(s, reps, [&] { must(copy_async(pinned.data(), src.data(), bytes, s)); });
     double h2d_ms = best_ms(s, reps, [&] { must(copy_async(src.data(), pinned.data(), bytes, s)); });
+    // Both directions at once, on two streams (what a staged push asks of the link), and the
+    // staged pipeline with nothing but the GPU in it, through cudaMallocHost memory and through
+    // shared memory registered with cudaHostRegister (what a staging ring is).
+    double both_ms = 0, pipe_pinned_ms = 0, pipe_shared_ms = 0;
+    constexpr int pipe_slots = 8;
+    constexpr std::uint64_t pipe_slot_bytes = 16u << 20;
+    {
+      auto back = must(pinned_buffer::create(bytes));
+      auto dst2 = must(device_buffer::create(dev, bytes));
+      auto other = must(stream::create(dev));
+      both_ms = best_wall_ms({&s, &other}, reps, [&] {
+        must(copy_async(pinned.data(), src.data(), bytes, s));
+        must(copy_async(dst2.data(), back.data(), bytes, other));
+      });
+      pipe_pinned_ms = pipeline_ms(dst2.data(), src.data(), bytes, back.data(), pipe_slots, pipe_slot_bytes, dev, reps);
+      auto ring = must(transport::staging_ring::create("/kvflow-bench-" + std::to_string(::getpid()),
+                                                       {1, pipe_slots, pipe_slot_bytes, 16}));
+      auto reg = must(host_registration::create(ring->base(), ring->bytes()));
+      pipe_shared_ms = pipeline_ms(dst2.data(), src.data(), bytes, ring->data(0, 0), pipe_slots, pipe_slot_bytes, dev, reps);
+    }
     // The fragmented pages gathered straight into mapped pinned memory, contiguous there.
     double gather_pinned_ms = 0;
     {
@@ -279,6 +347,13 @@ int run(const gpu_flags& f) {
                 gbps(bytes, ucx_ms), gather_ms / ucx_ms, bad_ucx == 0 ? "bytes verified" : "BYTES WRONG");
     std::printf("  anchor pinned device-to-host              %9.3f ms  %8.1f GB/s\n", d2h_ms, gbps(bytes, d2h_ms));
     std::printf("  anchor pinned host-to-device              %9.3f ms  %8.1f GB/s\n", h2d_ms, gbps(bytes, h2d_ms));
+    std::printf("  anchor pinned d2h and h2d at once         %9.3f ms  %8.1f GB/s each way\n", both_ms,
+                gbps(bytes, both_ms));
+    std::printf("  anchor staged pipeline, GPU alone, %d x %llu MiB: cudaMallocHost %.3f ms %.1f GB/s (%.2fx d2h); "
+                "registered shared memory %.3f ms %.1f GB/s (%.2fx d2h)\n",
+                pipe_slots, static_cast<unsigned long long>(pipe_slot_bytes >> 20), pipe_pinned_ms,
+                gbps(bytes, pipe_pinned_ms), d2h_ms / pipe_pinned_ms, pipe_shared_ms, gbps(bytes, pipe_shared_ms),
+                d2h_ms / pipe_shared_ms);
     std::printf("  gather kernel into pinned memory          %9.3f ms  %8.1f GB/s  %.2fx pinned device-to-host\n",
                 gather_pinned_ms, gbps(bytes, gather_pinned_ms), d2h_ms / gather_pinned_ms);
     for (const auto& p : staged)

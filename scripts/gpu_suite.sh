@@ -3,11 +3,13 @@
 # On a machine that lacks kvflow's Debian packages (the lent GPU machines), carry them as .debs
 # (../shared/tools/device-debs.sh .debs libcli11-dev nlohmann-json3-dev libssl-dev) and kvflow's
 # UCX prefix (.deps/ucx, from scripts/install_ucx.sh): they are unpacked into /opt/deps.
-# Usage: scripts/gpu_suite.sh [BUILD_DIR [OUT_DIR]]   (OUT_DIR receives the logs)
+# Usage: scripts/gpu_suite.sh [BUILD_DIR [OUT_DIR [WHAT]]]   (OUT_DIR receives the logs; WHAT is
+# all, the default, or bench: `kvflow bench gpu` for a 32k-token request only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build-gpu}
 out=${2:-$build}
+what=${3:-all}
 mkdir -p "$out"
 prefix=()
 if compgen -G ".debs/*.deb" >/dev/null; then
@@ -25,6 +27,10 @@ cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release "${prefix[@]}" >"$out/configur
 cmake --build "$build" -j"$(nproc)" --target kvflow_gpu_tests kvflow >"$out/build.log" 2>&1 ||
   { grep -E 'error|Error' "$out/build.log" | head -n 30; exit 1; }
 rc=0
+if [ "$what" = bench ]; then
+  "$build"/runtime/kvflow bench gpu --tokens 32768 2>&1 | tee "$out/bench_gpu.log" || rc=1
+  exit $rc
+fi
 ctest --test-dir "$build" -L gpu --output-on-failure 2>&1 | tee "$out/gpu_tests.log" || rc=1
 "$build"/runtime/kvflow bench gpu --tokens 4096 --tokens 32768 2>&1 | tee "$out/bench_gpu.log" || rc=1
 exit $rc

@@ -66,12 +66,16 @@ result<pinned_buffer> pinned_buffer::create(std::uint64_t bytes) {
   pinned_buffer b;
   b.data_ = static_cast<std::byte*>(p);
   b.size_ = bytes;
+  void* dev = nullptr;
+  if (auto e = cudaHostGetDevicePointer(&dev, p, 0); e != cudaSuccess) return cuda_error("cudaHostGetDevicePointer", e);
+  b.device_ = static_cast<std::byte*>(dev);
   return b;
 }
 
 void pinned_buffer::reset() {
   if (data_ != nullptr) cudaFreeHost(data_);
   data_ = nullptr;
+  device_ = nullptr;
   size_ = 0;
 }
 
@@ -308,6 +312,7 @@ pinned_buffer& pinned_buffer::operator=(pinned_buffer&& o) noexcept {
   if (this != &o) {
     reset();
     data_ = std::exchange(o.data_, nullptr);
+    device_ = std::exchange(o.device_, nullptr);
     size_ = std::exchange(o.size_, 0);
   }
   return *this;

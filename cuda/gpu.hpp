@@ -59,7 +59,8 @@ class device_buffer {
 };
 
 // Page-locked host memory (cudaHostAlloc, portable and mapped): the GPU copies to and from it at
-// PCIe/C2C speed, and staging rings live in it.
+// PCIe/C2C speed, and kernels read it in place at device_data() (a small list, read once, costs
+// no copy-engine slot behind other streams' bulk copies).
 class pinned_buffer {
  public:
   pinned_buffer() = default;
@@ -71,11 +72,13 @@ class pinned_buffer {
   pinned_buffer& operator=(const pinned_buffer&) = delete;
 
   std::byte* data() const { return data_; }
+  std::byte* device_data() const { return device_; }
   std::uint64_t size() const { return size_; }
 
  private:
   void reset();
   std::byte* data_ = nullptr;
+  std::byte* device_ = nullptr;
   std::uint64_t size_ = 0;
 };
 

@@ -62,13 +62,15 @@ result<peer_endpoint> unpack_endpoint(const std::string& e) {
 // it) by a kernel at device speed, and the slot moves by one cudaMemcpyAsync on a copy engine.
 // A kernel that reads or writes host memory itself is bound by its own PCIe requests and, with
 // the other side's kernel running at once, reached half the link here; copy engines each way
-// run side by side. With host copies it is memcpy.
+// run side by side. The kernel reads its block list in place from pinned memory: uploading it
+// would be a host-to-device copy on this stream, queued behind the other direction's slot
+// copies on the same engine, which stalls this stream's own slot copy behind them. With host
+// copies it is memcpy.
 class copier {
  public:
   struct ticket {
     cuda::event ev;  // blocking: finish() sleeps on it
-    cuda::pinned_buffer host;
-    cuda::device_buffer dev;
+    cuda::pinned_buffer host;  // the block list, read by the kernel in place
     cuda::device_buffer bounce;  // a slot's bytes in device memory
   };
   enum class direction { into_ring, out_of_ring };
@@ -114,9 +116,8 @@ class copier {
     std::memcpy(k.host.data(), copies.data(), copies.size() * sizeof(cuda::copy_desc));
     status s;
     if (dir == direction::out_of_ring) s = cuda::copy_async(k.bounce.data(), range, used, stream_);
-    if (s) s = cuda::copy_async(k.dev.data(), k.host.data(), copies.size() * sizeof(cuda::copy_desc), stream_);
     if (s)
-      s = cuda::launch_gather(reinterpret_cast<const cuda::copy_desc*>(k.dev.data()),
+      s = cuda::launch_gather(reinterpret_cast<const cuda::copy_desc*>(k.host.device_data()),
                               static_cast<std::uint32_t>(copies.size()), stream_.handle());
     if (s && dir == direction::into_ring) s = cuda::copy_async(range, k.bounce.data(), used, stream_);
     if (s) s = k.ev.record(stream_);
@@ -156,13 +157,10 @@ class copier {
     if (!ev) return ev.error();
     auto h = cuda::pinned_buffer::create(cap);
     if (!h) return h.error();
-    auto d = cuda::device_buffer::create(device_, cap);
-    if (!d) return d.error();
     auto b = cuda::device_buffer::create(device_, slot_bytes);
     if (!b) return b.error();
     t->ev = std::move(ev.value());
     t->host = std::move(h.value());
-    t->dev = std::move(d.value());
     t->bounce = std::move(b.value());
     return t;
   }

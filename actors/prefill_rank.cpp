@@ -4,10 +4,10 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
-#include <deque>
 #include <map>
 
 #include "actors/block_plan.hpp"
+#include "actors/failure_memory.hpp"
 #include "actors/rank.hpp"
 #include "actors/rank_common.hpp"
 #include "cuda/fence_pool.hpp"
@@ -57,9 +57,9 @@ struct prefill_state {
   std::map<int, decode_peer> peers;                             // by global decode rank
   // Failed requests this rank already cleared, and requests aborted by a decode rank before they
   // arrived here: destinations arriving later are refused at once with the reason, and an early
-  // aborted request fails when it comes (bounded, oldest first out).
-  std::map<std::pair<std::uint64_t, std::uint64_t>, std::string> failed_before;
-  std::deque<std::pair<std::uint64_t, std::uint64_t>> failed_order;
+  // aborted request fails when it comes. Bounded by count and by age (failure_memory_ms), so a
+  // rank under a steady stream of failures does not grow for the hour it takes to reach the count.
+  failure_memory failed_before{0, std::chrono::milliseconds{0}};
   std::string name;
   const char* side = "prefill";
   detail::actor_store<prefill_state> store() { return {*this}; }
@@ -272,21 +272,15 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
   maybe_ready(self, r);
 }
 
-void remember_failure(prefill_state& st, std::uint64_t room, std::uint64_t inc, const std::string& reason) {
-  const auto key = std::make_pair(room, inc);
-  if (reason.empty() || !st.failed_before.emplace(key, reason).second) return;
-  st.failed_order.push_back(key);
-  while (st.failed_order.size() > static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank)) {
-    st.failed_before.erase(st.failed_order.front());
-    st.failed_order.pop_front();
-  }
+void remember_failure(prefill_actor* self, std::uint64_t room, std::uint64_t inc, const std::string& reason) {
+  self->state.failed_before.remember({room, inc}, reason, self->clock().now());
 }
 
 void forget(prefill_actor* self, std::uint64_t room) {
   auto& st = self->state;
   auto it = st.rooms.find(room);
   if (it == st.rooms.end()) return;
-  remember_failure(st, room, it->second.inc, st.args.shared->failure_of(room, it->second.inc));
+  remember_failure(self, room, it->second.inc, st.args.shared->failure_of(room, it->second.inc));
   st.rooms.erase(it);
 }
 
@@ -334,6 +328,8 @@ void watch_decode(prefill_actor* self, int d) {
 caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
   auto& st = self->state;
   st.args = std::move(args);
+  st.failed_before = failure_memory{static_cast<std::size_t>(st.args.tunables.max_rooms_per_rank),
+                                    std::chrono::milliseconds{st.args.tunables.failure_memory_ms}};
   st.me = &st.args.plan->prefill(st.args.rank);
   st.name = "prefill rank " + std::to_string(st.args.rank);
   const auto& c = st.me->coord;
@@ -426,8 +422,9 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         for (const auto& rd : st.me->readers)
           r.expected.push_back(config::decode_rank_of(cfg.decode, {q.other_dp, rd.pp, rd.tp}));
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
-        if (auto f = st.failed_before.find({q.room, q.incarnation}); f != st.failed_before.end())
-          fail_room(self, q.room, f->second);  // aborted before it came here
+        st.failed_before.expire(self->clock().now());  // a quiet rank drops its old failures too
+        if (const auto* f = st.failed_before.find({q.room, q.incarnation}, self->clock().now()))
+          fail_room(self, q.room, *f);  // aborted before it came here
         if (st.args.shared->lost) fail_room(self, q.room, st.args.shared->lost_reason);
         if (detail::failed_before_created(st, q.room, q.incarnation))
           fail_room(self, q.room, detail::group_failed_reason(st.side));
@@ -531,7 +528,7 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         // that came before it now and later ones as they come.
         auto& st = self->state;
         auto g = detail::lock(*st.args.shared);
-        remember_failure(st, q.room, q.incarnation, q.reason);
+        remember_failure(self, q.room, q.incarnation, q.reason);
         auto early = st.early.find({q.room, q.incarnation});
         if (early == st.early.end()) return;
         auto list = std::move(early->second);
@@ -552,8 +549,8 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           accept_dst(self, it->second, std::move(d));  // checks it against the live request
           return;
         }
-        if (auto f = st.failed_before.find({d.room, d.incarnation}); f != st.failed_before.end()) {
-          refuse(self, d.decode_rank, d.room, d.incarnation, f->second);
+        if (const auto* f = st.failed_before.find({d.room, d.incarnation}, self->clock().now())) {
+          refuse(self, d.decode_rank, d.room, d.incarnation, *f);
           return;
         }
         // The decode side can be faster than this rank's engine: keep it for the request, within
@@ -619,7 +616,7 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
         } else {
           // Before the request (none of the room here, or an earlier incarnation of it still
           // live): it fails at once when it comes (semantics.md section 5).
-          remember_failure(st, a.room, a.incarnation,
+          remember_failure(self, a.room, a.incarnation,
                            "aborted by decode rank " + std::to_string(a.decode_rank) + " before it arrived: " + a.reason);
         }
         ack_abort(self, a.decode_rank, a.room, a.incarnation);

@@ -51,6 +51,10 @@ namespace kvflow::config {
     "at once: 24 B x rooms x (4 x ranks + 32)); a rank holding more refuses new rooms")          \
   X(max_rooms_per_rank, "KVFLOW_MAX_ROOMS_PER_RANK", 65536,                                      \
     "live rooms one rank accepts; more are refused with an error (bounds the state store)")      \
+  X(failure_memory_ms, "KVFLOW_FAILURE_MEMORY_MS", 600000,                                       \
+    "prefill: how long a rank remembers a request that failed, or that a decode rank aborted "  \
+    "before it arrived, to refuse its late destinations and fail it when it comes (at most "    \
+    "max_rooms_per_rank of them; keep it above the bootstrap timeout)")                          \
   X(max_pages_per_request, "KVFLOW_MAX_PAGES_PER_REQUEST", 1 << 20,                              \
     "largest page list a destination or chunk message may carry; longer ones fail the room")    \
   X(link_max_frame_bytes, "KVFLOW_LINK_MAX_FRAME_BYTES", 64 << 20,                               \

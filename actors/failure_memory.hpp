@@ -1,0 +1,51 @@
+#pragma once
+// What a prefill rank remembers of requests that failed, or were aborted before they arrived:
+// (room, incarnation) -> reason, bounded by count and by age. Pure: the caller passes the time, so
+// a test can drive it without an actor or a clock.
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <string>
+#include <utility>
+
+namespace kvflow {
+
+class failure_memory {
+ public:
+  using key = std::pair<std::uint64_t, std::uint64_t>;  // (room, incarnation)
+  using time_point = std::chrono::steady_clock::time_point;
+
+  failure_memory(std::size_t max_entries, std::chrono::milliseconds max_age)
+      : max_entries_(max_entries), max_age_(max_age) {}
+
+  // Remembers `k` failed for `reason` at `now`; an empty reason, or a key already remembered,
+  // changes nothing (the first reason is the one reported). Entries past their age, and the
+  // oldest beyond the count, are dropped.
+  void remember(const key& k, const std::string& reason, time_point now);
+
+  // The reason `k` failed, or nullptr where it is not remembered or was remembered longer ago
+  // than the age bound.
+  const std::string* find(const key& k, time_point now) const;
+
+  // Drops what is older than the age bound (remember does too; a prefill rank also does on every
+  // new request, so failures stop costing memory once they stop coming).
+  void expire(time_point now);
+
+  std::size_t size() const { return reasons_.size(); }
+
+ private:
+  struct entry {
+    std::string reason;
+    time_point at;
+  };
+  bool expired(const entry& e, time_point now) const { return now - e.at >= max_age_; }
+
+  std::size_t max_entries_;
+  std::chrono::milliseconds max_age_;
+  std::map<key, entry> reasons_;
+  std::deque<key> order_;  // oldest first; one per entry of reasons_
+};
+
+}  // namespace kvflow

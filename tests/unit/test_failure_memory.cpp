@@ -1,0 +1,68 @@
+// failure_memory: what a prefill rank remembers of failed and early-aborted requests, bounded by
+// count and by age (it was bounded by count alone: 65536 reasons, about 12 MB a prefill rank,
+// reached within an hour of a soak's faults and never given back).
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+
+#include "actors/failure_memory.hpp"
+
+using kvflow::failure_memory;
+using std::chrono::milliseconds;
+
+namespace {
+const failure_memory::time_point t0{};
+}
+
+TEST_CASE("failure memory: the first reason of a key is kept; empty reasons are not remembered") {
+  failure_memory m(8, milliseconds{1000});
+  m.remember({1, 1}, "aborted", t0);
+  m.remember({1, 1}, "later reason", t0 + milliseconds{1});
+  m.remember({2, 1}, "", t0);
+  REQUIRE(m.find({1, 1}, t0) != nullptr);
+  CHECK(*m.find({1, 1}, t0) == "aborted");
+  CHECK(m.find({1, 2}, t0) == nullptr);  // another incarnation of the room
+  CHECK(m.find({2, 1}, t0) == nullptr);
+  CHECK(m.size() == 1);
+}
+
+TEST_CASE("failure memory: an entry is forgotten once it is older than the age bound") {
+  failure_memory m(1000, milliseconds{100});
+  m.remember({1, 1}, "a", t0);
+  m.remember({2, 1}, "b", t0 + milliseconds{60});
+  CHECK(m.find({1, 1}, t0 + milliseconds{99}) != nullptr);
+  CHECK(m.find({1, 1}, t0 + milliseconds{100}) == nullptr);  // found nowhere, even before it is dropped
+  CHECK(m.find({2, 1}, t0 + milliseconds{100}) != nullptr);
+  m.expire(t0 + milliseconds{100});
+  CHECK(m.size() == 1);
+  // A key forgotten by age can be remembered again, with its new reason.
+  m.remember({1, 1}, "again", t0 + milliseconds{170});
+  CHECK(m.size() == 1);  // {2,1} aged out on the way in
+  REQUIRE(m.find({1, 1}, t0 + milliseconds{170}) != nullptr);
+  CHECK(*m.find({1, 1}, t0 + milliseconds{170}) == "again");
+}
+
+TEST_CASE("failure memory: a steady stream of failures holds what its age bound covers, not the count") {
+  // 1 failure a millisecond for 10 s, remembered 500 ms, count bound 65536: about 500 held.
+  failure_memory m(65536, milliseconds{500});
+  std::size_t most = 0;
+  for (int i = 0; i < 10000; ++i) {
+    m.remember({static_cast<std::uint64_t>(i), 1}, "failed " + std::to_string(i), t0 + milliseconds{i});
+    most = std::max(most, m.size());
+  }
+  CHECK(most == 500);
+  CHECK(m.find({9999, 1}, t0 + milliseconds{9999}) != nullptr);
+  CHECK(m.find({9499, 1}, t0 + milliseconds{9999}) == nullptr);
+}
+
+TEST_CASE("failure memory: beyond the count bound the oldest entry goes first") {
+  failure_memory m(3, milliseconds{1000000});
+  for (std::uint64_t r = 1; r <= 5; ++r) m.remember({r, 1}, "r" + std::to_string(r), t0);
+  CHECK(m.size() == 3);
+  CHECK(m.find({1, 1}, t0) == nullptr);
+  CHECK(m.find({2, 1}, t0) == nullptr);
+  CHECK(m.find({3, 1}, t0) != nullptr);
+  CHECK(m.find({5, 1}, t0) != nullptr);
+}

@@ -22,6 +22,7 @@
 #include "command/agreement_checker.hpp"
 #include "command/driver.hpp"
 #include "command/engine_messages.hpp"
+#include "command/outcome_reason.hpp"
 #include "command/percentile.hpp"
 #include "command/sim_engine.hpp"
 #include "runtime/engine_host.hpp"
@@ -432,10 +433,11 @@ void on_released(driver_actor* self, const msg::rank_released& ev) {
   auto state = static_cast<poll_state>(ev.state);
   if (state == poll_state::failed) {
     r.any_failed = true;
-    // Keep the most telling reason: a rank's own, decode's first, not a group echo.
-    auto echo = [](const std::string& why) { return why.find("another rank of the") != std::string::npos; };
-    std::string why = (ev.prefill ? "prefill rank " : "decode rank ") + std::to_string(ev.rank) + ": " + ev.reason;
-    if (!ev.reason.empty() && (r.reason.empty() || (echo(r.reason) && !echo(why)))) r.reason = why;
+    // Keep the most telling reason: a rank's own, not a group echo.
+    if (!ev.reason.empty()) {
+      std::string why = (ev.prefill ? "prefill rank " : "decode rank ") + std::to_string(ev.rank) + ": " + ev.reason;
+      if (replaces_reason(r.reason, why)) r.reason = std::move(why);
+    }
   } else if (!ev.prefill) {
     ++r.decode_success;
   }

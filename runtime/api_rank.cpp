@@ -42,7 +42,7 @@ error create_room(rank::impl& r, const request_id& id, int other_dp, int other_d
   // failed and let go of it first): taken, it would be a room only this rank holds.
   if (sh.finished.take(id.room, id.incarnation, r.late_create_window))
     return {errc::exists, "room " + std::to_string(id.room) + " incarnation " + std::to_string(id.incarnation) +
-                              ": its group already finished this request"};
+                              ": its group already finished this request (another rank of the group ended it before this create)"};
   // A request this rank will not hold: the peers of the other side still hear of it from their
   // own engines, so the actor tells them now (unless the refused request is the very one that is
   // live: nothing tells the two apart).

@@ -693,6 +693,9 @@ TEST_CASE("regression: a create that comes after its group finished the request 
   auto late = d1->create(id, 0);
   REQUIRE(late);
   CHECK(late.message().find("already finished") != std::string::npos);
+  // Worded as an echo of the group, so a report keeps the cause another rank gave over it
+  // (command/outcome_reason.hpp; launch.kill_decode_early).
+  CHECK(late.message().find("another rank of the group") != std::string::npos);
   // A new incarnation of the room is a new request.
   CHECK_FALSE(d1->create({12, 2}, 0));
   node->stop();

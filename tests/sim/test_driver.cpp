@@ -7,6 +7,7 @@
 
 #include "command/driver.hpp"
 #include "command/engine_messages.hpp"
+#include "command/outcome_reason.hpp"
 #include "runtime/node.hpp"
 #include "sim_helpers.hpp"
 
@@ -59,4 +60,22 @@ TEST_CASE("driver: a router that stops before its report fails the run instead o
   REQUIRE_FALSE(report->problems.empty());
   CHECK(report->problems.front().find("the driver stopped before its report") != std::string::npos);
   CHECK_FALSE(report->complete);
+}
+
+TEST_CASE("regression: a rank's create refused because its group finished the request does not hide the group's cause") {
+  // launch.kill_decode_early: decode rank 3 died; prefill rank 0 failed the request because of it,
+  // and prefill rank 6, whose engine created the request only after the group had let go of it,
+  // was refused — and reported first. The outcome said "its group already finished this request"
+  // instead of why it failed. The refusal below is the library's own wording of it.
+  using kvflow::command::replaces_reason;
+  const std::string late = "prefill rank 6: room 7 incarnation 12: its group already finished this request "
+                           "(another rank of the group ended it before this create)";
+  const std::string cause = "prefill rank 0: decode rank 3 down";
+  CHECK(kvflow::command::echoes_group(late));
+  CHECK(replaces_reason(late, cause));
+  CHECK_FALSE(replaces_reason(cause, late));
+  // The first rank's own reason stays; an empty one never replaces anything.
+  CHECK(replaces_reason("", cause));
+  CHECK_FALSE(replaces_reason(cause, "decode rank 2: transfer timed out"));
+  CHECK_FALSE(replaces_reason(cause, ""));
 }

@@ -14,7 +14,11 @@ mkdir -p "$out"
 prefix=()
 if compgen -G ".debs/*.deb" >/dev/null; then
   mkdir -p /opt/deps
-  for f in .debs/*.deb; do dpkg -x "$f" /opt/deps; done
+  # Debian's UCX 1.13 (device-debs.sh brings it) would shadow kvflow's 1.22 on LD_LIBRARY_PATH.
+  for f in .debs/*.deb; do
+    case "$(basename "$f")" in libucx*|ucx-utils*) continue ;; esac
+    dpkg -x "$f" /opt/deps
+  done
   export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   export CPATH=/opt/deps/usr/include
   # CAF 0.17's headers lean on <cstdint> arriving transitively, which g++ 13 no longer does.

@@ -4,7 +4,8 @@
 //   coalesced  one cudaMemcpyAsync per layer (contiguous pages on both sides: the upper bound)
 //   per-page   one cudaMemcpyAsync per page (what a transfer engine that issues a copy per page gets)
 //   gather     kvflow's gather kernel over the whole block list, the list already on the device
-//   gather+upload  the same with the block list copied up first, as a push does
+//   gather, list in pinned  the same reading its block list in place from mapped pinned memory,
+//              as a push does
 //   d2h pinned one cudaMemcpyAsync of the request into pinned host memory (the staging bound),
 //              and h2d pinned back; gather into pinned: the fragmented pages into pinned memory by
 //              the gather kernel (the staged path's first half)
@@ -211,13 +212,11 @@ int run(const gpu_flags& f) {
     const auto* list = reinterpret_cast<const copy_desc*>(frag_list.data());
     const auto n = static_cast<std::uint32_t>(frag.size());
     double gather_ms = best_ms(s, reps, [&] { must(launch_gather(list, n, s.handle())); });
-    // As a push does it: the block list goes up from pinned memory on the same stream first.
+    // As a push does it: the kernel reads the block list in place from mapped pinned memory.
     auto list_host = must(pinned_buffer::create(frag.size() * sizeof(copy_desc)));
     std::copy(frag.begin(), frag.end(), reinterpret_cast<copy_desc*>(list_host.data()));
-    auto list_dev = must(device_buffer::create(dev, list_host.size()));
-    double gather_upload_ms = best_ms(s, reps, [&] {
-      must(copy_async(list_dev.data(), list_host.data(), list_host.size(), s));
-      must(launch_gather(reinterpret_cast<const copy_desc*>(list_dev.data()), n, s.handle()));
+    double gather_inplace_ms = best_ms(s, reps, [&] {
+      must(launch_gather(reinterpret_cast<const copy_desc*>(list_host.device_data()), n, s.handle()));
     });
     const std::uint64_t bad_gather = mismatches(dst_runs, 7, s);
     double d2h_ms = best_ms(s, reps, [&] { must(copy_async(pinned.data(), src.data(), bytes, s)); });
@@ -259,13 +258,37 @@ int run(const gpu_flags& f) {
     }
 
     // The whole push through the CUDA IPC transport (its block list built from the request's
-    // blocks, bounds-checked, uploaded, gathered, completion learnt by its thread), wall clock.
+    // blocks, bounds-checked, gathered, completion learnt by its thread), wall clock.
     struct push_figure {
       std::uint64_t chunk;
       double wall_ms, call_ms;
     };
     std::vector<push_figure> pushes;
     std::uint64_t bad_push = 0;
+    // What a push pays whatever its size, beside the same wait on the calling thread: the whole
+    // list's kernel waited for by spinning (cudaStreamSynchronize) or asleep on a blocking event
+    // (as the completion thread waits), and a push of one block.
+    auto blocking = must(event::create_blocking(dev));
+    auto wall_of = [&](auto&& fn) {
+      double best = 1e30;
+      for (int i = 0; i < reps + 1; ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        fn();
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        if (i > 0) best = std::min(best, ms);
+      }
+      return best;
+    };
+    const double gather_spin_ms = wall_of([&] {
+      must(launch_gather(list, n, s.handle()));
+      must(s.synchronize());
+    });
+    const double gather_sleep_ms = wall_of([&] {
+      must(launch_gather(list, n, s.handle()));
+      must(blocking.record(s));
+      must(blocking.synchronize());
+    });
+    double one_block_ms = 0;
     for (std::uint64_t chunk : {0ull, 2048ull, 4096ull, 16384ull}) {
       transport::cuda_ipc_options o;
       o.device = dev;
@@ -280,6 +303,8 @@ int run(const gpu_flags& f) {
       must(s.synchronize());
       auto times = time_push(*sender, 1, blocks, reps);
       push_figure fig{chunk, times.wall_ms, times.call_ms};
+      if (chunk == transport::cuda_ipc_options{}.chunk_descs)
+        one_block_ms = time_push(*sender, 1, {blocks.front()}, reps).wall_ms;
       bad_push += mismatches(dst_runs, 7, s);
       pushes.push_back(fig);
     }
@@ -335,9 +360,15 @@ int run(const gpu_flags& f) {
                 gbps(bytes, per_page_ms), bad_per_page == 0 ? "bytes verified" : "BYTES WRONG");
     std::printf("  kvflow gather kernel, list on device      %9.3f ms  %8.1f GB/s  %.2fx coalesced\n", gather_ms,
                 gbps(bytes, gather_ms), coalesced_ms / gather_ms);
-    std::printf("  kvflow gather kernel + list upload        %9.3f ms  %8.1f GB/s  %.2fx coalesced  (%s)\n",
-                gather_upload_ms, gbps(bytes, gather_upload_ms), coalesced_ms / gather_upload_ms,
+    std::printf("  kvflow gather kernel, list in pinned      %9.3f ms  %8.1f GB/s  %.2fx coalesced  (%s)\n",
+                gather_inplace_ms, gbps(bytes, gather_inplace_ms), coalesced_ms / gather_inplace_ms,
                 bad_gather == 0 ? "bytes verified" : "BYTES WRONG");
+    std::printf("  anchor gather kernel, wall, spin wait     %9.3f ms  (launch to cudaStreamSynchronize)\n", gather_spin_ms);
+    std::printf("  anchor gather kernel, wall, asleep        %9.3f ms  (launch to a blocking event's synchronize)\n",
+                gather_sleep_ms);
+    std::printf("  kvflow cuda_ipc push of one block         %9.3f ms  (what every push pays: launch, completion "
+                "thread, callback)\n",
+                one_block_ms);
     for (const auto& p : pushes)
       std::printf("  kvflow cuda_ipc push, %5llu-entry launches %6.3f ms  %8.1f GB/s  %.2fx gather kernel, +%.3f ms "
                   "(push() returned after %.3f ms; %s)\n",

@@ -63,26 +63,22 @@ struct cuda_ipc_transport::impl {
     std::vector<std::shared_ptr<cuda::ipc_mapping>> mappings;  // kept open while pushes use them
     std::unordered_map<std::uint64_t, remote_region> regions;
   };
-  // A pinned block list and its device copy, reused across pushes (no allocation in steady state).
+  // A pinned block list the kernels read in place, reused across pushes (no allocation in
+  // steady state).
   struct staging {
     cuda::pinned_buffer host;
-    cuda::device_buffer dev;
   };
   struct inflight {
     completion done;
     std::shared_ptr<link> l;
     std::unique_ptr<staging> st;
-    cuda::event ev;                       // after the push's last kernel, on `stream`
-    std::vector<cuda::event> uploaded;    // after each chunk's list upload, on `upload_stream`
+    cuda::event ev;  // after the push's last kernel, on `stream`
     std::uint64_t bytes = 0;
   };
 
   cuda_ipc_options options;
   std::string boot = boot_id();
   cuda::stream stream;
-  // Block lists go up on a stream of their own: on `stream` each upload would wait for the
-  // previous chunk's kernel, and every chunk would pay an upload's latency between kernels.
-  cuda::stream upload_stream;
 
   std::mutex m;  // everything below, and the order of work queued on the stream
   std::uint64_t next_region = 1;
@@ -90,8 +86,7 @@ struct cuda_ipc_transport::impl {
   std::unordered_map<std::uint64_t, std::shared_ptr<link>> links;
   std::map<std::string, std::weak_ptr<cuda::ipc_mapping>> opened;  // by handle: one open per allocation
   std::vector<std::unique_ptr<staging>> free_staging;
-  std::vector<cuda::event> free_events;         // blocking: the completion thread sleeps on them
-  std::vector<cuda::event> free_upload_events;  // waited for on the GPU only
+  std::vector<cuda::event> free_events;  // blocking: the completion thread sleeps on them
 
   std::mutex done_m;
   std::condition_variable done_cv;
@@ -129,8 +124,6 @@ struct cuda_ipc_transport::impl {
   void give_back(inflight& f) {
     if (f.st) free_staging.push_back(std::move(f.st));
     if (f.ev.handle() != nullptr) free_events.push_back(std::move(f.ev));
-    for (auto& e : f.uploaded) free_upload_events.push_back(std::move(e));
-    f.uploaded.clear();
   }
 
   result<std::unique_ptr<staging>> take_staging(std::uint64_t bytes_needed) {
@@ -144,11 +137,8 @@ struct cuda_ipc_transport::impl {
     while (cap < bytes_needed) cap *= 2;
     auto host = cuda::pinned_buffer::create(cap);
     if (!host) return host.error();
-    auto dev = cuda::device_buffer::create(options.device, cap);
-    if (!dev) return dev.error();
     auto st = std::make_unique<staging>();
     st->host = std::move(host.value());
-    st->dev = std::move(dev.value());
     return st;
   }
 
@@ -162,10 +152,10 @@ struct cuda_ipc_transport::impl {
   }
 
   // Checks every block against the peer's registered regions (before any byte moves), then
-  // writes the block list straight into pinned memory in chunks, each uploaded and gathered as
-  // soon as it is written, so the GPU copies while the rest of the list is still being built:
-  // chunk i's upload runs on the upload stream while chunk i-1's kernel runs, and kernel i waits
-  // on the GPU for its upload only.
+  // writes the block list straight into pinned memory in chunks, each gathered as soon as it is
+  // written, so the GPU copies while the rest of the list is still being built. The kernels read
+  // the list in place (mapped pinned memory): no upload, and no wait between streams, stands
+  // between one chunk's kernel and the next.
   void submit(std::uintptr_t fence, std::uint64_t peer, const std::vector<block>& blocks, completion done) {
     std::unique_lock<std::mutex> g(m);
     // Pushes come from any thread (an actor's worker): the stream's device must be current there.
@@ -219,25 +209,15 @@ struct cuda_ipc_transport::impl {
     if (!ev) return fail(ev.error());
     f->ev = std::move(ev.value());
     const std::uint64_t chunk = options.chunk_descs == 0 ? std::max<std::uint64_t>(pieces, 1) : options.chunk_descs;
-    for (std::uint64_t c = 0; c < (pieces + chunk - 1) / chunk; ++c) {
-      auto u = take_event(free_upload_events, false);
-      if (!u) return fail(u.error());
-      f->uploaded.push_back(std::move(u.value()));
-    }
     status s;
     if (fence != 0) s = cuda::wait_for_external_event(stream, fence);
     auto* host = reinterpret_cast<cuda::copy_desc*>(f->st->host.data());
-    auto* dev = reinterpret_cast<cuda::copy_desc*>(f->st->dev.data());
+    const auto* mapped = reinterpret_cast<const cuda::copy_desc*>(f->st->host.device_data());
     std::uint64_t written = 0, launched = 0;
-    std::size_t chunks = 0;
     auto flush = [&] {
       if (!s || written == launched) return;
       const std::uint64_t n = written - launched;
-      const auto& up = f->uploaded[chunks++];
-      s = cuda::copy_async(dev + launched, host + launched, n * sizeof(cuda::copy_desc), upload_stream);
-      if (s) s = up.record(upload_stream);
-      if (s) s = up.wait_on(stream);
-      if (s) s = cuda::launch_gather(dev + launched, static_cast<std::uint32_t>(n), stream.handle());
+      s = cuda::launch_gather(mapped + launched, static_cast<std::uint32_t>(n), stream.handle());
       launched = written;
     };
     for (const auto& b : blocks) {
@@ -251,9 +231,7 @@ struct cuda_ipc_transport::impl {
     flush();
     if (s) s = f->ev.record(stream);
     if (!s) {
-      // Uploads and kernels may be queued already: wait them out before the staging goes back
-      // to the pool.
-      (void)upload_stream.synchronize();
+      // Kernels may be queued already: wait them out before the staging goes back to the pool.
       (void)stream.synchronize();
       return fail(s);
     }
@@ -272,9 +250,6 @@ result<std::unique_ptr<cuda_ipc_transport>> cuda_ipc_transport::create(const cud
   auto s = cuda::stream::create(options.device);
   if (!s) return status::error("cuda_ipc: " + s.error().reason());
   p->stream = std::move(s.value());
-  auto u = cuda::stream::create(options.device);
-  if (!u) return status::error("cuda_ipc: " + u.error().reason());
-  p->upload_stream = std::move(u.value());
   // The kernels may be missing from this build (no nvcc, or a sanitizer build): find out now.
   if (auto k = cuda::launch_gather(nullptr, 0, p->stream.handle()); !k) return status::error("cuda_ipc: " + k.reason());
   auto* raw = p.get();

@@ -146,9 +146,13 @@ push_times time_push(transport::transport& t, std::uint64_t peer, const std::vec
     std::condition_variable cv;
     bool done = false;
     status got;
+    std::chrono::steady_clock::time_point t2;
     const auto t0 = std::chrono::steady_clock::now();
+    // Timed to the completion's call (when an engine learns of it), not to this thread's wake-up.
     t.push(peer, blocks, [&](status st) {
+      const auto now = std::chrono::steady_clock::now();
       std::lock_guard<std::mutex> g(m);
+      t2 = now;
       got = std::move(st);
       done = true;
       cv.notify_one();
@@ -156,7 +160,6 @@ push_times time_push(transport::transport& t, std::uint64_t peer, const std::vec
     const auto t1 = std::chrono::steady_clock::now();
     std::unique_lock<std::mutex> g(m);
     cv.wait(g, [&] { return done; });
-    const auto t2 = std::chrono::steady_clock::now();
     must(got);
     if (i > 0) {
       best.wall_ms = std::min(best.wall_ms, std::chrono::duration<double, std::milli>(t2 - t0).count());

@@ -132,8 +132,8 @@ result<event> event::create(int device, bool timing) {
   return with_flags(device, timing ? cudaEventDefault : cudaEventDisableTiming);
 }
 
-result<event> event::create_blocking(int device) {
-  return with_flags(device, cudaEventDisableTiming | cudaEventBlockingSync);
+result<event> event::create_blocking(int device, bool timing) {
+  return with_flags(device, (timing ? 0u : unsigned{cudaEventDisableTiming}) | cudaEventBlockingSync);
 }
 
 void event::reset() {
@@ -276,7 +276,7 @@ result<stream> stream::create(int) { return no_cuda(); }
 void stream::reset() {}
 status stream::synchronize() const { return no_cuda(); }
 result<event> event::create(int, bool) { return no_cuda(); }
-result<event> event::create_blocking(int) { return no_cuda(); }
+result<event> event::create_blocking(int, bool) { return no_cuda(); }
 void event::reset() {}
 status event::record(const stream&) const { return no_cuda(); }
 status event::wait_on(const stream&) const { return no_cuda(); }

@@ -130,8 +130,9 @@ class event {
   event() = default;
   static result<event> create(int device, bool timing = false);
   // One whose synchronize() puts the calling thread to sleep until the work is done, instead of
-  // spinning on a core (cudaEventBlockingSync): for a thread that waits for completions.
-  static result<event> create_blocking(int device);
+  // spinning on a core (cudaEventBlockingSync): for a thread that waits for completions. With
+  // timing, elapsed_ms() can also time the work before it.
+  static result<event> create_blocking(int device, bool timing = false);
   ~event();
   event(event&& o) noexcept;
   event& operator=(event&& o) noexcept;

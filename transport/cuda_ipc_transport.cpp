@@ -1,9 +1,11 @@
 #include "transport/cuda_ipc_transport.hpp"
 
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -16,6 +18,7 @@
 #include "cuda/gpu.hpp"
 #include "cuda/kernels.hpp"
 #include "transport/byte_codec.hpp"
+#include "transport/completion_pacer.hpp"
 #include "transport/host_identity.hpp"
 
 namespace kvflow::transport {
@@ -72,7 +75,9 @@ struct cuda_ipc_transport::impl {
     completion done;
     std::shared_ptr<link> l;
     std::unique_ptr<staging> st;
-    cuda::event ev;  // after the push's last kernel, on `stream`
+    cuda::event started;  // before the push's first kernel, on `stream` (timing)
+    cuda::event ev;       // after its last kernel (blocking, timing)
+    std::chrono::steady_clock::time_point launched;  // when its first kernel was queued
     std::uint64_t bytes = 0;
   };
 
@@ -86,7 +91,8 @@ struct cuda_ipc_transport::impl {
   std::unordered_map<std::uint64_t, std::shared_ptr<link>> links;
   std::map<std::string, std::weak_ptr<cuda::ipc_mapping>> opened;  // by handle: one open per allocation
   std::vector<std::unique_ptr<staging>> free_staging;
-  std::vector<cuda::event> free_events;  // blocking: the completion thread sleeps on them
+  std::vector<cuda::event> free_events;        // blocking: the completion thread sleeps on them
+  std::vector<cuda::event> free_start_events;  // timing only
 
   std::mutex done_m;
   std::condition_variable done_cv;
@@ -95,10 +101,15 @@ struct cuda_ipc_transport::impl {
   std::thread completer;
   std::atomic<std::uint64_t> bytes{0};
 
-  // Sleeps on each queued push's event in turn (pushes share one stream, so they complete in
-  // the order queued): one wake-up per completion, no CUDA callback thread in between.
+  // Waits for each queued push in turn (pushes share one stream, so they complete in the order
+  // queued), paced by `pacer`: asleep until shortly before its predicted end, a few looks, then
+  // asleep on its event. No CUDA callback thread in between.
   void complete_loop() {
     (void)cuda::set_device(options.device);
+    // The looks are microseconds apart: the default 50 us timer slack would stretch each sleep.
+    (void)::prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL);
+    completion_pacer pacer;
+    std::chrono::steady_clock::time_point previous_done{};
     for (;;) {
       std::unique_ptr<inflight> f;
       {
@@ -108,9 +119,14 @@ struct cuda_ipc_transport::impl {
         f = std::move(queued.front());
         queued.pop_front();
       }
-      status s = f->ev.synchronize();  // an error here is the kernel's (or the stream's) failure
+      status s = wait_for(*f, pacer, previous_done);
+      previous_done = std::chrono::steady_clock::now();
       if (!s) s = status::error("cuda_ipc push failed on the GPU: " + s.reason());
-      if (s) bytes.fetch_add(f->bytes, std::memory_order_relaxed);
+      if (s) {
+        bytes.fetch_add(f->bytes, std::memory_order_relaxed);
+        if (f->launched != std::chrono::steady_clock::time_point{})
+          if (auto ms = cuda::event::elapsed_ms(f->started, f->ev)) pacer.observed(f->bytes, ms.value());
+      }
       {
         std::lock_guard<std::mutex> g(m);
         give_back(*f);
@@ -120,10 +136,27 @@ struct cuda_ipc_transport::impl {
     }
   }
 
+  // An error here is the kernel's (or the stream's) failure.
+  static status wait_for(const inflight& f, const completion_pacer& pacer,
+                         std::chrono::steady_clock::time_point previous_done) {
+    if (auto p = pacer.plan_for(f.bytes)) {
+      // Its GPU work starts once queued and once the push before it is done.
+      std::this_thread::sleep_until(std::max(f.launched, previous_done) + p->first_look);
+      for (int i = 0; i < p->looks; ++i) {
+        auto d = f.ev.done();
+        if (!d) return d.error();
+        if (d.value()) return {};
+        std::this_thread::sleep_for(p->interval);
+      }
+    }
+    return f.ev.synchronize();
+  }
+
   // Returns a push's staging and events to the pools (under `m`).
   void give_back(inflight& f) {
     if (f.st) free_staging.push_back(std::move(f.st));
     if (f.ev.handle() != nullptr) free_events.push_back(std::move(f.ev));
+    if (f.started.handle() != nullptr) free_start_events.push_back(std::move(f.started));
   }
 
   result<std::unique_ptr<staging>> take_staging(std::uint64_t bytes_needed) {
@@ -148,7 +181,8 @@ struct cuda_ipc_transport::impl {
       pool.pop_back();
       return e;
     }
-    return blocking ? cuda::event::create_blocking(options.device) : cuda::event::create(options.device);
+    // Both kinds time: a push's GPU time is what the completion thread paces its looks by.
+    return blocking ? cuda::event::create_blocking(options.device, true) : cuda::event::create(options.device, true);
   }
 
   // Checks every block against the peer's registered regions (before any byte moves), then
@@ -208,6 +242,9 @@ struct cuda_ipc_transport::impl {
     auto ev = take_event(free_events, true);
     if (!ev) return fail(ev.error());
     f->ev = std::move(ev.value());
+    auto started = take_event(free_start_events, false);
+    if (!started) return fail(started.error());
+    f->started = std::move(started.value());
     const std::uint64_t chunk = options.chunk_descs == 0 ? std::max<std::uint64_t>(pieces, 1) : options.chunk_descs;
     status s;
     if (fence != 0) s = cuda::wait_for_external_event(stream, fence);
@@ -217,6 +254,12 @@ struct cuda_ipc_transport::impl {
     auto flush = [&] {
       if (!s || written == launched) return;
       const std::uint64_t n = written - launched;
+      if (launched == 0) {
+        // The push's GPU time (what paces the completion thread) starts with its first kernel.
+        s = f->started.record(stream);
+        f->launched = std::chrono::steady_clock::now();
+        if (!s) return;
+      }
       s = cuda::launch_gather(mapped + launched, static_cast<std::uint32_t>(n), stream.handle());
       launched = written;
     };

@@ -11,6 +11,8 @@
 #include <cstring>
 #include <future>
 
+#include "transport/ucx_version.hpp"
+
 namespace kvflow::transport {
 
 namespace {
@@ -30,6 +32,12 @@ status sys_error(const std::string& what) {
 }  // namespace
 
 result<std::unique_ptr<ucx_worker>> ucx_worker::create(std::uint64_t features) {
+  ucx_version loaded;
+  ucp_get_version(&loaded.major, &loaded.minor, &loaded.release);
+  if (auto why = ucx_version_problem({UCP_API_MAJOR, UCP_API_MINOR, 0}, loaded); !why.empty()) {
+    spdlog::error("ucx: {}", why);
+    return status::error("ucx: " + why);
+  }
   std::unique_ptr<ucx_worker> w(new ucx_worker);
 
   ucp_config_t* config = nullptr;

@@ -568,7 +568,8 @@ typename I::result_type inspect(I& f, account_usage& x) {
 }
 
 // Leak accounting: ask every live rank what it still holds (a dead rank's memory went with
-// it). Pages a rank still lends to pushes in flight (a room released while its transport was
+// it, and a rank this run killed or froze is not asked either: frozen, it cannot answer, and its
+// node may not have been found silent yet when the last request ended). Pages a rank still lends to pushes in flight (a room released while its transport was
 // writing) come back when the transport completes: ask again, for up to 5 s, before counting
 // anything held as leaked.
 void collect_usage(driver_actor* self, int attempt) {
@@ -576,10 +577,11 @@ void collect_usage(driver_actor* self, int attempt) {
   auto usage = std::make_shared<std::vector<msg::pool_usage>>();
   auto pending = std::make_shared<int>(0);
   std::vector<std::pair<caf::actor, std::string>> live;
+  auto asked = [&](bool prefill, int i) { return !st.dead.count({prefill, i}) && !st.killed.count({prefill, i}); };
   for (int i = 0; i < static_cast<int>(st.h.prefill.size()); ++i)
-    if (!st.dead.count({true, i})) live.emplace_back(st.h.prefill[i], "prefill rank " + std::to_string(i));
+    if (asked(true, i)) live.emplace_back(st.h.prefill[i], "prefill rank " + std::to_string(i));
   for (int i = 0; i < static_cast<int>(st.h.decode.size()); ++i)
-    if (!st.dead.count({false, i})) live.emplace_back(st.h.decode[i], "decode rank " + std::to_string(i));
+    if (asked(false, i)) live.emplace_back(st.h.decode[i], "decode rank " + std::to_string(i));
   *pending = static_cast<int>(live.size());
   auto done = [self, usage, attempt] {
     std::int64_t draining = 0;

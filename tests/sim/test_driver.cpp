@@ -3,6 +3,7 @@
 #include <caf/all.hpp>
 
 #include <memory>
+#include <set>
 #include <string>
 
 #include "command/driver.hpp"
@@ -47,7 +48,77 @@ class stray_message_cluster final : public cluster_control {
   cluster_handles engines_;
 };
 
+// Engines that release every request at once as succeeded and answer the pool-usage query,
+// except that a frozen rank's engine stops answering it: a rank frozen after it released its
+// last request (freeze:decode:3@16 in fault_matrix.seed).
+class frozen_after_release_cluster final : public cluster_control {
+ public:
+  cluster_handles start(caf::event_based_actor* self) override {
+    cluster_handles h;
+    caf::actor observer = caf::actor_cast<caf::actor>(self);
+    auto engine = [observer, frozen = frozen_](caf::event_based_actor* me, bool prefill, int rank) -> caf::behavior {
+      return {
+          [=](const kvflow::command::msg::new_request& q) {
+            kvflow::command::msg::rank_released ev;
+            ev.prefill = prefill;
+            ev.rank = rank;
+            ev.room = q.room;
+            ev.incarnation = q.incarnation;
+            ev.round = 1;
+            ev.state = static_cast<std::uint8_t>(kvflow::poll_state::success);
+            me->send(observer, ev);
+          },
+          [=](kvflow::command::msg::pool_usage_query) -> caf::result<kvflow::command::msg::pool_usage> {
+            if (frozen->count({prefill, rank})) return me->make_response_promise<kvflow::command::msg::pool_usage>();
+            kvflow::command::msg::pool_usage u;
+            u.prefill = prefill;
+            u.rank = rank;
+            return u;
+          },
+      };
+    };
+    h.prefill.push_back(self->spawn(engine, true, 0));
+    h.decode.push_back(self->spawn(engine, false, 0));
+    h.decode.push_back(self->spawn(engine, false, 1));
+    engines_ = h;
+    return h;
+  }
+  kvflow::status kill(caf::event_based_actor*, bool, int) override { return {}; }
+  kvflow::status freeze(bool prefill, int rank) override {
+    frozen_->insert({prefill, rank});
+    return {};
+  }
+  kvflow::status restart_bootstrap() override { return {}; }
+  kvflow::status stop_bootstrap(bool) override { return {}; }
+  std::uint64_t transfer_bytes(const std::vector<kvflow::command::msg::pool_usage>&) const override { return 0; }
+  void stop(caf::event_based_actor* self) override {
+    for (auto* side : {&engines_.prefill, &engines_.decode})
+      for (auto& a : *side) self->send_exit(a, caf::exit_reason::user_shutdown);
+  }
+
+ private:
+  cluster_handles engines_;
+  std::shared_ptr<std::set<std::pair<bool, int>>> frozen_ = std::make_shared<std::set<std::pair<bool, int>>>();
+};
+
 }  // namespace
+
+TEST_CASE("regression: a rank the run froze after its last request is not asked for its pools") {
+  // fault_matrix.seed, freeze:decode:3@16: every request succeeded, but the frozen rank's node was
+  // not yet found silent when the last one ended, so the leak accounting asked it, waited 10 s
+  // and reported "decode rank 3 did not answer the pool-usage query" as a problem.
+  auto o = kvflow::test::small_run("tp=1", "dp=2");
+  o.requests = 4;
+  o.faults.push_back(kvflow::command::parse_fault("freeze:decode:1@4"));
+  caf::actor_system_config cfg;
+  kvflow::command::msg::add_engine_message_types(cfg);
+  caf::actor_system sys{cfg};
+  auto report = std::make_shared<kvflow::command::simulation_report>();
+  kvflow::command::drive(sys, o, report, std::make_shared<frozen_after_release_cluster>(), nullptr);
+  CHECK(report->complete);
+  CHECK(report->problems.empty());
+  CHECK(report->faults_applied_total == 1);
+}
 
 TEST_CASE("driver: a router that stops before its report fails the run instead of waiting for it forever") {
   auto o = kvflow::test::small_run("tp=1", "tp=1");

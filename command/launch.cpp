@@ -15,6 +15,7 @@
 #include "command/stop_signals.hpp"
 #include "config/routing.hpp"
 #include "runtime/engine_host.hpp"
+#include "runtime/link_guard.hpp"
 #include "runtime/node.hpp"
 
 namespace kvflow::command {
@@ -152,6 +153,7 @@ class process_cluster final : public cluster_control {
     const auto& c = o_.cluster;
     auto timeout = std::chrono::milliseconds(o_.tunables.connect_timeout_ms);
     auto until = std::chrono::steady_clock::now() + timeout;
+    if (auto t = runtime::trust_as_relay(sys, bootstrap_at_); !t) return t;
     auto reg = runtime::connect_with_retry(sys, bootstrap_at_, timeout);
     if (!reg) return reg.error();
     h.registry = reg.value();

@@ -14,6 +14,7 @@
 #include "actors/sender_check.hpp"
 #include "actors/supervisor.hpp"
 #include "runtime/api_internal.hpp"
+#include "runtime/link_guard.hpp"
 #include "runtime/node.hpp"
 
 namespace kvflow::runtime {
@@ -218,6 +219,8 @@ status start_network(node::impl& n, const node_options& options) {
     auto where = parse_host_port(options.listen.empty() ? "127.0.0.1:0" : options.listen, "listen");
     if (!options.bootstrap.empty()) {
       net->bootstrap = parse_host_port(options.bootstrap, "bootstrap");
+      // Until two nodes link directly, their frames come round through the bootstrap.
+      if (auto t = trust_as_relay(sys, *net->bootstrap); !t) return t;
       auto reg = connect_with_retry(sys, *net->bootstrap, net->connect_timeout);
       if (!reg) return reg.error();
       n.registry = reg.value();

@@ -81,4 +81,29 @@ std::string basp_message_refusal(bool routed, const std::uint8_t* p, std::size_t
   return {};
 }
 
+bool basp_names_origin(std::uint8_t op) {
+  return op == basp_server_handshake || op == basp_client_handshake || op == basp_routed_message ||
+         op == basp_monitor_message || op == basp_down_message;
+}
+
+std::string basp_origin_node(const std::uint8_t* p, std::size_t n) {
+  reader r{p, n};
+  if (!node_id(r)) return {};
+  return std::string(reinterpret_cast<const char*>(p), r.pos);
+}
+
+std::string basp_node_text(const std::string& node) {
+  if (node.size() < 8 + default_node_bytes) return "the invalid node";
+  reader r{reinterpret_cast<const std::uint8_t*>(node.data()), node.size(), 8};
+  const auto pid = r.be(4);
+  static const char* hex = "0123456789abcdef";
+  std::string host;
+  for (int i = 0; i < 4; ++i) {
+    const auto b = static_cast<std::uint8_t>(r.be(1));
+    host += hex[b >> 4];
+    host += hex[b & 0xf];
+  }
+  return "node " + std::to_string(pid) + "@" + host;
+}
+
 }  // namespace kvflow::runtime

@@ -161,6 +161,22 @@ void link_auth::on_verdict() {
   state_ = outcome::refused;
 }
 
+std::string frame_guard::origin_refusal(std::uint8_t op) {
+  const auto origin = basp_origin_node(inspect_.data(), inspect_.size());
+  const bool handshake = op == basp_server_handshake || op == basp_client_handshake;
+  if (origin.empty()) return handshake ? "a handshake that names no node" : "a frame whose source node is unreadable";
+  if (handshake) {
+    // A node repeats its handshake on a link (CAF's select-connection flag), always as itself.
+    if (peer_node_.empty()) peer_node_ = origin;
+    if (origin == peer_node_) return {};
+    return "a handshake as " + basp_node_text(origin) + " on a link it opened as " + basp_node_text(peer_node_);
+  }
+  if (peer_node_.empty()) return "a frame of another node before its handshake";
+  if (origin == peer_node_ || relay_) return {};
+  return "a frame on behalf of " + basp_node_text(origin) + " (it is " + basp_node_text(peer_node_) +
+         ", and only the bootstrap this node dialled forwards for others)";
+}
+
 bool frame_guard::pass(const std::uint8_t* p, std::size_t n) {
   if (!reason_.empty()) return false;
   while (n > 0) {
@@ -173,7 +189,10 @@ bool frame_guard::pass(const std::uint8_t* p, std::size_t n) {
       n -= take;
       if (inspect_.size() < want) break;
       inspecting_ = false;
-      auto why = basp_message_refusal(routed_, inspect_.data(), inspect_.size(), payload_len_);
+      std::string why;
+      if (op_ == basp_direct_message || op_ == basp_routed_message)
+        why = basp_message_refusal(routed_, inspect_.data(), inspect_.size(), payload_len_);
+      if (why.empty() && basp_names_origin(op_)) why = origin_refusal(op_);
       inspect_.clear();  // keeps its capacity (at most the window): no allocation per message
       if (!why.empty()) {
         reason_ = "the peer sent " + why;
@@ -204,9 +223,10 @@ bool frame_guard::pass(const std::uint8_t* p, std::size_t n) {
     }
     payload_left_ = len;
     const auto op = header_[0];
-    if (len > 0 && (op == basp_direct_message || op == basp_routed_message)) {
+    if (len > 0 && (op == basp_direct_message || basp_names_origin(op))) {
       inspecting_ = true;
       routed_ = op == basp_routed_message;
+      op_ = op;
       payload_len_ = len;
     }
   }

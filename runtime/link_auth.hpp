@@ -79,13 +79,25 @@ class link_auth {
 class frame_guard {
  public:
   static constexpr std::size_t header_size = 32;
-  explicit frame_guard(std::uint64_t max_payload) : max_(max_payload) {}
+  // `relay`: the peer may send frames on behalf of other nodes (see pass()): the bootstrap, which
+  // forwards between nodes that have no direct link yet (CAF 0.17 routes through the node that
+  // introduced an actor until then).
+  explicit frame_guard(std::uint64_t max_payload, bool relay = false) : max_(max_payload), relay_(relay) {}
   // False (and reason() says why) once a header claims too much; every byte after that too.
+  // The node a link's peer names in its first handshake is the link's: a later handshake naming
+  // another is refused, and so is a routed, monitor or down frame that names another as its
+  // source unless the peer relays.
   bool pass(const std::uint8_t* p, std::size_t n);
   const std::string& reason() const { return reason_; }
+  // The node id (CAF's bytes) of the peer's first handshake; empty before it.
+  const std::string& peer_node() const { return peer_node_; }
 
  private:
+  std::string origin_refusal(std::uint8_t op);
   std::uint64_t max_;
+  bool relay_;
+  std::string peer_node_;
+  std::uint8_t op_ = 0;
   std::array<std::uint8_t, header_size> header_{};
   std::size_t header_len_ = 0;
   std::uint64_t payload_left_ = 0;

@@ -86,6 +86,8 @@ struct guard_state {
     bool refused = true;
   };
   std::map<std::string, ending> refusals;
+  // Where this node dials the nodes that may forward frames of others to it (its bootstrap).
+  std::set<std::pair<std::string, std::uint16_t>> relays;
 
   void sweep();  // in the multiplexer's thread
 };
@@ -97,11 +99,11 @@ using clock = std::chrono::steady_clock;
 class guarded_stream final : public net::stream {
  public:
   guarded_stream(net::default_multiplexer& mpx, net::native_socket fd, std::shared_ptr<guard_state> g,
-                 link_auth::role role, caf::openssl::session_ptr tls, std::string peer)
+                 link_auth::role role, caf::openssl::session_ptr tls, std::string peer, bool relay)
       : net::stream(mpx, fd),
         guard_(std::move(g)),
         auth_(role, guard_->settings.security.auth_token),
-        frames_(guard_->settings.max_frame_bytes),
+        frames_(guard_->settings.max_frame_bytes, relay),
         tls_(std::move(tls)),
         peer_(std::move(peer)),
         accepted_side_(role == link_auth::role::acceptor),
@@ -287,8 +289,9 @@ void guard_state::sweep() {
 class guarded_scribe final : public io::scribe {
  public:
   guarded_scribe(net::default_multiplexer& mpx, net::native_socket fd, std::shared_ptr<guard_state> g,
-                 link_auth::role role, caf::openssl::session_ptr tls, std::string peer)
-      : io::scribe(net::conn_hdl_from_socket(fd)), stream_(mpx, fd, std::move(g), role, std::move(tls), std::move(peer)) {}
+                 link_auth::role role, caf::openssl::session_ptr tls, std::string peer, bool relay)
+      : io::scribe(net::conn_hdl_from_socket(fd)),
+        stream_(mpx, fd, std::move(g), role, std::move(tls), std::move(peer), relay) {}
 
   void configure_read(io::receive_policy::config config) override {
     stream_.configure_read(config);
@@ -360,7 +363,7 @@ class guarded_doorman final : public net::doorman_impl {
         return true;
       }
     }
-    auto scribe = caf::make_counted<guarded_scribe>(mpx, fd, guard_, link_auth::role::acceptor, std::move(tls), peer);
+    auto scribe = caf::make_counted<guarded_scribe>(mpx, fd, guard_, link_auth::role::acceptor, std::move(tls), peer, false);
     sguard.release();  // the scribe owns the socket now
     auto hdl = scribe->hdl();
     parent()->add_scribe(std::move(scribe));
@@ -429,8 +432,13 @@ class guarded_middleman final : public io::middleman_actor_impl {
       tls = caf::openssl::make_session(system(), *fd, false);
       if (!tls) return caf::sec::cannot_connect_to_node;
     }
+    bool relay = false;
+    {
+      std::lock_guard<std::mutex> l(guard_->mutex);
+      relay = guard_->relays.count({host, port}) != 0;
+    }
     auto scribe = caf::make_counted<guarded_scribe>(mpx(), *fd, guard_, link_auth::role::connector, std::move(tls),
-                                                    host + ":" + std::to_string(port));
+                                                    host + ":" + std::to_string(port), relay);
     sguard.release();
     return scribe;
   }
@@ -532,6 +540,14 @@ result<std::uint16_t> guarded_publish(caf::actor_system& sys, const caf::actor& 
       .receive([&](std::uint16_t port) { out = port; },
                [&](caf::error& e) { out = status::error("cannot listen on " + where.text() + ": " + sys.render(e)); });
   return out;
+}
+
+status trust_as_relay(caf::actor_system& sys, const host_port& where) {
+  auto [mm, state] = guard_of(sys);
+  if (!mm) return status::error("cannot trust " + where.text() + ": this node's link guard is not running");
+  std::lock_guard<std::mutex> l(state->mutex);
+  state->relays.insert({where.host, where.port});
+  return {};
 }
 
 result<caf::actor> guarded_connect(caf::actor_system& sys, const host_port& where, std::chrono::milliseconds timeout) {

@@ -55,6 +55,10 @@ inline constexpr const char* link_refused = "link refused: ";
 // What it says when the connection dropped during the handshake, before any verdict: worth
 // another attempt.
 inline constexpr const char* link_dropped = "link dropped in its handshake: ";
+// Links this node dials to `where` from now on may carry frames on behalf of other nodes (what
+// the bootstrap forwards between nodes not linked directly yet); every other link carries only
+// its own peer's. Call before dialling the bootstrap.
+status trust_as_relay(caf::actor_system& sys, const host_port& where);
 // One attempt to reach the actor published at `where`; a refused handshake's error says why
 // (both ends log it once).
 result<caf::actor> guarded_connect(caf::actor_system& sys, const host_port& where,

@@ -224,11 +224,62 @@ std::vector<std::uint8_t> message_frame(std::uint8_t op, const std::string& type
   return f;
 }
 
+// A node id as CAF 0.17 writes it: the default kind, a process id, a 20-byte host id.
+std::vector<std::uint8_t> node_bytes(std::uint32_t pid, std::uint8_t host = 0x11) {
+  std::vector<std::uint8_t> n{0x00, 0x00, 0x3e, 0x9a, 0xab, 0x9b, 0xac, 0x79};
+  for (int i = 0; i < 4; ++i) n.push_back(static_cast<std::uint8_t>(pid >> (24 - 8 * i)));
+  n.insert(n.end(), 20, host);
+  return n;
+}
+
+std::vector<std::uint8_t> frame_of(std::uint8_t op, const std::vector<std::uint8_t>& payload) {
+  std::vector<std::uint8_t> f(frame_guard::header_size, 0);
+  f[0] = op;
+  const auto len = static_cast<std::uint32_t>(payload.size());
+  for (int i = 0; i < 4; ++i) f[4 + i] = static_cast<std::uint8_t>(len >> (24 - 8 * i));
+  f.insert(f.end(), payload.begin(), payload.end());
+  return f;
+}
+
+// A client handshake (its payload: the sender's node id) and a server handshake (node id, app
+// ids, the published actor's id, its interface).
+std::vector<std::uint8_t> client_handshake(std::uint32_t pid) { return frame_of(0x01, node_bytes(pid)); }
+std::vector<std::uint8_t> server_handshake(std::uint32_t pid) {
+  auto p = node_bytes(pid);
+  const std::string app = "\x01\x05gener";  // one app id
+  p.insert(p.end(), app.begin(), app.end());
+  p.insert(p.end(), 7, 0x00);
+  p.push_back(0x01);  // actor id 1
+  p.push_back(0x00);  // no interface names
+  return frame_of(0x00, p);
+}
+// A routed, monitor or down frame whose source is node `from` (to node 1).
+std::vector<std::uint8_t> sourced_frame(std::uint8_t op, std::uint32_t from) {
+  auto p = node_bytes(from);
+  auto to = node_bytes(1);
+  p.insert(p.end(), to.begin(), to.end());
+  if (op == kvflow::runtime::basp_routed_message) {
+    p.push_back(0);  // no forwarding stack
+    const std::string types("\x00\x00\x08@<>+@i32", 11);  // type number 0, then the type names
+    p.insert(p.end(), types.begin(), types.end());
+    p.insert(p.end(), 4, 0x2a);
+  } else if (op == kvflow::runtime::basp_down_message) {
+    p.insert(p.end(), 3, 0x00);  // an empty error
+  }
+  return frame_of(op, p);
+}
+
+// The node message_frame's routed frames come from.
+constexpr std::uint32_t message_frame_pid = 0x11111111;
+
 // The frame guard's verdict on `bytes` fed `chunk` bytes at a time; its reason when refused.
-std::string refused(const std::vector<std::uint8_t>& bytes, std::size_t chunk = 1 << 20) {
-  frame_guard g(1 << 20);
-  for (std::size_t i = 0; i < bytes.size(); i += chunk)
-    if (!g.pass(bytes.data() + i, std::min(chunk, bytes.size() - i))) return g.reason();
+// The bytes follow the peer's handshake as the node message_frame's routed frames name.
+std::string refused(const std::vector<std::uint8_t>& bytes, std::size_t chunk = 1 << 20, bool relay = false) {
+  frame_guard g(1 << 20, relay);
+  auto all = client_handshake(message_frame_pid);
+  all.insert(all.end(), bytes.begin(), bytes.end());
+  for (std::size_t i = 0; i < all.size(); i += chunk)
+    if (!g.pass(all.data() + i, std::min(chunk, all.size() - i))) return g.reason();
   return {};
 }
 
@@ -259,8 +310,48 @@ TEST_CASE("frame guard: an exit or down message from a peer is refused, however 
   const auto len = static_cast<std::uint32_t>(cut.size() - frame_guard::header_size);
   for (int i = 0; i < 4; ++i) cut[4 + i] = static_cast<std::uint8_t>(len >> (24 - 8 * i));
   CHECK(refused(cut).find("malformed") != std::string::npos);
-  // Handshakes and other operations are not messages: their payload is not read.
-  CHECK(refused(message_frame(0x00, "@<>+@exit")).empty());
+  // A handshake is not a message: its type names are not looked for.
+  CHECK(refused(server_handshake(message_frame_pid)).empty());
+}
+
+TEST_CASE("frame guard: a link's node is its first handshake's; frames on behalf of another pass only from a relay") {
+  using kvflow::runtime::basp_down_message;
+  using kvflow::runtime::basp_monitor_message;
+  using kvflow::runtime::basp_routed_message;
+  for (std::size_t chunk : {std::size_t{1}, std::size_t{13}, std::size_t{1} << 20}) {
+    INFO("chunk " << chunk);
+    // Its own frames pass, and so does a repeat of its handshake (CAF's select-connection flag).
+    CHECK(refused(sourced_frame(basp_routed_message, message_frame_pid), chunk).empty());
+    CHECK(refused(sourced_frame(basp_monitor_message, message_frame_pid), chunk).empty());
+    CHECK(refused(sourced_frame(basp_down_message, message_frame_pid), chunk).empty());
+    CHECK(refused(client_handshake(message_frame_pid), chunk).empty());
+    // Another node's: a forged message, a forged proxy, a forged death of another node's actor.
+    for (std::uint8_t op : {basp_routed_message, basp_monitor_message, basp_down_message}) {
+      INFO("op " << int(op));
+      const auto why = refused(sourced_frame(op, 77), chunk);
+      CHECK(why.find("on behalf of node 77@11111111") != std::string::npos);
+      CHECK(why.find("it is node 286331153@11111111") != std::string::npos);
+      // From the bootstrap this node dialled: what it forwards between nodes not linked yet.
+      CHECK(refused(sourced_frame(op, 77), chunk, true).empty());
+    }
+    // A second handshake as another node, to take over its routes, even from a relay.
+    CHECK(refused(client_handshake(77), chunk).find("a handshake as node 77") != std::string::npos);
+    CHECK(refused(client_handshake(77), chunk, true).find("a handshake as node 77") != std::string::npos);
+  }
+  // Frames that name a source before any handshake, or a handshake that names no node.
+  frame_guard g(1 << 20, true);
+  auto early = sourced_frame(basp_routed_message, 5);
+  CHECK_FALSE(g.pass(early.data(), early.size()));
+  CHECK(g.reason().find("before its handshake") != std::string::npos);
+  frame_guard h(1 << 20);
+  auto nameless = frame_of(0x01, std::vector<std::uint8_t>(32, 0x07));
+  CHECK_FALSE(h.pass(nameless.data(), nameless.size()));
+  CHECK(h.reason().find("names no node") != std::string::npos);
+  // The node a link is pinned to is the first handshake's.
+  frame_guard k(1 << 20);
+  auto hs = server_handshake(9);
+  REQUIRE(k.pass(hs.data(), hs.size()));
+  CHECK(k.peer_node().size() == 32);
 }
 
 TEST_CASE("link security: the token, its file and the TLS files are checked, naming the variable") {

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -474,6 +475,71 @@ TEST_CASE("basp message check: reads CAF's own layout of a message's payload") {
       CHECK(verdict(routed, caf::make_message(caf::make_error(caf::sec::runtime_error)), stack).empty());
       CHECK(verdict(routed, caf::make_message(std::string("@<>+@exit")), stack).empty());  // data, not a type
     }
+}
+
+TEST_CASE("basp message check: finds the node CAF's own handshake and routed payloads come from") {
+  guarded_node a(settings_with(token_a));
+  std::vector<char> buf;
+  caf::binary_serializer sink{*a.sys, buf};
+  REQUIRE_FALSE(sink(a.sys->node(), std::vector<std::string>{"generic-caf-app"}, caf::actor_id{7}, std::set<std::string>{}));
+  const auto* p = reinterpret_cast<const std::uint8_t*>(buf.data());
+  const auto origin = kvflow::runtime::basp_origin_node(p, buf.size());
+  REQUIRE(origin.size() == 32);  // the kind, a process id, a 20-byte host id
+  CHECK(kvflow::runtime::basp_node_text(origin).find("node " + std::to_string(::getpid()) + "@") == 0);
+  std::vector<char> routed;
+  caf::binary_serializer rs{*a.sys, routed};
+  REQUIRE_FALSE(rs(a.sys->node(), caf::node_id{}, std::vector<caf::strong_actor_ptr>{}, caf::make_message(41)));
+  CHECK(kvflow::runtime::basp_origin_node(reinterpret_cast<const std::uint8_t*>(routed.data()), routed.size()) == origin);
+}
+
+namespace {
+
+// What a lying peer that proved the token sends: a client handshake as node `self_pid` (a made-up
+// node id), then a routed message to `to`'s actor `dest` whose source is node `source_pid`.
+void send_routed_as(int fd, std::uint32_t self_pid, std::uint32_t source_pid, caf::actor_system& to, caf::actor_id dest) {
+  auto node_id = [](std::uint32_t pid) {
+    std::vector<std::uint8_t> n{0x00, 0x00, 0x3e, 0x9a, 0xab, 0x9b, 0xac, 0x79};
+    for (int i = 0; i < 4; ++i) n.push_back(static_cast<std::uint8_t>(pid >> (24 - 8 * i)));
+    n.insert(n.end(), 20, 0x22);
+    return n;
+  };
+  auto hs = node_id(self_pid);
+  auto h = basp_header(1, static_cast<std::uint32_t>(hs.size()));
+  send_all(fd, h.data(), h.size());
+  send_all(fd, hs.data(), hs.size());
+  std::vector<char> rest;
+  caf::binary_serializer sink{to, rest};
+  REQUIRE_FALSE(sink(to.node(), std::vector<caf::strong_actor_ptr>{}, caf::make_message(41)));
+  auto payload = node_id(source_pid);
+  payload.insert(payload.end(), rest.begin(), rest.end());
+  auto r = basp_header(3, static_cast<std::uint32_t>(payload.size()));
+  for (int i = 0; i < 8; ++i) r[24 + i] = static_cast<std::uint8_t>(dest >> (56 - 8 * i));
+  send_all(fd, r.data(), r.size());
+  send_all(fd, payload.data(), payload.size());
+}
+
+}  // namespace
+
+TEST_CASE("link guard: a peer that sends a message on behalf of another node is cut off; its own pass") {
+  // CAF 0.17 takes a routed message's source node as written: before the check, any node of the
+  // cluster could send as any other (a forged step report or Success from another rank's node),
+  // or announce the end of another node's actor with a forged down frame.
+  captured_log log;
+  guarded_node a(settings_with(token_a)), c(settings_with(token_a));
+  auto port = a.publish();
+  int liar = raw_connect(port);
+  REQUIRE(raw_handshake(liar, token_a));
+  send_routed_as(liar, 4242, 77, *a.sys, a.echo.id());
+  CHECK(closed_within(liar, 5s));
+  ::close(liar);
+  CHECK(log.has("node link from", "on behalf of node 77@"));
+  // The same, naming itself as the source: the link stays.
+  int honest = raw_connect(port);
+  REQUIRE(raw_handshake(honest, token_a));
+  send_routed_as(honest, 4243, 4243, *a.sys, a.echo.id());
+  CHECK_FALSE(closed_within(honest, 500ms));
+  ::close(honest);
+  CHECK(c.ask(port) == 42);
 }
 
 TEST_CASE("link guard: a peer that proved the token and sends an exit (kill) is cut off; the actor lives, others are served") {

@@ -1844,26 +1844,4 @@ TEST_CASE("regression: an abort of a later incarnation that comes while an earli
   CHECK(contains(p.api().failure_reason(second), "before it arrived"));
 }
 
-TEST_CASE("regression: an early abort is remembered for failure_memory_ms, then forgotten") {
-  // Prefill kept every failed or early-aborted (room, incarnation) until 65536 of them had piled
-  // up (about 12 MB a rank, reached within an hour of faults). They are now kept for
-  // failure_memory_ms: within it the request fails at once, after it the request is served.
-  rank_fixture f(mla_config(1, 1, 1));
-  f.tunables.bootstrap_timeout_ms = 5000;
-  f.tunables.failure_memory_ms = 300;
-  auto& d = f.fake_decode_rank(0);
-  auto& p = f.add_prefill(0);
-  f.connect(d, p);
-  caf::anon_send(p.actor, msg::abort_room{25, 1, 0, "client went away"});
-  caf::anon_send(p.actor, msg::abort_room{26, 1, 0, "client went away"});
-  REQUIRE(d.box->wait_for<msg::abort_ack>([](const msg::abort_ack& a) { return a.room == 26; }));
-  const request_id within{25, 1}, after{26, 1};
-  REQUIRE_FALSE(p.p->create(within, 0));
-  CHECK(p.steps().reaches(within, poll_state::failed, ms(1000)));
-  std::this_thread::sleep_for(ms(400));
-  REQUIRE_FALSE(p.p->create(after, 0));
-  f.send_dst(p, 26, 1, 0, {1, 2}, 0);
-  CHECK(p.steps().reaches(after, poll_state::waiting_for_input, ms(2000)));
-}
-
 }  // namespace kvflow::actor_test

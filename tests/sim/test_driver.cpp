@@ -17,11 +17,29 @@ namespace {
 using kvflow::command::cluster_control;
 using kvflow::command::cluster_handles;
 
+// What the test clusters below share: faults that change nothing, no bytes moved, and a stop
+// that ends the engines start() made (kept in engines_).
+class test_cluster : public cluster_control {
+ public:
+  kvflow::status kill(caf::event_based_actor*, bool, int) override { return {}; }
+  kvflow::status freeze(bool, int) override { return {}; }
+  kvflow::status restart_bootstrap() override { return {}; }
+  kvflow::status stop_bootstrap(bool) override { return {}; }
+  std::uint64_t transfer_bytes(const std::vector<kvflow::command::msg::pool_usage>&) const override { return 0; }
+  void stop(caf::event_based_actor* self) override {
+    for (auto* side : {&engines_.prefill, &engines_.decode})
+      for (auto& a : *side) self->send_exit(a, caf::exit_reason::user_shutdown);
+  }
+
+ protected:
+  cluster_handles engines_;
+};
+
 // A cluster whose engines take requests and never answer, and that hands the router a message it
 // has no handler for: what a launcher gets from rank processes that send a type it did not
 // register (seen when the router's types were missing from the launcher: CAF then delivers an
 // empty message, and the router stopped with unexpected_message while the launcher waited).
-class stray_message_cluster final : public cluster_control {
+class stray_message_cluster final : public test_cluster {
  public:
   cluster_handles start(caf::event_based_actor* self) override {
     cluster_handles h;
@@ -34,24 +52,12 @@ class stray_message_cluster final : public cluster_control {
     self->send(self, std::string("a message the router has no handler for"));
     return h;
   }
-  kvflow::status kill(caf::event_based_actor*, bool, int) override { return {}; }
-  kvflow::status freeze(bool, int) override { return {}; }
-  kvflow::status restart_bootstrap() override { return {}; }
-  kvflow::status stop_bootstrap(bool) override { return {}; }
-  std::uint64_t transfer_bytes(const std::vector<kvflow::command::msg::pool_usage>&) const override { return 0; }
-  void stop(caf::event_based_actor* self) override {
-    for (auto* side : {&engines_.prefill, &engines_.decode})
-      for (auto& a : *side) self->send_exit(a, caf::exit_reason::user_shutdown);
-  }
-
- private:
-  cluster_handles engines_;
 };
 
 // Engines that release every request at once as succeeded and answer the pool-usage query,
 // except that a frozen rank's engine stops answering it: a rank frozen after it released its
 // last request (freeze:decode:3@16 in fault_matrix.seed).
-class frozen_after_release_cluster final : public cluster_control {
+class frozen_after_release_cluster final : public test_cluster {
  public:
   cluster_handles start(caf::event_based_actor* self) override {
     cluster_handles h;
@@ -83,21 +89,11 @@ class frozen_after_release_cluster final : public cluster_control {
     engines_ = h;
     return h;
   }
-  kvflow::status kill(caf::event_based_actor*, bool, int) override { return {}; }
   kvflow::status freeze(bool prefill, int rank) override {
     frozen_->insert({prefill, rank});
     return {};
   }
-  kvflow::status restart_bootstrap() override { return {}; }
-  kvflow::status stop_bootstrap(bool) override { return {}; }
-  std::uint64_t transfer_bytes(const std::vector<kvflow::command::msg::pool_usage>&) const override { return 0; }
-  void stop(caf::event_based_actor* self) override {
-    for (auto* side : {&engines_.prefill, &engines_.decode})
-      for (auto& a : *side) self->send_exit(a, caf::exit_reason::user_shutdown);
-  }
-
  private:
-  cluster_handles engines_;
   std::shared_ptr<std::set<std::pair<bool, int>>> frozen_ = std::make_shared<std::set<std::pair<bool, int>>>();
 };
 

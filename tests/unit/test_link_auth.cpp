@@ -192,38 +192,6 @@ TEST_CASE("frame guard: frames within the cap pass; the first header over it is 
 
 namespace {
 
-// A BASP frame (operation `op`) whose payload is a message of type names `types`, after `stack`
-// forwarding-stack entries, laid out as CAF 0.17 writes them (test_link_guard checks this layout
-// against CAF's own serializer).
-std::vector<std::uint8_t> message_frame(std::uint8_t op, const std::string& types, std::size_t stack = 0,
-                                        std::size_t content = 16) {
-  std::vector<std::uint8_t> payload;
-  auto node = [&] {  // a default node id: its kind, a process id, a 20-byte host id
-    for (std::uint8_t b : {0x00, 0x00, 0x3e, 0x9a, 0xab, 0x9b, 0xac, 0x79}) payload.push_back(b);
-    payload.insert(payload.end(), 24, 0x11);
-  };
-  if (op == kvflow::runtime::basp_routed_message) {
-    node();
-    node();
-  }
-  payload.push_back(static_cast<std::uint8_t>(stack));  // varint, < 128 here
-  for (std::size_t i = 0; i < stack; ++i) {
-    payload.insert(payload.end(), 8, 0);  // actor id
-    node();
-  }
-  payload.push_back(0);
-  payload.push_back(0);
-  payload.push_back(static_cast<std::uint8_t>(types.size()));
-  payload.insert(payload.end(), types.begin(), types.end());
-  payload.insert(payload.end(), content, 0x5a);
-  std::vector<std::uint8_t> f(frame_guard::header_size, 0);
-  f[0] = op;
-  const auto len = static_cast<std::uint32_t>(payload.size());
-  for (int i = 0; i < 4; ++i) f[4 + i] = static_cast<std::uint8_t>(len >> (24 - 8 * i));
-  f.insert(f.end(), payload.begin(), payload.end());
-  return f;
-}
-
 // A node id as CAF 0.17 writes it: the default kind, a process id, a 20-byte host id.
 std::vector<std::uint8_t> node_bytes(std::uint32_t pid, std::uint8_t host = 0x11) {
   std::vector<std::uint8_t> n{0x00, 0x00, 0x3e, 0x9a, 0xab, 0x9b, 0xac, 0x79};
@@ -239,6 +207,36 @@ std::vector<std::uint8_t> frame_of(std::uint8_t op, const std::vector<std::uint8
   for (int i = 0; i < 4; ++i) f[4 + i] = static_cast<std::uint8_t>(len >> (24 - 8 * i));
   f.insert(f.end(), payload.begin(), payload.end());
   return f;
+}
+
+// The node message_frame's routed frames come from.
+constexpr std::uint32_t message_frame_pid = 0x11111111;
+
+// A BASP frame (operation `op`) whose payload is a message of type names `types`, after `stack`
+// forwarding-stack entries, laid out as CAF 0.17 writes them (test_link_guard checks this layout
+// against CAF's own serializer).
+std::vector<std::uint8_t> message_frame(std::uint8_t op, const std::string& types, std::size_t stack = 0,
+                                        std::size_t content = 16) {
+  std::vector<std::uint8_t> payload;
+  auto node = [&] {
+    const auto n = node_bytes(message_frame_pid);
+    payload.insert(payload.end(), n.begin(), n.end());
+  };
+  if (op == kvflow::runtime::basp_routed_message) {
+    node();
+    node();
+  }
+  payload.push_back(static_cast<std::uint8_t>(stack));  // varint, < 128 here
+  for (std::size_t i = 0; i < stack; ++i) {
+    payload.insert(payload.end(), 8, 0);  // actor id
+    node();
+  }
+  payload.push_back(0);
+  payload.push_back(0);
+  payload.push_back(static_cast<std::uint8_t>(types.size()));
+  payload.insert(payload.end(), types.begin(), types.end());
+  payload.insert(payload.end(), content, 0x5a);
+  return frame_of(op, payload);
 }
 
 // A client handshake (its payload: the sender's node id) and a server handshake (node id, app
@@ -268,9 +266,6 @@ std::vector<std::uint8_t> sourced_frame(std::uint8_t op, std::uint32_t from) {
   }
   return frame_of(op, p);
 }
-
-// The node message_frame's routed frames come from.
-constexpr std::uint32_t message_frame_pid = 0x11111111;
 
 // The frame guard's verdict on `bytes` fed `chunk` bytes at a time; its reason when refused.
 // The bytes follow the peer's handshake as the node message_frame's routed frames name.

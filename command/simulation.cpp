@@ -569,9 +569,9 @@ typename I::result_type inspect(I& f, account_usage& x) {
 
 // Leak accounting: ask every live rank what it still holds (a dead rank's memory went with
 // it, and a rank this run killed or froze is not asked either: frozen, it cannot answer, and its
-// node may not have been found silent yet when the last request ended). Pages a rank still lends to pushes in flight (a room released while its transport was
-// writing) come back when the transport completes: ask again, for up to 5 s, before counting
-// anything held as leaked.
+// node may not have been found silent yet when the last request ended). Pages a rank still
+// lends to pushes in flight (a room released while its transport was writing) come back when
+// the transport completes: ask again, for up to 5 s, before counting anything held as leaked.
 void collect_usage(driver_actor* self, int attempt) {
   auto& st = self->state;
   auto usage = std::make_shared<std::vector<msg::pool_usage>>();

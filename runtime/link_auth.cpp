@@ -191,7 +191,7 @@ bool frame_guard::pass(const std::uint8_t* p, std::size_t n) {
       inspecting_ = false;
       std::string why;
       if (op_ == basp_direct_message || op_ == basp_routed_message)
-        why = basp_message_refusal(routed_, inspect_.data(), inspect_.size(), payload_len_);
+        why = basp_message_refusal(op_ == basp_routed_message, inspect_.data(), inspect_.size(), payload_len_);
       if (why.empty() && basp_names_origin(op_)) why = origin_refusal(op_);
       inspect_.clear();  // keeps its capacity (at most the window): no allocation per message
       if (!why.empty()) {
@@ -225,7 +225,6 @@ bool frame_guard::pass(const std::uint8_t* p, std::size_t n) {
     const auto op = header_[0];
     if (len > 0 && (op == basp_direct_message || basp_names_origin(op))) {
       inspecting_ = true;
-      routed_ = op == basp_routed_message;
       op_ = op;
       payload_len_ = len;
     }

@@ -97,12 +97,12 @@ class frame_guard {
   std::uint64_t max_;
   bool relay_;
   std::string peer_node_;
-  std::uint8_t op_ = 0;
+  std::uint8_t op_ = 0;  // of the message whose payload is being inspected
   std::array<std::uint8_t, header_size> header_{};
   std::size_t header_len_ = 0;
   std::uint64_t payload_left_ = 0;
   // The start of the current message's payload, until it can be checked.
-  bool inspecting_ = false, routed_ = false;
+  bool inspecting_ = false;
   std::uint64_t payload_len_ = 0;
   std::vector<std::uint8_t> inspect_;
   std::string reason_;

@@ -48,5 +48,8 @@ struct gpu_flags {
 // The GPU copy paths beside cudaMemcpyAsync, per-page copies and pinned device-to-host; exits 77
 // without a device.
 int run_bench_gpu(const gpu_flags& f);
+// The receiving process of bench gpu's UCX rows (started by it; not for users): a GPU pool of
+// `max_tokens`' request registered with UCX, commands on stdin.
+int serve_ucx_gpu(int device, int max_tokens);
 
 }  // namespace kvflow::bench

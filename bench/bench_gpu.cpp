@@ -22,6 +22,8 @@
 #include <vector>
 
 #include "bench/bench.hpp"
+#include "bench/bench_gpu_internal.hpp"
+#include "bench/gpu_request.hpp"
 #include "cuda/device.hpp"
 #include "cuda/gpu.hpp"
 #include "cuda/kernels.hpp"
@@ -29,7 +31,6 @@
 #include "transport/cuda_ipc_transport.hpp"
 #include "transport/staged_transport.hpp"
 #include "transport/staging_ring.hpp"
-#include "transport/ucx_transport.hpp"
 
 namespace kvflow::bench {
 
@@ -37,21 +38,8 @@ namespace {
 
 using namespace kvflow::cuda;
 
-constexpr int layers = 61;
-constexpr std::uint64_t page_bytes = 64 * 656;
-
-struct failure {
-  std::string reason;
-};
-
-template <class T>
-T must(result<T> r) {
-  if (!r) throw failure{r.error().reason()};
-  return std::move(r.value());
-}
-void must(const status& s) {
-  if (!s) throw failure{s.reason()};
-}
+constexpr int layers = gpu_layers;
+constexpr std::uint64_t page_bytes = gpu_page_bytes;
 
 // Best-of-`reps` GPU time in ms of `enqueue` on `s` (timed by events).
 template <class F>
@@ -134,70 +122,21 @@ double pipeline_ms(std::byte* dst, const std::byte* src, std::uint64_t bytes, st
 
 double gbps(std::uint64_t bytes, double ms) { return ms > 0 ? double(bytes) / (ms * 1e6) : 0; }
 
-// Best-of-`reps` times of one whole push (after a warm-up): until push() returned, and until its
-// completion ran.
-struct push_times {
-  double wall_ms = 1e30, call_ms = 1e30;
-};
-push_times time_push(transport::transport& t, std::uint64_t peer, const std::vector<transport::block>& blocks, int reps) {
-  push_times best;
-  for (int i = 0; i < reps + 1; ++i) {
-    std::mutex m;
-    std::condition_variable cv;
-    bool done = false;
-    status got;
-    std::chrono::steady_clock::time_point t2;
-    const auto t0 = std::chrono::steady_clock::now();
-    // Timed to the completion's call (when an engine learns of it), not to this thread's wake-up.
-    t.push(peer, blocks, [&](status st) {
-      const auto now = std::chrono::steady_clock::now();
-      std::lock_guard<std::mutex> g(m);
-      t2 = now;
-      got = std::move(st);
-      done = true;
-      cv.notify_one();
-    });
-    const auto t1 = std::chrono::steady_clock::now();
-    std::unique_lock<std::mutex> g(m);
-    cv.wait(g, [&] { return done; });
-    must(got);
-    if (i > 0) {
-      best.wall_ms = std::min(best.wall_ms, std::chrono::duration<double, std::milli>(t2 - t0).count());
-      best.call_ms = std::min(best.call_ms, std::chrono::duration<double, std::milli>(t1 - t0).count());
-    }
-  }
-  return best;
-}
-
 int run(const gpu_flags& f) {
   const int dev = f.device;
   must(set_device(dev));
   auto s = must(stream::create(dev));
   for (int tokens : f.request_tokens) {
-    const std::uint64_t pages = std::max(1, tokens / 64);
-    const std::uint64_t pool_pages = pages * 2;  // the destination pool: twice the request
-    const std::uint64_t bytes = layers * pages * page_bytes;
-    auto src = must(device_buffer::create(dev, bytes));
-    auto dst = must(device_buffer::create(dev, layers * pool_pages * page_bytes));
-    auto pinned = must(pinned_buffer::create(bytes));
+    auto src = must(device_buffer::create(dev, gpu_request_src_bytes(tokens)));
+    auto dst = must(device_buffer::create(dev, gpu_request_dst_bytes(tokens)));
     auto base = [](const device_buffer& b) { return reinterpret_cast<std::uint64_t>(b.data()); };
-
-    std::mt19937_64 rng(static_cast<std::uint64_t>(tokens));
-    std::vector<std::uint64_t> slots(pool_pages);
-    std::iota(slots.begin(), slots.end(), 0);
-    std::shuffle(slots.begin(), slots.end(), rng);
-    std::vector<copy_desc> frag, coalesced;
-    std::vector<pattern_run> src_runs, dst_runs;
-    for (int l = 0; l < layers; ++l) {
-      const std::uint64_t s0 = base(src) + l * pages * page_bytes;
-      const std::uint64_t d0 = base(dst) + l * pool_pages * page_bytes;
-      coalesced.push_back({s0, d0, pages * page_bytes});
-      src_runs.push_back({s0, l * pages * page_bytes, pages * page_bytes});
-      for (std::uint64_t p = 0; p < pages; ++p) {
-        frag.push_back({s0 + p * page_bytes, d0 + slots[p] * page_bytes, page_bytes});
-        dst_runs.push_back({d0 + slots[p] * page_bytes, (l * pages + p) * page_bytes, page_bytes});
-      }
-    }
+    const auto req = gpu_request_of(tokens, base(src), base(dst));
+    const std::uint64_t pages = req.pages, pool_pages = req.pool_pages, bytes = req.bytes;
+    const auto& frag = req.fragmented;
+    const auto& coalesced = req.coalesced;
+    const auto& src_runs = req.src_runs;
+    const auto& dst_runs = req.dst_runs;
+    auto pinned = must(pinned_buffer::create(bytes));
     auto fill_list = must(fill_pattern(src_runs, 7, 0, s));
     must(s.synchronize());
 
@@ -338,21 +277,8 @@ int run(const gpu_flags& f) {
       receiver->deregister_memory(region.id);
     }
 
-    // The same request through the UCX transport (UCX 1.22's CUDA lanes), two instances here.
-    double ucx_ms = 0;
-    std::uint64_t bad_ucx = 0;
-    {
-      auto receiver = must(transport::ucx_transport::create());
-      auto sender = must(transport::ucx_transport::create());
-      auto region = must(receiver->register_memory(1, dst.data(), dst.size()));
-      must(sender->connect(1, receiver->endpoint(), {region}));
-      auto blocks = blocks_into(frag, region.id, base(dst));
-      auto dst_list = must(fill_pattern(dst_runs, 9, 0, s));
-      must(s.synchronize());
-      ucx_ms = time_push(*sender, 1, blocks, std::min(reps, 3)).wall_ms;
-      bad_ucx = mismatches(dst_runs, 7, s);
-      receiver->deregister_memory(region.id);
-    }
+    // The same request through the UCX transport into another process's GPU pool.
+    const auto ucx = ucx_gpu_rows(f, tokens, src, s);
     std::printf("bench gpu: DSv3.2 fp8 request of %d tokens = %d layers x %llu pages x %llu B = %.3f GB "
                 "(destination pages scattered over a pool of %llu), device %d\n",
                 tokens, layers, static_cast<unsigned long long>(pages), static_cast<unsigned long long>(page_bytes),
@@ -377,8 +303,21 @@ int run(const gpu_flags& f) {
                   "(push() returned after %.3f ms; %s)\n",
                   static_cast<unsigned long long>(p.chunk), p.wall_ms, gbps(bytes, p.wall_ms), gather_ms / p.wall_ms,
                   p.wall_ms - gather_ms, p.call_ms, bad_push == 0 ? "bytes verified" : "BYTES WRONG");
-    std::printf("  kvflow ucx push (%u puts, one flush)     %9.3f ms  %8.1f GB/s  %.2fx gather kernel  (%s)\n", n, ucx_ms,
-                gbps(bytes, ucx_ms), gather_ms / ucx_ms, bad_ucx == 0 ? "bytes verified" : "BYTES WRONG");
+    std::printf("  kvflow ucx push to another process, coalesced (%zu puts of %llu B, one flush) %9.3f ms  %8.1f GB/s  "
+                "%.2fx ucx_perftest put_bw cuda at that size (%.1f GB/s), %.2fx coalesced cudaMemcpyAsync  (%s)\n",
+                ucx.puts_coalesced, static_cast<unsigned long long>(pages * page_bytes), ucx.coalesced_ms,
+                gbps(bytes, ucx.coalesced_ms), ucx.perftest_gbps > 0 ? gbps(bytes, ucx.coalesced_ms) / ucx.perftest_gbps : 0.0,
+                ucx.perftest_gbps, coalesced_ms / ucx.coalesced_ms, ucx.verified ? "bytes verified" : "BYTES WRONG");
+    std::printf("  kvflow ucx push to another process, fragmented (%zu puts, one flush) %9.3f ms  %8.1f GB/s  %.2fx gather "
+                "kernel\n",
+                ucx.puts_fragmented, ucx.fragmented_ms, gbps(bytes, ucx.fragmented_ms), gather_ms / ucx.fragmented_ms);
+    std::printf("  ucx endpoint's lanes:\n");
+    for (std::size_t at = 0; at < ucx.lanes.size();) {
+      auto nl = ucx.lanes.find('\n', at);
+      auto one = ucx.lanes.substr(at, nl == std::string::npos ? std::string::npos : nl - at);
+      if (one.find("lane[") != std::string::npos) std::printf("   %s\n", one.c_str());
+      at = nl == std::string::npos ? ucx.lanes.size() : nl + 1;
+    }
     std::printf("  anchor pinned device-to-host              %9.3f ms  %8.1f GB/s\n", d2h_ms, gbps(bytes, d2h_ms));
     std::printf("  anchor pinned host-to-device              %9.3f ms  %8.1f GB/s\n", h2d_ms, gbps(bytes, h2d_ms));
     std::printf("  anchor pinned d2h and h2d at once         %9.3f ms  %8.1f GB/s each way\n", both_ms,
@@ -394,7 +333,7 @@ int run(const gpu_flags& f) {
       std::printf("  kvflow staged push, %u slots x %3llu MiB   %9.3f ms  %8.1f GB/s  %.2fx pinned device-to-host  (%s)\n",
                   p.ring.slots, static_cast<unsigned long long>(p.ring.slot_bytes >> 20), p.wall_ms,
                   gbps(bytes, p.wall_ms), d2h_ms / p.wall_ms, bad_staged == 0 ? "bytes verified" : "BYTES WRONG");
-    if (bad_per_page != 0 || bad_gather != 0 || bad_push != 0 || bad_ucx != 0 || bad_staged != 0) return 1;
+    if (bad_per_page != 0 || bad_gather != 0 || bad_push != 0 || !ucx.verified || bad_staged != 0) return 1;
   }
 
   // The gather kernel over blocks of one size, scattered over a 2 GiB pool.
@@ -430,6 +369,36 @@ int run(const gpu_flags& f) {
 }
 
 }  // namespace
+
+push_times time_push(transport::transport& t, std::uint64_t peer, const std::vector<transport::block>& blocks, int reps) {
+  push_times best;
+  for (int i = 0; i < reps + 1; ++i) {
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    status got;
+    std::chrono::steady_clock::time_point t2;
+    const auto t0 = std::chrono::steady_clock::now();
+    // Timed to the completion's call (when an engine learns of it), not to this thread's wake-up.
+    t.push(peer, blocks, [&](status st) {
+      const auto now = std::chrono::steady_clock::now();
+      std::lock_guard<std::mutex> g(m);
+      t2 = now;
+      got = std::move(st);
+      done = true;
+      cv.notify_one();
+    });
+    const auto t1 = std::chrono::steady_clock::now();
+    std::unique_lock<std::mutex> g(m);
+    cv.wait(g, [&] { return done; });
+    must(got);
+    if (i > 0) {
+      best.wall_ms = std::min(best.wall_ms, std::chrono::duration<double, std::milli>(t2 - t0).count());
+      best.call_ms = std::min(best.call_ms, std::chrono::duration<double, std::milli>(t1 - t0).count());
+    }
+  }
+  return best;
+}
 
 int run_bench_gpu(const gpu_flags& f) {
   auto devices = probe_devices();

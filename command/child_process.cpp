@@ -18,6 +18,7 @@ child_process& child_process::operator=(child_process&& o) noexcept {
   if (this != &o) {
     std::swap(pid_, o.pid_);
     std::swap(out_fd_, o.out_fd_);
+    std::swap(in_fd_, o.in_fd_);
     std::swap(buffered_, o.buffered_);
   }
   return *this;
@@ -29,15 +30,22 @@ child_process::~child_process() {
     ::waitpid(pid_, nullptr, 0);
   }
   if (out_fd_ >= 0) ::close(out_fd_);
+  close_input();
 }
 
 result<child_process> child_process::start(const std::vector<std::string>& argv,
                                            const std::vector<std::pair<std::string, std::string>>& env,
-                                           bool capture_stdout) {
+                                           bool capture_stdout, bool pipe_stdin) {
   if (argv.empty()) return status::error("start: empty command");
-  int fds[2] = {-1, -1};
+  int fds[2] = {-1, -1}, in[2] = {-1, -1};
   if (capture_stdout && ::pipe2(fds, O_CLOEXEC) != 0)
     return status::error(std::string("pipe: ") + std::strerror(errno));
+  if (pipe_stdin && ::pipe2(in, O_CLOEXEC) != 0) {
+    const std::string why = std::string("pipe: ") + std::strerror(errno);
+    for (int fd : fds)
+      if (fd >= 0) ::close(fd);
+    return status::error(why);
+  }
   // Everything the child needs is prepared before fork: after it, only async-signal-safe calls.
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
@@ -52,6 +60,7 @@ result<child_process> child_process::start(const std::vector<std::string>& argv,
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
     if (capture_stdout) ::dup2(fds[1], STDOUT_FILENO);
+    if (pipe_stdin) ::dup2(in[0], STDIN_FILENO);
     for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
     ::execvp(args[0], args.data());
     ::_exit(127);
@@ -61,6 +70,10 @@ result<child_process> child_process::start(const std::vector<std::string>& argv,
   if (capture_stdout) {
     ::close(fds[1]);
     c.out_fd_ = fds[0];
+  }
+  if (pipe_stdin) {
+    ::close(in[0]);
+    c.in_fd_ = in[1];
   }
   return c;
 }
@@ -87,6 +100,23 @@ result<std::string> child_process::read_line(std::chrono::milliseconds timeout) 
     if (got == 0) return status::error("the process closed its output");
     if (got > 0) buffered_.append(buf, static_cast<std::size_t>(got));
   }
+}
+
+status child_process::write_line(const std::string& line) {
+  if (in_fd_ < 0) return status::error("stdin not piped");
+  const std::string all = line + "\n";
+  for (std::size_t at = 0; at < all.size();) {
+    auto n = ::write(in_fd_, all.data() + at, all.size() - at);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return status::error(std::string("write to the process: ") + std::strerror(errno));
+    at += static_cast<std::size_t>(n);
+  }
+  return {};
+}
+
+void child_process::close_input() {
+  if (in_fd_ >= 0) ::close(in_fd_);
+  in_fd_ = -1;
 }
 
 result<int> child_process::wait(std::chrono::milliseconds timeout) {

@@ -292,6 +292,8 @@ int main(int argc, char** argv) {
   gpu->add_option("--device", gf.device, "CUDA device")->capture_default_str();
   gpu->add_option("--tokens", gf.request_tokens, "request sizes in tokens (repeatable)");
   gpu->add_option("--reps", gf.reps, "timed repetitions per path (best of)")->capture_default_str();
+  bool serve_ucx = false;  // the UCX rows' receiving process, started by bench gpu itself
+  gpu->add_flag("--serve-ucx", serve_ucx)->group("");
 
   try {
     app.parse(argc, argv);
@@ -342,6 +344,8 @@ int main(int argc, char** argv) {
       tf.perftest = !no_perftest;
       return bench::run_bench_transfer(tf);
     }
+    if (gpu->parsed() && serve_ucx)
+      return bench::serve_ucx_gpu(gf.device, gf.request_tokens.empty() ? 32768 : gf.request_tokens.back());
     if (gpu->parsed()) return bench::run_bench_gpu(gf);
   } catch (const config::config_error& e) {
     return usage_error(e.what());

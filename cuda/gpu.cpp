@@ -180,6 +180,12 @@ status wait_for_external_event(const stream& s, std::uintptr_t cuda_event) {
   return {};
 }
 
+status launch_host_callback(const stream& s, void (*fn)(void*), void* arg) {
+  if (auto e = cudaLaunchHostFunc(as_stream(s.handle()), fn, arg); e != cudaSuccess)
+    return cuda_error("cudaLaunchHostFunc", e);
+  return {};
+}
+
 status copy_async(void* dst, const void* src, std::uint64_t bytes, const stream& s) {
   if (auto e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, as_stream(s.handle())); e != cudaSuccess)
     return cuda_error("cudaMemcpyAsync", e);
@@ -284,6 +290,7 @@ result<bool> event::done() const { return no_cuda(); }
 status event::synchronize() const { return no_cuda(); }
 result<float> event::elapsed_ms(const event&, const event&) { return no_cuda(); }
 status wait_for_external_event(const stream&, std::uintptr_t) { return no_cuda(); }
+status launch_host_callback(const stream&, void (*)(void*), void*) { return no_cuda(); }
 status copy_async(void*, const void*, std::uint64_t, const stream&) { return no_cuda(); }
 result<std::string> export_ipc_handle(const void*) { return no_cuda(); }
 result<allocation_range> allocation_of(const void*) { return no_cuda(); }

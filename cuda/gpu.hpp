@@ -159,6 +159,10 @@ class event {
 // API's ready fence is) without blocking the calling thread.
 status wait_for_external_event(const stream& s, std::uintptr_t cuda_event);
 
+// Queues `fn(arg)` on `s`: called on a CUDA runtime thread once the work queued before it is done
+// (cudaLaunchHostFunc). `fn` must not call CUDA; it may hand work to another thread.
+status launch_host_callback(const stream& s, void (*fn)(void*), void* arg);
+
 // Copies (any direction cudaMemcpyDefault resolves) queued on `s`.
 status copy_async(void* dst, const void* src, std::uint64_t bytes, const stream& s);
 

@@ -589,6 +589,12 @@ error reach_gpu(node::impl& n, const memory_desc& memory, bool receiving) {
     n.transports->add(std::shared_ptr<transport::transport>(std::move(ipc.value())), true);
     if (staged && staged_first) n.transports->add(staged, true);
     n.staged = std::move(staged);
+    // The node's UCX orders fenced pushes on this device too (GPU KV to peers CUDA IPC and the
+    // staged ring cannot reach: other hosts, with a UCX that writes GPU memory there).
+    if (auto ucx = std::dynamic_pointer_cast<transport::ucx_transport>(n.transports->member("ucx"))) {
+      if (auto s = ucx->order_on_device(gpu.value()); !s) return {errc::unavailable, "memory: " + s.reason()};
+      n.transports->requery();
+    }
     n.gpu = gpu.value();
   }
   if (receiving && n.staged)

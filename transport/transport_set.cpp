@@ -123,6 +123,11 @@ void transport_set::add(std::shared_ptr<transport> member, bool preferred) {
   impl_->order.insert(preferred ? impl_->order.begin() : impl_->order.end(), i);
 }
 
+void transport_set::requery() {
+  std::lock_guard<std::mutex> g(impl_->m);
+  for (std::size_t i = 0; i < impl_->members.size(); ++i) impl_->ordered[i] = impl_->members[i]->query().gpu_ordered ? 1 : 0;
+}
+
 std::shared_ptr<transport> transport_set::member(const std::string& name) const {
   std::lock_guard<std::mutex> g(impl_->m);
   for (const auto& m : impl_->members)

@@ -31,6 +31,9 @@ class transport_set final : public transport {
   // order of preference; regions registered and peers connected before keep what they had. One
   // member of each name.
   void add(std::shared_ptr<transport> member, bool preferred = false);
+  // Asks every member again whether it orders pushes after a CUDA event: a member may learn it
+  // after it joined (UCX, once the node drives a GPU).
+  void requery();
   // The member called `name`, if any.
   std::shared_ptr<transport> member(const std::string& name) const;
 

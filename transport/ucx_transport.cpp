@@ -14,6 +14,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "cuda/gpu.hpp"
 #include "transport/host_identity.hpp"
 #include "transport/local_mapping.hpp"
 #include "transport/ucx_worker.hpp"
@@ -53,9 +54,11 @@ std::string shared_memory_domain() {
 
 // A remote key is UCX's packed rkey after one byte that says how the memory came to be: peers
 // write UCX-allocated (shared) memory directly, registered user memory only through UCX's
-// emulation of puts, which needs the owner to take part.
+// emulation of puts, which needs the owner to take part, and registered CUDA memory through
+// UCX's CUDA IPC lane on the same host (one-sided: the writer maps the owner's allocation).
 constexpr char key_kind_allocated = 'A';
 constexpr char key_kind_registered = 'R';
+constexpr char key_kind_cuda = 'C';
 
 // The endpoint a peer receives: a tag, this process's shared-memory domain, the worker address.
 constexpr char endpoint_tag[] = "kvflow-ucx-1";
@@ -191,10 +194,27 @@ struct ucx_transport::impl {
 
   std::unique_ptr<ucx_worker> worker;
 
+  // Fenced pushes (push_after): a stream of the node's CUDA device waits for each push's fence
+  // on the GPU, then a host callback hands the push to the progress thread. No thread blocks on
+  // a fence and nothing polls it.
+  mutable std::mutex fence_mutex;
+  cuda::stream fence_stream;  // no handle until order_on_device
+
   ~impl() {
     if (!worker) return;
+    {
+      // Every fenced push handed over (its callback ran) before the worker goes.
+      std::lock_guard g(fence_mutex);
+      if (fence_stream.handle() != nullptr) (void)fence_stream.synchronize();
+    }
     worker->call([this] { shut_down(); });
     worker.reset();
+  }
+
+  // CUDA host callback (a CUDA runtime thread; no CUDA calls here): the fence completed.
+  static void on_fence_done(void* p) {
+    auto* op = static_cast<push_op*>(p);
+    op->self->worker->post([op] { op->self->run_push(op); });
   }
 
   // ---- On the progress thread ----------------------------------------------------------------
@@ -375,17 +395,19 @@ struct ucx_transport::impl {
   status open_ep(link& l) {
     auto unpacked = unpack_endpoint(l.endpoint);  // connect() checked it
     const auto& u = unpacked.value();
-    // Peer error handling makes a dead peer fail its pushes instead of hanging them, but in UCX
-    // 1.13 it admits only transports that detect peer failure (tcp; not self, sysv, posix), over
-    // which puts are emulated with active messages (~1 GB/s here). A peer in this process's
-    // shared-memory domain is written through shared memory instead (its pool is UCX-allocated,
-    // see allocate_memory): the sender's CPU copies into the peer's segment, no peer action is
-    // needed, and a segment stays mapped here after its owner died, so a put cannot fault. Its
-    // death is detected by the control plane (CAF monitors and heartbeats), which disconnects it.
+    // Peer error handling makes a dead peer fail its pushes instead of hanging them, but it
+    // admits only transports that detect peer failure (tcp; not self, sysv, posix), over which
+    // puts are emulated with active messages (~1 GB/s here, 0.4 GB/s for GPU memory). A peer in
+    // this process's shared-memory domain is written through shared memory instead (its pool is
+    // UCX-allocated, see allocate_memory): the sender's CPU copies into the peer's segment, no
+    // peer action is needed, and a segment stays mapped here after its owner died, so a put
+    // cannot fault. The same holds for its CUDA memory, written through UCX's cuda_ipc lane (the
+    // driver keeps an opened allocation alive while it is mapped here). Its death is detected by
+    // the control plane (CAF monitors and heartbeats), which disconnects it.
     l.same_worker = u.worker_address == worker->address();
     bool shared = options.shared_memory && !domain.empty() && u.domain == domain;
     for (const auto& d : l.descs)
-      if (d.size > 0 && d.remote_key[0] != key_kind_allocated) shared = false;
+      if (d.size > 0 && d.remote_key[0] != key_kind_allocated && d.remote_key[0] != key_kind_cuda) shared = false;
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
     ep.address = reinterpret_cast<const ucp_address_t*>(u.worker_address.data());
@@ -647,7 +669,10 @@ struct ucx_transport::impl {
         spdlog::error("{}", err.reason());
         return;
       }
-      d.remote_key = key_kind_registered;
+      ucp_mem_attr_t attr{};
+      attr.field_mask = UCP_MEM_ATTR_FIELD_MEM_TYPE;
+      const bool cuda = ucp_mem_query(reg.memh, &attr) == UCS_OK && attr.mem_type == UCS_MEMORY_TYPE_CUDA;
+      d.remote_key = cuda ? key_kind_cuda : key_kind_registered;
       d.remote_key.append(static_cast<const char*>(key), key_len);
       ucp_rkey_buffer_release(key);
     }
@@ -814,7 +839,8 @@ status ucx_transport::connect(std::uint64_t peer, const std::string& endpoint,
   for (const auto& r : regions) {
     auto id = std::to_string(r.id);
     if (r.size > 0 && r.remote_key.size() < 2) return refuse("region " + id + " has no remote key");
-    if (r.size > 0 && r.remote_key[0] != key_kind_allocated && r.remote_key[0] != key_kind_registered)
+    if (r.size > 0 && r.remote_key[0] != key_kind_allocated && r.remote_key[0] != key_kind_registered &&
+        r.remote_key[0] != key_kind_cuda)
       return refuse("region " + id + " has a remote key of another build");
     if (r.address > std::numeric_limits<std::uint64_t>::max() - r.size)
       return refuse("region " + id + " wraps the address space");
@@ -848,6 +874,16 @@ void ucx_transport::disconnect(std::uint64_t peer) {
 }
 
 void ucx_transport::push(std::uint64_t peer, const std::vector<block>& blocks, completion done) {
+  submit(0, peer, blocks, std::move(done));
+}
+
+void ucx_transport::push_after(std::uintptr_t ready_fence, std::uint64_t peer, const std::vector<block>& blocks,
+                               completion done) {
+  submit(ready_fence, peer, blocks, std::move(done));
+}
+
+void ucx_transport::submit(std::uintptr_t fence, std::uint64_t peer, const std::vector<block>& blocks,
+                           completion done) {
   // Every block is checked against what the peer described before anything is queued: a bad
   // block must not leave a partial write.
   std::unique_lock guard(impl_->mutex);
@@ -882,12 +918,44 @@ void ucx_transport::push(std::uint64_t peer, const std::vector<block>& blocks, c
       op->generation = it->second.generation;
       op->blocks = blocks;
       op->done = std::move(done);
-      impl_->worker->post([p = impl_.get(), op] { p->run_push(op); });
-      return;
+      if (fence == 0) {
+        impl_->worker->post([p = impl_.get(), op] { p->run_push(op); });
+        return;
+      }
+      std::lock_guard fg(impl_->fence_mutex);
+      if (impl_->fence_stream.handle() == nullptr) {
+        refused = status::error("ucx: cannot order a push after a CUDA event: no CUDA device (order_on_device)");
+      } else if (auto w = cuda::wait_for_external_event(impl_->fence_stream, fence); !w) {
+        refused = status::error("ucx: " + w.reason());
+      } else if (auto c = cuda::launch_host_callback(impl_->fence_stream, &impl::on_fence_done, op); !c) {
+        refused = status::error("ucx: " + c.reason());
+      } else {
+        return;  // the callback owns op now
+      }
+      done = std::move(op->done);
+      delete op;
     }
   }
   guard.unlock();
   done(std::move(refused));  // refused, or nothing to write
+}
+
+status ucx_transport::order_on_device(int device) {
+  std::lock_guard g(impl_->fence_mutex);
+  if (impl_->fence_stream.handle() != nullptr) {
+    if (impl_->fence_stream.device() == device) return {};
+    return status::error("ucx: fenced pushes are ordered on CUDA device " + std::to_string(impl_->fence_stream.device()) +
+                         ", not " + std::to_string(device));
+  }
+  auto s = cuda::stream::create(device);
+  if (!s) return status::error("ucx: " + s.error().reason());
+  impl_->fence_stream = std::move(s.value());
+  return {};
+}
+
+capabilities ucx_transport::query() const {
+  std::lock_guard g(impl_->fence_mutex);
+  return {memory_types(), true, impl_->fence_stream.handle() != nullptr};
 }
 
 std::string ucx_transport::describe_endpoint(std::uint64_t peer) const {

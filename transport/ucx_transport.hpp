@@ -1,7 +1,7 @@
 #pragma once
 // UCX transport: puts (ucp_put_nbx) into memory the peer mapped with ucp_mem_map, made visible
-// with ucp_ep_flush_nbx (UCX 1.13 with peer error handling carries them as active messages over
-// tcp, even on one host: see run_connect). One UCX context and worker per instance, driven by a progress
+// with ucp_ep_flush_nbx (with peer error handling UCX carries them as active messages over tcp,
+// even on one host: see open_ep). One UCX context and worker per instance, driven by a progress
 // thread the instance owns (transport/ucx_worker.hpp); every public method may be called from
 // any thread and only queues work for that thread, except register_memory / deregister_memory,
 // which wait for it (they are rare: rank start and stop).
@@ -37,9 +37,10 @@ struct ucx_options {
   std::chrono::milliseconds probe_interval{config::tunables{}.ucx_probe_interval_ms};
   std::chrono::milliseconds probe_interval_max{config::tunables{}.ucx_probe_interval_max_ms};
   // Peers in this process's shared-memory domain (same boot and IPC namespace, shared memory
-  // not excluded by UCX_TLS) whose regions all came from allocate_memory are written through
-  // UCX's shared-memory transports without peer error handling (UCX 1.13 has none for them);
-  // their death is the control plane's to detect. false: every peer gets peer error handling.
+  // not excluded by UCX_TLS) whose regions all came from allocate_memory or are CUDA memory are
+  // written through UCX's shared-memory and CUDA IPC transports without peer error handling
+  // (with it UCX emulates the puts over tcp); their death is the control plane's to detect.
+  // false: every peer gets peer error handling.
   bool shared_memory = true;
 };
 
@@ -60,8 +61,13 @@ class ucx_transport final : public transport {
   // The packed UCX worker address (bytes).
   std::string endpoint() const override;
   std::vector<memory_type> memory_types() const override;
-  // Reaches other hosts (tcp here; a site UCX brings RDMA); cannot order a push on the GPU.
-  capabilities query() const override { return {memory_types(), true, false}; }
+  // Reaches other hosts (tcp here; a site UCX brings RDMA); orders pushes after a CUDA event
+  // once order_on_device succeeded.
+  capabilities query() const override;
+  // Fenced pushes (push_after) wait for their fence on a stream of CUDA device `device`; a CUDA
+  // host callback then hands each to the progress thread, which starts its puts (no thread
+  // blocks on a fence, nothing polls it). Without it a fence is refused. One device per instance.
+  status order_on_device(int device);
   // Shared memory UCX allocates (ucp_mem_map with UCP_MEM_MAP_ALLOCATE: sysv/posix segments),
   // which same-host peers write with plain CPU copies; deregister_memory frees it.
   result<allocation> allocate_memory(std::uint64_t owner, std::uint64_t len) override;
@@ -81,6 +87,9 @@ class ucx_transport final : public transport {
                  const std::vector<region_desc>& regions) override;
   void disconnect(std::uint64_t peer) override;
   void push(std::uint64_t peer, const std::vector<block>& blocks, completion done) override;
+  // The push's puts start once `ready_fence` completed (see order_on_device).
+  void push_after(std::uintptr_t ready_fence, std::uint64_t peer, const std::vector<block>& blocks,
+                  completion done) override;
   std::uint64_t bytes_moved() const override;
 
   // What UCX chose to reach `peer` (lanes, transports, devices), as ucp_ep_print_info prints
@@ -90,6 +99,7 @@ class ucx_transport final : public transport {
  private:
   struct impl;
   explicit ucx_transport(std::unique_ptr<impl> p);
+  void submit(std::uintptr_t fence, std::uint64_t peer, const std::vector<block>& blocks, completion done);
   std::unique_ptr<impl> impl_;
 };
 

@@ -727,6 +727,25 @@ TEST_CASE("gpu: UCX puts a request into another process's GPU pool through its C
     CHECK_MESSAGE(st.ok(), st.reason());
     CHECK(child.check(seed, pages) == "mismatches 0 head clean\n");
   }
+  // After the engine's ready event: refused until the transport orders on a device, then the
+  // puts wait for a writer 50 ms of GPU time late and still read what it wrote.
+  {
+    const std::uint64_t pages = 256, seed = 777;
+    auto r = request_into(src, child.d.address, dst_pages, child.d.id, pages, seed);
+    auto producer = must(stream::create(0));
+    device_buffer keep;
+    fill(r.src_runs, seed, 50'000'000, producer, keep);
+    auto ready = must(event::create(0));
+    must(ready.record(producer));
+    const auto fence = reinterpret_cast<std::uintptr_t>(ready.handle());
+    CHECK_FALSE(t.query().gpu_ordered);
+    CHECK_FALSE(push_and_wait(t, fence, 9, r.blocks).ok());
+    REQUIRE(t.order_on_device(0).ok());
+    CHECK(t.query().gpu_ordered);
+    auto st = push_and_wait(t, fence, 9, r.blocks);
+    CHECK_MESSAGE(st.ok(), st.reason());
+    CHECK(child.check(seed, pages) == "mismatches 0 head clean\n");
+  }
   // GPU memory of a same-host peer goes GPU to GPU (cuda_ipc), not through UCX's emulated puts
   // over tcp (0.4 GB/s: the 32k-token request took 3.3 s that way).
   const auto info = t.describe_endpoint(9);

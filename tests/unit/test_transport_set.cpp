@@ -65,6 +65,8 @@ class labelled final : public transport_if {
     push(peer, blocks, std::move(done));
   }
   std::uint64_t bytes_moved() const override { return inner_.bytes_moved(); }
+  // It learns to order after a fence (as UCX does once the node drives a GPU).
+  void set_ordered(bool ordered) { ordered_ = ordered; }
 
   int connects = 0, disconnects = 0, pushes = 0;
   std::size_t blocks_seen = 0;
@@ -231,6 +233,29 @@ TEST_CASE("transport set: a fence is refused for GPU memory through a member tha
   auto [plain, c3] = push(*p.set, 0, decode_id, {{f.src_kv.data(), aux->id, 64, 64}});
   CHECK(plain.ok());
   CHECK(f.aux[64] == std::byte{0x5A});
+}
+
+TEST_CASE("transport set: a member that learns to order after a fence carries fenced GPU pushes once asked again") {
+  pair_fixture f;
+  side d("h1", f.g, f.gf, f.nf), p("h1", f.g, f.gf, f.nf);
+  auto aux = d.set->register_memory(decode_id, f.aux.data(), f.aux.size());
+  REQUIRE(aux);
+  REQUIRE(p.set->connect(decode_id, d.set->endpoint(), {aux.value()}));
+  const std::vector<block> kv_block{{f.src_kv.data(), aux->id, 0, 64}};
+  p.net->set_ordered(true);
+  // The set asked at add: still refused, nothing written.
+  auto [before, c1] = push(*p.set, 0x99, decode_id, kv_block);
+  CHECK_FALSE(before.ok());
+  CHECK(c1 == 1);
+  CHECK(f.aux[0] == std::byte{0});
+  p.set->requery();
+  CHECK(p.set->query().gpu_ordered);
+  auto [after, c2] = push(*p.set, 0x99, decode_id, kv_block);
+  CHECK_MESSAGE(after.ok(), after.reason());
+  CHECK(c2 == 1);
+  CHECK(f.aux[0] == std::byte{0x5A});
+  REQUIRE(p.net->fences.size() == 1);
+  CHECK(p.net->fences[0] == 0x99);  // through push_after, with the fence
 }
 
 TEST_CASE("transport set: bounds are the member's to check, a failed part fails the whole push once") {

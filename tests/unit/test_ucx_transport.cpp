@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "cuda/device.hpp"
 #include "transport/ucx_transport.hpp"
 
 using namespace kvflow;
@@ -143,6 +144,30 @@ TEST_CASE("ucx: create gives an endpoint and host memory") {
   // Two instances are two workers: different addresses.
   auto u = make_transport();
   CHECK(u->endpoint() != t->endpoint());
+}
+
+TEST_CASE("ucx: a fenced push is refused, not read early, until the transport orders on a CUDA device") {
+  auto receiver = make_transport();
+  auto sender = make_transport();
+  auto src = pattern(4096, 3);
+  target dst(*receiver, 4096);
+  REQUIRE(sender->connect(receiver_id, receiver->endpoint(), {dst.desc}).ok());
+  CHECK_FALSE(sender->query().gpu_ordered);
+  std::optional<status> got;
+  sender->push_after(0x1234, receiver_id, {{src.data(), dst.desc.id, 0, 4096}}, [&](status s) { got = std::move(s); });
+  REQUIRE(got.has_value());  // refused at the call
+  CHECK_FALSE(got->ok());
+  CHECK(got->reason().find("CUDA") != std::string::npos);
+  CHECK(dst.untouched());
+  // Without a device there is nothing to order on: an error, and fences stay refused.
+  if (kvflow::cuda::probe_devices().count == 0) {
+    CHECK_FALSE(sender->order_on_device(0).ok());
+    CHECK_FALSE(sender->query().gpu_ordered);
+  }
+  // No fence: a plain push.
+  auto st = push_and_wait(*sender, receiver_id, {{src.data(), dst.desc.id, 0, 4096}});
+  REQUIRE(st.has_value());
+  CHECK(st->ok());
 }
 
 TEST_CASE("ucx: register_memory describes the region") {

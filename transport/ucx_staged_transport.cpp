@@ -346,8 +346,8 @@ struct ucx_staged_transport::impl {
     if (total > 0) {
       void* req = ucp_put_nbx(l.ep, l.proxy->data(0, s), total, l.slot_addr[s], l.rkey, &p);
       if (UCS_PTR_IS_ERR(req))
-        return fail_link(l, std::string("staged_ucx: put to the receiver at " + l.remote.host + ": ") +
-                                ucs_status_string(UCS_PTR_STATUS(req)));
+        return fail_link(l, "staged_ucx: the receiver at " + l.remote.host + " is unreachable (put: " +
+                                ucs_status_string(UCS_PTR_STATUS(req)) + ")");
     }
     auto* op = new flush_op{this, l.id, s, l.out[s].seq};
     p.op_attr_mask |= UCP_OP_ATTR_FIELD_USER_DATA;
@@ -357,8 +357,8 @@ struct ucx_staged_transport::impl {
     if (UCS_PTR_IS_PTR(req)) return;
     delete op;
     if (UCS_PTR_IS_ERR(req))
-      return fail_link(l, std::string("staged_ucx: flush to the receiver at " + l.remote.host + ": ") +
-                              ucs_status_string(UCS_PTR_STATUS(req)));
+      return fail_link(l, "staged_ucx: the receiver at " + l.remote.host + " is unreachable (flush: " +
+                              ucs_status_string(UCS_PTR_STATUS(req)) + ")");
     announce(l, s);
   }
 
@@ -373,8 +373,8 @@ struct ucx_staged_transport::impl {
         auto& l = *it->second;
         if (l.out[s].st != out_state::putting || l.out[s].seq != seq) return;
         if (st != UCS_OK)
-          return self->fail_link(l, "staged_ucx: flush to the receiver at " + l.remote.host + ": " +
-                                        ucs_status_string(st));
+          return self->fail_link(l, "staged_ucx: the receiver at " + l.remote.host + " is unreachable (flush: " +
+                                        ucs_status_string(st) + ")");
         self->announce(l, s);
       });
     delete op;

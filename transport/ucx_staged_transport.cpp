@@ -615,8 +615,7 @@ struct ucx_staged_transport::impl {
     if (h.slot >= shape.slots)
       return refuse("slot " + std::to_string(h.slot) + " of a lane of " + std::to_string(shape.slots));
     if (h.count > shape.max_descs)
-      return refuse("staged slot names " + std::to_string(h.count) + " runs; a slot holds at most " +
-                    std::to_string(shape.max_descs));
+      return refuse(std::to_string(h.count) + " runs announced; a slot holds at most " + std::to_string(shape.max_descs));
     if (length != std::uint64_t{h.count} * sizeof(staged_desc))
       return refuse(std::to_string(length) + " bytes of runs for " + std::to_string(h.count) + " runs");
     const auto st = r->state(lane, static_cast<int>(h.slot)).load(std::memory_order_acquire);

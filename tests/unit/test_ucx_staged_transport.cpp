@@ -121,6 +121,14 @@ TEST_CASE("staged_ucx: a fragmented request larger than the ring moves to anothe
     CHECK(mismatches(pool.data(), dst, page, seed) == 0);
   }
   CHECK(sender->bytes_moved() == 3 * 40 * page);
+  // Connected again with the same description (a re-registration): the same link serves it.
+  REQUIRE(sender->connect(3, receiver->endpoint(), {region.value()}).ok());
+  {
+    auto dst = shuffled(8, pool_pages, 4);
+    auto st = push_and_wait(*sender, 3, request_of(src, region.value().id, dst, page, 4));
+    REQUIRE_MESSAGE(st.ok(), st.reason());
+    CHECK(mismatches(pool.data(), dst, page, 4) == 0);
+  }
   // A block outside what the receiver described fails before any slot.
   auto outside = push_and_wait(*sender, 3, {{src.data(), region.value().id, pool.size() - 8, 16}});
   CHECK_FALSE(outside.ok());
@@ -219,7 +227,7 @@ TEST_CASE("staged_ucx: the receiver refuses a remote sender's runs outside its r
   for (std::uint64_t i = 0; i < 40; ++i) small.push_back({src.data(), region.value().id, i * 512, 100});
   auto many = push_and_wait(*liar, 3, small);
   REQUIRE_FALSE(many.ok());
-  CHECK(many.reason().find("a slot holds at most 16") != std::string::npos);
+  CHECK(many.reason().find("40 runs announced; a slot holds at most 16") != std::string::npos);
   CHECK(all_zero(pool));
 
   // ...and the receiver goes on serving what is right.
@@ -360,7 +368,7 @@ TEST_CASE("staged_ucx: a remote sender lying in its messages is refused, nothing
   const auto id = region.value().id;
   CHECK(liar.announce(other, 0, 1, {{id, 0, 4096}}, 1).find("is not this sender's") != std::string::npos);
   CHECK(liar.announce(own, 7, 1, {{id, 0, 4096}}, 2).find("slot 7") != std::string::npos);
-  CHECK(liar.announce(own, 0, 17, std::vector<staged_desc>(17, {id, 0, 16}), 3).find("at most 16") != std::string::npos);
+  CHECK(liar.announce(own, 0, 17, std::vector<staged_desc>(17, {id, 0, 16}), 3).find("17 runs announced") != std::string::npos);
   CHECK(liar.announce(own, 0, 2, {{id, 0, 16}}, 4).find("bytes of runs") != std::string::npos);
   CHECK(liar.announce(own, 0, 1, {{id, 15 * 4096, 8192}}, 5).find("outside region") != std::string::npos);
   CHECK(liar.announce(own, 1, 1, {{id + 50, 0, 16}}, 6).find("not registered here") != std::string::npos);

@@ -254,6 +254,8 @@ struct staged_transport::impl {
   bool stopping = false;
 
   std::thread publisher, returner, taker;
+  std::mutex hook_m;  // held while the hook runs, so that replacing it waits for a running call
+  std::function<void(int)> return_hook;
 
   // The next entry of a hand-over queue, waiting for one; none once stopping left it empty.
   template <class T>
@@ -479,6 +481,8 @@ struct staged_transport::impl {
     ring->write_verdict(l, s, verdict);
     ring->state(l, s).store(static_cast<std::uint32_t>(slot_state::done), std::memory_order_release);
     futex_bump(ring->bell(l));
+    std::lock_guard<std::mutex> g(hook_m);
+    if (return_hook) return_hook(l);
   }
 
   void take(int l, int s) {
@@ -679,13 +683,7 @@ staged_transport::~staged_transport() {
   if (p.returner.joinable()) p.returner.join();
 }
 
-std::string staged_transport::endpoint() const {
-  std::string out(endpoint_tag, sizeof endpoint_tag);
-  codec::put_string(out, impl_->boot);
-  codec::put(out, static_cast<std::uint64_t>(::getpid()));
-  codec::put_string(out, impl_->ring_name);
-  return out;
-}
+std::string staged_transport::endpoint() const { return endpoint_of_ring(impl_->ring_name); }
 
 std::vector<memory_type> staged_transport::memory_types() const {
   return {impl_->options.host_copies ? memory_type::host : memory_type::cuda};
@@ -781,6 +779,42 @@ void staged_transport::push(std::uint64_t peer, const std::vector<block>& blocks
 void staged_transport::push_after(std::uintptr_t ready_fence, std::uint64_t peer, const std::vector<block>& blocks,
                                   completion done) {
   impl_->submit(ready_fence, peer, blocks, std::move(done));
+}
+
+staging_ring* staged_transport::receiving_ring() const {
+  std::lock_guard<std::mutex> g(impl_->m);
+  return impl_->ring.get();
+}
+
+void staged_transport::set_return_hook(std::function<void(int lane)> hook) {
+  std::lock_guard<std::mutex> g(impl_->hook_m);
+  impl_->return_hook = std::move(hook);
+}
+
+void staged_transport::fail_peer(std::uint64_t peer, const status& why) {
+  std::shared_ptr<impl::lane_link> l;
+  {
+    std::lock_guard<std::mutex> g(impl_->m);
+    auto it = impl_->peers.find(peer);
+    if (it == impl_->peers.end()) return;
+    l = it->second.l;
+  }
+  finished_list f;
+  {
+    std::lock_guard<std::mutex> g(l->m);
+    if (l->dead) l->dead = why;
+    impl_->fail_all(*l, l->dead, f);
+  }
+  futex_bump(l->ring->bell(l->lane));
+  run(f);
+}
+
+std::string staged_transport::endpoint_of_ring(const std::string& ring_name) {
+  std::string out(endpoint_tag, sizeof endpoint_tag);
+  codec::put_string(out, boot_id());
+  codec::put(out, static_cast<std::uint64_t>(::getpid()));
+  codec::put_string(out, ring_name);
+  return out;
 }
 
 std::uint64_t staged_transport::bytes_moved() const { return impl_->bytes.load(std::memory_order_relaxed); }

@@ -17,6 +17,7 @@
 // `host_copies` makes both ends copy with memcpy instead of the GPU (memory is host memory): the
 // same protocol and threads, so that machines without a GPU test it.
 #include <chrono>
+#include <functional>
 #include <memory>
 
 #include "transport/staging_ring.hpp"
@@ -56,6 +57,22 @@ class staged_transport final : public transport {
   void push_after(std::uintptr_t ready_fence, std::uint64_t peer, const std::vector<block>& blocks,
                   completion done) override;
   std::uint64_t bytes_moved() const override;
+
+  // For a transport that carries slots between hosts (ucx_staged_transport) over this one:
+  // The ring this endpoint receives into; null before the first registration or
+  // prepare_receiving. It lives as long as this transport.
+  staging_ring* receiving_ring() const;
+  // Called after the receiver gave a slot of `lane` back (verdict written, slot done), on the
+  // receiving threads: it must not block. One hook; an empty function removes it, and returns
+  // once no call of the old one is running.
+  void set_return_hook(std::function<void(int lane)> hook);
+  // Fails `peer`'s lane as if its receiver had died, with `why`: its pushes fail with it, slots
+  // still out stay out until they are done or time out, and later pushes fail at once until
+  // the peer is connected again.
+  void fail_peer(std::uint64_t peer, const status& why);
+  // The endpoint that reaches a ring this process made (a forwarder's local ring), as a
+  // same-host sender connects to it.
+  static std::string endpoint_of_ring(const std::string& ring_name);
 
   struct impl;
 

@@ -29,6 +29,7 @@
 #include "cuda/pattern_check.hpp"
 #include "transport/cuda_ipc_transport.hpp"
 #include "transport/staged_transport.hpp"
+#include "transport/ucx_staged_transport.hpp"
 #include "transport/ucx_transport.hpp"
 
 using namespace kvflow;
@@ -674,6 +675,53 @@ TEST_CASE("gpu: staged pushes into another process's pool, bounded by what it re
   auto gone = push_and_wait(*sender, 0, 9, r.blocks);
   REQUIRE_FALSE(gone.ok());
   CHECK(gone.reason().find("is gone") != std::string::npos);
+}
+
+// ---- the staged path across hosts (a UCX host put between the two rings) ---------------------
+
+// Two instances told they are on different hosts: the sender's gather and device-to-host go into
+// its own ring, a UCX put (tcp: CTest sets UCX_TLS) carries each slot into the receiver's ring,
+// and the receiver's host-to-device and scatter land it in its pool.
+TEST_CASE("gpu: staged_ucx moves a fragmented request written late GPU to GPU through a UCX host put") {
+  kvflow::transport::ucx_staged_options o;
+  o.staged.ring = {2, 2, 4u << 20, 4096};  // 8 MiB of slots per sender: the request needs 40 of them
+  o.host_identity = "gpu-receiver";
+  auto receiver = must(kvflow::transport::ucx_staged_transport::create(o));
+  o.host_identity = "gpu-sender";
+  auto sender = must(kvflow::transport::ucx_staged_transport::create(o));
+  CHECK(sender->query().gpu_ordered);
+  CHECK(sender->query().cross_host);
+  const std::uint64_t pages = 64, dst_pages = 256;
+  auto src = make_pool(pages);
+  auto dst = make_pool(dst_pages);
+  auto region = must(receiver->register_memory(5, dst.mem.data(), dst.mem.size()));
+  std::vector<std::byte> host(4096);
+  CHECK_FALSE(receiver->register_memory(5, host.data(), host.size()).ok());  // host memory is not its kind
+  REQUIRE(sender->can_connect(receiver->endpoint()));
+  must(sender->connect(5, receiver->endpoint(), {region}));
+  auto s = must(stream::create(0));
+  auto producer = must(stream::create(0));
+  auto ready = must(event::create(0));
+  for (std::uint64_t seed : {61u, 62u}) {
+    auto r = request_into(src, reinterpret_cast<std::uint64_t>(dst.mem.data()), dst_pages, region.id, pages, seed);
+    device_buffer keep;
+    fill(r.src_runs, seed, 50'000'000, producer, keep);  // written 50 ms of GPU time later
+    must(ready.record(producer));
+    auto st = push_and_wait(*sender, reinterpret_cast<std::uintptr_t>(ready.handle()), 5, r.blocks);
+    CHECK_MESSAGE(st.ok(), st.reason());
+    CHECK(mismatches(r.dst_runs, seed, s) == 0);
+    must(producer.synchronize());
+  }
+  CHECK(sender->bytes_moved() == 2 * layers * pages * page_bytes);
+  // A description that claims more than the receiver registered: the receiver refuses the slot.
+  region_desc inflated = region;
+  inflated.size = region.size + 4 * page_bytes;
+  must(sender->connect(5, receiver->endpoint(), {inflated}));
+  auto refused = push_and_wait(*sender, 0, 5, {{reinterpret_cast<const std::byte*>(src.page(0, 0)), region.id, region.size, page_bytes}});
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.reason().find("refused by the receiver") != std::string::npos);
+  sender.reset();
+  receiver->deregister_memory(region.id);
 }
 
 // ---- UCX with CUDA memory -----------------------------------------------------------------

@@ -69,7 +69,9 @@ namespace kvflow::config {
   X(gpu_staged, "KVFLOW_GPU_STAGED", 1,                                                          \
     "GPU KV between processes of one host: 1 through CUDA IPC, else through the staged path "  \
     "(a pinned ring both map); 2 the staged path first (where CUDA IPC is not allowed between " \
-    "them); 3 never staged (no ring is pinned)")                                                 \
+    "them); 3 never staged (no ring is pinned). With 1 or 2, GPU KV to other hosts goes "      \
+    "through the ring too, a UCX host put as the middle hop (before UCX's own GPU puts: set 3 " \
+    "where the site UCX has GPUDirect RDMA)")                                                    \
   X(staged_lanes, "KVFLOW_STAGED_LANES", 8,                                                      \
     "staged path: sending processes one GPU rank's ring takes at once (a node's ring is made "   \
     "at its first GPU registration: lanes x slots x slot bytes of pinned host memory)")         \

@@ -18,6 +18,7 @@
 #include "transport/cuda_ipc_transport.hpp"
 #include "transport/inproc_transport.hpp"
 #include "transport/staged_transport.hpp"
+#include "transport/ucx_staged_transport.hpp"
 #include "transport/transport_set.hpp"
 #include "transport/ucx_transport.hpp"
 
@@ -572,12 +573,12 @@ error reach_gpu(node::impl& n, const memory_desc& memory, bool receiving) {
     auto ipc = transport::cuda_ipc_transport::create({gpu.value()});
     if (!ipc) return {errc::unavailable, "memory: " + ipc.error().reason()};
     std::shared_ptr<transport::staged_transport> staged;
+    transport::staged_options o;
+    o.device = gpu.value();
+    o.ring = {static_cast<std::uint32_t>(n.tunables.staged_lanes), static_cast<std::uint32_t>(n.tunables.staged_slots),
+              static_cast<std::uint64_t>(n.tunables.staged_slot_bytes), o.ring.max_descs};
+    o.slot_timeout = std::chrono::milliseconds(n.tunables.staged_slot_timeout_ms);
     if (n.tunables.gpu_staged != 3) {
-      transport::staged_options o;
-      o.device = gpu.value();
-      o.ring = {static_cast<std::uint32_t>(n.tunables.staged_lanes), static_cast<std::uint32_t>(n.tunables.staged_slots),
-                static_cast<std::uint64_t>(n.tunables.staged_slot_bytes), o.ring.max_descs};
-      o.slot_timeout = std::chrono::milliseconds(n.tunables.staged_slot_timeout_ms);
       auto made = transport::staged_transport::create(o);
       if (!made) return {errc::unavailable, "memory: " + made.error().reason()};
       staged = std::move(made.value());
@@ -588,6 +589,16 @@ error reach_gpu(node::impl& n, const memory_desc& memory, bool receiving) {
     if (staged && !staged_first) n.transports->add(staged, true);
     n.transports->add(std::shared_ptr<transport::transport>(std::move(ipc.value())), true);
     if (staged && staged_first) n.transports->add(staged, true);
+    // Other hosts' GPU KV through the same ring, a UCX host put in the middle: ahead of UCX's own
+    // puts of GPU memory, which without GPUDirect are emulated over tcp (0.4 GB/s). It reaches
+    // no peer on this host, so the members above keep those.
+    if (staged && n.transports->member("ucx")) {
+      transport::ucx_staged_options remote;
+      remote.staged = o;
+      auto made = transport::ucx_staged_transport::create(remote, staged);
+      if (!made) return {errc::unavailable, "memory: " + made.error().reason()};
+      n.transports->add(std::shared_ptr<transport::transport>(std::move(made.value())), true);
+    }
     n.staged = std::move(staged);
     // The node's UCX orders fenced pushes on this device too (GPU KV to peers CUDA IPC and the
     // staged ring cannot reach: other hosts, with a UCX that writes GPU memory there).
@@ -599,6 +610,9 @@ error reach_gpu(node::impl& n, const memory_desc& memory, bool receiving) {
   }
   if (receiving && n.staged)
     if (auto s = n.staged->prepare_receiving(); !s) return {errc::unavailable, "memory: " + s.reason()};
+  if (receiving)
+    if (auto remote = std::dynamic_pointer_cast<transport::ucx_staged_transport>(n.transports->member("staged_ucx")))
+      if (auto s = remote->prepare_receiving(); !s) return {errc::unavailable, "memory: " + s.reason()};
   return {};
 }
 

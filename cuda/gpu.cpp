@@ -13,7 +13,11 @@ namespace kvflow::cuda {
 
 namespace {
 
+// The error goes to the caller as a value; it is also taken out of the runtime's last-error slot,
+// where the next kernel launch's check (cudaGetLastError) would report it as its own (seen: a
+// refused cudaMalloc made a later fill kernel fail with "out of memory").
 status cuda_error(const char* what, cudaError_t e) {
+  (void)cudaGetLastError();
   return status::error(std::string(what) + ": " + cudaGetErrorString(e));
 }
 

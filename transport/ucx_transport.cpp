@@ -39,12 +39,7 @@ bool same_regions(const std::vector<region_desc>& a, const std::vector<region_de
 // Where this process can be reached through UCX's shared-memory transports: same kernel boot
 // and same IPC namespace (sysv segments), and not excluded by UCX_TLS. Empty when not.
 std::string shared_memory_domain() {
-  if (const char* tls = std::getenv("UCX_TLS"); tls != nullptr && *tls != '\0') {
-    std::string t(tls);
-    bool shm = t.find("all") != std::string::npos || t.find("sm") != std::string::npos ||
-               t.find("sysv") != std::string::npos || t.find("posix") != std::string::npos;
-    if (!shm || t[0] == '^') return {};  // "^..." excludes; shared memory may be among them
-  }
+  if (!ucx_shared_memory_allowed()) return {};
   const std::string boot = boot_id();
   char ipc[64] = {};
   auto n = ::readlink("/proc/self/ns/ipc", ipc, sizeof ipc - 1);

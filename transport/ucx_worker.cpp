@@ -31,6 +31,15 @@ status sys_error(const std::string& what) {
 
 }  // namespace
 
+bool ucx_shared_memory_allowed() {
+  const char* tls = std::getenv("UCX_TLS");
+  if (tls == nullptr || *tls == '\0') return true;
+  const std::string t(tls);
+  if (t[0] == '^') return false;  // "^..." excludes; shared memory may be among them
+  return t.find("all") != std::string::npos || t.find("sm") != std::string::npos ||
+         t.find("sysv") != std::string::npos || t.find("posix") != std::string::npos;
+}
+
 result<std::unique_ptr<ucx_worker>> ucx_worker::create(std::uint64_t features) {
   ucx_version loaded;
   ucp_get_version(&loaded.major, &loaded.minor, &loaded.release);
@@ -46,10 +55,15 @@ result<std::unique_ptr<ucx_worker>> ucx_worker::create(std::uint64_t features) {
   // Memory this context allocates (allocate_memory) must be shared memory or nothing: the
   // transport writes allocated regions of same-host peers without peer error handling, which is
   // safe only for sysv/posix segments. Where they are unavailable the allocation fails and the
-  // caller registers its own memory (peer error handling then). Overrides UCX_ALLOC_PRIO.
-  if (auto st = ucp_config_modify(config, "ALLOC_PRIO", "md:sysv,md:posix"); st != UCS_OK) {
-    ucp_config_release(config);
-    return ucx_error("ucp_config_modify ALLOC_PRIO", st);
+  // caller registers its own memory (peer error handling then). Overrides UCX_ALLOC_PRIO. Not
+  // when UCX_TLS leaves shared memory out: then no peer is written that way, and UCX's own pools
+  // (ucp_reg_bufs, made where CUDA is loaded) could not be allocated at all (UCX then crashed:
+  // UCX_TLS=tcp on the GPU machine, 2026-12-07).
+  if (ucx_shared_memory_allowed()) {
+    if (auto st = ucp_config_modify(config, "ALLOC_PRIO", "md:sysv,md:posix"); st != UCS_OK) {
+      ucp_config_release(config);
+      return ucx_error("ucp_config_modify ALLOC_PRIO", st);
+    }
   }
   // Lanes, chosen deliberately unless UCX_TLS says otherwise: no cma. UCX 1.22 picks cma's
   // zero-copy (process_vm_writev) for puts over ~4 KiB even into sysv-mapped segments, 3x slower

@@ -24,6 +24,10 @@
 
 namespace kvflow::transport {
 
+// Whether UCX may use its shared-memory transports (sysv, posix): UCX_TLS unset, or naming them
+// (or sm, all) without excluding ("^...").
+bool ucx_shared_memory_allowed();
+
 class ucx_worker {
  public:
   using clock = std::chrono::steady_clock;

@@ -163,8 +163,16 @@ TEST_CASE("gpu: device, pinned memory, streams and events work and report errors
   auto too_big = device_buffer::create(0, 1ull << 50);
   CHECK_FALSE(too_big.ok());
   CHECK(too_big.error().reason().find("cudaMalloc") != std::string::npos);
-  CHECK(device_buffer::create(0, 4096).ok());
+  auto small = device_buffer::create(0, 4096);
+  REQUIRE(small.ok());
+  // The refused allocation is not reported again by the next kernel launch.
+  std::vector<pattern_run> one{{reinterpret_cast<std::uint64_t>(small.value().data()), 0, 4096}};
+  auto filled = fill_pattern(one, 5, 0, s);
+  CHECK_MESSAGE(filled.ok(), filled.error().reason());
   CHECK_FALSE(ipc_mapping::open(0, "short").ok());
+  auto again = fill_pattern(one, 6, 0, s);
+  CHECK_MESSAGE(again.ok(), again.error().reason());
+  must(s.synchronize());
 }
 
 TEST_CASE("gpu: one gather kernel moves a fragmented DSv3.2 request of 1k to 32k tokens exactly") {

@@ -43,6 +43,15 @@ struct gpu_flags {
   int device = 0;
   std::vector<int> request_tokens{32768};
   int reps = 10;  // timed repetitions per path (best of)
+  // The API rows: requests through the public API, a prefill engine here and a decode engine in
+  // another process on the same GPU.
+  bool api = true;        // run them
+  bool api_only = false;  // only them and the gather kernel they are compared with
+  int api_requests = 8;   // in flight at once
+  int api_chunk_tokens = 1024;
+  int api_step_us = 200;  // scheduler step cadence of both engines
+  std::string api_model = "dsv32";
+  int api_timeout_s = 120;
 };
 
 // The GPU copy paths beside cudaMemcpyAsync, per-page copies and pinned device-to-host; exits 77
@@ -51,5 +60,9 @@ int run_bench_gpu(const gpu_flags& f);
 // The receiving process of bench gpu's UCX rows (started by it; not for users): a GPU pool of
 // `max_tokens`' request registered with UCX, commands on stdin.
 int serve_ucx_gpu(int device, int max_tokens);
+// The decode engine of bench gpu's API rows (started by it; not for users): joins the prefill
+// node at `bootstrap`, receives the requests of `tokens`, checks them on the GPU and reports on
+// stdout; stops once its stdin closes.
+int serve_api_gpu(const gpu_flags& f, const std::string& bootstrap, int tokens);
 
 }  // namespace kvflow::bench

@@ -9,7 +9,9 @@
 //   d2h pinned one cudaMemcpyAsync of the request into pinned host memory (the staging bound),
 //              and h2d pinned back; gather into pinned: the fragmented pages into pinned memory by
 //              the gather kernel (the staged path's first half)
-// plus a block-size sweep of the gather kernel. Bytes are checked on the GPU after each path.
+// plus a block-size sweep of the gather kernel, and the API rows (bench_gpu_api.cpp: requests
+// through the public API between two processes, beside the gather kernel). Bytes are checked on the
+// GPU after each path.
 #include <unistd.h>
 
 #include <algorithm>
@@ -136,9 +138,30 @@ int run(const gpu_flags& f) {
     const auto& coalesced = req.coalesced;
     const auto& src_runs = req.src_runs;
     const auto& dst_runs = req.dst_runs;
-    auto pinned = must(pinned_buffer::create(bytes));
     auto fill_list = must(fill_pattern(src_runs, 7, 0, s));
     must(s.synchronize());
+    auto print_header = [&] {
+      std::printf("bench gpu: DSv3.2 fp8 request of %d tokens = %d layers x %llu pages x %llu B = %.3f GB "
+                  "(destination pages scattered over a pool of %llu), device %d\n",
+                  tokens, layers, static_cast<unsigned long long>(pages), static_cast<unsigned long long>(page_bytes),
+                  double(bytes) / 1e9, static_cast<unsigned long long>(pool_pages), dev);
+    };
+    if (f.api_only) {
+      // The API rows and the anchor they are compared with: the gather kernel over this request.
+      auto frag_list = upload(frag, s);
+      const auto n = static_cast<std::uint32_t>(frag.size());
+      const double gather_ms = best_ms(s, f.reps, [&] {
+        must(launch_gather(reinterpret_cast<const copy_desc*>(frag_list.data()), n, s.handle()));
+      });
+      const bool verified = mismatches(dst_runs, 7, s) == 0;
+      print_header();
+      std::printf("  kvflow gather kernel, list on device      %9.3f ms  %8.1f GB/s  (%s)\n", gather_ms,
+                  gbps(bytes, gather_ms), verified ? "bytes verified" : "BYTES WRONG");
+      if (!verified) return 1;
+      api_gpu_rows(f, tokens, gather_ms, bytes);
+      continue;
+    }
+    auto pinned = must(pinned_buffer::create(bytes));
 
     const int reps = f.reps;
     double coalesced_ms = best_ms(s, reps, [&] {
@@ -279,10 +302,7 @@ int run(const gpu_flags& f) {
 
     // The same request through the UCX transport into another process's GPU pool.
     const auto ucx = ucx_gpu_rows(f, tokens, src, s);
-    std::printf("bench gpu: DSv3.2 fp8 request of %d tokens = %d layers x %llu pages x %llu B = %.3f GB "
-                "(destination pages scattered over a pool of %llu), device %d\n",
-                tokens, layers, static_cast<unsigned long long>(pages), static_cast<unsigned long long>(page_bytes),
-                double(bytes) / 1e9, static_cast<unsigned long long>(pool_pages), dev);
+    print_header();
     std::printf("  anchor coalesced cudaMemcpyAsync x%d      %9.3f ms  %8.1f GB/s\n", layers, coalesced_ms,
                 gbps(bytes, coalesced_ms));
     std::printf("  anchor per-page cudaMemcpyAsync x%-6u  %9.3f ms  %8.1f GB/s  (%s)\n", n, per_page_ms,
@@ -334,7 +354,10 @@ int run(const gpu_flags& f) {
                   p.ring.slots, static_cast<unsigned long long>(p.ring.slot_bytes >> 20), p.wall_ms,
                   gbps(bytes, p.wall_ms), d2h_ms / p.wall_ms, bad_staged == 0 ? "bytes verified" : "BYTES WRONG");
     if (bad_per_page != 0 || bad_gather != 0 || bad_push != 0 || !ucx.verified || bad_staged != 0) return 1;
+    // The public API across two processes, beside the gather kernel over this request.
+    if (f.api) api_gpu_rows(f, tokens, gather_ms, bytes);
   }
+  if (f.api_only) return 0;
 
   // The gather kernel over blocks of one size, scattered over a 2 GiB pool.
   std::printf("bench gpu: gather kernel by block size (512 MiB scattered per size) vs one cudaMemcpyAsync of 512 MiB\n");

@@ -44,4 +44,10 @@ struct ucx_gpu_figures {
 };
 ucx_gpu_figures ucx_gpu_rows(const gpu_flags& f, int tokens, const cuda::device_buffer& src, const cuda::stream& s);
 
+// The API rows (bench_gpu_api.cpp): f.api_requests requests of `tokens` through the public API
+// across two processes on one GPU, printed beside the gather kernel's figure of the same run for
+// one request (`gather_bytes` in `gather_ms`). Throws failure when a request fails, a byte differs
+// or the run outlives f.api_timeout_s.
+void api_gpu_rows(const gpu_flags& f, int tokens, double gather_ms, std::uint64_t gather_bytes);
+
 }  // namespace kvflow::bench

@@ -288,12 +288,27 @@ int main(int argc, char** argv) {
   transfer->add_flag("--no-perftest", no_perftest, "skip the ucx_perftest anchor");
 
   bench::gpu_flags gf;
-  auto* gpu = bench->add_subcommand("gpu", "GPU copy paths of one DSv3.2 request vs cudaMemcpyAsync and pinned copies");
+  auto* gpu = bench->add_subcommand("gpu", "GPU copy paths of one DSv3.2 request vs cudaMemcpyAsync and pinned copies, and requests "
+                                  "through the public API between two processes vs the gather kernel");
   gpu->add_option("--device", gf.device, "CUDA device")->capture_default_str();
   gpu->add_option("--tokens", gf.request_tokens, "request sizes in tokens (repeatable)");
   gpu->add_option("--reps", gf.reps, "timed repetitions per path (best of)")->capture_default_str();
   bool serve_ucx = false;  // the UCX rows' receiving process, started by bench gpu itself
   gpu->add_flag("--serve-ucx", serve_ucx)->group("");
+  bool no_api = false;
+  gpu->add_flag("--no-api", no_api, "leave out the API rows (requests through the public API between two processes)");
+  gpu->add_flag("--api-only", gf.api_only, "only the API rows and the gather kernel they are compared with");
+  gpu->add_option("--api-requests", gf.api_requests, "API rows: requests in flight at once")->capture_default_str();
+  gpu->add_option("--api-chunk-tokens", gf.api_chunk_tokens, "API rows: tokens per prefill chunk (one send() each)")
+      ->capture_default_str();
+  gpu->add_option("--api-step-us", gf.api_step_us, "API rows: microseconds between scheduler steps (polls) of both engines")
+      ->capture_default_str();
+  gpu->add_option("--api-model", gf.api_model, "API rows: dsv32 | mla:L:BYTES[:STATE_BYTES] (fp8, 64-token pages)")
+      ->capture_default_str();
+  gpu->add_option("--api-timeout", gf.api_timeout_s, "API rows: seconds before an unfinished run fails")
+      ->capture_default_str();
+  std::string serve_api;  // the API rows' decode engine (its prefill node's address), started by bench gpu itself
+  gpu->add_option("--serve-api", serve_api)->group("");
 
   try {
     app.parse(argc, argv);
@@ -344,8 +359,28 @@ int main(int argc, char** argv) {
       tf.perftest = !no_perftest;
       return bench::run_bench_transfer(tf);
     }
+    if (gpu->parsed()) {
+      gf.api = !no_api || gf.api_only;
+      if (gf.api_requests < 1 || gf.api_requests > 1024)
+        throw config::config_error("api-requests: must be 1..1024, got " + std::to_string(gf.api_requests));
+      if (gf.api_chunk_tokens < 1)
+        throw config::config_error("api-chunk-tokens: must be >= 1, got " + std::to_string(gf.api_chunk_tokens));
+      if (gf.api_step_us < 0) throw config::config_error("api-step-us: must be >= 0, got " + std::to_string(gf.api_step_us));
+      if (gf.api_timeout_s < 1)
+        throw config::config_error("api-timeout: must be >= 1, got " + std::to_string(gf.api_timeout_s));
+      config::model_layout api_model;
+      try {
+        api_model = config::parse_model(gf.api_model, config::kv_dtype::fp8);
+      } catch (const config::config_error& e) {
+        throw config::config_error(std::string("api-") + e.what());  // "api-model: ..."
+      }
+      if (api_model.kind != config::model_kind::mla)
+        throw config::config_error("api-model: '" + gf.api_model + "' is not an MLA model (dsv32, mla:L:BYTES[:STATE_BYTES])");
+    }
     if (gpu->parsed() && serve_ucx)
       return bench::serve_ucx_gpu(gf.device, gf.request_tokens.empty() ? 32768 : gf.request_tokens.back());
+    if (gpu->parsed() && !serve_api.empty())
+      return bench::serve_api_gpu(gf, serve_api, gf.request_tokens.empty() ? 32768 : gf.request_tokens.back());
     if (gpu->parsed()) return bench::run_bench_gpu(gf);
   } catch (const config::config_error& e) {
     return usage_error(e.what());

@@ -237,6 +237,14 @@ case "$case_" in
   help)
     "$kvflow" --help >"$tmp/out" || fail "--help exited $?"
     grep -q KVFLOW_BOOTSTRAP_TIMEOUT_MS "$tmp/out" || fail "--help does not list the tunables"
+    # bench gpu's API rows: their flags are listed, a bad one is refused before any GPU work.
+    "$kvflow" bench gpu --help >"$tmp/out" || fail "bench gpu --help exited $?"
+    grep -q -- --api-requests "$tmp/out" || fail "bench gpu --help does not list --api-requests"
+    grep -q -- --serve-api "$tmp/out" && fail "bench gpu --help lists the hidden --serve-api"
+    rc=0
+    "$kvflow" bench gpu --api-requests 0 2>"$tmp/err" || rc=$?
+    [ "$rc" = 2 ] || fail "bench gpu --api-requests 0 exited $rc, not 2"
+    grep -q api-requests "$tmp/err" || fail "bench gpu --api-requests 0 does not name the flag"
     ;;
   *) fail "unknown case $case_" ;;
 esac

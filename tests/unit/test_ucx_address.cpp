@@ -5,13 +5,17 @@
 #include <doctest/doctest.h>
 #include <sys/socket.h>
 
+#include <caf/binary_deserializer.hpp>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "actors/messages.hpp"
 #include "transport/ucx_address.hpp"
 #include "transport/ucx_transport.hpp"
 
@@ -37,6 +41,12 @@ std::string worker_address(const ucx_transport& t) {
   REQUIRE(e.size() > tag_size + 4 + n);
   return e.substr(tag_size + 4 + n);
 }
+// `t`'s endpoint with another worker address in it.
+std::string endpoint_with(const ucx_transport& t, const std::string& address) {
+  const auto e = t.endpoint();
+  return e.substr(0, e.size() - worker_address(t).size()) + address;
+}
+
 ucx_address parsed(const std::string& a) {
   auto p = parse_ucx_address(a);
   REQUIRE_MESSAGE(p.ok(), p.error().reason());
@@ -212,11 +222,16 @@ TEST_CASE("ucx address: a transport is named by the CRC-16/X.25 of its name, as 
   CHECK(host > 0);
 }
 
-TEST_CASE("ucx address: every truncation of a real address is refused") {
-  const auto own = own_address();
+TEST_CASE("ucx address: every truncation of a real address is refused, and connect() refuses it") {
+  auto t = make_transport();
+  const auto own = worker_address(*t);
   for (std::size_t n = 0; n < own.size(); ++n) {
     CAPTURE(n);
     refused(own.substr(0, n), own, "runs past the end");
+    if (n == 0) continue;  // the endpoint's framing refuses an empty one itself
+    const auto st = t->connect(3, endpoint_with(*t, own.substr(0, n)), {});
+    REQUIRE_FALSE(st.ok());
+    CHECK(st.reason().find("worker address") != std::string::npos);
   }
 }
 
@@ -417,5 +432,27 @@ TEST_CASE("ucx address: header, device and interface fields UCX's worker address
     taken(pack(many), own);
     many.devices[0].ifaces.push_back(f);
     refused(pack(many), own, "more than 128 interfaces");
+  }
+}
+
+TEST_CASE("regression: the ucx_connect fuzz inputs that made UCX abort or fault are refused by connect()") {
+  // tests/fuzz/regressions/ucx_connect: a registration's endpoint and regions as CAF serialized
+  // them (fuzz_ucx_connect.cpp). Two made UCX 1.13 abort on an unknown address version; one made
+  // libuct fault (uct_iface_local_is_reachable, 1.13), one ucp_address_unpack read past the end
+  // (1.22). Before the check only the version was looked at, and the last two were taken.
+  auto t = make_transport();
+  for (const std::string file : {"found-worker-address-version-15", "seed-00-worker-address-version-15",
+                                 "libuct-segv-iface-local-is-reachable", "segv-ucp-address-unpack-ucx-1.22"}) {
+    CAPTURE(file);
+    std::ifstream in(std::string(KVFLOW_FUZZ_DIR) + "/regressions/ucx_connect/" + file, std::ios::binary);
+    REQUIRE(in);
+    const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::string endpoint;
+    std::vector<region_desc> regions;
+    caf::binary_deserializer source{nullptr, bytes.data(), bytes.size()};
+    REQUIRE_FALSE(source(endpoint, regions));
+    const auto st = t->connect(1, endpoint, regions);
+    REQUIRE_FALSE(st.ok());
+    CHECK_MESSAGE(st.reason().find("worker address") != std::string::npos, st.reason());
   }
 }

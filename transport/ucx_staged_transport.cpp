@@ -18,6 +18,7 @@
 #include "transport/host_identity.hpp"
 #include "transport/shared_futex.hpp"
 #include "transport/staging_ring.hpp"
+#include "transport/ucx_address.hpp"
 #include "transport/ucx_staged_wire.hpp"
 #include "transport/ucx_worker.hpp"
 
@@ -537,9 +538,9 @@ struct ucx_staged_transport::impl {
   // A remote sender asks for a lane: claims one of the ring for it and tells it the slots.
   void accept(const std::string& address, std::uint64_t nonce) {
     std::string err;
-    // UCX aborts on a worker address of another address version: only this worker's own.
-    if ((static_cast<unsigned char>(address[0]) & 0x0f) != (static_cast<unsigned char>(worker->address()[0]) & 0x0f)) {
-      spdlog::warn("staged_ucx: a sender's worker address of another UCX address version ignored");
+    // UCX reads a worker address trusting every length in it: checked first.
+    if (auto a = check_ucx_address(address, worker->address()); !a) {
+      spdlog::warn("staged_ucx: a sender's worker address ignored: {}", a.reason());
       return;
     }
     ucp_ep_h ep = open_ep(address, err);
@@ -881,9 +882,8 @@ status ucx_staged_transport::connect(std::uint64_t peer, const std::string& endp
   if (!r) return refuse(r.error().reason());
   if (r.value().host == impl_->host) return refuse("it is on this host (the staged transport's shared ring reaches it)");
   if (r.value().rkey.empty()) return refuse("it has no receiving ring");
-  if ((static_cast<unsigned char>(r.value().worker_address[0]) & 0x0f) !=
-      (static_cast<unsigned char>(impl_->worker->address()[0]) & 0x0f))
-    return refuse("a worker address of another UCX address version");
+  // UCX reads a worker address trusting every length in it: checked here first.
+  if (auto a = check_ucx_address(r.value().worker_address, impl_->worker->address()); !a) return refuse(a.reason());
   std::vector<region_desc> inner = regions;
   for (auto& d : inner) {
     if (d.remote_key != region_key) return refuse("region " + std::to_string(d.id) + " is not staged_ucx");

@@ -17,6 +17,7 @@
 #include "cuda/gpu.hpp"
 #include "transport/host_identity.hpp"
 #include "transport/local_mapping.hpp"
+#include "transport/ucx_address.hpp"
 #include "transport/ucx_worker.hpp"
 
 namespace kvflow::transport {
@@ -824,12 +825,11 @@ status ucx_transport::connect(std::uint64_t peer, const std::string& endpoint,
   if (endpoint.empty()) return refuse("empty endpoint");
   auto u = unpack_endpoint(endpoint);
   if (!u) return refuse(u.error().reason());
-  // UCX 1.13 aborts the process (ucs_assertv_always) on a worker address of an address version
-  // it does not know: the version (the header byte's low 4 bits) must be this worker's own.
-  const auto version = [](const std::string& a) { return static_cast<unsigned char>(a[0]) & 0x0f; };
-  if (version(u->worker_address) != version(impl_->worker->address()))
-    return refuse("worker address of UCX address version " + std::to_string(version(u->worker_address)) +
-                  ", this worker's is " + std::to_string(version(impl_->worker->address())));
+  // UCX reads a worker address without its size, trusting every length and flag inside (and
+  // aborts on an address version it does not know): it must be one this UCX could have packed,
+  // in this worker's format, with addresses of the lengths their transports read.
+  if (auto st = check_ucx_address(u->worker_address, impl_->worker->address()); !st)
+    return refuse(st.reason());
   std::unordered_map<std::uint64_t, region_desc> by_id;
   for (const auto& r : regions) {
     auto id = std::to_string(r.id);

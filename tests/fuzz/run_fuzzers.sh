@@ -34,9 +34,7 @@ done
 failed=()
 skipped=()
 printf '%-20s %10s %8s %6s %7s %6s  %s\n' target executions exec/s cov ft corpus result
-# KVFLOW_FUZZ_SKIP: targets not run (space-separated), each named in the output. CI skips
-# ucx_connect: UCX 1.13 itself faults (SEGV in libuct) on malformed worker addresses past the
-# version check ucx_transport makes; that is open in issue 9 (docs/fuzzing.md).
+# KVFLOW_FUZZ_SKIP: targets not run (space-separated), each named in the output.
 skip=" ${KVFLOW_FUZZ_SKIP:-} "
 for t in "${targets[@]}"; do
   exe="$bin/fuzz_$t"

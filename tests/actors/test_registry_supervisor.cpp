@@ -567,7 +567,7 @@ TEST_CASE("supervisors: the root holds agreed rounds until every rank attached")
 // A peer that proved the token can still claim what it is not. Each check below is against the
 // sender CAF saw; an impostor is another actor (a peer's, across processes) or nobody.
 
-TEST_CASE("hostile: a step report claiming another child, or an attach of it, is refused; the round waits for the child") {
+TEST_CASE("hostile: a step report claiming another child, or an attach of it, is refused, the round waits for the child") {
   actor_fixture f;
   group_tree g(f, 1, 2, 9, 2);
   auto impostor = f.own(f.sys.spawn(child_stub, std::make_shared<inbox>(), g.shards[0]));

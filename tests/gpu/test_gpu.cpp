@@ -649,7 +649,7 @@ TEST_CASE("gpu: staged pushes a request written late, and PP and head slices, th
   receiver->deregister_memory(region.id);
 }
 
-TEST_CASE("gpu: staged pushes into another process's pool, bounded by what it registered; its death fails pushes") {
+TEST_CASE("gpu: staged pushes into another process's pool, bounded by what it registered, its death fails pushes") {
   receiver_process child("staged");
   kvflow::transport::staged_options o;
   auto sender = must(kvflow::transport::staged_transport::create(o));

@@ -48,7 +48,7 @@ TEST_CASE("delayed transport: a push lands only when picked as often as drawn, a
   CHECK(p.t.held_total() == 1);
 }
 
-TEST_CASE("delayed transport: disconnect fails the peer's held pushes unlanded; drop_from drops a dead sender's") {
+TEST_CASE("delayed transport: disconnect fails the peer's held pushes unlanded, drop_from drops a dead sender's") {
   two_peers p;
   std::vector<bool> outcome;
   for (int i = 0; i < 3; ++i) p.t.push(2, p.blocks(), [&](kvflow::status s) { outcome.push_back(s.ok()); });

@@ -116,7 +116,7 @@ side draw_side(std::mt19937_64& g, int cap, const side* of = nullptr) {
 
 }  // namespace
 
-TEST_CASE("property: transfers in flight, late and reordered; rooms reused and duplicated; shapes to tp8 cp8 pp4 dp4; every request ends within its bound") {
+TEST_CASE("property: transfers in flight, late and reordered, rooms reused and duplicated, shapes to tp8 cp8 pp4 dp4, every request ends within its bound") {
   // Every push is held and lands later in random order among the messages (--delay-transfers),
   // so requests fail, abort and reuse rooms while KV is still moving into their pages: the
   // release contract (semantics.md §5) must keep every later request's bytes intact.

@@ -6,7 +6,7 @@
 
 using kvflow::command::child_process;
 
-TEST_CASE("child_process: lines written to a piped stdin come back from its stdout; closing it ends the child") {
+TEST_CASE("child_process: lines written to a piped stdin come back from its stdout, closing it ends the child") {
   auto c = child_process::start({"cat"}, {}, true, true);
   REQUIRE(c.ok());
   auto& cat = c.value();

@@ -16,7 +16,7 @@ namespace {
 const failure_memory::time_point t0{};
 }
 
-TEST_CASE("failure memory: the first reason of a key is kept; empty reasons are not remembered") {
+TEST_CASE("failure memory: the first reason of a key is kept, empty reasons are not remembered") {
   failure_memory m(8, milliseconds{1000});
   m.remember({1, 1}, "aborted", t0);
   m.remember({1, 1}, "later reason", t0 + milliseconds{1});

@@ -164,10 +164,14 @@ TEST_CASE("link auth: garbage instead of a greeting is refused at once") {
   CHECK(s2.state() == link_auth::outcome::refused);
 }
 
-TEST_CASE("frame guard: frames within the cap pass; the first header over it is refused") {
+TEST_CASE("frame guard: frames within the cap pass, the first header over it is refused") {
   frame_guard g(100);
+  // Heartbeats (BASP operation 6): frames the guard bounds but does not read. (A handshake's
+  // payload is read for its node since a703f79, and these 0xff bytes name none: this case has
+  // run in CTest only since its name lost a ';' that cut it into an entry matching nothing.)
   auto header = [](std::uint32_t len) {
     std::vector<std::uint8_t> h(frame_guard::header_size, 0);
+    h[0] = 6;
     h[4] = static_cast<std::uint8_t>(len >> 24);
     h[5] = static_cast<std::uint8_t>(len >> 16);
     h[6] = static_cast<std::uint8_t>(len >> 8);
@@ -280,7 +284,7 @@ std::string refused(const std::vector<std::uint8_t>& bytes, std::size_t chunk = 
 
 }  // namespace
 
-TEST_CASE("frame guard: an exit or down message from a peer is refused, however it is split; others pass") {
+TEST_CASE("frame guard: an exit or down message from a peer is refused, however it is split, others pass") {
   using kvflow::runtime::basp_direct_message;
   using kvflow::runtime::basp_routed_message;
   for (std::size_t chunk : {std::size_t{1}, std::size_t{7}, std::size_t{1} << 20}) {
@@ -309,7 +313,7 @@ TEST_CASE("frame guard: an exit or down message from a peer is refused, however 
   CHECK(refused(server_handshake(message_frame_pid)).empty());
 }
 
-TEST_CASE("frame guard: a link's node is its first handshake's; frames on behalf of another pass only from a relay") {
+TEST_CASE("frame guard: a link's node is its first handshake's, frames on behalf of another pass only from a relay") {
   using kvflow::runtime::basp_down_message;
   using kvflow::runtime::basp_monitor_message;
   using kvflow::runtime::basp_routed_message;

@@ -353,7 +353,7 @@ struct test_pki {
 
 }  // namespace
 
-TEST_CASE("link guard: mutual TLS with certificates of the cluster's CA; another CA's or none is refused") {
+TEST_CASE("link guard: mutual TLS with certificates of the cluster's CA, another CA's or none is refused") {
   test_pki pki;
   guarded_node a(pki.node("a", "a", token_a)), b(pki.node("a", "a", token_a));
   auto port = a.publish();
@@ -520,7 +520,7 @@ void send_routed_as(int fd, std::uint32_t self_pid, std::uint32_t source_pid, ca
 
 }  // namespace
 
-TEST_CASE("link guard: a peer that sends a message on behalf of another node is cut off; its own pass") {
+TEST_CASE("link guard: a peer that sends a message on behalf of another node is cut off, its own pass") {
   // CAF 0.17 takes a routed message's source node as written: before the check, any node of the
   // cluster could send as any other (a forged step report or Success from another rank's node),
   // or announce the end of another node's actor with a forged down frame.
@@ -542,7 +542,7 @@ TEST_CASE("link guard: a peer that sends a message on behalf of another node is 
   CHECK(c.ask(port) == 42);
 }
 
-TEST_CASE("link guard: a peer that proved the token and sends an exit (kill) is cut off; the actor lives, others are served") {
+TEST_CASE("link guard: a peer that proved the token and sends an exit (kill) is cut off, the actor lives, others are served") {
   // CAF delivers an exit with reason kill past any exit handler: before the check, any node of
   // the cluster could stop any actor of another.
   guarded_node a(settings_with(token_a)), liar(settings_with(token_a)), c(settings_with(token_a));

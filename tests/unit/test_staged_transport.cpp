@@ -307,7 +307,7 @@ TEST_CASE("staged: a hostile sender's slot fails alone, and a frozen receiver fa
 
 // The receiving process: registers a pool in its own private memory, tells its endpoint and
 // region, then answers "check SEED" with the mismatches of the last request (pages 0..PAGES).
-TEST_CASE("staged: a request lands in another process's private memory; a killed receiver fails pushes at once") {
+TEST_CASE("staged: a request lands in another process's private memory, a killed receiver fails pushes at once") {
   constexpr std::uint64_t page = 8192, pages = 48;
   int to_child[2], from_child[2];
   REQUIRE(::pipe(to_child) == 0);

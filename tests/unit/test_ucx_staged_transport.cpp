@@ -136,7 +136,7 @@ TEST_CASE("staged_ucx: a fragmented request larger than the ring moves to anothe
   CHECK_FALSE(push_and_wait(*sender, 3, {{src.data(), region.value().id, 0, 16}}).ok());
 }
 
-TEST_CASE("staged_ucx: two remote senders share the receiver, each its own lane; a third finds none") {
+TEST_CASE("staged_ucx: two remote senders share the receiver, each its own lane, a third finds none") {
   auto receiver = make(host_named("host-r"));
   const std::uint64_t page = 16384, pool_pages = 64;
   std::vector<std::byte> pool(pool_pages * page, std::byte{0});
@@ -471,7 +471,7 @@ struct receiver_child {
 
 }  // namespace
 
-TEST_CASE("staged_ucx: a request lands in another process; a killed receiver fails the pushes with a reason") {
+TEST_CASE("staged_ucx: a request lands in another process, a killed receiver fails the pushes with a reason") {
   receiver_child child;
   auto sender = make(host_named("parent"));
   REQUIRE(sender->can_connect(child.endpoint));

@@ -16,30 +16,15 @@
 #include "command/child_process.hpp"
 #include "cuda/gpu.hpp"
 #include "cuda/pattern_check.hpp"
+#include "transport/byte_codec.hpp"
 #include "transport/ucx_transport.hpp"
 
 namespace kvflow::bench {
 
 namespace {
-
 using namespace kvflow::cuda;
-
-std::string to_hex(const std::string& bytes) {
-  static const char* digits = "0123456789abcdef";
-  std::string out;
-  for (unsigned char c : bytes) {
-    out.push_back(digits[c >> 4]);
-    out.push_back(digits[c & 15]);
-  }
-  return out;
-}
-
-std::string from_hex(const std::string& h) {
-  std::string out;
-  for (std::size_t i = 0; i + 1 < h.size(); i += 2) out.push_back(static_cast<char>(std::stoi(h.substr(i, 2), nullptr, 16)));
-  return out;
-}
-
+using transport::codec::from_hex;
+using transport::codec::to_hex;
 }  // namespace
 
 int serve_ucx_gpu(int device, int max_tokens) {

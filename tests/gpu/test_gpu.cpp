@@ -27,6 +27,7 @@
 #include "cuda/gpu.hpp"
 #include "cuda/kernels.hpp"
 #include "cuda/pattern_check.hpp"
+#include "transport/byte_codec.hpp"
 #include "transport/cuda_ipc_transport.hpp"
 #include "transport/staged_transport.hpp"
 #include "transport/ucx_staged_transport.hpp"
@@ -122,21 +123,8 @@ void gather(const std::vector<copy_desc>& copies, const stream& s, device_buffer
                      s.handle()));
 }
 
-std::string hex(const std::string& bytes) {
-  static const char* digits = "0123456789abcdef";
-  std::string out;
-  for (unsigned char c : bytes) {
-    out.push_back(digits[c >> 4]);
-    out.push_back(digits[c & 15]);
-  }
-  return out;
-}
-
-std::string unhex(const std::string& h) {
-  std::string out;
-  for (std::size_t i = 0; i + 1 < h.size(); i += 2) out.push_back(static_cast<char>(std::stoi(h.substr(i, 2), nullptr, 16)));
-  return out;
-}
+using kvflow::transport::codec::from_hex;
+using kvflow::transport::codec::to_hex;
 
 }  // namespace
 
@@ -260,7 +248,7 @@ TEST_CASE("gpu: a push ordered after the engine's ready event copies pages writt
 // The IPC child: opens the parent's destination pool, fills its own source pool and gathers into
 // the parent's memory. argv: --ipc-child HANDLE_HEX OFFSET PAGES DST_POOL_PAGES SEED
 static int ipc_child(char** argv) {
-  auto handle = unhex(argv[2]);
+  auto handle = from_hex(argv[2]);
   const std::uint64_t offset = std::stoull(argv[3]), pages = std::stoull(argv[4]), dst_pages = std::stoull(argv[5]);
   const std::uint64_t seed = std::stoull(argv[6]);
   auto mapped = ipc_mapping::open(0, handle);
@@ -311,7 +299,7 @@ TEST_CASE("gpu: a second process gathers a request into this process's memory th
   REQUIRE(pid >= 0);
   if (pid == 0) {
     // A fresh image: CUDA does not survive fork, exec does.
-    std::string h = hex(handle), off = std::to_string(offset), p = std::to_string(pages),
+    std::string h = to_hex(handle), off = std::to_string(offset), p = std::to_string(pages),
                 dp = std::to_string(dst_pages), sd = std::to_string(seed);
     ::execl(self_exe, self_exe, "--ipc-child", h.c_str(), off.c_str(), p.c_str(), dp.c_str(), sd.c_str(),
             static_cast<char*>(nullptr));
@@ -394,7 +382,7 @@ std::string pack_regions(const std::vector<region_desc>& regions) {
   std::string out;
   for (const auto& d : regions) {
     out += std::to_string(d.id) + " " + std::to_string(d.size) + " " + std::to_string(d.address) + " " +
-           hex(d.remote_key) + "\n";
+           to_hex(d.remote_key) + "\n";
   }
   return out;
 }
@@ -471,7 +459,7 @@ static int ipc_receiver(const std::string& kind) {
   std::byte* pool_base = whole.value().data() + page_bytes;  // inside the allocation, as a caching allocator's
   auto region = t.value()->register_memory(9, pool_base, layers * dst_pages * page_bytes);
   if (!region) return 6;
-  std::printf("%s\n%s", hex(t.value()->endpoint()).c_str(), pack_regions({region.value()}).c_str());
+  std::printf("%s\n%s", to_hex(t.value()->endpoint()).c_str(), pack_regions({region.value()}).c_str());
   std::fflush(stdout);
   char line[256];
   while (std::fgets(line, sizeof line, stdin) != nullptr) {
@@ -528,7 +516,7 @@ struct receiver_process {
     REQUIRE(out != nullptr);
     char line[4096];
     REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
-    endpoint = unhex(std::string(line, std::strlen(line) - 1));
+    endpoint = from_hex(std::string(line, std::strlen(line) - 1));
     REQUIRE(std::fgets(line, sizeof line, in) != nullptr);
     char key_hex[1024] = {};
     unsigned long long id = 0, size = 0, address = 0;
@@ -536,7 +524,7 @@ struct receiver_process {
     d.id = id;
     d.size = size;
     d.address = address;
-    d.remote_key = unhex(key_hex);
+    d.remote_key = from_hex(key_hex);
   }
   // What the receiver says of the request of `seed` with `pages` pages.
   std::string check(std::uint64_t seed, std::uint64_t pages) {

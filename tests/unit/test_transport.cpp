@@ -10,6 +10,7 @@
 #include <memory>
 #include <vector>
 
+#include "transport/byte_codec.hpp"
 #include "transport/inproc_transport.hpp"
 #include "transport/local_mapping.hpp"
 
@@ -56,6 +57,19 @@ struct fixture {
 };
 
 }  // namespace
+
+TEST_CASE("byte codec: bytes to hex and back, and text that is not hex refused") {
+  using kvflow::transport::codec::from_hex;
+  using kvflow::transport::codec::to_hex;
+  std::string all;
+  for (int i = 0; i < 256; ++i) all.push_back(static_cast<char>(i));
+  CHECK(to_hex(std::string("\x00\x7f\xff", 3)) == "007fff");
+  CHECK(from_hex(to_hex(all)) == all);
+  CHECK(from_hex("7F") == "\x7f");
+  CHECK(from_hex("abc").empty());  // odd length
+  CHECK(from_hex("zz").empty());
+  CHECK(from_hex("0g").empty());
+}
 
 TEST_CASE("transport: register_memory describes the region") {
   fixture f;

@@ -77,9 +77,11 @@ namespace kvflow::config {
     "at its first GPU registration: lanes x slots x slot bytes of pinned host memory)")         \
   X(staged_slots, "KVFLOW_STAGED_SLOTS", 4,                                                      \
     "staged path: slots per lane, a sender's data in flight (its credits)")                     \
-  X(staged_slot_bytes, "KVFLOW_STAGED_SLOT_BYTES", 8 << 20,                                      \
+  X(staged_slot_bytes, "KVFLOW_STAGED_SLOT_BYTES", 16 << 20,                                     \
     "staged path: bytes of one slot (a multiple of 64 KiB); each slot is one copy out of the "  \
-    "sender's pages and one into the receiver's")                                                \
+    "sender's pages and one into the receiver's (16 MiB reached 0.80x of pinned device-to-"     \
+    "host in 4 of 5 GPU runs, 4 MiB 0.67-0.70x: docs/benchmarks.md; the default ring pins "     \
+    "512 MiB)")                                                                                   \
   X(staged_slot_timeout_ms, "KVFLOW_STAGED_SLOT_TIMEOUT_MS", 30000,                              \
     "staged path: a slot the receiver has not taken in this time fails its push and the peer "  \
     "(a frozen receiver; a dead one fails them at once)")

@@ -25,7 +25,7 @@ namespace kvflow::transport {
 struct ring_shape {
   std::uint32_t lanes = 8;               // senders at once
   std::uint32_t slots = 4;               // per lane: a sender's data in flight, in slot_bytes
-  std::uint64_t slot_bytes = 8u << 20;   // a multiple of 64 KiB
+  std::uint64_t slot_bytes = 16u << 20;  // a multiple of 64 KiB
   std::uint32_t max_descs = 4096;        // runs one slot may scatter into
 };
 

@@ -1,10 +1,13 @@
 #include "transport/ucx_staged_transport.hpp"
 
+#include <sys/random.h>
+
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -42,10 +45,11 @@ using clock_type = ucx_worker::clock;
 struct remote_endpoint {
   std::string host, worker_address, rkey;
   ring_shape shape;
+  std::uint64_t secret[2] = {0, 0};
 };
 
 std::string pack_endpoint(const std::string& host, const std::string& address, const std::string& rkey,
-                          const ring_shape& shape) {
+                          const ring_shape& shape, const std::uint64_t (&secret)[2]) {
   std::string out(endpoint_tag, sizeof endpoint_tag);
   codec::put_string(out, host);
   codec::put_string(out, address);
@@ -53,7 +57,27 @@ std::string pack_endpoint(const std::string& host, const std::string& address, c
   codec::put(out, shape.slots);
   codec::put(out, shape.slot_bytes);
   codec::put(out, shape.max_descs);
+  codec::put(out, secret[0]);
+  codec::put(out, secret[1]);
   return out;
+}
+
+// 128 bits from the kernel's generator: a secret peers cannot guess from the tokens they see.
+status make_secret(std::uint64_t (&out)[2]) {
+  auto* p = reinterpret_cast<unsigned char*>(out);
+  std::size_t got = 0;
+  while (got < sizeof out) {
+    const auto n = ::getrandom(p + got, sizeof out - got, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return status::error(std::string("staged_ucx: getrandom: ") + std::strerror(errno));
+    got += static_cast<std::size_t>(n);
+  }
+  return {};
+}
+
+// Constant time: how much of a secret a hello got right must not show in how long it takes.
+bool same_secret(const std::uint64_t (&a)[2], const std::uint64_t (&b)[2]) {
+  return ((a[0] ^ b[0]) | (a[1] ^ b[1])) == 0;
 }
 
 result<remote_endpoint> unpack_endpoint(const std::string& e) {
@@ -63,7 +87,8 @@ result<remote_endpoint> unpack_endpoint(const std::string& e) {
   remote_endpoint r;
   if (!codec::get_string(e, at, r.host, 256) || !codec::get_string(e, at, r.worker_address, max_address) ||
       !codec::get_string(e, at, r.rkey, max_address) || !codec::get(e, at, r.shape.slots) ||
-      !codec::get(e, at, r.shape.slot_bytes) || !codec::get(e, at, r.shape.max_descs) || at != e.size())
+      !codec::get(e, at, r.shape.slot_bytes) || !codec::get(e, at, r.shape.max_descs) || !codec::get(e, at, r.secret[0]) ||
+      !codec::get(e, at, r.secret[1]) || at != e.size())
     return status::error("staged_ucx endpoint: malformed");
   if (r.worker_address.empty()) return status::error("staged_ucx endpoint: no worker address");
   if (!r.rkey.empty()) {
@@ -160,6 +185,7 @@ struct ucx_staged_transport::impl {
   bool ring_mapped = false;
   ring_shape shape;
   std::string ring_rkey;
+  std::uint64_t secret[2] = {0, 0};  // what a remote sender's hello must carry (see hello_header)
 
   // UCX thread only.
   std::unordered_map<std::uint64_t, std::shared_ptr<link>> links;  // by id
@@ -318,6 +344,8 @@ struct ucx_staged_transport::impl {
     }
     staged_wire::hello_header h;
     h.nonce = l.nonce = random_token();
+    h.secret[0] = l.remote.secret[0];
+    h.secret[1] = l.remote.secret[1];
     send_am(l.ep, staged_wire::hello, &h, sizeof h, worker->address());
   }
 
@@ -527,6 +555,10 @@ struct ucx_staged_transport::impl {
     if (!read_header(header, header_length, h) || !eager(param) || length == 0 || length > max_address) return UCS_OK;
     if (h.version != staged_wire::version) {
       spdlog::warn("staged_ucx: a sender of wire version {} (this is {}) ignored", h.version, staged_wire::version);
+      return UCS_OK;
+    }
+    if (!same_secret(h.secret, self->secret)) {
+      spdlog::warn("staged_ucx: a hello without this endpoint's secret ignored (a peer that never got the endpoint)");
       return UCS_OK;
     }
     self->worker->defer([self, nonce = h.nonce, address = std::string(static_cast<const char*>(data), length)] {
@@ -784,6 +816,7 @@ result<std::unique_ptr<ucx_staged_transport>> ucx_staged_transport::create(const
   p->options = options;
   p->host = options.host_identity.empty() ? boot_id() : options.host_identity;
   if (p->host.empty()) return status::error("staged_ucx: no host identity (the boot id cannot be read)");
+  if (auto st = make_secret(p->secret); !st) return st;
   auto send = staged_transport::create(options.staged);
   if (!send) return send.error();
   p->send = std::move(send.value());
@@ -844,7 +877,7 @@ ucx_staged_transport::~ucx_staged_transport() {
 
 std::string ucx_staged_transport::endpoint() const {
   std::lock_guard<std::mutex> g(impl_->m);
-  return pack_endpoint(impl_->host, impl_->worker->address(), impl_->ring_rkey, impl_->shape);
+  return pack_endpoint(impl_->host, impl_->worker->address(), impl_->ring_rkey, impl_->shape, impl_->secret);
 }
 
 std::vector<memory_type> ucx_staged_transport::memory_types() const {

@@ -7,7 +7,7 @@
 
 namespace kvflow::transport::staged_wire {
 
-constexpr std::uint32_t version = 1;
+constexpr std::uint32_t version = 2;
 
 // UCX active-message ids on the transport's own worker.
 enum am_id : unsigned {
@@ -22,6 +22,10 @@ struct hello_header {
   std::uint32_t version = staged_wire::version;
   std::uint32_t reserved = 0;
   std::uint64_t nonce = 0;  // the welcome echoes it
+  // The receiver's secret, from its endpoint: only a peer that got the endpoint (in a
+  // registration, over the cluster's authenticated links) is given a lane. UCX's own listener
+  // takes anyone who reaches its port.
+  std::uint64_t secret[2] = {0, 0};
 };
 
 struct welcome_header {

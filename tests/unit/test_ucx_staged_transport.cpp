@@ -220,7 +220,8 @@ TEST_CASE("staged_ucx: the receiver refuses a remote sender's runs outside its r
   // 40 runs into one slot, and the receiver refuses it before writing anything.
   std::string doctored = receiver->endpoint();
   const std::uint32_t more = 64;
-  std::memcpy(doctored.data() + doctored.size() - sizeof more, &more, sizeof more);
+  // (max_descs is the last field before the 16-byte secret)
+  std::memcpy(doctored.data() + doctored.size() - 16 - sizeof more, &more, sizeof more);
   auto liar = make(host_named("host-l"));
   REQUIRE(liar->connect(3, doctored, {region.value()}).ok());
   std::vector<block> small;
@@ -266,7 +267,9 @@ struct raw_sender {
     return UCS_OK;
   }
 
-  explicit raw_sender(const std::string& endpoint) {
+  // `right_secret`: the hello carries the secret of the receiver's endpoint (else a made-up one,
+  // and no welcome is awaited).
+  explicit raw_sender(const std::string& endpoint, bool right_secret = true) {
     auto made = ucx_worker::create(UCP_FEATURE_AM | UCP_FEATURE_RMA);
     REQUIRE(made.ok());
     w = std::move(made.value());
@@ -275,6 +278,13 @@ struct raw_sender {
     std::string host, address;
     REQUIRE(codec::get_string(endpoint, at, host, 256));
     REQUIRE(codec::get_string(endpoint, at, address, 1u << 16));
+    std::string rkey;
+    std::uint32_t slots = 0, max_descs = 0;
+    std::uint64_t slot_bytes = 0;
+    std::uint64_t secret[2] = {0, 0};
+    REQUIRE(codec::get_string(endpoint, at, rkey, 1u << 16));
+    REQUIRE((codec::get(endpoint, at, slots) && codec::get(endpoint, at, slot_bytes) && codec::get(endpoint, at, max_descs)));
+    REQUIRE((codec::get(endpoint, at, secret[0]) && codec::get(endpoint, at, secret[1])));
     bool set_up = true;  // (doctest's checks belong on the test's thread)
     w->call([&] {
       for (unsigned id : {unsigned{staged_wire::welcome}, unsigned{staged_wire::verdict}}) {
@@ -294,9 +304,14 @@ struct raw_sender {
     REQUIRE(set_up);
     staged_wire::hello_header h;
     h.nonce = 77;
+    h.secret[0] = right_secret ? secret[0] : secret[0] ^ 1;
+    h.secret[1] = secret[1];
     send(staged_wire::hello, &h, sizeof h, w->address());
+    if (right_secret) REQUIRE(wait_welcome(std::chrono::seconds(20)));
+  }
+  bool wait_welcome(std::chrono::milliseconds within) {
     std::unique_lock<std::mutex> g(m);
-    REQUIRE(cv.wait_for(g, std::chrono::seconds(20), [&] { return welcomed; }));
+    return cv.wait_for(g, within, [&] { return welcomed; });
   }
   ~raw_sender() {
     w->call([&] {
@@ -349,6 +364,25 @@ struct raw_sender {
 };
 
 }  // namespace
+
+TEST_CASE("staged_ucx: a hello without the receiver's secret gets no lane, and takes none from the others") {
+  ucx_staged_options o = host_named("host-r");
+  o.staged.ring.lanes = 1;  // one lane: a stranger who took it would leave the honest sender none
+  auto receiver = make(o);
+  std::vector<std::byte> pool(16 * 4096, std::byte{0});
+  auto region = receiver->register_memory(3, pool.data(), pool.size());
+  REQUIRE(region.ok());
+  {
+    raw_sender stranger(receiver->endpoint(), false);
+    CHECK_FALSE(stranger.wait_welcome(std::chrono::milliseconds(1500)));
+  }
+  auto honest = make(host_named("host-h"));
+  REQUIRE(honest->connect(3, receiver->endpoint(), {region.value()}).ok());
+  std::vector<std::byte> src(4096, std::byte{9});
+  auto st = push_and_wait(*honest, 3, {{src.data(), region.value().id, 0, 4096}});
+  CHECK_MESSAGE(st.ok(), st.reason());
+  CHECK(pool[0] == std::byte{9});
+}
 
 TEST_CASE("staged_ucx: a remote sender lying in its messages is refused, nothing written, the others served") {
   auto receiver = make(host_named("host-r"));

@@ -647,6 +647,11 @@ struct ucx_transport::impl {
                     status& err) {
     local_region reg{owner, nullptr, reinterpret_cast<std::uintptr_t>(base)};
     if (len > 0) {
+      // UCX's cuda_ipc memory domain asks the calling thread's CUDA context which device it is
+      // on when it registers GPU memory (1.22 logged "cuCtxGetDevice ... invalid device
+      // context" from this thread, which had none): this thread works on the memory's device.
+      if (auto info = cuda::query_pointer(base); info.kind == cuda::pointer_kind::device)
+        (void)cuda::set_device(info.device);
       ucp_mem_map_params_t mp{};
       mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
       mp.address = base;

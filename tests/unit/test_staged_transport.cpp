@@ -23,6 +23,8 @@
 #include "transport/shared_futex.hpp"
 #include "transport/staged_transport.hpp"
 
+#include "unit_helpers.hpp"
+
 using namespace kvflow;
 using namespace kvflow::transport;
 
@@ -43,17 +45,8 @@ std::unique_ptr<staged_transport> make(const staged_options& o) {
   return std::move(t.value());
 }
 
-std::byte pattern(std::uint64_t seed, std::uint64_t at) {
-  return static_cast<std::byte>((seed * 131 + at * 7 + (at >> 9)) & 0xff);
-}
-
-status push_and_wait(transport::transport& t, std::uint64_t peer, const std::vector<block>& blocks) {
-  std::promise<status> p;
-  auto f = p.get_future();
-  t.push(peer, blocks, [&p](status s) { p.set_value(std::move(s)); });
-  if (f.wait_for(std::chrono::seconds(20)) != std::future_status::ready) return status::error("push never completed");
-  return f.get();
-}
+using unit::push_and_wait;
+using unit::pattern;
 
 // A fragmented request: `pages` pages of `page` bytes from a source pool to random pages of a
 // destination region, the source holding the pattern of `seed` at each page's logical offset.

@@ -24,6 +24,8 @@
 #include "transport/ucx_staged_wire.hpp"
 #include "transport/ucx_worker.hpp"
 
+#include "unit_helpers.hpp"
+
 using namespace kvflow;
 using namespace kvflow::transport;
 
@@ -46,18 +48,8 @@ std::unique_ptr<ucx_staged_transport> make(const ucx_staged_options& o) {
   return std::move(t.value());
 }
 
-std::byte pattern(std::uint64_t seed, std::uint64_t at) {
-  return static_cast<std::byte>((seed * 131 + at * 7 + (at >> 9)) & 0xff);
-}
-
-status push_and_wait(transport::transport& t, std::uint64_t peer, const std::vector<block>& blocks,
-                     std::chrono::seconds limit = std::chrono::seconds(30)) {
-  auto p = std::make_shared<std::promise<status>>();
-  auto f = p->get_future();
-  t.push(peer, blocks, [p](status s) { p->set_value(std::move(s)); });
-  if (f.wait_for(limit) != std::future_status::ready) return status::error("push never completed");
-  return f.get();
-}
+using unit::push_and_wait;
+using unit::pattern;
 
 // `pages` pages of `page` bytes holding the pattern of `seed`, to the pool pages `dst` of `region`.
 std::vector<block> request_of(std::vector<std::byte>& src, std::uint64_t region, const std::vector<std::uint64_t>& dst,

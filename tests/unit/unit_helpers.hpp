@@ -2,10 +2,16 @@
 // Small helpers shared by the unit tests.
 #include <doctest/doctest.h>
 
+#include <chrono>
+#include <cstdint>
 #include <functional>
+#include <future>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "config/topology.hpp"
+#include "transport/transport.hpp"
 
 namespace kvflow::unit {
 
@@ -35,5 +41,21 @@ inline void check_one_line_error(const std::string& what, const std::string& fie
     REQUIRE_FALSE(kvflow_what_.empty());                                           \
     ::kvflow::unit::check_one_line_error(kvflow_what_, field);                     \
   } while (false)
+
+// The byte of the test pattern of `seed` at offset `at` (what the staged tests write and check).
+inline std::byte pattern(std::uint64_t seed, std::uint64_t at) {
+  return static_cast<std::byte>((seed * 131 + at * 7 + (at >> 9)) & 0xff);
+}
+
+// Pushes and waits for the completion: its status, or an error when it did not come within
+// `limit` (a completion that comes later still finds its promise alive).
+inline status push_and_wait(transport::transport& t, std::uint64_t peer, const std::vector<transport::block>& blocks,
+                            std::chrono::seconds limit = std::chrono::seconds(30)) {
+  auto p = std::make_shared<std::promise<status>>();
+  auto f = p->get_future();
+  t.push(peer, blocks, [p](status s) { p->set_value(std::move(s)); });
+  if (f.wait_for(limit) != std::future_status::ready) return status::error("push never completed");
+  return f.get();
+}
 
 }  // namespace kvflow::unit

@@ -33,6 +33,10 @@ namespace kvflow::config {
     "intervals; once it answers it serves pushes again (SGLang 0.5.23: 30 s doubling to 300 s)") \
   X(ucx_probe_interval_max_ms, "KVFLOW_UCX_PROBE_INTERVAL_MAX_MS", 30000,                        \
     "ucx transport: the longest interval between two probes of an unreachable peer")            \
+  X(ucx_tcp, "KVFLOW_UCX_TCP", 1,                                                               \
+    "ucx: 1 UCX's tcp transport on loopback only (peers of this host); 2 on every interface, "  \
+    "for other hosts without RDMA. UCX's tcp listener takes anyone who reaches its port and "   \
+    "writes where the sender says: set 2 only where nobody but the cluster reaches that network") \
   X(step_interval_us, "KVFLOW_STEP_INTERVAL_US", 2000,                                           \
     "simulated engines: pause between scheduler steps while requests are in flight (a real "    \
     "step is milliseconds; shorter ones only add agreement traffic, 20x longer when idle)")     \

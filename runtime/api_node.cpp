@@ -595,6 +595,7 @@ error reach_gpu(node::impl& n, const memory_desc& memory, bool receiving) {
     if (staged && n.transports->member("ucx")) {
       transport::ucx_staged_options remote;
       remote.staged = o;
+      remote.tcp_beyond_loopback = n.tunables.ucx_tcp == 2;
       auto made = transport::ucx_staged_transport::create(remote, staged);
       if (!made) return {errc::unavailable, "memory: " + made.error().reason()};
       n.transports->add(std::shared_ptr<transport::transport>(std::move(made.value())), true);

@@ -1,5 +1,6 @@
 #include "transport/ucx_address.hpp"
 
+#include <arpa/inet.h>
 #include <sys/socket.h>
 
 #include <cmath>
@@ -419,6 +420,25 @@ status check_ucx_address(std::string_view peer, std::string_view own) {
     lengths[e.checksum].iface.insert(e.address_length);
   }
   return check_interfaces(peer, t, &lengths);
+}
+
+result<std::vector<std::string>> ucx_tcp_beyond_loopback(std::string_view bytes) {
+  auto parsed = parse_ucx_address(bytes);
+  if (!parsed) return parsed.error();
+  const auto& a = parsed.value();
+  std::vector<std::string> out;
+  for (const auto& e : a.interfaces) {
+    if (e.checksum != ucx_transport_checksum("tcp")) continue;
+    const auto& d = a.devices[e.device];
+    const auto dev = bytes.substr(d.address_offset, d.address_length);
+    if (!tcp_device(dev).empty()) return bad("a tcp device address " + tcp_device(dev));
+    if ((static_cast<std::uint8_t>(dev[0]) & 1u) != 0) continue;  // loopback: a host identity
+    char text[INET6_ADDRSTRLEN] = {};
+    const int family = static_cast<std::uint8_t>(dev[1]) == AF_INET ? AF_INET : AF_INET6;
+    ::inet_ntop(family, dev.data() + 2, text, sizeof text);
+    out.emplace_back(text);
+  }
+  return out;
 }
 
 }  // namespace kvflow::transport

@@ -7,6 +7,7 @@
 // formats are UCX 1.22's (src/ucp/wireup/address.c and the transports' address layouts).
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -54,6 +55,11 @@ result<ucx_address> parse_ucx_address(std::string_view bytes);
 // has for it; one that is neither is refused. Refused as well, naming it, when `own` itself does
 // not pass (a UCX whose formats differ): then nothing can be checked.
 status check_ucx_address(std::string_view peer, std::string_view own);
+
+// The tcp interfaces of a worker address that are not loopback, as their IPv4 or IPv6 address
+// in text: where other hosts can reach that worker's tcp listener. An error when the address
+// does not parse.
+result<std::vector<std::string>> ucx_tcp_beyond_loopback(std::string_view bytes);
 
 // How an address names a transport: the CRC-16 (X.25: reflected 0x1021, both ends inverted) of
 // its name.

@@ -22,6 +22,7 @@
 #include "transport/shared_futex.hpp"
 #include "transport/staging_ring.hpp"
 #include "transport/ucx_address.hpp"
+#include "transport/ucx_network_policy.hpp"
 #include "transport/ucx_staged_wire.hpp"
 #include "transport/ucx_worker.hpp"
 
@@ -246,7 +247,8 @@ struct ucx_staged_transport::impl {
     ep.err_handler.arg = this;
     ucp_ep_h h = nullptr;
     if (auto st = ucp_ep_create(worker->worker(), &ep, &h); st != UCS_OK) {
-      err = std::string("ucp_ep_create: ") + ucs_status_string(st);
+      err = std::string("ucp_ep_create: ") + ucs_status_string(st) +
+            unreachable_hint(st == UCS_ERR_UNREACHABLE, options.tcp_beyond_loopback);
       return nullptr;
     }
     return h;
@@ -827,7 +829,7 @@ result<std::unique_ptr<ucx_staged_transport>> ucx_staged_transport::create(const
     if (!recv) return recv.error();
     p->recv = std::move(recv.value());
   }
-  auto w = ucx_worker::create(UCP_FEATURE_RMA | UCP_FEATURE_AM);
+  auto w = ucx_worker::create(UCP_FEATURE_RMA | UCP_FEATURE_AM, options.tcp_beyond_loopback);
   if (!w) return w.error();
   p->worker = std::move(w.value());
   status handlers;

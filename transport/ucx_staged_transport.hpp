@@ -45,6 +45,8 @@ struct ucx_staged_options {
   // reached by the staged transport's shared ring, not by this one. Empty: the kernel's boot
   // id. Tests give two instances of one process different identities.
   std::string host_identity;
+  // UCX's tcp on every interface, not only loopback (KVFLOW_UCX_TCP=2; ucx_network_policy.hpp).
+  bool tcp_beyond_loopback = false;
 };
 
 class ucx_staged_transport final : public transport {

@@ -18,6 +18,7 @@
 #include "transport/host_identity.hpp"
 #include "transport/local_mapping.hpp"
 #include "transport/ucx_address.hpp"
+#include "transport/ucx_network_policy.hpp"
 #include "transport/ucx_worker.hpp"
 
 namespace kvflow::transport {
@@ -91,6 +92,7 @@ ucx_options ucx_options_from(const config::tunables& t) {
   o.flush_timeout = std::chrono::milliseconds(t.ucx_flush_timeout_ms);
   o.probe_interval = std::chrono::milliseconds(t.ucx_probe_interval_ms);
   o.probe_interval_max = std::chrono::milliseconds(t.ucx_probe_interval_max_ms);
+  o.tcp_beyond_loopback = t.ucx_tcp == 2;
   return o;
 }
 
@@ -416,7 +418,8 @@ struct ucx_transport::impl {
     }
     if (auto st = ucp_ep_create(worker->worker(), &ep, &l.ep); st != UCS_OK) {
       l.ep = nullptr;
-      return status::error(std::string("ucp_ep_create: ") + ucs_status_string(st));
+      return status::error(std::string("ucp_ep_create: ") + ucs_status_string(st) +
+                           unreachable_hint(st == UCS_ERR_UNREACHABLE, options.tcp_beyond_loopback));
     }
     l.regions.clear();
     for (const auto& d : l.descs) {
@@ -752,7 +755,7 @@ ucx_transport::ucx_transport(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 ucx_transport::~ucx_transport() = default;
 
 result<std::unique_ptr<ucx_transport>> ucx_transport::create(ucx_options options) {
-  auto w = ucx_worker::create(UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP);
+  auto w = ucx_worker::create(UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP, options.tcp_beyond_loopback);
   if (!w) return w.error();
   auto p = std::make_unique<impl>();
   p->options = options;

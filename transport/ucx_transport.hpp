@@ -42,6 +42,9 @@ struct ucx_options {
   // (with it UCX emulates the puts over tcp); their death is the control plane's to detect.
   // false: every peer gets peer error handling.
   bool shared_memory = true;
+  // UCX's tcp on every interface, not only loopback (KVFLOW_UCX_TCP=2): see
+  // transport/ucx_network_policy.hpp for why loopback is the default.
+  bool tcp_beyond_loopback = false;
 };
 
 // The options the tunables give (every other field at its default).

@@ -11,6 +11,8 @@
 #include <cstring>
 #include <future>
 
+#include "transport/ucx_address.hpp"
+#include "transport/ucx_network_policy.hpp"
 #include "transport/ucx_version.hpp"
 
 namespace kvflow::transport {
@@ -29,6 +31,11 @@ status sys_error(const std::string& what) {
   return s;
 }
 
+status ucx_refused(status s) {
+  spdlog::error("{}", s.reason());
+  return s;
+}
+
 }  // namespace
 
 bool ucx_shared_memory_allowed() {
@@ -40,7 +47,7 @@ bool ucx_shared_memory_allowed() {
          t.find("sysv") != std::string::npos || t.find("posix") != std::string::npos;
 }
 
-result<std::unique_ptr<ucx_worker>> ucx_worker::create(std::uint64_t features) {
+result<std::unique_ptr<ucx_worker>> ucx_worker::create(std::uint64_t features, bool tcp_beyond_loopback) {
   ucx_version loaded;
   ucp_get_version(&loaded.major, &loaded.minor, &loaded.release);
   if (auto why = ucx_version_problem({UCP_API_MAJOR, UCP_API_MINOR, 0}, loaded); !why.empty()) {
@@ -76,6 +83,16 @@ result<std::unique_ptr<ucx_worker>> ucx_worker::create(std::uint64_t features) {
       return ucx_error("ucp_config_modify TLS", st);
     }
   }
+  if (!tcp_beyond_loopback) {
+    const char* user = std::getenv("UCX_NET_DEVICES");
+    const auto devices = ucx_net_devices_excluding(user ? user : "", tcp_interfaces_beyond_loopback());
+    if (!devices.empty()) {
+      if (auto st = ucp_config_modify(config, "NET_DEVICES", devices.c_str()); st != UCS_OK) {
+        ucp_config_release(config);
+        return ucx_error("ucp_config_modify NET_DEVICES=" + devices, st);
+      }
+    }
+  }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
   params.features = features | UCP_FEATURE_WAKEUP;
@@ -107,6 +124,13 @@ result<std::unique_ptr<ucx_worker>> ucx_worker::create(std::uint64_t features) {
     return ucx_error("ucp_worker_get_address", st);
   w->address_.assign(reinterpret_cast<const char*>(address), address_len);
   ucp_worker_release_address(w->worker_, address);
+  if (!tcp_beyond_loopback) {
+    // What UCX really opened decides, not what it was asked: an allow list of the user's, or an
+    // interface that came up in between, would otherwise slip through.
+    auto beyond = ucx_tcp_beyond_loopback(w->address_);
+    if (!beyond) return ucx_refused(status::error("ucx: own worker address: " + beyond.error().reason()));
+    if (!beyond.value().empty()) return ucx_refused(tcp_beyond_loopback_refused(beyond.value()));
+  }
 
   if (st = ucp_worker_get_efd(w->worker_, &w->worker_fd_); st != UCS_OK)
     return ucx_error("ucp_worker_get_efd", st);

@@ -34,8 +34,10 @@ class ucx_worker {
   using command = std::function<void()>;
 
   // ucp_init with `features` (UCP_FEATURE_WAKEUP is added), a single-threaded worker, its event
-  // fd, and the progress thread. An error names the UCX call that failed.
-  static result<std::unique_ptr<ucx_worker>> create(std::uint64_t features);
+  // fd, and the progress thread. An error names the UCX call that failed. UCX's tcp transport
+  // listens on loopback only unless `tcp_beyond_loopback` (transport/ucx_network_policy.hpp): a
+  // worker whose address shows it elsewhere all the same is refused.
+  static result<std::unique_ptr<ucx_worker>> create(std::uint64_t features, bool tcp_beyond_loopback = false);
   // Runs the commands already posted, destroys the worker on its thread, joins the thread and
   // cleans the context up. The owner closes its endpoints and unmaps its memory before (call()).
   ~ucx_worker();

@@ -2,7 +2,8 @@
 # `kvflow launch` across two network namespaces joined by a veth pair: the launcher, the
 # bootstrap and the prefill ranks run in namespace A, the decode ranks in namespace B
 # (`--decode-exec "ip netns exec B"`). With UCX_TLS=tcp the KV bytes must cross the veth, which
-# the test checks on the veth's byte counters. Needs root and `ip`; otherwise skipped (77).
+# the test checks on the veth's byte counters (KVFLOW_UCX_TCP=2: UCX's tcp beyond loopback, the
+# namespaces being the cluster's own network; without it, every request fails at once, saying so). Needs root and `ip`; otherwise skipped (77).
 # Usage: netns_test.sh KVFLOW
 set -uo pipefail
 kvflow=$1
@@ -81,7 +82,7 @@ across() {
   a_tx0=$(counter "$A" kva tx_bytes) && b_rx0=$(counter "$B" kvb rx_bytes) || fail "cannot read the veth counters"
   t0=$SECONDS
   rm -f "$tmp/r.json"
-  UCX_TLS=tcp ip netns exec "$A" "$kvflow" launch --host "$ipa" --prefill-host "$ipa" --decode-host "$ipb" \
+  UCX_TLS=tcp KVFLOW_UCX_TCP=2 ip netns exec "$A" "$kvflow" launch --host "$ipa" --prefill-host "$ipa" --decode-host "$ipb" \
     --decode-exec "ip netns exec $B" --prefill tp=1,cp=2 --decode dp=2 --requests 8 "$@" \
     --report "$tmp/r.json" >"$tmp/out" 2>&1 &
   launcher=$!
@@ -102,6 +103,26 @@ across() {
   [ $((b_rx1 - b_rx0)) -ge "$verified" ] || fail "$what: $B received $((b_rx1 - b_rx0)) bytes on kvb, less than the $verified verified"
   [ $((a_tx1 - a_tx0)) -ge "$verified" ] || fail "$what: $A sent $((a_tx1 - a_tx0)) bytes on kva, less than the $verified verified"
 }
+
+# By default UCX's tcp listens on loopback only (anyone who reaches it could write into the
+# process): across the namespaces the KV then has no lane, and each request fails at once with a
+# reason that names KVFLOW_UCX_TCP=2. Nothing stalls, nothing leaks.
+rm -f "$tmp/r.json"
+UCX_TLS=tcp KVFLOW_UCX_TCP=1 ip netns exec "$A" "$kvflow" launch --host "$ipa" --prefill-host "$ipa" \
+  --decode-host "$ipb" --decode-exec "ip netns exec $B" --prefill tp=1,cp=2 --decode dp=2 --requests 4 \
+  --report "$tmp/r.json" >"$tmp/out" 2>&1 &
+launcher=$!
+wait $launcher
+rc=$?
+launcher=
+echo "loopback only: kvflow launch across the namespaces without KVFLOW_UCX_TCP=2 -> exit $rc"
+[ -s "$tmp/r.json" ] || fail "loopback only: no report written (exit $rc)"
+[ $rc -ne 0 ] || fail "loopback only: exit 0, but no lane should reach the other namespace"
+[ "$(json "r['failed'] == r['requests'] > 0 and r['stalled'] == 0")" = True ] ||
+  fail "loopback only: want every request failed and none stalled"
+[ "$(json "all('KVFLOW_UCX_TCP=2' in o['reason'] for o in r['outcomes'])")" = True ] ||
+  fail "loopback only: a failed request's reason does not name KVFLOW_UCX_TCP=2"
+[ "$(json "r['leaked_pages'] + r['leaked_aux_slots'] + r['leaked_rooms']")" = 0 ] || fail "loopback only: leaks"
 
 across "fast link"
 # A slow link: the KV direction shaped to 100 Mbit/s by a token bucket (this kernel has no netem

@@ -1,6 +1,7 @@
 // transport/staging_ring.hpp and transport/staged_transport.hpp with host copies: the staged
 // path's protocol (lanes, slots as credits, the receiver's checks, a dead or frozen receiver),
-// in one process and across two. The GPU suite runs the same transport with device memory.
+// in one process and across two. The GPU suite runs the same transport with device memory. In
+// kvflow_concurrency_tests, without CAF or UCX, so that ThreadSanitizer sees every access.
 #include <doctest/doctest.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -23,7 +24,7 @@
 #include "transport/shared_futex.hpp"
 #include "transport/staged_transport.hpp"
 
-#include "unit_helpers.hpp"
+#include "tests/unit/unit_helpers.hpp"
 
 using namespace kvflow;
 using namespace kvflow::transport;

@@ -258,8 +258,8 @@ TEST_CASE("staged: a hostile sender's slot fails alone, and a frozen receiver fa
   CHECK(st.reason().find("took no slot") != std::string::npos);
   CHECK(waited < std::chrono::seconds(10));
   // Its slot was withdrawn: the receiver, were it to wake, finds nothing to copy.
-  CHECK(frozen.value()->state(0, 0).load() != static_cast<std::uint32_t>(slot_state::filled));
-  CHECK(frozen.value()->state(0, 1).load() != static_cast<std::uint32_t>(slot_state::filled));
+  CHECK(frozen.value()->load_state(0, 0) != slot_state::filled);
+  CHECK(frozen.value()->load_state(0, 1) != slot_state::filled);
   // The peer stays failed until it is connected again.
   CHECK_FALSE(push_and_wait(*sender, 4, {{src.data(), 1, 0, 4096}}).ok());
   sender.reset();
@@ -283,11 +283,11 @@ TEST_CASE("staged: a hostile sender's slot fails alone, and a frozen receiver fa
            {{region.value().id, 0, 60u << 10}, {region.value().id, 0, 8u << 10}}}) {  // more than a slot
     h.write_descs(lane, 0, runs, 1);
     const auto seen = h.bell(lane).load();
-    h.state(lane, 0).store(static_cast<std::uint32_t>(slot_state::filled));
+    h.store_state(lane, 0, slot_state::filled);
     futex_bump(h.doorbell());
-    for (int i = 0; i < 500 && h.state(lane, 0).load() != static_cast<std::uint32_t>(slot_state::done); ++i)
+    for (int i = 0; i < 500 && h.load_state(lane, 0) != slot_state::done; ++i)
       futex_wait(h.bell(lane), seen, std::chrono::microseconds(10000));
-    REQUIRE(h.state(lane, 0).load() == static_cast<std::uint32_t>(slot_state::done));
+    REQUIRE(h.load_state(lane, 0) == slot_state::done);
     CHECK_FALSE(h.read_verdict(lane, 0).ok());
   }
   CHECK(std::all_of(dst.begin(), dst.end(), [](std::byte b) { return b == std::byte{0}; }));

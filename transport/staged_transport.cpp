@@ -348,9 +348,7 @@ struct staged_transport::impl {
       auto& u = l.slots[s];
       if (u.j) complete(*u.j, why, f);
       if (u.ph != phase::handed) continue;
-      auto expected = static_cast<std::uint32_t>(slot_state::filled);
-      if (l.ring->state(l.lane, static_cast<int>(s))
-              .compare_exchange_strong(expected, static_cast<std::uint32_t>(slot_state::free)) ||
+      if (l.ring->exchange_state(l.lane, static_cast<int>(s), slot_state::filled, slot_state::free) ||
           !process_alive(l.receiver_pid) || clock_type::now() - u.since > options.slot_timeout) {
         u.ph = phase::idle;
         u.j.reset();
@@ -372,9 +370,7 @@ struct staged_transport::impl {
         for (std::size_t s = 0; s < l.slots.size(); ++s) {
           auto& u = l.slots[s];
           if (u.ph != phase::handed) continue;
-          if (l.ring->state(l.lane, static_cast<int>(s)).load(std::memory_order_acquire) !=
-              static_cast<std::uint32_t>(slot_state::done))
-            continue;
+          if (l.ring->load_state(l.lane, static_cast<int>(s)) != slot_state::done) continue;
           account(u, l.ring->read_verdict(l.lane, static_cast<int>(s)), f);
           progress = true;
         }
@@ -393,11 +389,9 @@ struct staged_transport::impl {
           fail_all(l, status::error("staged: peer disconnected"), f);
         else
           for (int s = 0; s < static_cast<int>(l.slots.size()) && !l.queue.empty(); ++s) {
-            const auto st = l.ring->state(l.lane, s).load(std::memory_order_acquire);
+            const auto st = l.ring->load_state(l.lane, s);
             // A slot a former owner of the lane handed over is the receiver's until it is done.
-            if (l.slots[s].ph != phase::idle || st == static_cast<std::uint32_t>(slot_state::filled) ||
-                st == static_cast<std::uint32_t>(slot_state::taken))
-              continue;
+            if (l.slots[s].ph != phase::idle || st == slot_state::filled || st == slot_state::taken) continue;
             fill(lp, s, f);
             progress = true;
           }
@@ -439,7 +433,7 @@ struct staged_transport::impl {
           u.ph = phase::handed;
           u.since = clock_type::now();
           // Marked handed before the receiver can see it: its verdict finds the slot waiting.
-          l.ring->state(l.lane, h.slot).store(static_cast<std::uint32_t>(slot_state::filled), std::memory_order_release);
+          l.ring->store_state(l.lane, h.slot, slot_state::filled);
           handed = true;
         }
       }
@@ -466,10 +460,7 @@ struct staged_transport::impl {
       bool found = false;
       for (int l = 0; l < static_cast<int>(shape.lanes); ++l)
         for (int s = 0; s < static_cast<int>(shape.slots); ++s) {
-          auto expected = static_cast<std::uint32_t>(slot_state::filled);
-          if (!r.state(l, s).compare_exchange_strong(expected, static_cast<std::uint32_t>(slot_state::taken),
-                                                      std::memory_order_acq_rel))
-            continue;
+          if (!r.exchange_state(l, s, slot_state::filled, slot_state::taken)) continue;
           found = true;
           take(l, s);
         }
@@ -479,7 +470,7 @@ struct staged_transport::impl {
 
   void give_back(int l, int s, const status& verdict) {
     ring->write_verdict(l, s, verdict);
-    ring->state(l, s).store(static_cast<std::uint32_t>(slot_state::done), std::memory_order_release);
+    ring->store_state(l, s, slot_state::done);
     futex_bump(ring->bell(l));
     std::lock_guard<std::mutex> g(hook_m);
     if (return_hook) return_hook(l);

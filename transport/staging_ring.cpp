@@ -9,7 +9,21 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
+
+#if defined(__SANITIZE_THREAD__)
+#define KVFLOW_TSAN_KEYS 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define KVFLOW_TSAN_KEYS 1
+#endif
+#endif
+#ifdef KVFLOW_TSAN_KEYS
+#include <sanitizer/tsan_interface.h>
+#endif
 
 namespace kvflow::transport {
 
@@ -20,6 +34,7 @@ constexpr std::uint32_t layout_version = 1;
 constexpr std::uint64_t page = 4096;
 constexpr std::uint64_t data_align = 64u << 10;
 constexpr std::size_t reason_bytes = 160;
+constexpr std::uint32_t max_lanes = 256, max_slots = 64;
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
               "the ring's atomics are shared between processes: they must be lock-free");
@@ -52,6 +67,15 @@ struct staging_ring::slot_header {
   char reason[reason_bytes];
 };
 
+// ThreadSanitizer orders threads by the address an atomic is released and acquired at, and one
+// process may map a ring's file at two addresses (a sender and a receiver in one process), where
+// it would see no order between them. So every hand-over also releases or acquires a key object
+// of its (file, lane, slot), one for all mappings of the file in this process. Only their
+// addresses are used: per lane, the lane's key, then one per slot.
+struct staging_ring::sync_keys {
+  std::unique_ptr<std::uint64_t[]> keys{new std::uint64_t[max_lanes * (max_slots + 1)]};
+};
+
 namespace {
 
 struct layout {
@@ -61,8 +85,8 @@ struct layout {
 // An error when the shape is out of bounds (so a hostile header cannot make an opener compute
 // past its mapping or overflow).
 result<layout> layout_of(const ring_shape& s) {
-  if (s.lanes < 1 || s.lanes > 256) return status::error("staging ring: lanes must be 1 to 256");
-  if (s.slots < 1 || s.slots > 64) return status::error("staging ring: slots must be 1 to 64 per lane");
+  if (s.lanes < 1 || s.lanes > max_lanes) return status::error("staging ring: lanes must be 1 to 256");
+  if (s.slots < 1 || s.slots > max_slots) return status::error("staging ring: slots must be 1 to 64 per lane");
   if (s.slot_bytes < data_align || s.slot_bytes > (1ull << 30) || s.slot_bytes % data_align != 0)
     return status::error("staging ring: slot bytes must be a multiple of 64 KiB up to 1 GiB");
   if (s.max_descs < 1 || s.max_descs > (1u << 16)) return status::error("staging ring: runs per slot must be 1 to 65536");
@@ -81,6 +105,35 @@ status sys_error(const std::string& what, const std::string& name, int err) {
   return status::error("staging ring " + name + ": " + what + ": " + std::strerror(err));
 }
 
+// The keys of the file `st` describes: null without ThreadSanitizer.
+std::shared_ptr<staging_ring::sync_keys> keys_of([[maybe_unused]] const struct stat& st) {
+#ifdef KVFLOW_TSAN_KEYS
+  static std::mutex m;
+  static std::map<std::pair<dev_t, ino_t>, std::weak_ptr<staging_ring::sync_keys>> by_file;
+  std::lock_guard<std::mutex> g(m);
+  for (auto it = by_file.begin(); it != by_file.end();) it = it->second.expired() ? by_file.erase(it) : std::next(it);
+  auto& known = by_file[{st.st_dev, st.st_ino}];
+  auto k = known.lock();
+  if (!k) known = k = std::make_shared<staging_ring::sync_keys>();
+  return k;
+#else
+  return nullptr;
+#endif
+}
+
+// Releases or acquires the key of lane `l`'s slot `s`, or of the lane itself when `s` < 0.
+void key_release([[maybe_unused]] staging_ring::sync_keys* k, [[maybe_unused]] int l, [[maybe_unused]] int s) {
+#ifdef KVFLOW_TSAN_KEYS
+  __tsan_release(&k->keys[l * (max_slots + 1) + 1 + s]);
+#endif
+}
+
+void key_acquire([[maybe_unused]] staging_ring::sync_keys* k, [[maybe_unused]] int l, [[maybe_unused]] int s) {
+#ifdef KVFLOW_TSAN_KEYS
+  __tsan_acquire(&k->keys[l * (max_slots + 1) + 1 + s]);
+#endif
+}
+
 }  // namespace
 
 bool process_alive(std::uint64_t pid) {
@@ -88,8 +141,9 @@ bool process_alive(std::uint64_t pid) {
   return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM;
 }
 
-staging_ring::staging_ring(std::string name, std::byte* base, std::uint64_t bytes, const ring_shape& shape, bool owner)
-    : name_(std::move(name)), base_(base), bytes_(bytes), shape_(shape), owner_(owner) {
+staging_ring::staging_ring(std::string name, std::byte* base, std::uint64_t bytes, const ring_shape& shape, bool owner,
+                           std::shared_ptr<sync_keys> keys)
+    : name_(std::move(name)), base_(base), bytes_(bytes), shape_(shape), owner_(owner), keys_(std::move(keys)) {
   const auto l = layout_of(shape).value();  // both factories checked the shape
   lanes_off_ = l.lanes_off;
   metas_off_ = l.metas_off;
@@ -113,6 +167,8 @@ result<std::unique_ptr<staging_ring>> staging_ring::create(const std::string& na
     return sys_error(what, name, err);
   };
   if (::ftruncate(fd, static_cast<off_t>(l.value().total)) != 0) return fail("ftruncate", errno);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return fail("fstat", errno);
   void* base = ::mmap(nullptr, l.value().total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (base == MAP_FAILED) return fail("mmap", errno);
   ::close(fd);
@@ -126,7 +182,7 @@ result<std::unique_ptr<staging_ring>> staging_ring::create(const std::string& na
   h->creator_pid = static_cast<std::uint64_t>(::getpid());
   h->magic.store(magic, std::memory_order_release);
   return std::unique_ptr<staging_ring>(
-      new staging_ring(name, static_cast<std::byte*>(base), l.value().total, shape, true));
+      new staging_ring(name, static_cast<std::byte*>(base), l.value().total, shape, true, keys_of(st)));
 }
 
 result<std::unique_ptr<staging_ring>> staging_ring::open(const std::string& name) {
@@ -154,7 +210,8 @@ result<std::unique_ptr<staging_ring>> staging_ring::open(const std::string& name
   if (l.value().total != h->total || l.value().total != file_bytes)
     return refuse("its header describes " + std::to_string(l.value().total) + " bytes, the file has " +
                   std::to_string(file_bytes));
-  return std::unique_ptr<staging_ring>(new staging_ring(name, static_cast<std::byte*>(base), file_bytes, shape, false));
+  return std::unique_ptr<staging_ring>(
+      new staging_ring(name, static_cast<std::byte*>(base), file_bytes, shape, false, keys_of(st)));
 }
 
 staging_ring::header& staging_ring::head() const { return *reinterpret_cast<header*>(base_); }
@@ -185,19 +242,44 @@ int staging_ring::claim_lane(std::uint64_t claimant) {
     std::uint64_t seen = owner.load(std::memory_order_acquire);
     // A claimant that died without releasing its lane leaves it to the next one.
     if (seen != 0 && process_alive(seen >> 32)) continue;
-    if (owner.compare_exchange_strong(seen, claimant, std::memory_order_acq_rel)) return static_cast<int>(l);
+    if (owner.compare_exchange_strong(seen, claimant, std::memory_order_acq_rel)) {
+      key_acquire(keys_.get(), static_cast<int>(l), -1);
+      return static_cast<int>(l);
+    }
   }
   return -1;
 }
 
 void staging_ring::release_lane(int l, std::uint64_t claimant) {
   std::uint64_t expected = claimant;
+  key_release(keys_.get(), l, -1);
   lane(l).owner.compare_exchange_strong(expected, 0, std::memory_order_acq_rel);
 }
 
 std::atomic<std::uint32_t>& staging_ring::doorbell() { return head().doorbell; }
 std::atomic<std::uint32_t>& staging_ring::bell(int l) { return lane(l).bell; }
 std::atomic<std::uint32_t>& staging_ring::state(int l, int s) { return meta(l, s).state; }
+
+void staging_ring::store_state(int l, int s, slot_state to) {
+  key_release(keys_.get(), l, s);  // before the store: whoever sees it finds the release done
+  meta(l, s).state.store(static_cast<std::uint32_t>(to), std::memory_order_release);
+}
+
+slot_state staging_ring::load_state(int l, int s) const {
+  const auto v = meta(l, s).state.load(std::memory_order_acquire);
+  key_acquire(keys_.get(), l, s);
+  return static_cast<slot_state>(v);
+}
+
+// Only its acquire is told to TSan: no thread takes a slot over on seeing it taken or free (were
+// one to, TSan would report it rather than miss a race).
+bool staging_ring::exchange_state(int l, int s, slot_state from, slot_state to) {
+  auto expected = static_cast<std::uint32_t>(from);
+  const bool moved = meta(l, s).state.compare_exchange_strong(expected, static_cast<std::uint32_t>(to),
+                                                              std::memory_order_acq_rel);
+  key_acquire(keys_.get(), l, s);
+  return moved;
+}
 
 void staging_ring::write_descs(int l, int s, const std::vector<staged_desc>& runs, std::uint64_t seq) {
   auto& m = meta(l, s);

@@ -64,6 +64,13 @@ class staging_ring {
   std::atomic<std::uint32_t>& doorbell();         // the receiver sleeps on it
   std::atomic<std::uint32_t>& bell(int lane);     // the lane's owner sleeps on it
 
+  // A slot's state as the hand-overs use it: a release store, an acquire load, and an acquire
+  // compare-exchange (true when the state went `from` -> `to`). Under ThreadSanitizer they also
+  // release and acquire a key per (file, lane, slot), the same at every mapping (staging_ring.cpp).
+  void store_state(int lane, int slot, slot_state to);
+  slot_state load_state(int lane, int slot) const;
+  bool exchange_state(int lane, int slot, slot_state from, slot_state to);
+  // The raw word, as another process (or a test playing one) writes it by hand.
   std::atomic<std::uint32_t>& state(int lane, int slot);
   std::uint64_t data_offset(int lane, int slot) const;  // of the slot's data, from base()
   std::byte* data(int lane, int slot) const { return base_ + data_offset(lane, slot); }
@@ -82,9 +89,11 @@ class staging_ring {
   struct header;
   struct lane_header;
   struct slot_header;
+  struct sync_keys;
 
  private:
-  staging_ring(std::string name, std::byte* base, std::uint64_t bytes, const ring_shape& shape, bool owner);
+  staging_ring(std::string name, std::byte* base, std::uint64_t bytes, const ring_shape& shape, bool owner,
+               std::shared_ptr<sync_keys> keys);
   header& head() const;
   lane_header& lane(int l) const;
   slot_header& meta(int l, int s) const;
@@ -96,6 +105,7 @@ class staging_ring {
   ring_shape shape_;
   bool owner_ = false;
   std::uint64_t lanes_off_ = 0, metas_off_ = 0, meta_bytes_ = 0, data_off_ = 0;  // the shape's layout
+  std::shared_ptr<sync_keys> keys_;  // null unless built with ThreadSanitizer
 };
 
 // Whether the process `pid` still exists (a lane's claimant, a ring's creator).

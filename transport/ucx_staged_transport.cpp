@@ -306,7 +306,7 @@ struct ucx_staged_transport::impl {
   void finish_slot(link& l, int s, const status& st) {
     l.out[s] = {};
     l.proxy->write_verdict(0, s, st);
-    l.proxy->state(0, s).store(static_cast<std::uint32_t>(slot_state::done), std::memory_order_release);
+    l.proxy->store_state(0, s, slot_state::done);
     futex_bump(l.proxy->bell(0));
   }
 
@@ -537,10 +537,7 @@ struct ucx_staged_transport::impl {
       const std::uint32_t seen = doorbell.load(std::memory_order_acquire);
       bool found = false;
       for (int s = 0; s < slots; ++s) {
-        auto expected = static_cast<std::uint32_t>(slot_state::filled);
-        if (!l.proxy->state(0, s).compare_exchange_strong(expected, static_cast<std::uint32_t>(slot_state::taken),
-                                                         std::memory_order_acq_rel))
-          continue;
+        if (!l.proxy->exchange_state(0, s, slot_state::filled, slot_state::taken)) continue;
         found = true;
         worker->post([this, id = l.id, s] { forward(id, s); });
       }
@@ -595,10 +592,8 @@ struct ucx_staged_transport::impl {
       return send_am(ep, staged_wire::welcome, &w, sizeof w, why, true);
     }
     // A slot its former holder left handed over is withdrawn (nobody waits for its verdict).
-    for (int s = 0; s < static_cast<int>(ring->shape().slots); ++s) {
-      auto expected = static_cast<std::uint32_t>(slot_state::filled);
-      ring->state(lane, s).compare_exchange_strong(expected, static_cast<std::uint32_t>(slot_state::free));
-    }
+    for (int s = 0; s < static_cast<int>(ring->shape().slots); ++s)
+      ring->exchange_state(lane, s, slot_state::filled, slot_state::free);
     w.lane = lane;
     w.slots = ring->shape().slots;
     w.token = random_token();
@@ -653,14 +648,14 @@ struct ucx_staged_transport::impl {
       return refuse(std::to_string(h.count) + " runs announced; a slot holds at most " + std::to_string(shape.max_descs));
     if (length != std::uint64_t{h.count} * sizeof(staged_desc))
       return refuse(std::to_string(length) + " bytes of runs for " + std::to_string(h.count) + " runs");
-    const auto st = r->state(lane, static_cast<int>(h.slot)).load(std::memory_order_acquire);
-    if (st == static_cast<std::uint32_t>(slot_state::filled) || st == static_cast<std::uint32_t>(slot_state::taken))
+    const auto st = r->load_state(lane, static_cast<int>(h.slot));
+    if (st == slot_state::filled || st == slot_state::taken)
       return refuse("slot " + std::to_string(h.slot) + " is still the receiver's");
     std::vector<staged_desc> runs(h.count);
     if (h.count > 0) std::memcpy(static_cast<void*>(runs.data()), data, length);
     // From here the ring's own receiver takes it: checks every run, copies, gives it back.
     r->write_descs(lane, static_cast<int>(h.slot), runs, h.seq);
-    r->state(lane, static_cast<int>(h.slot)).store(static_cast<std::uint32_t>(slot_state::filled), std::memory_order_release);
+    r->store_state(lane, static_cast<int>(h.slot), slot_state::filled);
     futex_bump(r->doorbell());
     return UCS_OK;
   }
@@ -682,12 +677,10 @@ struct ucx_staged_transport::impl {
     auto it = lanes.find(lane);
     if (it == lanes.end() || ring == nullptr) return;
     for (int s = 0; s < static_cast<int>(ring->shape().slots); ++s) {
-      auto& state = ring->state(lane, s);
-      if (state.load(std::memory_order_acquire) != static_cast<std::uint32_t>(slot_state::done)) continue;
+      if (ring->load_state(lane, s) != slot_state::done) continue;
       const std::uint64_t seq = ring->seq(lane, s);
       const status verdict = ring->read_verdict(lane, s);
-      auto expected = static_cast<std::uint32_t>(slot_state::done);
-      if (!state.compare_exchange_strong(expected, static_cast<std::uint32_t>(slot_state::free))) continue;
+      if (!ring->exchange_state(lane, s, slot_state::done, slot_state::free)) continue;
       send_verdict(lane, it->second.token, static_cast<std::uint32_t>(s), seq, verdict);
     }
   }
@@ -709,10 +702,8 @@ struct ucx_staged_transport::impl {
   void release_lane(int lane) {
     auto it = lanes.find(lane);
     if (it == lanes.end()) return;
-    for (int s = 0; s < static_cast<int>(ring->shape().slots); ++s) {
-      auto expected = static_cast<std::uint32_t>(slot_state::filled);
-      ring->state(lane, s).compare_exchange_strong(expected, static_cast<std::uint32_t>(slot_state::free));
-    }
+    for (int s = 0; s < static_cast<int>(ring->shape().slots); ++s)
+      ring->exchange_state(lane, s, slot_state::filled, slot_state::free);
     ring->release_lane(lane, it->second.claimant);
     close_ep(it->second.ep);
     lanes.erase(it);

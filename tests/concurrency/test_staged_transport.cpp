@@ -1,6 +1,7 @@
 // transport/staging_ring.hpp and transport/staged_transport.hpp with host copies: the staged
 // path's protocol (lanes, slots as credits, the receiver's checks, a dead or frozen receiver),
-// in one process and across two. The GPU suite runs the same transport with device memory.
+// in one process and across two. The GPU suite runs the same transport with device memory. In
+// kvflow_concurrency_tests, without CAF or UCX, so that ThreadSanitizer sees every access.
 #include <doctest/doctest.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -23,7 +24,7 @@
 #include "transport/shared_futex.hpp"
 #include "transport/staged_transport.hpp"
 
-#include "unit_helpers.hpp"
+#include "tests/unit/unit_helpers.hpp"
 
 using namespace kvflow;
 using namespace kvflow::transport;
@@ -257,8 +258,8 @@ TEST_CASE("staged: a hostile sender's slot fails alone, and a frozen receiver fa
   CHECK(st.reason().find("took no slot") != std::string::npos);
   CHECK(waited < std::chrono::seconds(10));
   // Its slot was withdrawn: the receiver, were it to wake, finds nothing to copy.
-  CHECK(frozen.value()->state(0, 0).load() != static_cast<std::uint32_t>(slot_state::filled));
-  CHECK(frozen.value()->state(0, 1).load() != static_cast<std::uint32_t>(slot_state::filled));
+  CHECK(frozen.value()->load_state(0, 0) != slot_state::filled);
+  CHECK(frozen.value()->load_state(0, 1) != slot_state::filled);
   // The peer stays failed until it is connected again.
   CHECK_FALSE(push_and_wait(*sender, 4, {{src.data(), 1, 0, 4096}}).ok());
   sender.reset();
@@ -282,11 +283,11 @@ TEST_CASE("staged: a hostile sender's slot fails alone, and a frozen receiver fa
            {{region.value().id, 0, 60u << 10}, {region.value().id, 0, 8u << 10}}}) {  // more than a slot
     h.write_descs(lane, 0, runs, 1);
     const auto seen = h.bell(lane).load();
-    h.state(lane, 0).store(static_cast<std::uint32_t>(slot_state::filled));
+    h.store_state(lane, 0, slot_state::filled);
     futex_bump(h.doorbell());
-    for (int i = 0; i < 500 && h.state(lane, 0).load() != static_cast<std::uint32_t>(slot_state::done); ++i)
+    for (int i = 0; i < 500 && h.load_state(lane, 0) != slot_state::done; ++i)
       futex_wait(h.bell(lane), seen, std::chrono::microseconds(10000));
-    REQUIRE(h.state(lane, 0).load() == static_cast<std::uint32_t>(slot_state::done));
+    REQUIRE(h.load_state(lane, 0) == slot_state::done);
     CHECK_FALSE(h.read_verdict(lane, 0).ok());
   }
   CHECK(std::all_of(dst.begin(), dst.end(), [](std::byte b) { return b == std::byte{0}; }));
@@ -299,7 +300,10 @@ TEST_CASE("staged: a hostile sender's slot fails alone, and a frozen receiver fa
 }
 
 // The receiving process: registers a pool in its own private memory, tells its endpoint and
-// region, then answers "check SEED" with the mismatches of the last request (pages 0..PAGES).
+// region, then answers "check SEED" with the mismatches of the request it received last. What
+// orders its reads of the pool against its receiver's copies goes through the parent (the ring,
+// the pipes), which its ThreadSanitizer does not see: so request k goes to half k of the pool,
+// and the check waits until the receiver gave back that request's slots.
 TEST_CASE("staged: a request lands in another process's private memory, a killed receiver fails pushes at once") {
   constexpr std::uint64_t page = 8192, pages = 48;
   int to_child[2], from_child[2];
@@ -310,9 +314,18 @@ TEST_CASE("staged: a request lands in another process's private memory, a killed
   if (child == 0) {
     ::close(to_child[1]);
     ::close(from_child[0]);
+    std::mutex m;
+    std::condition_variable cv;
+    std::uint64_t returned = 0;  // slots given back
+    const std::uint64_t slots_per_request = pages * page / small_ring().ring.slot_bytes;
     auto t = staged_transport::create(small_ring());
     if (!t) ::_exit(3);
-    std::vector<std::byte> pool(pages * page, std::byte{0});
+    t.value()->set_return_hook([&](int) {
+      std::lock_guard<std::mutex> g(m);
+      ++returned;
+      cv.notify_all();
+    });
+    std::vector<std::byte> pool(2 * pages * page, std::byte{0});
     auto region = t.value()->register_memory(5, pool.data(), pool.size());
     if (!region) ::_exit(4);
     std::string msg;
@@ -321,11 +334,21 @@ TEST_CASE("staged: a request lands in another process's private memory, a killed
     codec::put(msg, region.value().size);
     std::uint32_t n = static_cast<std::uint32_t>(msg.size());
     if (::write(from_child[1], &n, sizeof n) != sizeof n || ::write(from_child[1], msg.data(), n) != n) ::_exit(5);
-    std::uint64_t seed = 0;
+    std::uint64_t seed = 0, checks = 0;
     while (::read(to_child[0], &seed, sizeof seed) == sizeof seed) {
+      {
+        std::unique_lock<std::mutex> g(m);
+        ++checks;
+        if (checks > 2 ||
+            !cv.wait_for(g, std::chrono::seconds(10), [&] { return returned >= checks * slots_per_request; }))
+          ::_exit(7);
+      }
+      // The parent's request k puts its page i at page pages-1-i of half k.
+      const std::uint64_t half = (checks - 1) * pages;
       std::uint64_t bad = 0;
-      for (std::uint64_t i = 0; i < pages; ++i)  // the parent's request puts its page i at pool page pages-1-i
-        for (std::uint64_t b = 0; b < page; ++b) bad += pool[(pages - 1 - i) * page + b] != pattern(seed, i * page + b);
+      for (std::uint64_t i = 0; i < pages; ++i)
+        for (std::uint64_t b = 0; b < page; ++b)
+          bad += pool[(half + pages - 1 - i) * page + b] != pattern(seed, i * page + b);
       if (::write(from_child[1], &bad, sizeof bad) != sizeof bad) ::_exit(6);
     }
     t.value().reset();
@@ -348,11 +371,12 @@ TEST_CASE("staged: a request lands in another process's private memory, a killed
   auto sender = make(small_ring());
   REQUIRE(sender->connect(5, endpoint, {d}).ok());
   std::vector<std::byte> src(pages * page);
-  for (std::uint64_t seed : {11u, 12u}) {
+  for (std::uint64_t k = 0; k < 2; ++k) {
+    const std::uint64_t seed = 11 + k;
     std::vector<block> blocks;
     for (std::uint64_t i = 0; i < pages; ++i) {
       for (std::uint64_t b = 0; b < page; ++b) src[i * page + b] = pattern(seed, i * page + b);
-      blocks.push_back({src.data() + i * page, d.id, (pages - 1 - i) * page, page});
+      blocks.push_back({src.data() + i * page, d.id, (k * pages + pages - 1 - i) * page, page});
     }
     auto st = push_and_wait(*sender, 5, blocks);
     REQUIRE_MESSAGE(st.ok(), st.reason());

@@ -4,6 +4,9 @@
 # (`--decode-exec "ip netns exec B"`). With UCX_TLS=tcp the KV bytes must cross the veth, which
 # the test checks on the veth's byte counters (KVFLOW_UCX_TCP=2: UCX's tcp beyond loopback, the
 # namespaces being the cluster's own network; without it, every request fails at once, saying so). Needs root and `ip`; otherwise skipped (77).
+# The same launch then runs over a slow link (tc tbf), a lossy one (nftables) and, last, a delayed
+# one: the veth replaced by two TAP devices joined by delay_link.py, which holds every frame
+# DELAY_MS in each direction (this kernel has no netem).
 # Usage: netns_test.sh KVFLOW
 set -uo pipefail
 kvflow=$1
@@ -19,10 +22,14 @@ ipa="10.211.$X.1"
 ipb="10.211.$X.2"
 made=()
 launcher=
+forwarder=
+here=$(cd "$(dirname "$0")" && pwd)
 
 cleanup() {
   local ns p
   [ -n "$launcher" ] && kill -KILL "$launcher" 2>/dev/null
+  # The forwarder runs outside the namespaces; its TAP devices go with it.
+  [ -n "$forwarder" ] && kill -TERM "$forwarder" 2>/dev/null && wait "$forwarder"
   for ns in "${made[@]}"; do
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
   done
@@ -41,6 +48,7 @@ fail() {
   echo "FAIL: $*"
   echo "--- kvflow output (last 40 lines) ---"
   tail -n 40 "$tmp/out" 2>/dev/null
+  [ -s "$tmp/dl.err" ] && { echo "--- delay_link.py ---"; tail -n 5 "$tmp/dl.err"; }
   [ -s "$tmp/r.json" ] && python3 -c "
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -70,17 +78,18 @@ for i in $(seq 50); do
   sleep 0.1
 done
 
-# Byte counter of one veth end, read inside its namespace.
+# Byte counter of one end of the link (kva in A, kvb in B), read inside its namespace.
+link=veth
 counter() { ip netns exec "$1" cat "/sys/class/net/$2/statistics/$3"; }
 json() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print($1)" "$tmp/r.json"; }
 
 # Runs the launch across the namespaces (ARGS after the fixed ones) and checks its report and
-# that the KV bytes crossed the veth.
+# that the KV bytes crossed the link (the veth, or the TAP devices of the delayed link).
 across() {
-  local what=$1 a_tx0 b_rx0 a_tx1 b_rx1 t0 rc verified
+  local what=$1 a_tx0 b_rx0 a_tx1 b_rx1 t0 ms rc verified
   shift
-  a_tx0=$(counter "$A" kva tx_bytes) && b_rx0=$(counter "$B" kvb rx_bytes) || fail "cannot read the veth counters"
-  t0=$SECONDS
+  a_tx0=$(counter "$A" kva tx_bytes) && b_rx0=$(counter "$B" kvb rx_bytes) || fail "cannot read the $link counters"
+  t0=$(date +%s%N)
   rm -f "$tmp/r.json"
   UCX_TLS=tcp KVFLOW_UCX_TCP=2 ip netns exec "$A" "$kvflow" launch --host "$ipa" --prefill-host "$ipa" --decode-host "$ipb" \
     --decode-exec "ip netns exec $B" --prefill tp=1,cp=2 --decode dp=2 --requests 8 "$@" \
@@ -89,17 +98,19 @@ across() {
   wait $launcher
   rc=$?
   launcher=
-  echo "$what: kvflow launch across $A/$B ($ipa -> $ipb) $* -> exit $rc in $((SECONDS - t0))s"
-  a_tx1=$(counter "$A" kva tx_bytes) && b_rx1=$(counter "$B" kvb rx_bytes) || fail "cannot read the veth counters"
+  ms=$((($(date +%s%N) - t0) / 1000000))
+  echo "$what: kvflow launch across $A/$B ($ipa -> $ipb) $* -> exit $rc in $((ms / 1000)).$((ms % 1000 / 100))s"
+  a_tx1=$(counter "$A" kva tx_bytes) && b_rx1=$(counter "$B" kvb rx_bytes) || fail "cannot read the $link counters"
   [ -s "$tmp/r.json" ] || fail "$what: no report written (exit $rc)"
   verified=$(json "r['bytes_verified']")
-  echo "$what: bytes verified $verified; veth: $A kva tx +$((a_tx1 - a_tx0)), $B kvb rx +$((b_rx1 - b_rx0))"
+  echo "$what: bytes verified $verified; $link: $A kva tx +$((a_tx1 - a_tx0)), $B kvb rx +$((b_rx1 - b_rx0));" \
+    "request latency p50 $(json "round(r['latency_ms']['p50'])") ms, max $(json "round(r['latency_ms']['max'])") ms"
   [ $rc -eq 0 ] || fail "$what: exit $rc, want 0"
   [ "$(json "r['succeeded'] == r['requests'] > 0")" = True ] || fail "$what: not every request succeeded"
   [ "$(json "r['bytes_verified'] == r['bytes_expected'] > 0")" = True ] || fail "$what: bytes not all verified"
   [ "$(json "r['stalled'] + r['unexpected_failures'] + r['mismatched_pages'] + r['leaked_pages'] + r['leaked_aux_slots']")" = 0 ] ||
     fail "$what: stalls, failures, mismatches or leaks"
-  # The KV moves prefill (A) -> decode (B): both ends of the veth counted at least that much.
+  # The KV moves prefill (A) -> decode (B): both ends of the link counted at least that much.
   [ $((b_rx1 - b_rx0)) -ge "$verified" ] || fail "$what: $B received $((b_rx1 - b_rx0)) bytes on kvb, less than the $verified verified"
   [ $((a_tx1 - a_tx0)) -ge "$verified" ] || fail "$what: $A sent $((a_tx1 - a_tx0)) bytes on kva, less than the $verified verified"
 }
@@ -158,5 +169,73 @@ if command -v nft >/dev/null && ip netns exec "$A" nft add table inet kvflow_los
   [ "$dropped" -gt 0 ] || fail "lossy link: no packet was dropped (the rule did not match?)"
 else
   echo "lossy link: not run (nft: $(cat "$tmp/err" 2>/dev/null || echo 'not installed'))"
+fi
+for ns in "$A" "$B"; do ip netns exec "$ns" nft delete table inet kvflow_loss 2>/dev/null; done
+
+# A delayed link: the veth replaced by two TAP devices of the same names and addresses, one in
+# each namespace, joined by delay_link.py, which forwards every frame after DELAY_MS in each
+# direction (netem is not in this kernel). A TCP connect from A to B must take at least the round
+# trip (2 x DELAY_MS), the forwarder must have held every frame at least DELAY_MS, and the launch
+# must still succeed in full, its bytes crossing the TAP devices.
+delay_ms=20
+if [ ! -c /dev/net/tun ]; then
+  echo "delayed link: not run (no /dev/net/tun)"
+else
+  ip -n "$A" link del kva || fail "cannot remove the veth pair"
+  link=TAP
+  python3 "$here/delay_link.py" --delay-ms $delay_ms --ns-a "$A" --name-a kva --ns-b "$B" --name-b kvb \
+    --mtu 9000 --ready "$tmp/dl.ready" --stats "$tmp/dl.stats" 2>"$tmp/dl.err" &
+  forwarder=$!
+  while [ ! -e "$tmp/dl.ready" ] && kill -0 $forwarder 2>/dev/null; do sleep 0.05; done
+  if [ ! -e "$tmp/dl.ready" ]; then
+    wait $forwarder
+    rc=$?
+    forwarder=
+    [ $rc -eq 3 ] || fail "delayed link: delay_link.py exit $rc: $(cat "$tmp/dl.err")"
+    echo "delayed link: not run ($(sed -n 's/^delay_link: //p' "$tmp/dl.err" | head -1))"
+  else
+    ip -n "$A" addr add "$ipa/24" dev kva || fail "cannot address the TAP kva"
+    ip -n "$B" addr add "$ipb/24" dev kvb || fail "cannot address the TAP kvb"
+    # Three TCP connects from A to a listener in B, each timed from connect() to its return: the
+    # SYN and the SYN-ACK each cross the forwarder once (the first also waits for ARP).
+    rm -f "$tmp/listening"
+    ip netns exec "$B" timeout 20 python3 -c "
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7411)); s.listen(8); open(sys.argv[2], 'w').close()
+for _ in range(3): s.accept()[0].close()" "$ipb" "$tmp/listening" &
+    listener=$!
+    while [ ! -e "$tmp/listening" ] && kill -0 $listener 2>/dev/null; do sleep 0.05; done
+    connects=$(ip netns exec "$A" timeout 20 python3 -c "
+import socket, sys, time
+ms = []
+for _ in range(3):
+    t = time.monotonic(); socket.create_connection((sys.argv[1], 7411), timeout=5).close()
+    ms.append(str(round((time.monotonic() - t) * 1000, 1)))
+print(' '.join(ms))" "$ipb") || fail "delayed link: cannot connect from $A to $B"
+    wait $listener
+    echo "delayed link: one-way delay $delay_ms ms; TCP connect $A -> $B took $connects ms"
+    for ms in $connects; do
+      python3 -c "import sys; sys.exit(not float(sys.argv[1]) >= 2 * float(sys.argv[2]))" "$ms" $delay_ms ||
+        fail "delayed link: a connect took $ms ms, less than the round trip of $((2 * delay_ms)) ms (not delayed?)"
+    done
+    across "delayed link"
+    kill -TERM $forwarder
+    wait $forwarder
+    rc=$?
+    forwarder=
+    [ $rc -eq 0 ] && [ -s "$tmp/dl.stats" ] || fail "delayed link: delay_link.py exit $rc, no counters: $(cat "$tmp/dl.err")"
+    python3 -c "
+import json, sys
+s, d = json.load(open(sys.argv[1])), float(sys.argv[2])
+ok = True
+for k in ('a_to_b', 'b_to_a'):
+    x = s[k]
+    print('delayed link: forwarder %s: %d frames, %d bytes, %d dropped, each held %s-%s ms' %
+          (k, x['frames'], x['bytes'], x['dropped'], x['min_hold_ms'], x['max_hold_ms']))
+    ok = ok and x['frames'] > 0 and x['min_hold_ms'] >= d
+sys.exit(not ok)" "$tmp/dl.stats" $delay_ms ||
+      fail "delayed link: the forwarder forwarded nothing one way, or held a frame less than $delay_ms ms"
+  fi
 fi
 echo "PASS: netns"

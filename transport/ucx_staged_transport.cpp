@@ -178,6 +178,10 @@ struct ucx_staged_transport::impl {
   std::unique_ptr<staged_transport> send;
   std::unique_ptr<ucx_worker> worker;
 
+  // connect() and disconnect() one at a time: two connects to one receiver at once each made a
+  // link (two lanes of its ring for one sender), and a disconnect that retired the link a
+  // concurrent connect had just chosen left that peer on a stopped link.
+  std::mutex connecting;
   mutable std::mutex m;  // the maps below, link::peers / failure, and the ring's description
   std::unordered_map<std::uint64_t, std::shared_ptr<link>> by_peer;
   std::map<std::string, std::shared_ptr<link>> by_address;  // the newest link to each receiver
@@ -922,6 +926,7 @@ status ucx_staged_transport::connect(std::uint64_t peer, const std::string& endp
     if (d.remote_key != region_key) return refuse("region " + std::to_string(d.id) + " is not staged_ucx");
     d.remote_key = staged_region_key;
   }
+  std::lock_guard<std::mutex> one_at_a_time(impl_->connecting);
   std::shared_ptr<impl::link> l;
   {
     std::lock_guard<std::mutex> g(impl_->m);
@@ -953,6 +958,7 @@ status ucx_staged_transport::connect(std::uint64_t peer, const std::string& endp
 }
 
 void ucx_staged_transport::disconnect(std::uint64_t peer) {
+  std::lock_guard<std::mutex> one_at_a_time(impl_->connecting);
   std::shared_ptr<impl::link> l;
   {
     std::lock_guard<std::mutex> g(impl_->m);

@@ -157,6 +157,11 @@ struct ucx_staged_transport::impl {
   struct remote_lane {
     std::uint64_t token = 0, claimant = 0;
     ucp_ep_h ep = nullptr;  // back to the sender: welcome and verdicts
+    // Per slot, the token its runs came with: a slot's verdict goes only to the sender that
+    // filled it. A slot the ring's receiver was still copying when the lane changed hands is
+    // done later, and its verdict, sent with the new holder's token, would complete the new
+    // holder's slot of the same number and sequence (each link numbers its slots from 1).
+    std::vector<std::uint64_t> filled_by;
   };
 
   // An active message in flight: its payload lives until UCX is done with it.
@@ -604,7 +609,7 @@ struct ucx_staged_transport::impl {
     w.lane = lane;
     w.slots = ring->shape().slots;
     w.token = random_token();
-    lanes[lane] = {w.token, claimant, ep};
+    lanes[lane] = {w.token, claimant, ep, std::vector<std::uint64_t>(w.slots, 0)};
     std::string addresses;
     for (std::uint32_t s = 0; s < w.slots; ++s)
       codec::put(addresses, reinterpret_cast<std::uint64_t>(ring->data(lane, static_cast<int>(s))));
@@ -660,6 +665,7 @@ struct ucx_staged_transport::impl {
       return refuse("slot " + std::to_string(h.slot) + " is still the receiver's");
     std::vector<staged_desc> runs(h.count);
     if (h.count > 0) std::memcpy(static_cast<void*>(runs.data()), data, length);
+    it->second.filled_by[h.slot] = h.token;
     // From here the ring's own receiver takes it: checks every run, copies, gives it back.
     r->write_descs(lane, static_cast<int>(h.slot), runs, h.seq);
     r->state(lane, static_cast<int>(h.slot)).store(static_cast<std::uint32_t>(slot_state::filled), std::memory_order_release);
@@ -690,6 +696,8 @@ struct ucx_staged_transport::impl {
       const status verdict = ring->read_verdict(lane, s);
       auto expected = static_cast<std::uint32_t>(slot_state::done);
       if (!state.compare_exchange_strong(expected, static_cast<std::uint32_t>(slot_state::free))) continue;
+      // Filled by a former holder of the lane (or under its former token): nobody to tell.
+      if (std::exchange(it->second.filled_by[s], 0) != it->second.token) continue;
       send_verdict(lane, it->second.token, static_cast<std::uint32_t>(s), seq, verdict);
     }
   }

@@ -158,6 +158,12 @@ struct ucx_staged_transport::impl {
   struct remote_lane {
     std::uint64_t token = 0, claimant = 0;
     ucp_ep_h ep = nullptr;  // back to the sender: welcome and verdicts
+    // Per slot, the token its runs came with: a slot's verdict goes only to the sender that
+    // filled it. A slot the ring's receiver was still copying when the lane changed hands is
+    // done later, and its verdict, sent with the new holder's token, would complete the new
+    // holder's slot of the same number and sequence (each link numbers its slots from 1).
+    std::vector<std::uint64_t> filled_by;
+    std::string sender;  // the worker address its hello named (see accept)
   };
 
   // An active message in flight: its payload lives until UCX is done with it.
@@ -179,6 +185,10 @@ struct ucx_staged_transport::impl {
   std::unique_ptr<staged_transport> send;
   std::unique_ptr<ucx_worker> worker;
 
+  // connect() and disconnect() one at a time: two connects to one receiver at once each made a
+  // link (two lanes of its ring for one sender), and a disconnect that retired the link a
+  // concurrent connect had just chosen left that peer on a stopped link.
+  std::mutex connecting;
   mutable std::mutex m;  // the maps below, link::peers / failure, and the ring's description
   std::unordered_map<std::uint64_t, std::shared_ptr<link>> by_peer;
   std::map<std::string, std::shared_ptr<link>> by_address;  // the newest link to each receiver
@@ -193,6 +203,10 @@ struct ucx_staged_transport::impl {
   staging_ring* ring = nullptr;  // the receiving ring, once registered with UCX
   ucp_mem_h ring_memh = nullptr;
   std::unordered_map<int, remote_lane> lanes;
+  std::map<std::string, int> holders;  // a sender's worker address -> its lane (see accept)
+  // Sending: the lane and token this worker was last welcomed with, by receiver worker address
+  // (the next hello to that receiver carries them).
+  std::map<std::string, std::pair<int, std::uint64_t>> welcomed_at;
   int closes = 0;  // endpoint closes not completed
   bool dying = false;
 
@@ -348,6 +362,12 @@ struct ucx_staged_transport::impl {
     h.nonce = l.nonce = random_token();
     h.secret[0] = l.remote.secret[0];
     h.secret[1] = l.remote.secret[1];
+    // A link before this one to the same receiver was welcomed and failed: the receiver still
+    // holds that lane for this worker, and gives it to this link under a new token.
+    if (auto it = welcomed_at.find(l.remote.worker_address); it != welcomed_at.end()) {
+      h.held_lane = it->second.first;
+      h.held_token = it->second.second;
+    }
     send_am(l.ep, staged_wire::hello, &h, sizeof h, worker->address());
   }
 
@@ -435,6 +455,7 @@ struct ucx_staged_transport::impl {
       auto& l = *lp;
       if (l.welcomed || l.nonce != h.nonce || !l.why.empty()) continue;
       if (h.lane < 0) {
+        self->welcomed_at.erase(l.remote.worker_address);  // it holds no lane for this worker
         std::string reason(static_cast<const char*>(data), std::min<std::size_t>(length, max_reason));
         self->worker->defer([self, id = id, reason] {
           auto it = self->links.find(id);
@@ -456,6 +477,7 @@ struct ucx_staged_transport::impl {
       l.lane = h.lane;
       l.token = h.token;
       l.welcomed = true;
+      self->welcomed_at[l.remote.worker_address] = {h.lane, h.token};
       self->worker->defer([self, id = id] {
         auto it = self->links.find(id);
         if (it == self->links.end()) return;
@@ -519,6 +541,8 @@ struct ucx_staged_transport::impl {
       staged_wire::goodbye_header h;
       h.lane = static_cast<std::uint32_t>(l.lane);
       h.token = l.token;
+      if (auto it = welcomed_at.find(l.remote.worker_address); it != welcomed_at.end() && it->second.second == l.token)
+        welcomed_at.erase(it);
       if (l.rkey != nullptr) ucp_rkey_destroy(l.rkey);
       l.rkey = nullptr;
       send_am(std::exchange(l.ep, nullptr), staged_wire::goodbye, &h, sizeof h, {}, true);
@@ -550,37 +574,68 @@ struct ucx_staged_transport::impl {
   static ucs_status_t on_hello(void* arg, const void* header, std::size_t header_length, void* data,
                                std::size_t length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<impl*>(arg);
-    staged_wire::hello_header h;
-    if (!read_header(header, header_length, h) || !eager(param) || length == 0 || length > max_address) return UCS_OK;
-    if (h.version != staged_wire::version) {
-      spdlog::warn("staged_ucx: a sender of wire version {} (this is {}) ignored", h.version, staged_wire::version);
+    std::uint32_t version = 0;  // first: the header's size is the version's
+    if (header == nullptr || header_length < sizeof version) return UCS_OK;
+    std::memcpy(&version, header, sizeof version);
+    if (version != staged_wire::version) {
+      spdlog::warn("staged_ucx: a sender of wire version {} (this is {}) ignored", version, staged_wire::version);
       return UCS_OK;
     }
+    staged_wire::hello_header h;
+    if (!read_header(header, header_length, h) || !eager(param) || length == 0 || length > max_address) return UCS_OK;
     if (!same_secret(h.secret, self->secret)) {
       spdlog::warn("staged_ucx: a hello without this endpoint's secret ignored (a peer that never got the endpoint)");
       return UCS_OK;
     }
-    self->worker->defer([self, nonce = h.nonce, address = std::string(static_cast<const char*>(data), length)] {
-      self->accept(address, nonce);
+    self->worker->defer([self, h, address = std::string(static_cast<const char*>(data), length)] {
+      self->accept(address, h.nonce, h.held_lane, h.held_token);
     });
     return UCS_OK;
   }
 
-  // A remote sender asks for a lane: claims one of the ring for it and tells it the slots.
-  void accept(const std::string& address, std::uint64_t nonce) {
+  // A remote sender asks for a lane. The rule: one lane per sender, a sender being the worker
+  // address its hello names. That address is what this receiver can hold a sender to: its
+  // endpoint goes back there, and the welcome (with the token every later message about the
+  // lane must carry) and the verdicts go nowhere else. The secret is shared by every peer the
+  // endpoint reached, and a process or host a hello might claim could be anyone's. So:
+  // - an address that holds no lane claims a free one, under a new token;
+  // - an address that holds a lane gets that lane again, never a second one, welcomed over the
+  //   lane's own endpoint (to that address): under a new token when the hello carries the
+  //   current one (its holder asking again on a new link after its old one failed: the slots
+  //   the old link handed over are withdrawn, and their verdicts are not sent), else under the
+  //   same token, so a hello that names another sender's address learns nothing and changes
+  //   nothing (the holder drops a welcome it did not ask for);
+  // - a lane comes back when its sender says goodbye or its endpoint fails (on_ep_error).
+  // An honest sender takes one lane of a receiver: its transport has one worker (a node has one
+  // per GPU) and one link to each receiver at a time (connect()). Not bounded: a peer that holds
+  // the secret and names addresses that reach it, other workers of its or its own address with
+  // a byte UCX does not check changed (the worker id), takes a lane for each (docs/reliability.md).
+  void accept(const std::string& address, std::uint64_t nonce, std::int32_t held_lane, std::uint64_t held_token) {
     std::string err;
     // UCX reads a worker address trusting every length in it: checked first.
     if (auto a = check_ucx_address(address, worker->address()); !a) {
       spdlog::warn("staged_ucx: a sender's worker address ignored: {}", a.reason());
       return;
     }
+    staged_wire::welcome_header w;
+    w.nonce = nonce;
+    if (auto held = holders.find(address); held != holders.end()) {
+      const int lane = held->second;
+      auto& rl = lanes.at(lane);
+      if (held_lane == lane && held_token == rl.token) {
+        withdraw(lane);
+        rl.token = random_token();
+        spdlog::info("staged_ucx: the sender of lane {} asks again on a new link: the lane's token is renewed", lane);
+      } else {
+        spdlog::debug("staged_ucx: a hello for the sender of lane {} again: the same lane", lane);
+      }
+      return send_welcome(rl.ep, w, lane, rl.token);
+    }
     ucp_ep_h ep = open_ep(address, err);
     if (ep == nullptr) {
       spdlog::warn("staged_ucx: no endpoint back to a sender: {}", err);
       return;
     }
-    staged_wire::welcome_header w;
-    w.nonce = nonce;
     static std::atomic<std::uint32_t> serial{1};
     const std::uint64_t claimant = (static_cast<std::uint64_t>(::getpid()) << 32) | serial.fetch_add(1);
     const int lane = ring != nullptr ? ring->claim_lane(claimant) : -1;
@@ -591,13 +646,24 @@ struct ucx_staged_transport::impl {
       spdlog::warn("staged_ucx: a sender refused: {}", why);
       return send_am(ep, staged_wire::welcome, &w, sizeof w, why, true);
     }
-    // A slot its former holder left handed over is withdrawn (nobody waits for its verdict).
+    withdraw(lane);  // a slot its former holder handed over (nobody waits for its verdict)
+    const std::uint64_t token = random_token();
+    lanes[lane] = {token, claimant, ep, std::vector<std::uint64_t>(ring->shape().slots, 0), address};
+    holders[address] = lane;
+    send_welcome(ep, w, lane, token);
+  }
+
+  // The slots of `lane` handed over and not taken yet go back to free.
+  void withdraw(int lane) {
     for (int s = 0; s < static_cast<int>(ring->shape().slots); ++s)
       ring->exchange_state(lane, s, slot_state::filled, slot_state::free);
+  }
+
+  // `w` (its nonce set) with `lane`, `token` and the lane's slot addresses, over `ep`.
+  void send_welcome(ucp_ep_h ep, staged_wire::welcome_header w, int lane, std::uint64_t token) {
     w.lane = lane;
     w.slots = ring->shape().slots;
-    w.token = random_token();
-    lanes[lane] = {w.token, claimant, ep};
+    w.token = token;
     std::string addresses;
     for (std::uint32_t s = 0; s < w.slots; ++s)
       codec::put(addresses, reinterpret_cast<std::uint64_t>(ring->data(lane, static_cast<int>(s))));
@@ -653,6 +719,7 @@ struct ucx_staged_transport::impl {
       return refuse("slot " + std::to_string(h.slot) + " is still the receiver's");
     std::vector<staged_desc> runs(h.count);
     if (h.count > 0) std::memcpy(static_cast<void*>(runs.data()), data, length);
+    it->second.filled_by[h.slot] = h.token;
     // From here the ring's own receiver takes it: checks every run, copies, gives it back.
     r->write_descs(lane, static_cast<int>(h.slot), runs, h.seq);
     r->store_state(lane, static_cast<int>(h.slot), slot_state::filled);
@@ -681,6 +748,8 @@ struct ucx_staged_transport::impl {
       const std::uint64_t seq = ring->seq(lane, s);
       const status verdict = ring->read_verdict(lane, s);
       if (!ring->exchange_state(lane, s, slot_state::done, slot_state::free)) continue;
+      // Filled by a former holder of the lane (or under its former token): nobody to tell.
+      if (std::exchange(it->second.filled_by[s], 0) != it->second.token) continue;
       send_verdict(lane, it->second.token, static_cast<std::uint32_t>(s), seq, verdict);
     }
   }
@@ -702,8 +771,8 @@ struct ucx_staged_transport::impl {
   void release_lane(int lane) {
     auto it = lanes.find(lane);
     if (it == lanes.end()) return;
-    for (int s = 0; s < static_cast<int>(ring->shape().slots); ++s)
-      ring->exchange_state(lane, s, slot_state::filled, slot_state::free);
+    withdraw(lane);
+    if (auto held = holders.find(it->second.sender); held != holders.end() && held->second == lane) holders.erase(held);
     ring->release_lane(lane, it->second.claimant);
     close_ep(it->second.ep);
     lanes.erase(it);
@@ -915,6 +984,7 @@ status ucx_staged_transport::connect(std::uint64_t peer, const std::string& endp
     if (d.remote_key != region_key) return refuse("region " + std::to_string(d.id) + " is not staged_ucx");
     d.remote_key = staged_region_key;
   }
+  std::lock_guard<std::mutex> one_at_a_time(impl_->connecting);
   std::shared_ptr<impl::link> l;
   {
     std::lock_guard<std::mutex> g(impl_->m);
@@ -946,6 +1016,7 @@ status ucx_staged_transport::connect(std::uint64_t peer, const std::string& endp
 }
 
 void ucx_staged_transport::disconnect(std::uint64_t peer) {
+  std::lock_guard<std::mutex> one_at_a_time(impl_->connecting);
   std::shared_ptr<impl::link> l;
   {
     std::lock_guard<std::mutex> g(impl_->m);

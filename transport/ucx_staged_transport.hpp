@@ -7,7 +7,8 @@
 // staged_transport) is also registered with this transport's UCX worker, and the endpoint
 // carries the worker address and the ring's remote key. A remote sender asks for a lane (an
 // active message); the receiver claims one of its ring's lanes for it and answers with the
-// lane's slot addresses and a token.
+// lane's slot addresses and a token. One lane per sender worker address: a sender that asks
+// again is given the lane it holds (the rule and what it does not bound: accept() in the .cpp).
 //
 // Sending, it keeps a local ring of one lane per remote receiver (a pinned bounce copy of that
 // lane's slots) that its own inner staged_transport fills exactly as it fills a same-host

@@ -7,11 +7,12 @@
 
 namespace kvflow::transport::staged_wire {
 
-constexpr std::uint32_t version = 2;
+constexpr std::uint32_t version = 3;
 
 // UCX active-message ids on the transport's own worker.
 enum am_id : unsigned {
-  hello = 1,    // sender -> receiver: asks for a lane; payload: the sender's worker address
+  hello = 1,    // sender -> receiver: asks for a lane; payload: the sender's worker address, where the
+                // welcome and the verdicts go (one lane per such address: ucx_staged_transport.cpp)
   welcome = 2,  // receiver -> sender: the lane, or why none; payload: slot addresses, or the reason
   filled = 3,   // sender -> receiver: a slot's data was put and flushed; payload: its runs
   verdict = 4,  // receiver -> sender: a slot's outcome; payload: the reason when refused
@@ -26,6 +27,12 @@ struct hello_header {
   // registration, over the cluster's authenticated links) is given a lane. UCX's own listener
   // takes anyone who reaches its port.
   std::uint64_t secret[2] = {0, 0};
+  // The lane this sender's worker was last welcomed to by this receiver, and that welcome's
+  // token (-1 and 0: none): a sender whose link failed and that asks again on a new one. The
+  // receiver then gives it that lane under a new token instead of the same one again.
+  std::int32_t held_lane = -1;
+  std::uint32_t reserved2 = 0;
+  std::uint64_t held_token = 0;
 };
 
 struct welcome_header {

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -240,15 +241,20 @@ struct raw_sender {
   std::mutex m;
   std::condition_variable cv;
   bool welcomed = false;
-  staged_wire::welcome_header welcome;
+  staged_wire::welcome_header welcome;                 // the first
+  std::vector<staged_wire::welcome_header> welcomes;   // every one, in order
   std::vector<std::pair<staged_wire::verdict_header, std::string>> verdicts;
+  std::uint64_t secret[2] = {0, 0};  // of the receiver's endpoint
 
   static ucs_status_t on_am(void* arg, const void* header, std::size_t header_length, void* data, std::size_t length,
                             const ucp_am_recv_param_t*) {
     auto* self = static_cast<raw_sender*>(arg);
     std::lock_guard<std::mutex> g(self->m);
     if (header_length == sizeof(staged_wire::welcome_header)) {
-      std::memcpy(&self->welcome, header, sizeof self->welcome);
+      staged_wire::welcome_header w;
+      std::memcpy(&w, header, sizeof w);
+      if (!self->welcomed) self->welcome = w;
+      self->welcomes.push_back(w);
       self->welcomed = true;
     } else if (header_length == sizeof(staged_wire::verdict_header)) {
       staged_wire::verdict_header v;
@@ -273,7 +279,6 @@ struct raw_sender {
     std::string rkey;
     std::uint32_t slots = 0, max_descs = 0;
     std::uint64_t slot_bytes = 0;
-    std::uint64_t secret[2] = {0, 0};
     REQUIRE(codec::get_string(endpoint, at, rkey, 1u << 16));
     REQUIRE((codec::get(endpoint, at, slots) && codec::get(endpoint, at, slot_bytes) && codec::get(endpoint, at, max_descs)));
     REQUIRE((codec::get(endpoint, at, secret[0]) && codec::get(endpoint, at, secret[1])));
@@ -294,16 +299,35 @@ struct raw_sender {
       set_up = set_up && ucp_ep_create(w->worker(), &ep_params, &ep) == UCS_OK;
     });
     REQUIRE(set_up);
+    hello(77, right_secret);
+    if (right_secret) REQUIRE(wait_welcome(std::chrono::seconds(20)));
+  }
+  // Says hello with `nonce`, naming `address` as the sender's (this worker's own when empty),
+  // and claiming to hold `held_lane` under `held_token`.
+  void hello(std::uint64_t nonce, bool right_secret = true, std::string address = {}, std::int32_t held_lane = -1,
+             std::uint64_t held_token = 0) {
     staged_wire::hello_header h;
-    h.nonce = 77;
+    h.nonce = nonce;
     h.secret[0] = right_secret ? secret[0] : secret[0] ^ 1;
     h.secret[1] = secret[1];
-    send(staged_wire::hello, &h, sizeof h, w->address());
-    if (right_secret) REQUIRE(wait_welcome(std::chrono::seconds(20)));
+    h.held_lane = held_lane;
+    h.held_token = held_token;
+    send(staged_wire::hello, &h, sizeof h, address.empty() ? w->address() : std::move(address));
   }
   bool wait_welcome(std::chrono::milliseconds within) {
     std::unique_lock<std::mutex> g(m);
     return cv.wait_for(g, within, [&] { return welcomed; });
+  }
+  // The welcome that answers `nonce`, if it came within `within`.
+  std::optional<staged_wire::welcome_header> welcome_for(std::uint64_t nonce, std::chrono::milliseconds within) {
+    std::unique_lock<std::mutex> g(m);
+    auto find = [&]() -> std::optional<staged_wire::welcome_header> {
+      for (const auto& w : welcomes)
+        if (w.nonce == nonce) return w;
+      return std::nullopt;
+    };
+    cv.wait_for(g, within, [&] { return find().has_value(); });
+    return find();
   }
   ~raw_sender() {
     w->call([&] {
@@ -374,6 +398,93 @@ TEST_CASE("staged_ucx: a hello without the receiver's secret gets no lane, and t
   auto st = push_and_wait(*honest, 3, {{src.data(), region.value().id, 0, 4096}});
   CHECK_MESSAGE(st.ok(), st.reason());
   CHECK(pool[0] == std::byte{9});
+}
+
+namespace {
+
+// The worker address in a staged_ucx endpoint (after the tag and the host identity).
+std::string worker_address_of(const std::string& endpoint) {
+  std::size_t at = sizeof "kvflow-staged-ucx-1";
+  std::string host, address;
+  REQUIRE(codec::get_string(endpoint, at, host, 256));
+  REQUIRE(codec::get_string(endpoint, at, address, 1u << 16));
+  return address;
+}
+
+}  // namespace
+
+TEST_CASE("staged_ucx: a sender that holds the secret and says hello again and again holds one lane, the others are served") {
+  using namespace std::chrono_literals;
+  ucx_staged_options o = host_named("host-r");
+  o.staged.ring.lanes = 3;
+  auto receiver = make(o);
+  std::vector<std::byte> pool(16 * 4096, std::byte{0});
+  auto region = receiver->register_memory(3, pool.data(), pool.size());
+  REQUIRE(region.ok());
+  const auto id = region.value().id;
+  std::vector<std::byte> src(4096, std::byte{9});
+
+  // An honest sender whose four peers (of the one receiver) connect from four threads at once:
+  // one link, one lane.
+  auto honest = make(host_named("host-h"));
+  {
+    std::vector<int> connected(4, 0);
+    std::vector<std::thread> threads;
+    for (int p = 0; p < 4; ++p)
+      threads.emplace_back([&, p] { connected[p] = honest->connect(10 + p, receiver->endpoint(), {region.value()}).ok(); });
+    for (auto& t : threads) t.join();
+    CHECK(std::count(connected.begin(), connected.end(), 1) == 4);
+  }
+  for (std::uint64_t p = 0; p < 4; ++p) {
+    auto st = push_and_wait(*honest, 10 + p, {{src.data(), id, p * 4096, 4096}});
+    CHECK_MESSAGE(st.ok(), st.reason());
+  }
+
+  raw_sender liar(receiver->endpoint());
+  REQUIRE(liar.welcome.lane >= 0);
+  // Hello after hello from its worker: each is answered with the lane it holds, under the same
+  // token. Before, each claimed another lane until none was left.
+  for (std::uint64_t n = 100; n < 132; ++n) liar.hello(n);
+  for (std::uint64_t n = 100; n < 132; ++n) {
+    auto w = liar.welcome_for(n, 20s);
+    REQUIRE(w.has_value());
+    CHECK(w->lane == liar.welcome.lane);
+    CHECK(w->token == liar.welcome.token);
+  }
+  // Hellos that name the honest sender's worker as theirs (one claims a lane and a token it
+  // guessed): their welcomes go to that worker, which drops them; the liar hears nothing, and
+  // the honest sender's lane is untouched.
+  const std::string honest_address = worker_address_of(honest->endpoint());
+  for (std::uint64_t n = 200; n < 216; ++n) liar.hello(n, true, honest_address);
+  liar.hello(216, true, honest_address, 0, 12345);
+  CHECK_FALSE(liar.welcome_for(216, 1500ms).has_value());
+  CHECK_FALSE(liar.welcome_for(200, 0ms).has_value());
+  for (std::uint64_t p = 0; p < 4; ++p) {
+    auto st = push_and_wait(*honest, 10 + p, {{src.data(), id, p * 4096, 4096}});
+    CHECK_MESSAGE(st.ok(), st.reason());
+  }
+  // With the token it holds, its holder renews the lane: the same lane, a new token, which works.
+  liar.hello(300, true, {}, liar.welcome.lane, liar.welcome.token);
+  auto renewed = liar.welcome_for(300, 20s);
+  REQUIRE(renewed.has_value());
+  CHECK(renewed->lane == liar.welcome.lane);
+  CHECK(renewed->token != liar.welcome.token);
+  liar.welcome = *renewed;
+  CHECK(liar.announce(static_cast<std::uint32_t>(renewed->lane), 0, 1, {{id, 8 * 4096, 16}}, 1) == "");
+
+  // The ring's third lane is still free: another honest sender is served.
+  auto second = make(host_named("host-s"));
+  REQUIRE(second->connect(3, receiver->endpoint(), {region.value()}).ok());
+  std::vector<std::byte> other(4096, std::byte{7});
+  auto st = push_and_wait(*second, 3, {{other.data(), id, 12 * 4096, 4096}});
+  CHECK_MESSAGE(st.ok(), st.reason());
+  CHECK(pool[12 * 4096] == std::byte{7});
+  // ...and a fourth finds none: three lanes, one each.
+  auto fourth = make(host_named("host-f"));
+  REQUIRE(fourth->connect(3, receiver->endpoint(), {region.value()}).ok());
+  auto none = push_and_wait(*fourth, 3, {{other.data(), id, 13 * 4096, 4096}});
+  REQUIRE_FALSE(none.ok());
+  CHECK(none.reason().find("every lane") != std::string::npos);
 }
 
 TEST_CASE("staged_ucx: a remote sender lying in its messages is refused, nothing written, the others served") {
@@ -493,6 +604,7 @@ struct receiver_child {
     REQUIRE(::waitpid(pid, &wstatus, WUNTRACED) == pid);
     REQUIRE(WIFSTOPPED(wstatus));
   }
+  void thaw() { REQUIRE(::kill(pid, SIGCONT) == 0); }
 };
 
 }  // namespace
@@ -548,4 +660,32 @@ TEST_CASE("staged_ucx: a frozen receiver fails the pushes within the slot timeou
   const auto t1 = std::chrono::steady_clock::now();
   CHECK_FALSE(push_and_wait(*sender, 5, child.request(src, 23)).ok());
   CHECK(std::chrono::steady_clock::now() - t1 < std::chrono::seconds(2));
+}
+
+TEST_CASE("staged_ucx: a sender whose link failed is given its own lane again when it connects again, not a second one") {
+  receiver_child child;  // a ring of two lanes
+  auto sender = make(host_named("parent", std::chrono::milliseconds(1000)));
+  REQUIRE(sender->connect(5, child.endpoint, {child.desc}).ok());
+  std::vector<std::byte> src;
+  auto st = push_and_wait(*sender, 5, child.request(src, 31));
+  REQUIRE_MESSAGE(st.ok(), st.reason());
+  // Frozen past the slot timeout: the link fails, while the receiver still holds its lane.
+  child.freeze();
+  CHECK_FALSE(push_and_wait(*sender, 5, child.request(src, 32)).ok());
+  child.thaw();
+  // Connected again: a new link, which asks with the lane and token it held.
+  REQUIRE(sender->connect(5, child.endpoint, {child.desc}).ok());
+  st = status::error("never tried");
+  for (int i = 0; i < 50 && !st; ++i) {
+    st = push_and_wait(*sender, 5, child.request(src, 33));
+    if (!st) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  REQUIRE_MESSAGE(st.ok(), st.reason());
+  CHECK(child.check(33) == 0);
+  // The ring's other lane is free: another sender is served.
+  auto other = make(host_named("other"));
+  REQUIRE(other->connect(5, child.endpoint, {child.desc}).ok());
+  auto theirs = push_and_wait(*other, 5, child.request(src, 34));
+  CHECK_MESSAGE(theirs.ok(), theirs.reason());
+  CHECK(child.check(34) == 0);
 }

@@ -176,7 +176,18 @@ step_states round_collector::take(std::uint64_t round) {
   return merged;
 }
 
-step_states agreed_table::apply(const step_states& merged) {
+std::chrono::milliseconds tombstone_age(const config::tunables& t) {
+  return std::chrono::milliseconds(std::max(t.failure_memory_ms, t.bootstrap_timeout_ms));
+}
+
+void agreed_table::drop_oldest_tombstone() {
+  tombstones_.erase(tombstone_order_.front().first);
+  tombstone_order_.pop_front();
+}
+
+step_states agreed_table::apply(const step_states& merged, clock::time_point now) {
+  // Tombstones are laid down in time order: those past their age are the oldest.
+  while (!tombstone_order_.empty() && now - tombstone_order_.front().second >= tombstone_age_) drop_oldest_tombstone();
   const auto failed = static_cast<std::uint8_t>(kv_poll::failed);
   // The agreed entry given the previous one (null: none) and this round's merge.
   auto rule = [&](const room_state* prev, const room_state& now) -> room_state {
@@ -204,11 +215,8 @@ step_states agreed_table::apply(const step_states& merged) {
       const auto& g = agreed_[j++];
       if (is_terminal(static_cast<kv_poll>(g.state))) {
         key k{g.room, g.incarnation};
-        if (tombstones_.emplace(k, g).second) tombstone_order_.push_back(k);
-        while (tombstone_order_.size() > max_tombstones_) {
-          tombstones_.erase(tombstone_order_.front());
-          tombstone_order_.pop_front();
-        }
+        if (tombstones_.emplace(k, g).second) tombstone_order_.emplace_back(k, now);
+        while (tombstone_order_.size() > max_tombstones_) drop_oldest_tombstone();
       }
     } else {
       const auto& m = merged[i++];

@@ -2,6 +2,7 @@
 // The poll agreement (semantics.md section 3) as pure data structures: a node of the merge tree
 // collects its children's states for a round and MIN-merges them; the root keeps the agreed
 // state monotone (only rises, except to Failed). No actors: the supervisors drive these.
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "actors/kv_poll.hpp"
+#include "config/tunables.hpp"
 
 namespace kvflow {
 
@@ -77,16 +79,32 @@ class round_collector {
   std::uint64_t taken_ = 0;  // the last round taken
 };
 
+// How long a root remembers a request that ended (its tombstone) under `t`: failure_memory_ms,
+// never less than the bootstrap timeout. A tombstone ends at once the request of a rank whose
+// engine creates it after its group ended it; such a create comes within the bootstrap timeout
+// of the end where the rank's own memory of it does (the late-create window), so the tombstone
+// must live at least as long. A create later than the tombstone opens the key again at
+// Bootstrapping, and the rank fails it after the bootstrap timeout: late, not lost.
+std::chrono::milliseconds tombstone_age(const config::tunables& t);
+
 // The root's memory: agreed states only rise, except to Failed; a terminal agreed state is final
 // and an agreed release stays agreed; a key disappears once no child
 // reports it any more, and is then remembered for a while as a tombstone so that a late rank
-// that creates it again cannot restart it from Bootstrapping.
+// that creates it again cannot restart it from Bootstrapping. Tombstones are bounded by count
+// (the oldest go first) and by age (see tombstone_age): each apply forgets those older than the
+// age, and rounds come every step, idle or not, so they go without new requests.
 class agreed_table {
  public:
-  explicit agreed_table(std::size_t tombstones = 65536) : max_tombstones_(tombstones) {}
-  // Applies a round's merged states; returns the agreed states of the round (sorted).
-  step_states apply(const step_states& merged);
+  using clock = std::chrono::steady_clock;
+  explicit agreed_table(std::size_t tombstones = 65536,
+                        std::chrono::milliseconds age = tombstone_age(config::tunables{}))
+      : max_tombstones_(tombstones), tombstone_age_(age) {}
+  // Applies a round's merged states at `now` (monotone from one apply to the next); returns the
+  // agreed states of the round (sorted).
+  step_states apply(const step_states& merged, clock::time_point now);
+  step_states apply(const step_states& merged) { return apply(merged, clock::now()); }
   std::size_t size() const { return agreed_.size(); }
+  std::size_t tombstones() const { return tombstones_.size(); }
   // The apply (counted from 1) since which every apply agreed the very states of the last one.
   // Its callers apply rounds 1, 2, ... in order, so it is a round: what lets a reader that holds
   // one of those rounds skip the copy and the comparison (agreed_view::same_since).
@@ -101,9 +119,11 @@ class agreed_table {
   };
   step_states agreed_;  // sorted, like every round's merge
   std::uint64_t applied_ = 0, same_since_ = 0;
+  void drop_oldest_tombstone();
   std::unordered_map<key, room_state, key_hash> tombstones_;
-  std::deque<key> tombstone_order_;
+  std::deque<std::pair<key, clock::time_point>> tombstone_order_;  // oldest first, one per tombstone
   std::size_t max_tombstones_;
+  std::chrono::milliseconds tombstone_age_;
 };
 
 }  // namespace kvflow

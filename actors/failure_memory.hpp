@@ -1,7 +1,8 @@
 #pragma once
-// What a prefill rank remembers of requests that failed, or were aborted before they arrived:
-// (room, incarnation) -> reason, bounded by count and by age. Pure: the caller passes the time, so
-// a test can drive it without an actor or a clock.
+// What a rank remembers of requests that failed: (room, incarnation) -> reason, bounded by count
+// and by age. A prefill rank's requests that failed or were aborted before they arrived, and
+// every rank's reasons of the failed requests it cleared (rank_shared). Pure: the caller passes
+// the time, so a test can drive it without an actor or a clock.
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -24,13 +25,17 @@ class failure_memory {
   // changes nothing (the first reason is the one reported). Entries past their age, and the
   // oldest beyond the count, are dropped.
   void remember(const key& k, const std::string& reason, time_point now);
+  // The same, but a key already remembered takes the new reason, aged from `now` (a room used
+  // again under the same key is a new request: its own reason is the one reported).
+  void replace(const key& k, const std::string& reason, time_point now);
 
   // The reason `k` failed, or nullptr where it is not remembered or was remembered longer ago
   // than the age bound.
   const std::string* find(const key& k, time_point now) const;
 
   // Drops what is older than the age bound (remember does too; a prefill rank also does on every
-  // new request, so failures stop costing memory once they stop coming).
+  // new request, every rank on every step's poll, so failures stop costing memory once they stop
+  // coming). Looks at the oldest entry only when none is due.
   void expire(time_point now);
 
   std::size_t size() const { return reasons_.size(); }
@@ -45,7 +50,7 @@ class failure_memory {
   std::size_t max_entries_;
   std::chrono::milliseconds max_age_;
   std::map<key, entry> reasons_;
-  std::deque<key> order_;  // oldest first; one per entry of reasons_
+  std::deque<std::pair<key, time_point>> order_;  // oldest first; one per entry of reasons_, its time
 };
 
 }  // namespace kvflow

@@ -280,7 +280,8 @@ void forget(prefill_actor* self, std::uint64_t room) {
   auto& st = self->state;
   auto it = st.rooms.find(room);
   if (it == st.rooms.end()) return;
-  remember_failure(self, room, it->second.inc, st.args.shared->failure_of(room, it->second.inc));
+  const auto& sh = *st.args.shared;  // its reasons are timed by the steady clock
+  remember_failure(self, room, it->second.inc, sh.failure_of(room, it->second.inc, std::chrono::steady_clock::now()));
   st.rooms.erase(it);
 }
 

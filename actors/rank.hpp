@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "actors/agreement.hpp"
+#include "actors/failure_memory.hpp"
 #include "actors/rank_memory.hpp"
 #include "actors/state_store.hpp"
 #include "config/routing.hpp"
@@ -96,18 +97,24 @@ struct rank_shared {
   std::mutex mutex;  // guards everything below; the actor holds it while it handles a message
   state_store store;
   std::unordered_map<std::uint64_t, engine_room> engine;  // by room
-  // Reasons of failed requests the rank already cleared (bounded).
-  std::deque<std::pair<std::pair<std::uint64_t, std::uint64_t>, std::string>> cleared_reasons;
+  // Reasons of failed requests the rank already cleared, the latest of each key: at most 4096,
+  // each for failure_memory_ms (make_rank sets it). Timed by the steady clock, which the
+  // engine's thread and the actor both read.
+  failure_memory cleared_reasons{4096, std::chrono::milliseconds(config::tunables{}.failure_memory_ms)};
   rank_counters counters;
   bool lost = false;  // the group's agreement is gone: the rank refuses new requests
   // The latest step this rank posted by message (the engine's thread writes it before the post
   // goes): no round above it can have completed, so an agreed round above it is forged.
   std::atomic<std::uint64_t> posted_step{0};
   std::string lost_reason;
-  void remember_reason(std::uint64_t room, std::uint64_t incarnation, const std::string& reason) {
-    if (reason.empty()) return;
-    cleared_reasons.emplace_back(std::make_pair(room, incarnation), reason);
-    while (cleared_reasons.size() > 4096) cleared_reasons.pop_front();
+  using time_point = std::chrono::steady_clock::time_point;
+  void remember_reason(std::uint64_t room, std::uint64_t incarnation, const std::string& reason, time_point now) {
+    cleared_reasons.replace({room, incarnation}, reason, now);
+  }
+  // The rank's periodic look at what it remembers (every step's poll): reasons past their age go
+  // even while no request fails.
+  void expire_reasons(time_point now) {
+    if (cleared_reasons.size() != 0) cleared_reasons.expire(now);
   }
   // Requests the group finished (terminal and released in an agreed round) while this rank did
   // not hold them: its engine's create that comes after that is late, and taken it would be a
@@ -118,10 +125,9 @@ struct rank_shared {
   // round tells it the request failed (its view shows it failed already), so it fails at once.
   recent_requests failed_unheld;
   // Why (room, incarnation) failed: from the store, or from the cleared requests' reasons.
-  std::string failure_of(std::uint64_t room, std::uint64_t incarnation) const {
+  std::string failure_of(std::uint64_t room, std::uint64_t incarnation, time_point now) const {
     if (const auto* e = store.find(room); e != nullptr && e->incarnation == incarnation) return e->reason;
-    for (auto it = cleared_reasons.rbegin(); it != cleared_reasons.rend(); ++it)
-      if (it->first == std::make_pair(room, incarnation)) return it->second;
+    if (const auto* r = cleared_reasons.find({room, incarnation}, now)) return *r;
     return {};
   }
 };

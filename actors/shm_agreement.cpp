@@ -309,11 +309,12 @@ std::string shm_segment::broken() const {
 // ---- the combiner ----
 
 shm_combiner::shm_combiner(std::shared_ptr<shm_segment> segment, int group, agreed_fn on_agreed,
-                           std::chrono::milliseconds idle_check)
+                           std::chrono::milliseconds idle_check, std::chrono::milliseconds tombstone_age)
     : seg_(std::move(segment)),
       group_(group),
       on_agreed_(std::move(on_agreed)),
       idle_check_(idle_check),
+      table_(65536, tombstone_age),
       dead_(seg_->shape().ranks, false),
       by_message_(seg_->shape().ranks, false),
       remote_(seg_->shape().ranks),
@@ -408,7 +409,7 @@ void shm_combiner::advance() {
     }
     auto merged = merge_min(inputs_);
     if (!dead_posts_.empty()) merged = fail_with_dead(std::move(merged), dead_posts_);
-    publish(round, table_.apply(merged));
+    publish(round, table_.apply(merged, agreed_table::clock::now()));
     ++next_;
   }
 }

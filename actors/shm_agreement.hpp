@@ -108,10 +108,13 @@ class shm_segment {
 class shm_combiner {
  public:
   using agreed_fn = std::function<void(const std::shared_ptr<const agreed_view>&)>;
+  static constexpr std::chrono::milliseconds default_idle_check{200};
   // `idle_check`: how long the thread sleeps when no post woke it (a safety net; the tests set
-  // it beyond their waits, so that a lost wake-up fails them).
+  // it beyond their waits, so that a lost wake-up fails them). `tombstone_age`: how long the
+  // agreed table remembers a request that ended (actors/agreement.hpp).
   shm_combiner(std::shared_ptr<shm_segment> segment, int group, agreed_fn on_agreed,
-               std::chrono::milliseconds idle_check = std::chrono::milliseconds(200));
+               std::chrono::milliseconds idle_check = default_idle_check,
+               std::chrono::milliseconds tombstone_age = kvflow::tombstone_age(config::tunables{}));
   ~shm_combiner();  // stops the thread
   shm_combiner(const shm_combiner&) = delete;
   shm_combiner& operator=(const shm_combiner&) = delete;

@@ -58,7 +58,8 @@ void finish_one(supervisor_actor* self, std::uint64_t round) {
     self->send(st.parent, msg::step_report{round, st.args.index_in_parent, std::move(merged)});
     return;
   }
-  auto agreed = std::make_shared<agreed_view>(agreed_view{round, st.args.group, st.table.apply(merged), 0});
+  auto agreed =
+      std::make_shared<agreed_view>(agreed_view{round, st.args.group, st.table.apply(merged, self->clock().now()), 0});
   agreed->same_since = st.table.same_since();  // rounds are finished in order, from 1
   if (st.args.publish) st.args.publish->publish(agreed);
   if (st.args.ranks == 0) return;
@@ -122,6 +123,7 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
   st.args = std::move(args);
   st.parent = std::move(parent);
   st.collector = round_collector(st.args.children);
+  st.table = agreed_table(65536, st.args.tombstone_age);
   st.children.resize(st.args.children);
   if (st.parent) self->monitor(st.parent);
   if (st.args.shared_memory) {
@@ -131,11 +133,13 @@ caf::behavior supervisor(supervisor_actor* self, supervisor_args args, caf::acto
     auto wanted = st.message_ranks;
     const int group = st.args.group;
     st.combiner = std::make_unique<shm_combiner>(
-        st.args.shared_memory, group, [me, wanted, group](const std::shared_ptr<const agreed_view>& v) {
+        st.args.shared_memory, group,
+        [me, wanted, group](const std::shared_ptr<const agreed_view>& v) {
           if (wanted->load() == 0) return;
           // As the supervisor itself: the only agreed rounds it forwards are its own.
           if (auto p = caf::actor_cast<caf::actor>(me)) caf::send_as(p, p, msg::agreed_round{v->round, group, v->states});
-        });
+        },
+        shm_combiner::default_idle_check, st.args.tombstone_age);
   }
   const std::string who = "agreement group " + std::to_string(st.args.group) + " supervisor";
   detail::refuse_stray_errors(self, who);

@@ -14,8 +14,11 @@
 // root feeds it the reports of ranks that post by message, tells it who died, and sends its
 // rounds to the ranks attached by message.
 #include <caf/fwd.hpp>
+#include <chrono>
 #include <cstdint>
 #include <memory>
+
+#include "actors/agreement.hpp"
 
 namespace kvflow {
 
@@ -32,6 +35,8 @@ struct supervisor_args {
   std::shared_ptr<step_board> board;      // where in-process children post (may be null)
   std::shared_ptr<agreed_ring> publish;  // root: where agreed rounds go (may be null)
   std::shared_ptr<shm_segment> shared_memory;  // root: merge through this segment (may be null)
+  // Root: how long its agreed table remembers a request that ended (tombstone_age(tunables)).
+  std::chrono::milliseconds tombstone_age = kvflow::tombstone_age(config::tunables{});
 };
 
 // Spawns a supervisor. `parent` is the TP supervisor for a shard supervisor, unused for a root.

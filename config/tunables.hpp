@@ -56,9 +56,12 @@ namespace kvflow::config {
   X(max_rooms_per_rank, "KVFLOW_MAX_ROOMS_PER_RANK", 65536,                                      \
     "live rooms one rank accepts; more are refused with an error (bounds the state store)")      \
   X(failure_memory_ms, "KVFLOW_FAILURE_MEMORY_MS", 600000,                                       \
-    "prefill: how long a rank remembers a request that failed, or that a decode rank aborted "  \
-    "before it arrived, to refuse its late destinations and fail it when it comes (at most "    \
-    "max_rooms_per_rank of them; keep it above the bootstrap timeout)")                          \
+    "how long a request that ended is remembered. Prefill: one that failed, or that a decode "  \
+    "rank aborted before it arrived, to refuse its late destinations and fail it when it comes " \
+    "(at most max_rooms_per_rank of them); every rank: why a request it cleared failed (at "    \
+    "most 4096); an agreement group's root: the agreed end of a request no rank holds any more, " \
+    "so that a late rank's create of it ends at once (at most 65536, never less than the "      \
+    "bootstrap timeout). Keep it above the bootstrap timeout")                                    \
   X(max_pages_per_request, "KVFLOW_MAX_PAGES_PER_REQUEST", 1 << 20,                              \
     "largest page list a destination or chunk message may carry; longer ones fail the room")    \
   X(link_max_frame_bytes, "KVFLOW_LINK_MAX_FRAME_BYTES", 64 << 20,                               \

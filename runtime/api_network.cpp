@@ -325,6 +325,7 @@ expected<agreement_link> link_network(node::impl& n, bool prefill, int r) {
     ra.children = root_children;
     ra.group = group;
     ra.root = true;
+    ra.tombstone_age = tombstone_age(n.tunables);
     ra.ranks = ranks_in_group;  // the root holds rounds until every rank attached by message
     ra.shared_memory = make_segment(n, group, ranks_in_group);
     if (ra.shared_memory) {

@@ -337,6 +337,7 @@ expected<std::shared_ptr<rank::impl>> make_rank(const rank_context& ctx, bool pr
   ri->fences = fences;
   ri->shared = std::make_shared<rank_shared>();
   ri->shared->store = state_store(static_cast<std::size_t>(ctx.tunables.max_rooms_per_rank));
+  ri->shared->cleared_reasons = failure_memory{4096, std::chrono::milliseconds(ctx.tunables.failure_memory_ms)};
   ri->parent = link.parent;
   ri->child = link.child;
   ri->board = link.board;
@@ -400,6 +401,7 @@ static std::optional<runtime::agreement_link> shm_link(node::impl& n, bool prefi
     ra.group = place.group;
     ra.root = true;
     ra.shared_memory = seg;
+    ra.tombstone_age = tombstone_age(n.tunables);
     grp.root = spawn_supervisor(n.system(), ra, {});
     grp.shm = std::move(seg);
     n.infrastructure.push_back(grp.root);
@@ -426,6 +428,7 @@ static expected<runtime::agreement_link> local_link(node::impl& n, bool prefill,
     ra.children = children;
     ra.group = group;
     ra.root = true;
+    ra.tombstone_age = tombstone_age(n.tunables);
     if (ranks_board) ra.board = std::make_shared<step_board>(children);
     ra.publish = grp.ring;
     grp.root = spawn_supervisor(sys, ra, {});

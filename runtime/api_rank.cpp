@@ -52,7 +52,7 @@ error create_room(rank::impl& r, const request_id& id, int other_dp, int other_d
     const bool same_key = (e != nullptr && e->incarnation == id.incarnation) ||
                           (en != sh.engine.end() && en->second.incarnation == id.incarnation);
     if (!same_key) {
-      sh.remember_reason(id.room, id.incarnation, why);
+      sh.remember_reason(id.room, id.incarnation, why, std::chrono::steady_clock::now());
       caf::anon_send(r.actor, msg::api_refused{id.room, id.incarnation, other_dp, why});
     }
     return {code, std::move(why)};
@@ -103,6 +103,7 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
     {
       std::lock_guard<std::mutex> g(sh.mutex);
       ++sh.counters.polls;
+      sh.expire_reasons(std::chrono::steady_clock::now());
       if (sh.store.version() != r.snapshot_version) {
         r.snapshot.clear();
         r.snapshot.reserve(sh.store.size());
@@ -210,9 +211,9 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
           continue;
         }
         (static_cast<kv_poll>(s.state) == kv_poll::success ? sh.counters.succeeded : sh.counters.failed)++;
-        sh.remember_reason(s.room, s.incarnation, e->reason.empty() && s.state == 0
-                                                       ? "another rank of the group failed the room"
-                                                       : e->reason);
+        sh.remember_reason(s.room, s.incarnation,
+                           e->reason.empty() && s.state == 0 ? "another rank of the group failed the room" : e->reason,
+                           std::chrono::steady_clock::now());
         sh.store.clear(s.room);
         sh.engine.erase(s.room);
       }
@@ -239,7 +240,7 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
 std::string rank::failure_reason(const request_id& id) const {
   auto& sh = *impl_->shared;
   std::lock_guard<std::mutex> g(sh.mutex);
-  return sh.failure_of(id.room, id.incarnation);
+  return sh.failure_of(id.room, id.incarnation, std::chrono::steady_clock::now());
 }
 
 error rank::clear(const request_id& id) {
@@ -255,7 +256,7 @@ error rank::clear(const request_id& id) {
   if (!sh.lost || !e->released) return invalid(id_text(id) + ": no round has shown it released yet");
   msg::api_apply forget;
   forget.forget.push_back({id.room, id.incarnation, static_cast<std::uint8_t>(e->state), true});
-  sh.remember_reason(id.room, id.incarnation, e->reason);
+  sh.remember_reason(id.room, id.incarnation, e->reason, std::chrono::steady_clock::now());
   sh.store.clear(id.room);
   sh.engine.erase(id.room);
   g.unlock();

@@ -23,6 +23,12 @@ inline void futex_wait(std::atomic<std::uint32_t>& word, std::uint32_t seen, std
   syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT, seen, &ts, nullptr, 0);
 }
 
+// Sleeps while `word` still holds `seen`, until a wake (no timeout: a sleeper that must stop is
+// woken by a bump of the same word).
+inline void futex_wait(std::atomic<std::uint32_t>& word, std::uint32_t seen) {
+  syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT, seen, nullptr, nullptr, 0);
+}
+
 inline void futex_wake(std::atomic<std::uint32_t>& word, int count) {
   syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE, count, nullptr, nullptr, 0);
 }

@@ -36,8 +36,6 @@ constexpr char staged_region_key[] = "staged";  // what the inner staged transpo
 // How the ring words a refusal it read back (staging_ring::read_verdict); the sender's ring
 // words it again, so it travels without.
 constexpr char refused_prefix[] = "refused by the receiver: ";
-// How long the forwarder sleeps before it looks again at what no doorbell announces (a stop).
-constexpr std::chrono::microseconds look_again{20000};
 constexpr std::uint32_t max_address = 1u << 16;
 constexpr std::uint32_t max_reason = 512;
 
@@ -209,6 +207,8 @@ struct ucx_staged_transport::impl {
   std::map<std::string, std::pair<int, std::uint64_t>> welcomed_at;
   int closes = 0;  // endpoint closes not completed
   bool dying = false;
+
+  std::atomic<std::uint64_t> unrung_wakeups{0};  // forwarder_unrung_wakeups()
 
   // ---- UCX thread: plumbing ----
 
@@ -554,18 +554,28 @@ struct ucx_staged_transport::impl {
 
   // ---- forwarder thread (one per link) ----
 
+  // Sleeps on the local ring's doorbell until the inner transport fills a slot or retire()
+  // stops it (it rings the same doorbell): no timeout, so an idle link costs no wake-ups. The
+  // slots' deadlines are the UCX thread's watchdog, not this thread's.
   void forward_loop(link& l) {
     auto& doorbell = l.proxy->doorbell();
     const int slots = static_cast<int>(l.proxy->shape().slots);
-    while (!l.stop.load(std::memory_order_acquire)) {
+    for (;;) {
+      // The bell before the stop flag: a stop that this load missed bumps the bell after it, so
+      // the wait below returns at once; one whose bump this load saw is seen below (retire stores
+      // the flag before its release bump).
       const std::uint32_t seen = doorbell.load(std::memory_order_acquire);
+      if (l.stop.load(std::memory_order_acquire)) return;
       bool found = false;
       for (int s = 0; s < slots; ++s) {
         if (!l.proxy->exchange_state(0, s, slot_state::filled, slot_state::taken)) continue;
         found = true;
         worker->post([this, id = l.id, s] { forward(id, s); });
       }
-      if (!found) futex_wait(doorbell, seen, look_again);
+      if (found) continue;
+      futex_wait(doorbell, seen);
+      // Woken with the bell where it was: a timed-out or spurious sleep, what a poll would cost.
+      if (doorbell.load(std::memory_order_acquire) == seen) unrung_wakeups.fetch_add(1, std::memory_order_relaxed);
     }
   }
 
@@ -1049,5 +1059,9 @@ void ucx_staged_transport::push_after(std::uintptr_t ready_fence, std::uint64_t 
 }
 
 std::uint64_t ucx_staged_transport::bytes_moved() const { return impl_->send->bytes_moved(); }
+
+std::uint64_t ucx_staged_transport::forwarder_unrung_wakeups() const {
+  return impl_->unrung_wakeups.load(std::memory_order_relaxed);
+}
 
 }  // namespace kvflow::transport

@@ -79,6 +79,9 @@ class ucx_staged_transport final : public transport {
   void push_after(std::uintptr_t ready_fence, std::uint64_t peer, const std::vector<block>& blocks,
                   completion done) override;
   std::uint64_t bytes_moved() const override;
+  // How often a forwarder thread woke though its doorbell had not rung (a timed-out or spurious
+  // sleep): what an idle link would cost if it polled. It does not: 0 but for a signal. For tests.
+  std::uint64_t forwarder_unrung_wakeups() const;
 
   struct impl;
 

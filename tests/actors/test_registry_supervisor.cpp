@@ -2,6 +2,7 @@
 // actors, driven by test actors on a real threaded actor system.
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -323,12 +324,13 @@ struct group_tree {
   std::vector<inbox_ptr> boxes;
 
   group_tree(actor_fixture& f, int tp_size, int cp_size, int group_id, int attach, int pp_size = 1,
-             std::shared_ptr<agreed_ring> ring = nullptr)
+             std::shared_ptr<agreed_ring> ring = nullptr, std::optional<ms> tombstone_age = std::nullopt)
       : tp(tp_size), cp(cp_size), pp(pp_size), group(group_id) {
     supervisor_args top;
     top.children = tp * pp;
     top.group = group;
     top.root = true;
+    if (tombstone_age) top.tombstone_age = *tombstone_age;
     top.ranks = tp * cp * pp;  // every rank attaches by message (no in-process boards)
     top.publish = std::move(ring);
     root = f.own(spawn_supervisor(f.sys, top, {}));
@@ -439,6 +441,25 @@ TEST_CASE("supervisors: agreed states never go down except to Failed, and termin
   CHECK(agreed_by_all(g, all, 4).empty());
   for (int i = 0; i < 4; ++i) g.report(i, 5, i == 3 ? step_states{rs(1, B)} : step_states{});
   CHECK(agreed_by_all(g, all, 5) == step_states{rs(1, S)});
+}
+
+// The root's tombstones were bounded by count only; they go by age now too (supervisor_args::
+// tombstone_age, from failure_memory_ms). A 1 ms age and 20 ms between the rounds: the age has
+// passed whatever the machine's load (the sleep only lets time pass).
+TEST_CASE("supervisors: a root forgets a tombstone older than its age, so a late rank's key opens again") {
+  actor_fixture f;
+  group_tree g(f, 2, 1, 6, 2, 1, nullptr, ms{1});
+  const std::vector<int> all{0, 1};
+  for (int i = 0; i < 2; ++i) g.report(i, 1, {rs(1, S, true)});
+  CHECK(agreed_by_all(g, all, 1) == step_states{rs(1, S, true)});
+  for (int i = 0; i < 2; ++i) g.report(i, 2, {});  // every rank cleared room 1: its tombstone
+  CHECK(agreed_by_all(g, all, 2).empty());
+  std::this_thread::sleep_for(ms{20});
+  // A late rank creates room 1 again: its tombstone is gone, so it is Bootstrapping (the
+  // rank's bootstrap timeout bounds it), not the final Success of round 1.
+  g.report(0, 3, {rs(1, B)});
+  g.report(1, 3, {});
+  CHECK(agreed_by_all(g, all, 3) == step_states{rs(1, B)});
 }
 
 TEST_CASE("supervisors: each published round says since which round the group agreed these very states") {

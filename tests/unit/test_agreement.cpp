@@ -2,6 +2,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <map>
 #include <optional>
 #include <random>
@@ -290,6 +291,39 @@ TEST_CASE("agreement: agreed_table remembers a bounded number of tombstones (old
   at.apply({});
   // Room 1's tombstone was evicted; 2 and 3 are remembered.
   CHECK(at.apply({{1, 1, B}, {2, 1, B}, {3, 1, B}}) == step_states{{1, 1, B}, {2, 1, S}, {3, 1, F}});
+}
+
+// Tombstones were bounded by count only (65536 a table, about 5 MB a group once full, never given
+// back); they go by age now too, at the apply of any round, an empty one included.
+TEST_CASE("agreement: agreed_table forgets a tombstone older than its age, at any round") {
+  using std::chrono::milliseconds;
+  const agreed_table::clock::time_point t0{};
+  agreed_table at(65536, milliseconds{1000});
+  at.apply({{1, 1, S}, {2, 1, F}}, t0);
+  at.apply({{2, 1, F}}, t0 + milliseconds{10});  // room 1's tombstone, from t0 + 10 ms
+  at.apply({}, t0 + milliseconds{500});          // room 2's, from t0 + 500 ms
+  CHECK(at.tombstones() == 2);
+  at.apply({}, t0 + milliseconds{1009});
+  CHECK(at.tombstones() == 2);
+  // Rounds with nothing in them: time alone lets room 1 go.
+  at.apply({}, t0 + milliseconds{1010});
+  CHECK(at.tombstones() == 1);
+  // A late rank creates both again: room 1 opens again at Bootstrapping (the rank's own bootstrap
+  // timeout then bounds it), room 2 is still a final Failed.
+  CHECK(at.apply({{1, 1, B}, {2, 1, W}}, t0 + milliseconds{1010}) == step_states{{1, 1, B}, {2, 1, F}});
+  at.apply({}, t0 + milliseconds{1400});
+  CHECK(at.tombstones() == 1);  // room 2's, laid when it first left: it goes at that one's age
+  at.apply({}, t0 + milliseconds{1500});
+  CHECK(at.tombstones() == 0);
+  CHECK(at.size() == 0);
+}
+
+TEST_CASE("agreement: a tombstone lives failure_memory_ms, never less than the bootstrap timeout") {
+  config::tunables t;
+  CHECK(tombstone_age(t) == std::chrono::milliseconds(t.failure_memory_ms));  // 10 min by default
+  t.failure_memory_ms = 1000;
+  t.bootstrap_timeout_ms = 5000;
+  CHECK(tombstone_age(t) == std::chrono::milliseconds(5000));
 }
 
 // Children's per-room states only rise (and may fail); rounds are reported in random order with

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "actors/failure_memory.hpp"
+#include "actors/rank.hpp"
 
 using kvflow::failure_memory;
 using std::chrono::milliseconds;
@@ -65,4 +66,43 @@ TEST_CASE("failure memory: beyond the count bound the oldest entry goes first") 
   CHECK(m.find({2, 1}, t0) == nullptr);
   CHECK(m.find({3, 1}, t0) != nullptr);
   CHECK(m.find({5, 1}, t0) != nullptr);
+}
+
+TEST_CASE("failure memory: replace keeps the latest reason of a key, aged from when it came") {
+  failure_memory m(8, milliseconds{1000});
+  m.replace({1, 1}, "refused: duplicate room", t0);
+  m.replace({2, 1}, "b", t0 + milliseconds{100});
+  m.replace({1, 1}, "decode rank 3 down", t0 + milliseconds{500});
+  m.replace({1, 1}, "", t0 + milliseconds{500});  // no reason: nothing changes
+  CHECK(m.size() == 2);
+  REQUIRE(m.find({1, 1}, t0 + milliseconds{1499}) != nullptr);
+  CHECK(*m.find({1, 1}, t0 + milliseconds{1499}) == "decode rank 3 down");
+  // Room 2 is now the oldest: it goes first, by age and by count.
+  m.expire(t0 + milliseconds{1100});
+  CHECK(m.size() == 1);
+  CHECK(m.find({1, 1}, t0 + milliseconds{1100}) != nullptr);
+}
+
+// The reasons of the requests a rank cleared were bounded by count only (4096 a rank, about 0.5 MB,
+// never given back). They go by age now too (failure_memory_ms), on the poll of every step.
+TEST_CASE("rank: a cleared request's reason is forgotten after its age, on the step's tick without new failures") {
+  kvflow::rank_shared sh;
+  sh.cleared_reasons = failure_memory{4096, milliseconds{1000}};
+  sh.remember_reason(7, 1, "decode rank 3 down", t0);
+  sh.remember_reason(8, 1, "", t0);  // no reason: nothing to remember
+  CHECK(sh.failure_of(7, 1, t0 + milliseconds{999}) == "decode rank 3 down");
+  CHECK(sh.failure_of(7, 1, t0 + milliseconds{1000}).empty());
+  sh.expire_reasons(t0 + milliseconds{999});
+  CHECK(sh.cleared_reasons.size() == 1);
+  sh.expire_reasons(t0 + milliseconds{1000});  // what poll does every step
+  CHECK(sh.cleared_reasons.size() == 0);
+  // A room used again under the same key: the latest request's reason is the one reported.
+  sh.remember_reason(7, 1, "refused: duplicate room", t0 + milliseconds{2000});
+  sh.remember_reason(7, 1, "aborted by the engine", t0 + milliseconds{2500});
+  CHECK(sh.failure_of(7, 1, t0 + milliseconds{3400}) == "aborted by the engine");
+  // The count bound holds as before.
+  for (std::uint64_t r = 100; r < 100 + 5000; ++r) sh.remember_reason(r, 1, "r", t0 + milliseconds{3000});
+  CHECK(sh.cleared_reasons.size() == 4096);
+  CHECK(sh.failure_of(7, 1, t0 + milliseconds{3000}).empty());
+  CHECK(sh.failure_of(100 + 4999, 1, t0 + milliseconds{3000}) == "r");
 }

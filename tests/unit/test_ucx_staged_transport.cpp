@@ -129,6 +129,41 @@ TEST_CASE("staged_ucx: a fragmented request larger than the ring moves to anothe
   CHECK_FALSE(push_and_wait(*sender, 3, {{src.data(), region.value().id, 0, 16}}).ok());
 }
 
+// The forwarder woke every 20 ms while idle just to look for a stop (a poll per link, on machines
+// of 2 cores). It sleeps until a filled slot or the stop rings its doorbell now. Counted, not
+// timed: without the fix the idle link below woke about 10 times a 200 ms; with it none wakes
+// unless a signal interrupts it, whatever the machine's load.
+TEST_CASE("staged_ucx: an idle link's forwarder sleeps until rung, and its stop wakes it") {
+  auto receiver = make(host_named("host-r"));
+  auto sender = make(host_named("host-s"));
+  const std::uint64_t page = 16384, pool_pages = 16;
+  std::vector<std::byte> pool(pool_pages * page, std::byte{0});
+  auto region = receiver->register_memory(3, pool.data(), pool.size());
+  REQUIRE_MESSAGE(region.ok(), region.error().reason());
+  REQUIRE(sender->connect(3, receiver->endpoint(), {region.value()}).ok());
+  std::vector<std::byte> src;
+  auto dst = shuffled(8, pool_pages, 5);  // two slots of 64 KiB: the forwarder works, then idles
+  auto st = push_and_wait(*sender, 3, request_of(src, region.value().id, dst, page, 5));
+  REQUIRE_MESSAGE(st.ok(), st.reason());
+  CHECK(mismatches(pool.data(), dst, page, 5) == 0);
+  // Idle: nothing rings the forwarder's doorbell. Ten of the former poll intervals pass; the
+  // sleep only lets time pass, the count is what is checked.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  CHECK(sender->forwarder_unrung_wakeups() == 0);
+  // Stopping the idle link rings the doorbell: disconnect joins the forwarder (a stop it missed
+  // would hang here), and it woke rung.
+  sender->disconnect(3);
+  CHECK(sender->forwarder_unrung_wakeups() == 0);
+  // Links stopped at once after they start: the stop can come before, during or after the
+  // forwarder's first look at the bell, and each must end it.
+  for (std::uint64_t peer = 10; peer < 30; ++peer) {
+    REQUIRE(sender->connect(peer, receiver->endpoint(), {region.value()}).ok());
+    sender->disconnect(peer);
+  }
+  CHECK(sender->forwarder_unrung_wakeups() == 0);
+  CHECK(receiver->forwarder_unrung_wakeups() == 0);
+}
+
 TEST_CASE("staged_ucx: two remote senders share the receiver, each its own lane, a third finds none") {
   auto receiver = make(host_named("host-r"));
   const std::uint64_t page = 16384, pool_pages = 64;

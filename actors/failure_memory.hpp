@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -34,11 +35,18 @@ class failure_memory {
   const std::string* find(const key& k, time_point now) const;
 
   // Drops what is older than the age bound (remember does too; a prefill rank also does on every
-  // new request, every rank on every step's poll, so failures stop costing memory once they stop
-  // coming). Looks at the oldest entry only when none is due.
+  // new request and on a timer set for next_expiry(), every rank on every step's poll, so
+  // failures stop costing memory once they stop coming). Looks at the oldest entry only when
+  // none is due.
   void expire(time_point now);
 
   std::size_t size() const { return reasons_.size(); }
+  // When the oldest entry's age runs out (expire at or after it drops it), or nullopt when
+  // nothing is remembered: a rank's timer for forgetting without new requests.
+  std::optional<time_point> next_expiry() const {
+    if (order_.empty()) return std::nullopt;
+    return order_.front().second + max_age_;
+  }
 
  private:
   struct entry {

@@ -57,6 +57,7 @@ struct agreement_expiry {  // a request its group has not agreed past Bootstrapp
 };
 struct topology_retry {};  // decode: ask the registry for the topology again
 struct leave_expiry {};    // decode: stopping, it waited long enough for its peers' writes to drain
+struct failure_expiry {};  // prefill: its remembered failures' oldest age ran out: forget what is due
 struct early_expiry {  // destinations buffered for a request this rank never saw: give up on them
   std::uint64_t room = 0;
   std::uint64_t incarnation = 0;
@@ -283,6 +284,10 @@ typename I::result_type inspect(I& f, leave_expiry&) {
 template <class I>
 typename I::result_type inspect(I& f, topology_retry&) {
   return f(caf::meta::type_name("topology_retry"));
+}
+template <class I>
+typename I::result_type inspect(I& f, failure_expiry&) {
+  return f(caf::meta::type_name("failure_expiry"));
 }
 template <class I>
 typename I::result_type inspect(I& f, early_expiry& x) {

@@ -60,6 +60,7 @@ struct prefill_state {
   // aborted request fails when it comes. Bounded by count and by age (failure_memory_ms), so a
   // rank under a steady stream of failures does not grow for the hour it takes to reach the count.
   failure_memory failed_before{0, std::chrono::milliseconds{0}};
+  bool failure_expiry_set = false;  // a msg::failure_expiry of this rank is on its way
   std::string name;
   const char* side = "prefill";
   detail::actor_store<prefill_state> store() { return {*this}; }
@@ -272,8 +273,25 @@ void accept_dst(prefill_actor* self, prefill_room& r, msg::dst_info d) {
   maybe_ready(self, r);
 }
 
+// After failed_before changed: its size for the engine's counters, and its timer. failed_before
+// also goes by age on a timer of its own, so a rank that gets no new requests (whose creates
+// expire it too) gives its last failures back: one timer at a time, due when the oldest entry's
+// age runs out, set again for the next oldest each time it fires. The actor clock, as the
+// entries' times.
+void failures_changed(prefill_actor* self) {
+  auto& st = self->state;
+  st.args.shared->counters.failures_remembered = st.failed_before.size();
+  if (st.failure_expiry_set) return;
+  const auto due = st.failed_before.next_expiry();
+  if (!due) return;
+  st.failure_expiry_set = true;
+  const auto now = self->clock().now();
+  self->delayed_send(self, *due > now ? *due - now : caf::actor_clock::duration_type::zero(), msg::failure_expiry{});
+}
+
 void remember_failure(prefill_actor* self, std::uint64_t room, std::uint64_t inc, const std::string& reason) {
   self->state.failed_before.remember({room, inc}, reason, self->clock().now());
+  failures_changed(self);
 }
 
 void forget(prefill_actor* self, std::uint64_t room) {
@@ -424,6 +442,7 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           r.expected.push_back(config::decode_rank_of(cfg.decode, {q.other_dp, rd.pp, rd.tp}));
         auto& room = st.rooms.emplace(q.room, std::move(r)).first->second;
         st.failed_before.expire(self->clock().now());  // a quiet rank drops its old failures too
+        failures_changed(self);
         if (const auto* f = st.failed_before.find({q.room, q.incarnation}, self->clock().now()))
           fail_room(self, q.room, *f);  // aborted before it came here
         if (st.args.shared->lost) fail_room(self, q.room, st.args.shared->lost_reason);
@@ -639,6 +658,15 @@ caf::behavior prefill_rank(prefill_actor* self, rank_args args) {
           refuse(self, d.decode_rank, d.room, d.incarnation,
                  "no request for this room reached prefill rank " + std::to_string(st.args.rank) +
                      " within the bootstrap timeout");
+      },
+      [self](msg::failure_expiry&) {
+        // Only its own timer: failures_changed keeps one on its way.
+        if (!detail::sent_by(self, self->address())) return;
+        auto& st = self->state;
+        auto g = detail::lock(*st.args.shared);
+        st.failure_expiry_set = false;
+        st.failed_before.expire(self->clock().now());
+        failures_changed(self);  // set again for the next oldest, if any
       },
       [self](msg::room_timeout& t) {
         auto& st = self->state;

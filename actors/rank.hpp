@@ -58,21 +58,23 @@ struct rank_counters {
   double transfer_seconds = 0;
   std::uint64_t polls = 0, stalls = 0;
   std::uint64_t quarantined = 0, pushes_in_flight = 0;
+  std::uint64_t failures_remembered = 0;  // prefill: entries of its actor's failed_before, now
 };
 
 // (room, incarnation) pairs an agreed round showed while this rank did not hold them, each kept
 // for a while only (bounded) and answering one create: a room reused under the same key
-// (SGLang's incarnation is always 0) is a new request.
+// (SGLang's incarnation is always 0) is a new request. Timed by the steady clock, passed in (a
+// test drives it without waiting).
 class recent_requests {
  public:
-  void remember(std::uint64_t room, std::uint64_t incarnation) {
-    seen_.push_back({room, incarnation, std::chrono::steady_clock::now()});
+  using time_point = std::chrono::steady_clock::time_point;
+  void remember(std::uint64_t room, std::uint64_t incarnation, time_point now) {
+    seen_.push_back({room, incarnation, now});
     while (seen_.size() > 4096) seen_.pop_front();
   }
   // True once for (room, incarnation) remembered within `window`.
-  bool take(std::uint64_t room, std::uint64_t incarnation, std::chrono::milliseconds window) {
-    const auto now = std::chrono::steady_clock::now();
-    while (!seen_.empty() && now - seen_.front().at > window) seen_.pop_front();
+  bool take(std::uint64_t room, std::uint64_t incarnation, std::chrono::milliseconds window, time_point now) {
+    expire(now, window);
     auto it = std::find_if(seen_.begin(), seen_.end(),
                            [&](const entry& f) { return f.room == room && f.incarnation == incarnation; });
     if (it == seen_.end()) return false;
@@ -84,11 +86,17 @@ class recent_requests {
                                [&](const entry& f) { return f.room == room && f.incarnation == incarnation; }),
                 seen_.end());
   }
+  // Drops what was remembered longer ago than `window` (take never answers it any more).
+  // Remembered in time order, so those are a prefix: looks at the oldest only when none is due.
+  void expire(time_point now, std::chrono::milliseconds window) {
+    while (!seen_.empty() && now - seen_.front().at > window) seen_.pop_front();
+  }
+  std::size_t size() const { return seen_.size(); }
 
  private:
   struct entry {
     std::uint64_t room, incarnation;
-    std::chrono::steady_clock::time_point at;
+    time_point at;
   };
   std::deque<entry> seen_;
 };
@@ -111,11 +119,6 @@ struct rank_shared {
   void remember_reason(std::uint64_t room, std::uint64_t incarnation, const std::string& reason, time_point now) {
     cleared_reasons.replace({room, incarnation}, reason, now);
   }
-  // The rank's periodic look at what it remembers (every step's poll): reasons past their age go
-  // even while no request fails.
-  void expire_reasons(time_point now) {
-    if (cleared_reasons.size() != 0) cleared_reasons.expire(now);
-  }
   // Requests the group finished (terminal and released in an agreed round) while this rank did
   // not hold them: its engine's create that comes after that is late, and taken it would be a
   // room no other rank holds, so it is refused.
@@ -124,6 +127,15 @@ struct rank_shared {
   // rank's later create is the group's request and takes part in letting it go, but no later
   // round tells it the request failed (its view shows it failed already), so it fails at once.
   recent_requests failed_unheld;
+  // The rank's periodic look at what it remembers (every step's poll): reasons past their age,
+  // and finished and failed_unheld's requests past `late_window` (the bootstrap timeout, the
+  // window in which they answer a create), go even while no request fails or is created. Costs
+  // a look at each one's oldest entry when none is due.
+  void expire(time_point now, std::chrono::milliseconds late_window) {
+    if (cleared_reasons.size() != 0) cleared_reasons.expire(now);
+    finished.expire(now, late_window);
+    failed_unheld.expire(now, late_window);
+  }
   // Why (room, incarnation) failed: from the store, or from the cleared requests' reasons.
   std::string failure_of(std::uint64_t room, std::uint64_t incarnation, time_point now) const {
     if (const auto* e = store.find(room); e != nullptr && e->incarnation == incarnation) return e->reason;

@@ -71,7 +71,8 @@ inline std::string group_failed_reason(const char* side) {
 template <class State>
 bool failed_before_created(State& st, std::uint64_t room, std::uint64_t incarnation) {
   return st.args.shared->failed_unheld.take(room, incarnation,
-                                            std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms));
+                                            std::chrono::milliseconds(st.args.tunables.bootstrap_timeout_ms),
+                                            std::chrono::steady_clock::now());
 }
 
 // The handlers every rank has. `fail(room, reason)` fails a room here and tells its peers;

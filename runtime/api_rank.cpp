@@ -40,7 +40,7 @@ error create_room(rank::impl& r, const request_id& id, int other_dp, int other_d
   auto& sh = *r.shared;
   // This rank's create came after its group had already finished the request (the others
   // failed and let go of it first): taken, it would be a room only this rank holds.
-  if (sh.finished.take(id.room, id.incarnation, r.late_create_window))
+  if (sh.finished.take(id.room, id.incarnation, r.late_create_window, std::chrono::steady_clock::now()))
     return {errc::exists, "room " + std::to_string(id.room) + " incarnation " + std::to_string(id.incarnation) +
                               ": its group already finished this request (another rank of the group ended it before this create)"};
   // A request this rank will not hold: the peers of the other side still hear of it from their
@@ -103,7 +103,10 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
     {
       std::lock_guard<std::mutex> g(sh.mutex);
       ++sh.counters.polls;
-      sh.expire_reasons(std::chrono::steady_clock::now());
+      // What it remembers of ended requests goes by age here, so without new failures or creates.
+      // finished and failed_unheld answer a create within the bootstrap timeout (late_create_window;
+      // the actor's failed_before_created uses the same), reasons for failure_memory_ms.
+      sh.expire(std::chrono::steady_clock::now(), r.late_create_window);
       if (sh.store.version() != r.snapshot_version) {
         r.snapshot.clear();
         r.snapshot.reserve(sh.store.size());
@@ -201,12 +204,12 @@ expected<round_view> rank::poll(std::uint64_t step, std::chrono::microseconds wa
       for (const auto& s : apply.fail) {
         const auto* e = sh.store.find(s.room);
         if (!s.released && (e == nullptr || e->incarnation != s.incarnation))
-          sh.failed_unheld.remember(s.room, s.incarnation);
+          sh.failed_unheld.remember(s.room, s.incarnation, std::chrono::steady_clock::now());
       }
       for (const auto& s : apply.forget) {
         const auto* e = sh.store.find(s.room);
         if (e == nullptr || e->incarnation != s.incarnation) {
-          sh.finished.remember(s.room, s.incarnation);
+          sh.finished.remember(s.room, s.incarnation, std::chrono::steady_clock::now());
           sh.failed_unheld.drop(s.room, s.incarnation);  // a create now is refused, not failed
           continue;
         }

@@ -1774,6 +1774,65 @@ TEST_CASE("regression: an early abort is remembered for failure_memory_ms, then 
   CHECK(p.steps().reaches(after, poll_state::waiting_for_input, ms(2000)));
 }
 
+// Prefill's failed_before went by age only as a new request came (api_create expires it): a rank
+// that got no more requests held its last failures, up to max_rooms_per_rank of them, for good.
+// A timer of its own (msg::failure_expiry, due at the oldest entry's end) expires them now.
+TEST_CASE("regression: prefill forgets its remembered failures after failure_memory_ms without a new request") {
+  rank_fixture f(mla_config(1, 1, 1));
+  f.tunables.bootstrap_timeout_ms = 5000;
+  f.tunables.failure_memory_ms = 1000;
+  auto& d = f.fake_decode_rank(0);
+  auto& p = f.add_prefill(0);
+  f.connect(d, p);
+  auto& sh = *runtime::internals(p.api()).shared;
+  auto remembered = [&sh] {
+    std::lock_guard<std::mutex> g(sh.mutex);
+    return sh.counters.failures_remembered;
+  };
+  // Gone within `timeout`, with nothing but time passing (no request, destination or step).
+  auto forgotten = [&](ms timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (remembered() != 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(ms(10));
+    return remembered() == 0;
+  };
+  caf::anon_send(p.actor, msg::abort_room{27, 1, 0, "client went away"});
+  caf::anon_send(p.actor, msg::abort_room{28, 1, 0, "client went away"});
+  REQUIRE(d.box->wait_for<msg::abort_ack>([](const msg::abort_ack& a) { return a.room == 28; }));
+  CHECK(remembered() == 2);
+  CHECK(forgotten(ms(10000)));
+  // A later failure sets the timer again.
+  caf::anon_send(p.actor, msg::abort_room{29, 1, 0, "client went away"});
+  REQUIRE(d.box->wait_for<msg::abort_ack>([](const msg::abort_ack& a) { return a.room == 29; }));
+  CHECK(remembered() == 1);
+  CHECK(forgotten(ms(10000)));
+}
+
+// finished and failed_unheld (4096 requests each) dropped old entries only as a create came. The
+// step's poll expires them too now, past the window in which they answer a create (the
+// bootstrap timeout); what is within it still refuses a late create.
+TEST_CASE("rank: a step's poll forgets finished and failed requests past the bootstrap timeout without a create") {
+  rank_fixture f(mla_config(1, 1, 1));
+  f.tunables.bootstrap_timeout_ms = 60000;
+  auto& p = f.add_prefill(0);
+  auto& sh = *runtime::internals(p.api()).shared;
+  {
+    std::lock_guard<std::mutex> g(sh.mutex);
+    const auto now = std::chrono::steady_clock::now();
+    sh.finished.remember(31, 1, now - ms(120000));
+    sh.failed_unheld.remember(32, 1, now - ms(120000));
+    sh.finished.remember(33, 1, now);
+    sh.failed_unheld.remember(34, 1, now);
+  }
+  p.steps().next();
+  {
+    std::lock_guard<std::mutex> g(sh.mutex);
+    CHECK(sh.finished.size() == 1);
+    CHECK(sh.failed_unheld.size() == 1);
+  }
+  // Within the window a late create of what the group finished is still refused.
+  CHECK(p.p->create({33, 1}, 0).code() == errc::exists);
+}
+
 }  // namespace kvflow::actor_test
 
 // ---- regressions found while porting these tests -----------------------------------------------

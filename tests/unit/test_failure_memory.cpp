@@ -92,9 +92,9 @@ TEST_CASE("rank: a cleared request's reason is forgotten after its age, on the s
   sh.remember_reason(8, 1, "", t0);  // no reason: nothing to remember
   CHECK(sh.failure_of(7, 1, t0 + milliseconds{999}) == "decode rank 3 down");
   CHECK(sh.failure_of(7, 1, t0 + milliseconds{1000}).empty());
-  sh.expire_reasons(t0 + milliseconds{999});
+  sh.expire(t0 + milliseconds{999}, milliseconds{1000});
   CHECK(sh.cleared_reasons.size() == 1);
-  sh.expire_reasons(t0 + milliseconds{1000});  // what poll does every step
+  sh.expire(t0 + milliseconds{1000}, milliseconds{1000});  // what poll does every step
   CHECK(sh.cleared_reasons.size() == 0);
   // A room used again under the same key: the latest request's reason is the one reported.
   sh.remember_reason(7, 1, "refused: duplicate room", t0 + milliseconds{2000});
@@ -105,4 +105,49 @@ TEST_CASE("rank: a cleared request's reason is forgotten after its age, on the s
   CHECK(sh.cleared_reasons.size() == 4096);
   CHECK(sh.failure_of(7, 1, t0 + milliseconds{3000}).empty());
   CHECK(sh.failure_of(100 + 4999, 1, t0 + milliseconds{3000}) == "r");
+}
+
+TEST_CASE("failure memory: next_expiry is when the oldest entry's age runs out") {
+  failure_memory m(8, milliseconds{1000});
+  CHECK_FALSE(m.next_expiry().has_value());
+  m.remember({1, 1}, "a", t0 + milliseconds{10});
+  m.remember({2, 1}, "b", t0 + milliseconds{300});
+  REQUIRE(m.next_expiry().has_value());
+  CHECK(*m.next_expiry() == t0 + milliseconds{1010});
+  m.expire(*m.next_expiry());  // due then: the oldest goes, the next one is due later
+  CHECK(m.size() == 1);
+  CHECK(*m.next_expiry() == t0 + milliseconds{1300});
+  m.expire(t0 + milliseconds{1300});
+  CHECK_FALSE(m.next_expiry().has_value());
+}
+
+// A rank's finished and failed_unheld (4096 requests each) dropped old entries only as a create
+// came: a rank that got no more creates held its last ones for good. The step's poll expires
+// them too now, by the window in which they answer a create (the bootstrap timeout), so a late
+// create within it is still refused or failed.
+TEST_CASE("rank: finished and failed_unheld forget a request past the bootstrap timeout, on the step's tick without a create") {
+  kvflow::rank_shared sh;
+  const milliseconds window{1000};
+  sh.finished.remember(1, 1, t0);
+  sh.failed_unheld.remember(2, 1, t0 + milliseconds{500});
+  sh.expire(t0 + milliseconds{1000}, window);  // both within the window: kept
+  CHECK(sh.finished.size() == 1);
+  CHECK(sh.failed_unheld.size() == 1);
+  sh.expire(t0 + milliseconds{1001}, window);  // what poll does every step
+  CHECK(sh.finished.size() == 0);
+  CHECK(sh.failed_unheld.size() == 1);
+  // A create within the window still finds what is left, once.
+  CHECK(sh.failed_unheld.take(2, 1, window, t0 + milliseconds{1500}));
+  CHECK(sh.failed_unheld.size() == 0);
+  // After the window, a late create would not have found it anyway: the tick drops it.
+  sh.finished.remember(3, 1, t0 + milliseconds{2000});
+  sh.failed_unheld.remember(4, 1, t0 + milliseconds{2000});
+  CHECK_FALSE(sh.finished.take(3, 1, window, t0 + milliseconds{3001}));
+  sh.expire(t0 + milliseconds{3001}, window);
+  CHECK(sh.failed_unheld.size() == 0);
+  // The count bound holds as before.
+  for (std::uint64_t r = 100; r < 100 + 5000; ++r) sh.finished.remember(r, 1, t0 + milliseconds{4000});
+  CHECK(sh.finished.size() == 4096);
+  CHECK_FALSE(sh.finished.take(100, 1, window, t0 + milliseconds{4000}));
+  CHECK(sh.finished.take(100 + 4999, 1, window, t0 + milliseconds{4000}));
 }

@@ -26,9 +26,17 @@ namespace {
 
 constexpr char endpoint_tag[] = "kvflow-staged-1";
 constexpr char region_key[] = "staged";
-// How long a sleeping thread waits before it looks again at what no bell announces (a peer's
-// death, a slot's deadline, a stop).
-constexpr std::chrono::microseconds look_again{20000};
+// How often a lane's thread that waits on its receiver (a slot handed over, a push queued)
+// looks whether that process still exists: a dead receiver rings no bell. Only while the lane
+// has work out, never while it is idle; a push to a receiver that died while the lane was idle
+// rings the bell and finds it gone at once. A pidfd would tell the death itself, but a futex
+// sleep cannot also wait on a file descriptor (it would take one more thread, to poll pidfds and
+// ring for the dead); the interval is what that saves: pushes out to a receiver that died fail
+// within it, not at once.
+constexpr std::chrono::milliseconds receiver_check{1000};
+
+// Wake-ups of the lanes' and the takers' threads that found their bell unrung (unrung_wakeups()).
+std::atomic<std::uint64_t> unrung{0};
 
 using clock_type = std::chrono::steady_clock;
 using finished_list = std::vector<std::pair<completion, status>>;
@@ -357,14 +365,21 @@ struct staged_transport::impl {
   }
 
   // The lane's thread: reaps the slots the receiver gave back, fills free ones from the queue,
-  // and notices a dead or frozen receiver; asleep on the lane's bell otherwise.
+  // and notices a dead or frozen receiver; asleep on the lane's bell otherwise. What rings it: a
+  // push (submit), a slot the GPU filled (the publisher), a slot the receiver gave back, a peer
+  // leaving or failed (leave, fail_peer). What does not: a slot's deadline and the receiver's
+  // death, so while the lane has work out it sleeps at most to the next deadline or
+  // receiver_check; idle, it sleeps until rung.
   void stage_loop(std::shared_ptr<lane_link> lp) {
     auto& l = *lp;
     auto& bell = l.ring->bell(l.lane);
     finished_list f;
     for (;;) {
+      // The bell before the lane's state: a change made after this load bumps the bell after
+      // it, so the sleep below returns at once.
       const std::uint32_t seen = bell.load(std::memory_order_acquire);
-      bool progress = false, leave = false;
+      bool progress = false, leave = false, waiting = false;
+      clock_type::time_point wake_by{};
       {
         std::lock_guard<std::mutex> g(l.m);
         for (std::size_t s = 0; s < l.slots.size(); ++s) {
@@ -395,16 +410,33 @@ struct staged_transport::impl {
             fill(lp, s, f);
             progress = true;
           }
-        if (!l.dead || l.closing) {
-          bool busy = false;
-          for (const auto& u : l.slots) busy = busy || u.ph != phase::idle;
-          leave = !busy;
+        bool busy = false;
+        for (const auto& u : l.slots) busy = busy || u.ph != phase::idle;
+        if (!l.dead || l.closing) leave = !busy;
+        // Work out: a slot handed over has its deadline (fail_all and the check above act once
+        // it passed: the first microsecond after), and the receiver may die meanwhile.
+        waiting = busy || !l.queue.empty();
+        if (waiting) {
+          const auto now = clock_type::now();
+          wake_by = now + receiver_check;
+          for (const auto& u : l.slots)
+            if (u.ph == phase::handed)
+              wake_by = std::min(wake_by, u.since + options.slot_timeout + std::chrono::microseconds(1));
         }
       }
       if (progress) q_cv.notify_all();
       run(f);
       if (leave) break;
-      if (!progress) futex_wait(bell, seen, look_again);
+      if (progress) continue;
+      if (waiting) {
+        const auto left = std::chrono::ceil<std::chrono::microseconds>(wake_by - clock_type::now());
+        if (left.count() <= 0) continue;
+        futex_wait(bell, seen, left);
+      } else {
+        futex_wait(bell, seen);
+      }
+      // Woken with the bell where it was: a deadline, a look at the receiver, or a spurious wake.
+      if (bell.load(std::memory_order_acquire) == seen) unrung.fetch_add(1, std::memory_order_relaxed);
     }
     l.ring->release_lane(l.lane, l.claimant);
     lp.reset();  // the last reference unpins and unmaps the ring here, outside every lock
@@ -446,17 +478,22 @@ struct staged_transport::impl {
   // ---- receiving ----
 
   // Takes every slot senders handed over: checks its runs against the registered regions and
-  // queues its copy; asleep on the ring's doorbell otherwise.
+  // queues its copy; asleep on the ring's doorbell otherwise, with no timeout. A sender marks a
+  // slot filled, then rings; the destructor sets `stopping`, then rings. Nothing here has a
+  // deadline (the slots' are the senders'), and a dead sender needs nothing of this thread: its
+  // filled slots are taken as any, its lane goes to the next claimant (claim_lane).
   void take_loop() {
     auto& r = *ring;
     auto& doorbell = r.doorbell();
     const auto& shape = r.shape();
     for (;;) {
+      // The bell before `stopping`: a stop that the check below missed bumps the bell after
+      // this load, so the sleep returns at once; one whose bump this load saw is seen below.
+      const std::uint32_t seen = doorbell.load(std::memory_order_acquire);
       {
         std::lock_guard<std::mutex> g(q_m);
         if (stopping) return;
       }
-      const std::uint32_t seen = doorbell.load(std::memory_order_acquire);
       bool found = false;
       for (int l = 0; l < static_cast<int>(shape.lanes); ++l)
         for (int s = 0; s < static_cast<int>(shape.slots); ++s) {
@@ -464,7 +501,10 @@ struct staged_transport::impl {
           found = true;
           take(l, s);
         }
-      if (!found) futex_wait(doorbell, seen, look_again);
+      if (found) continue;
+      futex_wait(doorbell, seen);
+      // Woken with the bell where it was: a spurious wake, what a poll would cost.
+      if (doorbell.load(std::memory_order_acquire) == seen) unrung.fetch_add(1, std::memory_order_relaxed);
     }
   }
 
@@ -809,5 +849,7 @@ std::string staged_transport::endpoint_of_ring(const std::string& ring_name) {
 }
 
 std::uint64_t staged_transport::bytes_moved() const { return impl_->bytes.load(std::memory_order_relaxed); }
+
+std::uint64_t staged_transport::unrung_wakeups() { return unrung.load(std::memory_order_relaxed); }
 
 }  // namespace kvflow::transport

@@ -29,7 +29,9 @@ struct staged_options {
   int device = 0;  // the GPU of this endpoint's memory and streams
   ring_shape ring;  // the ring this endpoint receives into (made at the first registration)
   // A slot handed to the receiver and not taken in this time fails its push, and the peer with
-  // it until it is connected again (a frozen receiver); a dead receiver fails them at once.
+  // it until it is connected again (a frozen receiver); a dead receiver fails them within a
+  // second (the lane looks whether it lives once a second while it has work out), a push made
+  // after it died at once.
   std::chrono::milliseconds slot_timeout{30000};
   bool host_copies = false;
 };
@@ -70,6 +72,11 @@ class staged_transport final : public transport {
   // still out stay out until they are done or time out, and later pushes fail at once until
   // the peer is connected again.
   void fail_peer(std::uint64_t peer, const status& why);
+  // How often, in this process, a lane's or a receiver's taking thread woke though its bell had
+  // not rung: a timed-out or spurious sleep. Idle ones sleep until rung (0 but for a signal); a
+  // lane with slots out to its receiver wakes at their deadline and every second, to find a
+  // receiver that died (a dead process rings nothing). For tests.
+  static std::uint64_t unrung_wakeups();
   // The endpoint that reaches a ring this process made (a forwarder's local ring), as a
   // same-host sender connects to it.
   static std::string endpoint_of_ring(const std::string& ring_name);

@@ -889,7 +889,15 @@ result<std::unique_ptr<ucx_staged_transport>> ucx_staged_transport::create(const
   p->host = options.host_identity.empty() ? boot_id() : options.host_identity;
   if (p->host.empty()) return status::error("staged_ucx: no host identity (the boot id cannot be read)");
   if (auto st = make_secret(p->secret); !st) return st;
-  auto send = staged_transport::create(options.staged);
+  // The inner transport's lanes go to the links' local rings, whose slots the forwarder takes at
+  // once: a slot's deadline is the UCX thread's watchdog, which marks the link failed, then fails
+  // its pushes. The inner lane's deadline for the same slot starts earlier (before the forward):
+  // were it as long, it would fail a push first, while connect() still took the link for a live
+  // one and reused it (since the inner lane stopped polling every 20 ms, it comes exactly on
+  // time). Twice as long, it only backs the watchdog up.
+  staged_options inner = options.staged;
+  inner.slot_timeout = 2 * options.staged.slot_timeout;
+  auto send = staged_transport::create(inner);
   if (!send) return send.error();
   p->send = std::move(send.value());
   if (receiving) {

@@ -431,7 +431,7 @@ result<std::vector<std::string>> ucx_tcp_beyond_loopback(std::string_view bytes)
     if (e.checksum != ucx_transport_checksum("tcp")) continue;
     const auto& d = a.devices[e.device];
     const auto dev = bytes.substr(d.address_offset, d.address_length);
-    if (!tcp_device(dev).empty()) return bad("a tcp device address " + tcp_device(dev));
+    if (const auto why = tcp_device(dev); !why.empty()) return bad("a tcp device address " + why);
     if ((static_cast<std::uint8_t>(dev[0]) & 1u) != 0) continue;  // loopback: a host identity
     char text[INET6_ADDRSTRLEN] = {};
     const int family = static_cast<std::uint8_t>(dev[1]) == AF_INET ? AF_INET : AF_INET6;

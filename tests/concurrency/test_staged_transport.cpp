@@ -333,8 +333,7 @@ TEST_CASE("staged: a request lands in another process's private memory, a killed
     codec::put_string(msg, t.value()->endpoint());
     codec::put(msg, region.value().id);
     codec::put(msg, region.value().size);
-    std::uint32_t n = static_cast<std::uint32_t>(msg.size());
-    if (::write(from_child[1], &n, sizeof n) != sizeof n || ::write(from_child[1], msg.data(), n) != n) ::_exit(5);
+    if (!unit::write_frame(from_child[1], msg)) ::_exit(5);
     std::uint64_t seed = 0, checks = 0;
     while (::read(to_child[0], &seed, sizeof seed) == sizeof seed) {
       {
@@ -357,10 +356,7 @@ TEST_CASE("staged: a request lands in another process's private memory, a killed
   }
   ::close(to_child[0]);
   ::close(from_child[1]);
-  std::uint32_t n = 0;
-  REQUIRE(::read(from_child[0], &n, sizeof n) == sizeof n);
-  std::string msg(n, '\0');
-  REQUIRE(::read(from_child[0], msg.data(), n) == static_cast<ssize_t>(n));
+  const std::string msg = unit::read_frame(from_child[0]);
   std::size_t at = 0;
   std::string endpoint;
   region_desc d;
@@ -455,8 +451,7 @@ TEST_CASE("staged: a receiver that dies with a slot handed to it fails the push,
     if (!ring) ::_exit(3);
     std::string msg;
     codec::put_string(msg, endpoint_of(name));
-    std::uint32_t n = static_cast<std::uint32_t>(msg.size());
-    if (::write(from_child[1], &n, sizeof n) != sizeof n || ::write(from_child[1], msg.data(), n) != n) ::_exit(5);
+    if (!unit::write_frame(from_child[1], msg)) ::_exit(5);
     char c;
     while (::read(to_child[0], &c, 1) > 0) {
     }
@@ -464,10 +459,7 @@ TEST_CASE("staged: a receiver that dies with a slot handed to it fails the push,
   }
   ::close(to_child[0]);
   ::close(from_child[1]);
-  std::uint32_t n = 0;
-  REQUIRE(::read(from_child[0], &n, sizeof n) == sizeof n);
-  std::string msg(n, '\0');
-  REQUIRE(::read(from_child[0], msg.data(), n) == static_cast<ssize_t>(n));
+  const std::string msg = unit::read_frame(from_child[0]);
   std::size_t at = 0;
   std::string endpoint;
   REQUIRE(codec::get_string(msg, at, endpoint, 1024));

@@ -19,6 +19,8 @@
 #include "transport/ucx_address.hpp"
 #include "transport/ucx_transport.hpp"
 
+#include "tests/unit/unit_helpers.hpp"
+
 using namespace kvflow;
 using namespace kvflow::transport;
 
@@ -30,17 +32,7 @@ std::unique_ptr<ucx_transport> make_transport() {
   return std::move(t.value());
 }
 
-// An endpoint is "kvflow-ucx-1\0", a 4-byte length and the shared-memory domain, then the
-// worker address (ucx_transport.cpp).
-constexpr std::size_t tag_size = sizeof "kvflow-ucx-1";
-std::string worker_address(const ucx_transport& t) {
-  const auto e = t.endpoint();
-  REQUIRE(e.size() > tag_size + 4);
-  std::uint32_t n = 0;
-  std::memcpy(&n, e.data() + tag_size, sizeof n);
-  REQUIRE(e.size() > tag_size + 4 + n);
-  return e.substr(tag_size + 4 + n);
-}
+std::string worker_address(const ucx_transport& t) { return unit::ucx_worker_address(t.endpoint()); }
 // `t`'s endpoint with another worker address in it.
 std::string endpoint_with(const ucx_transport& t, const std::string& address) {
   const auto e = t.endpoint();
@@ -166,15 +158,8 @@ std::string identity(bool ns_flag, std::size_t ns_bytes) {
 
 // An address of this UCX in the format `version` is not (UCX_ADDRESS_VERSION, read by ucp_init).
 std::string other_format_address(unsigned version) {
-  const char* before = std::getenv("UCX_ADDRESS_VERSION");
-  const std::string saved = before != nullptr ? before : "";
-  ::setenv("UCX_ADDRESS_VERSION", version == 1 ? "v2" : "v1", 1);
-  auto t = make_transport();
-  if (before != nullptr)
-    ::setenv("UCX_ADDRESS_VERSION", saved.c_str(), 1);
-  else
-    ::unsetenv("UCX_ADDRESS_VERSION");
-  return worker_address(*t);
+  unit::scoped_env format("UCX_ADDRESS_VERSION", version == 1 ? "v2" : "v1");
+  return worker_address(*make_transport());
 }
 
 std::string own_address() {

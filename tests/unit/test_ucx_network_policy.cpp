@@ -5,11 +5,8 @@
 #include <unistd.h>
 
 #include <climits>
-#include <cstring>
-#include <cstdlib>
 #include <fstream>
 #include <memory>
-#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -18,6 +15,8 @@
 #include "transport/ucx_address.hpp"
 #include "transport/ucx_network_policy.hpp"
 #include "transport/ucx_transport.hpp"
+
+#include "tests/unit/unit_helpers.hpp"
 
 using namespace kvflow;
 using namespace kvflow::transport;
@@ -56,33 +55,9 @@ std::multiset<std::string> listening_beyond_loopback() {
   return out;
 }
 
-// Sets an environment variable for one scope.
-class scoped_env {
- public:
-  scoped_env(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = old;
-    ::setenv(name, value, 1);
-  }
-  ~scoped_env() {
-    if (old_)
-      ::setenv(name_, old_->c_str(), 1);
-    else
-      ::unsetenv(name_);
-  }
+using unit::scoped_env;
 
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
-
-std::string worker_address_of(const ucx_transport& t) {
-  constexpr std::size_t tag = sizeof "kvflow-ucx-1";  // endpoint: tag, length, domain, address
-  const auto e = t.endpoint();
-  REQUIRE(e.size() > tag + 4);
-  std::uint32_t n = 0;
-  std::memcpy(&n, e.data() + tag, sizeof n);
-  return e.substr(tag + 4 + n);
-}
+std::string worker_address_of(const ucx_transport& t) { return unit::ucx_worker_address(t.endpoint()); }
 
 }  // namespace
 

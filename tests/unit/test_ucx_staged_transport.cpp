@@ -581,10 +581,7 @@ struct receiver_child {
     ::close(up[1]);
     to = down[1];
     from = up[0];
-    std::uint32_t n = 0;
-    REQUIRE(::read(from, &n, sizeof n) == sizeof n);
-    std::string msg(n, '\0');
-    REQUIRE(::read(from, msg.data(), n) == static_cast<ssize_t>(n));
+    const std::string msg = unit::read_frame(from);
     std::size_t at = 0;
     REQUIRE(codec::get_string(msg, at, endpoint, 1u << 20));
     REQUIRE(codec::get(msg, at, desc.id));
@@ -609,8 +606,7 @@ struct receiver_child {
     codec::put(msg, region.value().id);
     codec::put(msg, region.value().size);
     codec::put_string(msg, region.value().remote_key);
-    std::uint32_t n = static_cast<std::uint32_t>(msg.size());
-    if (::write(out, &n, sizeof n) != sizeof n || ::write(out, msg.data(), n) != n) ::_exit(5);
+    if (!unit::write_frame(out, msg)) ::_exit(5);
     std::uint64_t seed = 0;
     while (::read(in, &seed, sizeof seed) == sizeof seed) {
       std::uint64_t bad = 0;
